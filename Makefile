@@ -1,0 +1,40 @@
+# Everything runs as root: tests and the demo build network namespaces,
+# cgroups and BPF programs of their own.
+GO ?= go
+export PATH := $(PATH):/usr/local/go/bin
+
+.PHONY: all build deps generate check-generate vmlinux test demo bench
+
+all: build
+
+build:
+	$(GO) build -o bin/sluice ./cmd/sluice
+
+# Installs Debian packages and Go modules; fast when they are there.
+deps:
+	bash scripts/deps.sh
+
+# Rebuilds the committed BPF objects and Go bindings (needs clang).
+generate:
+	$(GO) generate ./bpf/
+
+# Fails when the committed objects do not match the sources.
+check-generate: generate
+	@git diff --quiet -- bpf/ || { git status --short -- bpf/; \
+		echo "generated BPF objects are stale: run 'make generate' and commit them"; exit 1; }
+
+# vmlinux.h is regenerated on purpose only: the objects are CO-RE, so the
+# header need not match the running kernel.
+vmlinux:
+	bpftool btf dump file /sys/kernel/btf/vmlinux format c > bpf/headers/vmlinux.h
+
+# Under CI the committed objects must already be current; locally they are rebuilt.
+test: deps $(if $(filter true,$(CI)),check-generate,generate)
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 20m ./...
+
+demo: deps build
+	./bin/sluice demo
+
+bench: deps
+	bash scripts/bench.sh

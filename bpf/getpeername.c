@@ -1,0 +1,34 @@
+//go:build ignore
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* cgroup/getpeername4 and cgroup/getpeername6: a captured app sees the
+ * destination it asked for as its peer, as it would behind iptables. */
+#include "sluice.h"
+
+SEC("cgroup/getpeername4")
+int sluice_getpeername4(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct orig_dst *orig = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+	if (!orig || orig->family != AF_INET)
+		return 1;
+	ctx->user_ip4 = orig->addr.w[3];
+	ctx->user_port = bpf_htons(orig->port);
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int sluice_getpeername6(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct orig_dst *orig = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+	if (!orig)
+		return 1;
+	/* IPv4 destinations are stored v4-mapped, which is what an AF_INET6
+	 * socket that connected to one expects back. */
+	ctx->user_ip6[0] = orig->addr.w[0];
+	ctx->user_ip6[1] = orig->addr.w[1];
+	ctx->user_ip6[2] = orig->addr.w[2];
+	ctx->user_ip6[3] = orig->addr.w[3];
+	ctx->user_port = bpf_htons(orig->port);
+	return 1;
+}

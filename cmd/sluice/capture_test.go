@@ -1,0 +1,290 @@
+package main
+
+import (
+	"bytes"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sluicemesh/sluice/internal/testbed"
+)
+
+const payload = 16 << 20
+
+// capturedPod is a pod with capture installed through the CLI, a remote host
+// with echo servers, and (optionally) the built-in sidecar running in the pod.
+type capturedPod struct {
+	pod     *testbed.Pod
+	host    *testbed.Host
+	sidecar *testbed.Logged
+}
+
+func newCapturedPod(t *testing.T, installArgs ...string) *capturedPod {
+	t.Helper()
+	privileged(t)
+	bed := testbed.Must(t)
+	pod, err := bed.AddPod("app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, err := bed.AddHost("web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, addr := range []netip.Addr{host.Addr4, host.Addr6, host.Extra4} {
+		for _, port := range []uint16{8080, 9090} {
+			if _, err := host.ListenEcho(netip.AddrPortFrom(addr, port).String()); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	mustCLI(t, append([]string{"install", "--cgroup", pod.Cgroup}, installArgs...)...)
+	// Registered after the bed, so it runs before the bed removes the cgroup.
+	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", pod.Cgroup) })
+	return &capturedPod{pod: pod, host: host}
+}
+
+// startSidecar runs `sluice run` in the pod as root; it drops to uid 1337.
+func (c *capturedPod) startSidecar(t *testing.T) {
+	t.Helper()
+	l, err := c.pod.StartLogged(sluice(t, "run", "--cgroup", c.pod.Cgroup, "--log-format", "json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.WaitFor("listening", nil, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	c.sidecar = l
+}
+
+func (c *capturedPod) client(t *testing.T, addr string) testbed.ClientResult {
+	t.Helper()
+	res, err := c.pod.RunClient(self(t), addr, payload)
+	if err != nil {
+		t.Fatalf("client to %s: %v", addr, err)
+	}
+	checkIntact(t, res, addr)
+	return res
+}
+
+func checkIntact(t *testing.T, res testbed.ClientResult, addr string) {
+	t.Helper()
+	if res.Sent != payload || res.Received != payload || res.SentSHA != res.RecvSHA {
+		t.Fatalf("payload to %s not intact: sent %d (%s) received %d (%s)", addr, res.Sent, res.SentSHA, res.Received, res.RecvSHA)
+	}
+	if res.Peer != addr {
+		t.Errorf("app's getpeername = %s, want the original destination %s", res.Peer, addr)
+	}
+}
+
+// expectProxied checks that the sidecar served the app's connection: it saw
+// the original destination, moved every byte, and the server's peer was the
+// sidecar's upstream socket.
+func (c *capturedPod) expectProxied(t *testing.T, res testbed.ClientResult, addr string) {
+	t.Helper()
+	e, err := c.sidecar.WaitFor("proxied", func(e testbed.LogEntry) bool { return e.Str("client") == res.Local }, 10*time.Second)
+	if err != nil {
+		t.Fatalf("connection to %s from %s: %v", addr, res.Local, err)
+	}
+	if got := e.Str("orig_dst"); got != addr {
+		t.Errorf("sidecar saw original destination %s, want %s", got, addr)
+	}
+	// Downstream the server also sent its "peer=ADDR\n" line.
+	wantReceived := int64(payload + len("peer=\n") + len(res.ServerSaw))
+	if e.Num("sent") != payload || e.Num("received") != wantReceived {
+		t.Errorf("sidecar moved %d up, %d down; want %d and %d", e.Num("sent"), e.Num("received"), payload, wantReceived)
+	}
+	if res.ServerSaw != e.Str("upstream") {
+		t.Errorf("server's peer %s is not the sidecar's upstream socket %s", res.ServerSaw, e.Str("upstream"))
+	}
+}
+
+// expectDirect checks that a connection bypassed the sidecar: the server's
+// peer is the app's own socket.
+func expectDirect(t *testing.T, res testbed.ClientResult, addr string) {
+	t.Helper()
+	if res.ServerSaw != res.Local {
+		t.Errorf("connection to %s was not direct: app socket %s, server saw %s", addr, res.Local, res.ServerSaw)
+	}
+}
+
+func TestOutboundCaptureIPv4(t *testing.T) {
+	c := newCapturedPod(t)
+	c.startSidecar(t)
+	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
+	res := c.client(t, addr)
+	if !strings.HasPrefix(res.Local, "127.0.0.1:") {
+		t.Errorf("app socket %s: want it redirected to the sidecar on 127.0.0.1", res.Local)
+	}
+	c.expectProxied(t, res, addr)
+	expectNoFirewallRules(t, c.pod)
+}
+
+func TestOutboundCaptureIPv6(t *testing.T) {
+	c := newCapturedPod(t)
+	c.startSidecar(t)
+	addr := netip.AddrPortFrom(c.host.Addr6, 8080).String()
+	res := c.client(t, addr)
+	if !strings.HasPrefix(res.Local, "[::1]:") {
+		t.Errorf("app socket %s: want it redirected to the sidecar on [::1]", res.Local)
+	}
+	c.expectProxied(t, res, addr)
+	expectNoFirewallRules(t, c.pod)
+}
+
+// Excluded port, excluded CIDR, loopback and the proxy's own uid go direct;
+// a captured connection made last proves capture was active throughout.
+func TestOutboundExclusions(t *testing.T) {
+	privileged(t)
+	// The host's second address is excluded; ports 9090 is excluded.
+	c := newCapturedPod(t, "-x", "2001:2:ffff::/48,198.18.0.0/24,"+testbedHostExtra4+"/32", "-o", "9090")
+	c.startSidecar(t)
+	if c.host.Extra4.String() != testbedHostExtra4 {
+		t.Fatalf("test bed gave the host %s as its second address, test expects %s", c.host.Extra4, testbedHostExtra4)
+	}
+	if _, err := c.pod.ListenEcho("127.0.0.1:9000"); err != nil {
+		t.Fatal(err)
+	}
+	proxyOwn, err := c.pod.RunClientAs(testbed.WorldExecutable(t), netip.AddrPortFrom(c.host.Addr4, 8080).String(), payload, 1337, 1337)
+	if err != nil {
+		t.Fatal(err)
+	}
+	direct := map[string]testbed.ClientResult{
+		"excluded CIDR":   c.client(t, netip.AddrPortFrom(c.host.Extra4, 8080).String()),
+		"excluded port":   c.client(t, netip.AddrPortFrom(c.host.Addr4, 9090).String()),
+		"loopback":        c.client(t, "127.0.0.1:9000"),
+		"proxy's own uid": proxyOwn,
+	}
+	checkIntact(t, proxyOwn, netip.AddrPortFrom(c.host.Addr4, 8080).String())
+
+	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
+	res := c.client(t, addr)
+	c.expectProxied(t, res, addr)
+
+	// The sidecar logs each connection when it ends, and the captured one
+	// ended last: had it seen any of the others, they would be logged by now.
+	for name, r := range direct {
+		t.Run(name, func(t *testing.T) {
+			expectDirect(t, r, r.Peer)
+			for _, e := range c.sidecar.Entries("proxied") {
+				if e.Str("client") == r.Local {
+					t.Errorf("sidecar saw %s: %v", name, e)
+				}
+			}
+		})
+	}
+}
+
+// testbedHostExtra4 is the first host's second IPv4 address in a test bed
+// (subnet 2, the pod has subnet 1).
+const testbedHostExtra4 = "198.18.2.3"
+
+// An include list (-i) captures only its CIDRs; an included port (-q)
+// captures whatever the destination.
+func TestOutboundIncludeLists(t *testing.T) {
+	privileged(t)
+	c := newCapturedPod(t, "-i", testbedHostExtra4+"/32", "-q", "9090")
+	c.startSidecar(t)
+
+	notListed := netip.AddrPortFrom(c.host.Addr4, 8080).String()
+	expectDirect(t, c.client(t, notListed), notListed)
+	for _, addr := range []string{
+		netip.AddrPortFrom(c.host.Extra4, 8080).String(), // listed CIDR
+		netip.AddrPortFrom(c.host.Addr4, 9090).String(),  // listed port
+		netip.AddrPortFrom(c.host.Addr6, 9090).String(),
+	} {
+		c.expectProxied(t, c.client(t, addr), addr)
+	}
+}
+
+// HAProxy from Debian, as uid 1337 with a "server x 0.0.0.0:0" backend, takes
+// the built-in proxy's place: it learns the original destination through
+// SO_ORIGINAL_DST exactly as it would behind iptables.
+func TestHAProxyAsSidecar(t *testing.T) {
+	privileged(t)
+	haproxy, err := exec.LookPath("haproxy")
+	if err != nil {
+		t.Fatalf("haproxy not installed (scripts/deps.sh installs it): %v", err)
+	}
+	c := newCapturedPod(t)
+	dir := worldReadableDir(t)
+	cfg := filepath.Join(dir, "haproxy.cfg")
+	if err := os.WriteFile(cfg, []byte(`global
+  maxconn 256
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend captured
+  bind 127.0.0.1:15001
+  default_backend original_dst
+backend original_dst
+  server x 0.0.0.0:0
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(haproxy, "-db", "-f", cfg)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1337, Gid: 1337}}
+	if err := c.pod.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.pod.WaitListening(15001, 10*time.Second); err != nil {
+		t.Fatalf("%v\nhaproxy: %s", err, out.String())
+	}
+	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
+	res := c.client(t, addr)
+	if !strings.HasPrefix(res.Local, "127.0.0.1:") || res.ServerSaw == res.Local {
+		t.Errorf("connection did not go through HAProxy: app socket %s, server saw %s", res.Local, res.ServerSaw)
+	}
+	if ip := strings.Split(res.ServerSaw, ":")[0]; ip != c.pod.Addr4.String() {
+		t.Errorf("server saw %s, want HAProxy dialing from the pod address %s", res.ServerSaw, c.pod.Addr4)
+	}
+}
+
+// worldReadableDir is a temp dir a process running as uid 1337 can read.
+func worldReadableDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "sluice-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// expectNoFirewallRules checks the pod netns has no iptables or nftables rule:
+// the capture is BPF only.
+func expectNoFirewallRules(t *testing.T, pod *testbed.Pod) {
+	t.Helper()
+	for _, argv := range [][]string{{"nft", "list", "ruleset"}, {"iptables-save"}, {"ip6tables-save"}} {
+		path, err := exec.LookPath(argv[0])
+		if err != nil {
+			t.Fatalf("%s not installed (scripts/deps.sh installs it): %v", argv[0], err)
+		}
+		var out bytes.Buffer
+		cmd := exec.Command(path, argv[1:]...)
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := pod.Start(cmd); err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Wait(); err != nil {
+			t.Fatalf("%v: %v\n%s", argv, err, out.String())
+		}
+		for _, line := range strings.Split(out.String(), "\n") {
+			if strings.HasPrefix(line, "-A ") || strings.Contains(line, "rule") || strings.HasPrefix(strings.TrimSpace(line), "chain ") {
+				t.Errorf("%v in the pod shows a rule: %q", argv, line)
+			}
+		}
+	}
+}

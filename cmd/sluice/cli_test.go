@@ -1,0 +1,122 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/sluicemesh/sluice/internal/testbed"
+	"github.com/sluicemesh/sluice/loader"
+)
+
+// Every bad input gets one line on stderr naming the problem and the fix, a
+// non-zero exit, and leaves nothing installed.
+func TestInstallBadInput(t *testing.T) {
+	privileged(t)
+	pod, err := testbed.Must(t).AddPod("app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mount, err := loader.Cgroup2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	target, err := loader.TargetOf(pod.Cgroup, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cg := []string{"install", "--cgroup", pod.Cgroup}
+	tests := []struct {
+		name string
+		args []string
+		code int
+		want []string // the problem, then the fix
+	}{
+		{"unknown flag", append(cg, "--bogus"), 2, []string{"unknown flag -bogus", "sluice install --help"}},
+		{"invalid CIDR", append(cg, "-x", "198.18.0.0/33"), 2, []string{`"198.18.0.0/33" is not a CIDR`, "want a.b.c.d/n"}},
+		{"port 0", append(cg, "-p", "0"), 2, []string{"port 0 is out of range", "want 1-65535"}},
+		{"port 70000", append(cg, "-z", "70000"), 2, []string{"port 70000 is out of range", "want 1-65535"}},
+		{"uid not a number", append(cg, "-u", "istio-proxy"), 2, []string{`"istio-proxy" is not a numeric uid`, "give the number"}},
+		{"no cgroup", []string{"install"}, 2, []string{"--cgroup is required", "pass the pod's cgroup v2 directory"}},
+		{"cgroup does not exist", []string{"install", "--cgroup", filepath.Join(mount, "sluice-no-such-pod")}, 1, []string{"does not exist", "create it first"}},
+		{"not cgroup v2", []string{"install", "--cgroup", t.TempDir()}, 1, []string{"is not a cgroup v2 directory", "pass a directory below the cgroup2 mount"}},
+		{"root cgroup", []string{"install", "--cgroup", mount}, 1, []string{"is the root of the cgroup v2 hierarchy", "pass the pod's own cgroup"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			res := runCLI(t, sluice(t, tt.args...))
+			expectOneLineError(t, res, tt.code, tt.want...)
+			expectNothingInstalled(t, target)
+		})
+	}
+
+	t.Run("second install", func(t *testing.T) {
+		mustCLI(t, cg...)
+		defer mustCLI(t, "uninstall", "--cgroup", pod.Cgroup)
+		res := runCLI(t, sluice(t, cg...))
+		expectOneLineError(t, res, 1, "already installed", "run 'sluice uninstall --cgroup "+pod.Cgroup+"' first")
+		// The first install is untouched.
+		state, err := loader.Status(target)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range state.Links {
+			if !l.Attached {
+				t.Errorf("first install's %s was detached", l.Pin)
+			}
+		}
+	})
+
+	t.Run("no root", func(t *testing.T) {
+		cmd := sluice(t, cg...)
+		cmd.Path = testbed.WorldExecutable(t)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+		res := runCLI(t, cmd)
+		expectOneLineError(t, res, 1, "needs root", "run it as root")
+		expectNothingInstalled(t, target)
+	})
+}
+
+func expectOneLineError(t *testing.T, res cliResult, code int, want ...string) {
+	t.Helper()
+	if res.code != code {
+		t.Errorf("exit code %d, want %d (stderr %q)", res.code, code, res.stderr)
+	}
+	if strings.Count(res.stderr, "\n") != 1 || !strings.HasPrefix(res.stderr, "sluice install: ") {
+		t.Errorf("want one line 'sluice install: ...' on stderr, got %q", res.stderr)
+	}
+	for _, w := range want {
+		if !strings.Contains(res.stderr, w) {
+			t.Errorf("stderr %q does not say %q", res.stderr, w)
+		}
+	}
+	if res.stdout != "" {
+		t.Errorf("unexpected stdout %q", res.stdout)
+	}
+}
+
+func expectNothingInstalled(t *testing.T, target loader.Target) {
+	t.Helper()
+	if _, err := os.Stat(target.PinDir); err == nil {
+		t.Errorf("pins left at %s", target.PinDir)
+	}
+	if _, err := loader.Status(target); err == nil {
+		t.Errorf("status reports an install on %s", target.Cgroup)
+	}
+}
+
+func TestDemo(t *testing.T) {
+	privileged(t)
+	out := mustCLI(t, "demo")
+	for _, want := range []string{
+		"198.18.2.2:8080       198.18.2.2:8080           198.18.2.2:8080           1 MiB intact  captured",
+		"[2001:2:0:2::2]:8080  [2001:2:0:2::2]:8080      [2001:2:0:2::2]:8080      1 MiB intact  captured (IPv6)",
+		"198.18.2.2:9090       198.18.2.2:9090           -                         1 MiB intact  direct",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("demo output lacks %q:\n%s", want, out)
+		}
+	}
+}

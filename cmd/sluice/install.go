@@ -1,0 +1,114 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/redirect"
+)
+
+func installCommand() command {
+	c := command{
+		name:    "install",
+		summary: "attach capture to a pod's cgroup and pin it (init container)",
+		help: `Usage: sluice install --cgroup PATH [--pin-dir DIR] [--dry-run] [capture flags]
+
+Loads the capture programs, attaches them to the pod's cgroup v2 directory and
+pins them under /sys/fs/bpf/sluice/<pod id>/, then exits. All or nothing: on
+any error nothing stays installed. Flags follow istio-iptables (-p -z -u -g -m
+-i -x -b -d -q -o) and Linkerd proxy-init (--outgoing-proxy-port, ...).
+
+Examples:
+  sluice install --cgroup /sys/fs/cgroup/unified/mypod
+  sluice install --cgroup /sys/fs/cgroup/unified/mypod -u 1337 -x 198.18.0.0/24 -o 22,3306
+  sluice install --cgroup /sys/fs/cgroup/unified/mypod --dry-run`,
+	}
+	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
+		fs := flag.NewFlagSet("install", flag.ContinueOnError)
+		cgroup := fs.String("cgroup", "", "the pod's cgroup v2 directory (required)")
+		pinDir := fs.String("pin-dir", "", "where to pin (default /sys/fs/bpf/sluice/<pod id>)")
+		dryRun := fs.Bool("dry-run", false, "print the plan as JSON and change nothing")
+		fs.BoolVar(dryRun, "n", false, "same as --dry-run (istio-iptables)")
+		logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+		policy := redirect.DefaultPolicy()
+		policy.RegisterFlags(fs)
+		if err := parseFlags(fs, c, args, stdout); err != nil {
+			return err
+		}
+		log, err := newLogger(os.Stderr, "text", *logLevel)
+		if err != nil {
+			return err
+		}
+		capture, err := policy.Capture()
+		if err != nil {
+			return usageError{err.Error()}
+		}
+		if *cgroup == "" {
+			return usageError{"--cgroup is required: pass the pod's cgroup v2 directory, e.g. --cgroup /sys/fs/cgroup/unified/mypod"}
+		}
+		target, err := loader.ResolveTarget(*cgroup, *pinDir)
+		if err != nil {
+			return err
+		}
+		if *dryRun {
+			enc := json.NewEncoder(stdout)
+			enc.SetIndent("", "  ")
+			return enc.Encode(struct {
+				Target  loader.Target  `json:"target"`
+				Capture loader.Capture `json:"capture"`
+			}{target, capture})
+		}
+		if err := requireRoot(); err != nil {
+			return err
+		}
+		if err := loader.Install(target, capture, log); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "installed on %s (pins at %s)\n", target.Cgroup, target.PinDir)
+		return nil
+	}
+	return c
+}
+
+func uninstallCommand() command {
+	c := command{
+		name:    "uninstall",
+		summary: "detach capture from a pod's cgroup and remove its pins",
+		help: `Usage: sluice uninstall --cgroup PATH [--pin-dir DIR]
+
+Detaches every program of the pod's install and removes its pins and maps.
+
+Example:
+  sluice uninstall --cgroup /sys/fs/cgroup/unified/mypod`,
+	}
+	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
+		fs := flag.NewFlagSet("uninstall", flag.ContinueOnError)
+		cgroup := fs.String("cgroup", "", "the pod's cgroup v2 directory (required)")
+		pinDir := fs.String("pin-dir", "", "where the pins are (default /sys/fs/bpf/sluice/<pod id>)")
+		if err := parseFlags(fs, c, args, stdout); err != nil {
+			return err
+		}
+		if *cgroup == "" {
+			return usageError{"--cgroup is required: pass the pod's cgroup v2 directory"}
+		}
+		if err := requireRoot(); err != nil {
+			return err
+		}
+		target, err := loader.TargetOf(*cgroup, *pinDir)
+		if err != nil {
+			return err
+		}
+		log, _ := newLogger(os.Stderr, "text", "warn")
+		if err := loader.Uninstall(target, log); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "uninstalled from %s\n", target.Cgroup)
+		return nil
+	}
+	return c
+}

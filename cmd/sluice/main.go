@@ -1,0 +1,143 @@
+// Command sluice installs eBPF traffic capture into a pod's cgroup, runs the
+// sidecar proxy that serves it, and shows what is installed.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/sluicemesh/sluice/internal/testbed"
+)
+
+// command is one subcommand: its help text and what it runs.
+type command struct {
+	name    string
+	summary string
+	help    string // usage line and examples; the flags are appended
+	run     func(ctx context.Context, args []string, stdout io.Writer) error
+}
+
+func commands() []command {
+	return []command{
+		installCommand(),
+		uninstallCommand(),
+		runCommand(),
+		statusCommand(),
+		checkCommand(),
+		demoCommand(),
+	}
+}
+
+// usageError marks bad input (exit 2) as opposed to a failure (exit 1).
+type usageError struct{ msg string }
+
+func (e usageError) Error() string { return e.msg }
+
+func main() {
+	// The demo re-executes this binary as the app inside the pod.
+	testbed.RunHelperIfRequested()
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	cmds := commands()
+	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
+		printOverview(stdout, cmds)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	for _, c := range cmds {
+		if c.name != args[0] {
+			continue
+		}
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		err := c.run(ctx, args[1:], stdout)
+		switch {
+		case err == nil, errors.Is(err, flag.ErrHelp):
+			return 0
+		case errors.As(err, new(usageError)):
+			fmt.Fprintf(stderr, "sluice %s: %v\n", c.name, err)
+			return 2
+		default:
+			fmt.Fprintf(stderr, "sluice %s: %s\n", c.name, oneLine(err))
+			return 1
+		}
+	}
+	fmt.Fprintf(stderr, "sluice: unknown command %q: run 'sluice help' for the list\n", args[0])
+	return 2
+}
+
+// oneLine keeps a failure to one line on the terminal; joined errors (an
+// install failure plus its undo) are separated with "; ".
+func oneLine(err error) string {
+	return strings.ReplaceAll(strings.TrimSpace(err.Error()), "\n", "; ")
+}
+
+func printOverview(w io.Writer, cmds []command) {
+	fmt.Fprintln(w, "sluice: transparent traffic capture for Kubernetes pods with eBPF, no iptables.")
+	fmt.Fprintln(w, "\nUsage: sluice COMMAND [flags]   (sluice COMMAND --help for its flags and examples)\n\nCommands:")
+	for _, c := range cmds {
+		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
+	}
+}
+
+// parseFlags parses args into fs, printing help on -h and turning every
+// parse problem into a one-line usage error.
+func parseFlags(fs *flag.FlagSet, c command, args []string, stdout io.Writer) error {
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			printHelp(stdout, fs, c)
+			return err
+		}
+		msg := err.Error()
+		if name, ok := strings.CutPrefix(msg, "flag provided but not defined: "); ok {
+			return usageError{fmt.Sprintf("unknown flag %s: run 'sluice %s --help' for the flags", name, c.name)}
+		}
+		return usageError{msg + fmt.Sprintf(" (run 'sluice %s --help')", c.name)}
+	}
+	if fs.NArg() > 0 {
+		return usageError{fmt.Sprintf("unexpected argument %q: every option is a flag (run 'sluice %s --help')", fs.Arg(0), c.name)}
+	}
+	return nil
+}
+
+func printHelp(w io.Writer, fs *flag.FlagSet, c command) {
+	fmt.Fprintf(w, "%s\n\nFlags:\n", strings.TrimSpace(c.help))
+	fs.SetOutput(w)
+	fs.PrintDefaults()
+	fs.SetOutput(io.Discard)
+}
+
+func requireRoot() error {
+	if os.Geteuid() != 0 {
+		return errors.New("needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): run it as root, or in a privileged init container")
+	}
+	return nil
+}
+
+func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(level)); err != nil {
+		return nil, usageError{fmt.Sprintf("log level %q: want debug, info, warn or error", level)}
+	}
+	opts := &slog.HandlerOptions{Level: lvl}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, usageError{fmt.Sprintf("log format %q: want text or json", format)}
+}

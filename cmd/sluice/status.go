@@ -1,0 +1,122 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/netip"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/sluicemesh/sluice/loader"
+)
+
+func statusCommand() command {
+	c := command{
+		name:    "status",
+		summary: "show what is attached and pinned for a pod, and the policy in force",
+		help: `Usage: sluice status --cgroup PATH [--pin-dir DIR] [--json]
+
+Reads the pod's pins: each program link (attached or not) and the capture
+policy the BPF maps hold. Exits 1 when nothing is installed.
+
+Examples:
+  sluice status --cgroup /sys/fs/cgroup/unified/mypod
+  sluice status --cgroup /sys/fs/cgroup/unified/mypod --json | jq .capture`,
+	}
+	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
+		fs := flag.NewFlagSet("status", flag.ContinueOnError)
+		cgroup := fs.String("cgroup", "", "the pod's cgroup v2 directory (required)")
+		pinDir := fs.String("pin-dir", "", "where the pins are (default /sys/fs/bpf/sluice/<pod id>)")
+		asJSON := fs.Bool("json", false, "print JSON")
+		if err := parseFlags(fs, c, args, stdout); err != nil {
+			return err
+		}
+		if *cgroup == "" {
+			return usageError{"--cgroup is required: pass the pod's cgroup v2 directory"}
+		}
+		if err := requireRoot(); err != nil {
+			return err
+		}
+		target, err := loader.TargetOf(*cgroup, *pinDir)
+		if err != nil {
+			return err
+		}
+		state, err := loader.Status(target)
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			enc := json.NewEncoder(stdout)
+			enc.SetIndent("", "  ")
+			return enc.Encode(state)
+		}
+		printStatus(stdout, state)
+		return nil
+	}
+	return c
+}
+
+func printStatus(w io.Writer, s loader.State) {
+	fmt.Fprintf(w, "cgroup   %s\npod id   %s\npins     %s\n\n", s.Target.Cgroup, s.Target.PodID, s.Target.PinDir)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "LINK\tLINK ID\tPROGRAM\tPROG ID\tATTACHED")
+	for _, l := range s.Links {
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%v\n", l.Pin[strings.LastIndex(l.Pin, "/")+1:], l.LinkID, l.Program, l.ProgramID, l.Attached)
+	}
+	tw.Flush()
+	c := s.Capture
+	fmt.Fprintf(w, "\npolicy\n")
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "  outbound listener\t127.0.0.1:%d, [::1]:%d\n", c.OutboundPort, c.OutboundPort)
+	fmt.Fprintf(tw, "  inbound listener\t%d\n", c.InboundPort)
+	fmt.Fprintf(tw, "  proxy uid/gid (never captured)\t%d/%d\n", c.ProxyUID, c.ProxyGID)
+	fmt.Fprintf(tw, "  outbound CIDRs captured\t%s\n", cidrs(c.IncludeAllCIDRs, c.IncludeCIDRs))
+	fmt.Fprintf(tw, "  outbound CIDRs excluded\t%s\n", cidrs(false, c.ExcludeCIDRs))
+	fmt.Fprintf(tw, "  outbound ports always captured\t%s\n", ports(false, c.IncludeOutboundPorts))
+	fmt.Fprintf(tw, "  outbound ports excluded\t%s\n", ports(false, c.ExcludeOutboundPorts))
+	fmt.Fprintf(tw, "  inbound ports captured\t%s\n", ports(c.InboundAllPorts, c.InboundPorts))
+	fmt.Fprintf(tw, "  inbound ports excluded\t%s\n", ports(false, c.ExcludeInboundPorts))
+	tw.Flush()
+}
+
+func cidrs(all bool, list []netip.Prefix) string {
+	if all {
+		return "* (all but loopback)"
+	}
+	if len(list) == 0 {
+		return "none"
+	}
+	parts := make([]string, len(list))
+	for i, p := range list {
+		parts[i] = p.String()
+	}
+	return strings.Join(parts, ", ")
+}
+
+// ports prints a port list with runs folded into ranges.
+func ports(all bool, list []uint16) string {
+	if all {
+		return "*"
+	}
+	if len(list) == 0 {
+		return "none"
+	}
+	var parts []string
+	for i := 0; i < len(list); {
+		j := i
+		for j+1 < len(list) && list[j+1] == list[j]+1 {
+			j++
+		}
+		part := strconv.Itoa(int(list[i]))
+		if j > i {
+			part += "-" + strconv.Itoa(int(list[j]))
+		}
+		parts = append(parts, part)
+		i = j + 1
+	}
+	return strings.Join(parts, ", ")
+}

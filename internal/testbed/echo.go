@@ -1,0 +1,115 @@
+package testbed
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+)
+
+// echoBufSize bounds the memory each echo connection uses.
+const echoBufSize = 32 << 10
+
+// Echo serves on ln: for each connection it first writes one line
+// "peer=<remote addr as seen by the server>\n", then echoes every byte back
+// until the client half-closes, then closes. It returns when ln is closed,
+// after closing the connections still open and waiting for their
+// goroutines, so nothing outlives it.
+func Echo(ln net.Listener) {
+	var (
+		mu    sync.Mutex
+		conns = map[net.Conn]struct{}{}
+		wg    sync.WaitGroup
+	)
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			break
+		}
+		mu.Lock()
+		conns[c] = struct{}{}
+		mu.Unlock()
+		wg.Go(func() {
+			serveEcho(c)
+			mu.Lock()
+			delete(conns, c)
+			mu.Unlock()
+		})
+	}
+	mu.Lock()
+	for c := range conns {
+		c.Close()
+	}
+	mu.Unlock()
+	wg.Wait()
+}
+
+func serveEcho(c net.Conn) {
+	defer c.Close()
+	if _, err := fmt.Fprintf(c, "peer=%s\n", c.RemoteAddr()); err != nil {
+		return
+	}
+	// A plain loop rather than io.Copy: TCPConn.ReadFrom would splice
+	// through a pipe and ignore the bounded buffer.
+	buf := make([]byte, echoBufSize)
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			if _, err := c.Write(buf[:n]); err != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// ListenEcho creates a TCP listener inside the host's netns on addr (such
+// as "198.18.2.2:8080" or "[2001:2:0:2::2]:8080") and serves Echo on it
+// until Bed.Close.
+func (h *Host) ListenEcho(addr string) (net.Listener, error) {
+	ln, err := h.bed.listenEcho(h.Netns, addr)
+	if err != nil {
+		return nil, fmt.Errorf("echo in host %s: %w", h.Name, err)
+	}
+	return ln, nil
+}
+
+// ListenEcho creates a TCP listener inside the pod's netns on addr (such as
+// "127.0.0.1:9000" for loopback tests) and serves Echo on it until
+// Bed.Close.
+func (p *Pod) ListenEcho(addr string) (net.Listener, error) {
+	ln, err := p.bed.listenEcho(p.Netns, addr)
+	if err != nil {
+		return nil, fmt.Errorf("echo in pod %s: %w", p.Name, err)
+	}
+	return ln, nil
+}
+
+func (b *Bed) listenEcho(nsPath, addr string) (net.Listener, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return nil, errors.New("bed is closed")
+	}
+	var ln net.Listener
+	err := runInNetns(nsPath, func() error {
+		var err error
+		ln, err = net.Listen("tcp", addr)
+		return err
+	})
+	if err != nil {
+		if ln != nil {
+			ln.Close()
+		}
+		return nil, fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		Echo(ln)
+	}()
+	b.echoes = append(b.echoes, echoServer{ln: ln, done: done})
+	return ln, nil
+}

@@ -1,0 +1,179 @@
+package loader
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/sluicemesh/sluice/internal/testbed"
+)
+
+func privileged(t *testing.T) { testbed.RequirePrivileged(t) }
+
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+func testCapture() Capture {
+	return Capture{OutboundPort: 15001, InboundPort: 15006, ProxyUID: 1337, ProxyGID: 1337, IncludeAllCIDRs: true}
+}
+
+// bpftoolIDs lists the ids bpftool shows for kind (prog, map or link).
+func bpftoolIDs(t *testing.T, kind string) []int {
+	t.Helper()
+	out, err := exec.Command("bpftool", "-j", kind, "show").Output()
+	if err != nil {
+		t.Fatalf("bpftool %s show (scripts/deps.sh installs bpftool): %v", kind, err)
+	}
+	var objs []struct {
+		ID int `json:"id"`
+	}
+	if err := json.Unmarshal(out, &objs); err != nil {
+		t.Fatalf("parse bpftool %s show: %v", kind, err)
+	}
+	ids := make([]int, len(objs))
+	for i, o := range objs {
+		ids[i] = o.ID
+	}
+	return ids
+}
+
+// cgroupProgs lists the programs bpftool shows attached to cgroup.
+func cgroupProgs(t *testing.T, cgroup string) []int {
+	t.Helper()
+	out, err := exec.Command("bpftool", "-j", "cgroup", "show", cgroup).Output()
+	if err != nil {
+		t.Fatalf("bpftool cgroup show %s: %v", cgroup, err)
+	}
+	var progs []struct {
+		ID int `json:"id"`
+	}
+	if len(bytes.TrimSpace(out)) > 0 {
+		if err := json.Unmarshal(out, &progs); err != nil {
+			t.Fatalf("parse bpftool cgroup show: %v (%s)", err, out)
+		}
+	}
+	ids := make([]int, len(progs))
+	for i, p := range progs {
+		ids[i] = p.ID
+	}
+	return ids
+}
+
+func progMaps(t *testing.T, prog int) []int {
+	t.Helper()
+	out, err := exec.Command("bpftool", "-j", "prog", "show", "id", strconv.Itoa(prog)).Output()
+	if err != nil {
+		t.Fatalf("bpftool prog show id %d: %v", prog, err)
+	}
+	var p struct {
+		MapIDs []int `json:"map_ids"`
+	}
+	if err := json.Unmarshal(out, &p); err != nil {
+		t.Fatal(err)
+	}
+	return p.MapIDs
+}
+
+// TestInstallUninstall installs on a real pod cgroup, then uninstalls, and
+// checks with bpftool that every program, map and link the install created
+// is gone, along with the pins. Other packages' tests may load programs at
+// the same time, so the check is by id rather than by total count.
+func TestInstallUninstall(t *testing.T) {
+	privileged(t)
+	pod, err := testbed.Must(t).AddPod("app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	target, err := ResolveTarget(pod.Cgroup, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Install(target, testCapture(), quiet); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if _, err := os.Stat(target.PinDir); err == nil {
+			Uninstall(target, quiet)
+		}
+	})
+
+	state, err := Status(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	progs := cgroupProgs(t, pod.Cgroup)
+	if len(progs) != len(hooks) || len(state.Links) != len(hooks) {
+		t.Fatalf("want %d programs attached through %d links, bpftool shows %d, status %d", len(hooks), len(hooks), len(progs), len(state.Links))
+	}
+	var links, maps []int
+	for _, l := range state.Links {
+		if !l.Attached || !slices.Contains(progs, int(l.ProgramID)) {
+			t.Errorf("link %s: attached %v, program %d not among the cgroup's %v", l.Pin, l.Attached, l.ProgramID, progs)
+		}
+		links = append(links, int(l.LinkID))
+	}
+	for _, p := range progs {
+		maps = append(maps, progMaps(t, p)...)
+	}
+	if got := state.Capture; got.OutboundPort != 15001 || !got.IncludeAllCIDRs || got.ProxyUID != 1337 {
+		t.Errorf("status reads back %+v", got)
+	}
+
+	if err := Uninstall(target, quiet); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(target.PinDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pin dir %s still there after uninstall (err %v)", target.PinDir, err)
+	}
+	if left := cgroupProgs(t, pod.Cgroup); len(left) != 0 {
+		t.Errorf("programs still attached to the cgroup: %v", left)
+	}
+	// Freeing is synchronous for ids in practice, but allow the kernel a moment.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var leaked []string
+		for kind, ids := range map[string][]int{"prog": progs, "map": maps, "link": links} {
+			live := bpftoolIDs(t, kind)
+			for _, id := range ids {
+				if slices.Contains(live, id) {
+					leaked = append(leaked, kind+" "+strconv.Itoa(id))
+				}
+			}
+		}
+		if len(leaked) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("still loaded after uninstall: %v", leaked)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err := Uninstall(target, quiet); !errors.Is(err, ErrNotInstalled) {
+		t.Errorf("second uninstall: %v, want ErrNotInstalled", err)
+	}
+}
+
+// TestInstallUndoesOnFailure makes the attach step fail (the "cgroup" is a
+// plain directory) after the maps were pinned, and checks nothing is left.
+func TestInstallUndoesOnFailure(t *testing.T) {
+	privileged(t)
+	notCgroup := t.TempDir()
+	pinDir := filepath.Join(DefaultPinRoot, "test-undo-"+strconv.Itoa(os.Getpid()), "pod")
+	err := Install(Target{Cgroup: notCgroup, PodID: "pod", PinDir: pinDir}, testCapture(), quiet)
+	if err == nil {
+		Uninstall(Target{Cgroup: notCgroup, PinDir: pinDir}, quiet)
+		t.Fatal("install on a directory that is not a cgroup succeeded")
+	}
+	t.Logf("install failed as expected: %v", err)
+	if _, err := os.Stat(filepath.Dir(pinDir)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("failed install left %s behind", filepath.Dir(pinDir))
+	}
+}

@@ -1,0 +1,309 @@
+// Package redirect holds the capture policy (configuration, Istio and Linkerd
+// flags, validation into the loader's plan) and the built-in transparent
+// proxy that serves captured connections.
+package redirect
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/sluicemesh/sluice/loader"
+)
+
+// Defaults follow Istio's sidecar so existing pod specs keep their meaning.
+const (
+	DefaultOutboundPort = 15001
+	DefaultInboundPort  = 15006
+	DefaultProxyID      = 1337
+)
+
+// Policy is the capture configuration for one pod, as a user states it.
+type Policy struct {
+	OutboundPort uint16
+	InboundPort  uint16
+	ProxyUID     uint32
+	ProxyGID     uint32
+	// Mode is Istio's inbound interception mode; only REDIRECT is supported.
+	Mode string
+
+	IncludeCIDRs CIDRs
+	ExcludeCIDRs CIDRs
+
+	IncludeOutboundPorts Ports
+	ExcludeOutboundPorts Ports
+	InboundPorts         Ports
+	ExcludeInboundPorts  Ports
+}
+
+// DefaultPolicy captures every outbound destination and every inbound port,
+// as istio-iptables does with the injector's usual flags.
+func DefaultPolicy() Policy {
+	return Policy{
+		OutboundPort: DefaultOutboundPort,
+		InboundPort:  DefaultInboundPort,
+		ProxyUID:     DefaultProxyID,
+		ProxyGID:     DefaultProxyID,
+		Mode:         "REDIRECT",
+		IncludeCIDRs: CIDRs{All: true},
+		InboundPorts: Ports{All: true},
+	}
+}
+
+// FlagSpec describes one policy flag for help output.
+type FlagSpec struct {
+	Names []string // first is the Istio short name where there is one
+	Arg   string
+	Usage string
+}
+
+// RegisterFlags adds the istio-iptables flags (short and long forms) and
+// Linkerd proxy-init's equivalents to fs, all writing into p. It returns the
+// flags in help order.
+func (p *Policy) RegisterFlags(fs *flag.FlagSet) []FlagSpec {
+	specs := []struct {
+		FlagSpec
+		value flag.Value
+	}{
+		{FlagSpec{[]string{"p", "proxy-port", "outgoing-proxy-port"}, "PORT", "sidecar's outbound listener (127.0.0.1 and ::1)"}, portValue{&p.OutboundPort}},
+		{FlagSpec{[]string{"z", "inbound-capture-port", "incoming-proxy-port"}, "PORT", "sidecar's inbound listener"}, portValue{&p.InboundPort}},
+		{FlagSpec{[]string{"u", "proxy-uid"}, "UID", "uid of the proxy, whose connections are never captured"}, idValue{&p.ProxyUID, "uid"}},
+		{FlagSpec{[]string{"g", "proxy-gid"}, "GID", "gid of the proxy, whose connections are never captured"}, idValue{&p.ProxyGID, "gid"}},
+		{FlagSpec{[]string{"m", "istio-inbound-interception-mode"}, "MODE", "inbound interception mode; only REDIRECT"}, modeValue{&p.Mode}},
+		{FlagSpec{[]string{"i", "istio-service-cidr"}, "CIDRS", "outbound destinations to capture, comma-separated; '*' = all, '' = none"}, &p.IncludeCIDRs},
+		{FlagSpec{[]string{"x", "istio-service-exclude-cidr", "subnets-to-ignore"}, "CIDRS", "outbound destinations never captured"}, &p.ExcludeCIDRs},
+		{FlagSpec{[]string{"q", "istio-include-outbound-ports"}, "PORTS", "outbound ports captured whatever the destination"}, &p.IncludeOutboundPorts},
+		{FlagSpec{[]string{"o", "istio-local-outbound-ports-exclude", "outbound-ports-to-ignore"}, "PORTS", "outbound ports never captured"}, &p.ExcludeOutboundPorts},
+		{FlagSpec{[]string{"b", "istio-inbound-ports"}, "PORTS", "inbound ports to capture; '*' = all"}, &p.InboundPorts},
+		{FlagSpec{[]string{"d", "istio-local-exclude-ports", "inbound-ports-to-ignore"}, "PORTS", "inbound ports never captured"}, &p.ExcludeInboundPorts},
+	}
+	out := make([]FlagSpec, 0, len(specs))
+	for _, s := range specs {
+		for _, name := range s.Names {
+			fs.Var(s.value, name, s.Usage)
+		}
+		out = append(out, s.FlagSpec)
+	}
+	return out
+}
+
+// Capture validates the policy and turns it into what the BPF maps enforce.
+// The sidecar's own listeners are never captured inbound, whatever -b says.
+func (p Policy) Capture() (loader.Capture, error) {
+	if p.Mode != "REDIRECT" {
+		return loader.Capture{}, fmt.Errorf("interception mode %q is not supported: use -m REDIRECT (Sluice steers inbound traffic with TC, not TPROXY)", p.Mode)
+	}
+	if p.OutboundPort == 0 || p.InboundPort == 0 {
+		return loader.Capture{}, errors.New("proxy ports must be set: use -p and -z with ports 1-65535")
+	}
+	if p.OutboundPort == p.InboundPort {
+		return loader.Capture{}, fmt.Errorf("outbound port -p and inbound port -z are both %d: give the sidecar two different ports", p.OutboundPort)
+	}
+	excludeIn := slices.Concat(p.ExcludeInboundPorts.List, []uint16{p.OutboundPort, p.InboundPort})
+	return loader.Capture{
+		OutboundPort:         p.OutboundPort,
+		InboundPort:          p.InboundPort,
+		ProxyUID:             p.ProxyUID,
+		ProxyGID:             p.ProxyGID,
+		IncludeAllCIDRs:      p.IncludeCIDRs.All,
+		IncludeCIDRs:         p.IncludeCIDRs.List,
+		ExcludeCIDRs:         p.ExcludeCIDRs.List,
+		IncludeOutboundPorts: p.IncludeOutboundPorts.List,
+		ExcludeOutboundPorts: p.ExcludeOutboundPorts.List,
+		InboundAllPorts:      p.InboundPorts.All,
+		InboundPorts:         p.InboundPorts.List,
+		ExcludeInboundPorts:  dedup(excludeIn),
+	}, nil
+}
+
+func dedup(ports []uint16) []uint16 {
+	slices.Sort(ports)
+	return slices.Compact(ports)
+}
+
+// CIDRs is a comma-separated list of IPv4/IPv6 prefixes; "*" means all.
+// Each Set replaces the list, as a repeated istio-iptables flag does.
+type CIDRs struct {
+	All  bool
+	List []netip.Prefix
+}
+
+func (c *CIDRs) String() string {
+	if c == nil {
+		return ""
+	}
+	if c.All {
+		return "*"
+	}
+	parts := make([]string, len(c.List))
+	for i, p := range c.List {
+		parts[i] = p.String()
+	}
+	return strings.Join(parts, ",")
+}
+
+func (c *CIDRs) Set(s string) error {
+	*c = CIDRs{}
+	for _, item := range splitList(s) {
+		if item == "*" {
+			c.All = true
+			continue
+		}
+		p, err := parseCIDR(item)
+		if err != nil {
+			return err
+		}
+		c.List = append(c.List, p)
+	}
+	return nil
+}
+
+// parseCIDR accepts a prefix or a bare address (taken as a single host), as
+// istio-iptables does.
+func parseCIDR(s string) (netip.Prefix, error) {
+	if !strings.Contains(s, "/") {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return netip.Prefix{}, fmt.Errorf("%q is not a CIDR: want a.b.c.d/n or an IPv6 prefix such as 2001:db8::/32", s)
+		}
+		return netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()), nil
+	}
+	p, err := netip.ParsePrefix(s)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("%q is not a CIDR: want a.b.c.d/n (n 0-32) or an IPv6 prefix (n 0-128)", s)
+	}
+	return p.Masked(), nil
+}
+
+// Ports is a comma-separated list of ports and ranges (a-b, as Linkerd
+// accepts); "*" means all.
+type Ports struct {
+	All  bool
+	List []uint16
+}
+
+func (p *Ports) String() string {
+	if p == nil {
+		return ""
+	}
+	if p.All {
+		return "*"
+	}
+	parts := make([]string, len(p.List))
+	for i, port := range p.List {
+		parts[i] = strconv.Itoa(int(port))
+	}
+	return strings.Join(parts, ",")
+}
+
+func (p *Ports) Set(s string) error {
+	*p = Ports{}
+	for _, item := range splitList(s) {
+		if item == "*" {
+			p.All = true
+			continue
+		}
+		lo, hi, isRange := strings.Cut(item, "-")
+		first, err := parsePort(lo)
+		if err != nil {
+			return err
+		}
+		last := first
+		if isRange {
+			if last, err = parsePort(hi); err != nil {
+				return err
+			}
+			if last < first {
+				return fmt.Errorf("port range %q runs backwards: write it low-high", item)
+			}
+		}
+		for port := int(first); port <= int(last); port++ {
+			p.List = append(p.List, uint16(port))
+		}
+	}
+	p.List = dedup(p.List)
+	return nil
+}
+
+func parsePort(s string) (uint16, error) {
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		return 0, fmt.Errorf("%q is not a port number: want 1-65535", s)
+	}
+	if n < 1 || n > 65535 {
+		return 0, fmt.Errorf("port %d is out of range: want 1-65535", n)
+	}
+	return uint16(n), nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, item := range strings.Split(s, ",") {
+		if item = strings.TrimSpace(item); item != "" {
+			out = append(out, item)
+		}
+	}
+	return out
+}
+
+// PortFlag and IDFlag parse a single port or numeric uid/gid into p, with the
+// same errors as the policy flags.
+func PortFlag(p *uint16) flag.Value            { return portValue{p} }
+func IDFlag(p *uint32, kind string) flag.Value { return idValue{p, kind} }
+
+type portValue struct{ p *uint16 }
+
+func (v portValue) String() string {
+	if v.p == nil {
+		return ""
+	}
+	return strconv.Itoa(int(*v.p))
+}
+
+func (v portValue) Set(s string) error {
+	port, err := parsePort(strings.TrimSpace(s))
+	if err != nil {
+		return err
+	}
+	*v.p = port
+	return nil
+}
+
+type idValue struct {
+	p    *uint32
+	kind string
+}
+
+func (v idValue) String() string {
+	if v.p == nil {
+		return ""
+	}
+	return strconv.FormatUint(uint64(*v.p), 10)
+}
+
+func (v idValue) Set(s string) error {
+	n, err := strconv.ParseUint(strings.TrimSpace(s), 10, 32)
+	if err != nil || n == 1<<32-1 {
+		return fmt.Errorf("%q is not a numeric %s: give the number (e.g. 1337), not a name", s, v.kind)
+	}
+	*v.p = uint32(n)
+	return nil
+}
+
+type modeValue struct{ p *string }
+
+func (v modeValue) String() string {
+	if v.p == nil {
+		return ""
+	}
+	return *v.p
+}
+
+func (v modeValue) Set(s string) error {
+	*v.p = strings.ToUpper(strings.TrimSpace(s))
+	return nil
+}

@@ -1,0 +1,113 @@
+package redirect
+
+import (
+	"flag"
+	"io"
+	"net/netip"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/sluicemesh/sluice/loader"
+)
+
+func parse(t *testing.T, args ...string) (loader.Capture, error) {
+	t.Helper()
+	p := DefaultPolicy()
+	fs := flag.NewFlagSet("test", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	p.RegisterFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return loader.Capture{}, err
+	}
+	return p.Capture()
+}
+
+func TestPolicyFlags(t *testing.T) {
+	defaults := loader.Capture{
+		OutboundPort: 15001, InboundPort: 15006, ProxyUID: 1337, ProxyGID: 1337,
+		IncludeAllCIDRs: true, InboundAllPorts: true, ExcludeInboundPorts: []uint16{15001, 15006},
+	}
+	with := func(f func(*loader.Capture)) loader.Capture {
+		c := defaults
+		f(&c)
+		return c
+	}
+	pfx := netip.MustParsePrefix
+	tests := []struct {
+		name string
+		args []string
+		want loader.Capture
+	}{
+		{"defaults", nil, defaults},
+		{"istio short flags", []string{"-p", "15101", "-z", "15106", "-u", "2000", "-g", "2001"}, with(func(c *loader.Capture) {
+			c.OutboundPort, c.InboundPort, c.ProxyUID, c.ProxyGID = 15101, 15106, 2000, 2001
+			c.ExcludeInboundPorts = []uint16{15101, 15106}
+		})},
+		{"istio long flags", []string{"--proxy-port=15101", "--proxy-uid=7", "--istio-service-exclude-cidr=198.18.0.0/24"}, with(func(c *loader.Capture) {
+			c.OutboundPort, c.ProxyUID = 15101, 7
+			c.ExcludeInboundPorts = []uint16{15006, 15101}
+			c.ExcludeCIDRs = []netip.Prefix{pfx("198.18.0.0/24")}
+		})},
+		{"linkerd flags", []string{"--outgoing-proxy-port", "4140", "--incoming-proxy-port", "4143", "--subnets-to-ignore", "198.19.0.0/16", "--outbound-ports-to-ignore", "443,4190-4191", "--inbound-ports-to-ignore", "4191"}, with(func(c *loader.Capture) {
+			c.OutboundPort, c.InboundPort = 4140, 4143
+			c.ExcludeCIDRs = []netip.Prefix{pfx("198.19.0.0/16")}
+			c.ExcludeOutboundPorts = []uint16{443, 4190, 4191}
+			c.ExcludeInboundPorts = []uint16{4140, 4143, 4191}
+		})},
+		{"include list, ipv6, bare address, unmasked prefix", []string{"-i", "198.18.0.7/15, 2001:2::/48,198.19.1.1"}, with(func(c *loader.Capture) {
+			c.IncludeAllCIDRs = false
+			c.IncludeCIDRs = []netip.Prefix{pfx("198.18.0.0/15"), pfx("2001:2::/48"), pfx("198.19.1.1/32")}
+		})},
+		{"include nothing", []string{"-i", ""}, with(func(c *loader.Capture) { c.IncludeAllCIDRs = false })},
+		{"ports", []string{"-q", "9090", "-o", "22,3306,22", "-b", "8080,9000-9001", "-d", "15020"}, with(func(c *loader.Capture) {
+			c.IncludeOutboundPorts = []uint16{9090}
+			c.ExcludeOutboundPorts = []uint16{22, 3306}
+			c.InboundAllPorts = false
+			c.InboundPorts = []uint16{8080, 9000, 9001}
+			c.ExcludeInboundPorts = []uint16{15001, 15006, 15020}
+		})},
+		{"mode is case-insensitive", []string{"-m", "redirect"}, defaults},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parse(t, tt.args...)
+			if err != nil {
+				t.Fatalf("unexpected error: %v", err)
+			}
+			if !reflect.DeepEqual(got, tt.want) {
+				t.Errorf("capture mismatch\n got %+v\nwant %+v", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestPolicyFlagErrors(t *testing.T) {
+	tests := []struct {
+		args []string
+		want string // part of the one-line error
+	}{
+		{[]string{"-x", "198.18.0.0/33"}, `"198.18.0.0/33" is not a CIDR`},
+		{[]string{"-i", "not-an-ip"}, `"not-an-ip" is not a CIDR`},
+		{[]string{"-p", "0"}, "port 0 is out of range: want 1-65535"},
+		{[]string{"-p", "70000"}, "port 70000 is out of range"},
+		{[]string{"-z", "http"}, `"http" is not a port number`},
+		{[]string{"-o", "22,x"}, `"x" is not a port number`},
+		{[]string{"-o", "200-100"}, "runs backwards"},
+		{[]string{"-u", "istio-proxy"}, `"istio-proxy" is not a numeric uid`},
+		{[]string{"-g", "-1"}, "is not a numeric gid"},
+		{[]string{"-m", "TPROXY"}, `interception mode "TPROXY" is not supported`},
+		{[]string{"-p", "15006"}, "both 15006"},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
+			_, err := parse(t, tt.args...)
+			if err == nil {
+				t.Fatal("expected an error")
+			}
+			if !strings.Contains(err.Error(), tt.want) || strings.Contains(err.Error(), "\n") {
+				t.Errorf("error %q: want one line containing %q", err, tt.want)
+			}
+		})
+	}
+}

@@ -1,0 +1,208 @@
+package redirect
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// soOriginalDst is SO_ORIGINAL_DST (SOL_IP) and IP6T_SO_ORIGINAL_DST (SOL_IPV6).
+const soOriginalDst = 80
+
+// ProxyOptions configures the built-in proxy; zero values take the defaults.
+type ProxyOptions struct {
+	DialTimeout time.Duration // default 5s
+	IdleTimeout time.Duration // a direction with no bytes for this long is closed; default 1h
+	BufferSize  int           // per direction; default 32 KiB
+	Logger      *slog.Logger
+}
+
+// Proxy is a transparent TCP proxy: for each accepted connection it asks the
+// kernel for the original destination with getsockopt(SO_ORIGINAL_DST), the
+// same call Envoy and HAProxy make, dials it and copies bytes both ways. It
+// works the same behind Sluice's BPF hooks and behind iptables REDIRECT.
+type Proxy struct {
+	opts ProxyOptions
+	bufs sync.Pool
+	wg   sync.WaitGroup
+}
+
+func NewProxy(opts ProxyOptions) *Proxy {
+	if opts.DialTimeout == 0 {
+		opts.DialTimeout = 5 * time.Second
+	}
+	if opts.IdleTimeout == 0 {
+		opts.IdleTimeout = time.Hour
+	}
+	if opts.BufferSize == 0 {
+		opts.BufferSize = 32 << 10
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	p := &Proxy{opts: opts}
+	p.bufs.New = func() any { b := make([]byte, opts.BufferSize); return &b }
+	return p
+}
+
+// Serve accepts on ln until ctx is done or ln fails, then waits for the
+// connections in flight to finish.
+func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	defer p.wg.Wait()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return fmt.Errorf("accept on %s: %w", ln.Addr(), err)
+		}
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			p.handle(ctx, c.(*net.TCPConn))
+		}()
+	}
+}
+
+func (p *Proxy) handle(ctx context.Context, down *net.TCPConn) {
+	defer down.Close()
+	log := p.opts.Logger.With("client", down.RemoteAddr().String())
+	dst, err := OriginalDst(down)
+	if err != nil {
+		log.Warn("no original destination; closing", "err", err)
+		return
+	}
+	log = log.With("orig_dst", dst.String())
+	if local := down.LocalAddr().(*net.TCPAddr).AddrPort(); dst.Port() == local.Port() && (dst.Addr().IsLoopback() || dst.Addr().Unmap() == local.Addr().Unmap()) {
+		// Someone connected to the listener itself: dialing it would loop.
+		log.Warn("original destination is the proxy itself; closing")
+		return
+	}
+
+	dialCtx, cancel := context.WithTimeout(ctx, p.opts.DialTimeout)
+	upConn, err := (&net.Dialer{}).DialContext(dialCtx, "tcp", dst.String())
+	cancel()
+	if err != nil {
+		log.Warn("dial original destination", "err", err)
+		return
+	}
+	up := upConn.(*net.TCPConn)
+	defer up.Close()
+
+	start := time.Now()
+	var sent, received int64
+	errc := make(chan error, 1)
+	go func() {
+		var err error
+		sent, err = p.pipe(up, down)
+		errc <- err
+	}()
+	received, err = p.pipe(down, up)
+	if err != nil {
+		// Unblock the other direction: a reset or timeout ends the connection.
+		down.Close()
+		up.Close()
+	}
+	if err2 := <-errc; err == nil {
+		err = err2
+	}
+	attrs := []any{"upstream", up.LocalAddr().String(), "sent", sent, "received", received, "duration", time.Since(start).Round(time.Microsecond)}
+	if err != nil {
+		log.Info("proxied", append(attrs, "err", err)...)
+		return
+	}
+	log.Info("proxied", attrs...)
+}
+
+// pipe copies src to dst with read()/write() and half-closes dst at EOF.
+// It deliberately avoids io.Copy: between two TCPConns that uses splice(2),
+// which never sees data a sockmap redirect delivers to the socket.
+func (p *Proxy) pipe(dst, src *net.TCPConn) (int64, error) {
+	bufp := p.bufs.Get().(*[]byte)
+	defer p.bufs.Put(bufp)
+	buf := *bufp
+	var total int64
+	for {
+		if err := src.SetReadDeadline(time.Now().Add(p.opts.IdleTimeout)); err != nil {
+			return total, err
+		}
+		n, rerr := src.Read(buf)
+		if n > 0 {
+			if err := dst.SetWriteDeadline(time.Now().Add(p.opts.IdleTimeout)); err != nil {
+				return total, err
+			}
+			w, werr := dst.Write(buf[:n])
+			total += int64(w)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if errors.Is(rerr, io.EOF) {
+			return total, dst.CloseWrite()
+		}
+		if rerr != nil {
+			return total, rerr
+		}
+	}
+}
+
+// OriginalDst returns the destination the client connected to before it was
+// redirected, answered by conntrack (iptables REDIRECT) or by Sluice's
+// cgroup/getsockopt hook in exactly the same format.
+func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	level, size := unix.SOL_IP, unix.SizeofSockaddrInet4
+	if local := c.LocalAddr().(*net.TCPAddr).AddrPort().Addr(); !local.Unmap().Is4() {
+		level, size = unix.SOL_IPV6, unix.SizeofSockaddrInet6
+	}
+	var buf [unix.SizeofSockaddrInet6]byte
+	n := uint32(size)
+	var errno unix.Errno
+	cerr := raw.Control(func(fd uintptr) {
+		_, _, errno = unix.Syscall6(unix.SYS_GETSOCKOPT, fd, uintptr(level), soOriginalDst,
+			uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&n)), 0)
+	})
+	if cerr != nil {
+		return netip.AddrPort{}, cerr
+	}
+	if errno != 0 {
+		return netip.AddrPort{}, fmt.Errorf("getsockopt SO_ORIGINAL_DST: %w", errno)
+	}
+	return parseSockaddr(buf[:n])
+}
+
+// parseSockaddr decodes a struct sockaddr_in or sockaddr_in6 as the kernel
+// writes it: family in host order, port and address in network order.
+func parseSockaddr(b []byte) (netip.AddrPort, error) {
+	if len(b) < 2 {
+		return netip.AddrPort{}, fmt.Errorf("sockaddr of %d bytes is too short", len(b))
+	}
+	family := binary.NativeEndian.Uint16(b)
+	switch {
+	case family == unix.AF_INET && len(b) >= unix.SizeofSockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[4:8])), binary.BigEndian.Uint16(b[2:])), nil
+	case family == unix.AF_INET6 && len(b) >= unix.SizeofSockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[8:24])), binary.BigEndian.Uint16(b[2:])), nil
+	}
+	return netip.AddrPort{}, fmt.Errorf("unexpected sockaddr: family %d, %d bytes", family, len(b))
+}

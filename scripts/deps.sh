@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what building, testing and the demo need on Debian, as root:
+#   clang, llvm, libbpf-dev  make generate (bpf2go compiles bpf/ with clang)
+#   bpftool                  tests check what is loaded and attached
+#   haproxy                  the third-party SO_ORIGINAL_DST proxy test
+#   iptables, nftables       tests check the pod has no rules; the benchmark's baseline
+#   iproute2                 'ip netns' to look at test pods by hand
+# and the Go modules. Idempotent: apt runs only for missing packages.
+set -euo pipefail
+
+if [[ $(id -u) -ne 0 ]]; then
+	echo "scripts/deps.sh: needs root (apt-get, bpffs): run it as root or with sudo" >&2
+	exit 1
+fi
+
+pkgs=(clang llvm libbpf-dev bpftool haproxy iptables nftables iproute2 make)
+missing=()
+for p in "${pkgs[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+	echo "installing: ${missing[*]}"
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+export PATH="$PATH:/usr/local/go/bin"
+cd "$(dirname "$0")/.."
+go mod download
