@@ -7,5 +7,6 @@
 #include "getpeername.c"
 #include "getsockopt.c"
 #include "sockops.c"
+#include "tc_ingress.c"
 
 char __license[] SEC("license") = "Dual BSD/GPL";

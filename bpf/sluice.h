@@ -108,7 +108,8 @@ struct {
 	__type(value, struct orig_dst);
 } orig_by_cookie SEC(".maps");
 
-/* Filled once the app's connection is established, read by getsockopt on the
+/* Filled once the app's connection is established (sockops) or when an
+ * inbound SYN is steered (tc_ingress); read by getsockopt on the
  * proxy's accepted socket. Not deleted at close: a proxy may accept a
  * connection after the app already closed it (as conntrack keeps its entry). */
 struct {

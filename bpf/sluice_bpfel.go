@@ -80,6 +80,7 @@ const (
 	SluiceProgSluiceGetpeername6 = "sluice_getpeername6"
 	SluiceProgSluiceGetsockopt   = "sluice_getsockopt"
 	SluiceProgSluiceSockops      = "sluice_sockops"
+	SluiceProgSluiceTcIngress    = "sluice_tc_ingress"
 	SluiceVarPageSize            = "page_size"
 	SluiceVarUnusedConfigFlag    = "unused_config_flag"
 	SluiceVarUnusedPortFlag      = "unused_port_flag"
@@ -133,6 +134,7 @@ type SluiceProgramSpecs struct {
 	SluiceGetpeername6 *ebpf.ProgramSpec `ebpf:"sluice_getpeername6"`
 	SluiceGetsockopt   *ebpf.ProgramSpec `ebpf:"sluice_getsockopt"`
 	SluiceSockops      *ebpf.ProgramSpec `ebpf:"sluice_sockops"`
+	SluiceTcIngress    *ebpf.ProgramSpec `ebpf:"sluice_tc_ingress"`
 }
 
 // SluiceMapSpecs contains maps before they are loaded into the kernel.
@@ -214,6 +216,7 @@ type SluicePrograms struct {
 	SluiceGetpeername6 *ebpf.Program `ebpf:"sluice_getpeername6"`
 	SluiceGetsockopt   *ebpf.Program `ebpf:"sluice_getsockopt"`
 	SluiceSockops      *ebpf.Program `ebpf:"sluice_sockops"`
+	SluiceTcIngress    *ebpf.Program `ebpf:"sluice_tc_ingress"`
 }
 
 func (p *SluicePrograms) Close() error {
@@ -224,6 +227,7 @@ func (p *SluicePrograms) Close() error {
 		p.SluiceGetpeername6,
 		p.SluiceGetsockopt,
 		p.SluiceSockops,
+		p.SluiceTcIngress,
 	)
 }
 

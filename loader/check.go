@@ -3,8 +3,12 @@ package loader
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
+	"runtime"
+
+	"github.com/vishvananda/netns"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -37,7 +41,7 @@ func Check() []Probe {
 
 	_, err := os.Stat("/sys/kernel/btf/vmlinux")
 	add("kernel BTF (/sys/kernel/btf/vmlinux)", err)
-	for _, pt := range []ebpf.ProgramType{ebpf.CGroupSockAddr, ebpf.SockOps, ebpf.CGroupSockopt} {
+	for _, pt := range []ebpf.ProgramType{ebpf.CGroupSockAddr, ebpf.SockOps, ebpf.CGroupSockopt, ebpf.SchedCLS} {
 		add("program type "+pt.String(), features.HaveProgramType(pt))
 	}
 	for _, mt := range []ebpf.MapType{ebpf.Array, ebpf.LRUHash, ebpf.LPMTrie} {
@@ -50,6 +54,8 @@ func Check() []Probe {
 		{ebpf.CGroupSockAddr, asm.FnGetSocketCookie},
 		{ebpf.CGroupSockAddr, asm.FnGetCurrentUidGid},
 		{ebpf.SockOps, asm.FnGetSocketCookie},
+		{ebpf.SchedCLS, asm.FnSkLookupTcp},
+		{ebpf.SchedCLS, asm.FnSkAssign},
 	} {
 		add(fmt.Sprintf("helper %s in %s", h.fn, h.pt), features.HaveProgramHelper(h.pt, h.fn))
 	}
@@ -57,13 +63,14 @@ func Check() []Probe {
 	mount, err := Cgroup2Mount()
 	add("cgroup v2 mounted", err)
 
-	coll, err := load()
+	coll, err := load(true)
 	add("load programs (verifier)", err)
 	if err == nil {
 		defer coll.Close()
 		if mount != "" {
 			add("attach to a cgroup with bpf_link", probeAttach(mount, coll.Programs[bpf.SluiceProgSluiceConnect4]))
 		}
+		add("tcx ingress links (Linux 6.6+)", probeTCX(coll.Programs[bpf.SluiceProgSluiceTcIngress]))
 	}
 	return probes
 }
@@ -84,4 +91,41 @@ func probeAttach(mount string, prog *ebpf.Program) error {
 		err = errors.Join(err, l.Close())
 	}
 	return errors.Join(err, os.Remove(dir))
+}
+
+// probeTCX attaches the inbound program to the loopback device of a network
+// namespace it creates for the probe and drops again, so no real interface
+// ever sees it.
+func probeTCX(prog *ebpf.Program) error {
+	runtime.LockOSThread()
+	orig, err := netns.Get()
+	if err != nil {
+		runtime.UnlockOSThread()
+		return err
+	}
+	defer orig.Close()
+	probe, err := netns.New() // also switches this thread into it
+	if err != nil {
+		netns.Set(orig)
+		runtime.UnlockOSThread()
+		return fmt.Errorf("create probe netns: %w", err)
+	}
+	defer probe.Close()
+	err = func() error {
+		lo, err := net.InterfaceByName("lo")
+		if err != nil {
+			return err
+		}
+		l, err := link.AttachTCX(link.TCXOptions{Interface: lo.Index, Program: prog, Attach: ebpf.AttachTCXIngress})
+		if err != nil {
+			return err
+		}
+		return l.Close()
+	}()
+	if serr := netns.Set(orig); serr != nil {
+		// Leave the thread locked: the runtime discards it.
+		return errors.Join(err, fmt.Errorf("leave probe netns: %w", serr))
+	}
+	runtime.UnlockOSThread()
+	return err
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 
@@ -32,6 +33,10 @@ var hooks = []hook{
 	{bpf.SluiceProgSluiceConnect4, ebpf.AttachCGroupInet4Connect, "link_connect4"},
 	{bpf.SluiceProgSluiceConnect6, ebpf.AttachCGroupInet6Connect, "link_connect6"},
 }
+
+// tcHook is inbound capture on the pod's interface; tcx needs no qdisc, so
+// install never creates or removes one.
+var tcHook = hook{bpf.SluiceProgSluiceTcIngress, ebpf.AttachTCXIngress, "link_tc_ingress"}
 
 // pinnedMaps are the maps pinned beside the links: the policy, so status can
 // show it and later versions can change it in place, and the original
@@ -77,7 +82,7 @@ func Install(t Target, c Capture, log *slog.Logger) (err error) {
 		return err
 	}
 
-	coll, err := load()
+	coll, err := load(t.Interface != "")
 	if err != nil {
 		return err
 	}
@@ -113,29 +118,74 @@ func Install(t Target, c Capture, log *slog.Logger) (err error) {
 		steps.push(m.Unpin)
 	}
 
-	for _, h := range hooks {
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: t.Cgroup, Attach: h.attach, Program: coll.Programs[h.prog]})
-		if err != nil {
-			return fmt.Errorf("attach %s to %s: %w", h.prog, t.Cgroup, err)
-		}
+	pin := func(l link.Link, h hook) error {
 		steps.push(l.Close)
 		if err := l.Pin(filepath.Join(t.PinDir, h.pin)); err != nil {
 			return fmt.Errorf("pin link %s: %w", h.pin, err)
 		}
 		steps.push(l.Unpin)
+		return nil
+	}
+	for _, h := range hooks {
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: t.Cgroup, Attach: h.attach, Program: coll.Programs[h.prog]})
+		if err != nil {
+			return fmt.Errorf("attach %s to %s: %w", h.prog, t.Cgroup, err)
+		}
 		// The pin holds the attachment from here on; our descriptor can go.
 		defer l.Close()
+		if err := pin(l, h); err != nil {
+			return err
+		}
 		log.Debug("attached", "prog", h.prog, "cgroup", t.Cgroup)
+	}
+	// Inbound steering goes last: getsockopt already answers for it.
+	if t.Interface != "" {
+		l, err := attachTC(t, coll.Programs[tcHook.prog])
+		if err != nil {
+			return err
+		}
+		defer l.Close()
+		if err := pin(l, tcHook); err != nil {
+			return err
+		}
+		log.Debug("attached", "prog", tcHook.prog, "interface", t.Interface, "netns", t.Netns)
 	}
 	log.Debug("installed", "cgroup", t.Cgroup, "pin_dir", t.PinDir)
 	return nil
 }
 
-// load loads every program and map with the host's page size set.
-func load() (*ebpf.Collection, error) {
+// attachTC attaches the inbound program to t.Interface. The kernel resolves
+// the interface index in the caller's network namespace, so both happen on a
+// thread inside t.Netns.
+func attachTC(t Target, prog *ebpf.Program) (link.Link, error) {
+	var l link.Link
+	err := inNetns(t.Netns, func() error {
+		iface, err := net.InterfaceByName(t.Interface)
+		if err != nil {
+			where := "this network namespace"
+			if t.Netns != "" {
+				where = "netns " + t.Netns
+			}
+			return fmt.Errorf("no interface %s in %s: pass --interface with the pod's interface (see 'ip link')", t.Interface, where)
+		}
+		l, err = link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: prog, Attach: ebpf.AttachTCXIngress})
+		if err != nil {
+			return fmt.Errorf("attach %s to %s ingress: %w", tcHook.prog, t.Interface, err)
+		}
+		return nil
+	})
+	return l, err
+}
+
+// load loads the maps and programs, leaving out the inbound program unless
+// withTC, with the host's page size set.
+func load(withTC bool) (*ebpf.Collection, error) {
 	spec, err := bpf.LoadSluice()
 	if err != nil {
 		return nil, fmt.Errorf("read embedded BPF object: %w", err)
+	}
+	if !withTC {
+		delete(spec.Programs, bpf.SluiceProgSluiceTcIngress)
 	}
 	if err := spec.Variables[bpf.SluiceVarPageSize].Set(uint32(os.Getpagesize())); err != nil {
 		return nil, fmt.Errorf("set page_size: %w", err)
@@ -200,7 +250,8 @@ func Uninstall(t Target, log *slog.Logger) error {
 	if _, err := os.Stat(t.PinDir); errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("%w on %s: no pins at %s", ErrNotInstalled, t.Cgroup, t.PinDir)
 	}
-	var errs []error
+	// Inbound steering stops first, then connect stops redirecting.
+	errs := []error{removeLink(filepath.Join(t.PinDir, tcHook.pin))}
 	for i := len(hooks) - 1; i >= 0; i-- {
 		errs = append(errs, removeLink(filepath.Join(t.PinDir, hooks[i].pin)))
 	}

@@ -25,7 +25,8 @@ type LinkState struct {
 	LinkID    uint32 `json:"link_id"`
 	ProgramID uint32 `json:"program_id"`
 	Program   string `json:"program"`
-	CgroupID  uint64 `json:"cgroup_id"`
+	CgroupID  uint64 `json:"cgroup_id,omitempty"`
+	Ifindex   uint32 `json:"ifindex,omitempty"` // tc ingress, inside the pod's netns
 	Attached  bool   `json:"attached"`
 }
 
@@ -35,8 +36,12 @@ func Status(t Target) (State, error) {
 	if _, err := os.Stat(t.PinDir); errors.Is(err, os.ErrNotExist) {
 		return s, fmt.Errorf("%w on %s: no pins at %s", ErrNotInstalled, t.Cgroup, t.PinDir)
 	}
-	for _, h := range hooks {
-		ls, err := linkState(filepath.Join(t.PinDir, h.pin))
+	for _, h := range append(hooks, tcHook) {
+		pin := filepath.Join(t.PinDir, h.pin)
+		if _, err := os.Stat(pin); h == tcHook && err != nil {
+			continue // installed without inbound capture
+		}
+		ls, err := linkState(pin)
 		if err != nil {
 			return s, err
 		}
@@ -69,6 +74,10 @@ func linkState(pin string) (LinkState, error) {
 		ls.CgroupID = cg.CgroupId
 		// A detached cgroup link reports cgroup id 0.
 		ls.Attached = cg.CgroupId != 0
+	}
+	if tcx := info.TCX(); tcx != nil {
+		ls.Ifindex = tcx.Ifindex
+		ls.Attached = tcx.Ifindex != 0
 	}
 	if prog, err := ebpf.NewProgramFromID(info.Program); err == nil {
 		if pi, err := prog.Info(); err == nil {

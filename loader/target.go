@@ -16,11 +16,16 @@ import (
 // DefaultPinRoot is where every pod's pins live, one directory per pod.
 const DefaultPinRoot = "/sys/fs/bpf/sluice"
 
-// Target is one pod's cgroup and the bpffs directory holding its pins.
+// Target is one pod's cgroup, the bpffs directory holding its pins and, for
+// inbound capture, the pod's network namespace and interface.
 type Target struct {
 	Cgroup string `json:"cgroup"`
 	PodID  string `json:"pod_id"`
 	PinDir string `json:"pin_dir"`
+	// Interface is where inbound capture attaches (empty: no inbound
+	// capture), inside Netns (empty: the caller's network namespace).
+	Interface string `json:"interface,omitempty"`
+	Netns     string `json:"netns,omitempty"`
 }
 
 // ResolveTarget is TargetOf for a cgroup that must exist and be cgroup v2,

@@ -19,6 +19,19 @@ import (
 // soOriginalDst is SO_ORIGINAL_DST (SOL_IP) and IP6T_SO_ORIGINAL_DST (SOL_IPV6).
 const soOriginalDst = 80
 
+// Direction names the listener a connection arrived on.
+type Direction string
+
+const (
+	Outbound Direction = "outbound" // the app's connections out of the pod
+	Inbound  Direction = "inbound"  // connections into the pod, for the app
+)
+
+// inboundSource4 is where the proxy dials the application from for IPv4, as
+// Istio does: a loopback source the application can tell apart, which no
+// capture sees again (inbound capture sits on the pod's interface, not lo).
+var inboundSource4 = &net.TCPAddr{IP: net.IPv4(127, 0, 0, 6)}
+
 // ProxyOptions configures the built-in proxy; zero values take the defaults.
 type ProxyOptions struct {
 	DialTimeout time.Duration // default 5s
@@ -57,7 +70,8 @@ func NewProxy(opts ProxyOptions) *Proxy {
 
 // Serve accepts on ln until ctx is done or ln fails, then waits for the
 // connections in flight to finish.
-func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
+func (p *Proxy) Serve(ctx context.Context, ln net.Listener, dir Direction) error {
+	port := ln.Addr().(*net.TCPAddr).AddrPort().Port()
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 	defer p.wg.Wait()
@@ -76,28 +90,33 @@ func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
-			p.handle(ctx, c.(*net.TCPConn))
+			p.handle(ctx, c.(*net.TCPConn), dir, port)
 		}()
 	}
 }
 
-func (p *Proxy) handle(ctx context.Context, down *net.TCPConn) {
+func (p *Proxy) handle(ctx context.Context, down *net.TCPConn, dir Direction, listenPort uint16) {
 	defer down.Close()
-	log := p.opts.Logger.With("client", down.RemoteAddr().String())
+	log := p.opts.Logger.With("direction", string(dir), "client", down.RemoteAddr().String())
 	dst, err := OriginalDst(down)
 	if err != nil {
 		log.Warn("no original destination; closing", "err", err)
 		return
 	}
 	log = log.With("orig_dst", dst.String())
-	if local := down.LocalAddr().(*net.TCPAddr).AddrPort(); dst.Port() == local.Port() && (dst.Addr().IsLoopback() || dst.Addr().Unmap() == local.Addr().Unmap()) {
-		// Someone connected to the listener itself: dialing it would loop.
-		log.Warn("original destination is the proxy itself; closing")
+	if dst.Port() == listenPort {
+		// The proxy's own ports are never captured, so this connection
+		// came straight to the listener: dialing it would loop.
+		log.Warn("original destination is the proxy's own port; closing")
 		return
 	}
 
+	dialer := net.Dialer{}
+	if dir == Inbound && dst.Addr().Unmap().Is4() {
+		dialer.LocalAddr = inboundSource4
+	}
 	dialCtx, cancel := context.WithTimeout(ctx, p.opts.DialTimeout)
-	upConn, err := (&net.Dialer{}).DialContext(dialCtx, "tcp", dst.String())
+	upConn, err := dialer.DialContext(dialCtx, "tcp", dst.String())
 	cancel()
 	if err != nil {
 		log.Warn("dial original destination", "err", err)

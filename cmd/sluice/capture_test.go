@@ -43,7 +43,8 @@ func newCapturedPod(t *testing.T, installArgs ...string) *capturedPod {
 			}
 		}
 	}
-	mustCLI(t, append([]string{"install", "--cgroup", pod.Cgroup}, installArgs...)...)
+	// Inbound capture too: outbound tests then also show it leaves replies alone.
+	mustCLI(t, append([]string{"install", "--cgroup", pod.Cgroup, "--netns", pod.Netns}, installArgs...)...)
 	// Registered after the bed, so it runs before the bed removes the cgroup.
 	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", pod.Cgroup) })
 	return &capturedPod{pod: pod, host: host}
@@ -82,17 +83,22 @@ func checkIntact(t *testing.T, res testbed.ClientResult, addr string) {
 	}
 }
 
-// expectProxied checks that the sidecar served the app's connection: it saw
-// the original destination, moved every byte, and the server's peer was the
-// sidecar's upstream socket.
+// expectProxied checks that the sidecar served the client's connection: it
+// saw the original destination, moved every byte, and the server's peer was
+// the sidecar's upstream socket.
 func (c *capturedPod) expectProxied(t *testing.T, res testbed.ClientResult, addr string) {
+	t.Helper()
+	c.expectProxiedDir(t, res, addr, "outbound")
+}
+
+func (c *capturedPod) expectProxiedDir(t *testing.T, res testbed.ClientResult, addr, dir string) {
 	t.Helper()
 	e, err := c.sidecar.WaitFor("proxied", func(e testbed.LogEntry) bool { return e.Str("client") == res.Local }, 10*time.Second)
 	if err != nil {
 		t.Fatalf("connection to %s from %s: %v", addr, res.Local, err)
 	}
-	if got := e.Str("orig_dst"); got != addr {
-		t.Errorf("sidecar saw original destination %s, want %s", got, addr)
+	if got := e.Str("orig_dst"); got != addr || e.Str("direction") != dir {
+		t.Errorf("sidecar saw original destination %s (%s), want %s (%s)", got, e.Str("direction"), addr, dir)
 	}
 	// Downstream the server also sent its "peer=ADDR\n" line.
 	wantReceived := int64(payload + len("peer=\n") + len(res.ServerSaw))
@@ -221,8 +227,11 @@ defaults
   timeout connect 5s
   timeout client 30s
   timeout server 30s
-frontend captured
+frontend outbound
   bind 127.0.0.1:15001
+  default_backend original_dst
+frontend inbound
+  bind :15006
   default_backend original_dst
 backend original_dst
   server x 0.0.0.0:0
@@ -236,16 +245,30 @@ backend original_dst
 	if err := c.pod.Start(cmd); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.pod.WaitListening(15001, 10*time.Second); err != nil {
+	if err := c.pod.WaitListening(15006, 10*time.Second); err != nil {
 		t.Fatalf("%v\nhaproxy: %s", err, out.String())
 	}
 	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
 	res := c.client(t, addr)
 	if !strings.HasPrefix(res.Local, "127.0.0.1:") || res.ServerSaw == res.Local {
-		t.Errorf("connection did not go through HAProxy: app socket %s, server saw %s", res.Local, res.ServerSaw)
+		t.Errorf("outbound connection did not go through HAProxy: app socket %s, server saw %s", res.Local, res.ServerSaw)
 	}
 	if ip := strings.Split(res.ServerSaw, ":")[0]; ip != c.pod.Addr4.String() {
 		t.Errorf("server saw %s, want HAProxy dialing from the pod address %s", res.ServerSaw, c.pod.Addr4)
+	}
+
+	// Inbound: a client on the host reaches the app through HAProxy.
+	if _, err := c.pod.ListenEcho("[::]:8080"); err != nil {
+		t.Fatal(err)
+	}
+	in := netip.AddrPortFrom(c.pod.Addr4, 8080).String()
+	res, err = c.host.RunClient(self(t), in, payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkIntact(t, res, in)
+	if ip := strings.Split(res.ServerSaw, ":")[0]; res.ServerSaw == res.Local || ip != c.pod.Addr4.String() {
+		t.Errorf("inbound connection did not go through HAProxy: client socket %s, app saw %s", res.Local, res.ServerSaw)
 	}
 }
 

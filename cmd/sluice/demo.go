@@ -25,9 +25,10 @@ func demoCommand() command {
 
 Creates a pod (network namespace + veth + cgroup v2) and a remote host in its
 own namespace (addresses from 198.18.0.0/15 and 2001:2::/48), installs
-capture on the pod's cgroup with port 9090 excluded, starts the sidecar in
-the pod, sends 1 MiB from the app to the host over IPv4 and IPv6, and prints
-the original destination the sidecar saw for each connection. Removes
+capture on the pod's cgroup (outbound, port 9090 excluded) and on its eth0
+(inbound), starts the sidecar in the pod, sends 1 MiB from the app to the
+host and from the host to the app over IPv4 and IPv6, and prints the original
+destination the sidecar saw for each connection. Removes
 everything at the end, also on failure. Exits 1 if any check fails.
 
 Example:
@@ -46,8 +47,10 @@ Example:
 	return c
 }
 
-// demoCase is one connection the demo's app makes.
+// demoCase is one connection: from the pod's app out to the host, or from
+// the host into the pod's app.
 type demoCase struct {
+	inbound  bool
 	addr     netip.AddrPort
 	captured bool
 	note     string
@@ -72,16 +75,21 @@ func demo(w io.Writer) (err error) {
 		return err
 	}
 	cases := []demoCase{
-		{netip.AddrPortFrom(host.Addr4, 8080), true, "captured"},
-		{netip.AddrPortFrom(host.Addr6, 8080), true, "captured (IPv6)"},
-		{netip.AddrPortFrom(host.Addr4, 9090), false, "direct: port 9090 excluded (-o 9090)"},
+		{false, netip.AddrPortFrom(host.Addr4, 8080), true, "outbound, captured"},
+		{false, netip.AddrPortFrom(host.Addr6, 8080), true, "outbound, captured (IPv6)"},
+		{false, netip.AddrPortFrom(host.Addr4, 9090), false, "outbound, direct: port 9090 excluded (-o 9090)"},
+		{true, netip.AddrPortFrom(pod.Addr4, 8080), true, "inbound, captured"},
+		{true, netip.AddrPortFrom(pod.Addr6, 8080), true, "inbound, captured (IPv6)"},
 	}
-	for _, c := range cases {
+	for _, c := range cases[:3] {
 		if _, err := host.ListenEcho(c.addr.String()); err != nil {
 			return err
 		}
 	}
-	fmt.Fprintf(w, "1. pod %q: netns %s, cgroup %s, address %s / %s\n", pod.Name, pod.Netns, pod.Cgroup, pod.Addr4, pod.Addr6)
+	if _, err := pod.ListenEcho("[::]:8080"); err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "1. pod %q: netns %s, cgroup %s, address %s / %s, app echo server on port 8080\n", pod.Name, pod.Netns, pod.Cgroup, pod.Addr4, pod.Addr6)
 	fmt.Fprintf(w, "   remote host %q: echo servers on %s and %s, ports 8080 and 9090\n", host.Name, host.Addr4, host.Addr6)
 
 	policy := redirect.DefaultPolicy()
@@ -96,12 +104,13 @@ func demo(w io.Writer) (err error) {
 	if err != nil {
 		return err
 	}
+	target.Netns, target.Interface = pod.Netns, pod.Iface
 	log, _ := newLogger(os.Stderr, "text", "warn")
 	if err := loader.Install(target, capture, log); err != nil {
 		return err
 	}
 	defer func() { err = errors.Join(err, loader.Uninstall(target, log)) }()
-	fmt.Fprintf(w, "2. installed capture on the pod's cgroup, pinned at %s (no iptables)\n", target.PinDir)
+	fmt.Fprintf(w, "2. installed capture on the pod's cgroup (outbound) and %s ingress (inbound), pinned at %s; no iptables\n", pod.Iface, target.PinDir)
 
 	sidecar, err := pod.StartLogged(exec.Command(exe, "run", "--cgroup", pod.Cgroup, "--log-format", "json"))
 	if err != nil {
@@ -113,16 +122,20 @@ func demo(w io.Writer) (err error) {
 	}
 	fmt.Fprintf(w, "3. sidecar `sluice run` in the pod: pid %d, listening on %s as uid %d\n", sidecar.Cmd.Process.Pid, ready.Str("addrs"), ready.Num("uid"))
 
-	fmt.Fprintf(w, "4. the app sends 1 MiB to each destination and reads the echo:\n\n")
+	fmt.Fprintf(w, "4. each client sends 1 MiB and reads the echo:\n\n")
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "APP CONNECTS TO\tAPP'S PEER (getpeername)\tSIDECAR SAW ORIGINAL DST\tECHO\tPATH")
+	fmt.Fprintln(tw, "FROM\tCONNECTS TO\tCLIENT'S PEER (getpeername)\tSIDECAR SAW ORIGINAL DST\tECHO\tPATH")
 	var failures []error
 	for _, c := range cases {
-		saw, echo, cerr := demoConnect(pod, sidecar, exe, c)
+		from, run := "app", pod.RunClient
+		if c.inbound {
+			from, run = "web", host.RunClient
+		}
+		saw, echo, cerr := demoConnect(run, sidecar, exe, c)
 		if cerr != nil {
 			failures = append(failures, cerr)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", c.addr, saw.peer, saw.origDst, echo, c.note)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", from, c.addr, saw.peer, saw.origDst, echo, c.note)
 	}
 	tw.Flush()
 	if err := errors.Join(failures...); err != nil {
@@ -134,11 +147,11 @@ func demo(w io.Writer) (err error) {
 
 type demoSeen struct{ peer, origDst string }
 
-// demoConnect runs the app once and checks the result against the case.
-func demoConnect(pod *testbed.Pod, sidecar *testbed.Logged, exe string, c demoCase) (demoSeen, string, error) {
+// demoConnect runs a client once and checks the result against the case.
+func demoConnect(run func(self, addr string, size int) (testbed.ClientResult, error), sidecar *testbed.Logged, exe string, c demoCase) (demoSeen, string, error) {
 	const size = 1 << 20
 	seen := demoSeen{peer: "-", origDst: "-"}
-	res, err := pod.RunClient(exe, c.addr.String(), size)
+	res, err := run(exe, c.addr.String(), size)
 	if err != nil {
 		return seen, "failed", fmt.Errorf("app to %s: %w", c.addr, err)
 	}

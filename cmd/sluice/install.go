@@ -18,13 +18,16 @@ func installCommand() command {
 		summary: "attach capture to a pod's cgroup and pin it (init container)",
 		help: `Usage: sluice install --cgroup PATH [--pin-dir DIR] [--dry-run] [capture flags]
 
-Loads the capture programs, attaches them to the pod's cgroup v2 directory and
-pins them under /sys/fs/bpf/sluice/<pod id>/, then exits. All or nothing: on
+Loads the capture programs, attaches them to the pod's cgroup v2 directory
+(outbound capture) and, with --netns or --interface, to the ingress of the
+pod's interface (inbound capture), pins them under
+/sys/fs/bpf/sluice/<pod id>/, then exits. All or nothing: on
 any error nothing stays installed. Flags follow istio-iptables (-p -z -u -g -m
 -i -x -b -d -q -o) and Linkerd proxy-init (--outgoing-proxy-port, ...).
 
 Examples:
-  sluice install --cgroup /sys/fs/cgroup/unified/mypod
+  sluice install --cgroup /sys/fs/cgroup/unified/mypod --netns /run/netns/mypod
+  sluice install --cgroup /sys/fs/cgroup/unified/mypod --interface eth0 -b 8080 -d 15020
   sluice install --cgroup /sys/fs/cgroup/unified/mypod -u 1337 -x 198.18.0.0/24 -o 22,3306
   sluice install --cgroup /sys/fs/cgroup/unified/mypod --dry-run`,
 	}
@@ -32,6 +35,8 @@ Examples:
 		fs := flag.NewFlagSet("install", flag.ContinueOnError)
 		cgroup := fs.String("cgroup", "", "the pod's cgroup v2 directory (required)")
 		pinDir := fs.String("pin-dir", "", "where to pin (default /sys/fs/bpf/sluice/<pod id>)")
+		netnsPath := fs.String("netns", "", "the pod's network namespace, for inbound capture (e.g. /run/netns/NAME)")
+		iface := fs.String("interface", "", "the pod's interface for inbound capture (default eth0 when --netns is given)")
 		dryRun := fs.Bool("dry-run", false, "print the plan as JSON and change nothing")
 		fs.BoolVar(dryRun, "n", false, "same as --dry-run (istio-iptables)")
 		logLevel := fs.String("log-level", "info", "debug, info, warn or error")
@@ -54,6 +59,12 @@ Examples:
 		target, err := loader.ResolveTarget(*cgroup, *pinDir)
 		if err != nil {
 			return err
+		}
+		// Inbound capture is asked for explicitly: defaulting to eth0 of
+		// whatever namespace install runs in could capture a node's traffic.
+		target.Netns, target.Interface = *netnsPath, *iface
+		if target.Netns != "" && target.Interface == "" {
+			target.Interface = "eth0"
 		}
 		if *dryRun {
 			enc := json.NewEncoder(stdout)

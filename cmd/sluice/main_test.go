@@ -23,7 +23,7 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-func self(t *testing.T) string {
+func self(t testing.TB) string {
 	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
@@ -33,7 +33,7 @@ func self(t *testing.T) string {
 }
 
 // sluice returns a command running the CLI with args.
-func sluice(t *testing.T, args ...string) *exec.Cmd {
+func sluice(t testing.TB, args ...string) *exec.Cmd {
 	cmd := exec.Command(self(t), args...)
 	cmd.Env = append(os.Environ(), mainEnv+"=1")
 	return cmd
@@ -44,7 +44,7 @@ type cliResult struct {
 	code           int
 }
 
-func runCLI(t *testing.T, cmd *exec.Cmd) cliResult {
+func runCLI(t testing.TB, cmd *exec.Cmd) cliResult {
 	t.Helper()
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
@@ -61,7 +61,7 @@ func runCLI(t *testing.T, cmd *exec.Cmd) cliResult {
 }
 
 // mustCLI runs the CLI and fails the test unless it exits 0.
-func mustCLI(t *testing.T, args ...string) string {
+func mustCLI(t testing.TB, args ...string) string {
 	t.Helper()
 	res := runCLI(t, sluice(t, args...))
 	if res.code != 0 {

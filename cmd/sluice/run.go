@@ -26,9 +26,10 @@ func runCommand() command {
 		summary: "run the sidecar: the transparent proxy for captured connections",
 		help: `Usage: sluice run [--cgroup PATH] [-p PORT] [-u UID -g GID] [--log-format json]
 
-Serves captured outbound connections on 127.0.0.1:PORT and [::1]:PORT: asks
-the kernel for each one's original destination (SO_ORIGINAL_DST), dials it
-and copies bytes both ways. With --cgroup it takes the ports and proxy
+Serves captured outbound connections on 127.0.0.1:PORT and [::1]:PORT and
+captured inbound ones on port -z (all addresses): asks the kernel for each
+one's original destination (SO_ORIGINAL_DST), dials it (inbound: from
+127.0.0.6, like Istio) and copies bytes both ways. With --cgroup it takes the ports and proxy
 uid/gid from the pod's install. Started as root, it drops to the proxy
 uid/gid once it listens, so its own connections are never captured.
 It needs no Sluice programs: behind iptables REDIRECT it works the same.
@@ -43,6 +44,7 @@ Examples:
 		pinDir := fs.String("pin-dir", "", "where the pins are (default /sys/fs/bpf/sluice/<pod id>)")
 		policy := redirect.DefaultPolicy()
 		fs.Var(redirect.PortFlag(&policy.OutboundPort), "p", "outbound listener port")
+		fs.Var(redirect.PortFlag(&policy.InboundPort), "z", "inbound listener port")
 		fs.Var(redirect.IDFlag(&policy.ProxyUID, "uid"), "u", "uid to run as when started as root")
 		fs.Var(redirect.IDFlag(&policy.ProxyGID, "gid"), "g", "gid to run as when started as root")
 		logFormat := fs.String("log-format", "text", "text or json")
@@ -70,6 +72,9 @@ Examples:
 			if !set["p"] {
 				policy.OutboundPort = installed.OutboundPort
 			}
+			if !set["z"] {
+				policy.InboundPort = installed.InboundPort
+			}
 			if !set["u"] {
 				policy.ProxyUID = installed.ProxyUID
 			}
@@ -79,7 +84,7 @@ Examples:
 			warnIfOutside(log, target.Cgroup)
 		}
 
-		listeners, err := listen(policy.OutboundPort, log)
+		listeners, err := listen(policy.OutboundPort, policy.InboundPort, log)
 		if err != nil {
 			return err
 		}
@@ -97,7 +102,7 @@ Examples:
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				errs[i] = proxy.Serve(ctx, ln)
+				errs[i] = proxy.Serve(ctx, ln.Listener, ln.dir)
 			}()
 		}
 		log.Info("listening", "addrs", addrs(listeners), "uid", os.Getuid(), "gid", os.Getgid())
@@ -107,21 +112,42 @@ Examples:
 	return c
 }
 
-// listen opens the outbound listener on IPv4 and IPv6 loopback separately:
-// one dual-stack socket would hand IPv4 connections over as v4-mapped AF_INET6.
-// IPv6 may be disabled in the pod; then IPv4 alone is served.
-func listen(port uint16, log *slog.Logger) ([]net.Listener, error) {
-	p := strconv.Itoa(int(port))
-	ln4, err := net.Listen("tcp4", "127.0.0.1:"+p)
-	if err != nil {
-		return nil, fmt.Errorf("listen on 127.0.0.1:%s (is another proxy running?): %w", p, err)
+type listener struct {
+	net.Listener
+	dir redirect.Direction
+}
+
+// listen opens the outbound listener on loopback and the inbound one on every
+// address, each for IPv4 and IPv6 separately: one dual-stack socket would
+// hand IPv4 connections over as v4-mapped AF_INET6. IPv6 may be disabled in
+// the pod; then IPv4 alone is served.
+func listen(outPort, inPort uint16, log *slog.Logger) ([]listener, error) {
+	var lns []listener
+	for _, l := range []struct {
+		network, addr string
+		port          uint16
+		dir           redirect.Direction
+	}{
+		{"tcp4", "127.0.0.1", outPort, redirect.Outbound},
+		{"tcp6", "::1", outPort, redirect.Outbound},
+		{"tcp4", "0.0.0.0", inPort, redirect.Inbound},
+		{"tcp6", "::", inPort, redirect.Inbound},
+	} {
+		addr := net.JoinHostPort(l.addr, strconv.Itoa(int(l.port)))
+		ln, err := net.Listen(l.network, addr)
+		if err != nil && l.network == "tcp6" {
+			log.Warn("no IPv6 listener; IPv6 connections will not be served", "addr", addr, "err", err)
+			continue
+		}
+		if err != nil {
+			for _, open := range lns {
+				open.Close()
+			}
+			return nil, fmt.Errorf("listen on %s (is another proxy running?): %w", addr, err)
+		}
+		lns = append(lns, listener{ln, l.dir})
 	}
-	ln6, err := net.Listen("tcp6", "[::1]:"+p)
-	if err != nil {
-		log.Warn("no IPv6 listener; IPv6 connections will not be served", "err", err)
-		return []net.Listener{ln4}, nil
-	}
-	return []net.Listener{ln4, ln6}, nil
+	return lns, nil
 }
 
 // dropPrivileges switches to the proxy identity when running as root. If it
@@ -167,7 +193,7 @@ func warnIfOutside(log *slog.Logger, cgroup string) {
 	}
 }
 
-func addrs(lns []net.Listener) string {
+func addrs(lns []listener) string {
 	parts := make([]string, len(lns))
 	for i, ln := range lns {
 		parts[i] = ln.Addr().String()

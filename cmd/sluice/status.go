@@ -63,9 +63,17 @@ Examples:
 func printStatus(w io.Writer, s loader.State) {
 	fmt.Fprintf(w, "cgroup   %s\npod id   %s\npins     %s\n\n", s.Target.Cgroup, s.Target.PodID, s.Target.PinDir)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "LINK\tLINK ID\tPROGRAM\tPROG ID\tATTACHED")
+	fmt.Fprintln(tw, "LINK\tLINK ID\tPROGRAM\tPROG ID\tATTACHED TO")
+	inbound := false
 	for _, l := range s.Links {
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%v\n", l.Pin[strings.LastIndex(l.Pin, "/")+1:], l.LinkID, l.Program, l.ProgramID, l.Attached)
+		to := fmt.Sprintf("cgroup %d", l.CgroupID)
+		if l.Ifindex != 0 {
+			to, inbound = fmt.Sprintf("ingress of ifindex %d (tcx)", l.Ifindex), true
+		}
+		if !l.Attached {
+			to = "DETACHED"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\n", l.Pin[strings.LastIndex(l.Pin, "/")+1:], l.LinkID, l.Program, l.ProgramID, to)
 	}
 	tw.Flush()
 	c := s.Capture
@@ -78,6 +86,9 @@ func printStatus(w io.Writer, s loader.State) {
 	fmt.Fprintf(tw, "  outbound CIDRs excluded\t%s\n", cidrs(false, c.ExcludeCIDRs))
 	fmt.Fprintf(tw, "  outbound ports always captured\t%s\n", ports(false, c.IncludeOutboundPorts))
 	fmt.Fprintf(tw, "  outbound ports excluded\t%s\n", ports(false, c.ExcludeOutboundPorts))
+	if !inbound {
+		fmt.Fprintf(tw, "  inbound capture\tnot installed (install with --netns or --interface)\n")
+	}
 	fmt.Fprintf(tw, "  inbound ports captured\t%s\n", ports(c.InboundAllPorts, c.InboundPorts))
 	fmt.Fprintf(tw, "  inbound ports excluded\t%s\n", ports(false, c.ExcludeInboundPorts))
 	tw.Flush()

@@ -26,6 +26,8 @@ const (
 	roleEnv = "SLUICE_TESTBED_ROLE"
 	addrEnv = "SLUICE_TESTBED_ADDR"
 	sizeEnv = "SLUICE_TESTBED_SIZE"
+	// targetEnv is where the relay helper forwards to.
+	targetEnv = "SLUICE_TESTBED_TARGET"
 )
 
 const (
@@ -53,20 +55,32 @@ type ClientResult struct {
 
 // RunHelperIfRequested runs the client helper and exits if the environment
 // asks for it (SLUICE_TESTBED_ROLE=client), and returns at once otherwise.
-// Call it first thing in TestMain and main. The helper prints one line of
-// JSON (ClientResult) and exits 0, or 1 with Err set.
+// Call it first thing in TestMain and main. The client and bench helpers
+// print one line of JSON (ClientResult, BenchResult) and exit 0, or 1 with
+// Err set; the relay runs until killed.
 func RunHelperIfRequested() {
-	if os.Getenv(roleEnv) != "client" {
-		return
+	switch os.Getenv(roleEnv) {
+	case "client":
+		res, err := clientFromEnv()
+		exitWithResult(&res, &res.Err, err)
+	case "bench":
+		res, err := runBench(os.Getenv(addrEnv), os.Getenv(benchModeEnv))
+		exitWithResult(&res, &res.Err, err)
+	case "relay":
+		runRelay(os.Getenv(addrEnv), os.Getenv(targetEnv))
 	}
-	res, err := clientFromEnv()
+}
+
+// exitWithResult prints a helper's result, with err in its Err field, and
+// exits.
+func exitWithResult(res any, errField *string, err error) {
 	code := 0
 	if err != nil {
-		res.Err = err.Error()
+		*errField = err.Error()
 		code = 1
 	}
 	if err := json.NewEncoder(os.Stdout).Encode(res); err != nil {
-		fmt.Fprintf(os.Stderr, "testbed client: write result: %v\n", err)
+		fmt.Fprintf(os.Stderr, "testbed helper: write result: %v\n", err)
 		code = 1
 	}
 	os.Exit(code)
@@ -198,31 +212,47 @@ func (p *Pod) RunClientAs(self, addr string, size int, uid, gid uint32) (ClientR
 }
 
 func (p *Pod) runClient(cmd *exec.Cmd) (ClientResult, error) {
+	return runClientIn("pod "+p.Name, p.Start, cmd)
+}
+
+// RunClient runs the client helper inside the host's netns, e.g. to connect
+// into a pod.
+func (h *Host) RunClient(self, addr string, size int) (ClientResult, error) {
+	return runClientIn("host "+h.Name, h.Start, ClientCommand(self, addr, size))
+}
+
+func runClientIn(where string, start func(*exec.Cmd) error, cmd *exec.Cmd) (ClientResult, error) {
+	var res ClientResult
+	err := runHelper(where, start, cmd, &res, &res.Err)
+	return res, err
+}
+
+// runHelper starts a helper command with start, waits for it and decodes the
+// JSON line it prints into v; errText is v's error field, for the message.
+func runHelper(where string, start func(*exec.Cmd) error, cmd *exec.Cmd, v any, errText *string) error {
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := p.Start(cmd); err != nil {
-		return ClientResult{}, fmt.Errorf("client: %w", err)
+	if err := start(cmd); err != nil {
+		return fmt.Errorf("helper in %s: %w", where, err)
 	}
 	// The helper has its own timeout; this only catches a helper that hangs anyway.
 	watchdog := time.AfterFunc(clientKillAfter, func() { _ = cmd.Process.Kill() })
 	waitErr := cmd.Wait()
 	watchdog.Stop()
 
-	var res ClientResult
-	parseErr := parseClientOutput(stdout.Bytes(), &res)
+	parseErr := parseLastJSONLine(stdout.Bytes(), v)
 	if waitErr != nil {
-		return res, fmt.Errorf("client in pod %s: %w (error %q, stderr: %s)",
-			p.Name, waitErr, res.Err, strings.TrimSpace(stderr.String()))
+		return fmt.Errorf("helper in %s: %w (error %q, stderr: %s)", where, waitErr, *errText, strings.TrimSpace(stderr.String()))
 	}
 	if parseErr != nil {
-		return res, fmt.Errorf("client in pod %s: %w (stderr: %s)", p.Name, parseErr, strings.TrimSpace(stderr.String()))
+		return fmt.Errorf("helper in %s: %w (stderr: %s)", where, parseErr, strings.TrimSpace(stderr.String()))
 	}
-	return res, nil
+	return nil
 }
 
-// parseClientOutput decodes the last line of the helper's stdout, so stray
-// output printed before it does not matter.
-func parseClientOutput(out []byte, res *ClientResult) error {
+// parseLastJSONLine decodes the last line of out, so stray output printed
+// before it does not matter.
+func parseLastJSONLine(out []byte, v any) error {
 	out = bytes.TrimSpace(out)
 	if len(out) == 0 {
 		return errors.New("no output")
@@ -230,7 +260,7 @@ func parseClientOutput(out []byte, res *ClientResult) error {
 	if i := bytes.LastIndexByte(out, '\n'); i >= 0 {
 		out = out[i+1:]
 	}
-	if err := json.Unmarshal(out, res); err != nil {
+	if err := json.Unmarshal(out, v); err != nil {
 		return fmt.Errorf("parse result %q: %w", out, err)
 	}
 	return nil

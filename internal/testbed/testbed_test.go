@@ -131,13 +131,13 @@ func TestEchoClosesOpenConns(t *testing.T) {
 
 func TestParseClientOutput(t *testing.T) {
 	var res ClientResult
-	if err := parseClientOutput([]byte("noise\n{\"sent\":3,\"error\":\"x\"}\n"), &res); err != nil {
+	if err := parseLastJSONLine([]byte("noise\n{\"sent\":3,\"error\":\"x\"}\n"), &res); err != nil {
 		t.Fatal(err)
 	}
 	if res.Sent != 3 || res.Err != "x" {
 		t.Errorf("got %+v", res)
 	}
-	if err := parseClientOutput(nil, &res); err == nil {
+	if err := parseLastJSONLine(nil, &res); err == nil {
 		t.Error("empty output parsed without error")
 	}
 }

@@ -1,0 +1,225 @@
+package main
+
+import (
+	"net/netip"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/sluicemesh/sluice/internal/testbed"
+)
+
+// inbound connects from the remote host into the pod.
+func (c *capturedPod) inbound(t *testing.T, addr string) testbed.ClientResult {
+	t.Helper()
+	res, err := c.host.RunClient(self(t), addr, payload)
+	if err != nil {
+		t.Fatalf("client to %s: %v", addr, err)
+	}
+	checkIntact(t, res, addr)
+	return res
+}
+
+// A client on a remote host reaches the app through the sidecar, over IPv4
+// and IPv6; the app sees the sidecar (127.0.0.6 for IPv4, like Istio).
+func TestInboundCapture(t *testing.T) {
+	c := newCapturedPod(t)
+	c.startSidecar(t)
+	if _, err := c.pod.ListenEcho("[::]:8080"); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range []netip.Addr{c.pod.Addr4, c.pod.Addr6} {
+		addr := netip.AddrPortFrom(a, 8080).String()
+		res := c.inbound(t, addr)
+		c.expectProxiedDir(t, res, addr, "inbound")
+		if a.Is4() && !strings.HasPrefix(res.ServerSaw, "127.0.0.6:") {
+			t.Errorf("app saw %s, want the sidecar's 127.0.0.6", res.ServerSaw)
+		}
+	}
+}
+
+// Excluded inbound ports and the sidecar's own ports reach the app directly;
+// with -b, only the listed ports are captured.
+func TestInboundExclusions(t *testing.T) {
+	tests := []struct {
+		name           string
+		install        []string
+		direct, via    []uint16
+		appListensOnIP bool
+	}{
+		// 15001 is the sidecar's outbound port; the sidecar listens on it
+		// on loopback only, so the app can serve it on the pod address.
+		{"excluded and sidecar ports", []string{"-d", "9000"}, []uint16{9000, 15001}, []uint16{8080}, true},
+		{"include list", []string{"-b", "8080"}, []uint16{7070}, []uint16{8080}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newCapturedPod(t, tt.install...)
+			c.startSidecar(t)
+			for _, port := range append(tt.direct, tt.via...) {
+				if _, err := c.pod.ListenEcho(netip.AddrPortFrom(c.pod.Addr4, port).String()); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var direct []testbed.ClientResult
+			for _, port := range tt.direct {
+				addr := netip.AddrPortFrom(c.pod.Addr4, port).String()
+				res := c.inbound(t, addr)
+				expectDirect(t, res, addr)
+				direct = append(direct, res)
+			}
+			// Captured last: by the time it is logged, the others would be.
+			for _, port := range tt.via {
+				addr := netip.AddrPortFrom(c.pod.Addr4, port).String()
+				c.expectProxiedDir(t, c.inbound(t, addr), addr, "inbound")
+			}
+			for _, r := range direct {
+				for _, e := range c.sidecar.Entries("proxied") {
+					if e.Str("client") == r.Local {
+						t.Errorf("sidecar saw a connection that should be direct: %v", e)
+					}
+				}
+			}
+		})
+	}
+}
+
+// An app that serves an inbound request by calling out: both captures apply
+// once each, and neither loops.
+func TestInboundAndOutboundTogether(t *testing.T) {
+	c := newCapturedPod(t)
+	c.startSidecar(t)
+	upstream := netip.AddrPortFrom(c.host.Addr4, 9090).String()
+	if err := c.pod.StartRelay(self(t), "[::]:8080", upstream); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.pod.WaitListening(8080, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	addr := netip.AddrPortFrom(c.pod.Addr4, 8080).String()
+	res := c.inbound(t, addr)
+
+	in, err := c.sidecar.WaitFor("proxied", func(e testbed.LogEntry) bool { return e.Str("client") == res.Local }, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := c.sidecar.WaitFor("proxied", func(e testbed.LogEntry) bool { return e.Str("direction") == "outbound" }, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if in.Str("orig_dst") != addr || out.Str("orig_dst") != upstream {
+		t.Errorf("sidecar saw inbound %s and outbound %s, want %s and %s", in.Str("orig_dst"), out.Str("orig_dst"), addr, upstream)
+	}
+	if res.ServerSaw != out.Str("upstream") {
+		t.Errorf("upstream server saw %s, want the sidecar's outbound socket %s", res.ServerSaw, out.Str("upstream"))
+	}
+	if n := len(c.sidecar.Entries("proxied")); n != 2 {
+		t.Errorf("sidecar proxied %d connections, want exactly 2 (a loop would add more): %v", n, c.sidecar.Entries("proxied"))
+	}
+}
+
+// Uninstall leaves the interface's qdiscs and filters exactly as they were,
+// including a clsact qdisc and filter that existed before install.
+func TestInboundUninstallRestoresTC(t *testing.T) {
+	privileged(t)
+	bed := testbed.Must(t)
+	pod, err := bed.AddPod("app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns, err := netns.GetFromPath(pod.Netns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	eth0, err := h.LinkByName("eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	clsact := &netlink.GenericQdisc{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: eth0.Attrs().Index, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}, QdiscType: "clsact"}
+	if err := h.QdiscAdd(clsact); err != nil {
+		t.Fatal(err)
+	}
+	// Someone else's filter: a cls_bpf program that passes everything.
+	pass, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: ebpf.SchedCLS, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pass.Close()
+	filter := &netlink.BpfFilter{FilterAttrs: netlink.FilterAttrs{LinkIndex: eth0.Attrs().Index, Parent: netlink.HANDLE_MIN_INGRESS, Priority: 7, Protocol: unix.ETH_P_ALL},
+		Fd: pass.FD(), Name: "preexisting", DirectAction: true}
+	if err := h.FilterAdd(filter); err != nil {
+		t.Fatal(err)
+	}
+
+	snapshot := func() string {
+		t.Helper()
+		var lines []string
+		qdiscs, err := h.QdiscList(eth0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, q := range qdiscs {
+			lines = append(lines, "qdisc "+q.Type()+" "+netlink.HandleStr(q.Attrs().Handle)+" parent "+netlink.HandleStr(q.Attrs().Parent))
+		}
+		for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
+			filters, err := h.FilterList(eth0, parent)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, f := range filters {
+				lines = append(lines, "filter "+f.Type()+" parent "+netlink.HandleStr(f.Attrs().Parent)+" prio "+netlink.HandleStr(uint32(f.Attrs().Priority)))
+			}
+		}
+		sort.Strings(lines)
+		return strings.Join(lines, "\n")
+	}
+	tcxPrograms := func() int {
+		t.Helper()
+		var n int
+		if err := pod.Do(func() error {
+			res, err := link.QueryPrograms(link.QueryOptions{Target: eth0.Attrs().Index, Attach: ebpf.AttachTCXIngress})
+			if err != nil {
+				return err
+			}
+			n = len(res.Programs)
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+
+	before := snapshot()
+	if !strings.Contains(before, "qdisc clsact") || !strings.Contains(before, "filter bpf") {
+		t.Fatalf("pre-existing clsact and filter not seen:\n%s", before)
+	}
+	mustCLI(t, "install", "--cgroup", pod.Cgroup, "--netns", pod.Netns)
+	if n := tcxPrograms(); n != 1 {
+		t.Errorf("after install, %d tcx ingress programs on eth0, want 1", n)
+	}
+	if out := mustCLI(t, "status", "--cgroup", pod.Cgroup); !strings.Contains(out, "link_tc_ingress") || !strings.Contains(out, "ingress of ifindex") {
+		t.Errorf("status does not show the tc attachment:\n%s", out)
+	}
+	mustCLI(t, "uninstall", "--cgroup", pod.Cgroup)
+	if after := snapshot(); after != before {
+		t.Errorf("qdiscs and filters changed:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+	if n := tcxPrograms(); n != 0 {
+		t.Errorf("after uninstall, %d tcx ingress programs left on eth0", n)
+	}
+}
