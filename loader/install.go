@@ -190,6 +190,10 @@ func load(withTC bool) (*ebpf.Collection, error) {
 	if err := spec.Variables[bpf.SluiceVarPageSize].Set(uint32(os.Getpagesize())); err != nil {
 		return nil, fmt.Errorf("set page_size: %w", err)
 	}
+	// The value now sits in .rodata's contents. Without Variables the
+	// collection does not mmap .rodata; such a mapping would hold the map
+	// until Go's garbage collector unmaps it, long after uninstall.
+	clear(spec.Variables)
 	coll, err := ebpf.NewCollection(spec)
 	if err != nil {
 		var ve *ebpf.VerifierError
