@@ -2,7 +2,6 @@ package loader
 
 import (
 	"encoding/binary"
-	"fmt"
 	"net/netip"
 	"slices"
 
@@ -158,8 +157,4 @@ func prefixFromKey(k bpf.SluiceLpmKey) netip.Prefix {
 		return netip.Prefix{}
 	}
 	return p
-}
-
-func (c Capture) String() string {
-	return fmt.Sprintf("outbound port %d, inbound port %d, proxy uid %d gid %d", c.OutboundPort, c.InboundPort, c.ProxyUID, c.ProxyGID)
 }

@@ -38,7 +38,19 @@ type Policy struct {
 	ExcludeOutboundPorts Ports
 	InboundPorts         Ports
 	ExcludeInboundPorts  Ports
+
+	// Linkerd is set when a Linkerd proxy-init flag was used: Linkerd's
+	// proxy ports then join the inbound ports never captured.
+	Linkerd bool
 }
+
+// Sidecar ports that are never captured inbound, besides -p and -z: Istio's
+// merged metrics, health and Envoy stats ports, and Linkerd's proxy admin
+// ports when Linkerd flags are in use (what their injectors skip).
+var (
+	istioSidecarPorts   = []uint16{15020, 15021, 15090}
+	linkerdSidecarPorts = []uint16{4190, 4191}
+)
 
 // DefaultPolicy captures every outbound destination and every inbound port,
 // as istio-iptables does with the injector's usual flags.
@@ -54,41 +66,52 @@ func DefaultPolicy() Policy {
 	}
 }
 
-// FlagSpec describes one policy flag for help output.
-type FlagSpec struct {
-	Names []string // first is the Istio short name where there is one
-	Arg   string
-	Usage string
-}
-
 // RegisterFlags adds the istio-iptables flags (short and long forms) and
-// Linkerd proxy-init's equivalents to fs, all writing into p. It returns the
-// flags in help order.
-func (p *Policy) RegisterFlags(fs *flag.FlagSet) []FlagSpec {
-	specs := []struct {
-		FlagSpec
+// Linkerd proxy-init's equivalents to fs, all writing into p.
+func (p *Policy) RegisterFlags(fs *flag.FlagSet) {
+	for _, f := range []struct {
+		names []string // the Istio short name first
+		usage string
 		value flag.Value
 	}{
-		{FlagSpec{[]string{"p", "proxy-port", "outgoing-proxy-port"}, "PORT", "sidecar's outbound listener (127.0.0.1 and ::1)"}, portValue{&p.OutboundPort}},
-		{FlagSpec{[]string{"z", "inbound-capture-port", "incoming-proxy-port"}, "PORT", "sidecar's inbound listener"}, portValue{&p.InboundPort}},
-		{FlagSpec{[]string{"u", "proxy-uid"}, "UID", "uid of the proxy, whose connections are never captured"}, idValue{&p.ProxyUID, "uid"}},
-		{FlagSpec{[]string{"g", "proxy-gid"}, "GID", "gid of the proxy, whose connections are never captured"}, idValue{&p.ProxyGID, "gid"}},
-		{FlagSpec{[]string{"m", "istio-inbound-interception-mode"}, "MODE", "inbound interception mode; only REDIRECT"}, modeValue{&p.Mode}},
-		{FlagSpec{[]string{"i", "istio-service-cidr"}, "CIDRS", "outbound destinations to capture, comma-separated; '*' = all, '' = none"}, &p.IncludeCIDRs},
-		{FlagSpec{[]string{"x", "istio-service-exclude-cidr", "subnets-to-ignore"}, "CIDRS", "outbound destinations never captured"}, &p.ExcludeCIDRs},
-		{FlagSpec{[]string{"q", "istio-include-outbound-ports"}, "PORTS", "outbound ports captured whatever the destination"}, &p.IncludeOutboundPorts},
-		{FlagSpec{[]string{"o", "istio-local-outbound-ports-exclude", "outbound-ports-to-ignore"}, "PORTS", "outbound ports never captured"}, &p.ExcludeOutboundPorts},
-		{FlagSpec{[]string{"b", "istio-inbound-ports"}, "PORTS", "inbound ports to capture; '*' = all"}, &p.InboundPorts},
-		{FlagSpec{[]string{"d", "istio-local-exclude-ports", "inbound-ports-to-ignore"}, "PORTS", "inbound ports never captured"}, &p.ExcludeInboundPorts},
-	}
-	out := make([]FlagSpec, 0, len(specs))
-	for _, s := range specs {
-		for _, name := range s.Names {
-			fs.Var(s.value, name, s.Usage)
+		{[]string{"p", "proxy-port", "outgoing-proxy-port"}, "sidecar's outbound listener (127.0.0.1 and ::1)", portValue{&p.OutboundPort}},
+		{[]string{"z", "inbound-capture-port", "incoming-proxy-port"}, "sidecar's inbound listener", portValue{&p.InboundPort}},
+		{[]string{"u", "proxy-uid"}, "uid of the proxy, whose connections are never captured", idValue{&p.ProxyUID, "uid"}},
+		{[]string{"g", "proxy-gid"}, "gid of the proxy, whose connections are never captured", idValue{&p.ProxyGID, "gid"}},
+		{[]string{"m", "istio-inbound-interception-mode"}, "inbound interception mode; only REDIRECT", modeValue{&p.Mode}},
+		{[]string{"i", "istio-service-cidr"}, "outbound destinations to capture, comma-separated; '*' = all, '' = none", &p.IncludeCIDRs},
+		{[]string{"x", "istio-service-exclude-cidr", "subnets-to-ignore"}, "outbound destinations never captured", &p.ExcludeCIDRs},
+		{[]string{"q", "istio-include-outbound-ports"}, "outbound ports captured whatever the destination", &p.IncludeOutboundPorts},
+		{[]string{"o", "istio-local-outbound-ports-exclude", "outbound-ports-to-ignore"}, "outbound ports never captured", &p.ExcludeOutboundPorts},
+		{[]string{"b", "istio-inbound-ports"}, "inbound ports to capture; '*' = all", &p.InboundPorts},
+		{[]string{"d", "istio-local-exclude-ports", "inbound-ports-to-ignore"}, "inbound ports never captured", &p.ExcludeInboundPorts},
+	} {
+		fs.Var(f.value, f.names[0], f.usage)
+		for _, alias := range f.names[1:] {
+			var v flag.Value = f.value
+			if linkerdFlags[alias] {
+				v = markValue{v, &p.Linkerd}
+			}
+			fs.Var(v, alias, "same as -"+f.names[0])
 		}
-		out = append(out, s.FlagSpec)
 	}
-	return out
+}
+
+// linkerdFlags are the flags only Linkerd's proxy-init spells this way.
+var linkerdFlags = map[string]bool{
+	"outgoing-proxy-port": true, "incoming-proxy-port": true, "subnets-to-ignore": true,
+	"outbound-ports-to-ignore": true, "inbound-ports-to-ignore": true,
+}
+
+// markValue records that its flag was given.
+type markValue struct {
+	flag.Value
+	given *bool
+}
+
+func (m markValue) Set(s string) error {
+	*m.given = true
+	return m.Value.Set(s)
 }
 
 // Capture validates the policy and turns it into what the BPF maps enforce.
@@ -103,7 +126,10 @@ func (p Policy) Capture() (loader.Capture, error) {
 	if p.OutboundPort == p.InboundPort {
 		return loader.Capture{}, fmt.Errorf("outbound port -p and inbound port -z are both %d: give the sidecar two different ports", p.OutboundPort)
 	}
-	excludeIn := slices.Concat(p.ExcludeInboundPorts.List, []uint16{p.OutboundPort, p.InboundPort})
+	excludeIn := slices.Concat(p.ExcludeInboundPorts.List, []uint16{p.OutboundPort, p.InboundPort}, istioSidecarPorts)
+	if p.Linkerd {
+		excludeIn = append(excludeIn, linkerdSidecarPorts...)
+	}
 	return loader.Capture{
 		OutboundPort:         p.OutboundPort,
 		InboundPort:          p.InboundPort,

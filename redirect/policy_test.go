@@ -26,7 +26,7 @@ func parse(t *testing.T, args ...string) (loader.Capture, error) {
 func TestPolicyFlags(t *testing.T) {
 	defaults := loader.Capture{
 		OutboundPort: 15001, InboundPort: 15006, ProxyUID: 1337, ProxyGID: 1337,
-		IncludeAllCIDRs: true, InboundAllPorts: true, ExcludeInboundPorts: []uint16{15001, 15006},
+		IncludeAllCIDRs: true, InboundAllPorts: true, ExcludeInboundPorts: []uint16{15001, 15006, 15020, 15021, 15090},
 	}
 	with := func(f func(*loader.Capture)) loader.Capture {
 		c := defaults
@@ -42,18 +42,18 @@ func TestPolicyFlags(t *testing.T) {
 		{"defaults", nil, defaults},
 		{"istio short flags", []string{"-p", "15101", "-z", "15106", "-u", "2000", "-g", "2001"}, with(func(c *loader.Capture) {
 			c.OutboundPort, c.InboundPort, c.ProxyUID, c.ProxyGID = 15101, 15106, 2000, 2001
-			c.ExcludeInboundPorts = []uint16{15101, 15106}
+			c.ExcludeInboundPorts = []uint16{15020, 15021, 15090, 15101, 15106}
 		})},
 		{"istio long flags", []string{"--proxy-port=15101", "--proxy-uid=7", "--istio-service-exclude-cidr=198.18.0.0/24"}, with(func(c *loader.Capture) {
 			c.OutboundPort, c.ProxyUID = 15101, 7
-			c.ExcludeInboundPorts = []uint16{15006, 15101}
+			c.ExcludeInboundPorts = []uint16{15006, 15020, 15021, 15090, 15101}
 			c.ExcludeCIDRs = []netip.Prefix{pfx("198.18.0.0/24")}
 		})},
 		{"linkerd flags", []string{"--outgoing-proxy-port", "4140", "--incoming-proxy-port", "4143", "--subnets-to-ignore", "198.19.0.0/16", "--outbound-ports-to-ignore", "443,4190-4191", "--inbound-ports-to-ignore", "4191"}, with(func(c *loader.Capture) {
 			c.OutboundPort, c.InboundPort = 4140, 4143
 			c.ExcludeCIDRs = []netip.Prefix{pfx("198.19.0.0/16")}
 			c.ExcludeOutboundPorts = []uint16{443, 4190, 4191}
-			c.ExcludeInboundPorts = []uint16{4140, 4143, 4191}
+			c.ExcludeInboundPorts = []uint16{4140, 4143, 4190, 4191, 15020, 15021, 15090}
 		})},
 		{"include list, ipv6, bare address, unmasked prefix", []string{"-i", "198.18.0.7/15, 2001:2::/48,198.19.1.1"}, with(func(c *loader.Capture) {
 			c.IncludeAllCIDRs = false
@@ -65,7 +65,7 @@ func TestPolicyFlags(t *testing.T) {
 			c.ExcludeOutboundPorts = []uint16{22, 3306}
 			c.InboundAllPorts = false
 			c.InboundPorts = []uint16{8080, 9000, 9001}
-			c.ExcludeInboundPorts = []uint16{15001, 15006, 15020}
+			c.ExcludeInboundPorts = []uint16{15001, 15006, 15020, 15021, 15090}
 		})},
 		{"mode is case-insensitive", []string{"-m", "redirect"}, defaults},
 	}
