@@ -2,4 +2,16 @@
 // generated objects are committed so `go build` needs no clang.
 package bpf
 
-//go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror" -target bpfel -type capture_config -type lpm_key -type orig_dst -type tuple_key -type addr6 -type config_flag -type port_flag Sluice sluice.c -- -I./headers
+import (
+	"crypto/sha256"
+	"encoding/hex"
+)
+
+//go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror" -target bpfel -type policy -type cidr_key -type orig_dst -type sock_state -type tuple_key -type addr6 -type install_meta -type config_flag -type port_set -type sock_role -type counter Sluice sluice.c -- -I./headers
+
+// ObjectHash identifies the compiled object this binary embeds: an install
+// completed with another object is upgraded in place.
+func ObjectHash() string {
+	sum := sha256.Sum256(_SluiceBytes)
+	return hex.EncodeToString(sum[:8])
+}

@@ -4,11 +4,18 @@
  * destination it asked for as its peer, as it would behind iptables. */
 #include "sluice.h"
 
+static __always_inline const struct orig_dst *app_orig(struct bpf_sock_addr *ctx)
+{
+	struct sock_state *st = held_state(ctx->sk);
+	if (!st || st->role != ROLE_APP)
+		return NULL;
+	return &st->orig;
+}
+
 SEC("cgroup/getpeername4")
 int sluice_getpeername4(struct bpf_sock_addr *ctx)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct orig_dst *orig = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+	const struct orig_dst *orig = app_orig(ctx);
 	if (!orig || orig->family != AF_INET)
 		return 1;
 	ctx->user_ip4 = orig->addr.w[3];
@@ -19,8 +26,7 @@ int sluice_getpeername4(struct bpf_sock_addr *ctx)
 SEC("cgroup/getpeername6")
 int sluice_getpeername6(struct bpf_sock_addr *ctx)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct orig_dst *orig = bpf_map_lookup_elem(&orig_by_cookie, &cookie);
+	const struct orig_dst *orig = app_orig(ctx);
 	if (!orig)
 		return 1;
 	/* IPv4 destinations are stored v4-mapped, which is what an AF_INET6

@@ -5,25 +5,33 @@
  * Sluice-specific API. Every other getsockopt passes through untouched. */
 #include "sluice.h"
 
-/* The accepted socket's peer is the app (the connection's client) and its
- * local end is the listener (the server), both as the app's sockops saw them. */
-static __always_inline void accepted_tuple(struct bpf_sock *sk, struct tuple_key *key)
+/* inbound_orig is the original destination of a connection the inbound hook
+ * steered: bpf_sk_assign keeps the SYN's destination, so it is the socket's
+ * own local address. A connection made straight to the inbound listener has
+ * the listener's port and gets no answer, as with conntrack. */
+static __always_inline bool inbound_orig(const struct policy *pol, const struct bpf_sock *sk, struct orig_dst *orig)
 {
-	if (sk->family == AF_INET) {
-		addr_from_v4(&key->client, sk->dst_ip4);
-		addr_from_v4(&key->server, sk->src_ip4);
-	} else {
-		key->client.w[0] = sk->dst_ip6[0];
-		key->client.w[1] = sk->dst_ip6[1];
-		key->client.w[2] = sk->dst_ip6[2];
-		key->client.w[3] = sk->dst_ip6[3];
-		key->server.w[0] = sk->src_ip6[0];
-		key->server.w[1] = sk->src_ip6[1];
-		key->server.w[2] = sk->src_ip6[2];
-		key->server.w[3] = sk->src_ip6[3];
-	}
-	key->client_port = bpf_ntohs(sk->dst_port);
-	key->server_port = sk->src_port;
+	__u16 port = sk->src_port;
+	if (port == pol->inbound_port || port == pol->outbound_port || !inbound_port_captured(pol, port))
+		return false;
+	/* Every field is read, at its fixed offset, before the family picks
+	 * one; the barriers keep the compiler from sinking the reads into the
+	 * branches and turning the choice into pointer arithmetic on the
+	 * socket, which the verifier refuses. */
+	__u32 ip4 = sk->src_ip4;
+	__u32 ip6[4] = {sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3]};
+	barrier_var(ip4);
+	barrier_var(ip6[0]);
+	barrier_var(ip6[1]);
+	barrier_var(ip6[2]);
+	barrier_var(ip6[3]);
+	if (sk->family == AF_INET)
+		addr_from_v4(&orig->addr, ip4);
+	else
+		addr_from_v6(&orig->addr, ip6);
+	orig->port = port;
+	orig->family = addr_is_v4mapped(&orig->addr) ? AF_INET : AF_INET6;
+	return true;
 }
 
 static __always_inline int answer4(struct bpf_sockopt *ctx, const struct orig_dst *orig)
@@ -65,13 +73,19 @@ int sluice_getsockopt(struct bpf_sockopt *ctx)
 		goto pass;
 
 	struct bpf_sock *sk = ctx->sk;
-	if (!sk || sk->protocol != IPPROTO_TCP)
+	if (!sk || (sk->protocol != IPPROTO_TCP && sk->protocol != IPPROTO_MPTCP))
+		goto pass;
+	__u32 slot;
+	const struct policy *pol = active_policy(&slot);
+	if (!pol || !is_proxy(pol))
 		goto pass;
 
-	struct tuple_key key = {};
-	accepted_tuple(sk, &key);
-	struct orig_dst *orig = bpf_map_lookup_elem(&orig_by_tuple, &key);
-	if (!orig)
+	struct orig_dst inbound = {};
+	const struct orig_dst *orig = &inbound;
+	struct sock_state *st = held_state(sk);
+	if (st && st->role == ROLE_ACCEPTED)
+		orig = &st->orig;
+	else if (!inbound_orig(pol, sk, &inbound))
 		goto pass;
 
 	/* Like conntrack, each level answers only for its own family. */

@@ -3,6 +3,7 @@
 /* One object for every hook: the hooks share their maps without map
  * replacement at load time, and the loader deletes the programs a given
  * install does not need from the spec. */
+#include "bind.c"
 #include "connect.c"
 #include "getpeername.c"
 #include "getsockopt.c"

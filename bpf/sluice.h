@@ -1,7 +1,13 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Maps, structs and helpers shared by every Sluice hook. The Go side reads
- * and writes these maps through the bpf2go-generated types, so any layout
- * change here is picked up by `make generate` instead of hand-mirrored. */
+/* The capture contract in one place: maps, structs and the helpers every hook
+ * shares. The Go side reads and writes these maps through the
+ * bpf2go-generated types, so a layout change here is picked up by
+ * `make generate` instead of hand-mirrored.
+ *
+ * Memory follows connections: what a connection needs lives in its socket's
+ * local storage and is freed with the socket; the only table that outlives a
+ * socket for a moment (between the app's connect and the sidecar's accept) is
+ * emptied as the sidecar's side of the connection is established. */
 #pragma once
 
 #include "vmlinux.h"
@@ -19,9 +25,7 @@
  * page of optval, so larger values must be passed through with optlen = 0. */
 volatile const __u32 page_size = 4096;
 
-/* An IP address in network byte order; IPv4 is stored v4-mapped
- * (::ffff:a.b.c.d) so one code path and one LPM trie serve both families,
- * and dual-stack sockets that see v4-mapped addresses match IPv4 entries. */
+/* An IP address in network byte order, IPv4 v4-mapped (::ffff:a.b.c.d). */
 struct addr6 {
 	__u32 w[4];
 };
@@ -33,30 +37,60 @@ enum config_flag {
 	CONFIG_INBOUND_ALL_PORTS = 1 << 1,
 };
 
-enum port_flag {
-	PORT_OUT_EXCLUDE = 1 << 0, /* -o */
-	PORT_OUT_INCLUDE = 1 << 1, /* -q */
-	PORT_IN_EXCLUDE = 1 << 2,  /* -d, enforced by the inbound hook */
-	PORT_IN_INCLUDE = 1 << 3,  /* -b, enforced by the inbound hook */
+/* Port sets, one bit per port each. */
+enum port_set {
+	PORT_OUT_EXCLUDE, /* -o */
+	PORT_OUT_INCLUDE, /* -q */
+	PORT_IN_EXCLUDE,  /* -d, enforced by the inbound hook */
+	PORT_IN_INCLUDE,  /* -b, enforced by the inbound hook */
+	PORT_SETS,
 };
 
-struct capture_config {
+#define PORT_WORDS (65536 / 64)
+
+/* One complete capture policy. Two of them exist (slots 0 and 1): the loader
+ * writes the one not in force, then flips policy_active, so a hook sees
+ * either the whole old policy or the whole new one. */
+struct policy {
 	__u32 proxy_uid;
 	__u32 proxy_gid;
 	__u16 outbound_port; /* host order */
 	__u16 inbound_port;  /* host order */
 	__u32 flags;         /* enum config_flag */
+	__u64 ports[PORT_SETS][PORT_WORDS];
 };
 
-struct lpm_key {
-	__u32 prefixlen; /* IPv4 prefixes are stored as 96 + len */
-	struct addr6 addr;
+/* A CIDR in one policy slot. The slot and the family lead the key, so a
+ * lookup only ever matches prefixes of its own slot and family: an IPv6
+ * ::/0 never covers IPv4, as ip6tables rules never see IPv4. prefixlen
+ * counts the 16 bits of slot and family too. */
+struct cidr_key {
+	__u32 prefixlen;
+	__u8 slot;
+	__u8 family; /* AF_INET or AF_INET6 */
+	__u8 addr[16];
 };
+
+#define CIDR_KEY_BITS 16
 
 struct orig_dst {
 	struct addr6 addr;
 	__u16 port;   /* host order */
 	__u16 family; /* AF_INET for IPv4 and v4-mapped destinations */
+};
+
+enum sock_role {
+	/* The app's captured socket: getpeername answers orig. */
+	ROLE_APP = 1,
+	/* The proxy's accepted end of a captured connection: getsockopt
+	 * SO_ORIGINAL_DST answers orig. */
+	ROLE_ACCEPTED = 2,
+};
+
+/* What a captured connection's socket carries, for exactly its lifetime. */
+struct sock_state {
+	struct orig_dst orig;
+	__u32 role; /* enum sock_role */
 };
 
 /* A connection as its initiator sees it; IPv4 addresses v4-mapped. */
@@ -67,66 +101,149 @@ struct tuple_key {
 	__u16 server_port; /* host order */
 };
 
+/* The install's record, written and read by the loader only: whose pins
+ * these are (cgroup id and path), what was asked for and how far the install
+ * got, as JSON text so `bpftool map dump` shows it to a human. */
+struct install_meta {
+	char json[4096];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct policy);
+} policies SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct capture_config);
-} capture_cfg SEC(".maps");
+	__type(value, __u32);
+} policy_active SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 1024);
+	__uint(max_entries, 4096);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct lpm_key);
+	__type(key, struct cidr_key);
 	__type(value, __u8);
 } include_cidrs SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 1024);
+	__uint(max_entries, 4096);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct lpm_key);
+	__type(key, struct cidr_key);
 	__type(value, __u8);
 } exclude_cidrs SEC(".maps");
 
-/* Port (host order) -> enum port_flag bits: one array lookup answers every
- * port rule, and port ranges cost nothing extra. */
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 65536);
-	__type(key, __u32);
-	__type(value, __u8);
-} port_policy SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sock_state);
+} sock_states SEC(".maps");
 
-/* Filled at connect, read by sockops and getpeername. Cookies are never
- * reused, so stale entries are harmless and LRU bounds them. */
+/* The app's connection, from its handshake until the sidecar's end of it is
+ * established: the only key both sockets share is the 4-tuple. Entries are
+ * deleted when consumed, or when the app's socket closes first. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u64);
-	__type(value, struct orig_dst);
-} orig_by_cookie SEC(".maps");
-
-/* Filled once the app's connection is established (sockops) or when an
- * inbound SYN is steered (tc_ingress); read by getsockopt on the
- * proxy's accepted socket. Not deleted at close: a proxy may accept a
- * connection after the app already closed it (as conntrack keeps its entry). */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2048);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct tuple_key);
 	__type(value, struct orig_dst);
-} orig_by_tuple SEC(".maps");
+} handshakes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct install_meta);
+} meta SEC(".maps");
+
+/* What the hooks did that a user must be able to count: every connection the
+ * inbound hook considered, and every one a full table or a failed
+ * allocation could not serve. */
+enum counter {
+	COUNT_INBOUND_STEERED,       /* SYN assigned to the inbound listener */
+	COUNT_INBOUND_NO_LISTENER,   /* captured SYN, but no sidecar listening */
+	COUNT_INBOUND_ASSIGN_FAILED, /* listener found, bpf_sk_assign refused */
+	COUNT_CONNECT_NO_STATE,      /* connect refused: no socket storage */
+	COUNT_HANDSHAKE_TABLE_FULL,  /* the proxy will not learn the destination */
+	COUNTERS,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, COUNTERS);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
 
 /* Referenced so their BTF is emitted and bpf2go can generate Go types. */
 const enum config_flag *unused_config_flag __attribute__((unused));
-const enum port_flag *unused_port_flag __attribute__((unused));
+const enum port_set *unused_port_set __attribute__((unused));
+const enum sock_role *unused_sock_role __attribute__((unused));
+const enum counter *unused_counter __attribute__((unused));
 
-static __always_inline struct capture_config *get_config(void)
+static __always_inline void count(enum counter c)
+{
+	__u32 key = c;
+	__u64 *n = bpf_map_lookup_elem(&counters, &key);
+	if (n)
+		*n += 1;
+}
+
+/* active_policy returns the policy in force and its slot. */
+static __always_inline const struct policy *active_policy(__u32 *slot)
 {
 	__u32 zero = 0;
-	return bpf_map_lookup_elem(&capture_cfg, &zero);
+	__u32 *active = bpf_map_lookup_elem(&policy_active, &zero);
+	if (!active)
+		return NULL;
+	__u32 s = *active & 1;
+	*slot = s;
+	return bpf_map_lookup_elem(&policies, &s);
+}
+
+static __always_inline bool port_in(const struct policy *pol, enum port_set set, __u16 port)
+{
+	return (pol->ports[set][port >> 6] >> (port & 63)) & 1;
+}
+
+/* The proxy's own sockets are never captured and only they get
+ * SO_ORIGINAL_DST answered and may bind the capture ports. */
+static __always_inline bool is_proxy(const struct policy *pol)
+{
+	__u64 uid_gid = bpf_get_current_uid_gid();
+	return (__u32)uid_gid == pol->proxy_uid || (__u32)(uid_gid >> 32) == pol->proxy_gid;
+}
+
+static __always_inline bool inbound_port_captured(const struct policy *pol, __u16 port)
+{
+	if (port_in(pol, PORT_IN_EXCLUDE, port))
+		return false;
+	return (pol->flags & CONFIG_INBOUND_ALL_PORTS) || port_in(pol, PORT_IN_INCLUDE, port);
+}
+
+/* A connection's state lives on the socket its owner holds. An MPTCP
+ * connection reaches the hooks both as its MPTCP socket (what the app and the
+ * proxy hold, and what getpeername and getsockopt see) and as a TCP subflow
+ * (what connect and sockops see): subflow_state finds the MPTCP socket's
+ * storage from a subflow, and is the plain socket's own otherwise. */
+static __always_inline struct sock_state *subflow_state(void *sk, __u64 flags)
+{
+	struct mptcp_sock *msk = bpf_skc_to_mptcp_sock(sk);
+	if (msk)
+		return bpf_sk_storage_get(&sock_states, msk, 0, flags);
+	return bpf_sk_storage_get(&sock_states, sk, 0, flags);
+}
+
+static __always_inline struct sock_state *held_state(void *sk)
+{
+	return bpf_sk_storage_get(&sock_states, sk, 0, 0);
 }
 
 static __always_inline void addr_from_v4(struct addr6 *a, __u32 ip4)
@@ -135,6 +252,14 @@ static __always_inline void addr_from_v4(struct addr6 *a, __u32 ip4)
 	a->w[1] = 0;
 	a->w[2] = bpf_htonl(0xffff);
 	a->w[3] = ip4;
+}
+
+static __always_inline void addr_from_v6(struct addr6 *a, const __u32 *ip6)
+{
+	a->w[0] = ip6[0];
+	a->w[1] = ip6[1];
+	a->w[2] = ip6[2];
+	a->w[3] = ip6[3];
 }
 
 static __always_inline bool addr_is_v4mapped(const struct addr6 *a)

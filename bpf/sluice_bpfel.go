@@ -18,13 +18,13 @@ type SluiceAddr6 struct {
 	W [4]uint32
 }
 
-type SluiceCaptureConfig struct {
-	_            structs.HostLayout
-	ProxyUid     uint32
-	ProxyGid     uint32
-	OutboundPort uint16
-	InboundPort  uint16
-	Flags        uint32
+type SluiceCidrKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Slot      uint8
+	Family    uint8
+	Addr      [16]uint8
+	_         [2]byte
 }
 
 type SluiceConfigFlag uint32
@@ -34,10 +34,20 @@ const (
 	SluiceConfigFlagCONFIG_INBOUND_ALL_PORTS SluiceConfigFlag = 2
 )
 
-type SluiceLpmKey struct {
-	_         structs.HostLayout
-	Prefixlen uint32
-	Addr      SluiceAddr6
+type SluiceCounter uint32
+
+const (
+	SluiceCounterCOUNT_INBOUND_STEERED       SluiceCounter = 0
+	SluiceCounterCOUNT_INBOUND_NO_LISTENER   SluiceCounter = 1
+	SluiceCounterCOUNT_INBOUND_ASSIGN_FAILED SluiceCounter = 2
+	SluiceCounterCOUNT_CONNECT_NO_STATE      SluiceCounter = 3
+	SluiceCounterCOUNT_HANDSHAKE_TABLE_FULL  SluiceCounter = 4
+	SluiceCounterCOUNTERS                    SluiceCounter = 5
+)
+
+type SluiceInstallMeta struct {
+	_    structs.HostLayout
+	Json [4096]int8
 }
 
 type SluiceOrigDst struct {
@@ -47,14 +57,38 @@ type SluiceOrigDst struct {
 	Family uint16
 }
 
-type SluicePortFlag uint32
+type SluicePolicy struct {
+	_            structs.HostLayout
+	ProxyUid     uint32
+	ProxyGid     uint32
+	OutboundPort uint16
+	InboundPort  uint16
+	Flags        uint32
+	Ports        [4][1024]uint64
+}
+
+type SluicePortSet uint32
 
 const (
-	SluicePortFlagPORT_OUT_EXCLUDE SluicePortFlag = 1
-	SluicePortFlagPORT_OUT_INCLUDE SluicePortFlag = 2
-	SluicePortFlagPORT_IN_EXCLUDE  SluicePortFlag = 4
-	SluicePortFlagPORT_IN_INCLUDE  SluicePortFlag = 8
+	SluicePortSetPORT_OUT_EXCLUDE SluicePortSet = 0
+	SluicePortSetPORT_OUT_INCLUDE SluicePortSet = 1
+	SluicePortSetPORT_IN_EXCLUDE  SluicePortSet = 2
+	SluicePortSetPORT_IN_INCLUDE  SluicePortSet = 3
+	SluicePortSetPORT_SETS        SluicePortSet = 4
 )
+
+type SluiceSockRole uint32
+
+const (
+	SluiceSockRoleROLE_APP      SluiceSockRole = 1
+	SluiceSockRoleROLE_ACCEPTED SluiceSockRole = 2
+)
+
+type SluiceSockState struct {
+	_    structs.HostLayout
+	Orig SluiceOrigDst
+	Role uint32
+}
 
 type SluiceTupleKey struct {
 	_          structs.HostLayout
@@ -68,12 +102,16 @@ type SluiceTupleKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	SluiceMapCaptureCfg          = "capture_cfg"
+	SluiceMapCounters            = "counters"
 	SluiceMapExcludeCidrs        = "exclude_cidrs"
+	SluiceMapHandshakes          = "handshakes"
 	SluiceMapIncludeCidrs        = "include_cidrs"
-	SluiceMapOrigByCookie        = "orig_by_cookie"
-	SluiceMapOrigByTuple         = "orig_by_tuple"
-	SluiceMapPortPolicy          = "port_policy"
+	SluiceMapMeta                = "meta"
+	SluiceMapPolicies            = "policies"
+	SluiceMapPolicyActive        = "policy_active"
+	SluiceMapSockStates          = "sock_states"
+	SluiceProgSluiceBind4        = "sluice_bind4"
+	SluiceProgSluiceBind6        = "sluice_bind6"
 	SluiceProgSluiceConnect4     = "sluice_connect4"
 	SluiceProgSluiceConnect6     = "sluice_connect6"
 	SluiceProgSluiceGetpeername4 = "sluice_getpeername4"
@@ -83,7 +121,9 @@ const (
 	SluiceProgSluiceTcIngress    = "sluice_tc_ingress"
 	SluiceVarPageSize            = "page_size"
 	SluiceVarUnusedConfigFlag    = "unused_config_flag"
-	SluiceVarUnusedPortFlag      = "unused_port_flag"
+	SluiceVarUnusedCounter       = "unused_counter"
+	SluiceVarUnusedPortSet       = "unused_port_set"
+	SluiceVarUnusedSockRole      = "unused_sock_role"
 )
 
 // LoadSluice returns the embedded CollectionSpec for Sluice.
@@ -128,6 +168,8 @@ type SluiceSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SluiceProgramSpecs struct {
+	SluiceBind4        *ebpf.ProgramSpec `ebpf:"sluice_bind4"`
+	SluiceBind6        *ebpf.ProgramSpec `ebpf:"sluice_bind6"`
 	SluiceConnect4     *ebpf.ProgramSpec `ebpf:"sluice_connect4"`
 	SluiceConnect6     *ebpf.ProgramSpec `ebpf:"sluice_connect6"`
 	SluiceGetpeername4 *ebpf.ProgramSpec `ebpf:"sluice_getpeername4"`
@@ -141,12 +183,14 @@ type SluiceProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SluiceMapSpecs struct {
-	CaptureCfg   *ebpf.MapSpec `ebpf:"capture_cfg"`
+	Counters     *ebpf.MapSpec `ebpf:"counters"`
 	ExcludeCidrs *ebpf.MapSpec `ebpf:"exclude_cidrs"`
+	Handshakes   *ebpf.MapSpec `ebpf:"handshakes"`
 	IncludeCidrs *ebpf.MapSpec `ebpf:"include_cidrs"`
-	OrigByCookie *ebpf.MapSpec `ebpf:"orig_by_cookie"`
-	OrigByTuple  *ebpf.MapSpec `ebpf:"orig_by_tuple"`
-	PortPolicy   *ebpf.MapSpec `ebpf:"port_policy"`
+	Meta         *ebpf.MapSpec `ebpf:"meta"`
+	Policies     *ebpf.MapSpec `ebpf:"policies"`
+	PolicyActive *ebpf.MapSpec `ebpf:"policy_active"`
+	SockStates   *ebpf.MapSpec `ebpf:"sock_states"`
 }
 
 // SluiceVariableSpecs contains global variables before they are loaded into the kernel.
@@ -155,7 +199,9 @@ type SluiceMapSpecs struct {
 type SluiceVariableSpecs struct {
 	PageSize         *ebpf.VariableSpec `ebpf:"page_size"`
 	UnusedConfigFlag *ebpf.VariableSpec `ebpf:"unused_config_flag"`
-	UnusedPortFlag   *ebpf.VariableSpec `ebpf:"unused_port_flag"`
+	UnusedCounter    *ebpf.VariableSpec `ebpf:"unused_counter"`
+	UnusedPortSet    *ebpf.VariableSpec `ebpf:"unused_port_set"`
+	UnusedSockRole   *ebpf.VariableSpec `ebpf:"unused_sock_role"`
 }
 
 // SluiceObjects contains all objects after they have been loaded into the kernel.
@@ -178,22 +224,26 @@ func (o *SluiceObjects) Close() error {
 //
 // It can be passed to LoadSluiceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SluiceMaps struct {
-	CaptureCfg   *ebpf.Map `ebpf:"capture_cfg"`
+	Counters     *ebpf.Map `ebpf:"counters"`
 	ExcludeCidrs *ebpf.Map `ebpf:"exclude_cidrs"`
+	Handshakes   *ebpf.Map `ebpf:"handshakes"`
 	IncludeCidrs *ebpf.Map `ebpf:"include_cidrs"`
-	OrigByCookie *ebpf.Map `ebpf:"orig_by_cookie"`
-	OrigByTuple  *ebpf.Map `ebpf:"orig_by_tuple"`
-	PortPolicy   *ebpf.Map `ebpf:"port_policy"`
+	Meta         *ebpf.Map `ebpf:"meta"`
+	Policies     *ebpf.Map `ebpf:"policies"`
+	PolicyActive *ebpf.Map `ebpf:"policy_active"`
+	SockStates   *ebpf.Map `ebpf:"sock_states"`
 }
 
 func (m *SluiceMaps) Close() error {
 	return _SluiceClose(
-		m.CaptureCfg,
+		m.Counters,
 		m.ExcludeCidrs,
+		m.Handshakes,
 		m.IncludeCidrs,
-		m.OrigByCookie,
-		m.OrigByTuple,
-		m.PortPolicy,
+		m.Meta,
+		m.Policies,
+		m.PolicyActive,
+		m.SockStates,
 	)
 }
 
@@ -203,13 +253,17 @@ func (m *SluiceMaps) Close() error {
 type SluiceVariables struct {
 	PageSize         *ebpf.Variable `ebpf:"page_size"`
 	UnusedConfigFlag *ebpf.Variable `ebpf:"unused_config_flag"`
-	UnusedPortFlag   *ebpf.Variable `ebpf:"unused_port_flag"`
+	UnusedCounter    *ebpf.Variable `ebpf:"unused_counter"`
+	UnusedPortSet    *ebpf.Variable `ebpf:"unused_port_set"`
+	UnusedSockRole   *ebpf.Variable `ebpf:"unused_sock_role"`
 }
 
 // SluicePrograms contains all programs after they have been loaded into the kernel.
 //
 // It can be passed to LoadSluiceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SluicePrograms struct {
+	SluiceBind4        *ebpf.Program `ebpf:"sluice_bind4"`
+	SluiceBind6        *ebpf.Program `ebpf:"sluice_bind6"`
 	SluiceConnect4     *ebpf.Program `ebpf:"sluice_connect4"`
 	SluiceConnect6     *ebpf.Program `ebpf:"sluice_connect6"`
 	SluiceGetpeername4 *ebpf.Program `ebpf:"sluice_getpeername4"`
@@ -221,6 +275,8 @@ type SluicePrograms struct {
 
 func (p *SluicePrograms) Close() error {
 	return _SluiceClose(
+		p.SluiceBind4,
+		p.SluiceBind6,
 		p.SluiceConnect4,
 		p.SluiceConnect6,
 		p.SluiceGetpeername4,

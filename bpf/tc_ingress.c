@@ -14,35 +14,30 @@
 #define TCP_FLAG_ACK 0x10
 #define IP_FRAG_MASK 0x3fff /* MF flag and fragment offset */
 
-static __always_inline bool inbound_port_captured(const struct capture_config *cfg, __u16 port)
-{
-	__u32 key = port;
-	__u8 *flags = bpf_map_lookup_elem(&port_policy, &key);
-	__u8 port_flags = flags ? *flags : 0;
-	if (port_flags & PORT_IN_EXCLUDE)
-		return false;
-	return (cfg->flags & CONFIG_INBOUND_ALL_PORTS) || (port_flags & PORT_IN_INCLUDE);
-}
-
 /* steer assigns the SYN to the listener found with tuple (whose destination
  * port is already the inbound listener's). With no sidecar listening the SYN
- * goes on to the application. */
-static __always_inline int steer(struct __sk_buff *skb, struct bpf_sock_tuple *tuple, __u32 tuple_size,
-				 const struct tuple_key *key, const struct orig_dst *orig)
+ * goes on to the application. Nothing is recorded: the accepted socket's
+ * local address is the original destination. */
+static __always_inline int steer(struct __sk_buff *skb, struct bpf_sock_tuple *tuple, __u32 tuple_size)
 {
 	struct bpf_sock *sk = bpf_sk_lookup_tcp(skb, tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
-	if (!sk)
-		return TCX_NEXT;
-	if (sk->state != BPF_TCP_LISTEN) {
-		bpf_sk_release(sk);
+	if (!sk) {
+		count(COUNT_INBOUND_NO_LISTENER);
 		return TCX_NEXT;
 	}
-	/* Recorded before the SYN moves on: the proxy may accept and ask for
-	 * the original destination before this program returns. */
-	bpf_map_update_elem(&orig_by_tuple, key, orig, BPF_ANY);
+	if (sk->state != BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		count(COUNT_INBOUND_NO_LISTENER);
+		return TCX_NEXT;
+	}
 	long err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
-	return err ? TCX_NEXT : TCX_PASS;
+	if (err) {
+		count(COUNT_INBOUND_ASSIGN_FAILED);
+		return TCX_NEXT;
+	}
+	count(COUNT_INBOUND_STEERED);
+	return TCX_PASS;
 }
 
 SEC("tcx/ingress")
@@ -55,8 +50,6 @@ int sluice_tc_ingress(struct __sk_buff *skb)
 		return TCX_NEXT;
 
 	struct bpf_sock_tuple tuple = {};
-	struct tuple_key key = {};
-	struct orig_dst orig = {};
 	struct tcphdr *tcp;
 	__u32 tuple_size;
 
@@ -78,9 +71,6 @@ int sluice_tc_ingress(struct __sk_buff *skb)
 		tuple.ipv4.saddr = ip->saddr;
 		tuple.ipv4.daddr = ip->daddr;
 		tuple_size = sizeof(tuple.ipv4);
-		addr_from_v4(&key.client, ip->saddr);
-		addr_from_v4(&key.server, ip->daddr);
-		orig.family = AF_INET;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		/* Extension headers before TCP are not parsed: such SYNs go
@@ -95,31 +85,24 @@ int sluice_tc_ingress(struct __sk_buff *skb)
 		for (int i = 0; i < 4; i++) {
 			tuple.ipv6.saddr[i] = ip6->saddr.in6_u.u6_addr32[i];
 			tuple.ipv6.daddr[i] = ip6->daddr.in6_u.u6_addr32[i];
-			key.client.w[i] = ip6->saddr.in6_u.u6_addr32[i];
-			key.server.w[i] = ip6->daddr.in6_u.u6_addr32[i];
 		}
 		tuple_size = sizeof(tuple.ipv6);
-		orig.family = AF_INET6;
 	} else {
 		return TCX_NEXT;
 	}
 
-	struct capture_config *cfg = get_config();
-	__u16 dport = bpf_ntohs(tcp->dest);
-	if (!cfg || !inbound_port_captured(cfg, dport))
+	__u32 slot;
+	const struct policy *pol = active_policy(&slot);
+	if (!pol || !inbound_port_captured(pol, bpf_ntohs(tcp->dest)))
 		return TCX_NEXT;
 
-	key.client_port = bpf_ntohs(tcp->source);
-	key.server_port = dport;
-	orig.addr = key.server;
-	orig.port = dport;
 	/* sport and dport sit at the same offsets in both tuple layouts. */
-	if (orig.family == AF_INET) {
+	if (tuple_size == sizeof(tuple.ipv4)) {
 		tuple.ipv4.sport = tcp->source;
-		tuple.ipv4.dport = bpf_htons(cfg->inbound_port);
+		tuple.ipv4.dport = bpf_htons(pol->inbound_port);
 	} else {
 		tuple.ipv6.sport = tcp->source;
-		tuple.ipv6.dport = bpf_htons(cfg->inbound_port);
+		tuple.ipv6.dport = bpf_htons(pol->inbound_port);
 	}
-	return steer(skb, &tuple, tuple_size, &key, &orig);
+	return steer(skb, &tuple, tuple_size);
 }

@@ -13,9 +13,10 @@ import (
 const DefaultBPFFS = "/sys/fs/bpf"
 
 // ensureBPFFS makes sure pinDir will land on a bpf filesystem. It mounts one at
-// /sys/fs/bpf when nothing is mounted there (as on a fresh VM); anywhere else
-// it only checks, because mounting over a caller's directory would hide it.
-func ensureBPFFS(pinDir string) error {
+// /sys/fs/bpf when nothing is mounted there (as on a fresh VM) and returns
+// how to unmount it again, for an install that fails; anywhere else it only
+// checks, because mounting over a caller's directory would hide it.
+func ensureBPFFS(pinDir string) (unmount func() error, err error) {
 	dir := pinDir
 	for {
 		if _, err := os.Stat(dir); err == nil || dir == filepath.Dir(dir) {
@@ -25,16 +26,16 @@ func ensureBPFFS(pinDir string) error {
 	}
 	var fs unix.Statfs_t
 	if err := unix.Statfs(dir, &fs); err != nil {
-		return fmt.Errorf("statfs %s: %w", dir, err)
+		return nil, fmt.Errorf("statfs %s: %w", dir, err)
 	}
 	if fs.Type == unix.BPF_FS_MAGIC {
-		return nil
+		return nil, nil
 	}
 	if dir != DefaultBPFFS {
-		return fmt.Errorf("pin dir %s is not on a bpf filesystem: mount one with 'mount -t bpf bpf %s' or pick another --pin-dir", pinDir, dir)
+		return nil, fmt.Errorf("pin dir %s is not on a bpf filesystem: mount one with 'mount -t bpf bpf %s' or pick another --pin-dir", pinDir, dir)
 	}
 	if err := unix.Mount("bpf", DefaultBPFFS, "bpf", 0, "mode=0700"); err != nil {
-		return fmt.Errorf("mount bpffs at %s: %w", DefaultBPFFS, err)
+		return nil, fmt.Errorf("mount bpffs at %s: %w", DefaultBPFFS, err)
 	}
-	return nil
+	return func() error { return unix.Unmount(DefaultBPFFS, 0) }, nil
 }

@@ -6,9 +6,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"runtime"
-
-	"github.com/vishvananda/netns"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -16,6 +13,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/internal/nsenter"
 )
 
 // Probe is one kernel capability Sluice needs and whether this kernel has it.
@@ -44,16 +42,18 @@ func Check() []Probe {
 	for _, pt := range []ebpf.ProgramType{ebpf.CGroupSockAddr, ebpf.SockOps, ebpf.CGroupSockopt, ebpf.SchedCLS} {
 		add("program type "+pt.String(), features.HaveProgramType(pt))
 	}
-	for _, mt := range []ebpf.MapType{ebpf.Array, ebpf.LRUHash, ebpf.LPMTrie} {
+	for _, mt := range []ebpf.MapType{ebpf.Array, ebpf.Hash, ebpf.LPMTrie, ebpf.SkStorage} {
 		add("map type "+mt.String(), features.HaveMapType(mt))
 	}
 	for _, h := range []struct {
 		pt ebpf.ProgramType
 		fn asm.BuiltinFunc
 	}{
-		{ebpf.CGroupSockAddr, asm.FnGetSocketCookie},
+		{ebpf.CGroupSockAddr, asm.FnSkStorageGet},
 		{ebpf.CGroupSockAddr, asm.FnGetCurrentUidGid},
-		{ebpf.SockOps, asm.FnGetSocketCookie},
+		{ebpf.CGroupSockopt, asm.FnGetCurrentUidGid},
+		{ebpf.SockOps, asm.FnSkStorageGet},
+		{ebpf.SockOps, asm.FnSockOpsCbFlagsSet},
 		{ebpf.SchedCLS, asm.FnSkLookupTcp},
 		{ebpf.SchedCLS, asm.FnSkAssign},
 	} {
@@ -63,7 +63,7 @@ func Check() []Probe {
 	mount, err := Cgroup2Mount()
 	add("cgroup v2 mounted", err)
 
-	coll, err := load(true)
+	coll, err := load(true, nil)
 	add("load programs (verifier)", err)
 	if err == nil {
 		defer coll.Close()
@@ -97,21 +97,7 @@ func probeAttach(mount string, prog *ebpf.Program) error {
 // namespace it creates for the probe and drops again, so no real interface
 // ever sees it.
 func probeTCX(prog *ebpf.Program) error {
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		return err
-	}
-	defer orig.Close()
-	probe, err := netns.New() // also switches this thread into it
-	if err != nil {
-		netns.Set(orig)
-		runtime.UnlockOSThread()
-		return fmt.Errorf("create probe netns: %w", err)
-	}
-	defer probe.Close()
-	err = func() error {
+	return nsenter.DoNew(func() error {
 		lo, err := net.InterfaceByName("lo")
 		if err != nil {
 			return err
@@ -121,11 +107,5 @@ func probeTCX(prog *ebpf.Program) error {
 			return err
 		}
 		return l.Close()
-	}()
-	if serr := netns.Set(orig); serr != nil {
-		// Leave the thread locked: the runtime discards it.
-		return errors.Join(err, fmt.Errorf("leave probe netns: %w", serr))
-	}
-	runtime.UnlockOSThread()
-	return err
+	})
 }

@@ -4,51 +4,16 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
 	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/redirect"
 )
-
-// hook is one program attached to the pod's cgroup.
-type hook struct {
-	prog   string
-	attach ebpf.AttachType
-	pin    string
-}
-
-// hooks in attach order: everything that answers for a redirected connection
-// (sockops, getsockopt, getpeername) is in place before connect starts
-// redirecting, so no connection is captured half-way. Uninstall goes in
-// reverse and stops capturing first.
-var hooks = []hook{
-	{bpf.SluiceProgSluiceSockops, ebpf.AttachCGroupSockOps, "link_sockops"},
-	{bpf.SluiceProgSluiceGetsockopt, ebpf.AttachCGroupGetsockopt, "link_getsockopt"},
-	{bpf.SluiceProgSluiceGetpeername4, ebpf.AttachCgroupInet4GetPeername, "link_getpeername4"},
-	{bpf.SluiceProgSluiceGetpeername6, ebpf.AttachCgroupInet6GetPeername, "link_getpeername6"},
-	{bpf.SluiceProgSluiceConnect4, ebpf.AttachCGroupInet4Connect, "link_connect4"},
-	{bpf.SluiceProgSluiceConnect6, ebpf.AttachCGroupInet6Connect, "link_connect6"},
-}
-
-// tcHook is inbound capture on the pod's interface; tcx needs no qdisc, so
-// install never creates or removes one.
-var tcHook = hook{bpf.SluiceProgSluiceTcIngress, ebpf.AttachTCXIngress, "link_tc_ingress"}
-
-// pinnedMaps are the maps pinned beside the links: the policy, so status can
-// show it and later versions can change it in place, and the original
-// destinations, so the sidecar and the flows CLI can read them.
-var pinnedMaps = []string{
-	bpf.SluiceMapCaptureCfg,
-	bpf.SluiceMapIncludeCidrs,
-	bpf.SluiceMapExcludeCidrs,
-	bpf.SluiceMapPortPolicy,
-	bpf.SluiceMapOrigByCookie,
-	bpf.SluiceMapOrigByTuple,
-}
 
 // undo is a reverse-order stack of teardown steps that runs every step and
 // joins their errors instead of stopping at the first.
@@ -64,30 +29,28 @@ func (u undo) run() error {
 	return errors.Join(errs...)
 }
 
-// ErrAlreadyInstalled and ErrNotInstalled let callers tell the two expected
-// states apart from real failures.
-var (
-	ErrAlreadyInstalled = errors.New("already installed")
-	ErrNotInstalled     = errors.New("not installed")
-)
+// ErrNotInstalled lets callers tell "nothing to do" from a failure.
+var ErrNotInstalled = errors.New("not installed")
 
-// Install loads the programs with c's policy, attaches them to t's cgroup and
-// pins links and maps in t.PinDir. It is all-or-nothing: on any error every
-// step already taken is undone.
-func Install(t Target, c Capture, log *slog.Logger) (err error) {
-	if _, err := os.Stat(t.PinDir); err == nil {
-		return fmt.Errorf("%w on %s (pins at %s): run 'sluice uninstall --cgroup %s' first", ErrAlreadyInstalled, t.Cgroup, t.PinDir, t.Cgroup)
-	}
-	if err := ensureBPFFS(t.PinDir); err != nil {
-		return err
-	}
+// Result says what an Install changed; empty when the pod already had
+// exactly this install.
+type Result struct {
+	Changes []string `json:"changes"`
+}
 
-	coll, err := load(t.Interface != "")
-	if err != nil {
-		return err
-	}
-	defer coll.Close()
-
+// Install makes t's install match plan, and is safe to rerun, as Kubernetes
+// reruns init containers:
+//   - nothing installed: load, write the plan, pin, attach; all or nothing;
+//   - the same install, complete: change nothing;
+//   - a half install (a killed earlier run): keep what is there and finish it;
+//   - another plan or a newer build: switch the plan in one step and update
+//     programs in place (link.Update), so capture never lapses.
+//
+// args are the install's flags, recorded so status can name the command
+// that repairs a half install. Install refuses pins that belong to another
+// cgroup, a pin directory holding files Sluice did not make, and a second
+// Sluice already capturing the pod through other pins.
+func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res Result, err error) {
 	var steps undo
 	defer func() {
 		if err != nil {
@@ -96,203 +59,261 @@ func Install(t Target, c Capture, log *slog.Logger) (err error) {
 			}
 		}
 	}()
-
-	if err := writeEntries(coll, c.entries()); err != nil {
-		return err
-	}
-
-	created, err := mkdirPins(t.PinDir)
+	unmount, err := ensureBPFFS(t.PinDir)
 	if err != nil {
-		return err
+		return res, err
 	}
-	// Pushed shallowest first, so undo removes the deepest first.
-	for i := len(created) - 1; i >= 0; i-- {
-		steps.push(func() error { return os.Remove(created[i]) })
+	if unmount != nil {
+		steps.push(unmount)
+	}
+	root := filepath.Dir(t.PinDir)
+	created, err := mkdirs(root, pinRootMode)
+	for _, d := range created {
+		steps.push(func() error { return os.Remove(d) })
+	}
+	if err != nil {
+		return res, err
+	}
+	unlock, err := lock(root)
+	if err != nil {
+		return res, err
+	}
+	defer unlock()
+
+	ifindex := 0
+	if t.Interface != "" {
+		if ifindex, err = interfaceIndex(t); err != nil {
+			return res, err
+		}
+	}
+	want := record{Format: recordFormat, Cgroup: t.Cgroup, CgroupID: t.CgroupID, Netns: t.Netns, Interface: t.Interface, Ifindex: ifindex, Args: args}
+
+	cur, err := readPins(t.PinDir)
+	if err != nil {
+		return res, err
+	}
+	if cur.rec != nil {
+		if err := checkOwner(t, *cur.rec); err != nil {
+			return res, err
+		}
+	} else if len(cur.names) > 0 {
+		return res, fmt.Errorf("pin dir %s holds files Sluice did not create (%v): pick another --pin-dir", t.PinDir, cur.names)
+	}
+	fresh := cur.rec == nil
+
+	ours, err := pinnedPrograms(t.PinDir)
+	if err != nil {
+		return res, err
+	}
+	if err := otherSluice(t, ifindex, ours); err != nil {
+		return res, err
+	}
+	if !fresh {
+		if done, err := finished(t, *cur.rec, want, plan, ifindex); err != nil || done {
+			return res, err
+		}
 	}
 
+	reuse, err := pinnedMapsIn(t.PinDir)
+	if err != nil {
+		return res, err
+	}
+	defer func() {
+		for _, m := range reuse {
+			m.Close()
+		}
+	}()
+	coll, err := load(ifindex != 0, reuse)
+	if err != nil {
+		return res, err
+	}
+	defer coll.Close()
+	change := func(what string, args ...any) {
+		res.Changes = append(res.Changes, fmt.Sprintf(what, args...))
+		log.Debug(res.Changes[len(res.Changes)-1], "cgroup", t.Cgroup)
+	}
+
+	// The record goes first, marked unfinished: from here on the directory
+	// is provably Sluice's, and a rerun after a crash knows what to finish.
+	meta := coll.Maps[bpf.SluiceMapMeta]
+	if err := writeRecord(meta, want); err != nil {
+		return res, err
+	}
+	if fresh {
+		dirs, err := mkdirs(t.PinDir, pinDirMode)
+		for _, d := range dirs {
+			steps.push(func() error { return os.Remove(d) })
+		}
+		if err != nil {
+			return res, err
+		}
+	}
 	for _, name := range pinnedMaps {
+		if reuse[name] != nil {
+			continue
+		}
 		m := coll.Maps[name]
 		if err := m.Pin(filepath.Join(t.PinDir, name)); err != nil {
-			return fmt.Errorf("pin map %s: %w", name, err)
+			return res, fmt.Errorf("pin map %s: %w", name, err)
 		}
-		steps.push(m.Unpin)
+		if fresh {
+			steps.push(m.Unpin)
+		}
+	}
+	if err := setModes(t.PinDir, plan.ProxyGID); err != nil {
+		return res, err
+	}
+	if changed, err := policyMapsOf(coll.Maps).write(plan); err != nil {
+		return res, err
+	} else if changed {
+		change("policy written")
 	}
 
-	pin := func(l link.Link, h hook) error {
-		steps.push(l.Close)
-		if err := l.Pin(filepath.Join(t.PinDir, h.pin)); err != nil {
-			return fmt.Errorf("pin link %s: %w", h.pin, err)
-		}
-		steps.push(l.Unpin)
-		return nil
+	hooks := cgroupHooks
+	if ifindex != 0 {
+		hooks = append(hooks[:len(hooks):len(hooks)], tcHook)
 	}
 	for _, h := range hooks {
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: t.Cgroup, Attach: h.attach, Program: coll.Programs[h.prog]})
+		action, err := ensureLink(h, t, ifindex, coll.Programs[h.prog], t.PinDir)
 		if err != nil {
-			return fmt.Errorf("attach %s to %s: %w", h.prog, t.Cgroup, err)
+			return res, err
 		}
-		// The pin holds the attachment from here on; our descriptor can go.
-		defer l.Close()
-		if err := pin(l, h); err != nil {
-			return err
+		if action == linkAttached && fresh {
+			pin := filepath.Join(t.PinDir, h.pin)
+			steps.push(func() error { return removeLink(pin) })
 		}
-		log.Debug("attached", "prog", h.prog, "cgroup", t.Cgroup)
+		if action != linkKept {
+			change("%s %s", h.pin, action)
+		}
 	}
-	// Inbound steering goes last: getsockopt already answers for it.
-	if t.Interface != "" {
-		l, err := attachTC(t, coll.Programs[tcHook.prog])
-		if err != nil {
-			return err
+	if ifindex == 0 && slices.Contains(cur.names, tcHook.pin) {
+		// Inbound capture is no longer asked for.
+		if err := removeLink(filepath.Join(t.PinDir, tcHook.pin)); err != nil {
+			return res, err
 		}
-		defer l.Close()
-		if err := pin(l, tcHook); err != nil {
-			return err
-		}
-		log.Debug("attached", "prog", tcHook.prog, "interface", t.Interface, "netns", t.Netns)
+		change("%s removed", tcHook.pin)
 	}
-	log.Debug("installed", "cgroup", t.Cgroup, "pin_dir", t.PinDir)
-	return nil
+
+	want.Object = bpf.ObjectHash()
+	if err := writeRecord(meta, want); err != nil {
+		return res, err
+	}
+	if cur.rec == nil || cur.rec.Object != want.Object {
+		change("install finished")
+	}
+	return res, nil
 }
 
-// attachTC attaches the inbound program to t.Interface. The kernel resolves
-// the interface index in the caller's network namespace, so both happen on a
-// thread inside t.Netns.
-func attachTC(t Target, prog *ebpf.Program) (link.Link, error) {
-	var l link.Link
-	err := inNetns(t.Netns, func() error {
-		iface, err := net.InterfaceByName(t.Interface)
+// finished reports whether the install in t's pins is already exactly what
+// is asked for: finished by this build, with the same target and plan, and
+// every link attached where it belongs. A rerun then changes nothing.
+func finished(t Target, rec, want record, plan redirect.Plan, ifindex int) (bool, error) {
+	if rec.Object != bpf.ObjectHash() || rec.Netns != want.Netns || rec.Interface != want.Interface ||
+		rec.Ifindex != want.Ifindex || !slices.Equal(rec.Args, want.Args) {
+		return false, nil
+	}
+	s, err := Status(t)
+	if err != nil || !s.Complete {
+		return false, nil
+	}
+	return s.Plan.Equal(plan), nil
+}
+
+// pinnedMapsIn opens every map already pinned in dir, for the new load to
+// reuse.
+func pinnedMapsIn(dir string) (map[string]*ebpf.Map, error) {
+	maps := map[string]*ebpf.Map{}
+	for _, name := range pinnedMaps {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
 		if err != nil {
-			where := "this network namespace"
-			if t.Netns != "" {
-				where = "netns " + t.Netns
+			for _, m := range maps {
+				m.Close()
 			}
-			return fmt.Errorf("no interface %s in %s: pass --interface with the pod's interface (see 'ip link')", t.Interface, where)
+			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
 		}
-		l, err = link.AttachTCX(link.TCXOptions{Interface: iface.Index, Program: prog, Attach: ebpf.AttachTCXIngress})
+		maps[name] = m
+	}
+	return maps, nil
+}
+
+// pinnedPrograms returns the programs the links pinned in dir run.
+func pinnedPrograms(dir string) (map[ebpf.ProgramID]bool, error) {
+	ids := map[ebpf.ProgramID]bool{}
+	for _, h := range allHooks {
+		l, err := link.LoadPinnedLink(filepath.Join(dir, h.pin), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
 		if err != nil {
-			return fmt.Errorf("attach %s to %s ingress: %w", tcHook.prog, t.Interface, err)
+			return nil, fmt.Errorf("open link %s: %w", h.pin, err)
 		}
-		return nil
-	})
-	return l, err
-}
-
-// load loads the maps and programs, leaving out the inbound program unless
-// withTC, with the host's page size set.
-func load(withTC bool) (*ebpf.Collection, error) {
-	spec, err := bpf.LoadSluice()
-	if err != nil {
-		return nil, fmt.Errorf("read embedded BPF object: %w", err)
-	}
-	if !withTC {
-		delete(spec.Programs, bpf.SluiceProgSluiceTcIngress)
-	}
-	if err := spec.Variables[bpf.SluiceVarPageSize].Set(uint32(os.Getpagesize())); err != nil {
-		return nil, fmt.Errorf("set page_size: %w", err)
-	}
-	// The value now sits in .rodata's contents. Without Variables the
-	// collection does not mmap .rodata; such a mapping would hold the map
-	// until Go's garbage collector unmaps it, long after uninstall.
-	clear(spec.Variables)
-	coll, err := ebpf.NewCollection(spec)
-	if err != nil {
-		var ve *ebpf.VerifierError
-		if errors.As(err, &ve) {
-			// The full log is what a kernel developer needs to see.
-			return nil, fmt.Errorf("load BPF programs: %+v", ve)
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			return nil, fmt.Errorf("link info %s: %w", h.pin, err)
 		}
-		return nil, fmt.Errorf("load BPF programs: %w", err)
+		ids[info.Program] = true
 	}
-	return coll, nil
-}
-
-func writeEntries(coll *ebpf.Collection, e mapEntries) error {
-	if err := coll.Maps[bpf.SluiceMapCaptureCfg].Put(uint32(0), e.config); err != nil {
-		return fmt.Errorf("write capture config: %w", err)
-	}
-	one := uint8(1)
-	for _, k := range e.include {
-		if err := coll.Maps[bpf.SluiceMapIncludeCidrs].Put(k, one); err != nil {
-			return fmt.Errorf("write include CIDR %s: %w", prefixFromKey(k), err)
-		}
-	}
-	for _, k := range e.exclude {
-		if err := coll.Maps[bpf.SluiceMapExcludeCidrs].Put(k, one); err != nil {
-			return fmt.Errorf("write exclude CIDR %s: %w", prefixFromKey(k), err)
-		}
-	}
-	for port, flags := range e.ports {
-		if err := coll.Maps[bpf.SluiceMapPortPolicy].Put(port, flags); err != nil {
-			return fmt.Errorf("write port %d policy: %w", port, err)
-		}
-	}
-	return nil
-}
-
-// mkdirPins creates dir and any missing parents and returns the ones it
-// created, deepest first, so undo removes exactly those.
-func mkdirPins(dir string) ([]string, error) {
-	var missing []string
-	for d := dir; ; d = filepath.Dir(d) {
-		if _, err := os.Stat(d); err == nil || d == filepath.Dir(d) {
-			break
-		}
-		missing = append(missing, d)
-	}
-	for i := len(missing) - 1; i >= 0; i-- {
-		if err := os.Mkdir(missing[i], 0o700); err != nil {
-			return nil, fmt.Errorf("create pin dir %s: %w", missing[i], err)
-		}
-	}
-	return missing, nil
+	return ids, nil
 }
 
 // Uninstall detaches every program of t's install and removes its pins and
-// the pin directory (and the pin root if nothing else is left in it). It
-// keeps going after an error so as much as possible is removed.
+// its pin directory, and nothing else: the record is checked first (the pins
+// must be Sluice's and belong to t's cgroup) and removed last, so an
+// uninstall killed half-way finishes when run again. Files Sluice did not
+// create stay, and so does the directory holding them. ErrNotInstalled
+// means there was nothing to remove.
 func Uninstall(t Target, log *slog.Logger) error {
-	if _, err := os.Stat(t.PinDir); errors.Is(err, os.ErrNotExist) {
+	root := filepath.Dir(t.PinDir)
+	if _, err := os.Stat(root); err == nil {
+		unlock, err := lock(root)
+		if err != nil {
+			return err
+		}
+		defer unlock()
+	}
+	cur, err := readPins(t.PinDir)
+	if err != nil {
+		return err
+	}
+	switch {
+	case !cur.exists:
 		return fmt.Errorf("%w on %s: no pins at %s", ErrNotInstalled, t.Cgroup, t.PinDir)
+	case cur.rec == nil && len(cur.names) > 0:
+		return fmt.Errorf("%s is not a Sluice pin directory (no install record; it holds %v): nothing removed", t.PinDir, cur.names)
+	case cur.rec == nil:
+		// What a killed install or uninstall leaves: an empty directory.
+		if err := os.Remove(t.PinDir); err != nil {
+			return fmt.Errorf("remove empty pin dir: %w", err)
+		}
+		return nil
 	}
+	if err := checkOwner(t, *cur.rec); err != nil {
+		return err
+	}
+
 	// Inbound steering stops first, then connect stops redirecting.
-	errs := []error{removeLink(filepath.Join(t.PinDir, tcHook.pin))}
-	for i := len(hooks) - 1; i >= 0; i-- {
-		errs = append(errs, removeLink(filepath.Join(t.PinDir, hooks[i].pin)))
+	var errs []error
+	for i := len(allHooks) - 1; i >= 0; i-- {
+		errs = append(errs, removeLink(filepath.Join(t.PinDir, allHooks[i].pin)))
 	}
-	for _, name := range pinnedMaps {
-		if err := os.Remove(filepath.Join(t.PinDir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("unpin map %s: %w", name, err))
+	for i := len(pinnedMaps) - 1; i >= 0; i-- {
+		if err := os.Remove(filepath.Join(t.PinDir, pinnedMaps[i])); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("unpin map %s: %w", pinnedMaps[i], err))
 		}
 	}
-	if err := os.Remove(t.PinDir); err != nil {
-		errs = append(errs, fmt.Errorf("remove pin dir (unknown pins left behind?): %w", err))
-	}
-	// Only an empty pin root goes; other pods' pins keep it.
-	_ = os.Remove(filepath.Dir(t.PinDir))
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
+	if left := cur.unknown(); len(left) > 0 {
+		return fmt.Errorf("uninstalled, but left %s: it also holds files Sluice did not create (%v)", t.PinDir, left)
+	}
+	if err := os.Remove(t.PinDir); err != nil {
+		return fmt.Errorf("remove pin dir: %w", err)
+	}
 	log.Debug("uninstalled", "cgroup", t.Cgroup, "pin_dir", t.PinDir)
 	return nil
-}
-
-// removeLink detaches the link explicitly, so the programs leave the cgroup
-// even if some process still holds a descriptor to the link, then unpins it.
-func removeLink(pin string) error {
-	l, err := link.LoadPinnedLink(pin, nil)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("open link %s: %w", pin, err)
-	}
-	defer l.Close()
-	var errs []error
-	if err := l.Detach(); err != nil {
-		errs = append(errs, fmt.Errorf("detach %s: %w", pin, err))
-	}
-	if err := l.Unpin(); err != nil {
-		errs = append(errs, fmt.Errorf("unpin %s: %w", pin, err))
-	}
-	return errors.Join(errs...)
 }

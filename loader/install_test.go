@@ -17,14 +17,15 @@ import (
 	"time"
 
 	"github.com/sluicemesh/sluice/internal/testbed"
+	"github.com/sluicemesh/sluice/redirect"
 )
 
 func privileged(t *testing.T) { testbed.RequirePrivileged(t) }
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 
-func testCapture() Capture {
-	return Capture{OutboundPort: 15001, InboundPort: 15006, ProxyUID: 1337, ProxyGID: 1337, IncludeAllCIDRs: true}
+func testPlan() redirect.Plan {
+	return redirect.Plan{OutboundPort: 15001, InboundPort: 15006, ProxyUID: 1337, ProxyGID: 1337, IncludeAllCIDRs: true}
 }
 
 // alive reports whether a BPF object with this id still exists. It asks for
@@ -107,7 +108,7 @@ func TestInstallUninstall(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := Install(target, testCapture(), quiet); err != nil {
+	if _, err := Install(target, testPlan(), nil, quiet); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -120,9 +121,12 @@ func TestInstallUninstall(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if !state.Complete {
+		t.Errorf("status says incomplete: %v", state.Missing)
+	}
 	progs := cgroupProgs(t, pod.Cgroup)
-	if len(progs) != len(hooks) || len(state.Links) != len(hooks) {
-		t.Fatalf("want %d programs attached through %d links, bpftool shows %d, status %d", len(hooks), len(hooks), len(progs), len(state.Links))
+	if len(progs) != len(cgroupHooks) || len(state.Links) != len(cgroupHooks) {
+		t.Fatalf("want %d programs attached through %d links, bpftool shows %d, status %d", len(cgroupHooks), len(cgroupHooks), len(progs), len(state.Links))
 	}
 	var links, maps []int
 	for _, l := range state.Links {
@@ -134,7 +138,7 @@ func TestInstallUninstall(t *testing.T) {
 	for _, p := range progs {
 		maps = append(maps, progMaps(t, p)...)
 	}
-	if got := state.Capture; got.OutboundPort != 15001 || !got.IncludeAllCIDRs || got.ProxyUID != 1337 {
+	if got := state.Plan; got.OutboundPort != 15001 || !got.IncludeAllCIDRs || got.ProxyUID != 1337 {
 		t.Errorf("status reads back %+v", got)
 	}
 
@@ -179,7 +183,7 @@ func TestInstallUndoesOnFailure(t *testing.T) {
 	privileged(t)
 	notCgroup := t.TempDir()
 	pinDir := filepath.Join(DefaultPinRoot, "test-undo-"+strconv.Itoa(os.Getpid()), "pod")
-	err := Install(Target{Cgroup: notCgroup, PodID: "pod", PinDir: pinDir}, testCapture(), quiet)
+	_, err := Install(Target{Cgroup: notCgroup, CgroupID: 1, PinDir: pinDir}, testPlan(), nil, quiet)
 	if err == nil {
 		Uninstall(Target{Cgroup: notCgroup, PinDir: pinDir}, quiet)
 		t.Fatal("install on a directory that is not a cgroup succeeded")

@@ -5,18 +5,34 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
 	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/redirect"
 )
 
 // State is what is installed for one pod, read back from its pins.
 type State struct {
-	Target  Target      `json:"target"`
-	Links   []LinkState `json:"links"`
-	Capture Capture     `json:"capture"`
+	Target Target `json:"target"`
+	// Complete is true when every pin the install needs is there and every
+	// link holds its attachment. Otherwise Missing says what is not, and
+	// Repair is the command that finishes the install.
+	Complete bool     `json:"complete"`
+	Missing  []string `json:"missing,omitempty"`
+	Repair   string   `json:"repair,omitempty"`
+	// Object is the BPF build the install runs; Upgrade is set when it is
+	// not this binary's (a rerun of install updates it in place).
+	Object  string        `json:"object"`
+	Upgrade bool          `json:"upgrade,omitempty"`
+	Links   []LinkState   `json:"links"`
+	Plan    redirect.Plan `json:"plan"`
+	Memory  Memory        `json:"memory"`
+	// Counters are what the hooks counted since the install (see
+	// counterNames).
+	Counters map[string]uint64 `json:"counters"`
 }
 
 // LinkState is one pinned link and the program it keeps attached.
@@ -26,128 +42,195 @@ type LinkState struct {
 	ProgramID uint32 `json:"program_id"`
 	Program   string `json:"program"`
 	CgroupID  uint64 `json:"cgroup_id,omitempty"`
-	Ifindex   uint32 `json:"ifindex,omitempty"` // tc ingress, inside the pod's netns
+	Ifindex   uint32 `json:"ifindex,omitempty"` // tcx ingress, inside the pod's netns
 	Attached  bool   `json:"attached"`
 }
 
-// Status reads t's pins. It returns ErrNotInstalled when there are none.
+// Memory is the kernel memory the install's maps and programs hold, as the
+// kernel accounts it (memlock). Per-connection socket storage is charged to
+// the sockets and not counted here.
+type Memory struct {
+	Maps     uint64 `json:"maps_bytes"`
+	Programs uint64 `json:"programs_bytes"`
+}
+
+// Total is maps and programs together.
+func (m Memory) Total() uint64 { return m.Maps + m.Programs }
+
+// Status reads t's pins. It returns ErrNotInstalled when there are none and
+// refuses pins that belong to another cgroup.
 func Status(t Target) (State, error) {
 	s := State{Target: t}
-	if _, err := os.Stat(t.PinDir); errors.Is(err, os.ErrNotExist) {
-		return s, fmt.Errorf("%w on %s: no pins at %s", ErrNotInstalled, t.Cgroup, t.PinDir)
-	}
-	for _, h := range append(hooks, tcHook) {
-		pin := filepath.Join(t.PinDir, h.pin)
-		if _, err := os.Stat(pin); h == tcHook && err != nil {
-			continue // installed without inbound capture
-		}
-		ls, err := linkState(pin)
-		if err != nil {
-			return s, err
-		}
-		s.Links = append(s.Links, ls)
-	}
-	e, err := readEntries(t.PinDir)
+	cur, err := readPins(t.PinDir)
 	if err != nil {
 		return s, err
 	}
-	s.Capture = e.capture()
+	if !cur.exists || (cur.rec == nil && len(cur.names) == 0) {
+		return s, fmt.Errorf("%w on %s: no pins at %s", ErrNotInstalled, t.Cgroup, t.PinDir)
+	}
+	if cur.rec == nil {
+		return s, fmt.Errorf("%s is not a Sluice pin directory (no install record; it holds %v)", t.PinDir, cur.names)
+	}
+	rec := *cur.rec
+	if err := checkOwner(t, rec); err != nil {
+		return s, err
+	}
+	if s.Target.CgroupID == 0 {
+		s.Target.CgroupID = rec.CgroupID
+	}
+	s.Target.Netns, s.Target.Interface = rec.Netns, rec.Interface
+	s.Object = rec.Object
+	s.Upgrade = rec.Object != "" && rec.Object != bpf.ObjectHash()
+	if rec.Object == "" {
+		s.Missing = append(s.Missing, "the install did not finish")
+	}
+
+	for _, name := range pinnedMaps {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(t.PinDir, name), &ebpf.LoadPinOptions{ReadOnly: true})
+		if err != nil {
+			s.Missing = append(s.Missing, "map "+name)
+			continue
+		}
+		if info, err := m.Info(); err == nil {
+			memlock, _ := info.Memlock()
+			s.Memory.Maps += memlock
+		}
+		m.Close()
+	}
+
+	hooks := cgroupHooks
+	if rec.Interface != "" {
+		hooks = append(hooks[:len(hooks):len(hooks)], tcHook)
+	}
+	for _, h := range hooks {
+		ls, memlock, err := linkState(filepath.Join(t.PinDir, h.pin), t.CgroupID, rec.Ifindex)
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			s.Missing = append(s.Missing, h.pin+" (not attached)")
+			continue
+		case err != nil:
+			return s, err
+		case !ls.Attached:
+			s.Missing = append(s.Missing, h.pin+" (detached: its cgroup or interface is gone)")
+		}
+		s.Memory.Programs += memlock
+		s.Links = append(s.Links, ls)
+	}
+
+	if slices.Contains(cur.names, bpf.SluiceMapPolicies) && slices.Contains(cur.names, bpf.SluiceMapPolicyActive) {
+		if s.Plan, err = readPlan(t.PinDir); err != nil {
+			return s, err
+		}
+	}
+	if slices.Contains(cur.names, bpf.SluiceMapCounters) {
+		if s.Counters, err = readCounters(t.PinDir); err != nil {
+			return s, err
+		}
+	}
+	s.Complete = len(s.Missing) == 0
+	if !s.Complete {
+		s.Repair = "sluice install " + shellQuote(rec.Args)
+	}
 	return s, nil
 }
 
-func linkState(pin string) (LinkState, error) {
+func linkState(pin string, cgroupID uint64, ifindex int) (LinkState, uint64, error) {
 	ls := LinkState{Pin: pin}
 	l, err := link.LoadPinnedLink(pin, nil)
-	if errors.Is(err, os.ErrNotExist) {
-		return ls, nil
-	}
 	if err != nil {
-		return ls, fmt.Errorf("open link %s: %w", pin, err)
+		if errors.Is(err, os.ErrNotExist) {
+			return ls, 0, err
+		}
+		return ls, 0, fmt.Errorf("open link %s: %w", pin, err)
 	}
 	defer l.Close()
 	info, err := l.Info()
 	if err != nil {
-		return ls, fmt.Errorf("link info %s: %w", pin, err)
+		return ls, 0, fmt.Errorf("link info %s: %w", pin, err)
 	}
 	ls.LinkID, ls.ProgramID = uint32(info.ID), uint32(info.Program)
 	if cg := info.Cgroup(); cg != nil {
 		ls.CgroupID = cg.CgroupId
-		// A detached cgroup link reports cgroup id 0.
-		ls.Attached = cg.CgroupId != 0
 	}
 	if tcx := info.TCX(); tcx != nil {
 		ls.Ifindex = tcx.Ifindex
-		ls.Attached = tcx.Ifindex != 0
 	}
+	ls.Attached = attachedAt(info, Target{CgroupID: cgroupID}, ifindex)
+	var memlock uint64
 	if prog, err := ebpf.NewProgramFromID(info.Program); err == nil {
 		if pi, err := prog.Info(); err == nil {
 			ls.Program = pi.Name
+			memlock, _ = pi.Memlock()
 		}
 		prog.Close()
 	}
-	return ls, nil
+	return ls, memlock, nil
 }
 
-// ReadCapture reads the policy in force from a pod's pinned maps.
-func ReadCapture(pinDir string) (Capture, error) {
-	e, err := readEntries(pinDir)
-	return e.capture(), err
+// ReadPlan is what the sidecar reads: the plan in force for t, from pins
+// that must belong to t's cgroup. It needs only read access to the
+// sidecar's pins (the proxy group's), not root.
+func ReadPlan(t Target) (redirect.Plan, error) {
+	rec, err := readRecord(t.PinDir)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return redirect.Plan{}, fmt.Errorf("%w on %s: no pins at %s: run 'sluice install --cgroup %s' first", ErrNotInstalled, t.Cgroup, t.PinDir, t.Cgroup)
+		}
+		return redirect.Plan{}, err
+	}
+	if err := checkOwner(t, rec); err != nil {
+		return redirect.Plan{}, err
+	}
+	return readPlan(t.PinDir)
 }
 
-func readEntries(pinDir string) (mapEntries, error) {
-	e := mapEntries{ports: map[uint32]uint8{}}
-	open := func(name string) (*ebpf.Map, error) {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, name), &ebpf.LoadPinOptions{ReadOnly: true})
+func readPlan(dir string) (redirect.Plan, error) {
+	maps := map[string]*ebpf.Map{}
+	defer func() {
+		for _, m := range maps {
+			m.Close()
+		}
+	}()
+	for _, name := range []string{bpf.SluiceMapPolicies, bpf.SluiceMapPolicyActive, bpf.SluiceMapIncludeCidrs, bpf.SluiceMapExcludeCidrs} {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), &ebpf.LoadPinOptions{ReadOnly: true})
 		if err != nil {
-			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
+			return redirect.Plan{}, pinsError(dir, err)
 		}
-		return m, nil
+		maps[name] = m
 	}
+	p, _, err := policyMapsOf(maps).read()
+	return p, err
+}
 
-	cfg, err := open(bpf.SluiceMapCaptureCfg)
+// counterNames name the counters map's entries for status and metrics.
+var counterNames = map[bpf.SluiceCounter]string{
+	bpf.SluiceCounterCOUNT_INBOUND_STEERED:       "inbound_steered",
+	bpf.SluiceCounterCOUNT_INBOUND_NO_LISTENER:   "inbound_no_listener",
+	bpf.SluiceCounterCOUNT_INBOUND_ASSIGN_FAILED: "inbound_assign_failed",
+	bpf.SluiceCounterCOUNT_CONNECT_NO_STATE:      "connect_refused_no_state",
+	bpf.SluiceCounterCOUNT_HANDSHAKE_TABLE_FULL:  "handshake_table_full",
+}
+
+func readCounters(dir string) (map[string]uint64, error) {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, bpf.SluiceMapCounters), &ebpf.LoadPinOptions{ReadOnly: true})
 	if err != nil {
-		return e, err
+		return nil, pinsError(dir, err)
 	}
-	defer cfg.Close()
-	if err := cfg.Lookup(uint32(0), &e.config); err != nil {
-		return e, fmt.Errorf("read capture config: %w", err)
-	}
+	defer m.Close()
+	return sumCounters(m)
+}
 
-	for name, dst := range map[string]*[]bpf.SluiceLpmKey{
-		bpf.SluiceMapIncludeCidrs: &e.include,
-		bpf.SluiceMapExcludeCidrs: &e.exclude,
-	} {
-		m, err := open(name)
-		if err != nil {
-			return e, err
+// sumCounters adds up the per-CPU values of every counter.
+func sumCounters(m *ebpf.Map) (map[string]uint64, error) {
+	out := map[string]uint64{}
+	for c, name := range counterNames {
+		var perCPU []uint64
+		if err := m.Lookup(uint32(c), &perCPU); err != nil {
+			return nil, fmt.Errorf("read counter %s: %w", name, err)
 		}
-		var k bpf.SluiceLpmKey
-		var v uint8
-		it := m.Iterate()
-		for it.Next(&k, &v) {
-			*dst = append(*dst, k)
-		}
-		m.Close()
-		if err := it.Err(); err != nil {
-			return e, fmt.Errorf("read %s: %w", name, err)
+		for _, n := range perCPU {
+			out[name] += n
 		}
 	}
-
-	ports, err := open(bpf.SluiceMapPortPolicy)
-	if err != nil {
-		return e, err
-	}
-	defer ports.Close()
-	var port uint32
-	var flags uint8
-	it := ports.Iterate()
-	for it.Next(&port, &flags) {
-		if flags != 0 {
-			e.ports[port] = flags
-		}
-	}
-	if err := it.Err(); err != nil {
-		return e, fmt.Errorf("read port policy: %w", err)
-	}
-	return e, nil
+	return out, nil
 }

@@ -1,6 +1,7 @@
-// Package loader probes the kernel, loads Sluice's BPF programs with a capture
-// plan, attaches them to one pod's cgroup, pins them, and removes them again.
-// It is the only package that changes kernel state.
+// Package loader is the only code that changes kernel state: it probes the
+// kernel, loads Sluice's BPF programs, writes a capture plan into their maps,
+// attaches them to one pod's cgroup and interface, pins them, and removes
+// them again.
 package loader
 
 import (
@@ -8,111 +9,156 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sluicemesh/sluice/internal/mountinfo"
 )
 
-// DefaultPinRoot is where every pod's pins live, one directory per pod.
+// DefaultPinRoot holds every pod's pins, one directory per pod named by its
+// cgroup id.
 const DefaultPinRoot = "/sys/fs/bpf/sluice"
 
-// Target is one pod's cgroup, the bpffs directory holding its pins and, for
-// inbound capture, the pod's network namespace and interface.
+// Target is one pod: its cgroup, the bpffs directory holding its pins and,
+// for inbound capture, its network namespace and interface.
 type Target struct {
 	Cgroup string `json:"cgroup"`
-	PodID  string `json:"pod_id"`
-	PinDir string `json:"pin_dir"`
+	// CgroupID is the pod's identity: unique and stable for the cgroup's
+	// life, and free of the dots bpffs refuses in names (every systemd-driver
+	// pod cgroup has them).
+	CgroupID uint64 `json:"cgroup_id"`
+	PinDir   string `json:"pin_dir"`
 	// Interface is where inbound capture attaches (empty: no inbound
 	// capture), inside Netns (empty: the caller's network namespace).
 	Interface string `json:"interface,omitempty"`
 	Netns     string `json:"netns,omitempty"`
 }
 
-// ResolveTarget is TargetOf for a cgroup that must exist and be cgroup v2,
-// as install requires.
+// ResolveTarget identifies the pod whose cgroup v2 directory is cgroup, which
+// must exist, and its pin directory (pinDir, or DefaultPinRoot/<cgroup id>).
 func ResolveTarget(cgroup, pinDir string) (Target, error) {
-	t, err := TargetOf(cgroup, pinDir)
-	if err != nil {
-		return t, err
-	}
-	var fs unix.Statfs_t
-	if err := unix.Statfs(t.Cgroup, &fs); err != nil {
-		if errors.Is(err, unix.ENOENT) {
-			return t, fmt.Errorf("cgroup %s does not exist: pass the pod's cgroup v2 directory (create it first, e.g. mkdir %s)", t.Cgroup, t.Cgroup)
-		}
-		return t, fmt.Errorf("cgroup %s: %w", t.Cgroup, err)
-	}
-	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
-		return t, fmt.Errorf("%s is not a cgroup v2 directory: pass a directory on the cgroup2 mount (see 'findmnt -t cgroup2')", t.Cgroup)
-	}
-	return t, nil
-}
-
-// TargetOf derives the pod id from the cgroup's path within the cgroup v2
-// hierarchy and, unless pinDir overrides it, the pin directory. It does not
-// need the cgroup to exist any more, so a dead pod can still be uninstalled.
-func TargetOf(cgroup, pinDir string) (Target, error) {
-	if cgroup == "" {
-		return Target{}, errors.New("no cgroup given: pass --cgroup with the pod's cgroup v2 directory, e.g. /sys/fs/cgroup/unified/mypod")
-	}
-	path, err := filepath.Abs(cgroup)
-	if err != nil {
-		return Target{}, fmt.Errorf("cgroup path %s: %w", cgroup, err)
-	}
-	mounts, err := cgroup2Mounts()
+	path, err := cgroupPath(cgroup)
 	if err != nil {
 		return Target{}, err
 	}
-	rel, ok := "", false
-	for _, m := range mounts {
-		if r, err := filepath.Rel(m, path); err == nil && !strings.HasPrefix(r, "..") && (!ok || len(r) < len(rel)) {
-			rel, ok = r, true
+	var fs unix.Statfs_t
+	if err := unix.Statfs(path, &fs); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return Target{}, noCgroupError(path)
+		}
+		return Target{}, fmt.Errorf("cgroup %s: %w", path, err)
+	}
+	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
+		return Target{}, fmt.Errorf("%s is not a cgroup v2 directory: pass a directory on the cgroup2 mount (see 'findmnt -t cgroup2')", path)
+	}
+	id, err := cgroupID(path)
+	if err != nil {
+		return Target{}, err
+	}
+	if pinDir == "" {
+		pinDir = filepath.Join(DefaultPinRoot, strconv.FormatUint(id, 10))
+	}
+	return Target{Cgroup: path, CgroupID: id, PinDir: pinDir}, nil
+}
+
+// FindTarget is ResolveTarget for a pod that may be gone: when its cgroup no
+// longer exists, its pins are found by the cgroup path they record, so a dead
+// pod can still be uninstalled and shown.
+func FindTarget(cgroup, pinDir string) (Target, error) {
+	t, err := ResolveTarget(cgroup, pinDir)
+	if err == nil || !errors.As(err, new(noCgroupError)) {
+		return t, err
+	}
+	path, _ := cgroupPath(cgroup)
+	if pinDir != "" {
+		return Target{Cgroup: path, PinDir: pinDir}, nil
+	}
+	installs, lerr := List(DefaultPinRoot)
+	if lerr != nil {
+		return Target{}, errors.Join(err, lerr)
+	}
+	for _, in := range installs {
+		if in.Cgroup == path {
+			return Target{Cgroup: path, CgroupID: in.CgroupID, PinDir: in.PinDir}, nil
 		}
 	}
-	switch {
-	case !ok:
-		return Target{}, fmt.Errorf("%s is not a cgroup v2 directory: pass a directory below the cgroup2 mount %s", path, mounts[0])
-	case rel == ".":
-		// Attaching here would capture every process on the machine.
-		return Target{}, fmt.Errorf("%s is the root of the cgroup v2 hierarchy: pass the pod's own cgroup below it", path)
+	return Target{Cgroup: path}, fmt.Errorf("%w on %s: the cgroup is gone and no pins under %s record it", ErrNotInstalled, path, DefaultPinRoot)
+}
+
+// noCgroupError is ResolveTarget's error for a cgroup that does not exist.
+type noCgroupError string
+
+func (e noCgroupError) Error() string {
+	return fmt.Sprintf("cgroup %s does not exist: pass the pod's cgroup v2 directory (create it first, e.g. mkdir %s)", string(e), string(e))
+}
+
+// cgroupPath makes cgroup absolute and checks that it lies below a cgroup2
+// mount without being its root: attaching at the root would capture every
+// process on the machine.
+func cgroupPath(cgroup string) (string, error) {
+	if cgroup == "" {
+		return "", errors.New("no cgroup given: pass --cgroup with the pod's cgroup v2 directory, e.g. /sys/fs/cgroup/unified/mypod")
 	}
-	id := strings.ReplaceAll(rel, "/", "_")
-	if pinDir == "" {
-		pinDir = filepath.Join(DefaultPinRoot, id)
+	path, err := filepath.Abs(cgroup)
+	if err != nil {
+		return "", fmt.Errorf("cgroup path %s: %w", cgroup, err)
 	}
-	return Target{Cgroup: path, PodID: id, PinDir: pinDir}, nil
+	mounts, err := mountinfo.Cgroup2()
+	if err != nil {
+		return "", err
+	}
+	for _, m := range mounts {
+		rel, err := filepath.Rel(m, path)
+		if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+			continue
+		}
+		if rel == "." {
+			return "", fmt.Errorf("%s is the root of the cgroup v2 hierarchy: pass the pod's own cgroup below it", path)
+		}
+		return path, nil
+	}
+	return "", fmt.Errorf("%s is not a cgroup v2 directory: pass a directory below the cgroup2 mount %s", path, mounts[0])
+}
+
+// cgroupID is the kernel's id of the cgroup at path: on cgroup v2 the inode
+// number of its directory, the same id bpf_link info and bpftool report.
+func cgroupID(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return 0, noCgroupError(path)
+		}
+		return 0, fmt.Errorf("cgroup %s: %w", path, err)
+	}
+	return st.Ino, nil
 }
 
 // Cgroup2Mount returns where the cgroup v2 hierarchy is mounted
 // (/sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on hybrid ones).
 func Cgroup2Mount() (string, error) {
-	mounts, err := cgroup2Mounts()
+	mounts, err := mountinfo.Cgroup2()
 	if err != nil {
 		return "", err
 	}
 	return mounts[0], nil
 }
 
-// cgroup2Mounts lists every cgroup2 mount point; a privileged container may
-// see its own and the host's (a hostPath) at once.
-func cgroup2Mounts() ([]string, error) {
-	data, err := os.ReadFile("/proc/self/mountinfo")
+// OwnCgroup is the cgroup v2 directory this process runs in.
+func OwnCgroup() (string, error) {
+	data, err := os.ReadFile("/proc/self/cgroup")
 	if err != nil {
-		return nil, fmt.Errorf("read mountinfo: %w", err)
+		return "", fmt.Errorf("read own cgroup: %w", err)
 	}
-	var mounts []string
+	mount, err := Cgroup2Mount()
+	if err != nil {
+		return "", err
+	}
 	for _, line := range strings.Split(string(data), "\n") {
-		// Fields: id parent major:minor root mountpoint options ... - fstype source superoptions
-		pre, post, ok := strings.Cut(line, " - ")
-		if !ok || !strings.HasPrefix(post, "cgroup2 ") {
-			continue
-		}
-		if fields := strings.Fields(pre); len(fields) >= 5 {
-			mounts = append(mounts, fields[4])
+		if rel, ok := strings.CutPrefix(line, "0::"); ok {
+			return filepath.Join(mount, rel), nil
 		}
 	}
-	if len(mounts) == 0 {
-		return nil, errors.New("no cgroup2 filesystem is mounted: mount one with 'mount -t cgroup2 none /sys/fs/cgroup/unified'")
-	}
-	return mounts, nil
+	return "", errors.New("read own cgroup: no cgroup v2 entry in /proc/self/cgroup")
 }

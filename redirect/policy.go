@@ -1,6 +1,7 @@
-// Package redirect holds the capture policy (configuration, Istio and Linkerd
-// flags, validation into the loader's plan) and the built-in transparent
-// proxy that serves captured connections.
+// Package redirect turns what a user asks for (Istio and Linkerd flags, Sluice's
+// own) into a validated capture Plan. It is pure: it touches no kernel state
+// and imports no BPF library, so it is tested without root and linked into
+// anything that needs to read a plan.
 package redirect
 
 import (
@@ -11,8 +12,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-
-	"github.com/sluicemesh/sluice/loader"
 )
 
 // Defaults follow Istio's sidecar so existing pod specs keep their meaning.
@@ -42,6 +41,9 @@ type Policy struct {
 	// Linkerd is set when a Linkerd proxy-init flag was used: Linkerd's
 	// proxy ports then join the inbound ports never captured.
 	Linkerd bool
+	// AllowRootProxy accepts uid or gid 0 as the proxy identity, which
+	// exempts every root process in the pod from capture.
+	AllowRootProxy bool
 }
 
 // Sidecar ports that are never captured inbound, besides -p and -z: Istio's
@@ -95,6 +97,7 @@ func (p *Policy) RegisterFlags(fs *flag.FlagSet) {
 			fs.Var(v, alias, "same as -"+f.names[0])
 		}
 	}
+	fs.BoolVar(&p.AllowRootProxy, "allow-root-proxy", false, "accept -u 0 or -g 0 (every root process in the pod then goes uncaptured)")
 }
 
 // linkerdFlags are the flags only Linkerd's proxy-init spells this way.
@@ -109,28 +112,39 @@ type markValue struct {
 	given *bool
 }
 
+// String serves flag.PrintDefaults, which calls it on a zero markValue.
+func (m markValue) String() string {
+	if m.Value == nil {
+		return ""
+	}
+	return m.Value.String()
+}
+
 func (m markValue) Set(s string) error {
 	*m.given = true
 	return m.Value.Set(s)
 }
 
-// Capture validates the policy and turns it into what the BPF maps enforce.
+// Plan validates the policy and turns it into what the BPF maps enforce.
 // The sidecar's own listeners are never captured inbound, whatever -b says.
-func (p Policy) Capture() (loader.Capture, error) {
+func (p Policy) Plan() (Plan, error) {
 	if p.Mode != "REDIRECT" {
-		return loader.Capture{}, fmt.Errorf("interception mode %q is not supported: use -m REDIRECT (Sluice steers inbound traffic with TC, not TPROXY)", p.Mode)
+		return Plan{}, fmt.Errorf("interception mode %q is not supported: use -m REDIRECT (Sluice steers inbound traffic with TC, not TPROXY)", p.Mode)
 	}
 	if p.OutboundPort == 0 || p.InboundPort == 0 {
-		return loader.Capture{}, errors.New("proxy ports must be set: use -p and -z with ports 1-65535")
+		return Plan{}, errors.New("proxy ports must be set: use -p and -z with ports 1-65535")
 	}
 	if p.OutboundPort == p.InboundPort {
-		return loader.Capture{}, fmt.Errorf("outbound port -p and inbound port -z are both %d: give the sidecar two different ports", p.OutboundPort)
+		return Plan{}, fmt.Errorf("outbound port -p and inbound port -z are both %d: give the sidecar two different ports", p.OutboundPort)
+	}
+	if (p.ProxyUID == 0 || p.ProxyGID == 0) && !p.AllowRootProxy {
+		return Plan{}, fmt.Errorf("proxy uid/gid %d/%d would exempt every root process in the pod from capture: run the proxy as its own uid and gid (e.g. -u 1337 -g 1337), or pass --allow-root-proxy if that is meant", p.ProxyUID, p.ProxyGID)
 	}
 	excludeIn := slices.Concat(p.ExcludeInboundPorts.List, []uint16{p.OutboundPort, p.InboundPort}, istioSidecarPorts)
 	if p.Linkerd {
 		excludeIn = append(excludeIn, linkerdSidecarPorts...)
 	}
-	return loader.Capture{
+	return Plan{
 		OutboundPort:         p.OutboundPort,
 		InboundPort:          p.InboundPort,
 		ProxyUID:             p.ProxyUID,
@@ -142,13 +156,8 @@ func (p Policy) Capture() (loader.Capture, error) {
 		ExcludeOutboundPorts: p.ExcludeOutboundPorts.List,
 		InboundAllPorts:      p.InboundPorts.All,
 		InboundPorts:         p.InboundPorts.List,
-		ExcludeInboundPorts:  dedup(excludeIn),
-	}, nil
-}
-
-func dedup(ports []uint16) []uint16 {
-	slices.Sort(ports)
-	return slices.Compact(ports)
+		ExcludeInboundPorts:  excludeIn,
+	}.Normalize(), nil
 }
 
 // CIDRs is a comma-separated list of IPv4/IPv6 prefixes; "*" means all.

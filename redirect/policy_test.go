@@ -7,28 +7,26 @@ import (
 	"reflect"
 	"strings"
 	"testing"
-
-	"github.com/sluicemesh/sluice/loader"
 )
 
-func parse(t *testing.T, args ...string) (loader.Capture, error) {
+func parse(t *testing.T, args ...string) (Plan, error) {
 	t.Helper()
 	p := DefaultPolicy()
 	fs := flag.NewFlagSet("test", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	p.RegisterFlags(fs)
 	if err := fs.Parse(args); err != nil {
-		return loader.Capture{}, err
+		return Plan{}, err
 	}
-	return p.Capture()
+	return p.Plan()
 }
 
 func TestPolicyFlags(t *testing.T) {
-	defaults := loader.Capture{
+	defaults := Plan{
 		OutboundPort: 15001, InboundPort: 15006, ProxyUID: 1337, ProxyGID: 1337,
 		IncludeAllCIDRs: true, InboundAllPorts: true, ExcludeInboundPorts: []uint16{15001, 15006, 15020, 15021, 15090},
 	}
-	with := func(f func(*loader.Capture)) loader.Capture {
+	with := func(f func(*Plan)) Plan {
 		c := defaults
 		f(&c)
 		return c
@@ -37,30 +35,30 @@ func TestPolicyFlags(t *testing.T) {
 	tests := []struct {
 		name string
 		args []string
-		want loader.Capture
+		want Plan
 	}{
 		{"defaults", nil, defaults},
-		{"istio short flags", []string{"-p", "15101", "-z", "15106", "-u", "2000", "-g", "2001"}, with(func(c *loader.Capture) {
+		{"istio short flags", []string{"-p", "15101", "-z", "15106", "-u", "2000", "-g", "2001"}, with(func(c *Plan) {
 			c.OutboundPort, c.InboundPort, c.ProxyUID, c.ProxyGID = 15101, 15106, 2000, 2001
 			c.ExcludeInboundPorts = []uint16{15020, 15021, 15090, 15101, 15106}
 		})},
-		{"istio long flags", []string{"--proxy-port=15101", "--proxy-uid=7", "--istio-service-exclude-cidr=198.18.0.0/24"}, with(func(c *loader.Capture) {
+		{"istio long flags", []string{"--proxy-port=15101", "--proxy-uid=7", "--istio-service-exclude-cidr=198.18.0.0/24"}, with(func(c *Plan) {
 			c.OutboundPort, c.ProxyUID = 15101, 7
 			c.ExcludeInboundPorts = []uint16{15006, 15020, 15021, 15090, 15101}
 			c.ExcludeCIDRs = []netip.Prefix{pfx("198.18.0.0/24")}
 		})},
-		{"linkerd flags", []string{"--outgoing-proxy-port", "4140", "--incoming-proxy-port", "4143", "--subnets-to-ignore", "198.19.0.0/16", "--outbound-ports-to-ignore", "443,4190-4191", "--inbound-ports-to-ignore", "4191"}, with(func(c *loader.Capture) {
+		{"linkerd flags", []string{"--outgoing-proxy-port", "4140", "--incoming-proxy-port", "4143", "--subnets-to-ignore", "198.19.0.0/16", "--outbound-ports-to-ignore", "443,4190-4191", "--inbound-ports-to-ignore", "4191"}, with(func(c *Plan) {
 			c.OutboundPort, c.InboundPort = 4140, 4143
 			c.ExcludeCIDRs = []netip.Prefix{pfx("198.19.0.0/16")}
 			c.ExcludeOutboundPorts = []uint16{443, 4190, 4191}
 			c.ExcludeInboundPorts = []uint16{4140, 4143, 4190, 4191, 15020, 15021, 15090}
 		})},
-		{"include list, ipv6, bare address, unmasked prefix", []string{"-i", "198.18.0.7/15, 2001:2::/48,198.19.1.1"}, with(func(c *loader.Capture) {
+		{"include list, ipv6, bare address, unmasked prefix", []string{"-i", "198.18.0.7/15, 2001:2::/48,198.19.1.1"}, with(func(c *Plan) {
 			c.IncludeAllCIDRs = false
-			c.IncludeCIDRs = []netip.Prefix{pfx("198.18.0.0/15"), pfx("2001:2::/48"), pfx("198.19.1.1/32")}
+			c.IncludeCIDRs = []netip.Prefix{pfx("198.18.0.0/15"), pfx("198.19.1.1/32"), pfx("2001:2::/48")}
 		})},
-		{"include nothing", []string{"-i", ""}, with(func(c *loader.Capture) { c.IncludeAllCIDRs = false })},
-		{"ports", []string{"-q", "9090", "-o", "22,3306,22", "-b", "8080,9000-9001", "-d", "15020"}, with(func(c *loader.Capture) {
+		{"include nothing", []string{"-i", ""}, with(func(c *Plan) { c.IncludeAllCIDRs = false })},
+		{"ports", []string{"-q", "9090", "-o", "22,3306,22", "-b", "8080,9000-9001", "-d", "15020"}, with(func(c *Plan) {
 			c.IncludeOutboundPorts = []uint16{9090}
 			c.ExcludeOutboundPorts = []uint16{22, 3306}
 			c.InboundAllPorts = false
@@ -68,6 +66,7 @@ func TestPolicyFlags(t *testing.T) {
 			c.ExcludeInboundPorts = []uint16{15001, 15006, 15020, 15021, 15090}
 		})},
 		{"mode is case-insensitive", []string{"-m", "redirect"}, defaults},
+		{"root proxy when asked for", []string{"-u", "0", "-g", "0", "--allow-root-proxy"}, with(func(c *Plan) { c.ProxyUID, c.ProxyGID = 0, 0 })},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -98,6 +97,8 @@ func TestPolicyFlagErrors(t *testing.T) {
 		{[]string{"-g", "-1"}, "is not a numeric gid"},
 		{[]string{"-m", "TPROXY"}, `interception mode "TPROXY" is not supported`},
 		{[]string{"-p", "15006"}, "both 15006"},
+		{[]string{"-u", "0"}, "would exempt every root process in the pod from capture"},
+		{[]string{"-g", "0"}, "pass --allow-root-proxy if that is meant"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
@@ -109,5 +110,23 @@ func TestPolicyFlagErrors(t *testing.T) {
 				t.Errorf("error %q: want one line containing %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// flag.PrintDefaults calls String on a zero value of every flag's type; a
+// Value that cannot take that printed "panic calling String method" into
+// `sluice install --help`.
+func TestFlagHelpPrintsNoPanic(t *testing.T) {
+	p := DefaultPolicy()
+	fs := flag.NewFlagSet("test", flag.ContinueOnError)
+	p.RegisterFlags(fs)
+	var out strings.Builder
+	fs.SetOutput(&out)
+	fs.PrintDefaults()
+	if strings.Contains(out.String(), "panic") {
+		t.Errorf("help output has a panic:\n%s", out.String())
+	}
+	if !strings.Contains(out.String(), "-outgoing-proxy-port") {
+		t.Errorf("help output lacks the Linkerd flags:\n%s", out.String())
 	}
 }

@@ -13,8 +13,6 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
-
-	"github.com/sluicemesh/sluice/internal/testbed"
 )
 
 // command is one subcommand: its help text and what it runs.
@@ -42,8 +40,7 @@ type usageError struct{ msg string }
 func (e usageError) Error() string { return e.msg }
 
 func main() {
-	// The demo re-executes this binary as the app inside the pod.
-	testbed.RunHelperIfRequested()
+	runDemoHelper()
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
@@ -62,6 +59,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		defer stop()
+		// The first signal asks the command to wind down; after it the
+		// default action is back, so a second signal ends the process.
+		context.AfterFunc(ctx, stop)
 		err := c.run(ctx, args[1:], stdout)
 		switch {
 		case err == nil, errors.Is(err, flag.ErrHelp):

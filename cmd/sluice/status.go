@@ -21,7 +21,10 @@ func statusCommand() command {
 		help: `Usage: sluice status --cgroup PATH [--pin-dir DIR] [--json]
 
 Reads the pod's pins: each program link (attached or not) and the capture
-policy the BPF maps hold. Exits 1 when nothing is installed.
+policy the BPF maps hold, and the kernel memory the install holds. Exits 1
+when nothing is installed, or when the install is incomplete (a killed
+install, a detached link): then it says what is missing and the command
+that repairs it.
 
 Examples:
   sluice status --cgroup /sys/fs/cgroup/unified/mypod
@@ -30,7 +33,7 @@ Examples:
 	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
 		fs := flag.NewFlagSet("status", flag.ContinueOnError)
 		cgroup := fs.String("cgroup", "", "the pod's cgroup v2 directory (required)")
-		pinDir := fs.String("pin-dir", "", "where the pins are (default /sys/fs/bpf/sluice/<pod id>)")
+		pinDir := fs.String("pin-dir", "", "where the pins are (default /sys/fs/bpf/sluice/<cgroup id>)")
 		asJSON := fs.Bool("json", false, "print JSON")
 		if err := parseFlags(fs, c, args, stdout); err != nil {
 			return err
@@ -41,7 +44,7 @@ Examples:
 		if err := requireRoot(); err != nil {
 			return err
 		}
-		target, err := loader.TargetOf(*cgroup, *pinDir)
+		target, err := loader.FindTarget(*cgroup, *pinDir)
 		if err != nil {
 			return err
 		}
@@ -52,16 +55,31 @@ Examples:
 		if *asJSON {
 			enc := json.NewEncoder(stdout)
 			enc.SetIndent("", "  ")
-			return enc.Encode(state)
+			if err := enc.Encode(state); err != nil {
+				return err
+			}
+		} else {
+			printStatus(stdout, state)
 		}
-		printStatus(stdout, state)
+		if !state.Complete {
+			return fmt.Errorf("the install on %s is incomplete (%s): repair it with: %s", state.Target.Cgroup, strings.Join(state.Missing, "; "), state.Repair)
+		}
 		return nil
 	}
 	return c
 }
 
 func printStatus(w io.Writer, s loader.State) {
-	fmt.Fprintf(w, "cgroup   %s\npod id   %s\npins     %s\n\n", s.Target.Cgroup, s.Target.PodID, s.Target.PinDir)
+	fmt.Fprintf(w, "cgroup   %s (id %d)\npins     %s\n", s.Target.Cgroup, s.Target.CgroupID, s.Target.PinDir)
+	switch {
+	case !s.Complete:
+		fmt.Fprintf(w, "state    INCOMPLETE: %s\n         repair: %s\n", strings.Join(s.Missing, "; "), s.Repair)
+	case s.Upgrade:
+		fmt.Fprintf(w, "state    complete, built from another Sluice (object %s): rerun install to upgrade in place\n", s.Object)
+	default:
+		fmt.Fprintf(w, "state    complete\n")
+	}
+	fmt.Fprintf(w, "memory   %s locked in the kernel (maps %s, programs %s)\n\n", kib(s.Memory.Total()), kib(s.Memory.Maps), kib(s.Memory.Programs))
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "LINK\tLINK ID\tPROGRAM\tPROG ID\tATTACHED TO")
 	inbound := false
@@ -76,7 +94,7 @@ func printStatus(w io.Writer, s loader.State) {
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\n", l.Pin[strings.LastIndex(l.Pin, "/")+1:], l.LinkID, l.Program, l.ProgramID, to)
 	}
 	tw.Flush()
-	c := s.Capture
+	c := s.Plan
 	fmt.Fprintf(w, "\npolicy\n")
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "  outbound listener\t127.0.0.1:%d, [::1]:%d\n", c.OutboundPort, c.OutboundPort)
@@ -93,6 +111,8 @@ func printStatus(w io.Writer, s loader.State) {
 	fmt.Fprintf(tw, "  inbound ports excluded\t%s\n", ports(false, c.ExcludeInboundPorts))
 	tw.Flush()
 }
+
+func kib(n uint64) string { return fmt.Sprintf("%d KiB", (n+1023)/1024) }
 
 func cidrs(all bool, list []netip.Prefix) string {
 	if all {

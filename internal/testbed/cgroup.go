@@ -1,17 +1,16 @@
 package testbed
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
+	"github.com/sluicemesh/sluice/internal/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -19,55 +18,13 @@ import (
 // leave a cgroup before giving up on removing it.
 const cgroupDrainTimeout = 10 * time.Second
 
-// cgroup2Mount returns the mount point of the cgroup v2 hierarchy. It is
-// /sys/fs/cgroup on unified hosts but /sys/fs/cgroup/unified on hybrid
-// ones, so it is looked up rather than assumed.
+// cgroup2Mount returns the first mount point of the cgroup v2 hierarchy.
 func cgroup2Mount() (string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	mounts, err := mountinfo.Cgroup2()
 	if err != nil {
-		return "", fmt.Errorf("find cgroup2 mount: %w", err)
+		return "", err
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// Fields: id parent major:minor root mountpoint options [optional...] - fstype source superoptions
-		fields := strings.Fields(sc.Text())
-		sep := -1
-		for i, f := range fields {
-			if f == "-" {
-				sep = i
-				break
-			}
-		}
-		if sep < 5 || sep+1 >= len(fields) || fields[sep+1] != "cgroup2" {
-			continue
-		}
-		return unescapeMountPath(fields[4]), nil
-	}
-	if err := sc.Err(); err != nil {
-		return "", fmt.Errorf("find cgroup2 mount: %w", err)
-	}
-	return "", errors.New("find cgroup2 mount: no cgroup2 file system mounted")
-}
-
-// unescapeMountPath undoes the octal escapes (\040 for a space) that
-// mountinfo uses for white space and backslashes in paths.
-func unescapeMountPath(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
+	return mounts[0], nil
 }
 
 // removeCgroup waits until the cgroup at dir has no processes left and

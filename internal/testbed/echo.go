@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net"
 	"sync"
+
+	"github.com/sluicemesh/sluice/internal/nsenter"
 )
 
 // echoBufSize bounds the memory each echo connection uses.
@@ -94,7 +96,7 @@ func (b *Bed) listenEcho(nsPath, addr string) (net.Listener, error) {
 		return nil, errors.New("bed is closed")
 	}
 	var ln net.Listener
-	err := runInNetns(nsPath, func() error {
+	err := nsenter.Do(nsPath, func() error {
 		var err error
 		ln, err = net.Listen("tcp", addr)
 		return err

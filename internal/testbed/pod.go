@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/sluicemesh/sluice/internal/nsenter"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -254,10 +255,10 @@ func prefixToIPNet(p netip.Prefix) *net.IPNet {
 // switches back afterwards. Sockets created inside fn stay in the pod's
 // netns and may be used from any goroutine afterwards. fn runs on another
 // goroutine, so it must not call t.FailNow.
-func (p *Pod) Do(fn func() error) error { return runInNetns(p.Netns, fn) }
+func (p *Pod) Do(fn func() error) error { return nsenter.Do(p.Netns, fn) }
 
 // Do runs fn on a locked OS thread switched into the host's netns, see Pod.Do.
-func (h *Host) Do(fn func() error) error { return runInNetns(h.Netns, fn) }
+func (h *Host) Do(fn func() error) error { return nsenter.Do(h.Netns, fn) }
 
 // Start starts cmd inside the pod: in its cgroup (clone3 with
 // CLONE_INTO_CGROUP, so it never runs outside it) and in its netns. Other
@@ -304,7 +305,7 @@ func (b *Bed) start(nsPath string, cmd *exec.Cmd) error {
 	if cmd.WaitDelay == 0 {
 		cmd.WaitDelay = waitDelay
 	}
-	err := runInNetns(nsPath, cmd.Start)
+	err := nsenter.Do(nsPath, cmd.Start)
 	// Even if only switching back failed, the process runs and is ours to kill.
 	if cmd.Process != nil {
 		b.procs = append(b.procs, cmd)

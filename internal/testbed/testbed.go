@@ -19,6 +19,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sluicemesh/sluice/internal/nsenter"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 )
@@ -184,7 +185,7 @@ func stopProcess(cmd *exec.Cmd) error {
 
 // DoNode runs fn on a locked OS thread inside the node netns, see Pod.Do.
 func (b *Bed) DoNode(fn func() error) error {
-	return runInNetns(netnsPath(b.nodeNetns), fn)
+	return nsenter.Do(netnsPath(b.nodeNetns), fn)
 }
 
 // TB is the part of testing.TB that Must uses (so the package need not import "testing").

@@ -167,15 +167,6 @@ func TestSubnets(t *testing.T) {
 	}
 }
 
-func TestUnescapeMountPath(t *testing.T) {
-	if got := unescapeMountPath(`/a\040b\134c`); got != `/a b\c` {
-		t.Errorf("got %q", got)
-	}
-	if got := unescapeMountPath(`/x\04`); got != `/x\04` {
-		t.Errorf("got %q", got)
-	}
-}
-
 func TestPodReachesHost(t *testing.T) {
 	RequirePrivileged(t)
 	b := Must(t)

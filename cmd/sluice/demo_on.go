@@ -1,3 +1,5 @@
+//go:build demo
+
 package main
 
 import (
@@ -16,6 +18,11 @@ import (
 	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/redirect"
 )
+
+// runDemoHelper runs the demo's helper roles (the app the demo starts in the
+// pod is this binary again) and exits when asked to; the helpers exist only
+// in a binary built with the demo tag.
+func runDemoHelper() { testbed.RunHelperIfRequested() }
 
 func demoCommand() command {
 	c := command{
@@ -96,7 +103,7 @@ func demo(w io.Writer) (err error) {
 	if err := policy.ExcludeOutboundPorts.Set("9090"); err != nil {
 		return err
 	}
-	capture, err := policy.Capture()
+	plan, err := policy.Plan()
 	if err != nil {
 		return err
 	}
@@ -106,7 +113,7 @@ func demo(w io.Writer) (err error) {
 	}
 	target.Netns, target.Interface = pod.Netns, pod.Iface
 	log, _ := newLogger(os.Stderr, "text", "warn")
-	if err := loader.Install(target, capture, log); err != nil {
+	if _, err := loader.Install(target, plan, []string{"--cgroup", pod.Cgroup, "--netns", pod.Netns, "-o", "9090"}, log); err != nil {
 		return err
 	}
 	defer func() { err = errors.Join(err, loader.Uninstall(target, log)) }()

@@ -1,4 +1,8 @@
-package redirect
+// Package proxy is Sluice's built-in transparent TCP proxy: it learns each
+// captured connection's original destination with getsockopt(SO_ORIGINAL_DST)
+// and forwards the bytes. It knows nothing of BPF and works the same behind
+// iptables REDIRECT.
+package proxy
 
 import (
 	"context"
@@ -32,8 +36,8 @@ const (
 // capture sees again (inbound capture sits on the pod's interface, not lo).
 var inboundSource4 = &net.TCPAddr{IP: net.IPv4(127, 0, 0, 6)}
 
-// ProxyOptions configures the built-in proxy; zero values take the defaults.
-type ProxyOptions struct {
+// Options configures the built-in proxy; zero values take the defaults.
+type Options struct {
 	DialTimeout time.Duration // default 5s
 	IdleTimeout time.Duration // a direction with no bytes for this long is closed; default 1h
 	BufferSize  int           // per direction; default 32 KiB
@@ -45,12 +49,16 @@ type ProxyOptions struct {
 // same call Envoy and HAProxy make, dials it and copies bytes both ways. It
 // works the same behind Sluice's BPF hooks and behind iptables REDIRECT.
 type Proxy struct {
-	opts ProxyOptions
+	opts Options
 	bufs sync.Pool
-	wg   sync.WaitGroup
+
+	// stop ends every dial and open connection when a drain runs out.
+	stop     context.Context
+	stopNow  context.CancelFunc
+	handlers sync.WaitGroup
 }
 
-func NewProxy(opts ProxyOptions) *Proxy {
+func New(opts Options) *Proxy {
 	if opts.DialTimeout == 0 {
 		opts.DialTimeout = 5 * time.Second
 	}
@@ -64,17 +72,18 @@ func NewProxy(opts ProxyOptions) *Proxy {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	p := &Proxy{opts: opts}
+	p.stop, p.stopNow = context.WithCancel(context.Background())
 	p.bufs.New = func() any { b := make([]byte, opts.BufferSize); return &b }
 	return p
 }
 
-// Serve accepts on ln until ctx is done or ln fails, then waits for the
-// connections in flight to finish.
+// Serve accepts on ln until ctx is done (it then returns nil and leaves the
+// open connections to Shutdown) or ln fails (it returns the error). dir
+// names the traffic ln receives, for the logs.
 func (p *Proxy) Serve(ctx context.Context, ln net.Listener, dir Direction) error {
-	port := ln.Addr().(*net.TCPAddr).AddrPort().Port()
+	listenAddr := ln.Addr().(*net.TCPAddr).AddrPort()
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
-	defer p.wg.Wait()
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -87,15 +96,51 @@ func (p *Proxy) Serve(ctx context.Context, ln net.Listener, dir Direction) error
 			}
 			return fmt.Errorf("accept on %s: %w", ln.Addr(), err)
 		}
-		p.wg.Add(1)
+		p.handlers.Add(1)
 		go func() {
-			defer p.wg.Done()
-			p.handle(ctx, c.(*net.TCPConn), dir, port)
+			defer p.handlers.Done()
+			p.handle(c.(*net.TCPConn), dir, listenAddr)
 		}()
 	}
 }
 
-func (p *Proxy) handle(ctx context.Context, down *net.TCPConn, dir Direction, listenPort uint16) {
+// Shutdown lets the open connections finish for up to drain, then closes
+// the rest and waits for them. Call it once every Serve has returned.
+func (p *Proxy) Shutdown(drain time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		p.handlers.Wait()
+		close(done)
+	}()
+	timer := time.NewTimer(drain)
+	defer timer.Stop()
+	select {
+	case <-done:
+	case <-timer.C:
+		p.opts.Logger.Warn("drain period over; closing the open connections", "drain", drain)
+		p.stopNow()
+		<-done
+	}
+	p.stopNow()
+}
+
+// isLoop reports whether dst is the listener itself: a connection straight to
+// the listener (its port is never captured) would dial itself forever. Only
+// the address the listener serves counts, so a captured connection to a
+// remote server that happens to use the same port goes through.
+func isLoop(dst, listen, local netip.AddrPort) bool {
+	if dst.Port() != listen.Port() {
+		return false
+	}
+	if listen.Addr().IsUnspecified() {
+		// A wildcard listener serves every local address; this
+		// connection's own local address is one of them.
+		return dst.Addr().Unmap() == local.Addr().Unmap()
+	}
+	return dst.Addr().Unmap() == listen.Addr().Unmap()
+}
+
+func (p *Proxy) handle(down *net.TCPConn, dir Direction, listenAddr netip.AddrPort) {
 	defer down.Close()
 	log := p.opts.Logger.With("direction", string(dir), "client", down.RemoteAddr().String())
 	dst, err := OriginalDst(down)
@@ -104,10 +149,8 @@ func (p *Proxy) handle(ctx context.Context, down *net.TCPConn, dir Direction, li
 		return
 	}
 	log = log.With("orig_dst", dst.String())
-	if dst.Port() == listenPort {
-		// The proxy's own ports are never captured, so this connection
-		// came straight to the listener: dialing it would loop.
-		log.Warn("original destination is the proxy's own port; closing")
+	if isLoop(dst, listenAddr, down.LocalAddr().(*net.TCPAddr).AddrPort()) {
+		log.Warn("original destination is the proxy's own listener; closing")
 		return
 	}
 
@@ -115,7 +158,7 @@ func (p *Proxy) handle(ctx context.Context, down *net.TCPConn, dir Direction, li
 	if dir == Inbound && dst.Addr().Unmap().Is4() {
 		dialer.LocalAddr = inboundSource4
 	}
-	dialCtx, cancel := context.WithTimeout(ctx, p.opts.DialTimeout)
+	dialCtx, cancel := context.WithTimeout(p.stop, p.opts.DialTimeout)
 	upConn, err := dialer.DialContext(dialCtx, "tcp", dst.String())
 	cancel()
 	if err != nil {
@@ -124,6 +167,12 @@ func (p *Proxy) handle(ctx context.Context, down *net.TCPConn, dir Direction, li
 	}
 	up := upConn.(*net.TCPConn)
 	defer up.Close()
+	// A drain that runs out cuts the connection.
+	release := context.AfterFunc(p.stop, func() {
+		down.Close()
+		up.Close()
+	})
+	defer release()
 
 	start := time.Now()
 	var sent, received int64

@@ -1,0 +1,25 @@
+//go:build demo
+
+package main
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestDemo(t *testing.T) {
+	privileged(t)
+	out := mustCLI(t, "demo")
+	for _, want := range []string{
+		"app   198.18.2.2:8080       198.18.2.2:8080             198.18.2.2:8080           1 MiB intact  outbound, captured",
+		"app   [2001:2:0:2::2]:8080  [2001:2:0:2::2]:8080        [2001:2:0:2::2]:8080      1 MiB intact  outbound, captured (IPv6)",
+		"app   198.18.2.2:9090       198.18.2.2:9090             -                         1 MiB intact  outbound, direct",
+		"web   198.18.1.2:8080       198.18.1.2:8080             198.18.1.2:8080           1 MiB intact  inbound, captured",
+		"web   [2001:2:0:1::2]:8080  [2001:2:0:1::2]:8080        [2001:2:0:1::2]:8080      1 MiB intact  inbound, captured (IPv6)",
+	} {
+		// Column widths are tabwriter's business: compare words only.
+		if !strings.Contains(strings.Join(strings.Fields(out), " "), strings.Join(strings.Fields(want), " ")) {
+			t.Errorf("demo output lacks %q:\n%s", want, out)
+		}
+	}
+}

@@ -1,0 +1,261 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/internal/nsenter"
+)
+
+// hook is one program and where it attaches: the pod's cgroup, or (tcx) the
+// ingress of the pod's interface. Either way the attachment is a bpf_link,
+// pinned so it outlives the installing process, and updated in place with
+// link.Update so a program is replaced with no moment of no capture.
+type hook struct {
+	prog   string
+	attach ebpf.AttachType
+	pin    string
+}
+
+func (h hook) tcx() bool { return h.attach == ebpf.AttachTCXIngress }
+
+// cgroupHooks in attach order: everything that answers for a redirected
+// connection (sockops, getsockopt, getpeername) and guards the capture ports
+// (bind) is in place before connect starts redirecting, so no connection is
+// captured half-way. Uninstall goes in reverse and stops capturing first.
+var cgroupHooks = []hook{
+	{bpf.SluiceProgSluiceSockops, ebpf.AttachCGroupSockOps, "link_sockops"},
+	{bpf.SluiceProgSluiceGetsockopt, ebpf.AttachCGroupGetsockopt, "link_getsockopt"},
+	{bpf.SluiceProgSluiceGetpeername4, ebpf.AttachCgroupInet4GetPeername, "link_getpeername4"},
+	{bpf.SluiceProgSluiceGetpeername6, ebpf.AttachCgroupInet6GetPeername, "link_getpeername6"},
+	{bpf.SluiceProgSluiceBind4, ebpf.AttachCGroupInet4Bind, "link_bind4"},
+	{bpf.SluiceProgSluiceBind6, ebpf.AttachCGroupInet6Bind, "link_bind6"},
+	{bpf.SluiceProgSluiceConnect4, ebpf.AttachCGroupInet4Connect, "link_connect4"},
+	{bpf.SluiceProgSluiceConnect6, ebpf.AttachCGroupInet6Connect, "link_connect6"},
+}
+
+// tcHook is inbound capture on the pod's interface; tcx needs no qdisc, so
+// install never creates or removes one.
+var tcHook = hook{bpf.SluiceProgSluiceTcIngress, ebpf.AttachTCXIngress, "link_tc_ingress"}
+
+var allHooks = append(cgroupHooks[:len(cgroupHooks):len(cgroupHooks)], tcHook)
+
+// linkAction says what ensureLink did.
+type linkAction string
+
+const (
+	linkKept     linkAction = "kept"     // already ran this program here
+	linkUpdated  linkAction = "updated"  // ran another program: replaced in place
+	linkAttached linkAction = "attached" // was missing or detached: attached anew
+)
+
+// ensureLink makes the link pinned at dir/h.pin run prog on t: it keeps a
+// link that already does, updates one that runs another program, and
+// replaces a pin whose link no longer holds its attachment (the cgroup or
+// interface is gone). A new link is attached and then pinned; if this
+// process dies in between, the kernel drops the link with its descriptor.
+func ensureLink(h hook, t Target, ifindex int, prog *ebpf.Program, dir string) (linkAction, error) {
+	pin := filepath.Join(dir, h.pin)
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		action, err := reuseLink(l, h, t, ifindex, prog)
+		l.Close()
+		if action != "" || err != nil {
+			return action, err
+		}
+		if err := os.Remove(pin); err != nil {
+			return "", fmt.Errorf("remove detached link %s: %w", pin, err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("open link %s: %w", pin, err)
+	}
+
+	l, err := attachNew(h, t, ifindex, prog)
+	if err != nil {
+		return "", err
+	}
+	// Once pinned, the pin holds the attachment; this descriptor can go.
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		return "", fmt.Errorf("pin link %s: %w", h.pin, err)
+	}
+	return linkAttached, nil
+}
+
+// reuseLink keeps or updates a pinned link that is still attached where it
+// should be, and returns "" for one that is not.
+func reuseLink(l link.Link, h hook, t Target, ifindex int, prog *ebpf.Program) (linkAction, error) {
+	info, err := l.Info()
+	if err != nil {
+		return "", fmt.Errorf("link info %s: %w", h.pin, err)
+	}
+	if !attachedAt(info, t, ifindex) {
+		return "", nil
+	}
+	same, err := sameProgram(info.Program, prog)
+	if err != nil || same {
+		return linkKept, err
+	}
+	if err := l.Update(prog); err != nil {
+		return "", fmt.Errorf("update %s in place: %w", h.pin, err)
+	}
+	return linkUpdated, nil
+}
+
+// attachedAt reports whether a link still holds its attachment to t's cgroup
+// or to interface ifindex. A link whose cgroup or interface is gone reports
+// id 0.
+func attachedAt(info *link.Info, t Target, ifindex int) bool {
+	if cg := info.Cgroup(); cg != nil {
+		return cg.CgroupId != 0 && cg.CgroupId == t.CgroupID
+	}
+	if tcx := info.TCX(); tcx != nil {
+		return tcx.Ifindex != 0 && int(tcx.Ifindex) == ifindex
+	}
+	return false
+}
+
+// sameProgram compares a running program with a loaded one by tag, the hash
+// of its instructions: a rerun of the same build keeps its links.
+func sameProgram(id ebpf.ProgramID, prog *ebpf.Program) (bool, error) {
+	running, err := ebpf.NewProgramFromID(id)
+	if err != nil {
+		return false, fmt.Errorf("open program %d: %w", id, err)
+	}
+	defer running.Close()
+	a, err := running.Info()
+	if err != nil {
+		return false, fmt.Errorf("program %d info: %w", id, err)
+	}
+	b, err := prog.Info()
+	if err != nil {
+		return false, fmt.Errorf("program info: %w", err)
+	}
+	return a.Tag == b.Tag && a.Type == b.Type, nil
+}
+
+func attachNew(h hook, t Target, ifindex int, prog *ebpf.Program) (link.Link, error) {
+	if !h.tcx() {
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: t.Cgroup, Attach: h.attach, Program: prog})
+		if err != nil {
+			return nil, fmt.Errorf("attach %s to %s: %w", h.prog, t.Cgroup, err)
+		}
+		return l, nil
+	}
+	// tcx resolves the interface index in the caller's network namespace.
+	var l link.Link
+	err := nsenter.Do(t.Netns, func() error {
+		var err error
+		l, err = link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: h.attach})
+		if err != nil {
+			return fmt.Errorf("attach %s to %s ingress: %w", h.prog, t.Interface, err)
+		}
+		return nil
+	})
+	if err != nil && l != nil {
+		// Attached, but leaving the namespace failed: do not leak it.
+		l.Close()
+		l = nil
+	}
+	return l, err
+}
+
+// removeLink detaches the link pinned at pin (so the program leaves even if
+// some process still holds a descriptor to the link) and unpins it. A
+// missing pin is not an error.
+func removeLink(pin string) error {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open link %s: %w", pin, err)
+	}
+	defer l.Close()
+	var errs []error
+	if err := l.Detach(); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("detach %s: %w", pin, err))
+	}
+	if err := l.Unpin(); err != nil {
+		errs = append(errs, fmt.Errorf("unpin %s: %w", pin, err))
+	}
+	return errors.Join(errs...)
+}
+
+// interfaceIndex resolves t.Interface inside t.Netns.
+func interfaceIndex(t Target) (int, error) {
+	var index int
+	err := nsenter.Do(t.Netns, func() error {
+		iface, err := net.InterfaceByName(t.Interface)
+		if err != nil {
+			where := "this network namespace"
+			if t.Netns != "" {
+				where = "netns " + t.Netns
+			}
+			return fmt.Errorf("no interface %s in %s: pass --interface with the pod's interface (see 'ip link')", t.Interface, where)
+		}
+		index = iface.Index
+		return nil
+	})
+	return index, err
+}
+
+// otherSluice refuses to stack a second Sluice on t: any Sluice program
+// that runs for the pod's cgroup (attached to it or inherited from a parent)
+// or on its interface, other than through the links pinned in t's own
+// directory, belongs to another install with its pins elsewhere.
+func otherSluice(t Target, ifindex int, ours map[ebpf.ProgramID]bool) error {
+	cg, err := os.Open(t.Cgroup)
+	if err != nil {
+		return fmt.Errorf("open cgroup %s: %w", t.Cgroup, err)
+	}
+	defer cg.Close()
+	for _, h := range cgroupHooks {
+		res, err := link.QueryPrograms(link.QueryOptions{Target: int(cg.Fd()), Attach: h.attach, QueryFlags: queryEffective})
+		if err != nil {
+			return fmt.Errorf("list programs on %s: %w", t.Cgroup, err)
+		}
+		if err := foreign(res, ours, "cgroup "+t.Cgroup); err != nil {
+			return err
+		}
+	}
+	if ifindex == 0 {
+		return nil
+	}
+	return nsenter.Do(t.Netns, func() error {
+		res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: tcHook.attach})
+		if err != nil {
+			return fmt.Errorf("list programs on %s: %w", t.Interface, err)
+		}
+		return foreign(res, ours, "interface "+t.Interface)
+	})
+}
+
+// queryEffective is BPF_F_QUERY_EFFECTIVE: also the programs a cgroup
+// inherits from its parents.
+const queryEffective = 1
+
+func foreign(res *link.QueryResult, ours map[ebpf.ProgramID]bool, where string) error {
+	for _, ap := range res.Programs {
+		if ours[ap.ID] {
+			continue
+		}
+		p, err := ebpf.NewProgramFromID(ap.ID)
+		if err != nil {
+			continue // freed since the query
+		}
+		info, err := p.Info()
+		p.Close()
+		if err == nil && strings.HasPrefix(info.Name, "sluice_") {
+			return fmt.Errorf("another Sluice install already captures %s (program %s, id %d), with its pins elsewhere: uninstall it first (sluice uninstall with its --pin-dir, or on the cgroup it was installed on)", where, info.Name, ap.ID)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,76 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/sluicemesh/sluice/bpf"
+)
+
+// load loads Sluice's maps and programs. Programs an install does not need
+// are left out (the inbound one unless withTC); maps named in reuse are the
+// existing pinned maps of an install being completed or updated, so its
+// state carries over.
+func load(withTC bool, reuse map[string]*ebpf.Map) (*ebpf.Collection, error) {
+	spec, err := bpf.LoadSluice()
+	if err != nil {
+		return nil, fmt.Errorf("read embedded BPF object: %w", err)
+	}
+	if !withTC {
+		delete(spec.Programs, bpf.SluiceProgSluiceTcIngress)
+	}
+	if err := setConstants(spec, map[string]any{bpf.SluiceVarPageSize: uint32(os.Getpagesize())}); err != nil {
+		return nil, err
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: reuse})
+	if err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			// The full log is what a kernel developer needs to see.
+			return nil, fmt.Errorf("load BPF programs: %+v", ve)
+		}
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return nil, fmt.Errorf("the pinned maps are from an incompatible Sluice version (%w): run 'sluice uninstall' for this pod, then install again", err)
+		}
+		return nil, fmt.Errorf("load BPF programs: %w", err)
+	}
+	return coll, nil
+}
+
+// setConstants writes values into the constants' data sections themselves
+// and then drops the variables from the spec. Loading with variables would
+// make cilium/ebpf mmap .rodata for the Collection, and that mapping keeps
+// the map alive until Go's garbage collector unmaps it, long after an
+// uninstall; setting a variable and then dropping it instead loses the
+// value. Every variable that is not a constant is dropped the same way.
+func setConstants(spec *ebpf.CollectionSpec, values map[string]any) error {
+	for name, value := range values {
+		v := spec.Variables[name]
+		if v == nil || !v.Constant() {
+			return fmt.Errorf("set %s: no such constant in the BPF object", name)
+		}
+		if err := v.Set(value); err != nil {
+			return fmt.Errorf("set %s: %w", name, err)
+		}
+		m := spec.Maps[v.SectionName]
+		if m == nil || len(m.Contents) != 1 {
+			return fmt.Errorf("set %s: section %s has no contents", name, v.SectionName)
+		}
+		data, ok := m.Contents[0].Value.([]byte)
+		end := int(v.Offset) + len(v.Value)
+		if !ok || end > len(data) {
+			return fmt.Errorf("set %s: section %s is too small", name, v.SectionName)
+		}
+		// The spec's contents may be shared with other copies: write a
+		// copy of its bytes.
+		data = slices.Clone(data)
+		copy(data[v.Offset:end], v.Value)
+		m.Contents[0].Value = data
+	}
+	clear(spec.Variables)
+	return nil
+}

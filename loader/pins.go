@@ -1,0 +1,306 @@
+package loader
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/sluicemesh/sluice/bpf"
+)
+
+// The pins of one install: every map (so a rerun, an upgrade and the sidecar
+// find the same state) and one link per hook. The record ("meta") is pinned
+// first and removed last: a directory holding it is Sluice's, and a
+// directory without it holds nothing an install or uninstall finished.
+var pinnedMaps = []string{
+	bpf.SluiceMapMeta,
+	bpf.SluiceMapPolicies,
+	bpf.SluiceMapPolicyActive,
+	bpf.SluiceMapIncludeCidrs,
+	bpf.SluiceMapExcludeCidrs,
+	bpf.SluiceMapSockStates,
+	bpf.SluiceMapHandshakes,
+	bpf.SluiceMapCounters,
+}
+
+// sidecarPins are what `sluice run` reads as the proxy identity: whose pins
+// these are and the policy in force. They are readable by the proxy's group;
+// every other pin stays root's alone.
+var sidecarPins = []string{bpf.SluiceMapMeta, bpf.SluiceMapPolicies, bpf.SluiceMapPolicyActive, bpf.SluiceMapIncludeCidrs, bpf.SluiceMapExcludeCidrs}
+
+const (
+	pinRootMode = 0o711 // anyone may pass through, nobody but root may list pods
+	pinDirMode  = 0o750 // root, and the pod's proxy group
+	sidecarMode = 0o440
+	ownerMode   = 0o600
+)
+
+// recordFormat marks a record written by this layout of pins.
+const recordFormat = 1
+
+// record is an install's description of itself, kept in the "meta" map as
+// JSON so `bpftool map dump pinned DIR/meta` shows it to a human.
+type record struct {
+	Format   int    `json:"sluice_pins"`
+	Cgroup   string `json:"cgroup"`
+	CgroupID uint64 `json:"cgroup_id"`
+	// Where inbound capture was asked for; empty for outbound only.
+	Netns     string `json:"netns,omitempty"`
+	Interface string `json:"interface,omitempty"`
+	Ifindex   int    `json:"ifindex,omitempty"`
+	// Args are the install's flags, for the command that repairs it.
+	Args []string `json:"args,omitempty"`
+	// Object is the BPF object a finished install runs; empty while an
+	// install is under way (or was killed).
+	Object string `json:"object,omitempty"`
+}
+
+func (r record) encode() (bpf.SluiceInstallMeta, error) {
+	var m bpf.SluiceInstallMeta
+	data, err := json.Marshal(r)
+	if err != nil {
+		return m, err
+	}
+	if len(data) >= len(m.Json) {
+		return m, fmt.Errorf("install record of %d bytes does not fit in %d: shorten the cgroup or netns path", len(data), len(m.Json)-1)
+	}
+	for i, b := range data {
+		m.Json[i] = int8(b)
+	}
+	return m, nil
+}
+
+func decodeRecord(m bpf.SluiceInstallMeta) (record, error) {
+	var data []byte
+	for _, c := range m.Json {
+		if c == 0 {
+			break
+		}
+		data = append(data, byte(c))
+	}
+	var r record
+	if err := json.Unmarshal(data, &r); err != nil || r.Format == 0 {
+		return r, errors.New("its meta map holds no Sluice install record")
+	}
+	if r.Format != recordFormat {
+		return r, fmt.Errorf("its pins are in format %d, this Sluice reads format %d: use the Sluice that installed it", r.Format, recordFormat)
+	}
+	return r, nil
+}
+
+func writeRecord(m *ebpf.Map, r record) error {
+	v, err := r.encode()
+	if err != nil {
+		return err
+	}
+	if err := m.Put(uint32(0), &v); err != nil {
+		return fmt.Errorf("write install record: %w", err)
+	}
+	return nil
+}
+
+// pinState is what a pin directory holds.
+type pinState struct {
+	exists bool
+	rec    *record  // nil without a meta pin
+	names  []string // every entry, sorted
+}
+
+// readPins looks at dir without changing anything.
+func readPins(dir string) (pinState, error) {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return pinState{}, nil
+	}
+	if err != nil {
+		return pinState{}, pinsError(dir, err)
+	}
+	s := pinState{exists: true}
+	for _, e := range entries {
+		s.names = append(s.names, e.Name())
+	}
+	if !slices.Contains(s.names, bpf.SluiceMapMeta) {
+		return s, nil
+	}
+	rec, err := readRecord(dir)
+	if err != nil {
+		return s, err
+	}
+	s.rec = &rec
+	return s, nil
+}
+
+func readRecord(dir string) (record, error) {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, bpf.SluiceMapMeta), &ebpf.LoadPinOptions{ReadOnly: true})
+	if err != nil {
+		return record{}, pinsError(dir, err)
+	}
+	defer m.Close()
+	var v bpf.SluiceInstallMeta
+	if m.Type() != ebpf.Array || m.ValueSize() != uint32(len(v.Json)) {
+		return record{}, fmt.Errorf("%s is not a Sluice pin directory: its meta pin is not Sluice's", dir)
+	}
+	if err := m.Lookup(uint32(0), &v); err != nil {
+		return record{}, fmt.Errorf("read install record in %s: %w", dir, err)
+	}
+	r, err := decodeRecord(v)
+	if err != nil {
+		return r, fmt.Errorf("%s is not a usable Sluice pin directory: %w", dir, err)
+	}
+	return r, nil
+}
+
+// unknown lists the entries of s that no install creates.
+func (s pinState) unknown() []string {
+	var out []string
+	for _, n := range s.names {
+		if !slices.Contains(pinnedMaps, n) && !slices.ContainsFunc(allHooks, func(h hook) bool { return h.pin == n }) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// checkOwner refuses pins that record another cgroup than t's: two pods
+// must never share pins, and no command may act on another pod's.
+func checkOwner(t Target, rec record) error {
+	if t.CgroupID != 0 && rec.CgroupID != t.CgroupID {
+		return fmt.Errorf("pins at %s belong to cgroup %s (id %d), not to %s (id %d): pass the pod's own --pin-dir, or none", t.PinDir, rec.Cgroup, rec.CgroupID, t.Cgroup, t.CgroupID)
+	}
+	return nil
+}
+
+// pinsError names the usual reason a pin cannot be opened: the caller is not
+// in the pod's proxy group.
+func pinsError(dir string, err error) error {
+	if !errors.Is(err, os.ErrPermission) {
+		return fmt.Errorf("read pins at %s: %w", dir, err)
+	}
+	who := fmt.Sprintf("uid %d gid %d", os.Getuid(), os.Getgid())
+	var st unix.Stat_t
+	if unix.Stat(dir, &st) == nil {
+		return fmt.Errorf("cannot read the pod's pins at %s as %s: they are readable by root and group %d only: run the sidecar with the proxy gid given to install (-g %d)", dir, who, st.Gid, st.Gid)
+	}
+	return fmt.Errorf("cannot read the pod's pins at %s as %s: run as root or as the proxy gid given to install (-g)", dir, who)
+}
+
+// setModes gives the pin directory and the sidecar's pins to the proxy's
+// group, and keeps everything else root's alone.
+func setModes(dir string, gid uint32) error {
+	if err := chownMod(dir, gid, pinDirMode); err != nil {
+		return err
+	}
+	for _, name := range pinnedMaps {
+		mode, group := os.FileMode(ownerMode), uint32(0)
+		if slices.Contains(sidecarPins, name) {
+			mode, group = sidecarMode, gid
+		}
+		if err := chownMod(filepath.Join(dir, name), group, mode); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func chownMod(path string, gid uint32, mode os.FileMode) error {
+	if err := os.Chown(path, 0, int(gid)); err != nil {
+		return fmt.Errorf("set owner of %s: %w", path, err)
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		return fmt.Errorf("set mode of %s: %w", path, err)
+	}
+	return nil
+}
+
+// mkdirs creates dir and any missing parents with mode and returns the ones
+// it created, shallowest first, also when it fails half-way, so undo
+// removes exactly those.
+func mkdirs(dir string, mode os.FileMode) ([]string, error) {
+	var missing []string
+	for d := dir; ; d = filepath.Dir(d) {
+		if _, err := os.Stat(d); err == nil || d == filepath.Dir(d) {
+			break
+		}
+		missing = append(missing, d)
+	}
+	var created []string
+	for i := len(missing) - 1; i >= 0; i-- {
+		if err := os.Mkdir(missing[i], mode); err != nil && !errors.Is(err, os.ErrExist) {
+			return created, fmt.Errorf("create pin dir %s: %w", missing[i], err)
+		}
+		created = append(created, missing[i])
+		// Mkdir applies the umask; the mode is part of the contract.
+		if err := os.Chmod(missing[i], mode); err != nil {
+			return created, fmt.Errorf("set mode of %s: %w", missing[i], err)
+		}
+	}
+	return created, nil
+}
+
+// lock holds an exclusive lock on the pin root for the length of an install
+// or uninstall, so two of them (a rerun racing a slow first run) never
+// interleave. The kernel drops it when the process dies.
+func lock(root string) (func(), error) {
+	f, err := os.Open(root)
+	if err != nil {
+		return nil, fmt.Errorf("lock %s: %w", root, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: %w", root, err)
+	}
+	return func() { f.Close() }, nil
+}
+
+// Installed is one pod's install as List finds it.
+type Installed struct {
+	PinDir   string `json:"pin_dir"`
+	Cgroup   string `json:"cgroup"`
+	CgroupID uint64 `json:"cgroup_id"`
+}
+
+// List returns the installs under root, one per directory holding a Sluice
+// record; other directories are skipped.
+func List(root string) ([]Installed, error) {
+	entries, err := os.ReadDir(root)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, pinsError(root, err)
+	}
+	var out []Installed
+	for _, e := range entries {
+		if _, err := strconv.ParseUint(e.Name(), 10, 64); err != nil || !e.IsDir() {
+			continue
+		}
+		dir := filepath.Join(root, e.Name())
+		rec, err := readRecord(dir)
+		if err != nil {
+			continue
+		}
+		out = append(out, Installed{PinDir: dir, Cgroup: rec.Cgroup, CgroupID: rec.CgroupID})
+	}
+	return out, nil
+}
+
+// shellQuote quotes args for a command line a user can paste.
+func shellQuote(args []string) string {
+	out := make([]string, len(args))
+	for i, a := range args {
+		if a != "" && !strings.ContainsAny(a, " \t\n'\"\\$`*?[]{}()<>|&;#~!") {
+			out[i] = a
+			continue
+		}
+		out[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
+	}
+	return strings.Join(out, " ")
+}

@@ -1,0 +1,250 @@
+package loader
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/redirect"
+)
+
+// policyMaps are the maps a capture plan lives in: two policy slots, the
+// index of the one in force, and the CIDR tries keyed by slot.
+type policyMaps struct {
+	policies, active, include, exclude *ebpf.Map
+}
+
+func policyMapsOf(maps map[string]*ebpf.Map) policyMaps {
+	return policyMaps{
+		policies: maps[bpf.SluiceMapPolicies],
+		active:   maps[bpf.SluiceMapPolicyActive],
+		include:  maps[bpf.SluiceMapIncludeCidrs],
+		exclude:  maps[bpf.SluiceMapExcludeCidrs],
+	}
+}
+
+// read returns the plan in force and its slot.
+func (m policyMaps) read() (redirect.Plan, uint8, error) {
+	var active uint32
+	if err := m.active.Lookup(uint32(0), &active); err != nil {
+		return redirect.Plan{}, 0, fmt.Errorf("read active policy slot: %w", err)
+	}
+	slot := uint8(active & 1)
+	var pol bpf.SluicePolicy
+	if err := m.policies.Lookup(uint32(slot), &pol); err != nil {
+		return redirect.Plan{}, 0, fmt.Errorf("read policy: %w", err)
+	}
+	e := slotEntries{policy: pol}
+	for _, trie := range []struct {
+		m   *ebpf.Map
+		dst *[]bpf.SluiceCidrKey
+	}{{m.include, &e.include}, {m.exclude, &e.exclude}} {
+		keys, err := cidrKeys(trie.m, slot)
+		if err != nil {
+			return redirect.Plan{}, 0, err
+		}
+		*trie.dst = keys
+	}
+	return e.plan(), slot, nil
+}
+
+// write puts p in force as one visible step: it fills the slot not in force,
+// then flips the active index, so a hook sees either the whole old plan or
+// the whole new one. The old slot is left as it was until the next write, so
+// a hook that read the old index a moment before the flip still finds a
+// complete plan. It reports whether anything changed.
+func (m policyMaps) write(p redirect.Plan) (bool, error) {
+	cur, slot, err := m.read()
+	if err != nil {
+		return false, err
+	}
+	if cur.Equal(p) {
+		return false, nil
+	}
+	next := slot ^ 1
+	for _, trie := range []*ebpf.Map{m.include, m.exclude} {
+		stale, err := cidrKeys(trie, next)
+		if err != nil {
+			return false, err
+		}
+		for _, k := range stale {
+			if err := trie.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return false, fmt.Errorf("clear CIDR %s: %w", prefixFromKey(k), err)
+			}
+		}
+	}
+	e := entriesOf(p, next)
+	one := uint8(1)
+	for _, k := range e.include {
+		if err := m.include.Put(k, one); err != nil {
+			return false, fmt.Errorf("write include CIDR %s: %w", prefixFromKey(k), err)
+		}
+	}
+	for _, k := range e.exclude {
+		if err := m.exclude.Put(k, one); err != nil {
+			return false, fmt.Errorf("write exclude CIDR %s: %w", prefixFromKey(k), err)
+		}
+	}
+	if err := m.policies.Put(uint32(next), &e.policy); err != nil {
+		return false, fmt.Errorf("write policy: %w", err)
+	}
+	if err := m.active.Put(uint32(0), uint32(next)); err != nil {
+		return false, fmt.Errorf("switch to the new policy: %w", err)
+	}
+	return true, nil
+}
+
+func cidrKeys(trie *ebpf.Map, slot uint8) ([]bpf.SluiceCidrKey, error) {
+	var keys []bpf.SluiceCidrKey
+	var k bpf.SluiceCidrKey
+	var v uint8
+	it := trie.Iterate()
+	for it.Next(&k, &v) {
+		if k.Slot == slot {
+			keys = append(keys, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read CIDRs: %w", err)
+	}
+	return keys, nil
+}
+
+// slotEntries is a Plan as one policy slot holds it.
+type slotEntries struct {
+	policy  bpf.SluicePolicy
+	include []bpf.SluiceCidrKey
+	exclude []bpf.SluiceCidrKey
+}
+
+// portSets pairs each of a plan's port lists with the bit set holding it.
+func portSets(p *redirect.Plan) []struct {
+	ports *[]uint16
+	set   bpf.SluicePortSet
+} {
+	return []struct {
+		ports *[]uint16
+		set   bpf.SluicePortSet
+	}{
+		{&p.ExcludeOutboundPorts, bpf.SluicePortSetPORT_OUT_EXCLUDE},
+		{&p.IncludeOutboundPorts, bpf.SluicePortSetPORT_OUT_INCLUDE},
+		{&p.ExcludeInboundPorts, bpf.SluicePortSetPORT_IN_EXCLUDE},
+		{&p.InboundPorts, bpf.SluicePortSetPORT_IN_INCLUDE},
+	}
+}
+
+func entriesOf(p redirect.Plan, slot uint8) slotEntries {
+	e := slotEntries{policy: bpf.SluicePolicy{
+		ProxyUid:     p.ProxyUID,
+		ProxyGid:     p.ProxyGID,
+		OutboundPort: p.OutboundPort,
+		InboundPort:  p.InboundPort,
+	}}
+	if p.IncludeAllCIDRs {
+		e.policy.Flags |= uint32(bpf.SluiceConfigFlagCONFIG_INCLUDE_ALL_CIDRS)
+	}
+	if p.InboundAllPorts {
+		e.policy.Flags |= uint32(bpf.SluiceConfigFlagCONFIG_INBOUND_ALL_PORTS)
+	}
+	for _, ps := range portSets(&p) {
+		for _, port := range *ps.ports {
+			e.policy.Ports[ps.set][port>>6] |= 1 << (port & 63)
+		}
+	}
+	for _, c := range p.IncludeCIDRs {
+		e.include = append(e.include, cidrKey(c, slot))
+	}
+	for _, c := range p.ExcludeCIDRs {
+		e.exclude = append(e.exclude, cidrKey(c, slot))
+	}
+	return e
+}
+
+// plan turns a slot's contents back into a Plan (for status and for
+// comparing against the plan asked for).
+func (e slotEntries) plan() redirect.Plan {
+	pol := e.policy
+	p := redirect.Plan{
+		OutboundPort:    pol.OutboundPort,
+		InboundPort:     pol.InboundPort,
+		ProxyUID:        pol.ProxyUid,
+		ProxyGID:        pol.ProxyGid,
+		IncludeAllCIDRs: pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_INCLUDE_ALL_CIDRS) != 0,
+		InboundAllPorts: pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_INBOUND_ALL_PORTS) != 0,
+	}
+	for _, ps := range portSets(&p) {
+		for w, word := range pol.Ports[ps.set] {
+			for bit := 0; word != 0; bit++ {
+				if word&1 != 0 {
+					*ps.ports = append(*ps.ports, uint16(w*64+bit))
+				}
+				word >>= 1
+			}
+		}
+	}
+	for _, k := range e.include {
+		p.IncludeCIDRs = append(p.IncludeCIDRs, prefixFromKey(k))
+	}
+	for _, k := range e.exclude {
+		p.ExcludeCIDRs = append(p.ExcludeCIDRs, prefixFromKey(k))
+	}
+	return p.Normalize()
+}
+
+// cidrKeyBits is the slot and family bytes that lead every CIDR key.
+const cidrKeyBits = 16
+
+func cidrKey(p netip.Prefix, slot uint8) bpf.SluiceCidrKey {
+	p = p.Masked()
+	k := bpf.SluiceCidrKey{Prefixlen: uint32(cidrKeyBits + p.Bits()), Slot: slot, Family: afInet6}
+	if p.Addr().Is4() {
+		k.Family = afInet
+	}
+	copy(k.Addr[:], p.Addr().AsSlice())
+	return k
+}
+
+func prefixFromKey(k bpf.SluiceCidrKey) netip.Prefix {
+	bits := int(k.Prefixlen) - cidrKeyBits
+	a := netip.AddrFrom16(k.Addr)
+	if k.Family == afInet {
+		a = netip.AddrFrom4([4]byte(k.Addr[:4]))
+	}
+	p, err := a.Prefix(bits)
+	if err != nil {
+		// Only the loader writes these keys; a bad one means a corrupt map.
+		return netip.Prefix{}
+	}
+	return p
+}
+
+// Address families as the BPF side stores them.
+const (
+	afInet  = 2
+	afInet6 = 10
+)
+
+// Addr6 converts an address to the BPF side's form: 16 bytes in network order,
+// IPv4 v4-mapped. The words are filled in native order because the BPF
+// program reads the same bytes as __u32 without swapping.
+func Addr6(a netip.Addr) bpf.SluiceAddr6 {
+	b := a.As16()
+	var out bpf.SluiceAddr6
+	for i := range out.W {
+		out.W[i] = binary.NativeEndian.Uint32(b[4*i:])
+	}
+	return out
+}
+
+// AddrFrom6 is the inverse of Addr6; v4-mapped addresses come back as IPv4.
+func AddrFrom6(a bpf.SluiceAddr6) netip.Addr {
+	var b [16]byte
+	for i, w := range a.W {
+		binary.NativeEndian.PutUint32(b[4*i:], w)
+	}
+	return netip.AddrFrom16(b).Unmap()
+}

@@ -1,0 +1,72 @@
+package redirect
+
+import (
+	"net/netip"
+	"slices"
+)
+
+// Plan is what the BPF programs enforce for one pod, in the terms a user
+// configured it: validated, with defaults filled in. The loader writes it
+// into the maps as it is and reads it back for status.
+type Plan struct {
+	OutboundPort uint16 `json:"outbound_port"`
+	InboundPort  uint16 `json:"inbound_port"`
+	ProxyUID     uint32 `json:"proxy_uid"`
+	ProxyGID     uint32 `json:"proxy_gid"`
+
+	IncludeAllCIDRs bool           `json:"include_all_cidrs"`
+	IncludeCIDRs    []netip.Prefix `json:"include_cidrs"`
+	ExcludeCIDRs    []netip.Prefix `json:"exclude_cidrs"`
+
+	IncludeOutboundPorts []uint16 `json:"include_outbound_ports"`
+	ExcludeOutboundPorts []uint16 `json:"exclude_outbound_ports"`
+
+	InboundAllPorts     bool     `json:"inbound_all_ports"`
+	InboundPorts        []uint16 `json:"inbound_ports"`
+	ExcludeInboundPorts []uint16 `json:"exclude_inbound_ports"`
+}
+
+// Normalize sorts and deduplicates every list and masks every prefix, so two
+// plans that enforce the same thing compare equal.
+func (p Plan) Normalize() Plan {
+	p.IncludeCIDRs = normPrefixes(p.IncludeCIDRs)
+	p.ExcludeCIDRs = normPrefixes(p.ExcludeCIDRs)
+	p.IncludeOutboundPorts = dedup(p.IncludeOutboundPorts)
+	p.ExcludeOutboundPorts = dedup(p.ExcludeOutboundPorts)
+	p.InboundPorts = dedup(p.InboundPorts)
+	p.ExcludeInboundPorts = dedup(p.ExcludeInboundPorts)
+	return p
+}
+
+// Equal reports whether two plans enforce the same policy.
+func (p Plan) Equal(o Plan) bool {
+	a, b := p.Normalize(), o.Normalize()
+	return a.OutboundPort == b.OutboundPort && a.InboundPort == b.InboundPort &&
+		a.ProxyUID == b.ProxyUID && a.ProxyGID == b.ProxyGID &&
+		a.IncludeAllCIDRs == b.IncludeAllCIDRs && a.InboundAllPorts == b.InboundAllPorts &&
+		slices.Equal(a.IncludeCIDRs, b.IncludeCIDRs) && slices.Equal(a.ExcludeCIDRs, b.ExcludeCIDRs) &&
+		slices.Equal(a.IncludeOutboundPorts, b.IncludeOutboundPorts) &&
+		slices.Equal(a.ExcludeOutboundPorts, b.ExcludeOutboundPorts) &&
+		slices.Equal(a.InboundPorts, b.InboundPorts) && slices.Equal(a.ExcludeInboundPorts, b.ExcludeInboundPorts)
+}
+
+func normPrefixes(ps []netip.Prefix) []netip.Prefix {
+	if len(ps) == 0 {
+		return nil
+	}
+	out := make([]netip.Prefix, len(ps))
+	for i, p := range ps {
+		out[i] = p.Masked()
+	}
+	slices.SortFunc(out, netip.Prefix.Compare)
+	return slices.Compact(out)
+}
+
+func dedup(ports []uint16) []uint16 {
+	if len(ports) == 0 {
+		return nil
+	}
+	ports = slices.Clone(ports)
+	slices.Sort(ports)
+	return slices.Compact(ports)
+}
