@@ -193,10 +193,10 @@ func (p *Proxy) handle(down *net.TCPConn, dir Direction, listenAddr netip.AddrPo
 	}
 	attrs := []any{"upstream", up.LocalAddr().String(), "sent", sent, "received", received, "duration", time.Since(start).Round(time.Microsecond)}
 	if err != nil {
-		log.Info("proxied", append(attrs, "err", err)...)
+		log.Debug("proxied", append(attrs, "err", err)...)
 		return
 	}
-	log.Info("proxied", attrs...)
+	log.Debug("proxied", attrs...)
 }
 
 // pipe copies src to dst with read()/write() and half-closes dst at EOF.

@@ -22,15 +22,32 @@ type capturedPod struct {
 	pod     *testbed.Pod
 	host    *testbed.Host
 	sidecar *testbed.Logged
+	// cgroup is where capture is installed: the pod's cgroup, or a parent
+	// of it, as a Kubernetes pod's cgroup is the parent of its
+	// containers'.
+	cgroup string
 }
 
 func newCapturedPod(t *testing.T, installArgs ...string) *capturedPod {
 	t.Helper()
+	return newCapturedPodIn(t, nil, installArgs...)
+}
+
+// newCapturedPodIn is newCapturedPod for a pod whose processes run in the
+// nested cgroup path containerPath (see testbed.Bed.AddPod), with capture
+// installed on the parent of the innermost cgroup: the pod's, when the path
+// ends in a container's.
+func newCapturedPodIn(t *testing.T, containerPath []string, installArgs ...string) *capturedPod {
+	t.Helper()
 	privileged(t)
 	bed := testbed.Must(t)
-	pod, err := bed.AddPod("app")
+	pod, err := bed.AddPod("app", containerPath...)
 	if err != nil {
 		t.Fatal(err)
+	}
+	cgroup := pod.Cgroup
+	if len(containerPath) > 1 {
+		cgroup = filepath.Dir(pod.Cgroup)
 	}
 	host, err := bed.AddHost("web")
 	if err != nil {
@@ -44,16 +61,17 @@ func newCapturedPod(t *testing.T, installArgs ...string) *capturedPod {
 		}
 	}
 	// Inbound capture too: outbound tests then also show it leaves replies alone.
-	mustCLI(t, append([]string{"install", "--cgroup", pod.Cgroup, "--netns", pod.Netns}, installArgs...)...)
+	mustCLI(t, append([]string{"install", "--cgroup", cgroup, "--netns", pod.Netns}, installArgs...)...)
 	// Registered after the bed, so it runs before the bed removes the cgroup.
-	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", pod.Cgroup) })
-	return &capturedPod{pod: pod, host: host}
+	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", cgroup) })
+	return &capturedPod{pod: pod, host: host, cgroup: cgroup}
 }
 
-// startSidecar runs `sluice run` in the pod as root; it drops to uid 1337.
-func (c *capturedPod) startSidecar(t *testing.T) {
+// startSidecar runs `sluice run` in the pod as root; it switches to uid
+// 1337 before it listens.
+func (c *capturedPod) startSidecar(t *testing.T, args ...string) {
 	t.Helper()
-	l, err := c.pod.StartLogged(sluice(t, "run", "--cgroup", c.pod.Cgroup, "--log-format", "json"))
+	l, err := c.pod.StartLogged(sluice(t, append([]string{"run", "--cgroup", c.cgroup, "--log-format", "json", "--log-level", "debug"}, args...)...))
 	if err != nil {
 		t.Fatal(err)
 	}

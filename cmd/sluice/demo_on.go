@@ -119,7 +119,7 @@ func demo(w io.Writer) (err error) {
 	defer func() { err = errors.Join(err, loader.Uninstall(target, log)) }()
 	fmt.Fprintf(w, "2. installed capture on the pod's cgroup (outbound) and %s ingress (inbound), pinned at %s; no iptables\n", pod.Iface, target.PinDir)
 
-	sidecar, err := pod.StartLogged(exec.Command(exe, "run", "--cgroup", pod.Cgroup, "--log-format", "json"))
+	sidecar, err := pod.StartLogged(exec.Command(exe, "run", "--cgroup", pod.Cgroup, "--log-format", "json", "--log-level", "debug"))
 	if err != nil {
 		return err
 	}

@@ -57,11 +57,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		if c.name != args[0] {
 			continue
 		}
-		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		ctx, stop := signalContext()
 		defer stop()
-		// The first signal asks the command to wind down; after it the
-		// default action is back, so a second signal ends the process.
-		context.AfterFunc(ctx, stop)
 		err := c.run(ctx, args[1:], stdout)
 		switch {
 		case err == nil, errors.Is(err, flag.ErrHelp):
@@ -76,6 +73,32 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stderr, "sluice: unknown command %q: run 'sluice help' for the list\n", args[0])
 	return 2
+}
+
+// signalContext is canceled by the first SIGINT or SIGTERM, which asks the
+// command to wind down; a second signal ends the process at once, by the
+// signal's default action, as Kubernetes expects after its grace period.
+func signalContext() (context.Context, func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		if _, ok := <-sigs; !ok {
+			return
+		}
+		cancel()
+		s, ok := <-sigs
+		if !ok {
+			return
+		}
+		signal.Reset(s)
+		syscall.Kill(os.Getpid(), s.(syscall.Signal))
+	}()
+	return ctx, func() {
+		signal.Stop(sigs)
+		close(sigs)
+		cancel()
+	}
 }
 
 // oneLine keeps a failure to one line on the terminal; joined errors (an

@@ -17,6 +17,7 @@ const mainEnv = "SLUICE_TEST_RUN_MAIN"
 
 func TestMain(m *testing.M) {
 	testbed.RunHelperIfRequested()
+	runTestHelper()
 	if os.Getenv(mainEnv) == "1" {
 		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 	}

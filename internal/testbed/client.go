@@ -28,6 +28,8 @@ const (
 	sizeEnv = "SLUICE_TESTBED_SIZE"
 	// targetEnv is where the relay helper forwards to.
 	targetEnv = "SLUICE_TESTBED_TARGET"
+	// MPTCPEnv=1 makes the client helper connect with IPPROTO_MPTCP.
+	MPTCPEnv = "SLUICE_TESTBED_MPTCP"
 )
 
 const (
@@ -50,6 +52,7 @@ type ClientResult struct {
 	Received  int64  `json:"received"`
 	SentSHA   string `json:"sent_sha256"`
 	RecvSHA   string `json:"recv_sha256"`
+	MPTCP     bool   `json:"mptcp,omitempty"` // the connection really used MPTCP`
 	Err       string `json:"error,omitempty"`
 }
 
@@ -91,7 +94,7 @@ func clientFromEnv() (ClientResult, error) {
 	if err != nil || size < 0 {
 		return ClientResult{}, fmt.Errorf("bad %s %q", sizeEnv, os.Getenv(sizeEnv))
 	}
-	return runClient(os.Getenv(addrEnv), size)
+	return runClient(os.Getenv(addrEnv), size, os.Getenv(MPTCPEnv) == "1")
 }
 
 // ClientCommand returns a command that runs self (usually os.Executable())
@@ -109,10 +112,11 @@ func ClientCommand(self, addr string, size int) *exec.Cmd {
 }
 
 // runClient is the client helper's exchange with an echo server.
-func runClient(addr string, size int) (ClientResult, error) {
+func runClient(addr string, size int, mptcp bool) (ClientResult, error) {
 	var res ClientResult
 	deadline := time.Now().Add(clientTimeout)
 	d := net.Dialer{Deadline: deadline}
+	d.SetMultipathTCP(mptcp)
 	conn, err := d.Dial("tcp", addr)
 	if err != nil {
 		return res, fmt.Errorf("connect %s: %w", addr, err)
@@ -122,6 +126,10 @@ func runClient(addr string, size int) (ClientResult, error) {
 		return res, fmt.Errorf("set deadline: %w", err)
 	}
 	res.Local = conn.LocalAddr().String()
+	if mptcp {
+		// Go falls back to TCP without a word when MPTCP is refused.
+		res.MPTCP, _ = conn.(*net.TCPConn).MultipathTCP()
+	}
 	// Go fills RemoteAddr from getpeername after connect, so this is what
 	// the kernel (and any BPF getpeername hook) reports.
 	res.Peer = conn.RemoteAddr().String()
@@ -213,6 +221,12 @@ func (p *Pod) RunClientAs(self, addr string, size int, uid, gid uint32) (ClientR
 
 func (p *Pod) runClient(cmd *exec.Cmd) (ClientResult, error) {
 	return runClientIn("pod "+p.Name, p.Start, cmd)
+}
+
+// RunClientCommand runs a ClientCommand the caller adjusted (its
+// environment, its credentials) inside the pod and returns its result.
+func (p *Pod) RunClientCommand(cmd *exec.Cmd) (ClientResult, error) {
+	return p.runClient(cmd)
 }
 
 // RunClient runs the client helper inside the host's netns, e.g. to connect

@@ -69,19 +69,34 @@ func subnetFor(n int) subnet {
 }
 
 // AddPod adds a pod on the next free subnet, with its netns, veth, addresses,
-// default routes via the node, and cgroup "<cgroup parent>/<name>".
-func (b *Bed) AddPod(name string) (*Pod, error) {
+// default routes via the node, and cgroup "<cgroup parent>/<name>", or
+// "<cgroup parent>/<cgroupPath...>" when cgroupPath is given (to build the
+// nested, dotted paths of Kubernetes' systemd cgroup driver, such as
+// kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podX.slice).
+func (b *Bed) AddPod(name string, cgroupPath ...string) (*Pod, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	nsName, sub, err := b.addNetns(name, false)
 	if err != nil {
 		return nil, fmt.Errorf("add pod %s: %w", name, err)
 	}
-	cg := filepath.Join(b.cgroupRoot, name)
-	if err := os.Mkdir(cg, 0o755); err != nil {
-		return nil, fmt.Errorf("add pod %s: create cgroup %s: %w", name, cg, err)
+	if len(cgroupPath) == 0 {
+		cgroupPath = []string{name}
 	}
-	b.cgroups = append(b.cgroups, cg)
+	cg := b.cgroupRoot
+	for _, elem := range cgroupPath {
+		if err := validCgroupName(elem); err != nil {
+			return nil, fmt.Errorf("add pod %s: cgroup path: %w", name, err)
+		}
+		cg = filepath.Join(cg, elem)
+		if _, err := os.Stat(cg); err == nil {
+			continue // a parent shared with another pod
+		}
+		if err := os.Mkdir(cg, 0o755); err != nil {
+			return nil, fmt.Errorf("add pod %s: create cgroup %s: %w", name, cg, err)
+		}
+		b.cgroups = append(b.cgroups, cg)
+	}
 	return &Pod{
 		Name:   name,
 		Netns:  netnsPath(nsName),

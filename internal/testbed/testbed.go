@@ -222,8 +222,10 @@ func Must(tb TB) *Bed {
 
 // validName accepts names that are safe as path elements and as parts of
 // netns names.
-func validName(name string) error {
-	if name == "" || len(name) > 64 || name == "." || name == ".." {
+func validName(name string) error { return validNameUpTo(name, 64) }
+
+func validNameUpTo(name string, max int) error {
+	if name == "" || len(name) > max || name == "." || name == ".." {
 		return fmt.Errorf("invalid name %q", name)
 	}
 	for _, c := range name {
@@ -234,3 +236,7 @@ func validName(name string) error {
 	}
 	return nil
 }
+
+// validCgroupName accepts one element of a cgroup path, which may be longer
+// than a netns name: a container's scope is cri-containerd-<64 hex>.scope.
+func validCgroupName(name string) error { return validNameUpTo(name, 255) }

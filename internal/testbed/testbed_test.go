@@ -78,7 +78,7 @@ func TestEchoInProcess(t *testing.T) {
 	defer func() { ln.Close(); <-done }()
 
 	const size = 300_000 // not a multiple of the buffer size
-	res, err := runClient(ln.Addr().String(), size)
+	res, err := runClient(ln.Addr().String(), size, false)
 	if err != nil {
 		t.Fatalf("client: %v (%+v)", err, res)
 	}
@@ -94,7 +94,7 @@ func TestEchoInProcess(t *testing.T) {
 	}
 
 	// Sending the same seed twice gives the same bytes.
-	again, err := runClient(ln.Addr().String(), size)
+	again, err := runClient(ln.Addr().String(), size, false)
 	if err != nil {
 		t.Fatal(err)
 	}

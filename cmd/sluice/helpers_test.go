@@ -1,0 +1,301 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/sluicemesh/sluice/internal/testbed"
+	"github.com/sluicemesh/sluice/proxy"
+)
+
+// helperEnv makes the test binary play one of the roles below inside a pod
+// (in its cgroup, so capture sees it), taking its arguments from the command
+// line and printing one JSON line.
+const helperEnv = "SLUICE_TEST_HELPER"
+
+var helperRoles = map[string]func(args []string) (any, error){
+	"churn":          churn,
+	"hold":           hold,
+	"bind":           tryBind,
+	"openpin":        openPin,
+	"origdst-server": origDstServer,
+}
+
+// runTestHelper runs the role named in the environment, if any, and exits.
+func runTestHelper() {
+	role := os.Getenv(helperEnv)
+	if role == "" {
+		return
+	}
+	fn := helperRoles[role]
+	if fn == nil {
+		fmt.Fprintf(os.Stderr, "unknown helper %q\n", role)
+		os.Exit(2)
+	}
+	res, err := fn(os.Args[1:])
+	out := map[string]any{"result": res}
+	if err != nil {
+		out["error"] = err.Error()
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+	if err != nil {
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+// helper returns a command that runs role with args.
+func helper(t testing.TB, role string, args ...string) *exec.Cmd {
+	cmd := exec.Command(self(t), args...)
+	cmd.Env = append(os.Environ(), helperEnv+"="+role)
+	return cmd
+}
+
+// runHelper runs a helper command in the pod, as uid:gid unless uid is
+// negative, and decodes its result into v.
+func runHelper(t *testing.T, pod *testbed.Pod, cmd *exec.Cmd, uid int, v any) error {
+	t.Helper()
+	if uid >= 0 {
+		cmd.Path = testbed.WorldExecutable(t)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(uid)}}
+	}
+	var stdout, stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := pod.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	werr := cmd.Wait()
+	var out struct {
+		Result json.RawMessage `json:"result"`
+		Error  string          `json:"error"`
+	}
+	if err := json.Unmarshal([]byte(stdout.String()), &out); err != nil {
+		t.Fatalf("helper %v: %v; stdout %q stderr %q", cmd.Args, werr, stdout.String(), stderr.String())
+	}
+	if v != nil && len(out.Result) > 0 {
+		if err := json.Unmarshal(out.Result, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out.Error != "" {
+		return errors.New(out.Error)
+	}
+	return werr
+}
+
+// churnResult is what churn reports.
+type churnResult struct {
+	OK, Failed int64
+	FirstErr   string
+}
+
+// churn makes COUNT short connections to the ADDRs (in turn) with
+// CONCURRENCY at a time: connect, read the echo server's peer line, send one
+// byte, half-close, read the echo to EOF. args: count concurrency addr...
+func churn(args []string) (any, error) {
+	if len(args) < 3 {
+		return nil, errors.New("usage: churn COUNT CONCURRENCY ADDR...")
+	}
+	count, _ := strconv.Atoi(args[0])
+	workers, _ := strconv.Atoi(args[1])
+	addrs := args[2:]
+	var next, ok, failed atomic.Int64
+	var mu sync.Mutex
+	var res churnResult
+	var wg sync.WaitGroup
+	deadline := time.Now().Add(5 * time.Minute)
+	for range workers {
+		wg.Go(func() {
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(count) || time.Now().After(deadline) {
+					return
+				}
+				if err := oneShort(addrs[int(i)%len(addrs)]); err != nil {
+					failed.Add(1)
+					mu.Lock()
+					if res.FirstErr == "" {
+						res.FirstErr = err.Error()
+					}
+					mu.Unlock()
+					continue
+				}
+				ok.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	res.OK, res.Failed = ok.Load(), failed.Load()
+	return res, nil
+}
+
+func oneShort(addr string) error {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	r := bufio.NewReader(c)
+	if _, err := r.ReadString('\n'); err != nil {
+		return fmt.Errorf("peer line: %w", err)
+	}
+	if _, err := c.Write([]byte{'x'}); err != nil {
+		return err
+	}
+	c.(*net.TCPConn).CloseWrite()
+	echo, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	if string(echo) != "x" {
+		return fmt.Errorf("echo %q, want \"x\"", echo)
+	}
+	return nil
+}
+
+// holdState is what hold reports after each exchange.
+type holdState struct {
+	Local, Peer, ServerSaw string
+}
+
+// hold opens COUNT connections to ADDR and keeps them open. For every line
+// it reads on stdin it sends the line on each connection, reads the echo and
+// prints one JSON holdState line (of the first connection, with getpeername
+// asked anew); at EOF it closes them and exits. args: addr [count]
+func hold(args []string) (any, error) {
+	count := 1
+	if len(args) > 1 {
+		count, _ = strconv.Atoi(args[1])
+	}
+	var conns []*net.TCPConn
+	var readers []*bufio.Reader
+	var first holdState
+	for i := range count {
+		c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+		if err != nil {
+			return nil, fmt.Errorf("connection %d: %w", i, err)
+		}
+		r := bufio.NewReader(c)
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return nil, fmt.Errorf("connection %d: peer line: %w", i, err)
+		}
+		if i == 0 {
+			first = holdState{Local: c.LocalAddr().String(), ServerSaw: strings.TrimSuffix(strings.TrimPrefix(line, "peer="), "\n")}
+		}
+		conns, readers = append(conns, c.(*net.TCPConn)), append(readers, r)
+	}
+	enc := json.NewEncoder(os.Stdout)
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		for i, c := range conns {
+			msg := in.Text() + "\n"
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			if _, err := c.Write([]byte(msg)); err != nil {
+				return nil, fmt.Errorf("connection %d: send: %w", i, err)
+			}
+			got, err := readers[i].ReadString('\n')
+			if err != nil || got != msg {
+				return nil, fmt.Errorf("connection %d: echo %q, %v", i, got, err)
+			}
+		}
+		peer, err := getpeername(conns[0])
+		if err != nil {
+			return nil, err
+		}
+		first.Peer = peer
+		enc.Encode(map[string]any{"result": first})
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	return first, nil
+}
+
+// getpeername asks the kernel again: net.Conn caches the peer it saw at
+// connect.
+func getpeername(c *net.TCPConn) (string, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return "", err
+	}
+	var sa syscall.Sockaddr
+	var serr error
+	raw.Control(func(fd uintptr) { sa, serr = syscall.Getpeername(int(fd)) })
+	switch a := sa.(type) {
+	case *syscall.SockaddrInet4:
+		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port)), serr
+	case *syscall.SockaddrInet6:
+		return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port)), serr
+	}
+	return "", fmt.Errorf("getpeername: %v", serr)
+}
+
+// tryBind binds and listens on each ADDR and reports the error of each ("" for
+// success). args: addr...
+func tryBind(args []string) (any, error) {
+	out := map[string]string{}
+	for _, addr := range args {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			out[addr] = err.Error()
+			continue
+		}
+		ln.Close()
+		out[addr] = ""
+	}
+	return out, nil
+}
+
+// openPin opens each pinned map PATH read-only and reports the error of each.
+func openPin(args []string) (any, error) {
+	out := map[string]string{}
+	for _, p := range args {
+		m, err := ebpf.LoadPinnedMap(p, &ebpf.LoadPinOptions{ReadOnly: true})
+		if err != nil {
+			out[p] = err.Error()
+			continue
+		}
+		m.Close()
+		out[p] = ""
+	}
+	return out, nil
+}
+
+// origDstServer accepts one connection on ADDR, prints "listening" on
+// stderr first, and reports what SO_ORIGINAL_DST answers for it.
+func origDstServer(args []string) (any, error) {
+	ln, err := net.Listen("tcp", args[0])
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	ln.(*net.TCPListener).SetDeadline(time.Now().Add(20 * time.Second))
+	c, err := ln.Accept()
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "peer=%s\n", c.RemoteAddr())
+	dst, err := proxy.OriginalDst(c.(*net.TCPConn))
+	if err != nil {
+		return err.Error(), nil
+	}
+	return dst.String(), nil
+}
