@@ -1,0 +1,535 @@
+// Command scale measures what Sluice costs a node: install time per pod
+// against iptables-restore of Istio's rule sets in the same run, the kernel
+// memory of N installed idle pods, and the memory of one pod holding M open
+// captured connections, then after they close.
+//
+//	go run ./scripts/scale -sluice bin/sluice [-pods 1000] [-conns 10000] [-json FILE]
+//
+// It needs root and builds everything it measures itself (cgroups below the
+// cgroup2 mount, a test bed pod, network namespaces), then removes it.
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/internal/nsenter"
+	"github.com/sluicemesh/sluice/internal/testbed"
+	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/proxy"
+)
+
+// roleEnv makes this binary a helper inside the pod: the "acceptor" plays
+// the sidecar (accepts, asks SO_ORIGINAL_DST, holds), the "holder" plays
+// the app (opens connections and holds them until stdin closes).
+const roleEnv = "SLUICE_SCALE_ROLE"
+
+func main() {
+	switch os.Getenv(roleEnv) {
+	case "acceptor":
+		exitOn(acceptor(os.Args[1:]))
+	case "holder":
+		exitOn(holder(os.Args[1], os.Args[2]))
+	}
+	sluice := flag.String("sluice", "bin/sluice", "the sluice binary to install with")
+	pods := flag.Int("pods", 1000, "idle pods to install")
+	conns := flag.Int("conns", 10000, "open connections in one pod")
+	rounds := flag.Int("iptables-rounds", 50, "iptables-restore runs for the baseline")
+	jsonOut := flag.String("json", "", "also write every figure as JSON to this file")
+	flag.Parse()
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "scale: needs root (cgroups, BPF, network namespaces): run it as root")
+		os.Exit(1)
+	}
+	exe, err := filepath.Abs(*sluice)
+	if err == nil {
+		_, err = os.Stat(exe)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "scale: no sluice binary at %s: build it with 'make build' or pass -sluice\n", *sluice)
+		os.Exit(1)
+	}
+	var r report
+	if err := run(exe, *pods, *conns, *rounds, &r); err != nil {
+		fmt.Fprintf(os.Stderr, "scale: %v\n", err)
+		os.Exit(1)
+	}
+	r.print(os.Stdout)
+	if *jsonOut != "" {
+		data, _ := json.MarshalIndent(r, "", "  ")
+		if err := os.WriteFile(*jsonOut, data, 0o644); err != nil {
+			fmt.Fprintf(os.Stderr, "scale: %v\n", err)
+			os.Exit(1)
+		}
+	}
+}
+
+func exitOn(err error) {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+type report struct {
+	Pods            int     `json:"pods"`
+	InstallMedianMs float64 `json:"install_median_ms"`
+	InstallP90Ms    float64 `json:"install_p90_ms"`
+	InstallMaxMs    float64 `json:"install_max_ms"`
+	IPTablesMs      float64 `json:"iptables_restore_median_ms"`
+	UninstallMedMs  float64 `json:"uninstall_median_ms"`
+	IdlePodKiB      float64 `json:"idle_pod_kib"`
+	NodeMiB         float64 `json:"all_pods_mib"`
+	FirstPodKiB     float64 `json:"first_pod_kib"`
+
+	Conns           int     `json:"conns"`
+	ConnPodKiB      float64 `json:"pod_with_conns_kib"`
+	ConnSocketKiB   float64 `json:"socket_storage_with_conns_kib"`
+	ConnHandshakes  int     `json:"handshake_entries_with_conns"`
+	AfterPodKiB     float64 `json:"pod_after_close_kib"`
+	AfterSocketKiB  float64 `json:"socket_storage_after_close_kib"`
+	AfterHandshakes int     `json:"handshake_entries_after_close"`
+	ConnsAnswered   int     `json:"conns_answered_original_dst"`
+}
+
+func (r report) print(w io.Writer) {
+	fmt.Fprintf(w, "\n| install, per pod (exec of sluice install, %d pods) | ms |\n| --- | --- |\n", r.Pods)
+	fmt.Fprintf(w, "| median | %.1f |\n| p90 | %.1f |\n| max | %.1f |\n", r.InstallMedianMs, r.InstallP90Ms, r.InstallMaxMs)
+	fmt.Fprintf(w, "| iptables-restore + ip6tables-restore of Istio's rules in a fresh netns, median | %.1f |\n", r.IPTablesMs)
+	fmt.Fprintf(w, "| ratio sluice / iptables (median) | %.2f |\n", r.InstallMedianMs/r.IPTablesMs)
+	fmt.Fprintf(w, "| uninstall, median | %.1f |\n", r.UninstallMedMs)
+	fmt.Fprintf(w, "\n| kernel memory (memlock of maps and programs) | |\n| --- | --- |\n")
+	fmt.Fprintf(w, "| one idle pod | %.0f KiB |\n| %d idle pods | %.1f MiB (%.0f KiB per pod) |\n", r.FirstPodKiB, r.Pods, r.NodeMiB, r.IdlePodKiB)
+	fmt.Fprintf(w, "| one pod, %d open captured connections: maps and programs | %.0f KiB |\n", r.Conns, r.ConnPodKiB)
+	fmt.Fprintf(w, "| ... their socket storage (ss -m optmem, app and sidecar sockets) | %.0f KiB (%.0f bytes per connection) |\n", r.ConnSocketKiB, r.ConnSocketKiB*1024/float64(max(r.Conns, 1)))
+	fmt.Fprintf(w, "| ... handshake table entries | %d |\n", r.ConnHandshakes)
+	fmt.Fprintf(w, "| after they close: maps and programs / socket storage / handshake entries | %.0f KiB / %.0f KiB / %d |\n", r.AfterPodKiB, r.AfterSocketKiB, r.AfterHandshakes)
+	fmt.Fprintf(w, "| connections whose original destination the acceptor got | %d of %d |\n", r.ConnsAnswered, r.Conns)
+}
+
+func run(exe string, pods, conns, rounds int, r *report) error {
+	ipt, err := iptablesBaseline(rounds)
+	if err != nil {
+		return fmt.Errorf("iptables baseline: %w", err)
+	}
+	r.IPTablesMs = ipt
+	if err := idlePods(exe, pods, r); err != nil {
+		return fmt.Errorf("idle pods: %w", err)
+	}
+	if err := openConns(exe, conns, r); err != nil {
+		return fmt.Errorf("open connections: %w", err)
+	}
+	return nil
+}
+
+// istioRules is what istio-iptables writes for the injector's default
+// flags (-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d
+// 15090,15021,15020), in iptables-save form; %s is the loopback address and
+// %s the inbound passthrough source of the family.
+const istioRules = `*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:ISTIO_INBOUND - [0:0]
+:ISTIO_IN_REDIRECT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_REDIRECT - [0:0]
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A OUTPUT -p tcp -j ISTIO_OUTPUT
+-A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN
+-A ISTIO_INBOUND -p tcp -m tcp --dport 15090 -j RETURN
+-A ISTIO_INBOUND -p tcp -m tcp --dport 15021 -j RETURN
+-A ISTIO_INBOUND -p tcp -m tcp --dport 15020 -j RETURN
+-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
+-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+-A ISTIO_OUTPUT -s %[2]s -o lo -j RETURN
+-A ISTIO_OUTPUT ! -d %[1]s -o lo -p tcp -m tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT ! -d %[1]s -o lo -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -d %[1]s -j RETURN
+-A ISTIO_OUTPUT -j ISTIO_REDIRECT
+-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+COMMIT
+`
+
+// iptablesBaseline times what Istio's init container does in a pod: both
+// rule sets restored in a fresh network namespace, each a process of its
+// own as istio-iptables runs them.
+func iptablesBaseline(rounds int) (float64, error) {
+	dir, err := os.MkdirTemp("", "sluice-scale-")
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(dir)
+	v4, v6 := filepath.Join(dir, "v4"), filepath.Join(dir, "v6")
+	if err := os.WriteFile(v4, fmt.Appendf(nil, istioRules, "127.0.0.1/32", "127.0.0.6/32"), 0o644); err != nil {
+		return 0, err
+	}
+	if err := os.WriteFile(v6, fmt.Appendf(nil, istioRules, "::1/128", "::6/128"), 0o644); err != nil {
+		return 0, err
+	}
+	var took []time.Duration
+	for range rounds {
+		err := nsenter.DoNew(func() error {
+			start := time.Now()
+			for _, step := range [][2]string{{"iptables-restore", v4}, {"ip6tables-restore", v6}} {
+				in, err := os.Open(step[1])
+				if err != nil {
+					return err
+				}
+				cmd := exec.Command(step[0])
+				cmd.Stdin = in
+				out, err := cmd.CombinedOutput()
+				in.Close()
+				if err != nil {
+					return fmt.Errorf("%s: %v: %s", step[0], err, out)
+				}
+			}
+			took = append(took, time.Since(start))
+			return nil
+		})
+		if err != nil {
+			return 0, err
+		}
+	}
+	return ms(percentile(took, 50)), nil
+}
+
+// idlePods installs pods cgroups (no process, no traffic) one sluice
+// install each, as init containers would, and sums their kernel memory.
+func idlePods(exe string, pods int, r *report) (err error) {
+	mount, err := loader.Cgroup2Mount()
+	if err != nil {
+		return err
+	}
+	parent := filepath.Join(mount, fmt.Sprintf("sluice-scale-%d", os.Getpid()))
+	if err := os.Mkdir(parent, 0o755); err != nil {
+		return err
+	}
+	var made []string
+	defer func() {
+		var errs []error
+		// Uninstall is part of the measurement; here it only catches
+		// what an error left installed ("nothing installed" otherwise).
+		for _, cg := range made {
+			if out, uerr := exec.Command(exe, "uninstall", "--cgroup", cg).CombinedOutput(); uerr != nil {
+				errs = append(errs, fmt.Errorf("uninstall %s: %v: %s", cg, uerr, out))
+			}
+			errs = append(errs, os.Remove(cg))
+		}
+		err = errors.Join(err, errors.Join(errs...), os.Remove(parent))
+	}()
+
+	var installs []time.Duration
+	for i := range pods {
+		cg := filepath.Join(parent, fmt.Sprintf("kubepods-besteffort-pod%04d.slice", i))
+		if err := os.Mkdir(cg, 0o755); err != nil {
+			return err
+		}
+		made = append(made, cg)
+		start := time.Now()
+		if out, err := exec.Command(exe, "install", "--cgroup", cg).CombinedOutput(); err != nil {
+			return fmt.Errorf("install %s: %v: %s", cg, err, out)
+		}
+		installs = append(installs, time.Since(start))
+	}
+	r.Pods = pods
+	r.InstallMedianMs, r.InstallP90Ms, r.InstallMaxMs = ms(percentile(installs, 50)), ms(percentile(installs, 90)), ms(percentile(installs, 100))
+
+	var total uint64
+	for i, cg := range made {
+		t, err := loader.ResolveTarget(cg, "")
+		if err != nil {
+			return err
+		}
+		s, err := loader.Status(t)
+		if err != nil {
+			return err
+		}
+		if !s.Complete {
+			return fmt.Errorf("%s: incomplete: %v", cg, s.Missing)
+		}
+		if i == 0 {
+			r.FirstPodKiB = float64(s.Memory.Total()) / 1024
+		}
+		total += s.Memory.Total()
+	}
+	r.NodeMiB = float64(total) / (1 << 20)
+	r.IdlePodKiB = float64(total) / 1024 / float64(pods)
+
+	var uninstalls []time.Duration
+	for _, cg := range made {
+		start := time.Now()
+		if out, err := exec.Command(exe, "uninstall", "--cgroup", cg).CombinedOutput(); err != nil {
+			return fmt.Errorf("uninstall %s: %v: %s", cg, err, out)
+		}
+		uninstalls = append(uninstalls, time.Since(start))
+	}
+	r.UninstallMedMs = ms(percentile(uninstalls, 50))
+	return nil
+}
+
+// openConns holds conns captured connections open in one pod: the app's
+// sockets and the accepted ones both carry Sluice's per-connection state.
+// The "sidecar" only accepts and asks for the original destination, so one
+// process holds one descriptor per connection and the node's descriptor
+// limit is no bound on the count.
+func openConns(exe string, conns int, r *report) (err error) {
+	r.Conns = conns
+	bed, err := testbed.New(fmt.Sprintf("sluice-scale-%d", os.Getpid()))
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, bed.Close()) }()
+	pod, err := bed.AddPod("app")
+	if err != nil {
+		return err
+	}
+	if out, err := exec.Command(exe, "install", "--cgroup", pod.Cgroup).CombinedOutput(); err != nil {
+		return fmt.Errorf("install: %v: %s", err, out)
+	}
+	defer func() {
+		if out, uerr := exec.Command(exe, "uninstall", "--cgroup", pod.Cgroup).CombinedOutput(); uerr != nil {
+			err = errors.Join(err, fmt.Errorf("uninstall: %v: %s", uerr, out))
+		}
+	}()
+	target, err := loader.ResolveTarget(pod.Cgroup, "")
+	if err != nil {
+		return err
+	}
+	self, cleanup, err := worldExecutable()
+	if err != nil {
+		return err
+	}
+	defer cleanup()
+
+	acc := exec.Command(self, "127.0.0.1:15001")
+	acc.Env = append(os.Environ(), roleEnv+"=acceptor")
+	acc.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1337, Gid: 1337}}
+	accOut, err := acc.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	acc.Stderr = os.Stderr
+	if err := pod.Start(acc); err != nil {
+		return err
+	}
+	if err := pod.WaitListening(15001, 10*time.Second); err != nil {
+		return err
+	}
+	// The destination is never dialed: the acceptor holds the app's side.
+	// Its report is read as it comes, or a full pipe would stop it accepting.
+	dst := netip.AddrPortFrom(netip.MustParseAddr("198.18.200.1"), 8080)
+	accepted := make(chan bool, conns)
+	go func() {
+		lines := bufio.NewScanner(accOut)
+		for lines.Scan() {
+			accepted <- lines.Text() == dst.String()
+		}
+		close(accepted)
+	}()
+	hold := exec.Command(self, dst.String(), strconv.Itoa(conns))
+	hold.Env = append(os.Environ(), roleEnv+"=holder")
+	holdIn, err := hold.StdinPipe()
+	if err != nil {
+		return err
+	}
+	holdOut, err := hold.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	hold.Stderr = os.Stderr
+	if err := pod.Start(hold); err != nil {
+		return err
+	}
+	if line, err := bufio.NewReader(holdOut).ReadString('\n'); err != nil || strings.TrimSpace(line) != "open" {
+		return fmt.Errorf("holder: %q, %v", line, err)
+	}
+	for n := 0; n < conns; n++ {
+		answered, ok := <-accepted
+		if !ok {
+			return fmt.Errorf("acceptor ended after %d connections", n)
+		}
+		if answered {
+			r.ConnsAnswered++
+		}
+	}
+
+	measure := func(podKiB, sockKiB *float64, handshakes *int) error {
+		s, err := loader.Status(target)
+		if err != nil {
+			return err
+		}
+		*podKiB = float64(s.Memory.Total()) / 1024
+		opt, err := optmem(pod)
+		if err != nil {
+			return err
+		}
+		*sockKiB = float64(opt) / 1024
+		*handshakes, err = handshakeEntries(target.PinDir)
+		return err
+	}
+	if err := measure(&r.ConnPodKiB, &r.ConnSocketKiB, &r.ConnHandshakes); err != nil {
+		return err
+	}
+	holdIn.Close()
+	if err := hold.Wait(); err != nil {
+		return fmt.Errorf("holder: %w", err)
+	}
+	acc.Process.Kill()
+	acc.Wait()
+	// Closed sockets linger in FIN states for a moment.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if err := measure(&r.AfterPodKiB, &r.AfterSocketKiB, &r.AfterHandshakes); err != nil {
+			return err
+		}
+		if r.AfterSocketKiB == 0 || time.Now().After(deadline) {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+var optmemRE = regexp.MustCompile(`skmem:\([^)]*\bo(\d+)`)
+
+// optmem sums the option memory (where socket-local storage is charged) of
+// every TCP socket in the pod, as `ss -tam` shows it.
+func optmem(pod *testbed.Pod) (uint64, error) {
+	var out []byte
+	err := pod.Do(func() error {
+		var err error
+		out, err = exec.Command("ss", "-tanmH").Output()
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("ss: %w", err)
+	}
+	var sum uint64
+	for _, m := range optmemRE.FindAllSubmatch(out, -1) {
+		n, _ := strconv.ParseUint(string(m[1]), 10, 64)
+		sum += n
+	}
+	return sum, nil
+}
+
+func handshakeEntries(pinDir string) (int, error) {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, bpf.SluiceMapHandshakes), &ebpf.LoadPinOptions{ReadOnly: true})
+	if err != nil {
+		return 0, err
+	}
+	defer m.Close()
+	var k bpf.SluiceTupleKey
+	var v bpf.SluiceOrigDst
+	n := 0
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	return n, it.Err()
+}
+
+// acceptor accepts on addr, prints each connection's original destination
+// (or the error) on a line, and holds the connections until killed.
+func acceptor(args []string) error {
+	ln, err := net.Listen("tcp", args[0])
+	if err != nil {
+		return err
+	}
+	var held []net.Conn
+	w := bufio.NewWriter(os.Stdout)
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return err
+		}
+		held = append(held, c)
+		dst, err := proxy.OriginalDst(c.(*net.TCPConn))
+		if err != nil {
+			fmt.Fprintln(w, err)
+		} else {
+			fmt.Fprintln(w, dst)
+		}
+		w.Flush()
+	}
+}
+
+// holder opens count connections to addr, prints "open", and holds them
+// until stdin closes.
+func holder(addr, count string) error {
+	n, err := strconv.Atoi(count)
+	if err != nil {
+		return err
+	}
+	conns := make([]net.Conn, 0, n)
+	for i := range n {
+		c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+		if err != nil {
+			return fmt.Errorf("connection %d: %w", i, err)
+		}
+		conns = append(conns, c)
+	}
+	fmt.Println("open")
+	io.Copy(io.Discard, os.Stdin)
+	for _, c := range conns {
+		c.Close()
+	}
+	return nil
+}
+
+// worldExecutable copies this binary where uid 1337 may run it.
+func worldExecutable() (string, func(), error) {
+	self, err := os.Executable()
+	if err != nil {
+		return "", nil, err
+	}
+	dir, err := os.MkdirTemp("", "sluice-scale-exe-")
+	if err != nil {
+		return "", nil, err
+	}
+	cleanup := func() { os.RemoveAll(dir) }
+	data, err := os.ReadFile(self)
+	if err == nil {
+		err = os.Chmod(dir, 0o755)
+	}
+	if err == nil {
+		err = os.WriteFile(filepath.Join(dir, "scale"), data, 0o755)
+	}
+	if err != nil {
+		cleanup()
+		return "", nil, err
+	}
+	return filepath.Join(dir, "scale"), cleanup, nil
+}
+
+func percentile(ds []time.Duration, p int) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	i := (len(s) - 1) * p / 100
+	return s[i]
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
