@@ -32,7 +32,7 @@ func ensureBPFFS(pinDir string) (unmount func() error, err error) {
 		return nil, nil
 	}
 	if dir != DefaultBPFFS {
-		return nil, fmt.Errorf("pin dir %s is not on a bpf filesystem: mount one with 'mount -t bpf bpf %s' or pick another --pin-dir", pinDir, dir)
+		return nil, fmt.Errorf("pin dir %s is not on a bpf filesystem: pick a --pin-dir under %s, or mount one first (mount -t bpf bpf DIR)", pinDir, DefaultBPFFS)
 	}
 	if err := unix.Mount("bpf", DefaultBPFFS, "bpf", 0, "mode=0700"); err != nil {
 		return nil, fmt.Errorf("mount bpffs at %s: %w", DefaultBPFFS, err)

@@ -4,7 +4,8 @@
 #   bpftool                  tests check what is loaded and attached
 #   haproxy                  the third-party SO_ORIGINAL_DST proxy test
 #   iptables, nftables       tests check the pod has no rules; the benchmark's baseline
-#   iproute2                 'ip netns' to look at test pods by hand
+#   iproute2                 'ip netns' to look at test pods by hand; ss for make scale
+#   util-linux               mount and setpriv: tests run the sidecar as a container would
 # and the Go modules. Idempotent: apt runs only for missing packages.
 set -euo pipefail
 
@@ -13,7 +14,7 @@ if [[ $(id -u) -ne 0 ]]; then
 	exit 1
 fi
 
-pkgs=(clang llvm libbpf-dev bpftool haproxy iptables nftables iproute2 make)
+pkgs=(clang llvm libbpf-dev bpftool haproxy iptables nftables iproute2 util-linux make)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -28,7 +28,7 @@ that repairs it.
 
 Examples:
   sluice status --cgroup /sys/fs/cgroup/unified/mypod
-  sluice status --cgroup /sys/fs/cgroup/unified/mypod --json | jq .capture`,
+  sluice status --cgroup /sys/fs/cgroup/unified/mypod --json | jq .plan`,
 	}
 	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
 		fs := flag.NewFlagSet("status", flag.ContinueOnError)
