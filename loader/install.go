@@ -52,12 +52,16 @@ type Result struct {
 // Sluice already capturing the pod through other pins.
 func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res Result, err error) {
 	var steps undo
+	unlock := func() {}
 	defer func() {
+		// Undone while still holding the lock: no other install may find a
+		// directory that is about to go.
 		if err != nil {
 			if uerr := steps.run(); uerr != nil {
 				err = errors.Join(err, fmt.Errorf("undo install: %w", uerr))
 			}
 		}
+		unlock()
 	}()
 	unmount, err := ensureBPFFS(t.PinDir)
 	if err != nil {
@@ -74,11 +78,11 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 	if err != nil {
 		return res, err
 	}
-	unlock, err := lock(root)
+	held, err := lock(root)
 	if err != nil {
 		return res, err
 	}
-	defer unlock()
+	unlock = held
 
 	ifindex := 0
 	if t.Interface != "" {
@@ -258,62 +262,4 @@ func pinnedPrograms(dir string) (map[ebpf.ProgramID]bool, error) {
 		ids[info.Program] = true
 	}
 	return ids, nil
-}
-
-// Uninstall detaches every program of t's install and removes its pins and
-// its pin directory, and nothing else: the record is checked first (the pins
-// must be Sluice's and belong to t's cgroup) and removed last, so an
-// uninstall killed half-way finishes when run again. Files Sluice did not
-// create stay, and so does the directory holding them. ErrNotInstalled
-// means there was nothing to remove.
-func Uninstall(t Target, log *slog.Logger) error {
-	root := filepath.Dir(t.PinDir)
-	if _, err := os.Stat(root); err == nil {
-		unlock, err := lock(root)
-		if err != nil {
-			return err
-		}
-		defer unlock()
-	}
-	cur, err := readPins(t.PinDir)
-	if err != nil {
-		return err
-	}
-	switch {
-	case !cur.exists:
-		return fmt.Errorf("%w on %s: no pins at %s", ErrNotInstalled, t.Cgroup, t.PinDir)
-	case cur.rec == nil && len(cur.names) > 0:
-		return fmt.Errorf("%s is not a Sluice pin directory (no install record; it holds %v): nothing removed", t.PinDir, cur.names)
-	case cur.rec == nil:
-		// What a killed install or uninstall leaves: an empty directory.
-		if err := os.Remove(t.PinDir); err != nil {
-			return fmt.Errorf("remove empty pin dir: %w", err)
-		}
-		return nil
-	}
-	if err := checkOwner(t, *cur.rec); err != nil {
-		return err
-	}
-
-	// Inbound steering stops first, then connect stops redirecting.
-	var errs []error
-	for i := len(allHooks) - 1; i >= 0; i-- {
-		errs = append(errs, removeLink(filepath.Join(t.PinDir, allHooks[i].pin)))
-	}
-	for i := len(pinnedMaps) - 1; i >= 0; i-- {
-		if err := os.Remove(filepath.Join(t.PinDir, pinnedMaps[i])); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("unpin map %s: %w", pinnedMaps[i], err))
-		}
-	}
-	if err := errors.Join(errs...); err != nil {
-		return err
-	}
-	if left := cur.unknown(); len(left) > 0 {
-		return fmt.Errorf("uninstalled, but left %s: it also holds files Sluice did not create (%v)", t.PinDir, left)
-	}
-	if err := os.Remove(t.PinDir); err != nil {
-		return fmt.Errorf("remove pin dir: %w", err)
-	}
-	log.Debug("uninstalled", "cgroup", t.Cgroup, "pin_dir", t.PinDir)
-	return nil
 }

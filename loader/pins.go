@@ -171,8 +171,9 @@ func (s pinState) unknown() []string {
 
 // checkOwner refuses pins that record another cgroup than t's: two pods
 // must never share pins, and no command may act on another pod's.
+// A pod whose cgroup is gone has no id any more; its path must match.
 func checkOwner(t Target, rec record) error {
-	if t.CgroupID != 0 && rec.CgroupID != t.CgroupID {
+	if t.CgroupID != 0 && rec.CgroupID != t.CgroupID || t.CgroupID == 0 && rec.Cgroup != t.Cgroup {
 		return fmt.Errorf("pins at %s belong to cgroup %s (id %d), not to %s (id %d): pass the pod's own --pin-dir, or none", t.PinDir, rec.Cgroup, rec.CgroupID, t.Cgroup, t.CgroupID)
 	}
 	return nil

@@ -81,6 +81,13 @@ func attachedCount(t *testing.T, pod *testbed.Pod) (cgroup, tcx int) {
 			t.Fatalf("bpftool cgroup show: %v (%s)", err, out)
 		}
 	}
+	return len(progs), tcxPrograms(t, pod)
+}
+
+// tcxPrograms counts the programs on the tcx ingress of the pod's eth0.
+func tcxPrograms(t *testing.T, pod *testbed.Pod) int {
+	t.Helper()
+	var n int
 	if err := pod.Do(func() error {
 		eth0, err := net.InterfaceByName(pod.Iface)
 		if err != nil {
@@ -90,12 +97,12 @@ func attachedCount(t *testing.T, pod *testbed.Pod) (cgroup, tcx int) {
 		if err != nil {
 			return err
 		}
-		tcx = len(res.Programs)
+		n = len(res.Programs)
 		return nil
 	}); err != nil {
 		t.Fatal(err)
 	}
-	return len(progs), tcx
+	return n
 }
 
 // Kubernetes reruns an init container after a crash: an install killed with
@@ -316,18 +323,7 @@ func TestLongLivedConnectionKeepsItsIdentity(t *testing.T) {
 	}
 
 	s := statusJSON(t, c.cgroup)
-	m, err := ebpf.LoadPinnedMap(filepath.Join(s.Target.PinDir, bpf.SluiceMapHandshakes), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	var k bpf.SluiceTupleKey
-	var v bpf.SluiceOrigDst
-	entries := 0
-	for it := m.Iterate(); it.Next(&k, &v); {
-		entries++
-	}
-	if entries != 0 {
+	if entries := handshakeEntries(t, s.Target.PinDir); entries != 0 {
 		t.Errorf("%d handshake entries left after the connections ended, want 0", entries)
 	}
 	for name, n := range s.Counters {
@@ -726,4 +722,53 @@ func TestShippedBinaryHasNoTestBed(t *testing.T) {
 	if res.code != 2 || !strings.Contains(res.stdout, "Commands:") {
 		t.Errorf("shipped binary with the relay role set: exit %d\n%s%s", res.code, res.stdout, res.stderr)
 	}
+}
+
+// The handshake table holds a connection only until the proxy's side of it
+// is established. When nobody in the pod takes it (here the listener on the
+// capture port is outside the pod's cgroup, so no hook sees its side), the
+// app's socket removes it as it closes: the table cannot fill up.
+func TestHandshakeEntryLeavesWithTheApp(t *testing.T) {
+	c := newCapturedPod(t)
+	if _, err := c.pod.ListenEcho("127.0.0.1:15001"); err != nil {
+		t.Fatal(err)
+	}
+	pins := statusJSON(t, c.cgroup).Target.PinDir
+	entries := func() int { return handshakeEntries(t, pins) }
+	h := startHold(t, c.pod, netip.AddrPortFrom(c.host.Addr4, 8080).String(), 3)
+	if n := entries(); n != 3 {
+		t.Errorf("%d handshake entries while 3 unclaimed connections are open, want 3", n)
+	}
+	h.in.Close()
+	if err := h.cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for entries() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d handshake entries left after the app closed its connections", entries())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// handshakeEntries counts the entries of an install's handshake table.
+func handshakeEntries(t *testing.T, pinDir string) int {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, bpf.SluiceMapHandshakes), &ebpf.LoadPinOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	var k bpf.SluiceTupleKey
+	var v bpf.SluiceOrigDst
+	n := 0
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return n
 }

@@ -9,7 +9,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
-	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -188,28 +187,12 @@ func TestInboundUninstallRestoresTC(t *testing.T) {
 		sort.Strings(lines)
 		return strings.Join(lines, "\n")
 	}
-	tcxPrograms := func() int {
-		t.Helper()
-		var n int
-		if err := pod.Do(func() error {
-			res, err := link.QueryPrograms(link.QueryOptions{Target: eth0.Attrs().Index, Attach: ebpf.AttachTCXIngress})
-			if err != nil {
-				return err
-			}
-			n = len(res.Programs)
-			return nil
-		}); err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
-
 	before := snapshot()
 	if !strings.Contains(before, "qdisc clsact") || !strings.Contains(before, "filter bpf") {
 		t.Fatalf("pre-existing clsact and filter not seen:\n%s", before)
 	}
 	mustCLI(t, "install", "--cgroup", pod.Cgroup, "--netns", pod.Netns)
-	if n := tcxPrograms(); n != 1 {
+	if n := tcxPrograms(t, pod); n != 1 {
 		t.Errorf("after install, %d tcx ingress programs on eth0, want 1", n)
 	}
 	if out := mustCLI(t, "status", "--cgroup", pod.Cgroup); !strings.Contains(out, "link_tc_ingress") || !strings.Contains(out, "ingress of ifindex") {
@@ -219,7 +202,7 @@ func TestInboundUninstallRestoresTC(t *testing.T) {
 	if after := snapshot(); after != before {
 		t.Errorf("qdiscs and filters changed:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
-	if n := tcxPrograms(); n != 0 {
+	if n := tcxPrograms(t, pod); n != 0 {
 		t.Errorf("after uninstall, %d tcx ingress programs left on eth0", n)
 	}
 }

@@ -6,7 +6,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -110,6 +112,15 @@ func printStatus(w io.Writer, s loader.State) {
 	fmt.Fprintf(tw, "  inbound ports captured\t%s\n", ports(c.InboundAllPorts, c.InboundPorts))
 	fmt.Fprintf(tw, "  inbound ports excluded\t%s\n", ports(false, c.ExcludeInboundPorts))
 	tw.Flush()
+	if len(s.Counters) > 0 {
+		names := slices.Sorted(maps.Keys(s.Counters))
+		fmt.Fprintf(w, "\ncounters (since install)\n")
+		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		for _, name := range names {
+			fmt.Fprintf(tw, "  %s\t%d\n", name, s.Counters[name])
+		}
+		tw.Flush()
+	}
 }
 
 func kib(n uint64) string { return fmt.Sprintf("%d KiB", (n+1023)/1024) }
