@@ -33,6 +33,9 @@ type State struct {
 	// Counters are what the hooks counted since the install (see
 	// counterNames).
 	Counters map[string]uint64 `json:"counters"`
+	// Handshakes is how many captured connections the proxy's side has not
+	// taken yet: 0 at rest.
+	Handshakes int `json:"handshakes"`
 }
 
 // LinkState is one pinned link and the program it keeps attached.
@@ -119,6 +122,11 @@ func Status(t Target) (State, error) {
 
 	if slices.Contains(cur.names, bpf.SluiceMapPolicies) && slices.Contains(cur.names, bpf.SluiceMapPolicyActive) {
 		if s.Plan, err = readPlan(t.PinDir); err != nil {
+			return s, err
+		}
+	}
+	if slices.Contains(cur.names, bpf.SluiceMapHandshakes) {
+		if s.Handshakes, err = countEntries(t.PinDir, bpf.SluiceMapHandshakes); err != nil {
 			return s, err
 		}
 	}
@@ -233,4 +241,22 @@ func sumCounters(m *ebpf.Map) (map[string]uint64, error) {
 		}
 	}
 	return out, nil
+}
+
+func countEntries(dir, name string) (int, error) {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), &ebpf.LoadPinOptions{ReadOnly: true})
+	if err != nil {
+		return 0, pinsError(dir, err)
+	}
+	defer m.Close()
+	var key, value []byte
+	n := 0
+	it := m.Iterate()
+	for it.Next(&key, &value) {
+		n++
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("read %s: %w", name, err)
+	}
+	return n, nil
 }

@@ -24,7 +24,6 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
-	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/internal/testbed"
 	"github.com/sluicemesh/sluice/loader"
 )
@@ -323,7 +322,7 @@ func TestLongLivedConnectionKeepsItsIdentity(t *testing.T) {
 	}
 
 	s := statusJSON(t, c.cgroup)
-	if entries := handshakeEntries(t, s.Target.PinDir); entries != 0 {
+	if entries := s.Handshakes; entries != 0 {
 		t.Errorf("%d handshake entries left after the connections ended, want 0", entries)
 	}
 	for name, n := range s.Counters {
@@ -733,8 +732,7 @@ func TestHandshakeEntryLeavesWithTheApp(t *testing.T) {
 	if _, err := c.pod.ListenEcho("127.0.0.1:15001"); err != nil {
 		t.Fatal(err)
 	}
-	pins := statusJSON(t, c.cgroup).Target.PinDir
-	entries := func() int { return handshakeEntries(t, pins) }
+	entries := func() int { return handshakeEntries(t, c.cgroup) }
 	h := startHold(t, c.pod, netip.AddrPortFrom(c.host.Addr4, 8080).String(), 3)
 	if n := entries(); n != 3 {
 		t.Errorf("%d handshake entries while 3 unclaimed connections are open, want 3", n)
@@ -752,23 +750,8 @@ func TestHandshakeEntryLeavesWithTheApp(t *testing.T) {
 	}
 }
 
-// handshakeEntries counts the entries of an install's handshake table.
-func handshakeEntries(t *testing.T, pinDir string) int {
+// handshakeEntries counts the entries of the pod's handshake table.
+func handshakeEntries(t *testing.T, cgroup string) int {
 	t.Helper()
-	m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, bpf.SluiceMapHandshakes), &ebpf.LoadPinOptions{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	var k bpf.SluiceTupleKey
-	var v bpf.SluiceOrigDst
-	n := 0
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		n++
-	}
-	if err := it.Err(); err != nil {
-		t.Fatal(err)
-	}
-	return n
+	return statusJSON(t, cgroup).Handshakes
 }

@@ -81,7 +81,7 @@ func printStatus(w io.Writer, s loader.State) {
 	default:
 		fmt.Fprintf(w, "state    complete\n")
 	}
-	fmt.Fprintf(w, "memory   %s locked in the kernel (maps %s, programs %s)\n\n", kib(s.Memory.Total()), kib(s.Memory.Maps), kib(s.Memory.Programs))
+	fmt.Fprintf(w, "memory   %s locked in the kernel (maps %s, programs %s); %d handshakes pending\n\n", kib(s.Memory.Total()), kib(s.Memory.Maps), kib(s.Memory.Programs), s.Handshakes)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "LINK\tLINK ID\tPROGRAM\tPROG ID\tATTACHED TO")
 	inbound := false

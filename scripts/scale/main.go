@@ -28,9 +28,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/cilium/ebpf"
-
-	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/internal/nsenter"
 	"github.com/sluicemesh/sluice/internal/testbed"
 	"github.com/sluicemesh/sluice/loader"
@@ -389,8 +386,8 @@ func openConns(exe string, conns int, r *report) (err error) {
 			return err
 		}
 		*sockKiB = float64(opt) / 1024
-		*handshakes, err = handshakeEntries(target.PinDir)
-		return err
+		*handshakes = s.Handshakes
+		return nil
 	}
 	if err := measure(&r.ConnPodKiB, &r.ConnSocketKiB, &r.ConnHandshakes); err != nil {
 		return err
@@ -434,22 +431,6 @@ func optmem(pod *testbed.Pod) (uint64, error) {
 		sum += n
 	}
 	return sum, nil
-}
-
-func handshakeEntries(pinDir string) (int, error) {
-	m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, bpf.SluiceMapHandshakes), &ebpf.LoadPinOptions{ReadOnly: true})
-	if err != nil {
-		return 0, err
-	}
-	defer m.Close()
-	var k bpf.SluiceTupleKey
-	var v bpf.SluiceOrigDst
-	n := 0
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		n++
-	}
-	return n, it.Err()
 }
 
 // acceptor accepts on addr, prints each connection's original destination
