@@ -47,9 +47,16 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, const struct polic
 	if (ctx->type != SOCK_STREAM || (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_MPTCP))
 		return 0;
 	/* The proxy's own connections must go out untouched, or it would loop
-	 * back into itself. */
-	if (is_proxy(pol))
+	 * back into itself. Those leaving the pod are flows the sidecar
+	 * carries: sockops tracks them from here. */
+	if (is_proxy(pol)) {
+		if (!addr_is_loopback(dst)) {
+			struct sock_state *st = subflow_state(ctx->sk, BPF_SK_STORAGE_GET_F_CREATE);
+			if (st)
+				st->flow |= FLOW_VIA_SIDECAR;
+		}
 		return 0;
+	}
 	if (!should_capture(pol, slot, dst, port, family))
 		return 0;
 

@@ -57,6 +57,9 @@ struct policy {
 	__u16 outbound_port; /* host order */
 	__u16 inbound_port;  /* host order */
 	__u32 flags;         /* enum config_flag */
+	/* The sidecar's own ports (listeners, metrics, health), 0-terminated:
+	 * connections to them are no flows of the pod. */
+	__u16 sidecar_ports[8];
 	__u64 ports[PORT_SETS][PORT_WORDS];
 };
 
@@ -87,10 +90,58 @@ enum sock_role {
 	ROLE_ACCEPTED = 2,
 };
 
-/* What a captured connection's socket carries, for exactly its lifetime. */
+/* A flow is a connection of the pod to or from the outside, seen from the
+ * socket that carries it on the wire: neither end on loopback, and not the
+ * pod talking to its own address. The app's hop to the sidecar is no flow. */
+enum flow_flag {
+	FLOW_OUTBOUND = 1 << 0,
+	FLOW_INBOUND = 1 << 1,
+	FLOW_VIA_SIDECAR = 1 << 2, /* the sidecar's socket: its upstream or its accepted one */
+	FLOW_FIN = 1 << 3,         /* a FIN was sent or received */
+};
+
+enum flow_kind {
+	FLOW_OPEN = 1,           /* established */
+	FLOW_CLOSE = 2,          /* closed after it was established */
+	FLOW_CONNECT_FAILED = 3, /* an outbound connect that never was */
+};
+
+enum flow_end {
+	END_FIN = 1,
+	END_RST = 2,
+	END_TIMEOUT = 3,
+	END_REFUSED = 4,
+};
+
+/* What a connection's socket carries, for exactly its lifetime. */
 struct sock_state {
 	struct orig_dst orig;
-	__u32 role; /* enum sock_role */
+	__u32 role;       /* enum sock_role */
+	__u32 flow;       /* enum flow_flag; 0 for sockets that are no flow */
+	__u32 connect_us; /* SYN sent to established (outbound), SYN-ACK to ACK (inbound) */
+	__u64 start_ns;   /* boot-time ns: connect (outbound) or established (inbound) */
+};
+
+/* One flow event, as the ring buffer carries it to user space. */
+struct flow_event {
+	__u64 cookie;
+	__u64 start_ns; /* boot-time ns */
+	__u64 end_ns;   /* boot-time ns; 0 for FLOW_OPEN */
+	__u64 bytes_sent; /* acknowledged by the peer */
+	__u64 bytes_received;
+	struct addr6 local;
+	struct addr6 remote;
+	struct orig_dst orig;
+	__u16 local_port;  /* host order */
+	__u16 remote_port; /* host order */
+	__u32 flow;        /* enum flow_flag */
+	__u32 connect_us;
+	__u32 srtt_us;
+	__u32 min_rtt_us;
+	__u32 retrans; /* segments retransmitted */
+	__u8 kind;     /* enum flow_kind */
+	__u8 end;      /* enum flow_end, for FLOW_CLOSE and FLOW_CONNECT_FAILED */
+	__u8 pad[6];
 };
 
 /* A connection as its initiator sees it; IPv4 addresses v4-mapped. */
@@ -172,6 +223,8 @@ enum counter {
 	COUNT_INBOUND_ASSIGN_FAILED, /* listener found, bpf_sk_assign refused */
 	COUNT_CONNECT_NO_STATE,      /* connect refused: no socket storage */
 	COUNT_HANDSHAKE_TABLE_FULL,  /* the proxy will not learn the destination */
+	COUNT_FLOW_NO_STATE,         /* a flow untracked: no socket storage */
+	COUNT_FLOW_EVENT_LOST,       /* a flow event dropped: ring buffer full */
 	COUNTERS,
 };
 
@@ -182,11 +235,21 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
+/* Flow events for the exporter in the sidecar, which drains it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+} flow_events SEC(".maps");
+
 /* Referenced so their BTF is emitted and bpf2go can generate Go types. */
 const enum config_flag *unused_config_flag __attribute__((unused));
 const enum port_set *unused_port_set __attribute__((unused));
 const enum sock_role *unused_sock_role __attribute__((unused));
 const enum counter *unused_counter __attribute__((unused));
+const enum flow_flag *unused_flow_flag __attribute__((unused));
+const enum flow_kind *unused_flow_kind __attribute__((unused));
+const enum flow_end *unused_flow_end __attribute__((unused));
+const struct flow_event *unused_flow_event __attribute__((unused));
 
 static __always_inline void count(enum counter c)
 {
@@ -219,6 +282,17 @@ static __always_inline bool is_proxy(const struct policy *pol)
 {
 	__u64 uid_gid = bpf_get_current_uid_gid();
 	return (__u32)uid_gid == pol->proxy_uid || (__u32)(uid_gid >> 32) == pol->proxy_gid;
+}
+
+static __always_inline bool is_sidecar_port(const struct policy *pol, __u16 port)
+{
+	for (int i = 0; i < 8; i++) {
+		if (pol->sidecar_ports[i] == 0)
+			return false;
+		if (pol->sidecar_ports[i] == port)
+			return true;
+	}
+	return false;
 }
 
 static __always_inline bool inbound_port_captured(const struct policy *pol, __u16 port)

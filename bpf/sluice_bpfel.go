@@ -42,7 +42,58 @@ const (
 	SluiceCounterCOUNT_INBOUND_ASSIGN_FAILED SluiceCounter = 2
 	SluiceCounterCOUNT_CONNECT_NO_STATE      SluiceCounter = 3
 	SluiceCounterCOUNT_HANDSHAKE_TABLE_FULL  SluiceCounter = 4
-	SluiceCounterCOUNTERS                    SluiceCounter = 5
+	SluiceCounterCOUNT_FLOW_NO_STATE         SluiceCounter = 5
+	SluiceCounterCOUNT_FLOW_EVENT_LOST       SluiceCounter = 6
+	SluiceCounterCOUNTERS                    SluiceCounter = 7
+)
+
+type SluiceFlowEnd uint32
+
+const (
+	SluiceFlowEndEND_FIN     SluiceFlowEnd = 1
+	SluiceFlowEndEND_RST     SluiceFlowEnd = 2
+	SluiceFlowEndEND_TIMEOUT SluiceFlowEnd = 3
+	SluiceFlowEndEND_REFUSED SluiceFlowEnd = 4
+)
+
+type SluiceFlowEvent struct {
+	_             structs.HostLayout
+	Cookie        uint64
+	StartNs       uint64
+	EndNs         uint64
+	BytesSent     uint64
+	BytesReceived uint64
+	Local         SluiceAddr6
+	Remote        SluiceAddr6
+	Orig          SluiceOrigDst
+	LocalPort     uint16
+	RemotePort    uint16
+	Flow          uint32
+	ConnectUs     uint32
+	SrttUs        uint32
+	MinRttUs      uint32
+	Retrans       uint32
+	Kind          uint8
+	End           uint8
+	Pad           [6]uint8
+	_             [4]byte
+}
+
+type SluiceFlowFlag uint32
+
+const (
+	SluiceFlowFlagFLOW_OUTBOUND    SluiceFlowFlag = 1
+	SluiceFlowFlagFLOW_INBOUND     SluiceFlowFlag = 2
+	SluiceFlowFlagFLOW_VIA_SIDECAR SluiceFlowFlag = 4
+	SluiceFlowFlagFLOW_FIN         SluiceFlowFlag = 8
+)
+
+type SluiceFlowKind uint32
+
+const (
+	SluiceFlowKindFLOW_OPEN           SluiceFlowKind = 1
+	SluiceFlowKindFLOW_CLOSE          SluiceFlowKind = 2
+	SluiceFlowKindFLOW_CONNECT_FAILED SluiceFlowKind = 3
 )
 
 type SluiceInstallMeta struct {
@@ -64,6 +115,7 @@ type SluicePolicy struct {
 	OutboundPort uint16
 	InboundPort  uint16
 	Flags        uint32
+	SidecarPorts [8]uint16
 	Ports        [4][1024]uint64
 }
 
@@ -85,9 +137,12 @@ const (
 )
 
 type SluiceSockState struct {
-	_    structs.HostLayout
-	Orig SluiceOrigDst
-	Role uint32
+	_         structs.HostLayout
+	Orig      SluiceOrigDst
+	Role      uint32
+	Flow      uint32
+	ConnectUs uint32
+	StartNs   uint64
 }
 
 type SluiceTupleKey struct {
@@ -104,6 +159,7 @@ type SluiceTupleKey struct {
 const (
 	SluiceMapCounters            = "counters"
 	SluiceMapExcludeCidrs        = "exclude_cidrs"
+	SluiceMapFlowEvents          = "flow_events"
 	SluiceMapHandshakes          = "handshakes"
 	SluiceMapIncludeCidrs        = "include_cidrs"
 	SluiceMapMeta                = "meta"
@@ -122,6 +178,10 @@ const (
 	SluiceVarPageSize            = "page_size"
 	SluiceVarUnusedConfigFlag    = "unused_config_flag"
 	SluiceVarUnusedCounter       = "unused_counter"
+	SluiceVarUnusedFlowEnd       = "unused_flow_end"
+	SluiceVarUnusedFlowEvent     = "unused_flow_event"
+	SluiceVarUnusedFlowFlag      = "unused_flow_flag"
+	SluiceVarUnusedFlowKind      = "unused_flow_kind"
 	SluiceVarUnusedPortSet       = "unused_port_set"
 	SluiceVarUnusedSockRole      = "unused_sock_role"
 )
@@ -185,6 +245,7 @@ type SluiceProgramSpecs struct {
 type SluiceMapSpecs struct {
 	Counters     *ebpf.MapSpec `ebpf:"counters"`
 	ExcludeCidrs *ebpf.MapSpec `ebpf:"exclude_cidrs"`
+	FlowEvents   *ebpf.MapSpec `ebpf:"flow_events"`
 	Handshakes   *ebpf.MapSpec `ebpf:"handshakes"`
 	IncludeCidrs *ebpf.MapSpec `ebpf:"include_cidrs"`
 	Meta         *ebpf.MapSpec `ebpf:"meta"`
@@ -200,6 +261,10 @@ type SluiceVariableSpecs struct {
 	PageSize         *ebpf.VariableSpec `ebpf:"page_size"`
 	UnusedConfigFlag *ebpf.VariableSpec `ebpf:"unused_config_flag"`
 	UnusedCounter    *ebpf.VariableSpec `ebpf:"unused_counter"`
+	UnusedFlowEnd    *ebpf.VariableSpec `ebpf:"unused_flow_end"`
+	UnusedFlowEvent  *ebpf.VariableSpec `ebpf:"unused_flow_event"`
+	UnusedFlowFlag   *ebpf.VariableSpec `ebpf:"unused_flow_flag"`
+	UnusedFlowKind   *ebpf.VariableSpec `ebpf:"unused_flow_kind"`
 	UnusedPortSet    *ebpf.VariableSpec `ebpf:"unused_port_set"`
 	UnusedSockRole   *ebpf.VariableSpec `ebpf:"unused_sock_role"`
 }
@@ -226,6 +291,7 @@ func (o *SluiceObjects) Close() error {
 type SluiceMaps struct {
 	Counters     *ebpf.Map `ebpf:"counters"`
 	ExcludeCidrs *ebpf.Map `ebpf:"exclude_cidrs"`
+	FlowEvents   *ebpf.Map `ebpf:"flow_events"`
 	Handshakes   *ebpf.Map `ebpf:"handshakes"`
 	IncludeCidrs *ebpf.Map `ebpf:"include_cidrs"`
 	Meta         *ebpf.Map `ebpf:"meta"`
@@ -238,6 +304,7 @@ func (m *SluiceMaps) Close() error {
 	return _SluiceClose(
 		m.Counters,
 		m.ExcludeCidrs,
+		m.FlowEvents,
 		m.Handshakes,
 		m.IncludeCidrs,
 		m.Meta,
@@ -254,6 +321,10 @@ type SluiceVariables struct {
 	PageSize         *ebpf.Variable `ebpf:"page_size"`
 	UnusedConfigFlag *ebpf.Variable `ebpf:"unused_config_flag"`
 	UnusedCounter    *ebpf.Variable `ebpf:"unused_counter"`
+	UnusedFlowEnd    *ebpf.Variable `ebpf:"unused_flow_end"`
+	UnusedFlowEvent  *ebpf.Variable `ebpf:"unused_flow_event"`
+	UnusedFlowFlag   *ebpf.Variable `ebpf:"unused_flow_flag"`
+	UnusedFlowKind   *ebpf.Variable `ebpf:"unused_flow_kind"`
 	UnusedPortSet    *ebpf.Variable `ebpf:"unused_port_set"`
 	UnusedSockRole   *ebpf.Variable `ebpf:"unused_sock_role"`
 }

@@ -1,30 +1,124 @@
 //go:build ignore
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* sockops: hand a captured connection's original destination from the app's
- * socket to the proxy's accepted socket. The two share only the 4-tuple, so
- * the app's side publishes it by tuple when its handshake completes, and the
- * proxy's side takes it (and deletes it) when its own completes. The flow
- * telemetry and the splice attach here later. */
+ * socket to the proxy's accepted socket, and track flows. The app's socket
+ * and the proxy's share only the 4-tuple, so the app's side publishes the
+ * destination by tuple when its handshake completes, and the proxy's side
+ * takes it (and deletes it) when its own completes. Flow sockets alone get
+ * state callbacks; their opening and closing go to the flow_events ring
+ * buffer, with the kernel's own counters for bytes, RTT and retransmits. */
 #include "sluice.h"
 
+#define ETIMEDOUT 110
+#define ECONNREFUSED 111
+
 /* sockops_tuple fills key with the connection as the local end sees it: the
- * local end as the client. The proxy's side swaps it (swap_ends) rather than
- * reading the fields the other way round, which would let the compiler pick
- * between context fields by pointer arithmetic, which the verifier refuses. */
+ * local end as the client. The proxy's side swaps it (swap_ends). */
 static __always_inline void sockops_tuple(const struct bpf_sock_ops *skops, struct tuple_key *key)
 {
+	/* Every address field is read, at its fixed offset, before the family
+	 * picks one; the barriers keep the compiler from sinking the reads
+	 * into the branches and turning the choice into pointer arithmetic on
+	 * the context, which the verifier refuses. */
+	__u32 l4 = skops->local_ip4, r4 = skops->remote_ip4;
+	__u32 l6[4] = {skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2], skops->local_ip6[3]};
+	__u32 r6[4] = {skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2], skops->remote_ip6[3]};
+	barrier_var(l4);
+	barrier_var(r4);
+	for (int i = 0; i < 4; i++) {
+		barrier_var(l6[i]);
+		barrier_var(r6[i]);
+	}
 	if (skops->family == AF_INET) {
-		addr_from_v4(&key->client, skops->local_ip4);
-		addr_from_v4(&key->server, skops->remote_ip4);
+		addr_from_v4(&key->client, l4);
+		addr_from_v4(&key->server, r4);
 	} else {
-		__u32 l[4] = {skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2], skops->local_ip6[3]};
-		__u32 r[4] = {skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2], skops->remote_ip6[3]};
-		addr_from_v6(&key->client, l);
-		addr_from_v6(&key->server, r);
+		addr_from_v6(&key->client, l6);
+		addr_from_v6(&key->server, r6);
 	}
 	key->client_port = skops->local_port;
 	/* remote_port holds the network-order port in its upper 16 bits. */
 	key->server_port = bpf_ntohl(skops->remote_port);
+}
+
+/* is_flow: neither end on loopback, and not the pod talking to itself
+ * (the sidecar's hop to the app uses the pod's own address). */
+static __always_inline bool is_flow(const struct tuple_key *key)
+{
+	return !addr_is_loopback(&key->client) && !addr_is_loopback(&key->server) &&
+	       !(key->client.w[0] == key->server.w[0] && key->client.w[1] == key->server.w[1] &&
+		 key->client.w[2] == key->server.w[2] && key->client.w[3] == key->server.w[3]);
+}
+
+static __always_inline void set_orig(struct orig_dst *orig, const struct addr6 *addr, __u16 port)
+{
+	orig->addr = *addr;
+	orig->port = port;
+	orig->family = addr_is_v4mapped(addr) ? AF_INET : AF_INET6;
+}
+
+#define RCV_SHUTDOWN 1
+
+/* flow_emit sends one event about a flow socket. The local end is the
+ * client in key (sockops_tuple's order). tp, when there is one, gives the
+ * byte counts without the SYN and FIN sequence numbers that bytes_acked and
+ * bytes_received include, and without retransmissions. */
+static __always_inline void flow_emit(struct bpf_sock_ops *skops, const struct sock_state *st, const struct tuple_key *key,
+				      __u8 kind, __u8 end, struct tcp_sock *tp)
+{
+	struct flow_event ev = {
+		.cookie = bpf_get_socket_cookie(skops),
+		.start_ns = st->start_ns,
+		.local = key->client,
+		.remote = key->server,
+		.orig = st->orig,
+		.local_port = key->client_port,
+		.remote_port = key->server_port,
+		.flow = st->flow,
+		.connect_us = st->connect_us,
+		.kind = kind,
+		.end = end,
+	};
+	if (kind != FLOW_OPEN) {
+		ev.end_ns = bpf_ktime_get_boot_ns();
+		ev.bytes_sent = skops->bytes_acked;
+		ev.bytes_received = skops->bytes_received;
+		if (tp) {
+			ev.bytes_sent = tp->bytes_sent - tp->bytes_retrans;
+			if (tp->inet_conn.icsk_inet.sk.sk_shutdown & RCV_SHUTDOWN)
+				ev.bytes_received--;
+		}
+		ev.retrans = skops->total_retrans;
+		/* srtt_us is kept shifted left by 3. */
+		ev.srtt_us = skops->srtt_us >> 3;
+		ev.min_rtt_us = skops->rtt_min;
+	}
+	if (bpf_ringbuf_output(&flow_events, &ev, sizeof(ev), 0))
+		count(COUNT_FLOW_EVENT_LOST);
+}
+
+static __always_inline void want_state_cb(struct bpf_sock_ops *skops)
+{
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* An outbound connect is under way (its destination already rewritten for
+ * captured ones, whose hop to the sidecar is no flow). */
+static __always_inline void flow_connect(struct bpf_sock_ops *skops, const struct tuple_key *k)
+{
+	struct tuple_key key = *k;
+	struct bpf_sock *sk = skops->sk;
+	if (!sk || !is_flow(&key))
+		return;
+	struct sock_state *st = subflow_state(sk, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		count(COUNT_FLOW_NO_STATE);
+		return;
+	}
+	st->flow = FLOW_OUTBOUND | (st->flow & FLOW_VIA_SIDECAR);
+	st->start_ns = bpf_ktime_get_boot_ns();
+	set_orig(&st->orig, &key.server, key.server_port);
+	want_state_cb(skops);
 }
 
 static __always_inline void swap_ends(struct tuple_key *key)
@@ -37,18 +131,25 @@ static __always_inline void swap_ends(struct tuple_key *key)
 	key->server_port = p;
 }
 
-/* The app's captured connection is established (this runs before the final
- * ACK leaves, so before the proxy's side can be): publish its destination. */
-static __always_inline void app_established(struct bpf_sock_ops *skops)
+/* An outbound connection is established. A flow is now open; the app's
+ * captured connection (this runs before the final ACK leaves, so before the
+ * proxy's side can be) publishes its destination. */
+static __always_inline void active_established(struct bpf_sock_ops *skops, const struct tuple_key *k)
 {
 	struct bpf_sock *sk = skops->sk;
 	if (!sk)
 		return;
 	struct sock_state *st = subflow_state(sk, 0);
-	if (!st || st->role != ROLE_APP)
+	if (!st)
 		return;
-	struct tuple_key key = {};
-	sockops_tuple(skops, &key);
+	struct tuple_key key = *k;
+	if (st->flow & FLOW_OUTBOUND) {
+		st->connect_us = (bpf_ktime_get_boot_ns() - st->start_ns) / 1000;
+		flow_emit(skops, st, &key, FLOW_OPEN, 0, NULL);
+		return;
+	}
+	if (st->role != ROLE_APP)
+		return;
 	if (bpf_map_update_elem(&handshakes, &key, &st->orig, BPF_ANY))
 		count(COUNT_HANDSHAKE_TABLE_FULL);
 	/* Told when the app's socket closes, to drop an entry the proxy
@@ -57,16 +158,37 @@ static __always_inline void app_established(struct bpf_sock_ops *skops)
 }
 
 /* A connection to a listener in the pod is established: if it is a captured
- * one arriving at the proxy, its socket takes the original destination. */
-static __always_inline void accepted_established(struct bpf_sock_ops *skops)
+ * one arriving at the proxy, its socket takes the original destination; if
+ * it comes from outside, it is an inbound flow, whose original destination
+ * is its own local address (inbound steering rewrites nothing). */
+static __always_inline void passive_established(struct bpf_sock_ops *skops, const struct tuple_key *k)
 {
-	struct tuple_key key = {};
-	sockops_tuple(skops, &key);
+	struct bpf_sock *sk = skops->sk;
+	struct tuple_key key = *k;
+	if (is_flow(&key)) {
+		__u32 slot;
+		const struct policy *pol = active_policy(&slot);
+		if (!sk || (pol && is_sidecar_port(pol, key.client_port)))
+			return;
+		struct sock_state *st = subflow_state(sk, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!st) {
+			count(COUNT_FLOW_NO_STATE);
+			return;
+		}
+		bool steered = pol && inbound_port_captured(pol, key.client_port);
+		st->flow = FLOW_INBOUND | (steered ? FLOW_VIA_SIDECAR : 0);
+		st->start_ns = bpf_ktime_get_boot_ns();
+		/* The handshake's RTT sample: SYN-ACK sent to ACK received. */
+		st->connect_us = skops->srtt_us >> 3;
+		set_orig(&st->orig, &key.client, key.client_port);
+		flow_emit(skops, st, &key, FLOW_OPEN, 0, NULL);
+		want_state_cb(skops);
+		return;
+	}
 	swap_ends(&key);
 	struct orig_dst *orig = bpf_map_lookup_elem(&handshakes, &key);
 	if (!orig)
 		return;
-	struct bpf_sock *sk = skops->sk;
 	if (sk) {
 		struct sock_state *st = subflow_state(sk, BPF_SK_STORAGE_GET_F_CREATE);
 		if (st) {
@@ -77,24 +199,71 @@ static __always_inline void accepted_established(struct bpf_sock_ops *skops)
 	bpf_map_delete_elem(&handshakes, &key);
 }
 
+/* end_reason tells how a flow socket closed: its error, else whether a FIN
+ * went either way first. */
+static __always_inline __u8 end_reason(struct tcp_sock *tp, const struct sock_state *st, __u32 old_state)
+{
+	int err = 0;
+	if (tp)
+		err = tp->inet_conn.icsk_inet.sk.sk_err;
+	if (err == ETIMEDOUT)
+		return END_TIMEOUT;
+	if (old_state == BPF_TCP_SYN_SENT && err == ECONNREFUSED)
+		return END_REFUSED;
+	if ((st->flow & FLOW_FIN) && !err)
+		return END_FIN;
+	return END_RST;
+}
+
+static __always_inline void state_changed(struct bpf_sock_ops *skops, const struct tuple_key *k)
+{
+	__u32 old_state = skops->args[0], new_state = skops->args[1];
+	struct tuple_key key = *k;
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return;
+	struct sock_state *st = subflow_state(sk, 0);
+	if (!st || !st->flow) {
+		/* The app's captured socket: drop an entry the proxy never took. */
+		if (new_state == BPF_TCP_CLOSE)
+			bpf_map_delete_elem(&handshakes, &key);
+		return;
+	}
+	if (new_state == BPF_TCP_FIN_WAIT1 || new_state == BPF_TCP_CLOSE_WAIT)
+		st->flow |= FLOW_FIN;
+	if (new_state != BPF_TCP_CLOSE)
+		return;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	__u8 end = end_reason(tp, st, old_state);
+	flow_emit(skops, st, &key, old_state == BPF_TCP_SYN_SENT ? FLOW_CONNECT_FAILED : FLOW_CLOSE, end, tp);
+}
+
 SEC("sockops")
 int sluice_sockops(struct bpf_sock_ops *skops)
 {
 	if (skops->family != AF_INET && skops->family != AF_INET6)
 		return 1;
-	switch (skops->op) {
+	__u32 op = skops->op;
+	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB)
+		return 1;
+	/* Read once, here: reads in every branch would let the compiler pick
+	 * between context fields by pointer arithmetic, which the verifier
+	 * refuses. */
+	struct tuple_key key = {};
+	sockops_tuple(skops, &key);
+	switch (op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		flow_connect(skops, &key);
+		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		app_established(skops);
+		active_established(skops, &key);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		accepted_established(skops);
+		passive_established(skops, &key);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] == BPF_TCP_CLOSE) {
-			struct tuple_key key = {};
-			sockops_tuple(skops, &key);
-			bpf_map_delete_elem(&handshakes, &key);
-		}
+		state_changed(skops, &key);
 		break;
 	}
 	return 1;

@@ -29,18 +29,24 @@ var pinnedMaps = []string{
 	bpf.SluiceMapSockStates,
 	bpf.SluiceMapHandshakes,
 	bpf.SluiceMapCounters,
+	bpf.SluiceMapFlowEvents,
 }
 
 // sidecarPins are what `sluice run` reads as the proxy identity: whose pins
-// these are and the policy in force. They are readable by the proxy's group;
-// every other pin stays root's alone.
-var sidecarPins = []string{bpf.SluiceMapMeta, bpf.SluiceMapPolicies, bpf.SluiceMapPolicyActive, bpf.SluiceMapIncludeCidrs, bpf.SluiceMapExcludeCidrs}
+// these are, the policy in force and the hooks' counters. They are readable
+// by the proxy's group; every other pin stays root's alone.
+var sidecarPins = []string{bpf.SluiceMapMeta, bpf.SluiceMapPolicies, bpf.SluiceMapPolicyActive, bpf.SluiceMapIncludeCidrs, bpf.SluiceMapExcludeCidrs, bpf.SluiceMapCounters}
+
+// sidecarWritable are the pins the sidecar must also write: it consumes the
+// flow ring buffer, and a consumer moves the ring's read position.
+var sidecarWritable = []string{bpf.SluiceMapFlowEvents}
 
 const (
-	pinRootMode = 0o711 // anyone may pass through, nobody but root may list pods
-	pinDirMode  = 0o750 // root, and the pod's proxy group
-	sidecarMode = 0o440
-	ownerMode   = 0o600
+	pinRootMode   = 0o711 // anyone may pass through, nobody but root may list pods
+	pinDirMode    = 0o750 // root, and the pod's proxy group
+	sidecarMode   = 0o440
+	sidecarRWMode = 0o660
+	ownerMode     = 0o600
 )
 
 // recordFormat marks a record written by this layout of pins.
@@ -201,8 +207,11 @@ func setModes(dir string, gid uint32) error {
 	}
 	for _, name := range pinnedMaps {
 		mode, group := os.FileMode(ownerMode), uint32(0)
-		if slices.Contains(sidecarPins, name) {
+		switch {
+		case slices.Contains(sidecarPins, name):
 			mode, group = sidecarMode, gid
+		case slices.Contains(sidecarWritable, name):
+			mode, group = sidecarRWMode, gid
 		}
 		if err := chownMod(filepath.Join(dir, name), group, mode); err != nil {
 			return err

@@ -150,6 +150,7 @@ func entriesOf(p redirect.Plan, slot uint8) slotEntries {
 	if p.InboundAllPorts {
 		e.policy.Flags |= uint32(bpf.SluiceConfigFlagCONFIG_INBOUND_ALL_PORTS)
 	}
+	copy(e.policy.SidecarPorts[:], p.SidecarPorts)
 	for _, ps := range portSets(&p) {
 		for _, port := range *ps.ports {
 			e.policy.Ports[ps.set][port>>6] |= 1 << (port & 63)
@@ -175,6 +176,11 @@ func (e slotEntries) plan() redirect.Plan {
 		ProxyGID:        pol.ProxyGid,
 		IncludeAllCIDRs: pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_INCLUDE_ALL_CIDRS) != 0,
 		InboundAllPorts: pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_INBOUND_ALL_PORTS) != 0,
+	}
+	for _, port := range pol.SidecarPorts {
+		if port != 0 {
+			p.SidecarPorts = append(p.SidecarPorts, port)
+		}
 	}
 	for _, ps := range portSets(&p) {
 		for w, word := range pol.Ports[ps.set] {

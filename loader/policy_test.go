@@ -37,6 +37,7 @@ func TestPlanEntriesRoundTrip(t *testing.T) {
 		ExcludeOutboundPorts: []uint16{0, 22, 63, 64, 9090, 65535},
 		InboundAllPorts:      true,
 		ExcludeInboundPorts:  []uint16{15001, 15006},
+		SidecarPorts:         []uint16{15001, 15006, 15090},
 	}.Normalize()
 	e := entriesOf(p, 1)
 	if k := e.include[0]; k.Prefixlen != 16 || k.Family != afInet || k.Slot != 1 {

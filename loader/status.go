@@ -217,6 +217,8 @@ var counterNames = map[bpf.SluiceCounter]string{
 	bpf.SluiceCounterCOUNT_INBOUND_ASSIGN_FAILED: "inbound_assign_failed",
 	bpf.SluiceCounterCOUNT_CONNECT_NO_STATE:      "connect_refused_no_state",
 	bpf.SluiceCounterCOUNT_HANDSHAKE_TABLE_FULL:  "handshake_table_full",
+	bpf.SluiceCounterCOUNT_FLOW_NO_STATE:         "flow_untracked_no_state",
+	bpf.SluiceCounterCOUNT_FLOW_EVENT_LOST:       "flow_event_lost_ring_full",
 }
 
 func readCounters(dir string) (map[string]uint64, error) {

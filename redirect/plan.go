@@ -24,7 +24,15 @@ type Plan struct {
 	InboundAllPorts     bool     `json:"inbound_all_ports"`
 	InboundPorts        []uint16 `json:"inbound_ports"`
 	ExcludeInboundPorts []uint16 `json:"exclude_inbound_ports"`
+
+	// SidecarPorts are the sidecar's own ports (its listeners, metrics and
+	// health): connections to them are the sidecar's business, not the
+	// pod's flows. At most MaxSidecarPorts.
+	SidecarPorts []uint16 `json:"sidecar_ports"`
 }
+
+// MaxSidecarPorts is how many sidecar ports the BPF policy holds.
+const MaxSidecarPorts = 8
 
 // Normalize sorts and deduplicates every list and masks every prefix, so two
 // plans that enforce the same thing compare equal.
@@ -35,6 +43,7 @@ func (p Plan) Normalize() Plan {
 	p.ExcludeOutboundPorts = dedup(p.ExcludeOutboundPorts)
 	p.InboundPorts = dedup(p.InboundPorts)
 	p.ExcludeInboundPorts = dedup(p.ExcludeInboundPorts)
+	p.SidecarPorts = dedup(p.SidecarPorts)
 	return p
 }
 
@@ -47,7 +56,8 @@ func (p Plan) Equal(o Plan) bool {
 		slices.Equal(a.IncludeCIDRs, b.IncludeCIDRs) && slices.Equal(a.ExcludeCIDRs, b.ExcludeCIDRs) &&
 		slices.Equal(a.IncludeOutboundPorts, b.IncludeOutboundPorts) &&
 		slices.Equal(a.ExcludeOutboundPorts, b.ExcludeOutboundPorts) &&
-		slices.Equal(a.InboundPorts, b.InboundPorts) && slices.Equal(a.ExcludeInboundPorts, b.ExcludeInboundPorts)
+		slices.Equal(a.InboundPorts, b.InboundPorts) && slices.Equal(a.ExcludeInboundPorts, b.ExcludeInboundPorts) &&
+		slices.Equal(a.SidecarPorts, b.SidecarPorts)
 }
 
 func normPrefixes(ps []netip.Prefix) []netip.Prefix {

@@ -140,9 +140,9 @@ func (p Policy) Plan() (Plan, error) {
 	if (p.ProxyUID == 0 || p.ProxyGID == 0) && !p.AllowRootProxy {
 		return Plan{}, fmt.Errorf("proxy uid/gid %d/%d would exempt every root process in the pod from capture: run the proxy as its own uid and gid (e.g. -u 1337 -g 1337), or pass --allow-root-proxy if that is meant", p.ProxyUID, p.ProxyGID)
 	}
-	excludeIn := slices.Concat(p.ExcludeInboundPorts.List, []uint16{p.OutboundPort, p.InboundPort}, istioSidecarPorts)
+	own := slices.Concat([]uint16{p.OutboundPort, p.InboundPort}, istioSidecarPorts)
 	if p.Linkerd {
-		excludeIn = append(excludeIn, linkerdSidecarPorts...)
+		own = append(own, linkerdSidecarPorts...)
 	}
 	return Plan{
 		OutboundPort:         p.OutboundPort,
@@ -156,7 +156,8 @@ func (p Policy) Plan() (Plan, error) {
 		ExcludeOutboundPorts: p.ExcludeOutboundPorts.List,
 		InboundAllPorts:      p.InboundPorts.All,
 		InboundPorts:         p.InboundPorts.List,
-		ExcludeInboundPorts:  excludeIn,
+		ExcludeInboundPorts:  slices.Concat(p.ExcludeInboundPorts.List, own),
+		SidecarPorts:         own,
 	}.Normalize(), nil
 }
 

@@ -25,6 +25,7 @@ func TestPolicyFlags(t *testing.T) {
 	defaults := Plan{
 		OutboundPort: 15001, InboundPort: 15006, ProxyUID: 1337, ProxyGID: 1337,
 		IncludeAllCIDRs: true, InboundAllPorts: true, ExcludeInboundPorts: []uint16{15001, 15006, 15020, 15021, 15090},
+		SidecarPorts: []uint16{15001, 15006, 15020, 15021, 15090},
 	}
 	with := func(f func(*Plan)) Plan {
 		c := defaults
@@ -41,10 +42,12 @@ func TestPolicyFlags(t *testing.T) {
 		{"istio short flags", []string{"-p", "15101", "-z", "15106", "-u", "2000", "-g", "2001"}, with(func(c *Plan) {
 			c.OutboundPort, c.InboundPort, c.ProxyUID, c.ProxyGID = 15101, 15106, 2000, 2001
 			c.ExcludeInboundPorts = []uint16{15020, 15021, 15090, 15101, 15106}
+			c.SidecarPorts = c.ExcludeInboundPorts
 		})},
 		{"istio long flags", []string{"--proxy-port=15101", "--proxy-uid=7", "--istio-service-exclude-cidr=198.18.0.0/24"}, with(func(c *Plan) {
 			c.OutboundPort, c.ProxyUID = 15101, 7
 			c.ExcludeInboundPorts = []uint16{15006, 15020, 15021, 15090, 15101}
+			c.SidecarPorts = c.ExcludeInboundPorts
 			c.ExcludeCIDRs = []netip.Prefix{pfx("198.18.0.0/24")}
 		})},
 		{"linkerd flags", []string{"--outgoing-proxy-port", "4140", "--incoming-proxy-port", "4143", "--subnets-to-ignore", "198.19.0.0/16", "--outbound-ports-to-ignore", "443,4190-4191", "--inbound-ports-to-ignore", "4191"}, with(func(c *Plan) {
@@ -52,18 +55,19 @@ func TestPolicyFlags(t *testing.T) {
 			c.ExcludeCIDRs = []netip.Prefix{pfx("198.19.0.0/16")}
 			c.ExcludeOutboundPorts = []uint16{443, 4190, 4191}
 			c.ExcludeInboundPorts = []uint16{4140, 4143, 4190, 4191, 15020, 15021, 15090}
+			c.SidecarPorts = []uint16{4140, 4143, 4190, 4191, 15020, 15021, 15090}
 		})},
 		{"include list, ipv6, bare address, unmasked prefix", []string{"-i", "198.18.0.7/15, 2001:2::/48,198.19.1.1"}, with(func(c *Plan) {
 			c.IncludeAllCIDRs = false
 			c.IncludeCIDRs = []netip.Prefix{pfx("198.18.0.0/15"), pfx("198.19.1.1/32"), pfx("2001:2::/48")}
 		})},
 		{"include nothing", []string{"-i", ""}, with(func(c *Plan) { c.IncludeAllCIDRs = false })},
-		{"ports", []string{"-q", "9090", "-o", "22,3306,22", "-b", "8080,9000-9001", "-d", "15020"}, with(func(c *Plan) {
+		{"ports", []string{"-q", "9090", "-o", "22,3306,22", "-b", "8080,9000-9001", "-d", "15020,7000"}, with(func(c *Plan) {
 			c.IncludeOutboundPorts = []uint16{9090}
 			c.ExcludeOutboundPorts = []uint16{22, 3306}
 			c.InboundAllPorts = false
 			c.InboundPorts = []uint16{8080, 9000, 9001}
-			c.ExcludeInboundPorts = []uint16{15001, 15006, 15020, 15021, 15090}
+			c.ExcludeInboundPorts = []uint16{7000, 15001, 15006, 15020, 15021, 15090}
 		})},
 		{"mode is case-insensitive", []string{"-m", "redirect"}, defaults},
 		{"root proxy when asked for", []string{"-u", "0", "-g", "0", "--allow-root-proxy"}, with(func(c *Plan) { c.ProxyUID, c.ProxyGID = 0, 0 })},

@@ -29,6 +29,7 @@ func commands() []command {
 		uninstallCommand(),
 		runCommand(),
 		statusCommand(),
+		flowsCommand(),
 		checkCommand(),
 		demoCommand(),
 	}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"strconv"
 	"strings"
@@ -18,6 +19,7 @@ import (
 	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/proxy"
 	"github.com/sluicemesh/sluice/redirect"
+	"github.com/sluicemesh/sluice/telemetry"
 )
 
 func runCommand() command {
@@ -37,12 +39,20 @@ them before it listens, since only the proxy may bind the capture ports and
 its own connections must not be captured.
 It needs no Sluice programs: behind iptables REDIRECT it works the same.
 
+With --cgroup it also exports the pod's flows, measured in the kernel, on
+--metrics-addr (default :15090, the port Istio's Envoy uses for its own
+stats; change it where both run): /metrics for Prometheus, /flows for the
+open flows (what 'sluice flows' shows). The Istio labels of this pod come
+from the flags below or the environment the Kubernetes downward API sets
+(SLUICE_WORKLOAD, SLUICE_NAMESPACE or POD_NAMESPACE, SLUICE_APP, ...).
+
 On SIGTERM it stops accepting at once, lets open connections finish for
 --drain, then closes them and exits 0; a second signal ends it at once. If
 any listener fails, it exits 1 so the pod restarts it.
 
 Examples:
   sluice run --cgroup /sys/fs/cgroup/unified/mypod
+  sluice run --cgroup /sys/fs/cgroup/unified/mypod --workload reviews-v1 --namespace shop --app reviews --version v1
   sluice run -p 15001 -z 15006 -u 1337 -g 1337 --log-format json`,
 	}
 	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
@@ -58,8 +68,30 @@ Examples:
 		logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 		idle := fs.Duration("idle-timeout", time.Hour, "close a connection after this long without bytes in a direction")
 		drain := fs.Duration("drain", 5*time.Second, "on SIGTERM, how long open connections may take to finish")
+		metricsAddr := fs.String("metrics-addr", ":15090", "where to serve /metrics and /flows (with --cgroup); empty: nowhere")
+		istioNames := fs.Bool("istio-metrics", false, "name the layer-4 counters istio_tcp_* instead of sluice_tcp_* (for pods with no other Istio proxy)")
+		maxDests := fs.Int("max-destinations", 100, "distinct destination_service label values before the rest count as \"other\"")
+		id := telemetry.IdentityFromEnv()
+		for _, f := range []struct {
+			name, usage string
+			p           *string
+		}{
+			{"workload", "this pod's workload (source_workload outbound, destination_workload inbound)", &id.Workload},
+			{"namespace", "this pod's namespace", &id.Namespace},
+			{"app", "this pod's app label", &id.App},
+			{"version", "this pod's version label", &id.Version},
+			{"canonical-service", "this pod's canonical service (default: app, then workload)", &id.CanonicalService},
+			{"canonical-revision", "this pod's canonical revision (default: version)", &id.CanonicalRevision},
+			{"principal", "this pod's principal", &id.Principal},
+			{"cluster", "this pod's cluster", &id.Cluster},
+		} {
+			fs.StringVar(f.p, f.name, *f.p, f.usage)
+		}
 		if err := parseFlags(fs, c, args, stdout); err != nil {
 			return err
+		}
+		if *maxDests < 1 {
+			return usageError{fmt.Sprintf("--max-destinations %d: want at least 1", *maxDests)}
 		}
 		set := map[string]bool{}
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
@@ -68,6 +100,8 @@ Examples:
 			return err
 		}
 
+		var runners []runner
+		var exporter *telemetry.Exporter
 		if *cgroup != "" {
 			target, err := loader.ResolveTarget(*cgroup, *pinDir)
 			if err != nil {
@@ -76,6 +110,15 @@ Examples:
 			installed, err := loader.ReadPlan(target)
 			if err != nil {
 				return err
+			}
+			if *metricsAddr != "" {
+				source, err := loader.OpenFlows(target)
+				if err != nil {
+					return err
+				}
+				defer source.Close()
+				exporter = telemetry.NewExporter(source, telemetry.Options{Identity: id, IstioNames: *istioNames, MaxDestinations: *maxDests, Logger: log})
+				runners = append(runners, exporter.Run, closeOnDone(source))
 			}
 			if !set["p"] {
 				policy.OutboundPort = installed.OutboundPort
@@ -99,29 +142,49 @@ Examples:
 		if err != nil {
 			return err
 		}
-		return serve(ctx, listeners, proxy.New(proxy.Options{IdleTimeout: *idle, Logger: log}), *drain, log)
+		p := proxy.New(proxy.Options{IdleTimeout: *idle, Logger: log})
+		for _, ln := range listeners {
+			runners = append(runners, func(ctx context.Context) error { return p.Serve(ctx, ln.Listener, ln.dir) })
+		}
+		served := addrs(listeners)
+		if exporter != nil {
+			metrics, err := net.Listen("tcp", *metricsAddr)
+			if err != nil {
+				for _, ln := range listeners {
+					ln.Close()
+				}
+				return fmt.Errorf("listen on %s for metrics (is another exporter running? change --metrics-addr): %w", *metricsAddr, err)
+			}
+			runners = append(runners, serveHTTP(&http.Server{Handler: exporter.Handler(), ReadHeaderTimeout: 10 * time.Second}, metrics))
+			served += ",metrics " + metrics.Addr().String()
+		}
+		return serve(ctx, runners, p, *drain, served, log)
 	}
 	return c
 }
 
-// serve runs the proxy on every listener until ctx ends (a signal: drain,
-// then exit 0) or one listener fails (the others stop too, and the error
-// makes the process exit non-zero, so the pod restarts the sidecar).
-func serve(ctx context.Context, listeners []listener, p *proxy.Proxy, drain time.Duration, log *slog.Logger) error {
+// runner is one part of the sidecar: it runs until ctx ends (returning nil)
+// or it fails.
+type runner func(ctx context.Context) error
+
+// serve runs every part until ctx ends (a signal: drain, then exit 0) or
+// one part fails (the others stop too, and the error makes the process exit
+// non-zero, so the pod restarts the sidecar).
+func serve(ctx context.Context, runners []runner, p *proxy.Proxy, drain time.Duration, addrs string, log *slog.Logger) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
-	errs := make([]error, len(listeners))
-	for i, ln := range listeners {
+	errs := make([]error, len(runners))
+	for i, run := range runners {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if errs[i] = p.Serve(ctx, ln.Listener, ln.dir); errs[i] != nil {
+			if errs[i] = run(ctx); errs[i] != nil {
 				cancel()
 			}
 		}()
 	}
-	log.Info("listening", "addrs", addrs(listeners), "uid", os.Getuid(), "gid", os.Getgid())
+	log.Info("listening", "addrs", addrs, "uid", os.Getuid(), "gid", os.Getgid())
 	<-ctx.Done()
 	wg.Wait()
 	err := errors.Join(errs...)
@@ -130,6 +193,27 @@ func serve(ctx context.Context, listeners []listener, p *proxy.Proxy, drain time
 	}
 	p.Shutdown(drain)
 	return err
+}
+
+// serveHTTP serves srv on ln until ctx ends.
+func serveHTTP(srv *http.Server, ln net.Listener) runner {
+	return func(ctx context.Context) error {
+		stop := context.AfterFunc(ctx, func() { srv.Close() })
+		defer stop()
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("serve metrics on %s: %w", ln.Addr(), err)
+		}
+		return nil
+	}
+}
+
+// closeOnDone closes c when ctx ends, which ends the exporter's Run.
+func closeOnDone(c io.Closer) runner {
+	return func(ctx context.Context) error {
+		<-ctx.Done()
+		c.Close()
+		return nil
+	}
 }
 
 type listener struct {

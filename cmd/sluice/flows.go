@@ -1,0 +1,192 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/sluicemesh/sluice/telemetry"
+)
+
+func flowsCommand() command {
+	c := command{
+		name:    "flows",
+		summary: "show a pod's flows: open ones, or each as it opens and closes",
+		help: `Usage: sluice flows [--addr URL] [--json | --follow | --watch]
+
+Asks the pod's sidecar ('sluice run --cgroup ...', which exports the flows
+the kernel measures) for its flows: by default the open ones as a table
+(direction, source, destination, original destination, whether the sidecar
+carries it, state, age, smoothed RTT, bytes each way). Run it where the
+sidecar's metrics port is reachable, e.g. inside the pod
+('kubectl exec POD -c sidecar -- sluice flows').
+
+Examples:
+  sluice flows
+  sluice flows --json | jq '.[] | select(.direction == "inbound")'
+  sluice flows --follow            # every flow as it opens and closes, like 'hubble observe'
+  sluice flows --watch             # a top-like view, redrawn every second`,
+	}
+	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
+		fs := flag.NewFlagSet("flows", flag.ContinueOnError)
+		addr := fs.String("addr", "http://127.0.0.1:15090", "the sidecar's metrics address (sluice run --metrics-addr)")
+		asJSON := fs.Bool("json", false, "print the open flows as JSON")
+		follow := fs.Bool("follow", false, "print each flow as it opens, closes or fails, until interrupted")
+		watch := fs.Bool("watch", false, "redraw the open flows every --interval, until interrupted")
+		interval := fs.Duration("interval", time.Second, "how often --watch redraws")
+		if err := parseFlags(fs, c, args, stdout); err != nil {
+			return err
+		}
+		if !strings.Contains(*addr, "://") {
+			*addr = "http://" + *addr
+		}
+		switch {
+		case *follow:
+			return followFlows(ctx, *addr, *asJSON, stdout)
+		case *watch:
+			return watchFlows(ctx, *addr, *interval, stdout)
+		}
+		flows, err := getFlows(ctx, *addr)
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			enc := json.NewEncoder(stdout)
+			enc.SetIndent("", "  ")
+			return enc.Encode(flows)
+		}
+		printFlows(stdout, flows)
+		return nil
+	}
+	return c
+}
+
+func getFlows(ctx context.Context, addr string) ([]telemetry.Flow, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, addr+"/flows", nil)
+	if err != nil {
+		return nil, usageError{fmt.Sprintf("--addr %s: %v", addr, err)}
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("ask the sidecar at %s for its flows (is 'sluice run --cgroup' running there? see --addr): %w", addr, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("the sidecar at %s answered %s: is it a Sluice sidecar started with --cgroup?", addr, resp.Status)
+	}
+	var flows []telemetry.Flow
+	if err := json.NewDecoder(resp.Body).Decode(&flows); err != nil {
+		return nil, fmt.Errorf("read flows from %s: %w", addr, err)
+	}
+	return flows, nil
+}
+
+func printFlows(w io.Writer, flows []telemetry.Flow) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "DIRECTION\tSOURCE\tDESTINATION\tORIGINAL DST\tVIA SIDECAR\tSTATE\tAGE\tSRTT\tSENT\tRECEIVED")
+	for _, f := range flows {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", f.Direction, f.Source, f.Destination, f.OriginalDst,
+			yesNo(f.ViaSidecar), f.State, seconds(f.Duration), seconds(f.SRTT), bytesOf(f.BytesSent), bytesOf(f.BytesReceived))
+	}
+	tw.Flush()
+}
+
+func followFlows(ctx context.Context, addr string, asJSON bool, w io.Writer) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, addr+"/flows?follow=true", nil)
+	if err != nil {
+		return usageError{fmt.Sprintf("--addr %s: %v", addr, err)}
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("follow the sidecar's flows at %s (is 'sluice run --cgroup' running there? see --addr): %w", addr, err)
+	}
+	defer resp.Body.Close()
+	if !asJSON {
+		fmt.Fprintln(w, "TIME          EVENT   DIRECTION  SOURCE -> DESTINATION (ORIGINAL DST)  VIA  DURATION  SRTT  SENT  RECEIVED  END")
+	}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if asJSON {
+			fmt.Fprintln(w, sc.Text())
+			continue
+		}
+		var f telemetry.Flow
+		if err := json.Unmarshal(sc.Bytes(), &f); err != nil {
+			return fmt.Errorf("read flow from %s: %w", addr, err)
+		}
+		fmt.Fprintf(w, "%s  %-6s  %-9s  %s -> %s (%s)  %s  %s  %s  %s  %s  %s\n", time.Now().Format("15:04:05.000"), f.State, f.Direction,
+			f.Source, f.Destination, f.OriginalDst, yesNo(f.ViaSidecar), seconds(f.Duration), seconds(f.SRTT),
+			bytesOf(f.BytesSent), bytesOf(f.BytesReceived), orDash(f.End))
+	}
+	if ctx.Err() != nil {
+		return nil
+	}
+	return sc.Err()
+}
+
+func watchFlows(ctx context.Context, addr string, every time.Duration, w io.Writer) error {
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		flows, err := getFlows(ctx, addr)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		// Clear the screen and home the cursor, then draw.
+		fmt.Fprintf(w, "\033[H\033[2J%s  %d open flows  (sluice flows --watch, every %s; Ctrl-C ends)\n\n", time.Now().Format("15:04:05"), len(flows), every)
+		printFlows(w, flows)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+	}
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func seconds(s float64) string {
+	switch {
+	case s == 0:
+		return "-"
+	case s < 1e-3:
+		return fmt.Sprintf("%.0fµs", s*1e6)
+	case s < 1:
+		return fmt.Sprintf("%.1fms", s*1e3)
+	}
+	return (time.Duration(s * float64(time.Second))).Round(time.Second).String()
+}
+
+func bytesOf(n uint64) string {
+	switch {
+	case n >= 1<<30:
+		return fmt.Sprintf("%.1fGiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1fMiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1fKiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%dB", n)
+}

@@ -1,0 +1,78 @@
+package telemetry
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// collector produces, at each scrape, the metrics whose value is computed
+// then: the layer-4 counters (closed flows' totals plus open flows' bytes so
+// far, so long-lived flows count while they last), the live flow gauge and
+// the kernel hooks' own counters.
+type collector struct{ e *Exporter }
+
+func (c collector) descs() (opened, closed, sent, received, live, kernel, up *prometheus.Desc) {
+	prefix := "sluice"
+	if c.e.opts.IstioNames {
+		prefix = "istio"
+	}
+	d := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc(name, help, labels, nil)
+	}
+	return d(prefix+"_tcp_connections_opened_total", "TCP connections of the pod to or from the outside that were established (Istio's layer-4 metric and labels).", istioLabels...),
+		d(prefix+"_tcp_connections_closed_total", "TCP connections of the pod to or from the outside that closed (Istio's layer-4 metric and labels).", istioLabels...),
+		d(prefix+"_tcp_sent_bytes_total", "Bytes the pod sent on its connections to or from the outside, acknowledged by the peer; open connections count as they go.", istioLabels...),
+		d(prefix+"_tcp_received_bytes_total", "Bytes the pod received on its connections to or from the outside; open connections count as they go.", istioLabels...),
+		d("sluice_live_flows", "Connections of the pod to or from the outside open now.", "direction"),
+		d("sluice_kernel_events_total", "What the kernel hooks counted: inbound steering, and every connection or flow event they could not serve (by event).", "event"),
+		d("sluice_up", "1 while the exporter runs.")
+}
+
+func (c collector) Describe(ch chan<- *prometheus.Desc) {
+	a, b, d, e, f, g, h := c.descs()
+	for _, desc := range []*prometheus.Desc{a, b, d, e, f, g, h} {
+		ch <- desc
+	}
+}
+
+func (c collector) Collect(ch chan<- prometheus.Metric) {
+	opened, closed, sent, received, live, kernel, up := c.descs()
+	ch <- prometheus.MustNewConstMetric(up, prometheus.GaugeValue, 1)
+
+	flows, err := c.e.Live()
+	if err != nil {
+		c.e.opts.Logger.Warn("read live sockets", "err", err)
+	}
+	c.e.mu.Lock()
+	totals := make(map[labelKey]tcpTotals, len(c.e.totals))
+	for k, t := range c.e.totals {
+		totals[k] = *t
+	}
+	c.e.mu.Unlock()
+	perDirection := map[string]int{Outbound: 0, Inbound: 0}
+	for _, f := range flows {
+		perDirection[f.Direction]++
+		k := labelKey{f.Direction, f.service}
+		t := totals[k]
+		t.sent += f.BytesSent
+		t.received += f.BytesReceived
+		totals[k] = t
+	}
+	for k, t := range totals {
+		labels := c.e.opts.Identity.labelValues(k.direction, k.service)
+		ch <- prometheus.MustNewConstMetric(opened, prometheus.CounterValue, float64(t.opened), labels...)
+		ch <- prometheus.MustNewConstMetric(closed, prometheus.CounterValue, float64(t.closed), labels...)
+		ch <- prometheus.MustNewConstMetric(sent, prometheus.CounterValue, float64(t.sent), labels...)
+		ch <- prometheus.MustNewConstMetric(received, prometheus.CounterValue, float64(t.received), labels...)
+	}
+	for dir, n := range perDirection {
+		ch <- prometheus.MustNewConstMetric(live, prometheus.GaugeValue, float64(n), dir)
+	}
+	counts, err := c.e.source.Counters()
+	if err != nil {
+		c.e.opts.Logger.Warn("read kernel counters", "err", err)
+		return
+	}
+	for name, n := range counts {
+		ch <- prometheus.MustNewConstMetric(kernel, prometheus.CounterValue, float64(n), name)
+	}
+}

@@ -1,0 +1,284 @@
+package telemetry
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/loader"
+)
+
+// Source is where flow events come from: a pod's pins (loader.FlowSource)
+// or, in tests, anything that yields them.
+type Source interface {
+	Next(timeout time.Duration) (bpf.SluiceFlowEvent, error)
+	Counters() (map[string]uint64, error)
+}
+
+// Options configures an Exporter; zero values take the defaults.
+type Options struct {
+	Identity Identity
+	// IstioNames emits the layer-4 counters as istio_tcp_* (for pods with
+	// no other Istio proxy) instead of sluice_tcp_*.
+	IstioNames bool
+	// MaxDestinations bounds the distinct destination_service values; later
+	// destinations are counted as "other". Default 100.
+	MaxDestinations int
+	Logger          *slog.Logger
+}
+
+// Exporter reads a pod's flow events, keeps its live flows, and serves them
+// as Prometheus metrics, a flow table and a stream of closed flows.
+type Exporter struct {
+	opts   Options
+	source Source
+	clock  clock
+	reg    *prometheus.Registry
+
+	mu           sync.Mutex
+	live         map[uint64]*Flow // open flows by socket cookie
+	totals       map[labelKey]*tcpTotals
+	destinations map[string]bool
+	followers    map[chan Flow]struct{}
+
+	connect, rtt, duration *prometheus.HistogramVec
+	ended, failed, retrans *prometheus.CounterVec
+	followLost             prometheus.Counter
+}
+
+// labelKey is what tells the layer-4 counters' series apart: the rest of
+// Istio's labels follow from the pod's identity.
+type labelKey struct{ direction, service string }
+
+// tcpTotals are the layer-4 counters of one series, from closed flows; open
+// flows' bytes are added at scrape time.
+type tcpTotals struct {
+	opened, closed, sent, received uint64
+}
+
+// Histogram buckets in seconds: connect latency and RTT from 50 µs (same
+// node) to 10 s; durations from 1 ms to an hour.
+var (
+	latencyBuckets  = []float64{.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
+	durationBuckets = []float64{.001, .01, .1, .5, 1, 5, 10, 30, 60, 300, 900, 3600}
+)
+
+// NewExporter makes an Exporter for source; Run feeds it.
+func NewExporter(source Source, opts Options) *Exporter {
+	if opts.MaxDestinations == 0 {
+		opts.MaxDestinations = 100
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	e := &Exporter{
+		opts:         opts,
+		source:       source,
+		clock:        newClock(),
+		reg:          prometheus.NewRegistry(),
+		live:         map[uint64]*Flow{},
+		totals:       map[labelKey]*tcpTotals{},
+		destinations: map[string]bool{},
+		followers:    map[chan Flow]struct{}{},
+		connect: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "sluice_tcp_connect_duration_seconds", Buckets: latencyBuckets,
+			Help: "Time from SYN sent to established (outbound), or from SYN-ACK sent to its ACK (inbound), per flow.",
+		}, []string{"direction"}),
+		rtt: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "sluice_tcp_rtt_seconds", Buckets: latencyBuckets,
+			Help: "Smoothed round-trip time of each flow when it closed.",
+		}, []string{"direction"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "sluice_tcp_flow_duration_seconds", Buckets: durationBuckets,
+			Help: "How long each flow was open.",
+		}, []string{"direction"}),
+		ended: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_tcp_connections_ended_total",
+			Help: "Flows closed, by how they ended: fin, rst or timeout.",
+		}, []string{"direction", "end"}),
+		failed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_tcp_connect_failures_total",
+			Help: "Outbound connects that never were established, by reason: refused, timeout or rst.",
+		}, []string{"direction", "reason"}),
+		retrans: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_tcp_retransmitted_segments_total",
+			Help: "Segments the pod retransmitted, counted when each flow closes.",
+		}, []string{"direction"}),
+		followLost: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_flow_follow_dropped_total",
+			Help: "Closed flows not sent to a `sluice flows --follow` client that was too slow to take them.",
+		}),
+	}
+	e.reg.MustRegister(e.connect, e.rtt, e.duration, e.ended, e.failed, e.retrans, e.followLost, collector{e})
+	return e
+}
+
+// Registry is what /metrics serves.
+func (e *Exporter) Registry() *prometheus.Registry { return e.reg }
+
+// Run handles events until ctx ends or the source fails.
+func (e *Exporter) Run(ctx context.Context) error {
+	for ctx.Err() == nil {
+		ev, err := e.source.Next(200 * time.Millisecond)
+		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			continue
+		case errors.Is(err, loader.ErrClosed):
+			return nil
+		case err != nil:
+			return err
+		}
+		e.handle(flowOf(ev, e.clock))
+	}
+	return nil
+}
+
+func (e *Exporter) handle(f Flow) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	f.service = e.service(f)
+	key := labelKey{f.Direction, f.service}
+	t := e.totals[key]
+	if t == nil {
+		t = &tcpTotals{}
+		e.totals[key] = t
+	}
+	switch f.State {
+	case StateOpen:
+		e.live[f.Cookie] = &f
+		t.opened++
+		e.connect.WithLabelValues(f.Direction).Observe(f.ConnectLatency)
+		return
+	case StateFailed:
+		e.failed.WithLabelValues(f.Direction, f.End).Inc()
+	case StateClosed:
+		if open, ok := e.live[f.Cookie]; ok {
+			// The open event's connect latency is the flow's.
+			f.ConnectLatency = open.ConnectLatency
+			delete(e.live, f.Cookie)
+		} else {
+			// Opened before the exporter started (or its open event was
+			// lost): count the open now, so opened >= closed always.
+			t.opened++
+		}
+		t.closed++
+		t.sent += f.BytesSent
+		t.received += f.BytesReceived
+		e.ended.WithLabelValues(f.Direction, f.End).Inc()
+		e.rtt.WithLabelValues(f.Direction).Observe(f.SRTT)
+		e.duration.WithLabelValues(f.Direction).Observe(f.Duration)
+		e.retrans.WithLabelValues(f.Direction).Add(float64(f.Retransmits))
+	}
+	for ch := range e.followers {
+		select {
+		case ch <- f:
+		default:
+			e.followLost.Inc()
+		}
+	}
+}
+
+// service is the flow's destination_service: its original destination,
+// until MaxDestinations distinct ones were seen.
+func (e *Exporter) service(f Flow) string {
+	s := f.OriginalDst.String()
+	if e.destinations[s] {
+		return s
+	}
+	if len(e.destinations) >= e.opts.MaxDestinations {
+		return "other"
+	}
+	e.destinations[s] = true
+	return s
+}
+
+// Live returns the open flows, with their bytes, RTT and retransmits as the
+// kernel has them now (sock_diag in this network namespace).
+func (e *Exporter) Live() ([]Flow, error) {
+	stats, err := socketStats()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	now := time.Now()
+	out := make([]Flow, 0, len(e.live))
+	for cookie, f := range e.live {
+		if s, ok := stats[cookie]; ok {
+			f.BytesSent, f.BytesReceived = max(f.BytesSent, s.sent), max(f.BytesReceived, s.received)
+			f.SRTT, f.MinRTT, f.Retransmits = s.srtt, s.minRTT, s.retrans
+		}
+		c := *f
+		c.Duration = now.Sub(c.Start).Seconds()
+		out = append(out, c)
+	}
+	slices.SortFunc(out, func(a, b Flow) int { return a.Start.Compare(b.Start) })
+	return out, err
+}
+
+// Follow returns a channel of every flow event from now on (opened, closed,
+// failed) and a function that stops it. A follower that falls behind loses
+// events, counted in sluice_flow_follow_dropped_total.
+func (e *Exporter) Follow() (<-chan Flow, func()) {
+	ch := make(chan Flow, 1024)
+	e.mu.Lock()
+	e.followers[ch] = struct{}{}
+	e.mu.Unlock()
+	return ch, func() {
+		e.mu.Lock()
+		delete(e.followers, ch)
+		e.mu.Unlock()
+	}
+}
+
+type sockStat struct {
+	sent, received uint64
+	srtt, minRTT   float64
+	retrans        uint32
+}
+
+// socketStats reads every TCP socket of this network namespace, by cookie.
+func socketStats() (map[uint64]sockStat, error) {
+	out := map[uint64]sockStat{}
+	var errs []error
+	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		resps, err := netlink.SocketDiagTCPInfo(family)
+		if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+			errs = append(errs, err)
+			continue
+		}
+		for _, r := range resps {
+			if r.InetDiagMsg == nil || r.TCPInfo == nil {
+				continue
+			}
+			id := r.InetDiagMsg.ID
+			cookie := uint64(id.Cookie[0]) | uint64(id.Cookie[1])<<32
+			ti := r.TCPInfo
+			// Data bytes only, as the kernel's close-time event counts
+			// them: bytes_received includes the peer's FIN once it came.
+			received := ti.Bytes_received
+			if finReceived(r.InetDiagMsg.State) && received > 0 {
+				received--
+			}
+			out[cookie] = sockStat{sent: ti.Bytes_sent - ti.Bytes_retrans, received: received,
+				srtt: micros(ti.Rtt), minRTT: micros(ti.Min_rtt), retrans: ti.Total_retrans}
+		}
+	}
+	return out, errors.Join(errs...)
+}
+
+// finReceived reports whether a socket in TCP state st has had the peer's
+// FIN: CLOSE_WAIT, LAST_ACK, CLOSING or TIME_WAIT.
+func finReceived(st uint8) bool {
+	switch st {
+	case 8, 9, 11, 6:
+		return true
+	}
+	return false
+}

@@ -1,0 +1,115 @@
+// Package telemetry turns a pod's flow events (from the kernel's ring buffer)
+// and its live sockets (from sock_diag) into what a platform team already
+// uses: Prometheus metrics with Istio's layer-4 names and labels, a live
+// flow table, and a stream of closed flows.
+package telemetry
+
+import (
+	"net/netip"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/loader"
+)
+
+// Flow is one connection of the pod to or from the outside, seen from the
+// socket that carries it on the wire (the sidecar's upstream or accepted
+// socket, or the app's own when it was not captured).
+type Flow struct {
+	Cookie      uint64         `json:"cookie"`
+	Direction   string         `json:"direction"` // outbound or inbound
+	ViaSidecar  bool           `json:"via_sidecar"`
+	Source      netip.AddrPort `json:"source"` // the end that opened it
+	Destination netip.AddrPort `json:"destination"`
+	// OriginalDst is where the connection was going before capture: for
+	// inbound flows the pod's own address and port.
+	OriginalDst netip.AddrPort `json:"original_destination"`
+	State       string         `json:"state"`         // open, closed or failed
+	End         string         `json:"end,omitempty"` // fin, rst, timeout, refused
+	Start       time.Time      `json:"start"`
+	Duration    float64        `json:"duration_seconds"`
+	// ConnectLatency is SYN sent to established (outbound), or SYN-ACK
+	// sent to its ACK (inbound).
+	ConnectLatency float64 `json:"connect_latency_seconds"`
+	SRTT           float64 `json:"srtt_seconds"`
+	MinRTT         float64 `json:"min_rtt_seconds"`
+	BytesSent      uint64  `json:"bytes_sent"` // by the pod, acknowledged
+	BytesReceived  uint64  `json:"bytes_received"`
+	Retransmits    uint32  `json:"retransmits"`
+
+	// service is the destination_service label the flow counts under.
+	service string
+}
+
+// Flow states.
+const (
+	StateOpen   = "open"
+	StateClosed = "closed"
+	StateFailed = "failed"
+)
+
+// Directions.
+const (
+	Outbound = "outbound"
+	Inbound  = "inbound"
+)
+
+var endNames = map[uint8]string{
+	uint8(bpf.SluiceFlowEndEND_FIN):     "fin",
+	uint8(bpf.SluiceFlowEndEND_RST):     "rst",
+	uint8(bpf.SluiceFlowEndEND_TIMEOUT): "timeout",
+	uint8(bpf.SluiceFlowEndEND_REFUSED): "refused",
+}
+
+// clock turns the kernel's boot-time nanoseconds into wall-clock time.
+type clock struct{ boot time.Time }
+
+func newClock() clock {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return clock{boot: time.Now()}
+	}
+	return clock{boot: time.Now().Add(-time.Duration(ts.Nano()))}
+}
+
+func (c clock) at(ns uint64) time.Time { return c.boot.Add(time.Duration(ns)) }
+
+// flowOf decodes one kernel event.
+func flowOf(ev bpf.SluiceFlowEvent, c clock) Flow {
+	local := netip.AddrPortFrom(loader.AddrFrom6(ev.Local), ev.LocalPort)
+	remote := netip.AddrPortFrom(loader.AddrFrom6(ev.Remote), ev.RemotePort)
+	f := Flow{
+		Cookie:         ev.Cookie,
+		ViaSidecar:     ev.Flow&uint32(bpf.SluiceFlowFlagFLOW_VIA_SIDECAR) != 0,
+		OriginalDst:    netip.AddrPortFrom(loader.AddrFrom6(ev.Orig.Addr), ev.Orig.Port),
+		Start:          c.at(ev.StartNs),
+		ConnectLatency: micros(ev.ConnectUs),
+		SRTT:           micros(ev.SrttUs),
+		MinRTT:         micros(ev.MinRttUs),
+		BytesSent:      ev.BytesSent,
+		BytesReceived:  ev.BytesReceived,
+		Retransmits:    ev.Retrans,
+		End:            endNames[ev.End],
+	}
+	if ev.Flow&uint32(bpf.SluiceFlowFlagFLOW_INBOUND) != 0 {
+		f.Direction, f.Source, f.Destination = Inbound, remote, local
+	} else {
+		f.Direction, f.Source, f.Destination = Outbound, local, remote
+	}
+	switch bpf.SluiceFlowKind(ev.Kind) {
+	case bpf.SluiceFlowKindFLOW_OPEN:
+		f.State = StateOpen
+	case bpf.SluiceFlowKindFLOW_CLOSE:
+		f.State = StateClosed
+	default:
+		f.State = StateFailed
+	}
+	if ev.EndNs != 0 {
+		f.Duration = c.at(ev.EndNs).Sub(f.Start).Seconds()
+	}
+	return f
+}
+
+func micros(us uint32) float64 { return float64(us) / 1e6 }

@@ -1,0 +1,97 @@
+package telemetry
+
+import (
+	"os"
+)
+
+// Identity is who the pod is, for the source side of outbound flows and the
+// destination side of inbound ones. Empty fields are reported as "unknown",
+// never left out: Kiali drops series that lack a label.
+type Identity struct {
+	Workload          string
+	Namespace         string
+	Principal         string
+	App               string
+	Version           string
+	CanonicalService  string
+	CanonicalRevision string
+	Cluster           string
+}
+
+// IdentityFromEnv reads what the Kubernetes downward API (or Istio's
+// injector) puts in the sidecar's environment. SLUICE_* variables win.
+func IdentityFromEnv() Identity {
+	first := func(names ...string) string {
+		for _, n := range names {
+			if v := os.Getenv(n); v != "" {
+				return v
+			}
+		}
+		return ""
+	}
+	id := Identity{
+		Workload:          first("SLUICE_WORKLOAD", "ISTIO_META_WORKLOAD_NAME"),
+		Namespace:         first("SLUICE_NAMESPACE", "POD_NAMESPACE"),
+		Principal:         first("SLUICE_PRINCIPAL"),
+		App:               first("SLUICE_APP"),
+		Version:           first("SLUICE_VERSION"),
+		CanonicalService:  first("SLUICE_CANONICAL_SERVICE"),
+		CanonicalRevision: first("SLUICE_CANONICAL_REVISION"),
+		Cluster:           first("SLUICE_CLUSTER", "ISTIO_META_CLUSTER_ID"),
+	}
+	// Istio's own defaults: the canonical service falls back to the app
+	// (then the workload), the canonical revision to the version.
+	if id.CanonicalService == "" {
+		id.CanonicalService = first("SLUICE_APP", "SLUICE_WORKLOAD", "ISTIO_META_WORKLOAD_NAME")
+	}
+	if id.CanonicalRevision == "" {
+		id.CanonicalRevision = id.Version
+	}
+	return id
+}
+
+const unknown = "unknown"
+
+func orUnknown(s string) string {
+	if s == "" {
+		return unknown
+	}
+	return s
+}
+
+// istioLabels is Istio's full layer-4 label set, in its order.
+var istioLabels = []string{
+	"reporter",
+	"source_workload", "source_workload_namespace", "source_principal", "source_app", "source_version",
+	"source_canonical_service", "source_canonical_revision", "source_cluster",
+	"destination_workload", "destination_workload_namespace", "destination_principal", "destination_app", "destination_version",
+	"destination_service", "destination_service_name", "destination_service_namespace",
+	"destination_canonical_service", "destination_canonical_revision", "destination_cluster",
+	"request_protocol", "response_flags", "connection_security_policy",
+}
+
+// side is one end's label values, in istioLabels' order for a side.
+func (id Identity) side() []string {
+	return []string{orUnknown(id.Workload), orUnknown(id.Namespace), orUnknown(id.Principal), orUnknown(id.App),
+		orUnknown(id.Version), orUnknown(id.CanonicalService), orUnknown(id.CanonicalRevision), orUnknown(id.Cluster)}
+}
+
+// labelValues gives a flow's Istio labels. Outbound flows are reported by
+// the source (this pod); inbound ones by the destination (this pod); the
+// other side is unknown, since Sluice sees addresses, not workloads.
+// service is the destination as Sluice knows it: the original destination's
+// address and port, or "other" beyond the cardinality limit.
+func (id Identity) labelValues(direction, service string) []string {
+	none := Identity{}.side()
+	src, dst, reporter := id.side(), none, "source"
+	if direction == Inbound {
+		src, dst, reporter = none, id.side(), "destination"
+	}
+	v := make([]string, 0, len(istioLabels))
+	v = append(v, reporter)
+	v = append(v, src...)
+	v = append(v, dst[:5]...) // workload, namespace, principal, app, version
+	v = append(v, service, service, dst[1])
+	v = append(v, dst[5:]...) // canonical service, revision, cluster
+	return append(v, "tcp", "-", "none")
+}
