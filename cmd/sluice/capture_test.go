@@ -19,6 +19,7 @@ const payload = 16 << 20
 // capturedPod is a pod with capture installed through the CLI, a remote host
 // with echo servers, and (optionally) the built-in sidecar running in the pod.
 type capturedPod struct {
+	bed     *testbed.Bed
 	pod     *testbed.Pod
 	host    *testbed.Host
 	sidecar *testbed.Logged
@@ -64,7 +65,7 @@ func newCapturedPodIn(t *testing.T, containerPath []string, installArgs ...strin
 	mustCLI(t, append([]string{"install", "--cgroup", cgroup, "--netns", pod.Netns}, installArgs...)...)
 	// Registered after the bed, so it runs before the bed removes the cgroup.
 	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", cgroup) })
-	return &capturedPod{pod: pod, host: host, cgroup: cgroup}
+	return &capturedPod{bed: bed, pod: pod, host: host, cgroup: cgroup}
 }
 
 // startSidecar runs `sluice run` in the pod as root; it switches to uid

@@ -182,3 +182,73 @@ func TestFlowMetricsCountEveryFlow(t *testing.T) {
 		t.Errorf("%v flow events lost", got)
 	}
 }
+
+// bucket is the cumulative count of the histogram series of family name
+// with the labels want, at upper bound le.
+func bucket(t *testing.T, families map[string]*dto.MetricFamily, name string, want map[string]string, le float64) uint64 {
+	t.Helper()
+	for _, m := range families[name].GetMetric() {
+		match := true
+		for _, l := range m.Label {
+			if v, ok := want[l.GetName()]; ok && v != l.GetValue() {
+				match = false
+			}
+		}
+		if !match || m.Histogram == nil {
+			continue
+		}
+		for _, b := range m.Histogram.Bucket {
+			if b.GetUpperBound() == le {
+				return b.GetCumulativeCount()
+			}
+		}
+	}
+	t.Fatalf("%s%v has no bucket le=%v", name, want, le)
+	return 0
+}
+
+// A host behind a 20 ms delay link (40 ms round trip): its flows' connect
+// latency and RTT land in the buckets above 25 ms, a host with no delay in
+// the ones below 5 ms, outbound through the sidecar and inbound.
+func TestLatencyLandsInTheRightBuckets(t *testing.T) {
+	c := newCapturedPod(t)
+	far, err := c.bed.AddDelayedHost("far", 20*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.startSidecar(t)
+	if _, err := c.pod.ListenEcho("[::]:8080"); err != nil {
+		t.Fatal(err)
+	}
+	farAddr := netip.AddrPortFrom(far.Addr4, 8080).String()
+	if _, err := far.ListenEcho(farAddr); err != nil {
+		t.Fatal(err)
+	}
+	in := netip.AddrPortFrom(c.pod.Addr4, 8080).String()
+	for _, run := range []func() (testbed.ClientResult, error){
+		func() (testbed.ClientResult, error) { return c.pod.RunClient(self(t), netip.AddrPortFrom(c.host.Addr4, 8080).String(), 1<<20) },
+		func() (testbed.ClientResult, error) { return c.pod.RunClient(self(t), farAddr, 1<<20) },
+		func() (testbed.ClientResult, error) { return c.host.RunClient(self(t), in, 1<<20) },
+		func() (testbed.ClientResult, error) { return far.RunClient(self(t), in, 1<<20) },
+	} {
+		if _, err := run(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var fams map[string]*dto.MetricFamily
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		fams = c.scrape(t)
+		if sample(fams, "sluice_tcp_rtt_seconds", nil) >= 4 || time.Now().After(deadline) {
+			break
+		}
+	}
+	for _, dir := range []string{"outbound", "inbound"} {
+		labels := map[string]string{"direction": dir}
+		for _, name := range []string{"sluice_tcp_connect_duration_seconds", "sluice_tcp_rtt_seconds"} {
+			fast, below, all := bucket(t, fams, name, labels, 0.005), bucket(t, fams, name, labels, 0.025), bucket(t, fams, name, labels, 0.25)
+			if fast != 1 || below != 1 || all != 2 {
+				t.Errorf("%s{direction=%q}: %d observations at most 5 ms, %d at most 25 ms, %d at most 250 ms; want 1, 1, 2", name, dir, fast, below, all)
+			}
+		}
+	}
+}

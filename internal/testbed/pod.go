@@ -76,7 +76,7 @@ func subnetFor(n int) subnet {
 func (b *Bed) AddPod(name string, cgroupPath ...string) (*Pod, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	nsName, sub, err := b.addNetns(name, false)
+	nsName, sub, err := b.addNetns(name, func(nsName string, sub subnet) error { return b.wire(nsName, sub, false) })
 	if err != nil {
 		return nil, fmt.Errorf("add pod %s: %w", name, err)
 	}
@@ -113,7 +113,7 @@ func (b *Bed) AddPod(name string, cgroupPath ...string) (*Pod, error) {
 func (b *Bed) AddHost(name string) (*Host, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	nsName, sub, err := b.addNetns(name, true)
+	nsName, sub, err := b.addNetns(name, func(nsName string, sub subnet) error { return b.wire(nsName, sub, true) })
 	if err != nil {
 		return nil, fmt.Errorf("add host %s: %w", name, err)
 	}
@@ -127,10 +127,10 @@ func (b *Bed) AddHost(name string) (*Host, error) {
 	}, nil
 }
 
-// addNetns creates the netns "<prefix>-<name>" and wires it to the node.
-// The netns is registered before it is created, so whatever a failure
-// leaves behind is removed by Close. b.mu must be held.
-func (b *Bed) addNetns(name string, extra bool) (string, subnet, error) {
+// addNetns creates the netns "<prefix>-<name>" and connects it to the node
+// with link. The netns is registered before it is created, so whatever a
+// failure leaves behind is removed by Close. b.mu must be held.
+func (b *Bed) addNetns(name string, link func(nsName string, sub subnet) error) (string, subnet, error) {
 	if b.closed {
 		return "", subnet{}, errors.New("bed is closed")
 	}
@@ -158,7 +158,7 @@ func (b *Bed) addNetns(name string, extra bool) (string, subnet, error) {
 	if err := createNetns(nsName); err != nil {
 		return "", subnet{}, err
 	}
-	if err := b.wire(nsName, sub, extra); err != nil {
+	if err := link(nsName, sub); err != nil {
 		return "", subnet{}, err
 	}
 	return nsName, sub, nil

@@ -40,6 +40,7 @@ type Bed struct {
 	cgroups  []string        // cgroup dirs to remove, in creation order
 	procs    []*exec.Cmd     // processes started by Start
 	echoes   []echoServer    // listeners served by ListenEcho
+	links    []*os.File      // TUN queues of delayed hosts' links
 	closeErr error
 }
 
@@ -141,6 +142,9 @@ func (b *Bed) Close() error {
 	}
 	for _, cmd := range b.procs {
 		errs = append(errs, stopProcess(cmd))
+	}
+	for _, f := range b.links {
+		f.Close()
 	}
 	deadline := time.Now().Add(cgroupDrainTimeout)
 	for i := len(b.cgroups) - 1; i >= 0; i-- {

@@ -613,3 +613,47 @@ func TestDoGoexit(t *testing.T) {
 		t.Error("DoNode returned nil after its function called Goexit")
 	}
 }
+
+// A delayed host's link holds each packet for the delay each way: a TCP
+// connect (one round trip) to it takes at least twice the delay, over IPv4
+// and IPv6, and bytes arrive intact.
+func TestDelayedHost(t *testing.T) {
+	RequirePrivileged(t)
+	bed := Must(t)
+	pod, err := bed.AddPod("app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const delay = 20 * time.Millisecond
+	far, err := bed.AddDelayedHost("far", delay)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, a := range []netip.Addr{far.Addr4, far.Addr6} {
+		local := []netip.Addr{pod.Addr4, pod.Addr6}[i]
+		addr := netip.AddrPortFrom(a, 8080).String()
+		if _, err := far.ListenEcho(addr); err != nil {
+			t.Fatal(err)
+		}
+		var took time.Duration
+		if err := pod.Do(func() error {
+			start := time.Now()
+			c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+			took = time.Since(start)
+			if err == nil {
+				c.Close()
+			}
+			return err
+		}); err != nil {
+			t.Fatalf("connect to %s: %v", addr, err)
+		}
+		if took < 2*delay || took > time.Second {
+			t.Errorf("connect to %s took %v, want about %v", addr, took, 2*delay)
+		}
+		res, err := pod.RunClient(self(t), addr, 1<<20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		checkExchange(t, res, local, addr, 1<<20)
+	}
+}
