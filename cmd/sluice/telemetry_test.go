@@ -226,7 +226,9 @@ func TestLatencyLandsInTheRightBuckets(t *testing.T) {
 	}
 	in := netip.AddrPortFrom(c.pod.Addr4, 8080).String()
 	for _, run := range []func() (testbed.ClientResult, error){
-		func() (testbed.ClientResult, error) { return c.pod.RunClient(self(t), netip.AddrPortFrom(c.host.Addr4, 8080).String(), 1<<20) },
+		func() (testbed.ClientResult, error) {
+			return c.pod.RunClient(self(t), netip.AddrPortFrom(c.host.Addr4, 8080).String(), 1<<20)
+		},
 		func() (testbed.ClientResult, error) { return c.pod.RunClient(self(t), farAddr, 1<<20) },
 		func() (testbed.ClientResult, error) { return c.host.RunClient(self(t), in, 1<<20) },
 		func() (testbed.ClientResult, error) { return far.RunClient(self(t), in, 1<<20) },
