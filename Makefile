@@ -14,14 +14,15 @@ build:
 deps:
 	bash scripts/deps.sh
 
-# Rebuilds the committed BPF objects and Go bindings (needs clang).
+# Rebuilds the committed BPF objects and Go bindings (needs clang) and the
+# Grafana dashboard in deploy/grafana.
 generate:
-	$(GO) generate ./bpf/
+	$(GO) generate ./bpf/ ./telemetry/dashboard/
 
 # Fails when the committed objects do not match the sources.
 check-generate: generate
-	@git diff --quiet -- bpf/ || { git status --short -- bpf/; \
-		echo "generated BPF objects are stale: run 'make generate' and commit them"; exit 1; }
+	@git diff --quiet -- bpf/ deploy/ || { git status --short -- bpf/ deploy/; \
+		echo "generated files are stale: run 'make generate' and commit them"; exit 1; }
 
 # vmlinux.h is regenerated on purpose only: the objects are CO-RE, so the
 # header need not match the running kernel.

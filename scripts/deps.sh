@@ -6,6 +6,7 @@
 #   iptables, nftables       tests check the pod has no rules; the benchmark's baseline
 #   iproute2                 'ip netns' to look at test pods by hand; ss for make scale
 #   util-linux               mount and setpriv: tests run the sidecar as a container would
+#   prometheus               a real server scrapes the sidecar in the tests; promtool checks
 # and the Go modules. Idempotent: apt runs only for missing packages.
 set -euo pipefail
 
@@ -14,7 +15,7 @@ if [[ $(id -u) -ne 0 ]]; then
 	exit 1
 fi
 
-pkgs=(clang llvm libbpf-dev bpftool haproxy iptables nftables iproute2 util-linux make)
+pkgs=(clang llvm libbpf-dev bpftool haproxy iptables nftables iproute2 util-linux prometheus make)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
