@@ -1,12 +1,9 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -77,32 +74,9 @@ scrape_configs:
 	}
 }
 
-// get asks Prometheus for path over a connection made in its namespace.
+// get asks Prometheus for path, from its own namespace.
 func (p *promServer) get(path string) (int, []byte, error) {
-	var conn net.Conn
-	if err := p.host.Do(func() (err error) {
-		conn, err = net.DialTimeout("tcp", p.addr, 5*time.Second)
-		return err
-	}); err != nil {
-		return 0, nil, err
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(20 * time.Second))
-	req, err := http.NewRequest(http.MethodGet, "http://"+p.addr+path, nil)
-	if err != nil {
-		return 0, nil, err
-	}
-	req.Close = true
-	if err := req.Write(conn); err != nil {
-		return 0, nil, err
-	}
-	resp, err := http.ReadResponse(bufio.NewReader(conn), req)
-	if err != nil {
-		return 0, nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, body, err
+	return nsGet(p.host.Do, "http://"+p.addr+path)
 }
 
 type promSeries struct {

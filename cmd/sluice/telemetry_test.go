@@ -18,37 +18,43 @@ import (
 	"github.com/sluicemesh/sluice/internal/testbed"
 )
 
-// httpGet fetches url with a connection made inside a network namespace
-// (do is Pod.Do or Host.Do). The connection must be dialed on do's thread:
+// nsGet fetches url with a connection made inside a network namespace (do
+// is Pod.Do or Host.Do). The connection must be dialed on do's thread:
 // http.Client would dial from another goroutine, in whatever namespace its
 // thread happens to be in.
-func httpGet(t *testing.T, do func(func() error) error, url string) []byte {
-	t.Helper()
+func nsGet(do func(func() error) error, url string) (int, []byte, error) {
 	req, err := http.NewRequest(http.MethodGet, url, nil)
 	if err != nil {
-		t.Fatal(err)
+		return 0, nil, err
 	}
 	var conn net.Conn
 	if err := do(func() (err error) {
 		conn, err = net.DialTimeout("tcp", req.URL.Host, 5*time.Second)
 		return err
 	}); err != nil {
-		t.Fatalf("GET %s: %v", url, err)
+		return 0, nil, err
 	}
 	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	conn.SetDeadline(time.Now().Add(20 * time.Second))
 	req.Close = true
 	if err := req.Write(conn); err != nil {
-		t.Fatalf("GET %s: %v", url, err)
+		return 0, nil, err
 	}
 	resp, err := http.ReadResponse(bufio.NewReader(conn), req)
 	if err != nil {
-		t.Fatalf("GET %s: %v", url, err)
+		return 0, nil, err
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET %s: %s, %v\n%s", url, resp.Status, err, body)
+	return resp.StatusCode, body, err
+}
+
+// httpGet is nsGet for a request that must succeed.
+func httpGet(t *testing.T, do func(func() error) error, url string) []byte {
+	t.Helper()
+	status, body, err := nsGet(do, url)
+	if err != nil || status != http.StatusOK {
+		t.Fatalf("GET %s: %d, %v\n%s", url, status, err, body)
 	}
 	return body
 }
