@@ -98,6 +98,7 @@ enum flow_flag {
 	FLOW_INBOUND = 1 << 1,
 	FLOW_VIA_SIDECAR = 1 << 2, /* the sidecar's socket: its upstream or its accepted one */
 	FLOW_FIN = 1 << 3,         /* a FIN was sent or received */
+	FLOW_OPEN_LOST = 1 << 4,   /* its open event did not fit in the ring buffer */
 };
 
 enum flow_kind {
@@ -225,6 +226,13 @@ enum counter {
 	COUNT_HANDSHAKE_TABLE_FULL,  /* the proxy will not learn the destination */
 	COUNT_FLOW_NO_STATE,         /* a flow untracked: no socket storage */
 	COUNT_FLOW_EVENT_LOST,       /* a flow event dropped: ring buffer full */
+	/* Flows whose close event was lost, and of those the ones whose open
+	 * event was lost too, by direction: with them user space counts every
+	 * flow opened and closed exactly, whatever the ring buffer dropped. */
+	COUNT_CLOSE_LOST_OUTBOUND,
+	COUNT_CLOSE_LOST_INBOUND,
+	COUNT_BOTH_LOST_OUTBOUND,
+	COUNT_BOTH_LOST_INBOUND,
 	COUNTERS,
 };
 

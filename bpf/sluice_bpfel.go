@@ -44,7 +44,11 @@ const (
 	SluiceCounterCOUNT_HANDSHAKE_TABLE_FULL  SluiceCounter = 4
 	SluiceCounterCOUNT_FLOW_NO_STATE         SluiceCounter = 5
 	SluiceCounterCOUNT_FLOW_EVENT_LOST       SluiceCounter = 6
-	SluiceCounterCOUNTERS                    SluiceCounter = 7
+	SluiceCounterCOUNT_CLOSE_LOST_OUTBOUND   SluiceCounter = 7
+	SluiceCounterCOUNT_CLOSE_LOST_INBOUND    SluiceCounter = 8
+	SluiceCounterCOUNT_BOTH_LOST_OUTBOUND    SluiceCounter = 9
+	SluiceCounterCOUNT_BOTH_LOST_INBOUND     SluiceCounter = 10
+	SluiceCounterCOUNTERS                    SluiceCounter = 11
 )
 
 type SluiceFlowEnd uint32
@@ -86,6 +90,7 @@ const (
 	SluiceFlowFlagFLOW_INBOUND     SluiceFlowFlag = 2
 	SluiceFlowFlagFLOW_VIA_SIDECAR SluiceFlowFlag = 4
 	SluiceFlowFlagFLOW_FIN         SluiceFlowFlag = 8
+	SluiceFlowFlagFLOW_OPEN_LOST   SluiceFlowFlag = 16
 )
 
 type SluiceFlowKind uint32

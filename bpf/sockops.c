@@ -62,8 +62,10 @@ static __always_inline void set_orig(struct orig_dst *orig, const struct addr6 *
 /* flow_emit sends one event about a flow socket. The local end is the
  * client in key (sockops_tuple's order). tp, when there is one, gives the
  * byte counts without the SYN and FIN sequence numbers that bytes_acked and
- * bytes_received include, and without retransmissions. */
-static __always_inline void flow_emit(struct bpf_sock_ops *skops, const struct sock_state *st, const struct tuple_key *key,
+ * bytes_received include, and without retransmissions. An event that does
+ * not fit in the ring buffer is counted, by what user space needs to keep
+ * its counts exact. */
+static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct sock_state *st, const struct tuple_key *key,
 				      __u8 kind, __u8 end, struct tcp_sock *tp)
 {
 	struct flow_event ev = {
@@ -93,8 +95,17 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, const struct s
 		ev.srtt_us = skops->srtt_us >> 3;
 		ev.min_rtt_us = skops->rtt_min;
 	}
-	if (bpf_ringbuf_output(&flow_events, &ev, sizeof(ev), 0))
-		count(COUNT_FLOW_EVENT_LOST);
+	if (!bpf_ringbuf_output(&flow_events, &ev, sizeof(ev), 0))
+		return;
+	count(COUNT_FLOW_EVENT_LOST);
+	bool out = st->flow & FLOW_OUTBOUND;
+	if (kind == FLOW_OPEN) {
+		st->flow |= FLOW_OPEN_LOST;
+	} else if (kind == FLOW_CLOSE) {
+		count(out ? COUNT_CLOSE_LOST_OUTBOUND : COUNT_CLOSE_LOST_INBOUND);
+		if (st->flow & FLOW_OPEN_LOST)
+			count(out ? COUNT_BOTH_LOST_OUTBOUND : COUNT_BOTH_LOST_INBOUND);
+	}
 }
 
 static __always_inline void want_state_cb(struct bpf_sock_ops *skops)

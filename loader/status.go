@@ -219,6 +219,10 @@ var counterNames = map[bpf.SluiceCounter]string{
 	bpf.SluiceCounterCOUNT_HANDSHAKE_TABLE_FULL:  "handshake_table_full",
 	bpf.SluiceCounterCOUNT_FLOW_NO_STATE:         "flow_untracked_no_state",
 	bpf.SluiceCounterCOUNT_FLOW_EVENT_LOST:       "flow_event_lost_ring_full",
+	bpf.SluiceCounterCOUNT_CLOSE_LOST_OUTBOUND:   "flow_close_lost_outbound",
+	bpf.SluiceCounterCOUNT_CLOSE_LOST_INBOUND:    "flow_close_lost_inbound",
+	bpf.SluiceCounterCOUNT_BOTH_LOST_OUTBOUND:    "flow_open_and_close_lost_outbound",
+	bpf.SluiceCounterCOUNT_BOTH_LOST_INBOUND:     "flow_open_and_close_lost_inbound",
 }
 
 func readCounters(dir string) (map[string]uint64, error) {

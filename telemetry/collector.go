@@ -10,7 +10,7 @@ import (
 // the kernel hooks' own counters.
 type collector struct{ e *Exporter }
 
-func (c collector) descs() (opened, closed, sent, received, live, kernel, up *prometheus.Desc) {
+func (c collector) descs() (opened, closed, sent, received, live, kernel, up, followers *prometheus.Desc) {
 	prefix := "sluice"
 	if c.e.opts.IstioNames {
 		prefix = "istio"
@@ -24,18 +24,19 @@ func (c collector) descs() (opened, closed, sent, received, live, kernel, up *pr
 		d(prefix+"_tcp_received_bytes_total", "Bytes the pod received on its connections to or from the outside; open connections count as they go.", istioLabels...),
 		d("sluice_live_flows", "Connections of the pod to or from the outside open now.", "direction"),
 		d("sluice_kernel_events_total", "What the kernel hooks counted: inbound steering, and every connection or flow event they could not serve (by event).", "event"),
-		d("sluice_up", "1 while the exporter runs.")
+		d("sluice_up", "1 while the exporter runs."),
+		d("sluice_flow_followers", "Clients following the flows ('sluice flows --follow').")
 }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	a, b, d, e, f, g, h := c.descs()
-	for _, desc := range []*prometheus.Desc{a, b, d, e, f, g, h} {
+	a, b, d, e, f, g, h, i := c.descs()
+	for _, desc := range []*prometheus.Desc{a, b, d, e, f, g, h, i} {
 		ch <- desc
 	}
 }
 
 func (c collector) Collect(ch chan<- prometheus.Metric) {
-	opened, closed, sent, received, live, kernel, up := c.descs()
+	opened, closed, sent, received, live, kernel, up, followers := c.descs()
 	ch <- prometheus.MustNewConstMetric(up, prometheus.GaugeValue, 1)
 
 	flows, err := c.e.Live()
@@ -43,6 +44,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		c.e.opts.Logger.Warn("read live sockets", "err", err)
 	}
 	c.e.mu.Lock()
+	ch <- prometheus.MustNewConstMetric(followers, prometheus.GaugeValue, float64(len(c.e.followers)))
 	totals := make(map[labelKey]tcpTotals, len(c.e.totals))
 	for k, t := range c.e.totals {
 		totals[k] = *t
@@ -57,6 +59,22 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		t.received += f.BytesReceived
 		totals[k] = t
 	}
+	counts, err := c.e.source.Counters()
+	if err != nil {
+		c.e.opts.Logger.Warn("read kernel counters", "err", err)
+	}
+	// Flows whose events the ring buffer lost are still counted, as the
+	// kernel counted them: closed when their close was lost, opened when
+	// their open was lost too (an open alone lost is counted at its close).
+	for _, dir := range []string{Outbound, Inbound} {
+		if lost := counts["flow_close_lost_"+dir]; lost > 0 {
+			k := labelKey{dir, unknown}
+			t := totals[k]
+			t.closed += lost
+			t.opened += counts["flow_open_and_close_lost_"+dir]
+			totals[k] = t
+		}
+	}
 	for k, t := range totals {
 		labels := c.e.opts.Identity.labelValues(k.direction, k.service)
 		ch <- prometheus.MustNewConstMetric(opened, prometheus.CounterValue, float64(t.opened), labels...)
@@ -66,11 +84,6 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for dir, n := range perDirection {
 		ch <- prometheus.MustNewConstMetric(live, prometheus.GaugeValue, float64(n), dir)
-	}
-	counts, err := c.e.source.Counters()
-	if err != nil {
-		c.e.opts.Logger.Warn("read kernel counters", "err", err)
-		return
 	}
 	for name, n := range counts {
 		ch <- prometheus.MustNewConstMetric(kernel, prometheus.CounterValue, float64(n), name)

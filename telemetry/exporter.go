@@ -44,8 +44,14 @@ type Exporter struct {
 	clock  clock
 	reg    *prometheus.Registry
 
-	mu           sync.Mutex
-	live         map[uint64]*Flow // open flows by socket cookie
+	mu   sync.Mutex
+	live map[uint64]*Flow // open flows by socket cookie
+	// missing is when a live flow was first seen without its socket. Such
+	// a flow's close event was lost: the kernel counted it (closed under
+	// destination_service "unknown"), so it leaves the live flows without
+	// being counted here.
+	missing      map[uint64]time.Time
+	reapAfter    time.Duration
 	totals       map[labelKey]*tcpTotals
 	destinations map[string]bool
 	followers    map[chan Flow]struct{}
@@ -86,6 +92,8 @@ func NewExporter(source Source, opts Options) *Exporter {
 		clock:        newClock(),
 		reg:          prometheus.NewRegistry(),
 		live:         map[uint64]*Flow{},
+		missing:      map[uint64]time.Time{},
+		reapAfter:    reapAfter,
 		totals:       map[labelKey]*tcpTotals{},
 		destinations: map[string]bool{},
 		followers:    map[chan Flow]struct{}{},
@@ -125,9 +133,18 @@ func NewExporter(source Source, opts Options) *Exporter {
 // Registry is what /metrics serves.
 func (e *Exporter) Registry() *prometheus.Registry { return e.reg }
 
-// Run handles events until ctx ends or the source fails.
+// Run handles events until ctx ends or the source fails. Every reapEvery it
+// also looks for flows whose socket is gone without a close event, so a
+// full ring buffer can never leave flows open forever.
 func (e *Exporter) Run(ctx context.Context) error {
+	lastReap := time.Now()
 	for ctx.Err() == nil {
+		if time.Since(lastReap) > reapEvery {
+			lastReap = time.Now()
+			if _, err := e.Live(); err != nil {
+				e.opts.Logger.Warn("read live sockets", "err", err)
+			}
+		}
 		ev, err := e.source.Next(200 * time.Millisecond)
 		switch {
 		case errors.Is(err, os.ErrDeadlineExceeded):
@@ -165,9 +182,11 @@ func (e *Exporter) handle(f Flow) {
 			// The open event's connect latency is the flow's.
 			f.ConnectLatency = open.ConnectLatency
 			delete(e.live, f.Cookie)
+			delete(e.missing, f.Cookie)
 		} else {
-			// Opened before the exporter started (or its open event was
-			// lost): count the open now, so opened >= closed always.
+			// Opened before the exporter started, or its open event was
+			// lost (the kernel counts that only when the close is lost
+			// too): count the open now.
 			t.opened++
 		}
 		t.closed++
@@ -201,8 +220,18 @@ func (e *Exporter) service(f Flow) string {
 	return s
 }
 
+// How long a live flow may go without its socket before it is dropped (its
+// close event was lost, or is about to be read), and how often Run looks.
+const (
+	reapAfter = 5 * time.Second
+	reapEvery = 10 * time.Second
+)
+
 // Live returns the open flows, with their bytes, RTT and retransmits as the
-// kernel has them now (sock_diag in this network namespace).
+// kernel has them now (sock_diag in this network namespace). A flow whose
+// socket has been gone for reapAfter closed without its event reaching us;
+// it is dropped, its close counted through the kernel's lost-close
+// counters and its bytes as last seen.
 func (e *Exporter) Live() ([]Flow, error) {
 	stats, err := socketStats()
 	e.mu.Lock()
@@ -210,9 +239,25 @@ func (e *Exporter) Live() ([]Flow, error) {
 	now := time.Now()
 	out := make([]Flow, 0, len(e.live))
 	for cookie, f := range e.live {
-		if s, ok := stats[cookie]; ok {
+		s, ok := stats[cookie]
+		switch {
+		case ok:
+			delete(e.missing, cookie)
 			f.BytesSent, f.BytesReceived = max(f.BytesSent, s.sent), max(f.BytesReceived, s.received)
 			f.SRTT, f.MinRTT, f.Retransmits = s.srtt, s.minRTT, s.retrans
+		case err != nil:
+			// A failed dump proves nothing about this socket.
+		case e.missing[cookie].IsZero():
+			e.missing[cookie] = now
+		case now.Sub(e.missing[cookie]) >= e.reapAfter:
+			// Its bytes so far stay counted: the byte counters must
+			// never go down.
+			t := e.totals[labelKey{f.Direction, f.service}]
+			t.sent += f.BytesSent
+			t.received += f.BytesReceived
+			delete(e.live, cookie)
+			delete(e.missing, cookie)
+			continue
 		}
 		c := *f
 		c.Duration = now.Sub(c.Start).Seconds()

@@ -203,6 +203,7 @@ func hold(args []string) (any, error) {
 	}
 	enc := json.NewEncoder(os.Stdout)
 	in := bufio.NewScanner(os.Stdin)
+	in.Buffer(make([]byte, 64<<10), 4<<20)
 	for in.Scan() {
 		for i, c := range conns {
 			msg := in.Text() + "\n"
@@ -225,7 +226,7 @@ func hold(args []string) (any, error) {
 	for _, c := range conns {
 		c.Close()
 	}
-	return first, nil
+	return first, in.Err()
 }
 
 // getpeername asks the kernel again: net.Conn caches the peer it saw at

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -16,6 +17,7 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/sluicemesh/sluice/internal/testbed"
+	"github.com/sluicemesh/sluice/telemetry"
 )
 
 // nsGet fetches url with a connection made inside a network namespace (do
@@ -259,4 +261,85 @@ func TestLatencyLandsInTheRightBuckets(t *testing.T) {
 			}
 		}
 	}
+}
+
+// flowsCLI runs `sluice flows ARGS` inside the pod, as `kubectl exec` would.
+func (c *capturedPod) flowsCLI(t *testing.T, args ...string) string {
+	t.Helper()
+	cmd := sluice(t, append([]string{"flows"}, args...)...)
+	var out, errOut strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	if err := c.pod.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("sluice flows %v: %v\n%s", args, err, errOut.String())
+	}
+	return out.String()
+}
+
+// A connection held open shows in `sluice flows` while it lasts, with byte
+// counts that grow as it carries more; `--follow` prints it as it closes.
+func TestFlowsShowALongLivedFlow(t *testing.T) {
+	c := newCapturedPod(t)
+	c.startSidecar(t)
+	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
+	h := startHold(t, c.pod, addr, 1)
+	find := func() telemetry.Flow {
+		t.Helper()
+		var flows []telemetry.Flow
+		if err := json.Unmarshal([]byte(c.flowsCLI(t, "--json")), &flows); err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range flows {
+			if f.Destination.String() == addr {
+				return f
+			}
+		}
+		t.Fatalf("no open flow to %s in %v", addr, flows)
+		return telemetry.Flow{}
+	}
+	first := find()
+	if first.Direction != "outbound" || !first.ViaSidecar || first.State != "open" || first.OriginalDst.String() != addr {
+		t.Errorf("flow %+v: want outbound, through the sidecar, open, original destination %s", first, addr)
+	}
+	h.exchange(t, strings.Repeat("x", 100_000))
+	second := find()
+	if second.Cookie != first.Cookie || second.BytesSent < first.BytesSent+100_000 || second.BytesReceived < first.BytesReceived+100_000 {
+		t.Errorf("bytes did not grow with the flow: %d/%d then %d/%d", first.BytesSent, first.BytesReceived, second.BytesSent, second.BytesReceived)
+	}
+	if table := c.flowsCLI(t); !strings.Contains(table, addr) || !strings.Contains(table, "DIRECTION") {
+		t.Errorf("the table lacks the flow:\n%s", table)
+	}
+
+	follow := sluice(t, "flows", "--follow", "--json")
+	stdout, err := follow.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.pod.Start(follow); err != nil {
+		t.Fatal(err)
+	}
+	defer follow.Process.Kill()
+	deadline := time.AfterFunc(20*time.Second, func() { follow.Process.Kill() })
+	defer deadline.Stop()
+	lines := bufio.NewScanner(stdout)
+	for sample(c.scrape(t), "sluice_flow_followers", nil) != 1 {
+		time.Sleep(20 * time.Millisecond)
+	}
+	h.in.Close()
+	h.cmd.Wait()
+	for lines.Scan() {
+		var f telemetry.Flow
+		if err := json.Unmarshal(lines.Bytes(), &f); err != nil {
+			t.Fatal(err)
+		}
+		if f.Cookie == first.Cookie {
+			if f.State != "closed" || f.End != "fin" || f.BytesSent < second.BytesSent {
+				t.Errorf("followed close: %+v", f)
+			}
+			return
+		}
+	}
+	t.Fatal("--follow never printed the flow's close")
 }

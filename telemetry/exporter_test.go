@@ -1,0 +1,179 @@
+package telemetry
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/loader"
+)
+
+// events is a Source of hand-made events and kernel counters.
+type events struct {
+	queue []bpf.SluiceFlowEvent
+	lost  map[string]uint64
+}
+
+func (e *events) Next(time.Duration) (bpf.SluiceFlowEvent, error) {
+	if len(e.queue) == 0 {
+		return bpf.SluiceFlowEvent{}, loader.ErrClosed
+	}
+	ev := e.queue[0]
+	e.queue = e.queue[1:]
+	return ev, nil
+}
+
+func (e *events) Counters() (map[string]uint64, error) { return e.lost, nil }
+
+// event makes a flow event of an outbound flow from the pod to dst.
+func event(cookie uint64, kind bpf.SluiceFlowKind, dst string, sent, received uint64) bpf.SluiceFlowEvent {
+	d := netip.MustParseAddrPort(dst)
+	return bpf.SluiceFlowEvent{
+		Cookie: cookie, Kind: uint8(kind), Flow: uint32(bpf.SluiceFlowFlagFLOW_OUTBOUND | bpf.SluiceFlowFlagFLOW_VIA_SIDECAR),
+		Local: loader.Addr6(netip.MustParseAddr("198.18.1.2")), LocalPort: 40000,
+		Remote: loader.Addr6(d.Addr()), RemotePort: d.Port(),
+		Orig:      bpf.SluiceOrigDst{Addr: loader.Addr6(d.Addr()), Port: d.Port(), Family: 2},
+		BytesSent: sent, BytesReceived: received, StartNs: 1, EndNs: 2, End: uint8(bpf.SluiceFlowEndEND_FIN),
+	}
+}
+
+// counter reads a layer-4 counter of the series for destination service.
+func counter(t *testing.T, e *Exporter, name, service string) float64 {
+	t.Helper()
+	fams, err := e.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum float64
+	for _, f := range fams {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.Metric {
+			if labelOf(m, "destination_service") == service {
+				sum += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return sum
+}
+
+func labelOf(m *dto.Metric, name string) string {
+	for _, l := range m.Label {
+		if l.GetName() == name {
+			return l.GetValue()
+		}
+	}
+	return ""
+}
+
+func run(t *testing.T, e *Exporter) {
+	t.Helper()
+	if err := e.Run(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestExporterCountsFlows(t *testing.T) {
+	const a = "198.18.2.2:8080"
+	src := &events{queue: []bpf.SluiceFlowEvent{
+		event(1, bpf.SluiceFlowKindFLOW_OPEN, a, 0, 0),
+		event(1, bpf.SluiceFlowKindFLOW_CLOSE, a, 100, 200),
+		// Opened before the exporter started: its close still counts
+		// as one opened and one closed.
+		event(2, bpf.SluiceFlowKindFLOW_CLOSE, a, 10, 20),
+		event(3, bpf.SluiceFlowKindFLOW_CONNECT_FAILED, a, 0, 0),
+	}}
+	e := NewExporter(src, Options{})
+	run(t, e)
+	for name, want := range map[string]float64{
+		"sluice_tcp_connections_opened_total": 2,
+		"sluice_tcp_connections_closed_total": 2,
+		"sluice_tcp_sent_bytes_total":         110,
+		"sluice_tcp_received_bytes_total":     220,
+	} {
+		if got := counter(t, e, name, a); got != want {
+			t.Errorf("%s = %v, want %v", name, got, want)
+		}
+	}
+	if live, _ := e.Live(); len(live) != 0 {
+		t.Errorf("%d live flows left, want 0", len(live))
+	}
+}
+
+// A flow whose socket is gone without a close event (the ring buffer was
+// full) leaves the live flows, keeping the bytes seen so far; the kernel's
+// lost-close counters count it closed, under destination "unknown".
+func TestExporterReapsFlowsWhoseCloseWasLost(t *testing.T) {
+	const a = "198.18.2.2:8080"
+	src := &events{queue: []bpf.SluiceFlowEvent{event(7, bpf.SluiceFlowKindFLOW_OPEN, a, 0, 0)}}
+	e := NewExporter(src, Options{})
+	e.reapAfter = 0
+	run(t, e)
+	e.live[7].BytesSent = 42 // as sock_diag last saw it
+	if live, _ := e.Live(); len(live) != 1 {
+		t.Fatalf("want the flow live before its socket is seen missing, got %d", len(live))
+	}
+	if live, _ := e.Live(); len(live) != 0 {
+		t.Fatalf("a flow with no socket is still live")
+	}
+	if got := counter(t, e, "sluice_tcp_sent_bytes_total", a); got != 42 {
+		t.Errorf("sent = %v, want the 42 bytes seen", got)
+	}
+	src.lost = map[string]uint64{"flow_close_lost_outbound": 1}
+	if got := counter(t, e, "sluice_tcp_connections_closed_total", "unknown"); got != 1 {
+		t.Errorf("closed under unknown = %v, want 1", got)
+	}
+	if got := counter(t, e, "sluice_tcp_connections_closed_total", a); got != 0 {
+		t.Errorf("closed under %s = %v, want 0", a, got)
+	}
+}
+
+// Destinations beyond the limit share the series "other".
+func TestDestinationsFoldIntoOther(t *testing.T) {
+	src := &events{}
+	for i, dst := range []string{"198.18.2.2:80", "198.18.2.3:80", "198.18.2.4:80", "198.18.2.2:80"} {
+		src.queue = append(src.queue, event(uint64(i), bpf.SluiceFlowKindFLOW_CLOSE, dst, 1, 1))
+	}
+	e := NewExporter(src, Options{MaxDestinations: 2})
+	run(t, e)
+	for service, want := range map[string]float64{"198.18.2.2:80": 2, "198.18.2.3:80": 1, "other": 1} {
+		if got := counter(t, e, "sluice_tcp_connections_closed_total", service); got != want {
+			t.Errorf("%s: %v closed, want %v", service, got, want)
+		}
+	}
+}
+
+// Istio's metric names when asked for; every Istio label is set, unknown
+// ones to "unknown".
+func TestIstioNamesAndLabels(t *testing.T) {
+	src := &events{queue: []bpf.SluiceFlowEvent{event(1, bpf.SluiceFlowKindFLOW_CLOSE, "198.18.2.2:80", 1, 1)}}
+	e := NewExporter(src, Options{IstioNames: true, Identity: Identity{Workload: "w", Namespace: "ns"}})
+	run(t, e)
+	fams, err := e.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, f := range fams {
+		if f.GetName() != "istio_tcp_connections_closed_total" {
+			continue
+		}
+		found = true
+		m := f.Metric[0]
+		for _, l := range istioLabels {
+			if labelOf(m, l) == "" {
+				t.Errorf("label %s missing or empty", l)
+			}
+		}
+		if labelOf(m, "source_workload") != "w" || labelOf(m, "destination_workload") != "unknown" || labelOf(m, "reporter") != "source" {
+			t.Errorf("labels %v", m.Label)
+		}
+	}
+	if !found {
+		t.Error("no istio_tcp_connections_closed_total")
+	}
+}
