@@ -50,7 +50,7 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, const struct polic
 	 * back into itself. Those leaving the pod are flows the sidecar
 	 * carries: sockops tracks them from here. */
 	if (is_proxy(pol)) {
-		if (!addr_is_loopback(dst)) {
+		if (!(pol->flags & CONFIG_NO_FLOWS) && !addr_is_loopback(dst)) {
 			struct sock_state *st = subflow_state(ctx->sk, BPF_SK_STORAGE_GET_F_CREATE);
 			if (st)
 				st->flow |= FLOW_VIA_SIDECAR;

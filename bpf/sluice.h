@@ -35,6 +35,8 @@ enum config_flag {
 	CONFIG_INCLUDE_ALL_CIDRS = 1 << 0,
 	/* -b '*': every inbound port not excluded is captured (inbound hook). */
 	CONFIG_INBOUND_ALL_PORTS = 1 << 1,
+	/* --flows=false: capture only, no flow telemetry. */
+	CONFIG_NO_FLOWS = 1 << 2,
 };
 
 /* Port sets, one bit per port each. */
@@ -244,9 +246,10 @@ struct {
 } counters SEC(".maps");
 
 /* Flow events for the exporter in the sidecar, which drains it. */
+#define FLOW_RING_SIZE (64 * 1024)
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 64 * 1024);
+	__uint(max_entries, FLOW_RING_SIZE);
 } flow_events SEC(".maps");
 
 /* Referenced so their BTF is emitted and bpf2go can generate Go types. */

@@ -32,6 +32,7 @@ type SluiceConfigFlag uint32
 const (
 	SluiceConfigFlagCONFIG_INCLUDE_ALL_CIDRS SluiceConfigFlag = 1
 	SluiceConfigFlagCONFIG_INBOUND_ALL_PORTS SluiceConfigFlag = 2
+	SluiceConfigFlagCONFIG_NO_FLOWS          SluiceConfigFlag = 4
 )
 
 type SluiceCounter uint32

@@ -95,7 +95,12 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct sock_st
 		ev.srtt_us = skops->srtt_us >> 3;
 		ev.min_rtt_us = skops->rtt_min;
 	}
-	if (!bpf_ringbuf_output(&flow_events, &ev, sizeof(ev), 0))
+	/* The exporter is woken only once a quarter of the ring is used, and
+	 * otherwise drains it on its own every 100 ms: a wake-up per event
+	 * would cost every connection two context switches. */
+	__u64 wake = bpf_ringbuf_query(&flow_events, BPF_RB_AVAIL_DATA) > FLOW_RING_SIZE / 4 ? BPF_RB_FORCE_WAKEUP
+											   : BPF_RB_NO_WAKEUP;
+	if (!bpf_ringbuf_output(&flow_events, &ev, sizeof(ev), wake))
 		return;
 	count(COUNT_FLOW_EVENT_LOST);
 	bool out = st->flow & FLOW_OUTBOUND;
@@ -120,6 +125,10 @@ static __always_inline void flow_connect(struct bpf_sock_ops *skops, const struc
 	struct tuple_key key = *k;
 	struct bpf_sock *sk = skops->sk;
 	if (!sk || !is_flow(&key))
+		return;
+	__u32 slot;
+	const struct policy *pol = active_policy(&slot);
+	if (pol && (pol->flags & CONFIG_NO_FLOWS))
 		return;
 	struct sock_state *st = subflow_state(sk, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st) {
@@ -179,7 +188,7 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops, cons
 	if (is_flow(&key)) {
 		__u32 slot;
 		const struct policy *pol = active_policy(&slot);
-		if (!sk || (pol && is_sidecar_port(pol, key.client_port)))
+		if (!sk || (pol && ((pol->flags & CONFIG_NO_FLOWS) || is_sidecar_port(pol, key.client_port))))
 			return;
 		struct sock_state *st = subflow_state(sk, BPF_SK_STORAGE_GET_F_CREATE);
 		if (!st) {

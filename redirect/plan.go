@@ -29,6 +29,9 @@ type Plan struct {
 	// health): connections to them are the sidecar's business, not the
 	// pod's flows. At most MaxSidecarPorts.
 	SidecarPorts []uint16 `json:"sidecar_ports"`
+
+	// NoFlows turns flow telemetry off: capture only.
+	NoFlows bool `json:"no_flows,omitempty"`
 }
 
 // MaxSidecarPorts is how many sidecar ports the BPF policy holds.
@@ -52,7 +55,7 @@ func (p Plan) Equal(o Plan) bool {
 	a, b := p.Normalize(), o.Normalize()
 	return a.OutboundPort == b.OutboundPort && a.InboundPort == b.InboundPort &&
 		a.ProxyUID == b.ProxyUID && a.ProxyGID == b.ProxyGID &&
-		a.IncludeAllCIDRs == b.IncludeAllCIDRs && a.InboundAllPorts == b.InboundAllPorts &&
+		a.IncludeAllCIDRs == b.IncludeAllCIDRs && a.InboundAllPorts == b.InboundAllPorts && a.NoFlows == b.NoFlows &&
 		slices.Equal(a.IncludeCIDRs, b.IncludeCIDRs) && slices.Equal(a.ExcludeCIDRs, b.ExcludeCIDRs) &&
 		slices.Equal(a.IncludeOutboundPorts, b.IncludeOutboundPorts) &&
 		slices.Equal(a.ExcludeOutboundPorts, b.ExcludeOutboundPorts) &&

@@ -44,6 +44,9 @@ type Policy struct {
 	// AllowRootProxy accepts uid or gid 0 as the proxy identity, which
 	// exempts every root process in the pod from capture.
 	AllowRootProxy bool
+	// Flows measures the pod's flows in the kernel for the sidecar to
+	// export; off, Sluice only captures.
+	Flows bool
 }
 
 // Sidecar ports that are never captured inbound, besides -p and -z: Istio's
@@ -65,6 +68,7 @@ func DefaultPolicy() Policy {
 		Mode:         "REDIRECT",
 		IncludeCIDRs: CIDRs{All: true},
 		InboundPorts: Ports{All: true},
+		Flows:        true,
 	}
 }
 
@@ -98,6 +102,7 @@ func (p *Policy) RegisterFlags(fs *flag.FlagSet) {
 		}
 	}
 	fs.BoolVar(&p.AllowRootProxy, "allow-root-proxy", false, "accept -u 0 or -g 0 (every root process in the pod then goes uncaptured)")
+	fs.BoolVar(&p.Flows, "flows", true, "measure the pod's flows in the kernel for the sidecar's metrics (--flows=false: capture only)")
 }
 
 // linkerdFlags are the flags only Linkerd's proxy-init spells this way.
@@ -158,6 +163,7 @@ func (p Policy) Plan() (Plan, error) {
 		InboundPorts:         p.InboundPorts.List,
 		ExcludeInboundPorts:  slices.Concat(p.ExcludeInboundPorts.List, own),
 		SidecarPorts:         own,
+		NoFlows:              !p.Flows,
 	}.Normalize(), nil
 }
 

@@ -48,20 +48,20 @@ awk '
     label["conn/s"] = "conn/s"; label["p50"] = "p50 RTT"; label["p99"] = "p99 RTT"; label["MB/s"] = "bulk MB/s"
     print ""
     print "Ratios (same run; 1.00 = equal)"
-    printf "%-10s %14s %16s %16s  %s\n", "metric", "sluice/direct", "iptables/direct", "sluice/iptables", "better"
+    printf "%-10s %14s %16s %16s %19s  %s\n", "metric", "sluice/direct", "iptables/direct", "sluice/iptables", "telemetry on/off", "better"
     for (k = 1; k <= 4; k++) {
       u = m[k]
-      printf "%-10s %14s %16s %16s  %s\n", label[u], cell("sluice", u "_vs_direct"),
-        cell("iptables", u "_vs_direct"), cell("sluice", u "_vs_iptables"), better[u]
+      printf "%-10s %14s %16s %16s %19s  %s\n", label[u], cell("sluice", u "_vs_direct"),
+        cell("iptables", u "_vs_direct"), cell("sluice", u "_vs_iptables"), cell("sluice", u "_vs_noflows"), better[u]
     }
     abs["conn/s"] = "conn/s_absolute"; abs["p50"] = "p50_us_absolute"; abs["p99"] = "p99_us_absolute"; abs["MB/s"] = "MB/s_absolute"
     unit["conn/s"] = "conn/s"; unit["p50"] = "us"; unit["p99"] = "us"; unit["MB/s"] = "MB/s"
     print ""
     print "Absolute figures behind them (this machine only)"
-    printf "%-10s %12s %12s %12s  %s\n", "metric", "direct", "iptables", "sluice", "unit"
+    printf "%-10s %12s %12s %15s %12s  %s\n", "metric", "direct", "iptables", "sluice-noflows", "sluice", "unit"
     for (k = 1; k <= 4; k++) {
       u = m[k]
-      printf "%-10s %12s %12s %12s  %s\n", label[u], cell("direct", abs[u]), cell("iptables", abs[u]), cell("sluice", abs[u]), unit[u]
+      printf "%-10s %12s %12s %15s %12s  %s\n", label[u], cell("direct", abs[u]), cell("iptables", abs[u]), cell("sluice-noflows", abs[u]), cell("sluice", abs[u]), unit[u]
     }
   }
 ' "$out"

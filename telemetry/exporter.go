@@ -145,7 +145,9 @@ func (e *Exporter) Run(ctx context.Context) error {
 				e.opts.Logger.Warn("read live sockets", "err", err)
 			}
 		}
-		ev, err := e.source.Next(200 * time.Millisecond)
+		// The kernel wakes the reader only when the ring fills up; at
+		// other times events wait for this timeout.
+		ev, err := e.source.Next(pollEvery)
 		switch {
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			continue
@@ -221,8 +223,10 @@ func (e *Exporter) service(f Flow) string {
 }
 
 // How long a live flow may go without its socket before it is dropped (its
-// close event was lost, or is about to be read), and how often Run looks.
+// close event was lost, or is about to be read), how often Run looks, and
+// how often it reads events the kernel did not wake it for.
 const (
+	pollEvery = 100 * time.Millisecond
 	reapAfter = 5 * time.Second
 	reapEvery = 10 * time.Second
 )

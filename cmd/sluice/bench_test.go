@@ -20,9 +20,13 @@ import (
 //
 //   - direct: nothing installed, no sidecar (the baseline);
 //   - iptables: the built-in sidecar behind iptables REDIRECT in the pod netns;
-//   - sluice: sluice install + the same sidecar, capture by BPF.
+//   - sluice-noflows: sluice install --flows=false + the same sidecar with
+//     no exporter: capture by BPF, no telemetry;
+//   - sluice: sluice install + the same sidecar exporting the flows the
+//     kernel measures (telemetry on).
 //
-// Ratios are setup/direct (and sluice/iptables): above 1 is better for
+// Ratios are setup/direct (and sluice/iptables, and sluice/sluice-noflows for
+// what telemetry costs): above 1 is better for
 // conn/s and MB/s, worse for the p50 and p99 latencies. The *_absolute
 // metrics are the raw figures behind them. Every sub-benchmark call does
 // one fixed measurement whatever b.N; run it with -benchtime 1x
@@ -43,6 +47,7 @@ func BenchmarkOutbound(b *testing.B) {
 	}{
 		{"direct", nil},
 		{"iptables", redirectWithIPTables},
+		{"sluice-noflows", captureWithSluiceNoFlows},
 		{"sluice", captureWithSluice},
 	} {
 		b.Run(s.name, func(b *testing.B) {
@@ -56,10 +61,12 @@ func BenchmarkOutbound(b *testing.B) {
 				f.report(b, "vs_direct", direct)
 			}
 			if s.name == "sluice" {
-				if ipt, ok := figures["iptables"]; ok {
-					f.report(b, "vs_iptables", ipt)
-				} else {
-					b.Log("no figures from BenchmarkOutbound/iptables in this run: sluice/iptables ratios left out")
+				for _, base := range []string{"iptables", "sluice-noflows"} {
+					if fig, ok := figures[base]; ok {
+						f.report(b, "vs_"+strings.TrimPrefix(base, "sluice-"), fig)
+					} else {
+						b.Logf("no figures from BenchmarkOutbound/%s in this run: sluice/%s ratios left out", base, base)
+					}
 				}
 			}
 			figures[s.name] = f
@@ -182,13 +189,23 @@ func redirectWithIPTables(b *testing.B, pod *testbed.Pod) {
 }
 
 // captureWithSluice installs capture through the CLI and runs the sidecar
-// with the install's settings, as TestOutboundCaptureIPv4 does.
+// with the install's settings, exporting the pod's flows, as
+// TestOutboundCaptureIPv4 does.
 func captureWithSluice(b *testing.B, pod *testbed.Pod) {
 	b.Helper()
 	mustCLI(b, "install", "--cgroup", pod.Cgroup)
 	// Registered after the bed, so it runs before the bed removes the cgroup.
 	b.Cleanup(func() { mustCLI(b, "uninstall", "--cgroup", pod.Cgroup) })
 	startBenchSidecar(b, pod, "--cgroup", pod.Cgroup)
+}
+
+// captureWithSluiceNoFlows is captureWithSluice with telemetry off, in the
+// kernel (--flows=false) and in the sidecar (no exporter).
+func captureWithSluiceNoFlows(b *testing.B, pod *testbed.Pod) {
+	b.Helper()
+	mustCLI(b, "install", "--cgroup", pod.Cgroup, "--flows=false")
+	b.Cleanup(func() { mustCLI(b, "uninstall", "--cgroup", pod.Cgroup) })
+	startBenchSidecar(b, pod, "--cgroup", pod.Cgroup, "--metrics-addr", "")
 }
 
 // startBenchSidecar runs `sluice run` in the pod as root and waits until it

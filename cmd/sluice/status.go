@@ -102,6 +102,7 @@ func printStatus(w io.Writer, s loader.State) {
 	fmt.Fprintf(tw, "  outbound listener\t127.0.0.1:%d, [::1]:%d\n", c.OutboundPort, c.OutboundPort)
 	fmt.Fprintf(tw, "  inbound listener\t%d\n", c.InboundPort)
 	fmt.Fprintf(tw, "  proxy uid/gid (never captured)\t%d/%d\n", c.ProxyUID, c.ProxyGID)
+	fmt.Fprintf(tw, "  flows measured in the kernel\t%s\n", map[bool]string{false: "yes", true: "no (--flows=false)"}[c.NoFlows])
 	fmt.Fprintf(tw, "  outbound CIDRs captured\t%s\n", cidrs(c.IncludeAllCIDRs, c.IncludeCIDRs))
 	fmt.Fprintf(tw, "  outbound CIDRs excluded\t%s\n", cidrs(false, c.ExcludeCIDRs))
 	fmt.Fprintf(tw, "  outbound ports always captured\t%s\n", ports(false, c.IncludeOutboundPorts))

@@ -285,15 +285,19 @@ func TestFlowsShowALongLivedFlow(t *testing.T) {
 	c.startSidecar(t)
 	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
 	h := startHold(t, c.pod, addr, 1)
+	// Events reach the exporter within 100 ms (it is not woken for each).
 	find := func() telemetry.Flow {
 		t.Helper()
 		var flows []telemetry.Flow
-		if err := json.Unmarshal([]byte(c.flowsCLI(t, "--json")), &flows); err != nil {
-			t.Fatal(err)
-		}
-		for _, f := range flows {
-			if f.Destination.String() == addr {
-				return f
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			flows = nil
+			if err := json.Unmarshal([]byte(c.flowsCLI(t, "--json")), &flows); err != nil {
+				t.Fatal(err)
+			}
+			for _, f := range flows {
+				if f.Destination.String() == addr {
+					return f
+				}
 			}
 		}
 		t.Fatalf("no open flow to %s in %v", addr, flows)
