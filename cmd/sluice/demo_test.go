@@ -16,6 +16,9 @@ func TestDemo(t *testing.T) {
 		"app   198.18.2.2:9090       198.18.2.2:9090             -                         1 MiB intact  outbound, direct",
 		"web   198.18.1.2:8080       198.18.1.2:8080             198.18.1.2:8080           1 MiB intact  inbound, captured",
 		"web   [2001:2:0:1::2]:8080  [2001:2:0:1::2]:8080        [2001:2:0:1::2]:8080      1 MiB intact  inbound, captured (IPv6)",
+		"outbound 198.18.1.2:", // the flows section: source ports vary
+		`sluice_tcp_connections_closed_total{destination_service="198.18.2.2:8080",reporter="source",...} 1`,
+		`sluice_tcp_connections_closed_total{destination_service="198.18.1.2:8080",reporter="destination",...} 1`,
 	} {
 		// Column widths are tabwriter's business: compare words only.
 		if !strings.Contains(strings.Join(strings.Fields(out), " "), strings.Join(strings.Fields(want), " ")) {
