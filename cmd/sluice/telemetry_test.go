@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -314,6 +315,18 @@ func TestFlowsShowALongLivedFlow(t *testing.T) {
 	}
 	if table := c.flowsCLI(t); !strings.Contains(table, addr) || !strings.Contains(table, "DIRECTION") {
 		t.Errorf("the table lacks the flow:\n%s", table)
+	}
+	// --watch redraws until interrupted, then exits 0.
+	watch := sluice(t, "flows", "--watch", "--interval", "100ms")
+	var screen strings.Builder
+	watch.Stdout = &screen
+	if err := c.pod.Start(watch); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	watch.Process.Signal(os.Interrupt)
+	if err := watch.Wait(); err != nil || strings.Count(screen.String(), "\033[H\033[2J") < 2 || !strings.Contains(screen.String(), addr) {
+		t.Errorf("flows --watch: %v, %d redraws:\n%q", err, strings.Count(screen.String(), "\033[H\033[2J"), screen.String())
 	}
 
 	follow := sluice(t, "flows", "--follow", "--json")
