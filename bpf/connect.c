@@ -38,9 +38,107 @@ static __always_inline bool should_capture(const struct policy *pol, __u32 slot,
 	return cidr_match(&include_cidrs, slot, dst, family);
 }
 
+#define ECONNREFUSED 111
+
+/* uniform returns a number in [0, n) with every value equally likely, n > 0
+ * (Lemire's multiply-and-reject: no modulo bias). */
+static __always_inline __u32 uniform(__u32 n)
+{
+	__u64 m = (__u64)bpf_get_prandom_u32() * n;
+	__u32 low = (__u32)m;
+	if (low < n) {
+		__u32 threshold = -n % n;
+		/* Each retry happens with probability below n / 2^32. */
+		for (int i = 0; i < 8 && low < threshold; i++) {
+			m = (__u64)bpf_get_prandom_u32() * n;
+			low = (__u32)m;
+		}
+	}
+	return m >> 32;
+}
+
+/* pick_random returns the backend for draw r in [0, total): each backend
+ * owns a run of draws as long as its weight. */
+static __always_inline int pick_random(const struct route *rt)
+{
+	__u32 r = uniform(rt->total);
+	for (int i = 0; i < MAX_BACKENDS; i++) {
+		if (i >= rt->count)
+			break;
+		if (r < rt->backends[i].weight)
+			return i;
+		r -= rt->backends[i].weight;
+	}
+	return -1;
+}
+
+/* pick_round_robin is smooth weighted round-robin (as nginx does it): every
+ * backend gains its weight, the one with the most goes next and pays the
+ * total back. Over any `total` picks each backend gets exactly its weight. */
+static __always_inline int pick_round_robin(const struct route_key *key, const struct route *rt)
+{
+	struct rr_key rk = {.vip = key->vip, .port = key->port};
+	struct rr_state *rs = bpf_map_lookup_elem(&rr_states, &rk);
+	if (!rs) {
+		struct rr_state fresh = {.generation = rt->generation};
+		bpf_map_update_elem(&rr_states, &rk, &fresh, BPF_NOEXIST);
+		rs = bpf_map_lookup_elem(&rr_states, &rk);
+		if (!rs)
+			return pick_random(rt);
+	}
+	int best = -1;
+	bpf_spin_lock(&rs->lock);
+	if (rs->generation != rt->generation) {
+		for (int i = 0; i < MAX_BACKENDS; i++)
+			rs->current[i] = 0;
+		rs->generation = rt->generation;
+	}
+	__s32 most = 0;
+	for (int i = 0; i < MAX_BACKENDS; i++) {
+		if (i >= rt->count)
+			break;
+		rs->current[i] += rt->backends[i].weight;
+		if (rt->backends[i].weight && (best < 0 || rs->current[i] > most)) {
+			best = i;
+			most = rs->current[i];
+		}
+	}
+	if (best >= 0 && best < MAX_BACKENDS)
+		rs->current[best] -= rt->total;
+	bpf_spin_unlock(&rs->lock);
+	return best;
+}
+
+/* route_pick sets dial to the backend the service's route picks (dial is
+ * left alone when dst has no route). It returns false when the route has
+ * no backend to give: every weight is 0. */
+static __always_inline bool route_pick(const struct addr6 *dst, __u16 port, struct orig_dst *dial)
+{
+	__u32 zero = 0;
+	__u32 *active = bpf_map_lookup_elem(&routes_active, &zero);
+	if (!active)
+		return true;
+	struct route_key key = {.vip = *dst, .port = port, .slot = *active & 1};
+	struct route *rt = bpf_map_lookup_elem(&routes, &key);
+	if (!rt)
+		return true;
+	if (rt->total == 0)
+		return false;
+	int i = rt->mode == ROUTE_ROUND_ROBIN ? pick_round_robin(&key, rt) : pick_random(rt);
+	if (i < 0 || i >= MAX_BACKENDS)
+		return false;
+	struct backend *b = &rt->backends[i];
+	dial->addr = b->addr;
+	dial->port = b->port;
+	dial->family = b->family;
+	__sync_fetch_and_add(&b->picks, 1);
+	return true;
+}
+
 /* capture decides whether a connect is redirected and, if so, records the
- * original destination on the socket. It returns 1 to redirect, 0 to leave
- * the connect alone and -1 to refuse it. */
+ * original destination on the socket (and, for a service with a route, the
+ * backend picked for it). It returns 1 to redirect, 0 to leave the connect
+ * alone and -1 to refuse it. */
 static __always_inline int capture(struct bpf_sock_addr *ctx, const struct policy *pol, __u32 slot,
 				   const struct addr6 *dst, __u16 port, __u16 family)
 {
@@ -60,6 +158,14 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, const struct polic
 	if (!should_capture(pol, slot, dst, port, family))
 		return 0;
 
+	struct orig_dst orig = {.addr = *dst, .port = port, .family = family};
+	struct orig_dst dial = orig;
+	if (!route_pick(dst, port, &dial)) {
+		/* Refused at once, as a closed port would be: never a hang. */
+		count(COUNT_ROUTE_REFUSED);
+		bpf_set_retval(-ECONNREFUSED);
+		return -1;
+	}
 	struct sock_state *st = subflow_state(ctx->sk, BPF_SK_STORAGE_GET_F_CREATE);
 	/* Without the record the proxy could not learn the destination:
 	 * refuse the connect rather than let it bypass the sidecar. */
@@ -67,9 +173,8 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, const struct polic
 		count(COUNT_CONNECT_NO_STATE);
 		return -1;
 	}
-	st->orig.addr = *dst;
-	st->orig.port = port;
-	st->orig.family = family;
+	st->orig = orig;
+	st->dial = dial;
 	st->role = ROLE_APP;
 	return 1;
 }

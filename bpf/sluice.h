@@ -118,11 +118,74 @@ enum flow_end {
 
 /* What a connection's socket carries, for exactly its lifetime. */
 struct sock_state {
-	struct orig_dst orig;
+	struct orig_dst orig; /* what the app asked for (a route's service) */
+	struct orig_dst dial; /* where the sidecar goes (the route's pick) */
 	__u32 role;       /* enum sock_role */
 	__u32 flow;       /* enum flow_flag; 0 for sockets that are no flow */
 	__u32 connect_us; /* SYN sent to established (outbound), SYN-ACK to ACK (inbound) */
 	__u64 start_ns;   /* boot-time ns: connect (outbound) or established (inbound) */
+};
+
+/* Canary routes: a service (VIP and port) to weighted backends, picked at
+ * connect time. A route holds its whole backend set, so replacing a set is
+ * one map update, which readers see whole (hash map updates swap the
+ * element). Routes live in two slots like the policy: a change of many
+ * routes fills the idle slot and flips routes_active. */
+#define MAX_BACKENDS 16
+
+enum route_mode {
+	ROUTE_RANDOM = 0,
+	ROUTE_ROUND_ROBIN = 1, /* smooth weighted round-robin */
+};
+
+struct backend {
+	struct addr6 addr;
+	__u16 port;   /* host order */
+	__u16 family; /* AF_INET or AF_INET6 */
+	__u32 weight;
+	/* Connections this backend was picked for; the loader carries it over
+	 * when it rewrites the route, so it only grows. */
+	__u64 picks;
+};
+
+struct route_key {
+	struct addr6 vip;
+	__u16 port; /* host order */
+	__u8 slot;
+	__u8 pad;
+};
+
+struct route {
+	__u32 generation; /* changes with every write of this route */
+	__u32 mode;       /* enum route_mode */
+	__u32 count;
+	__u32 total; /* sum of the weights */
+	/* Written by `sluice route rollout`, for the exporter. */
+	__u32 rollout_step;  /* the canary's weight in percent, during a rollout */
+	__u32 rollbacks;     /* rollouts of this route rolled back */
+	__u32 last_rollback; /* why the last one was: enum rollback_reason */
+	__u32 pad;
+	struct backend backends[MAX_BACKENDS];
+};
+
+enum rollback_reason {
+	ROLLBACK_NONE = 0,
+	ROLLBACK_FAILURES = 1,
+	ROLLBACK_LATENCY = 2,
+};
+
+/* Round-robin state per service (no slot: it follows the route's
+ * generation, and starts over when the route changes). */
+struct rr_key {
+	struct addr6 vip;
+	__u16 port;
+	__u16 pad;
+};
+
+struct rr_state {
+	struct bpf_spin_lock lock;
+	__u32 generation;
+	__s32 current[MAX_BACKENDS];
 };
 
 /* One flow event, as the ring buffer carries it to user space. */
@@ -235,6 +298,7 @@ enum counter {
 	COUNT_CLOSE_LOST_INBOUND,
 	COUNT_BOTH_LOST_OUTBOUND,
 	COUNT_BOTH_LOST_INBOUND,
+	COUNT_ROUTE_REFUSED, /* a connect to a route whose every weight is 0 */
 	COUNTERS,
 };
 
@@ -244,6 +308,30 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } counters SEC(".maps");
+
+/* 256 entries: 128 routes, in two slots. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct route_key);
+	__type(value, struct route);
+} routes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} routes_active SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 128);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct rr_key);
+	__type(value, struct rr_state);
+} rr_states SEC(".maps");
 
 /* Flow events for the exporter in the sidecar, which drains it. */
 #define FLOW_RING_SIZE (64 * 1024)
@@ -261,6 +349,8 @@ const enum flow_flag *unused_flow_flag __attribute__((unused));
 const enum flow_kind *unused_flow_kind __attribute__((unused));
 const enum flow_end *unused_flow_end __attribute__((unused));
 const struct flow_event *unused_flow_event __attribute__((unused));
+const enum route_mode *unused_route_mode __attribute__((unused));
+const enum rollback_reason *unused_rollback_reason __attribute__((unused));
 
 static __always_inline void count(enum counter c)
 {

@@ -18,6 +18,15 @@ type SluiceAddr6 struct {
 	W [4]uint32
 }
 
+type SluiceBackend struct {
+	_      structs.HostLayout
+	Addr   SluiceAddr6
+	Port   uint16
+	Family uint16
+	Weight uint32
+	Picks  uint64
+}
+
 type SluiceCidrKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -49,7 +58,8 @@ const (
 	SluiceCounterCOUNT_CLOSE_LOST_INBOUND    SluiceCounter = 8
 	SluiceCounterCOUNT_BOTH_LOST_OUTBOUND    SluiceCounter = 9
 	SluiceCounterCOUNT_BOTH_LOST_INBOUND     SluiceCounter = 10
-	SluiceCounterCOUNTERS                    SluiceCounter = 11
+	SluiceCounterCOUNT_ROUTE_REFUSED         SluiceCounter = 11
+	SluiceCounterCOUNTERS                    SluiceCounter = 12
 )
 
 type SluiceFlowEnd uint32
@@ -135,6 +145,59 @@ const (
 	SluicePortSetPORT_SETS        SluicePortSet = 4
 )
 
+type SluiceRollbackReason uint32
+
+const (
+	SluiceRollbackReasonROLLBACK_NONE     SluiceRollbackReason = 0
+	SluiceRollbackReasonROLLBACK_FAILURES SluiceRollbackReason = 1
+	SluiceRollbackReasonROLLBACK_LATENCY  SluiceRollbackReason = 2
+)
+
+type SluiceRoute struct {
+	_            structs.HostLayout
+	Generation   uint32
+	Mode         uint32
+	Count        uint32
+	Total        uint32
+	RolloutStep  uint32
+	Rollbacks    uint32
+	LastRollback uint32
+	Pad          uint32
+	Backends     [16]SluiceBackend
+}
+
+type SluiceRouteKey struct {
+	_    structs.HostLayout
+	Vip  SluiceAddr6
+	Port uint16
+	Slot uint8
+	Pad  uint8
+}
+
+type SluiceRouteMode uint32
+
+const (
+	SluiceRouteModeROUTE_RANDOM      SluiceRouteMode = 0
+	SluiceRouteModeROUTE_ROUND_ROBIN SluiceRouteMode = 1
+)
+
+type SluiceRrKey struct {
+	_    structs.HostLayout
+	Vip  SluiceAddr6
+	Port uint16
+	Pad  uint16
+}
+
+type SluiceRrState struct {
+	_    structs.HostLayout
+	Lock struct {
+		_   structs.HostLayout
+		Val uint32
+	}
+	Generation uint32
+	Current    [16]int32
+}
+
 type SluiceSockRole uint32
 
 const (
@@ -145,9 +208,11 @@ const (
 type SluiceSockState struct {
 	_         structs.HostLayout
 	Orig      SluiceOrigDst
+	Dial      SluiceOrigDst
 	Role      uint32
 	Flow      uint32
 	ConnectUs uint32
+	_         [4]byte
 	StartNs   uint64
 }
 
@@ -163,33 +228,38 @@ type SluiceTupleKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	SluiceMapCounters            = "counters"
-	SluiceMapExcludeCidrs        = "exclude_cidrs"
-	SluiceMapFlowEvents          = "flow_events"
-	SluiceMapHandshakes          = "handshakes"
-	SluiceMapIncludeCidrs        = "include_cidrs"
-	SluiceMapMeta                = "meta"
-	SluiceMapPolicies            = "policies"
-	SluiceMapPolicyActive        = "policy_active"
-	SluiceMapSockStates          = "sock_states"
-	SluiceProgSluiceBind4        = "sluice_bind4"
-	SluiceProgSluiceBind6        = "sluice_bind6"
-	SluiceProgSluiceConnect4     = "sluice_connect4"
-	SluiceProgSluiceConnect6     = "sluice_connect6"
-	SluiceProgSluiceGetpeername4 = "sluice_getpeername4"
-	SluiceProgSluiceGetpeername6 = "sluice_getpeername6"
-	SluiceProgSluiceGetsockopt   = "sluice_getsockopt"
-	SluiceProgSluiceSockops      = "sluice_sockops"
-	SluiceProgSluiceTcIngress    = "sluice_tc_ingress"
-	SluiceVarPageSize            = "page_size"
-	SluiceVarUnusedConfigFlag    = "unused_config_flag"
-	SluiceVarUnusedCounter       = "unused_counter"
-	SluiceVarUnusedFlowEnd       = "unused_flow_end"
-	SluiceVarUnusedFlowEvent     = "unused_flow_event"
-	SluiceVarUnusedFlowFlag      = "unused_flow_flag"
-	SluiceVarUnusedFlowKind      = "unused_flow_kind"
-	SluiceVarUnusedPortSet       = "unused_port_set"
-	SluiceVarUnusedSockRole      = "unused_sock_role"
+	SluiceMapCounters             = "counters"
+	SluiceMapExcludeCidrs         = "exclude_cidrs"
+	SluiceMapFlowEvents           = "flow_events"
+	SluiceMapHandshakes           = "handshakes"
+	SluiceMapIncludeCidrs         = "include_cidrs"
+	SluiceMapMeta                 = "meta"
+	SluiceMapPolicies             = "policies"
+	SluiceMapPolicyActive         = "policy_active"
+	SluiceMapRoutes               = "routes"
+	SluiceMapRoutesActive         = "routes_active"
+	SluiceMapRrStates             = "rr_states"
+	SluiceMapSockStates           = "sock_states"
+	SluiceProgSluiceBind4         = "sluice_bind4"
+	SluiceProgSluiceBind6         = "sluice_bind6"
+	SluiceProgSluiceConnect4      = "sluice_connect4"
+	SluiceProgSluiceConnect6      = "sluice_connect6"
+	SluiceProgSluiceGetpeername4  = "sluice_getpeername4"
+	SluiceProgSluiceGetpeername6  = "sluice_getpeername6"
+	SluiceProgSluiceGetsockopt    = "sluice_getsockopt"
+	SluiceProgSluiceSockops       = "sluice_sockops"
+	SluiceProgSluiceTcIngress     = "sluice_tc_ingress"
+	SluiceVarPageSize             = "page_size"
+	SluiceVarUnusedConfigFlag     = "unused_config_flag"
+	SluiceVarUnusedCounter        = "unused_counter"
+	SluiceVarUnusedFlowEnd        = "unused_flow_end"
+	SluiceVarUnusedFlowEvent      = "unused_flow_event"
+	SluiceVarUnusedFlowFlag       = "unused_flow_flag"
+	SluiceVarUnusedFlowKind       = "unused_flow_kind"
+	SluiceVarUnusedPortSet        = "unused_port_set"
+	SluiceVarUnusedRollbackReason = "unused_rollback_reason"
+	SluiceVarUnusedRouteMode      = "unused_route_mode"
+	SluiceVarUnusedSockRole       = "unused_sock_role"
 )
 
 // LoadSluice returns the embedded CollectionSpec for Sluice.
@@ -257,6 +327,9 @@ type SluiceMapSpecs struct {
 	Meta         *ebpf.MapSpec `ebpf:"meta"`
 	Policies     *ebpf.MapSpec `ebpf:"policies"`
 	PolicyActive *ebpf.MapSpec `ebpf:"policy_active"`
+	Routes       *ebpf.MapSpec `ebpf:"routes"`
+	RoutesActive *ebpf.MapSpec `ebpf:"routes_active"`
+	RrStates     *ebpf.MapSpec `ebpf:"rr_states"`
 	SockStates   *ebpf.MapSpec `ebpf:"sock_states"`
 }
 
@@ -264,15 +337,17 @@ type SluiceMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SluiceVariableSpecs struct {
-	PageSize         *ebpf.VariableSpec `ebpf:"page_size"`
-	UnusedConfigFlag *ebpf.VariableSpec `ebpf:"unused_config_flag"`
-	UnusedCounter    *ebpf.VariableSpec `ebpf:"unused_counter"`
-	UnusedFlowEnd    *ebpf.VariableSpec `ebpf:"unused_flow_end"`
-	UnusedFlowEvent  *ebpf.VariableSpec `ebpf:"unused_flow_event"`
-	UnusedFlowFlag   *ebpf.VariableSpec `ebpf:"unused_flow_flag"`
-	UnusedFlowKind   *ebpf.VariableSpec `ebpf:"unused_flow_kind"`
-	UnusedPortSet    *ebpf.VariableSpec `ebpf:"unused_port_set"`
-	UnusedSockRole   *ebpf.VariableSpec `ebpf:"unused_sock_role"`
+	PageSize             *ebpf.VariableSpec `ebpf:"page_size"`
+	UnusedConfigFlag     *ebpf.VariableSpec `ebpf:"unused_config_flag"`
+	UnusedCounter        *ebpf.VariableSpec `ebpf:"unused_counter"`
+	UnusedFlowEnd        *ebpf.VariableSpec `ebpf:"unused_flow_end"`
+	UnusedFlowEvent      *ebpf.VariableSpec `ebpf:"unused_flow_event"`
+	UnusedFlowFlag       *ebpf.VariableSpec `ebpf:"unused_flow_flag"`
+	UnusedFlowKind       *ebpf.VariableSpec `ebpf:"unused_flow_kind"`
+	UnusedPortSet        *ebpf.VariableSpec `ebpf:"unused_port_set"`
+	UnusedRollbackReason *ebpf.VariableSpec `ebpf:"unused_rollback_reason"`
+	UnusedRouteMode      *ebpf.VariableSpec `ebpf:"unused_route_mode"`
+	UnusedSockRole       *ebpf.VariableSpec `ebpf:"unused_sock_role"`
 }
 
 // SluiceObjects contains all objects after they have been loaded into the kernel.
@@ -303,6 +378,9 @@ type SluiceMaps struct {
 	Meta         *ebpf.Map `ebpf:"meta"`
 	Policies     *ebpf.Map `ebpf:"policies"`
 	PolicyActive *ebpf.Map `ebpf:"policy_active"`
+	Routes       *ebpf.Map `ebpf:"routes"`
+	RoutesActive *ebpf.Map `ebpf:"routes_active"`
+	RrStates     *ebpf.Map `ebpf:"rr_states"`
 	SockStates   *ebpf.Map `ebpf:"sock_states"`
 }
 
@@ -316,6 +394,9 @@ func (m *SluiceMaps) Close() error {
 		m.Meta,
 		m.Policies,
 		m.PolicyActive,
+		m.Routes,
+		m.RoutesActive,
+		m.RrStates,
 		m.SockStates,
 	)
 }
@@ -324,15 +405,17 @@ func (m *SluiceMaps) Close() error {
 //
 // It can be passed to LoadSluiceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SluiceVariables struct {
-	PageSize         *ebpf.Variable `ebpf:"page_size"`
-	UnusedConfigFlag *ebpf.Variable `ebpf:"unused_config_flag"`
-	UnusedCounter    *ebpf.Variable `ebpf:"unused_counter"`
-	UnusedFlowEnd    *ebpf.Variable `ebpf:"unused_flow_end"`
-	UnusedFlowEvent  *ebpf.Variable `ebpf:"unused_flow_event"`
-	UnusedFlowFlag   *ebpf.Variable `ebpf:"unused_flow_flag"`
-	UnusedFlowKind   *ebpf.Variable `ebpf:"unused_flow_kind"`
-	UnusedPortSet    *ebpf.Variable `ebpf:"unused_port_set"`
-	UnusedSockRole   *ebpf.Variable `ebpf:"unused_sock_role"`
+	PageSize             *ebpf.Variable `ebpf:"page_size"`
+	UnusedConfigFlag     *ebpf.Variable `ebpf:"unused_config_flag"`
+	UnusedCounter        *ebpf.Variable `ebpf:"unused_counter"`
+	UnusedFlowEnd        *ebpf.Variable `ebpf:"unused_flow_end"`
+	UnusedFlowEvent      *ebpf.Variable `ebpf:"unused_flow_event"`
+	UnusedFlowFlag       *ebpf.Variable `ebpf:"unused_flow_flag"`
+	UnusedFlowKind       *ebpf.Variable `ebpf:"unused_flow_kind"`
+	UnusedPortSet        *ebpf.Variable `ebpf:"unused_port_set"`
+	UnusedRollbackReason *ebpf.Variable `ebpf:"unused_rollback_reason"`
+	UnusedRouteMode      *ebpf.Variable `ebpf:"unused_route_mode"`
+	UnusedSockRole       *ebpf.Variable `ebpf:"unused_sock_role"`
 }
 
 // SluicePrograms contains all programs after they have been loaded into the kernel.

@@ -170,7 +170,7 @@ static __always_inline void active_established(struct bpf_sock_ops *skops, const
 	}
 	if (st->role != ROLE_APP)
 		return;
-	if (bpf_map_update_elem(&handshakes, &key, &st->orig, BPF_ANY))
+	if (bpf_map_update_elem(&handshakes, &key, &st->dial, BPF_ANY))
 		count(COUNT_HANDSHAKE_TABLE_FULL);
 	/* Told when the app's socket closes, to drop an entry the proxy
 	 * never took. */

@@ -21,6 +21,7 @@ import (
 type FlowSource struct {
 	events   *ringbuf.Reader
 	counters *ebpf.Map
+	routes   routeMaps
 	close    sync.Once
 	closeErr error
 }
@@ -49,7 +50,15 @@ func OpenFlows(t Target) (*FlowSource, error) {
 		events.Close()
 		return nil, pinsError(t.PinDir, err)
 	}
-	return &FlowSource{events: events, counters: counters}, nil
+	// Opened now and kept: a sidecar that dropped root may not reach the
+	// pins again.
+	routes, _, err := openRouteMaps(t, false)
+	if err != nil {
+		events.Close()
+		counters.Close()
+		return nil, err
+	}
+	return &FlowSource{events: events, counters: counters, routes: routes}, nil
 }
 
 // ErrClosed is what Next returns once the source is closed.
@@ -76,8 +85,13 @@ func (s *FlowSource) Next(timeout time.Duration) (bpf.SluiceFlowEvent, error) {
 // Counters reads the hooks' counters (see counterNames).
 func (s *FlowSource) Counters() (map[string]uint64, error) { return sumCounters(s.counters) }
 
+// Routes returns the pod's routes in force.
+func (s *FlowSource) Routes() ([]RouteState, error) { return s.routes.states() }
+
 // Close makes a waiting Next return ErrClosed; closing again does nothing.
 func (s *FlowSource) Close() error {
-	s.close.Do(func() { s.closeErr = errors.Join(s.events.Close(), s.counters.Close()) })
+	s.close.Do(func() {
+		s.closeErr = errors.Join(s.events.Close(), s.counters.Close(), s.routes.routes.Close(), s.routes.active.Close())
+	})
 	return s.closeErr
 }

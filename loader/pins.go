@@ -30,12 +30,16 @@ var pinnedMaps = []string{
 	bpf.SluiceMapHandshakes,
 	bpf.SluiceMapCounters,
 	bpf.SluiceMapFlowEvents,
+	bpf.SluiceMapRoutes,
+	bpf.SluiceMapRoutesActive,
+	bpf.SluiceMapRrStates,
 }
 
 // sidecarPins are what `sluice run` reads as the proxy identity: whose pins
 // these are, the policy in force and the hooks' counters. They are readable
 // by the proxy's group; every other pin stays root's alone.
-var sidecarPins = []string{bpf.SluiceMapMeta, bpf.SluiceMapPolicies, bpf.SluiceMapPolicyActive, bpf.SluiceMapIncludeCidrs, bpf.SluiceMapExcludeCidrs, bpf.SluiceMapCounters}
+var sidecarPins = []string{bpf.SluiceMapMeta, bpf.SluiceMapPolicies, bpf.SluiceMapPolicyActive, bpf.SluiceMapIncludeCidrs, bpf.SluiceMapExcludeCidrs,
+	bpf.SluiceMapCounters, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive}
 
 // sidecarWritable are the pins the sidecar must also write: it consumes the
 // flow ring buffer, and a consumer moves the ring's read position.

@@ -223,6 +223,7 @@ var counterNames = map[bpf.SluiceCounter]string{
 	bpf.SluiceCounterCOUNT_CLOSE_LOST_INBOUND:    "flow_close_lost_inbound",
 	bpf.SluiceCounterCOUNT_BOTH_LOST_OUTBOUND:    "flow_open_and_close_lost_outbound",
 	bpf.SluiceCounterCOUNT_BOTH_LOST_INBOUND:     "flow_open_and_close_lost_inbound",
+	bpf.SluiceCounterCOUNT_ROUTE_REFUSED:         "route_refused_no_backend",
 }
 
 func readCounters(dir string) (map[string]uint64, error) {

@@ -33,7 +33,10 @@ type Options struct {
 	// MaxDestinations bounds the distinct destination_service values; later
 	// destinations are counted as "other". Default 100.
 	MaxDestinations int
-	Logger          *slog.Logger
+	// Routes, when set, gives the pod's canary routes, exported with their
+	// weights, picks and rollout progress.
+	Routes func() ([]loader.RouteState, error)
+	Logger *slog.Logger
 }
 
 // Exporter reads a pod's flow events, keeps its live flows, and serves them
@@ -59,6 +62,10 @@ type Exporter struct {
 	connect, rtt, duration *prometheus.HistogramVec
 	ended, failed, retrans *prometheus.CounterVec
 	followLost             prometheus.Counter
+	// Per destination (the same folding as the layer-4 counters): what a
+	// rollout compares between a canary and its stable backend.
+	destConnect *prometheus.SummaryVec
+	destFailed  *prometheus.CounterVec
 }
 
 // labelKey is what tells the layer-4 counters' series apart: the rest of
@@ -121,12 +128,20 @@ func NewExporter(source Source, opts Options) *Exporter {
 			Name: "sluice_tcp_retransmitted_segments_total",
 			Help: "Segments the pod retransmitted, counted when each flow closes.",
 		}, []string{"direction"}),
+		destConnect: prometheus.NewSummaryVec(prometheus.SummaryOpts{
+			Name: "sluice_tcp_destination_connect_duration_seconds",
+			Help: "Connect latency of outbound flows that were established, by original destination (sum and count).",
+		}, []string{"destination_service"}),
+		destFailed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_tcp_destination_connect_failures_total",
+			Help: "Outbound connects never established, by original destination.",
+		}, []string{"destination_service"}),
 		followLost: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sluice_flow_follow_dropped_total",
 			Help: "Closed flows not sent to a `sluice flows --follow` client that was too slow to take them.",
 		}),
 	}
-	e.reg.MustRegister(e.connect, e.rtt, e.duration, e.ended, e.failed, e.retrans, e.followLost, collector{e})
+	e.reg.MustRegister(e.connect, e.rtt, e.duration, e.ended, e.failed, e.retrans, e.followLost, e.destConnect, e.destFailed, collector{e}, routeCollector{e})
 	return e
 }
 
@@ -176,9 +191,13 @@ func (e *Exporter) handle(f Flow) {
 		e.live[f.Cookie] = &f
 		t.opened++
 		e.connect.WithLabelValues(f.Direction).Observe(f.ConnectLatency)
+		if f.Direction == Outbound {
+			e.destConnect.WithLabelValues(f.service).Observe(f.ConnectLatency)
+		}
 		return
 	case StateFailed:
 		e.failed.WithLabelValues(f.Direction, f.End).Inc()
+		e.destFailed.WithLabelValues(f.service).Inc()
 	case StateClosed:
 		if open, ok := e.live[f.Cookie]; ok {
 			// The open event's connect latency is the flow's.

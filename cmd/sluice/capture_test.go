@@ -27,6 +27,8 @@ type capturedPod struct {
 	// of it, as a Kubernetes pod's cgroup is the parent of its
 	// containers'.
 	cgroup string
+	// echoes are the host's echo servers, by address.
+	echoes map[string]*testbed.EchoListener
 }
 
 func newCapturedPod(t *testing.T, installArgs ...string) *capturedPod {
@@ -54,9 +56,11 @@ func newCapturedPodIn(t *testing.T, containerPath []string, installArgs ...strin
 	if err != nil {
 		t.Fatal(err)
 	}
+	echoes := map[string]*testbed.EchoListener{}
 	for _, addr := range []netip.Addr{host.Addr4, host.Addr6, host.Extra4} {
 		for _, port := range []uint16{8080, 9090} {
-			if _, err := host.ListenEcho(netip.AddrPortFrom(addr, port).String()); err != nil {
+			ap := netip.AddrPortFrom(addr, port).String()
+			if echoes[ap], err = host.ListenEcho(ap); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -65,7 +69,7 @@ func newCapturedPodIn(t *testing.T, containerPath []string, installArgs ...strin
 	mustCLI(t, append([]string{"install", "--cgroup", cgroup, "--netns", pod.Netns}, installArgs...)...)
 	// Registered after the bed, so it runs before the bed removes the cgroup.
 	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", cgroup) })
-	return &capturedPod{bed: bed, pod: pod, host: host, cgroup: cgroup}
+	return &capturedPod{bed: bed, pod: pod, host: host, cgroup: cgroup, echoes: echoes}
 }
 
 // startSidecar runs `sluice run` in the pod as root; it switches to uid

@@ -30,6 +30,7 @@ const helperEnv = "SLUICE_TEST_HELPER"
 
 var helperRoles = map[string]func(args []string) (any, error){
 	"churn":          churn,
+	"load":           load,
 	"hold":           hold,
 	"bind":           tryBind,
 	"openpin":        openPin,
@@ -127,6 +128,43 @@ func churn(args []string) (any, error) {
 					return
 				}
 				if err := oneShort(addrs[int(i)%len(addrs)]); err != nil {
+					failed.Add(1)
+					mu.Lock()
+					if res.FirstErr == "" {
+						res.FirstErr = err.Error()
+					}
+					mu.Unlock()
+					continue
+				}
+				ok.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	res.OK, res.Failed = ok.Load(), failed.Load()
+	return res, nil
+}
+
+// load is churn for a time instead of a count: connections to ADDR with
+// CONCURRENCY at a time for DURATION. args: duration concurrency addr
+func load(args []string) (any, error) {
+	if len(args) != 3 {
+		return nil, errors.New("usage: load DURATION CONCURRENCY ADDR")
+	}
+	d, err := time.ParseDuration(args[0])
+	if err != nil {
+		return nil, err
+	}
+	workers, _ := strconv.Atoi(args[1])
+	var ok, failed atomic.Int64
+	var mu sync.Mutex
+	var res churnResult
+	var wg sync.WaitGroup
+	end := time.Now().Add(d)
+	for range workers {
+		wg.Go(func() {
+			for time.Now().Before(end) {
+				if err := oneShort(args[2]); err != nil {
 					failed.Add(1)
 					mu.Lock()
 					if res.FirstErr == "" {

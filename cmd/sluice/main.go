@@ -30,6 +30,7 @@ func commands() []command {
 		runCommand(),
 		statusCommand(),
 		flowsCommand(),
+		routeCommand(),
 		checkCommand(),
 		demoCommand(),
 	}

@@ -117,7 +117,8 @@ Examples:
 					return err
 				}
 				defer source.Close()
-				exporter = telemetry.NewExporter(source, telemetry.Options{Identity: id, IstioNames: *istioNames, MaxDestinations: *maxDests, Logger: log})
+				exporter = telemetry.NewExporter(source, telemetry.Options{Identity: id, IstioNames: *istioNames, MaxDestinations: *maxDests, Logger: log,
+					Routes: source.Routes})
 				runners = append(runners, exporter.Run, closeOnDone(source))
 			}
 			if !set["p"] {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 
 	"github.com/sluicemesh/sluice/internal/nsenter"
 )
@@ -67,10 +68,28 @@ func serveEcho(c net.Conn) {
 	}
 }
 
+// EchoListener is a listener served by Echo that counts its connections.
+type EchoListener struct {
+	net.Listener
+	accepted atomic.Int64
+}
+
+// Accept counts every connection it returns.
+func (l *EchoListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.accepted.Add(1)
+	}
+	return c, err
+}
+
+// Accepted is how many connections the listener has accepted.
+func (l *EchoListener) Accepted() int64 { return l.accepted.Load() }
+
 // ListenEcho creates a TCP listener inside the host's netns on addr (such
 // as "198.18.2.2:8080" or "[2001:2:0:2::2]:8080") and serves Echo on it
 // until Bed.Close.
-func (h *Host) ListenEcho(addr string) (net.Listener, error) {
+func (h *Host) ListenEcho(addr string) (*EchoListener, error) {
 	ln, err := h.bed.listenEcho(h.Netns, addr)
 	if err != nil {
 		return nil, fmt.Errorf("echo in host %s: %w", h.Name, err)
@@ -81,7 +100,7 @@ func (h *Host) ListenEcho(addr string) (net.Listener, error) {
 // ListenEcho creates a TCP listener inside the pod's netns on addr (such as
 // "127.0.0.1:9000" for loopback tests) and serves Echo on it until
 // Bed.Close.
-func (p *Pod) ListenEcho(addr string) (net.Listener, error) {
+func (p *Pod) ListenEcho(addr string) (*EchoListener, error) {
 	ln, err := p.bed.listenEcho(p.Netns, addr)
 	if err != nil {
 		return nil, fmt.Errorf("echo in pod %s: %w", p.Name, err)
@@ -89,7 +108,7 @@ func (p *Pod) ListenEcho(addr string) (net.Listener, error) {
 	return ln, nil
 }
 
-func (b *Bed) listenEcho(nsPath, addr string) (net.Listener, error) {
+func (b *Bed) listenEcho(nsPath, addr string) (*EchoListener, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.closed {
@@ -107,11 +126,12 @@ func (b *Bed) listenEcho(nsPath, addr string) (net.Listener, error) {
 		}
 		return nil, fmt.Errorf("listen on %s: %w", addr, err)
 	}
+	counted := &EchoListener{Listener: ln}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		Echo(ln)
+		Echo(counted)
 	}()
 	b.echoes = append(b.echoes, echoServer{ln: ln, done: done})
-	return ln, nil
+	return counted, nil
 }

@@ -1,0 +1,259 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/redirect"
+)
+
+func routeCommand() command {
+	c := command{
+		name:    "route",
+		summary: "canary routes: split a service's new connections over weighted backends",
+		help: `Usage: sluice route set     --cgroup PATH [--mode random|round-robin] [--allow-zero] VIP:PORT BACKEND=WEIGHT ...
+       sluice route list    --cgroup PATH [--json]
+       sluice route delete  --cgroup PATH VIP:PORT
+       sluice route apply   --cgroup PATH -f FILE [--allow-zero]
+       sluice route rollout --cgroup PATH VIP:PORT --to BACKEND [--step 10] [--interval 30s]
+                            [--max-connect-failure-ratio 0.05] [--max-connect-latency 50ms]
+
+A route sends the pod's new connections to a service (a virtual IP and port)
+to one of its backends, picked in the kernel at connect time by weight: the
+sidecar (or any SO_ORIGINAL_DST proxy) is handed the backend as the
+original destination, while the app still sees the service as its peer.
+Weights need not sum to 100; weight 0 takes no new connections (open ones
+stay); a service whose every weight is 0 refuses new connections at once
+(--allow-zero). --mode round-robin makes the split exact even over a few
+connections (smooth weighted round-robin) instead of random.
+
+Every change is one step for the kernel, and changes from several processes
+never mix. apply reads a YAML or JSON file shaped like Gateway API
+backendRefs and sets every route in it at once:
+
+  routes:
+    - service: 198.19.0.10:80
+      mode: random
+      backendRefs:
+        - {address: 198.18.2.2, port: 8080, weight: 90}
+        - {address: 198.18.3.2, port: 8080, weight: 10}
+
+rollout moves a service from its current backend to --to step by step,
+checking after each --interval the canary's connect failures and connect
+latency (from the flows the sidecar exports, see --metrics) against the
+stable backend's; it rolls back by itself when the canary is worse by more
+than the bounds, and exits 1.
+
+Examples:
+  sluice route set --cgroup /sys/fs/cgroup/unified/mypod 198.19.0.10:80 198.18.2.2:8080=90 198.18.3.2:8080=10
+  sluice route list --cgroup /sys/fs/cgroup/unified/mypod
+  sluice route apply --cgroup /sys/fs/cgroup/unified/mypod -f routes.yaml
+  sluice route rollout --cgroup /sys/fs/cgroup/unified/mypod 198.19.0.10:80 --to 198.18.3.2:8080 --step 10 --interval 30s`,
+	}
+	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
+		if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+			if len(args) > 0 && (args[0] == "-h" || args[0] == "--help") {
+				fmt.Fprintln(stdout, strings.TrimSpace(c.help))
+				return flag.ErrHelp
+			}
+			return usageError{"want a subcommand: set, list, delete, apply or rollout (run 'sluice route --help')"}
+		}
+		sub, args := args[0], args[1:]
+		fs := flag.NewFlagSet("route "+sub, flag.ContinueOnError)
+		cgroup := fs.String("cgroup", "", "the pod's cgroup v2 directory (required)")
+		pinDir := fs.String("pin-dir", "", "where the pins are (default /sys/fs/bpf/sluice/<cgroup id>)")
+		target := func() (loader.Target, error) {
+			if *cgroup == "" {
+				return loader.Target{}, usageError{"--cgroup is required: pass the pod's cgroup v2 directory"}
+			}
+			return loader.ResolveTarget(*cgroup, *pinDir)
+		}
+		switch sub {
+		case "set":
+			mode := fs.String("mode", redirect.ModeRandom, "random or round-robin")
+			allowZero := fs.Bool("allow-zero", false, "accept every weight 0 (the service then refuses new connections)")
+			if err := parseInterspersed(fs, c, args, stdout); err != nil {
+				return err
+			}
+			if fs.NArg() < 2 {
+				return usageError{"want VIP:PORT and at least one BACKEND=WEIGHT (run 'sluice route --help')"}
+			}
+			svc, err := redirect.ParseService(fs.Arg(0))
+			if err != nil {
+				return usageError{err.Error()}
+			}
+			backends, err := redirect.ParseBackends(fs.Args()[1:])
+			if err != nil {
+				return usageError{err.Error()}
+			}
+			r := redirect.Route{Service: svc, Mode: *mode, Backends: backends}
+			if err := r.Validate(*allowZero); err != nil {
+				return usageError{err.Error()}
+			}
+			t, err := target()
+			if err != nil {
+				return err
+			}
+			if err := loader.ChangeRoutes(t, loader.RouteChange{Set: []redirect.Route{r}}); err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "route %s set: %s\n", r.Service, describe(r))
+			return nil
+		case "delete":
+			if err := parseInterspersed(fs, c, args, stdout); err != nil {
+				return err
+			}
+			if fs.NArg() != 1 {
+				return usageError{"want the service's VIP:PORT (run 'sluice route --help')"}
+			}
+			svc, err := redirect.ParseService(fs.Arg(0))
+			if err != nil {
+				return usageError{err.Error()}
+			}
+			t, err := target()
+			if err != nil {
+				return err
+			}
+			if err := loader.ChangeRoutes(t, loader.RouteChange{Delete: []netip.AddrPort{svc}}); err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "route %s deleted\n", svc)
+			return nil
+		case "apply":
+			file := fs.String("f", "", "the route file (YAML or JSON; - for stdin)")
+			allowZero := fs.Bool("allow-zero", false, "accept routes whose every weight is 0")
+			if err := parseFlags(fs, c, args, stdout); err != nil {
+				return err
+			}
+			if *file == "" {
+				return usageError{"-f FILE is required: the routes to apply (run 'sluice route --help' for the format)"}
+			}
+			data, err := readFileOrStdin(*file)
+			if err != nil {
+				return err
+			}
+			routes, err := redirect.ParseRouteFile(data, *allowZero)
+			if err != nil {
+				return usageError{fmt.Sprintf("%s: %v", *file, err)}
+			}
+			t, err := target()
+			if err != nil {
+				return err
+			}
+			if err := loader.ChangeRoutes(t, loader.RouteChange{Set: routes}); err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "%d routes applied\n", len(routes))
+			return nil
+		case "list":
+			asJSON := fs.Bool("json", false, "print JSON")
+			if err := parseFlags(fs, c, args, stdout); err != nil {
+				return err
+			}
+			t, err := target()
+			if err != nil {
+				return err
+			}
+			routes, err := loader.Routes(t)
+			if err != nil {
+				return err
+			}
+			if *asJSON {
+				enc := json.NewEncoder(stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(routes)
+			}
+			printRoutes(stdout, routes)
+			return nil
+		case "rollout":
+			return rolloutCommand(ctx, fs, c, args, target, stdout)
+		}
+		return usageError{fmt.Sprintf("unknown route subcommand %q: want set, list, delete, apply or rollout", sub)}
+	}
+	return c
+}
+
+// parseInterspersed parses flags that may come after the positional
+// arguments too (sluice route set VIP:PORT B=W --cgroup X).
+func parseInterspersed(fs *flag.FlagSet, c command, args []string, stdout io.Writer) error {
+	var positional []string
+	for {
+		if err := parseFlagsLoose(fs, c, args, stdout); err != nil {
+			return err
+		}
+		if fs.NArg() == 0 {
+			break
+		}
+		positional = append(positional, fs.Arg(0))
+		args = fs.Args()[1:]
+	}
+	return fs.Parse(append([]string{"--"}, positional...))
+}
+
+// parseFlagsLoose is parseFlags without the check for leftover arguments.
+func parseFlagsLoose(fs *flag.FlagSet, c command, args []string, stdout io.Writer) error {
+	err := parseFlags(fs, c, args, stdout)
+	var ue usageError
+	if errors.As(err, &ue) && strings.HasPrefix(ue.msg, "unexpected argument") {
+		return nil
+	}
+	return err
+}
+
+func readFileOrStdin(name string) ([]byte, error) {
+	if name == "-" {
+		return io.ReadAll(os.Stdin)
+	}
+	data, err := os.ReadFile(name)
+	if err != nil {
+		return nil, fmt.Errorf("read route file: %w", err)
+	}
+	return data, nil
+}
+
+func describe(r redirect.Route) string {
+	parts := make([]string, len(r.Backends))
+	for i, b := range r.Backends {
+		parts[i] = fmt.Sprintf("%s=%d", b.AddrPort(), b.Weight)
+	}
+	return strings.Join(parts, " ") + " (" + r.Normalize().Mode + ")"
+}
+
+func printRoutes(w io.Writer, routes []loader.RouteState) {
+	if len(routes) == 0 {
+		fmt.Fprintln(w, "no routes")
+		return
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SERVICE\tMODE\tBACKEND\tWEIGHT\tSHARE\tPICKED\tEFFECTIVE")
+	for _, r := range routes {
+		var picks uint64
+		for _, p := range r.Picks {
+			picks += p
+		}
+		for i, b := range r.Backends {
+			share, eff := "-", "-"
+			if t := r.Total(); t > 0 {
+				share = fmt.Sprintf("%.1f%%", 100*float64(b.Weight)/float64(t))
+			}
+			if picks > 0 {
+				eff = fmt.Sprintf("%.1f%%", 100*float64(r.Picks[i])/float64(picks))
+			}
+			svc, mode := r.Service.String(), r.Mode
+			if i > 0 {
+				svc, mode = "", ""
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%d\t%s\n", svc, mode, b.AddrPort(), b.Weight, share, r.Picks[i], eff)
+		}
+	}
+	tw.Flush()
+}

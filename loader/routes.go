@@ -1,0 +1,268 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"path/filepath"
+	"slices"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/redirect"
+)
+
+// RouteState is a route in force, with what the kernel counted for it.
+type RouteState struct {
+	redirect.Route
+	// Picks are the connections each backend was picked for, in the
+	// order of Backends; they survive rewrites of the route.
+	Picks      []uint64 `json:"picks"`
+	Generation uint32   `json:"generation"`
+	// Rollout is what `sluice route rollout` recorded: the canary's weight
+	// in percent while one runs, rollbacks so far and the last one's reason.
+	RolloutStep  uint32 `json:"rollout_step,omitempty"`
+	Rollbacks    uint32 `json:"rollbacks,omitempty"`
+	LastRollback string `json:"last_rollback,omitempty"`
+}
+
+// ErrNoRoute marks a change naming a service that has no route.
+var ErrNoRoute = errors.New("no route")
+
+// Rollback reasons as the route records them.
+const (
+	RollbackFailures = "connect_failures"
+	RollbackLatency  = "connect_latency"
+)
+
+var rollbackReasons = map[uint32]string{
+	uint32(bpf.SluiceRollbackReasonROLLBACK_FAILURES): RollbackFailures,
+	uint32(bpf.SluiceRollbackReasonROLLBACK_LATENCY):  RollbackLatency,
+}
+
+// routeMaps are the maps the routes live in.
+type routeMaps struct{ routes, active *ebpf.Map }
+
+func openRouteMaps(t Target, write bool) (routeMaps, func(), error) {
+	rec, err := readRecord(t.PinDir)
+	if err != nil {
+		return routeMaps{}, nil, err
+	}
+	if err := checkOwner(t, rec); err != nil {
+		return routeMaps{}, nil, err
+	}
+	opts := &ebpf.LoadPinOptions{ReadOnly: !write}
+	routes, err := ebpf.LoadPinnedMap(filepath.Join(t.PinDir, bpf.SluiceMapRoutes), opts)
+	if err != nil {
+		return routeMaps{}, nil, pinsError(t.PinDir, err)
+	}
+	active, err := ebpf.LoadPinnedMap(filepath.Join(t.PinDir, bpf.SluiceMapRoutesActive), opts)
+	if err != nil {
+		routes.Close()
+		return routeMaps{}, nil, pinsError(t.PinDir, err)
+	}
+	return routeMaps{routes, active}, func() { routes.Close(); active.Close() }, nil
+}
+
+// read returns the routes in force, by service, and their slot.
+func (m routeMaps) read() (map[netip.AddrPort]bpf.SluiceRoute, uint8, error) {
+	var active uint32
+	if err := m.active.Lookup(uint32(0), &active); err != nil {
+		return nil, 0, fmt.Errorf("read active route slot: %w", err)
+	}
+	slot := uint8(active & 1)
+	out := map[netip.AddrPort]bpf.SluiceRoute{}
+	var k bpf.SluiceRouteKey
+	var v bpf.SluiceRoute
+	it := m.routes.Iterate()
+	for it.Next(&k, &v) {
+		if k.Slot == slot {
+			out[netip.AddrPortFrom(AddrFrom6(k.Vip), k.Port)] = v
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, 0, fmt.Errorf("read routes: %w", err)
+	}
+	return out, slot, nil
+}
+
+// Routes returns t's routes in force. It needs read access to the pins
+// (the proxy group has it).
+func Routes(t Target) ([]RouteState, error) {
+	m, done, err := openRouteMaps(t, false)
+	if err != nil {
+		return nil, err
+	}
+	defer done()
+	return m.states()
+}
+
+func (m routeMaps) states() ([]RouteState, error) {
+	cur, _, err := m.read()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]RouteState, 0, len(cur))
+	for svc, v := range cur {
+		out = append(out, routeState(svc, v))
+	}
+	slices.SortFunc(out, func(a, b RouteState) int { return a.Service.Compare(b.Service) })
+	return out, nil
+}
+
+func routeState(svc netip.AddrPort, v bpf.SluiceRoute) RouteState {
+	s := RouteState{Route: redirect.Route{Service: svc, Mode: redirect.ModeRandom}, Generation: v.Generation,
+		RolloutStep: v.RolloutStep, Rollbacks: v.Rollbacks, LastRollback: rollbackReasons[v.LastRollback]}
+	if v.Mode == uint32(bpf.SluiceRouteModeROUTE_ROUND_ROBIN) {
+		s.Mode = redirect.ModeRoundRobin
+	}
+	for _, b := range v.Backends[:min(int(v.Count), len(v.Backends))] {
+		s.Backends = append(s.Backends, redirect.Backend{Address: AddrFrom6(b.Addr), Port: b.Port, Weight: b.Weight})
+		s.Picks = append(s.Picks, b.Picks)
+	}
+	return s
+}
+
+// RouteChange is one change of a pod's routes: services to set (replacing
+// their backend sets whole) and services to delete.
+type RouteChange struct {
+	Set    []redirect.Route
+	Delete []netip.AddrPort
+	// Rollout, when set, records a rollout's progress on its route.
+	Rollout *RolloutRecord
+}
+
+// RolloutRecord is what a rollout step writes on its route.
+type RolloutRecord struct {
+	Service  netip.AddrPort
+	Step     uint32 // the canary's weight in percent
+	Rollback string // RollbackFailures or RollbackLatency when rolling back
+}
+
+// ChangeRoutes applies change to t's routes as one visible step: the
+// connect hook sees every route as it was or every route as it is after,
+// never a mix, and routes the change does not name are carried over as they
+// were (their round-robin sequence goes on). Concurrent changes, from any
+// process, are serialized. Routes are validated first; a delete of a
+// service without a route fails with ErrNoRoute; on any error nothing
+// changes.
+func ChangeRoutes(t Target, change RouteChange) error {
+	for _, r := range change.Set {
+		// Zero weights were allowed or refused by the caller.
+		if err := r.Validate(true); err != nil {
+			return err
+		}
+	}
+	unlock, err := lock(filepath.Dir(t.PinDir))
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	m, done, err := openRouteMaps(t, true)
+	if err != nil {
+		return err
+	}
+	defer done()
+	cur, slot, err := m.read()
+	if err != nil {
+		return err
+	}
+	next := maps.Clone(cur)
+	for _, svc := range change.Delete {
+		svc = unmapped(svc)
+		if _, ok := next[svc]; !ok {
+			return fmt.Errorf("%w for %s: nothing deleted (see 'sluice route list')", ErrNoRoute, svc)
+		}
+		delete(next, svc)
+	}
+	for _, r := range change.Set {
+		r = r.Normalize()
+		next[r.Service] = routeValue(r, cur[r.Service])
+	}
+	if rec := change.Rollout; rec != nil {
+		svc := unmapped(rec.Service)
+		v, ok := next[svc]
+		if !ok {
+			return fmt.Errorf("%w for %s", ErrNoRoute, svc)
+		}
+		v.RolloutStep = rec.Step
+		for code, name := range rollbackReasons {
+			if name == rec.Rollback {
+				v.Rollbacks++
+				v.LastRollback = code
+			}
+		}
+		next[svc] = v
+	}
+	if len(next) > int(m.routes.MaxEntries()/2) {
+		return fmt.Errorf("%d routes: a pod holds at most %d", len(next), m.routes.MaxEntries()/2)
+	}
+
+	other := slot ^ 1
+	// Leftovers of the slot's last use go first.
+	var k bpf.SluiceRouteKey
+	var v bpf.SluiceRoute
+	var stale []bpf.SluiceRouteKey
+	it := m.routes.Iterate()
+	for it.Next(&k, &v) {
+		if k.Slot == other {
+			stale = append(stale, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read routes: %w", err)
+	}
+	for _, k := range stale {
+		if err := m.routes.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("clear route slot: %w", err)
+		}
+	}
+	for svc, v := range next {
+		key := bpf.SluiceRouteKey{Vip: Addr6(svc.Addr()), Port: svc.Port(), Slot: other}
+		if err := m.routes.Put(key, &v); err != nil {
+			return fmt.Errorf("write route %s: %w", svc, err)
+		}
+	}
+	if err := m.active.Put(uint32(0), uint32(other)); err != nil {
+		return fmt.Errorf("switch to the new routes: %w", err)
+	}
+	return nil
+}
+
+// routeValue is r as the BPF side holds it. The backends' pick counts and
+// the rollout record carry over from old; the generation changes when the
+// backend set or mode does, which restarts a round-robin sequence.
+func routeValue(r redirect.Route, old bpf.SluiceRoute) bpf.SluiceRoute {
+	v := bpf.SluiceRoute{Count: uint32(len(r.Backends)), Generation: old.Generation,
+		RolloutStep: old.RolloutStep, Rollbacks: old.Rollbacks, LastRollback: old.LastRollback}
+	if r.Mode == redirect.ModeRoundRobin {
+		v.Mode = uint32(bpf.SluiceRouteModeROUTE_ROUND_ROBIN)
+	}
+	for i, b := range r.Backends {
+		v.Backends[i] = bpf.SluiceBackend{Addr: Addr6(b.Address), Port: b.Port, Family: afInet6, Weight: b.Weight}
+		if b.Address.Is4() {
+			v.Backends[i].Family = afInet
+		}
+		v.Total += b.Weight
+		for _, ob := range old.Backends[:min(int(old.Count), len(old.Backends))] {
+			if ob.Addr == v.Backends[i].Addr && ob.Port == b.Port {
+				v.Backends[i].Picks = ob.Picks
+			}
+		}
+	}
+	same := old.Count == v.Count && old.Mode == v.Mode
+	for i := range v.Backends {
+		a, b := v.Backends[i], old.Backends[i]
+		same = same && a.Addr == b.Addr && a.Port == b.Port && a.Weight == b.Weight
+	}
+	if !same {
+		v.Generation = old.Generation + 1
+	}
+	return v
+}
+
+func unmapped(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}

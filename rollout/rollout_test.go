@@ -1,0 +1,115 @@
+package rollout
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+// plant is a route of two backends whose measurements follow the weights:
+// each Measure, every backend gets its weight's worth of connects, with the
+// failure ratio and latency set for it.
+type plant struct {
+	weights  map[netip.AddrPort]uint32
+	fail     map[netip.AddrPort]float64
+	latency  map[netip.AddrPort]float64
+	samples  map[netip.AddrPort]Sample
+	steps    []uint32
+	rollback string
+}
+
+func (p *plant) Backends() (map[netip.AddrPort]uint32, error) { return p.weights, nil }
+
+func (p *plant) SetWeights(stable, canary netip.AddrPort, sw, cw, step uint32, rollback string) error {
+	p.weights[stable], p.weights[canary] = sw, cw
+	p.steps = append(p.steps, step)
+	if rollback != "" {
+		p.rollback = rollback
+	}
+	return nil
+}
+
+func (p *plant) Measure() (map[netip.AddrPort]Sample, error) {
+	for b, w := range p.weights {
+		s := p.samples[b]
+		failed := uint64(float64(w) * p.fail[b])
+		s.Failed += failed
+		s.Established += uint64(w) - failed
+		s.LatencySum += float64(uint64(w)-failed) * p.latency[b]
+		p.samples[b] = s
+	}
+	out := map[netip.AddrPort]Sample{}
+	for b, s := range p.samples {
+		out[b] = s
+	}
+	return out, nil
+}
+
+var (
+	stable = netip.MustParseAddrPort("198.18.2.2:8080")
+	canary = netip.MustParseAddrPort("198.18.3.2:8080")
+	quiet  = slog.New(slog.NewTextHandler(io.Discard, nil))
+)
+
+func newPlant() *plant {
+	return &plant{
+		weights: map[netip.AddrPort]uint32{stable: 100, canary: 0},
+		fail:    map[netip.AddrPort]float64{},
+		latency: map[netip.AddrPort]float64{stable: 0.001, canary: 0.001},
+		samples: map[netip.AddrPort]Sample{},
+	}
+}
+
+func config() Config {
+	return Config{Service: netip.MustParseAddrPort("198.19.0.10:80"), Canary: canary, Step: 25, Interval: time.Millisecond,
+		MaxFailureRatio: 0.05, MaxLatency: 10 * time.Millisecond}
+}
+
+func TestHealthyCanaryReachesAll(t *testing.T) {
+	p := newPlant()
+	if err := Run(context.Background(), config(), p, quiet); err != nil {
+		t.Fatal(err)
+	}
+	if p.weights[canary] != 100 || p.weights[stable] != 0 {
+		t.Errorf("weights %v, want the canary at 100", p.weights)
+	}
+	want := []uint32{25, 50, 75, 100, 0}
+	if len(p.steps) != len(want) {
+		t.Fatalf("steps %v, want %v", p.steps, want)
+	}
+	for i := range want {
+		if p.steps[i] != want[i] {
+			t.Fatalf("steps %v, want %v", p.steps, want)
+		}
+	}
+}
+
+func TestFailingCanaryRollsBack(t *testing.T) {
+	p := newPlant()
+	p.fail[canary] = 1
+	err := Run(context.Background(), config(), p, quiet)
+	if !errors.Is(err, ErrRolledBack) || p.rollback != ReasonFailures || p.weights[stable] != 100 || p.weights[canary] != 0 {
+		t.Errorf("err %v, rollback %q, weights %v", err, p.rollback, p.weights)
+	}
+}
+
+func TestSlowCanaryRollsBack(t *testing.T) {
+	p := newPlant()
+	p.latency[canary] = 0.040
+	err := Run(context.Background(), config(), p, quiet)
+	if !errors.Is(err, ErrRolledBack) || p.rollback != ReasonLatency || p.weights[canary] != 0 {
+		t.Errorf("err %v, rollback %q, weights %v", err, p.rollback, p.weights)
+	}
+}
+
+func TestBadConfig(t *testing.T) {
+	for _, c := range []Config{{Step: 0, Interval: time.Second, Canary: canary}, {Step: 10, Canary: canary}, {Step: 10, Interval: time.Second}} {
+		if err := Run(context.Background(), c, newPlant(), quiet); err == nil {
+			t.Errorf("config %+v accepted", c)
+		}
+	}
+}
