@@ -115,34 +115,12 @@ func churn(args []string) (any, error) {
 	count, _ := strconv.Atoi(args[0])
 	workers, _ := strconv.Atoi(args[1])
 	addrs := args[2:]
-	var next, ok, failed atomic.Int64
-	var mu sync.Mutex
-	var res churnResult
-	var wg sync.WaitGroup
+	var next atomic.Int64
 	deadline := time.Now().Add(5 * time.Minute)
-	for range workers {
-		wg.Go(func() {
-			for {
-				i := next.Add(1) - 1
-				if i >= int64(count) || time.Now().After(deadline) {
-					return
-				}
-				if err := oneShort(addrs[int(i)%len(addrs)]); err != nil {
-					failed.Add(1)
-					mu.Lock()
-					if res.FirstErr == "" {
-						res.FirstErr = err.Error()
-					}
-					mu.Unlock()
-					continue
-				}
-				ok.Add(1)
-			}
-		})
-	}
-	wg.Wait()
-	res.OK, res.Failed = ok.Load(), failed.Load()
-	return res, nil
+	return shortConnections(workers, func() (string, bool) {
+		i := next.Add(1) - 1
+		return addrs[int(i)%len(addrs)], i < int64(count) && time.Now().Before(deadline)
+	}), nil
 }
 
 // load is churn for a time instead of a count: connections to ADDR with
@@ -156,15 +134,25 @@ func load(args []string) (any, error) {
 		return nil, err
 	}
 	workers, _ := strconv.Atoi(args[1])
+	end := time.Now().Add(d)
+	return shortConnections(workers, func() (string, bool) { return args[2], time.Now().Before(end) }), nil
+}
+
+// shortConnections runs oneShort with workers at a time to the addresses
+// next gives, until it says stop.
+func shortConnections(workers int, next func() (string, bool)) churnResult {
 	var ok, failed atomic.Int64
 	var mu sync.Mutex
 	var res churnResult
 	var wg sync.WaitGroup
-	end := time.Now().Add(d)
 	for range workers {
 		wg.Go(func() {
-			for time.Now().Before(end) {
-				if err := oneShort(args[2]); err != nil {
+			for {
+				addr, more := next()
+				if !more {
+					return
+				}
+				if err := oneShort(addr); err != nil {
 					failed.Add(1)
 					mu.Lock()
 					if res.FirstErr == "" {
@@ -179,7 +167,7 @@ func load(args []string) (any, error) {
 	}
 	wg.Wait()
 	res.OK, res.Failed = ok.Load(), failed.Load()
-	return res, nil
+	return res
 }
 
 func oneShort(addr string) error {
