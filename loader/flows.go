@@ -19,9 +19,9 @@ import (
 // the access the sidecar has (the proxy group's). Only one FlowSource should
 // read a pod's events: each event is read once.
 type FlowSource struct {
+	*RouteReader
 	events   *ringbuf.Reader
 	counters *ebpf.Map
-	routes   routeMaps
 	close    sync.Once
 	closeErr error
 }
@@ -50,15 +50,13 @@ func OpenFlows(t Target) (*FlowSource, error) {
 		events.Close()
 		return nil, pinsError(t.PinDir, err)
 	}
-	// Opened now and kept: a sidecar that dropped root may not reach the
-	// pins again.
-	routes, _, err := openRouteMaps(t, false)
+	routes, err := OpenRoutes(t)
 	if err != nil {
 		events.Close()
 		counters.Close()
 		return nil, err
 	}
-	return &FlowSource{events: events, counters: counters, routes: routes}, nil
+	return &FlowSource{RouteReader: routes, events: events, counters: counters}, nil
 }
 
 // ErrClosed is what Next returns once the source is closed.
@@ -85,13 +83,10 @@ func (s *FlowSource) Next(timeout time.Duration) (bpf.SluiceFlowEvent, error) {
 // Counters reads the hooks' counters (see counterNames).
 func (s *FlowSource) Counters() (map[string]uint64, error) { return sumCounters(s.counters) }
 
-// Routes returns the pod's routes in force.
-func (s *FlowSource) Routes() ([]RouteState, error) { return s.routes.states() }
-
 // Close makes a waiting Next return ErrClosed; closing again does nothing.
 func (s *FlowSource) Close() error {
 	s.close.Do(func() {
-		s.closeErr = errors.Join(s.events.Close(), s.counters.Close(), s.routes.routes.Close(), s.routes.active.Close())
+		s.closeErr = errors.Join(s.events.Close(), s.counters.Close(), s.RouteReader.Close())
 	})
 	return s.closeErr
 }

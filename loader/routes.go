@@ -91,13 +91,32 @@ func (m routeMaps) read() (map[netip.AddrPort]bpf.SluiceRoute, uint8, error) {
 // Routes returns t's routes in force. It needs read access to the pins
 // (the proxy group has it).
 func Routes(t Target) ([]RouteState, error) {
-	m, done, err := openRouteMaps(t, false)
+	r, err := OpenRoutes(t)
 	if err != nil {
 		return nil, err
 	}
-	defer done()
-	return m.states()
+	defer r.Close()
+	return r.Routes()
 }
+
+// RouteReader reads a pod's routes through maps it keeps open: a sidecar
+// that dropped root may not reach the pins again, and a reader asked often
+// saves opening them each time.
+type RouteReader struct{ maps routeMaps }
+
+// OpenRoutes opens t's route maps for reading.
+func OpenRoutes(t Target) (*RouteReader, error) {
+	m, _, err := openRouteMaps(t, false)
+	if err != nil {
+		return nil, err
+	}
+	return &RouteReader{m}, nil
+}
+
+// Routes returns the routes in force.
+func (r *RouteReader) Routes() ([]RouteState, error) { return r.maps.states() }
+
+func (r *RouteReader) Close() error { return errors.Join(r.maps.routes.Close(), r.maps.active.Close()) }
 
 func (m routeMaps) states() ([]RouteState, error) {
 	cur, _, err := m.read()

@@ -42,8 +42,10 @@ capture on the pod's cgroup (outbound, port 9090 excluded) and on its eth0
 (inbound), starts the sidecar in the pod, sends 1 MiB from the app to the
 host and from the host to the app over IPv4 and IPv6, and prints the original
 destination the sidecar saw for each connection, then the flows the kernel
-measured and the metrics the sidecar exports. Removes everything at the end,
-also on failure. Exits 1 if any check fails.
+measured and the metrics the sidecar exports, then shifts a canary route
+from 100/0 to 90/10 to 0/100 while the app connects and shows where its
+connections landed. Removes everything at the end, also on failure. Exits 1
+if any check fails.
 
 Example:
   sluice demo`,
@@ -187,7 +189,59 @@ func demo(w io.Writer) (err error) {
 			fmt.Fprintln(w, "   "+shortLabels(line))
 		}
 	}
-	fmt.Fprintf(w, "\n7. removing the capture, the sidecar, the pod and the host\n")
+	if err := demoCanary(w, bed, pod, target, exe); err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "\n8. removing the capture, the sidecar, the pod and the hosts\n")
+	return nil
+}
+
+// demoCanary shifts a service from v1 to v2 in three steps, sending the
+// app's connections to it at each, and shows where they landed.
+func demoCanary(w io.Writer, bed *testbed.Bed, pod *testbed.Pod, target loader.Target, exe string) error {
+	const service, perStep = "198.19.0.10:80", 100
+	v1, err := bed.AddHost("v1")
+	if err != nil {
+		return err
+	}
+	v2, err := bed.AddHost("v2")
+	if err != nil {
+		return err
+	}
+	b1, b2 := netip.AddrPortFrom(v1.Addr4, 8080), netip.AddrPortFrom(v2.Addr4, 8080)
+	l1, err := v1.ListenEcho(b1.String())
+	if err != nil {
+		return err
+	}
+	l2, err := v2.ListenEcho(b2.String())
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "\n7. a canary route: the app connects to the service %s, which no host has; the kernel picks\n", service)
+	fmt.Fprintf(w, "   v1 (%s) or v2 (%s) for each connection by weight, and the weights change live:\n\n", b1, b2)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "WEIGHTS v1/v2\tCONNECTIONS\tREACHED v1\tREACHED v2\tAPP'S PEER")
+	svc := netip.MustParseAddrPort(service)
+	for _, weights := range [][2]uint32{{100, 0}, {90, 10}, {0, 100}} {
+		route := redirect.Route{Service: svc, Backends: []redirect.Backend{
+			{Address: b1.Addr(), Port: b1.Port(), Weight: weights[0]},
+			{Address: b2.Addr(), Port: b2.Port(), Weight: weights[1]},
+		}}
+		if err := loader.ChangeRoutes(target, loader.RouteChange{Set: []redirect.Route{route}}); err != nil {
+			return err
+		}
+		before1, before2 := l1.Accepted(), l2.Accepted()
+		peer := ""
+		for range perStep {
+			res, err := pod.RunClient(exe, service, 100)
+			if err != nil {
+				return fmt.Errorf("app to %s: %w", service, err)
+			}
+			peer = res.Peer
+		}
+		fmt.Fprintf(tw, "%d/%d\t%d\t%d\t%d\t%s\n", weights[0], weights[1], perStep, l1.Accepted()-before1, l2.Accepted()-before2, peer)
+	}
+	tw.Flush()
 	return nil
 }
 

@@ -19,6 +19,8 @@ func TestDemo(t *testing.T) {
 		"outbound 198.18.1.2:", // the flows section: source ports vary
 		`sluice_tcp_connections_closed_total{destination_service="198.18.2.2:8080",reporter="source",...} 1`,
 		`sluice_tcp_connections_closed_total{destination_service="198.18.1.2:8080",reporter="destination",...} 1`,
+		"100/0 100 100 0 198.19.0.10:80",
+		"0/100 100 0 100 198.19.0.10:80",
 	} {
 		// Column widths are tabwriter's business: compare words only.
 		if !strings.Contains(strings.Join(strings.Fields(out), " "), strings.Join(strings.Fields(want), " ")) {

@@ -141,6 +141,11 @@ func TestPrometheusScrapesTheSidecar(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// A canary route, for the dashboard's route panels.
+	mustCLI(t, "route", "set", "--cgroup", c.cgroup, "198.19.0.10:80", out+"=1")
+	for range 3 {
+		c.client(t, "198.19.0.10:80")
+	}
 	// Nothing listens on port 7: the sidecar's upstream connect is refused.
 	if _, err := c.pod.RunClient(self(t), netip.AddrPortFrom(c.host.Addr4, 7).String(), 10); err == nil {
 		t.Error("a connection to a closed port succeeded")
@@ -149,7 +154,7 @@ func TestPrometheusScrapesTheSidecar(t *testing.T) {
 	var closed []promSeries
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
 		var err error
-		closed, err = prom.query(t, `sluice_tcp_connections_closed_total{destination_service=~".*:8080"}`)
+		closed, err = prom.query(t, `sluice_tcp_connections_closed_total{destination_service=~".*:8080", reporter="destination"} or sluice_tcp_connections_closed_total{destination_service="198.18.2.2:8080"}`)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -157,11 +162,11 @@ func TestPrometheusScrapesTheSidecar(t *testing.T) {
 		for _, s := range closed {
 			total += value(s)
 		}
-		if total == 6 {
+		if total == 9 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("Prometheus has %v closed flows to port 8080, want 6: %v", total, closed)
+			t.Fatalf("Prometheus has %v closed flows to port 8080, want 9: %v", total, closed)
 		}
 	}
 	for _, s := range closed {
@@ -179,8 +184,9 @@ func TestPrometheusScrapesTheSidecar(t *testing.T) {
 				t.Errorf("reporter %s: %s%s = %q, want %q", s.Metric["reporter"], side, label, got, want)
 			}
 		}
-		if value(s) != 3 {
-			t.Errorf("%v: %v closed, want 3", s.Metric, value(s))
+		// Outbound: 3 straight to the host and 3 through the route to it.
+		if want := map[string]float64{"source": 6, "destination": 3}[s.Metric["reporter"]]; value(s) != want {
+			t.Errorf("%v: %v closed, want %v", s.Metric, value(s), want)
 		}
 	}
 	// Let the rules run and a few more scrapes land, for rate() below.

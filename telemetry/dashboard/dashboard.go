@@ -78,6 +78,13 @@ func Build() (dashboard.Dashboard, error) {
 		WithPanel(series("Flow duration", "s", "How long flows stay open.", quantiles("sluice_tcp_flow_duration_seconds")...)).
 		WithPanel(series("Connect failures", "cps", "Outbound connects that never were established, by reason.",
 			query{rate("sluice_tcp_connect_failures_total", "reason"), "{{reason}}"})).
+		WithRow(dashboard.NewRowBuilder("Canary routes")).
+		WithPanel(series("Effective split", "percentunit", "Each backend's share of a routed service's new connections, as the kernel picked them: compare with the programmed weights.",
+			query{fmt.Sprintf(`sum by (service, backend) (rate(sluice_route_picks_total{%[1]s}[$__rate_interval])) / ignoring (backend) group_left sum by (service) (rate(sluice_route_picks_total{%[1]s}[$__rate_interval]))`, sel), "{{service}} -> {{backend}}"})).
+		WithPanel(series("Programmed weights and rollouts", "short", "Each backend's weight, the canary's step during 'sluice route rollout', and rollbacks.",
+			query{fmt.Sprintf(`sum by (service, backend) (sluice_route_weight{%s})`, sel), "weight {{service}} -> {{backend}}"},
+			query{fmt.Sprintf(`max by (service) (sluice_route_rollout_step{%s})`, sel), "rollout step {{service}}"},
+			query{fmt.Sprintf(`sum by (service) (increase(sluice_route_rollbacks_total{%s}[$__rate_interval]))`, sel), "rollbacks {{service}}"})).
 		WithRow(dashboard.NewRowBuilder("Capture health")).
 		WithPanel(stat.NewPanelBuilder().Title("Sidecars up").Datasource(ds).Height(4).Span(6).
 			WithTarget(prometheus.NewDataqueryBuilder().Expr(fmt.Sprintf(`sum(sluice_up{%s})`, sel)).Datasource(ds))).
