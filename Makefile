@@ -40,8 +40,11 @@ demo: deps
 	$(GO) build -tags demo -o bin/sluice-demo ./cmd/sluice
 	./bin/sluice-demo demo
 
-bench: deps
-	bash scripts/bench.sh
+# Every way of putting a sidecar in a pod's path, in one run: results/bench.json
+# and results/bench.png. BENCH_CPUS=0 pins everything to CPU 0.
+bench: deps build
+	$(GO) build -o bin/bench ./scripts/bench
+	$(if $(BENCH_CPUS),taskset -c $(BENCH_CPUS)) ./bin/bench -sluice bin/sluice $(BENCH_FLAGS)
 
 # Install time per pod against iptables-restore of Istio's rules, kernel
 # memory of 1,000 idle pods and of a pod holding 10,000 connections.

@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"os/exec"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -18,12 +20,14 @@ import (
 // client that runs inside a pod, so its connections are captured like an
 // app's, and measures one of the modes below against an echo server.
 const (
-	benchModeEnv = "SLUICE_TESTBED_BENCH_MODE"
+	benchModeEnv    = "SLUICE_TESTBED_BENCH_MODE"
+	benchConnsEnv   = "SLUICE_TESTBED_BENCH_CONNS"
+	benchSecondsEnv = "SLUICE_TESTBED_BENCH_SECONDS"
 
 	// Each mode stops at its count or its time budget, whichever comes first.
 	BenchConnRate = "connrate" // sequential connect, read the peer line, close
-	BenchRR       = "rr"       // 64-byte request/response on one connection
-	BenchBulk     = "bulk"     // 64 MiB sent while the echo is read back
+	BenchRR       = "rr"       // 64-byte request/response, on BenchOptions.Conns connections at once
+	BenchBulk     = "bulk"     // 64 MiB (or BenchOptions.Seconds of bytes) sent while the echo is read back
 
 	benchBudget     = 3 * time.Second
 	benchMaxConns   = 2000
@@ -40,17 +44,19 @@ var BenchModes = []string{BenchConnRate, BenchRR, BenchBulk}
 // Peer and ServerSaw describe the first connection, so a caller can check
 // which path the traffic took.
 type BenchResult struct {
-	Mode      string  `json:"mode"`
-	Local     string  `json:"local"`      // conn.LocalAddr() of the helper's socket
-	Peer      string  `json:"peer"`       // what getpeername returned
-	ServerSaw string  `json:"server_saw"` // the peer= line the server sent
-	Count     int64   `json:"count"`      // connections, round trips or bytes echoed back
-	Seconds   float64 `json:"seconds"`    // time the counted work took
-	ConnPerS  float64 `json:"conn_per_s,omitempty"`
-	P50us     float64 `json:"p50_us,omitempty"` // round-trip latency percentiles
-	P99us     float64 `json:"p99_us,omitempty"`
-	MBps      float64 `json:"mb_per_s,omitempty"` // echoed bytes per second, 1 MB = 10^6 bytes
-	Err       string  `json:"error,omitempty"`
+	Mode       string  `json:"mode"`
+	Local      string  `json:"local"`      // conn.LocalAddr() of the helper's socket
+	Peer       string  `json:"peer"`       // what getpeername returned
+	ServerSaw  string  `json:"server_saw"` // the peer= line the server sent
+	Count      int64   `json:"count"`      // connections, round trips or bytes echoed back
+	Seconds    float64 `json:"seconds"`    // time the counted work took
+	ConnPerS   float64 `json:"conn_per_s,omitempty"`
+	P50us      float64 `json:"p50_us,omitempty"` // round-trip latency percentiles
+	P90us      float64 `json:"p90_us,omitempty"`
+	P99us      float64 `json:"p99_us,omitempty"`
+	RoundsPerS float64 `json:"rounds_per_s,omitempty"` // request/response throughput, all connections
+	MBps       float64 `json:"mb_per_s,omitempty"`     // echoed bytes per second, 1 MB = 10^6 bytes
+	Err        string  `json:"error,omitempty"`
 }
 
 // BenchCommand returns a command that runs self as the bench helper in mode
@@ -65,11 +71,29 @@ func BenchCommand(self, addr, mode string) *exec.Cmd {
 	return cmd
 }
 
+// BenchOptions change a bench mode's defaults.
+type BenchOptions struct {
+	Conns   int     // rr: connections at once (default 1)
+	Seconds float64 // how long the mode runs (default 3; bulk then has no size cap)
+}
+
 // RunBench runs the bench helper (BenchCommand) inside the pod as root, so
 // its connections are captured, waits for it and returns its result.
 func (p *Pod) RunBench(self, addr, mode string) (BenchResult, error) {
+	return p.RunBenchWith(self, addr, mode, BenchOptions{})
+}
+
+// RunBenchWith is RunBench with options.
+func (p *Pod) RunBenchWith(self, addr, mode string, o BenchOptions) (BenchResult, error) {
 	var res BenchResult
-	err := runHelper("pod "+p.Name, p.Start, BenchCommand(self, addr, mode), &res, &res.Err)
+	cmd := BenchCommand(self, addr, mode)
+	if o.Conns > 0 {
+		cmd.Env = append(cmd.Env, fmt.Sprintf("%s=%d", benchConnsEnv, o.Conns))
+	}
+	if o.Seconds > 0 {
+		cmd.Env = append(cmd.Env, fmt.Sprintf("%s=%g", benchSecondsEnv, o.Seconds))
+	}
+	err := runHelper("pod "+p.Name, p.Start, cmd, &res, &res.Err)
 	return res, err
 }
 
@@ -78,16 +102,23 @@ func runBench(addr, mode string) (BenchResult, error) {
 	if addr == "" {
 		return res, fmt.Errorf("no %s", addrEnv)
 	}
+	budget, size, conns := benchBudget, benchBulkSize, 1
+	if s, err := strconv.ParseFloat(os.Getenv(benchSecondsEnv), 64); err == nil && s > 0 {
+		budget, size = time.Duration(s*float64(time.Second)), math.MaxInt64
+	}
+	if n, err := strconv.Atoi(os.Getenv(benchConnsEnv)); err == nil && n > 0 {
+		conns = n
+	}
 	// Nothing may outlast this, whatever the budget lets a mode start.
-	deadline := time.Now().Add(clientTimeout)
+	deadline := time.Now().Add(budget + clientTimeout)
 	var err error
 	switch mode {
 	case BenchConnRate:
-		err = benchConnRate(&res, addr, deadline)
+		err = benchConnRate(&res, addr, deadline, budget)
 	case BenchRR:
-		err = benchRR(&res, addr, deadline)
+		err = benchRR(&res, addr, deadline, budget, conns)
 	case BenchBulk:
-		err = benchBulk(&res, addr, deadline)
+		err = benchBulk(&res, addr, deadline, budget, size)
 	default:
 		err = fmt.Errorf("unknown bench mode %q (want one of %s)", mode, strings.Join(BenchModes, ", "))
 	}
@@ -123,9 +154,9 @@ func benchDial(res *BenchResult, addr string, deadline time.Time) (net.Conn, *bu
 	return conn, r, nil
 }
 
-func benchConnRate(res *BenchResult, addr string, deadline time.Time) error {
+func benchConnRate(res *BenchResult, addr string, deadline time.Time, budget time.Duration) error {
 	start := time.Now()
-	for res.Count < benchMaxConns && time.Since(start) < benchBudget {
+	for res.Count < benchMaxConns && time.Since(start) < budget {
 		conn, _, err := benchDial(res, addr, deadline)
 		if err != nil {
 			return fmt.Errorf("connection %d: %w", res.Count+1, err)
@@ -138,35 +169,62 @@ func benchConnRate(res *BenchResult, addr string, deadline time.Time) error {
 	return nil
 }
 
-func benchRR(res *BenchResult, addr string, deadline time.Time) error {
-	conn, r, err := benchDial(res, addr, deadline)
-	if err != nil {
-		return err
+// benchRR runs 64-byte round trips on conns connections at once, each its
+// own goroutine, for budget (or benchMaxRounds a connection).
+func benchRR(res *BenchResult, addr string, deadline time.Time, budget time.Duration, conns int) error {
+	type connResult struct {
+		rtts []time.Duration
+		err  error
 	}
-	defer conn.Close()
-	req, resp := make([]byte, benchRRSize), make([]byte, benchRRSize)
-	rtts := make([]time.Duration, 0, benchMaxRounds)
+	results := make(chan connResult, conns)
 	start := time.Now()
-	for len(rtts) < benchMaxRounds && time.Since(start) < benchBudget {
-		// A fresh request each time, so a stale echo cannot pass for the answer.
-		req[0], req[1] = byte(len(rtts)), byte(len(rtts)>>8)
-		t := time.Now()
-		if _, err := conn.Write(req); err != nil {
-			return fmt.Errorf("round trip %d: send: %w", len(rtts)+1, err)
+	for c := range conns {
+		conn, r, err := benchDial(res, addr, deadline)
+		if err != nil {
+			return fmt.Errorf("connection %d: %w", c+1, err)
 		}
-		if _, err := io.ReadFull(r, resp); err != nil {
-			return fmt.Errorf("round trip %d: receive: %w", len(rtts)+1, err)
-		}
-		rtts = append(rtts, time.Since(t))
-		if !bytes.Equal(req, resp) {
-			return fmt.Errorf("round trip %d: echo differs from the request", len(rtts))
-		}
+		go func() {
+			defer conn.Close()
+			req, resp := make([]byte, benchRRSize), make([]byte, benchRRSize)
+			rtts := make([]time.Duration, 0, 4096)
+			for len(rtts) < benchMaxRounds && time.Since(start) < budget {
+				// A fresh request each time, so a stale echo cannot pass for the answer.
+				req[0], req[1], req[2] = byte(len(rtts)), byte(len(rtts)>>8), byte(c)
+				t := time.Now()
+				if _, err := conn.Write(req); err != nil {
+					results <- connResult{rtts, fmt.Errorf("round trip %d: send: %w", len(rtts)+1, err)}
+					return
+				}
+				if _, err := io.ReadFull(r, resp); err != nil {
+					results <- connResult{rtts, fmt.Errorf("round trip %d: receive: %w", len(rtts)+1, err)}
+					return
+				}
+				rtts = append(rtts, time.Since(t))
+				if !bytes.Equal(req, resp) {
+					results <- connResult{rtts, fmt.Errorf("round trip %d: echo differs from the request", len(rtts))}
+					return
+				}
+			}
+			results <- connResult{rtts, nil}
+		}()
+	}
+	var all []time.Duration
+	var errs []error
+	for range conns {
+		r := <-results
+		all = append(all, r.rtts...)
+		errs = append(errs, r.err)
 	}
 	res.Seconds = time.Since(start).Seconds()
-	res.Count = int64(len(rtts))
-	slices.Sort(rtts)
-	res.P50us = percentile(rtts, 0.50).Seconds() * 1e6
-	res.P99us = percentile(rtts, 0.99).Seconds() * 1e6
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	res.Count = int64(len(all))
+	slices.Sort(all)
+	res.P50us = percentile(all, 0.50).Seconds() * 1e6
+	res.P90us = percentile(all, 0.90).Seconds() * 1e6
+	res.P99us = percentile(all, 0.99).Seconds() * 1e6
+	res.RoundsPerS = float64(res.Count) / res.Seconds
 	return nil
 }
 
@@ -176,7 +234,7 @@ func percentile(sorted []time.Duration, p float64) time.Duration {
 	return sorted[max(0, min(i, len(sorted)-1))]
 }
 
-func benchBulk(res *BenchResult, addr string, deadline time.Time) error {
+func benchBulk(res *BenchResult, addr string, deadline time.Time, budget time.Duration, size int) error {
 	conn, r, err := benchDial(res, addr, deadline)
 	if err != nil {
 		return err
@@ -191,8 +249,8 @@ func benchBulk(res *BenchResult, addr string, deadline time.Time) error {
 	go func() {
 		buf := bytes.Repeat([]byte("sluice bench\n"), benchBulkBuffer/13+1)[:benchBulkBuffer]
 		var n int64
-		for n < benchBulkSize && time.Since(start) < benchBudget {
-			w, err := conn.Write(buf[:min(len(buf), benchBulkSize-int(n))])
+		for n < int64(size) && time.Since(start) < budget {
+			w, err := conn.Write(buf[:min(int64(len(buf)), int64(size)-n)])
 			n += int64(w)
 			if err != nil {
 				sent <- sendResult{n, fmt.Errorf("send: %w", err)}
@@ -228,5 +286,34 @@ func benchBulk(res *BenchResult, addr string, deadline time.Time) error {
 		return fmt.Errorf("sent %d bytes, %d came back", s.n, res.Count)
 	}
 	res.MBps = float64(res.Count) / res.Seconds / 1e6
+	return nil
+}
+
+// RedirectWithIPTables installs the classic sidecar capture in the pod's
+// netns (never the root one): nat OUTPUT rules send the app's TCP to
+// port, except loopback and the proxy uid's own connections, as
+// istio-iptables does. The rules go with the pod's netns.
+func (p *Pod) RedirectWithIPTables(port uint16, proxyUID uint32) error {
+	path, err := exec.LookPath("iptables")
+	if err != nil {
+		return fmt.Errorf("iptables not installed (scripts/deps.sh installs it): %w", err)
+	}
+	for _, rule := range [][]string{
+		{"-d", "127.0.0.0/8", "-j", "RETURN"},
+		{"-m", "owner", "--uid-owner", strconv.Itoa(int(proxyUID)), "-j", "RETURN"},
+		{"-p", "tcp", "-j", "REDIRECT", "--to-ports", strconv.Itoa(int(port))},
+	} {
+		args := append([]string{"-w", "-t", "nat", "-A", "OUTPUT"}, rule...)
+		var out bytes.Buffer
+		cmd := exec.Command(path, args...)
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := p.Start(cmd); err != nil {
+			return err
+		}
+		if err := cmd.Wait(); err != nil {
+			return fmt.Errorf("iptables %s in the pod: %v: %s (the iptables setup needs the nat table, the owner match and the REDIRECT target in this kernel)",
+				strings.Join(args, " "), err, strings.TrimSpace(out.String()))
+		}
+	}
 	return nil
 }

@@ -71,6 +71,12 @@ func RunHelperIfRequested() {
 		exitWithResult(&res, &res.Err, err)
 	case "relay":
 		runRelay(os.Getenv(addrEnv), os.Getenv(targetEnv))
+	case "hold":
+		if err := runHold(); err != nil {
+			fmt.Fprintf(os.Stderr, "testbed hold: %v\n", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
 	}
 }
 

@@ -24,7 +24,6 @@ import (
 	"regexp"
 	"slices"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -34,17 +33,16 @@ import (
 	"github.com/sluicemesh/sluice/proxy"
 )
 
-// roleEnv makes this binary a helper inside the pod: the "acceptor" plays
-// the sidecar (accepts, asks SO_ORIGINAL_DST, holds), the "holder" plays
-// the app (opens connections and holds them until stdin closes).
+// roleEnv makes this binary the "acceptor" inside the pod: it plays the
+// sidecar (accepts, asks SO_ORIGINAL_DST, holds); testbed's hold helper
+// plays the app.
 const roleEnv = "SLUICE_SCALE_ROLE"
 
 func main() {
+	testbed.RunHelperIfRequested()
 	switch os.Getenv(roleEnv) {
 	case "acceptor":
 		exitOn(acceptor(os.Args[1:]))
-	case "holder":
-		exitOn(holder(os.Args[1], os.Args[2]))
 	}
 	sluice := flag.String("sluice", "bin/sluice", "the sluice binary to install with")
 	pods := flag.Int("pods", 1000, "idle pods to install")
@@ -348,22 +346,9 @@ func openConns(exe string, conns int, r *report) (err error) {
 		}
 		close(accepted)
 	}()
-	hold := exec.Command(self, dst.String(), strconv.Itoa(conns))
-	hold.Env = append(os.Environ(), roleEnv+"=holder")
-	holdIn, err := hold.StdinPipe()
+	release, err := pod.Hold(self, dst.String(), conns, false)
 	if err != nil {
 		return err
-	}
-	holdOut, err := hold.StdoutPipe()
-	if err != nil {
-		return err
-	}
-	hold.Stderr = os.Stderr
-	if err := pod.Start(hold); err != nil {
-		return err
-	}
-	if line, err := bufio.NewReader(holdOut).ReadString('\n'); err != nil || strings.TrimSpace(line) != "open" {
-		return fmt.Errorf("holder: %q, %v", line, err)
 	}
 	for n := 0; n < conns; n++ {
 		answered, ok := <-accepted
@@ -392,8 +377,7 @@ func openConns(exe string, conns int, r *report) (err error) {
 	if err := measure(&r.ConnPodKiB, &r.ConnSocketKiB, &r.ConnHandshakes); err != nil {
 		return err
 	}
-	holdIn.Close()
-	if err := hold.Wait(); err != nil {
+	if err := release(); err != nil {
 		return fmt.Errorf("holder: %w", err)
 	}
 	acc.Process.Kill()
@@ -456,29 +440,6 @@ func acceptor(args []string) error {
 		}
 		w.Flush()
 	}
-}
-
-// holder opens count connections to addr, prints "open", and holds them
-// until stdin closes.
-func holder(addr, count string) error {
-	n, err := strconv.Atoi(count)
-	if err != nil {
-		return err
-	}
-	conns := make([]net.Conn, 0, n)
-	for i := range n {
-		c, err := net.DialTimeout("tcp", addr, 10*time.Second)
-		if err != nil {
-			return fmt.Errorf("connection %d: %w", i, err)
-		}
-		conns = append(conns, c)
-	}
-	fmt.Println("open")
-	io.Copy(io.Discard, os.Stdin)
-	for _, c := range conns {
-		c.Close()
-	}
-	return nil
 }
 
 // worldExecutable copies this binary where uid 1337 may run it.

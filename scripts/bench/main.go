@@ -1,0 +1,373 @@
+// Command bench compares, in one run, an app's TCP in a pod under every way
+// of putting a sidecar in its path, with the same client and server, and
+// writes every figure as JSON and a plot of the ratios as PNG.
+//
+//	go run ./scripts/bench [-runs 3] [-out results] [-configs direct,iptables,...] [-idle 9000]
+//
+// Configurations (each run measures them in turn, each in a fresh pod and
+// remote host, so one's TIME_WAIT sockets never slow the next):
+//
+//	direct            no sidecar: the baseline
+//	iptables          iptables REDIRECT as istio-iptables installs it, the built-in proxy
+//	sluice            Sluice capture, the built-in proxy, telemetry off
+//	sluice-telemetry  the same with flow telemetry on (kernel and exporter)
+//	haproxy           Sluice capture with HAProxy 2.6 as the sidecar
+//
+// Workloads: connections/s (connect, read a line, close), 64-byte
+// request/response on 1 and on 16 connections (throughput, p50/p90/p99),
+// bulk echo, CPU per request (the pod cgroup's cpu.stat over the 16-connection
+// run), and the sidecar's memory per idle open connection (-idle of them).
+//
+// It needs root: it builds its own pods (network namespaces, cgroups) and
+// removes them; all traffic stays in them, on 198.18.0.0/15.
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/sluicemesh/sluice/internal/testbed"
+)
+
+func main() {
+	testbed.RunHelperIfRequested()
+	sluice := flag.String("sluice", "bin/sluice", "the sluice binary")
+	runs := flag.Int("runs", 3, "repetitions of every configuration, interleaved")
+	out := flag.String("out", "results", "where to write bench.json and bench.png")
+	configs := flag.String("configs", strings.Join(allConfigs, ","), "configurations to run, comma-separated")
+	seconds := flag.Float64("seconds", 3, "how long each timed workload runs")
+	idle := flag.Int("idle", 9000, "idle connections held open to measure the sidecar's memory per connection (0: skip)")
+	flag.Parse()
+	if os.Geteuid() != 0 {
+		fatal("needs root (it builds network namespaces and cgroups): run it as root")
+	}
+	exe, err := filepath.Abs(*sluice)
+	if err == nil {
+		_, err = os.Stat(exe)
+	}
+	if err != nil {
+		fatal("no sluice binary at %s: build it with 'make build' or pass -sluice", *sluice)
+	}
+	var names []string
+	for _, c := range strings.Split(*configs, ",") {
+		if !slices.Contains(allConfigs, c) {
+			fatal("unknown configuration %q: want some of %s", c, strings.Join(allConfigs, ","))
+		}
+		names = append(names, c)
+	}
+	if err := os.MkdirAll(*out, 0o755); err != nil {
+		fatal("%v", err)
+	}
+	h := harness{sluice: exe, seconds: *seconds, idle: *idle}
+	if h.self, err = os.Executable(); err != nil {
+		fatal("%v", err)
+	}
+	rep := report{Machine: machine(), Started: time.Now().UTC().Format(time.RFC3339), Seconds: *seconds, Idle: *idle}
+	for r := range *runs {
+		for _, name := range names {
+			fmt.Fprintf(os.Stderr, "run %d/%d: %s\n", r+1, *runs, name)
+			f, err := h.measure(name)
+			if err != nil {
+				fatal("%s: %v", name, err)
+			}
+			f.Config, f.Run = name, r
+			rep.Runs = append(rep.Runs, f)
+		}
+	}
+	rep.summarize(names)
+	data, _ := json.MarshalIndent(rep, "", "  ")
+	jsonPath := filepath.Join(*out, "bench.json")
+	if err := os.WriteFile(jsonPath, data, 0o644); err != nil {
+		fatal("%v", err)
+	}
+	pngPath := filepath.Join(*out, "bench.png")
+	if err := plotRatios(rep, names, pngPath); err != nil {
+		fatal("plot: %v", err)
+	}
+	rep.print(os.Stdout, names)
+	fmt.Printf("\nwrote %s and %s\n", jsonPath, pngPath)
+}
+
+var allConfigs = []string{"direct", "iptables", "sluice", "sluice-telemetry", "haproxy"}
+
+func fatal(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "bench: "+format+"\n", args...)
+	os.Exit(1)
+}
+
+// Figures are one configuration's results in one run.
+type Figures struct {
+	Config         string  `json:"config"`
+	Run            int     `json:"run"`
+	ConnPerS       float64 `json:"conn_per_s"`
+	RR1P50us       float64 `json:"rr1_p50_us"`
+	RR1P99us       float64 `json:"rr1_p99_us"`
+	RR16PerS       float64 `json:"rr16_rounds_per_s"`
+	RR16P50us      float64 `json:"rr16_p50_us"`
+	RR16P90us      float64 `json:"rr16_p90_us"`
+	RR16P99us      float64 `json:"rr16_p99_us"`
+	BulkMBps       float64 `json:"bulk_mb_per_s"`
+	CPUusPerReq    float64 `json:"cpu_us_per_request"`
+	IdleKiBPerConn float64 `json:"sidecar_kib_per_idle_conn,omitempty"`
+}
+
+// metrics are the figures the summary and the plot compare, with which
+// way is better.
+var metrics = []struct {
+	name   string
+	get    func(Figures) float64
+	higher bool
+}{
+	{"conn/s", func(f Figures) float64 { return f.ConnPerS }, true},
+	{"rr1 p50", func(f Figures) float64 { return f.RR1P50us }, false},
+	{"rr1 p99", func(f Figures) float64 { return f.RR1P99us }, false},
+	{"rr16 req/s", func(f Figures) float64 { return f.RR16PerS }, true},
+	{"rr16 p50", func(f Figures) float64 { return f.RR16P50us }, false},
+	{"rr16 p99", func(f Figures) float64 { return f.RR16P99us }, false},
+	{"bulk MB/s", func(f Figures) float64 { return f.BulkMBps }, true},
+	{"CPU/req", func(f Figures) float64 { return f.CPUusPerReq }, false},
+	{"KiB/idle conn", func(f Figures) float64 { return f.IdleKiBPerConn }, false},
+}
+
+type harness struct {
+	sluice, self string
+	seconds      float64
+	idle         int
+}
+
+// measure builds a fresh pod and host, sets config up, and runs every
+// workload against an echo server on the host.
+func (h harness) measure(config string) (f Figures, err error) {
+	bed, err := testbed.New(fmt.Sprintf("sluice-bench-%d", os.Getpid()))
+	if err != nil {
+		return f, err
+	}
+	defer func() { err = errors.Join(err, bed.Close()) }()
+	pod, err := bed.AddPod("app")
+	if err != nil {
+		return f, err
+	}
+	host, err := bed.AddHost("web")
+	if err != nil {
+		return f, err
+	}
+	addr := netip.AddrPortFrom(host.Addr4, 8080).String()
+	if _, err := host.ListenEcho(addr); err != nil {
+		return f, err
+	}
+	sidecar, undo, err := h.setup(config, pod)
+	if undo != nil {
+		defer func() { err = errors.Join(err, undo()) }()
+	}
+	if err != nil {
+		return f, err
+	}
+	run := func(mode string, o testbed.BenchOptions) (testbed.BenchResult, error) {
+		res, err := pod.RunBenchWith(h.self, addr, mode, o)
+		if err == nil && (config == "direct") != (res.ServerSaw == res.Local) {
+			err = fmt.Errorf("%s: the connection took the wrong path: app socket %s, server saw %s", mode, res.Local, res.ServerSaw)
+		}
+		return res, err
+	}
+	res, err := run(testbed.BenchConnRate, testbed.BenchOptions{Seconds: h.seconds})
+	if err != nil {
+		return f, err
+	}
+	f.ConnPerS = res.ConnPerS
+	if res, err = run(testbed.BenchRR, testbed.BenchOptions{Seconds: h.seconds}); err != nil {
+		return f, err
+	}
+	f.RR1P50us, f.RR1P99us = res.P50us, res.P99us
+	cpuBefore, err := cpuUsec(pod.Cgroup)
+	if err != nil {
+		return f, err
+	}
+	if res, err = run(testbed.BenchRR, testbed.BenchOptions{Seconds: h.seconds, Conns: 16}); err != nil {
+		return f, err
+	}
+	cpuAfter, err := cpuUsec(pod.Cgroup)
+	if err != nil {
+		return f, err
+	}
+	f.RR16PerS, f.RR16P50us, f.RR16P90us, f.RR16P99us = res.RoundsPerS, res.P50us, res.P90us, res.P99us
+	f.CPUusPerReq = float64(cpuAfter-cpuBefore) / float64(res.Count)
+	if res, err = run(testbed.BenchBulk, testbed.BenchOptions{}); err != nil {
+		return f, err
+	}
+	f.BulkMBps = res.MBps
+	if h.idle > 0 && sidecar > 0 {
+		if f.IdleKiBPerConn, err = h.idleMemory(pod, sidecar, addr); err != nil {
+			return f, err
+		}
+	}
+	return f, nil
+}
+
+// setup puts config's sidecar in the pod and returns its pid (0: none) and
+// how to undo what is not the pod's own.
+func (h harness) setup(config string, pod *testbed.Pod) (int, func() error, error) {
+	switch config {
+	case "direct":
+		return 0, nil, nil
+	case "iptables":
+		if err := pod.RedirectWithIPTables(15001, 1337); err != nil {
+			return 0, nil, err
+		}
+		pid, err := h.startSidecar(pod, exec.Command(h.sluice, "run", "--log-level", "warn"), 15001)
+		return pid, nil, err
+	}
+	install := []string{"install", "--cgroup", pod.Cgroup}
+	if config != "sluice-telemetry" {
+		install = append(install, "--flows=false")
+	}
+	if out, err := exec.Command(h.sluice, install...).CombinedOutput(); err != nil {
+		return 0, nil, fmt.Errorf("sluice install: %v: %s", err, out)
+	}
+	undo := func() error {
+		if out, err := exec.Command(h.sluice, "uninstall", "--cgroup", pod.Cgroup).CombinedOutput(); err != nil {
+			return fmt.Errorf("sluice uninstall: %v: %s", err, out)
+		}
+		return nil
+	}
+	switch config {
+	case "haproxy":
+		pid, err := h.startHAProxy(pod)
+		return pid, undo, err
+	case "sluice-telemetry":
+		pid, err := h.startSidecar(pod, exec.Command(h.sluice, "run", "--cgroup", pod.Cgroup, "--log-level", "warn"), 15001)
+		return pid, undo, err
+	}
+	pid, err := h.startSidecar(pod, exec.Command(h.sluice, "run", "--cgroup", pod.Cgroup, "--metrics-addr", "", "--log-level", "warn"), 15001)
+	return pid, undo, err
+}
+
+func (h harness) startSidecar(pod *testbed.Pod, cmd *exec.Cmd, port uint16) (int, error) {
+	cmd.Stderr = os.Stderr
+	if err := pod.Start(cmd); err != nil {
+		return 0, err
+	}
+	return cmd.Process.Pid, pod.WaitListening(port, 10*time.Second)
+}
+
+const haproxyConfig = `global
+  maxconn 9500
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend outbound
+  bind 127.0.0.1:15001
+  default_backend original_dst
+backend original_dst
+  server x 0.0.0.0:0
+`
+
+// startHAProxy runs Debian's HAProxy as uid 1337 in the pod, taking the
+// built-in proxy's place.
+func (h harness) startHAProxy(pod *testbed.Pod) (int, error) {
+	bin, err := exec.LookPath("haproxy")
+	if err != nil {
+		return 0, fmt.Errorf("haproxy not installed (scripts/deps.sh installs it): %w", err)
+	}
+	dir, err := os.MkdirTemp("", "sluice-bench-")
+	if err != nil {
+		return 0, err
+	}
+	os.Chmod(dir, 0o755)
+	cfg := filepath.Join(dir, "haproxy.cfg")
+	if err := os.WriteFile(cfg, []byte(haproxyConfig), 0o644); err != nil {
+		return 0, err
+	}
+	cmd := exec.Command(bin, "-db", "-f", cfg)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1337, Gid: 1337}}
+	return h.startSidecar(pod, cmd, 15001)
+}
+
+// cpuUsec is the CPU time the cgroup's processes used, in microseconds.
+func cpuUsec(cgroup string) (uint64, error) {
+	data, err := os.ReadFile(filepath.Join(cgroup, "cpu.stat"))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, "usage_usec "); ok {
+			return strconv.ParseUint(rest, 10, 64)
+		}
+	}
+	return 0, errors.New("no usage_usec in cpu.stat")
+}
+
+// idleMemory opens h.idle connections through the sidecar, waits until the
+// sidecar has dialed the server for each, and returns the sidecar's
+// resident memory growth per connection.
+func (h harness) idleMemory(pod *testbed.Pod, sidecar int, addr string) (float64, error) {
+	before, err := rssKiB(sidecar)
+	if err != nil {
+		return 0, err
+	}
+	release, err := pod.Hold(h.self, addr, h.idle, true)
+	if err != nil {
+		return 0, err
+	}
+	defer release()
+	after, err := rssKiB(sidecar)
+	if err != nil {
+		return 0, err
+	}
+	return float64(after-before) / float64(h.idle), nil
+}
+
+func rssKiB(pid int) (int, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			return strconv.Atoi(strings.Fields(rest)[0])
+		}
+	}
+	return 0, errors.New("no VmRSS")
+}
+
+// machine describes where the figures come from.
+func machine() map[string]string {
+	m := map[string]string{}
+	var u syscall.Utsname
+	if syscall.Uname(&u) == nil {
+		m["kernel"] = utsString(u.Release[:])
+	}
+	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(data), "\n") {
+			if v, ok := strings.CutPrefix(line, "model name\t: "); ok {
+				m["cpu"] = v
+				break
+			}
+		}
+	}
+	m["cpus"] = strconv.Itoa(runtimeCPUs())
+	return m
+}
+
+func utsString(b []int8) string {
+	var s []byte
+	for _, c := range b {
+		if c == 0 {
+			break
+		}
+		s = append(s, byte(c))
+	}
+	return string(s)
+}
