@@ -9,10 +9,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"time"
 	"unsafe"
@@ -142,27 +142,26 @@ func isLoop(dst, listen, local netip.AddrPort) bool {
 
 func (p *Proxy) handle(down *net.TCPConn, dir Direction, listenAddr netip.AddrPort) {
 	defer down.Close()
-	log := p.opts.Logger.With("direction", string(dir), "client", down.RemoteAddr().String())
+	log := p.opts.Logger
 	dst, err := OriginalDst(down)
 	if err != nil {
-		log.Warn("no original destination; closing", "err", err)
+		log.Warn("no original destination; closing", "direction", dir, "client", down.RemoteAddr(), "err", err)
 		return
 	}
-	log = log.With("orig_dst", dst.String())
 	if isLoop(dst, listenAddr, down.LocalAddr().(*net.TCPAddr).AddrPort()) {
-		log.Warn("original destination is the proxy's own listener; closing")
+		log.Warn("original destination is the proxy's own listener; closing", "direction", dir, "client", down.RemoteAddr(), "orig_dst", dst)
 		return
 	}
 
-	dialer := net.Dialer{}
+	// No context for the dial: a cancellable one costs a goroutine per
+	// dial, and a drain that runs out closes what is open anyway.
+	dialer := net.Dialer{Timeout: p.opts.DialTimeout}
 	if dir == Inbound && dst.Addr().Unmap().Is4() {
 		dialer.LocalAddr = inboundSource4
 	}
-	dialCtx, cancel := context.WithTimeout(p.stop, p.opts.DialTimeout)
-	upConn, err := dialer.DialContext(dialCtx, "tcp", dst.String())
-	cancel()
+	upConn, err := dialer.Dial("tcp", dst.String())
 	if err != nil {
-		log.Warn("dial original destination", "err", err)
+		log.Warn("dial original destination", "direction", dir, "client", down.RemoteAddr(), "orig_dst", dst, "err", err)
 		return
 	}
 	up := upConn.(*net.TCPConn)
@@ -191,42 +190,76 @@ func (p *Proxy) handle(down *net.TCPConn, dir Direction, listenAddr netip.AddrPo
 	if err2 := <-errc; err == nil {
 		err = err2
 	}
-	attrs := []any{"upstream", up.LocalAddr().String(), "sent", sent, "received", received, "duration", time.Since(start).Round(time.Microsecond)}
-	if err != nil {
-		log.Debug("proxied", append(attrs, "err", err)...)
-		return
+	// Built only when asked for: attributes cost an allocation each.
+	if log.Enabled(context.Background(), slog.LevelDebug) {
+		log.Debug("proxied", "direction", string(dir), "client", down.RemoteAddr().String(), "orig_dst", dst.String(),
+			"upstream", up.LocalAddr().String(), "sent", sent, "received", received,
+			"duration", time.Since(start).Round(time.Microsecond), "err", err)
 	}
-	log.Debug("proxied", attrs...)
 }
 
 // pipe copies src to dst with read()/write() and half-closes dst at EOF.
 // It deliberately avoids io.Copy: between two TCPConns that uses splice(2),
 // which never sees data a sockmap redirect delivers to the socket.
+//
+// It holds a buffer only while bytes move: it waits for src to be readable
+// with no buffer (RawConn.Read's callback runs when the socket is ready),
+// takes one from the pool for the read and the write, and gives it back.
+// An idle connection then costs its two goroutines, not 64 KiB of buffers.
 func (p *Proxy) pipe(dst, src *net.TCPConn) (int64, error) {
-	bufp := p.bufs.Get().(*[]byte)
-	defer p.bufs.Put(bufp)
-	buf := *bufp
-	var total int64
-	for {
-		if err := src.SetReadDeadline(time.Now().Add(p.opts.IdleTimeout)); err != nil {
-			return total, err
+	rc, err := src.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var (
+		total    int64
+		buf      *[]byte
+		n        int
+		rerr     error
+		deadline time.Time // when the idle deadlines were last pushed
+	)
+	read := func(fd uintptr) bool {
+		b := p.bufs.Get().(*[]byte)
+		n, rerr = unix.Read(int(fd), *b)
+		if rerr == unix.EAGAIN {
+			p.bufs.Put(b)
+			return false // wait for readability, holding nothing
 		}
-		n, rerr := src.Read(buf)
-		if n > 0 {
-			if err := dst.SetWriteDeadline(time.Now().Add(p.opts.IdleTimeout)); err != nil {
+		buf = b
+		return true
+	}
+	for {
+		// Pushing deadlines costs a timer update each: only every quarter
+		// of the idle timeout.
+		if now := time.Now(); now.Sub(deadline) > p.opts.IdleTimeout/4 {
+			deadline = now
+			if err := src.SetReadDeadline(now.Add(p.opts.IdleTimeout)); err != nil {
 				return total, err
 			}
-			w, werr := dst.Write(buf[:n])
-			total += int64(w)
-			if werr != nil {
-				return total, werr
+			if err := dst.SetWriteDeadline(now.Add(p.opts.IdleTimeout)); err != nil {
+				return total, err
 			}
 		}
-		if errors.Is(rerr, io.EOF) {
-			return total, dst.CloseWrite()
+		if err := rc.Read(read); err != nil {
+			return total, err
+		}
+		if rerr == unix.EINTR {
+			p.bufs.Put(buf)
+			continue
 		}
 		if rerr != nil {
-			return total, rerr
+			p.bufs.Put(buf)
+			return total, os.NewSyscallError("read", rerr)
+		}
+		if n == 0 {
+			p.bufs.Put(buf)
+			return total, dst.CloseWrite()
+		}
+		w, werr := dst.Write((*buf)[:n])
+		p.bufs.Put(buf)
+		total += int64(w)
+		if werr != nil {
+			return total, werr
 		}
 	}
 }
