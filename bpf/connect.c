@@ -146,12 +146,17 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, const struct polic
 		return 0;
 	/* The proxy's own connections must go out untouched, or it would loop
 	 * back into itself. Those leaving the pod are flows the sidecar
-	 * carries: sockops tracks them from here. */
+	 * carries: sockops tracks them from here. Those into the pod (the
+	 * sidecar's end of an inbound connection) may be spliced. */
 	if (is_proxy(pol)) {
-		if (!(pol->flags & CONFIG_NO_FLOWS) && !addr_is_loopback(dst)) {
+		bool flow = !(pol->flags & CONFIG_NO_FLOWS) && !addr_is_loopback(dst);
+		bool splice = pol->flags & CONFIG_SPLICE;
+		if (flow || splice) {
 			struct sock_state *st = subflow_state(ctx->sk, BPF_SK_STORAGE_GET_F_CREATE);
-			if (st)
+			if (st && flow)
 				st->flow |= FLOW_VIA_SIDECAR;
+			if (st && splice)
+				st->role = ROLE_SIDECAR;
 		}
 		return 0;
 	}

@@ -37,6 +37,9 @@ enum config_flag {
 	CONFIG_INBOUND_ALL_PORTS = 1 << 1,
 	/* --flows=false: capture only, no flow telemetry. */
 	CONFIG_NO_FLOWS = 1 << 2,
+	/* --splice: the app's and the sidecar's ends of a connection in the
+	 * pod pass bytes socket to socket (splice.c). */
+	CONFIG_SPLICE = 1 << 3,
 };
 
 /* Port sets, one bit per port each. */
@@ -90,6 +93,13 @@ enum sock_role {
 	/* The proxy's accepted end of a captured connection: getsockopt
 	 * SO_ORIGINAL_DST answers orig. */
 	ROLE_ACCEPTED = 2,
+	/* A connection the sidecar dialed (set only with splice on): into the
+	 * pod, it is the sidecar's end of an inbound connection. */
+	ROLE_SIDECAR = 3,
+};
+
+enum splice_flag {
+	SPLICE_STOPPED = 1 << 0, /* the peer fell behind: bytes go over TCP for good */
 };
 
 /* A flow is a connection of the pod to or from the outside, seen from the
@@ -123,7 +133,11 @@ struct sock_state {
 	__u32 role;       /* enum sock_role */
 	__u32 flow;       /* enum flow_flag; 0 for sockets that are no flow */
 	__u32 connect_us; /* SYN sent to established (outbound), SYN-ACK to ACK (inbound) */
+	__u32 splice;     /* enum splice_flag */
 	__u64 start_ns;   /* boot-time ns: connect (outbound) or established (inbound) */
+	/* The socket this end last spliced to, as a kernel address: read
+	 * only with bpf_probe_read_kernel, for the bytes waiting there. */
+	__u64 splice_peer;
 };
 
 /* Canary routes: a service (VIP and port) to weighted backends, picked at
@@ -262,9 +276,13 @@ struct {
 	__type(value, struct sock_state);
 } sock_states SEC(".maps");
 
-/* The app's connection, from its handshake until the sidecar's end of it is
- * established: the only key both sockets share is the 4-tuple. Entries are
- * deleted when consumed, or when the app's socket closes first. */
+/* Notes from the active end of a connection inside the pod to its passive
+ * end, from the active end's handshake until the passive end's: the only
+ * key both sockets share is the 4-tuple. The app's captured connection
+ * leaves the destination for the proxy; the sidecar's dial into the pod
+ * (splice on) leaves family 0, for the passive end to join the splice
+ * table. Entries are deleted when taken, or when the active end closes
+ * first. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 2048);
@@ -299,6 +317,12 @@ enum counter {
 	COUNT_BOTH_LOST_OUTBOUND,
 	COUNT_BOTH_LOST_INBOUND,
 	COUNT_ROUTE_REFUSED, /* a connect to a route whose every weight is 0 */
+	COUNT_SPLICE_JOINED, /* sockets added to the splice table */
+	COUNT_SPLICE_FULL,   /* sockets the splice table had no room for */
+	COUNT_SPLICE_MSGS,   /* messages passed straight to the peer socket */
+	COUNT_SPLICE_BYTES,  /* and their bytes */
+	COUNT_SPLICE_STOPPED, /* directions back on TCP: the reader fell behind */
+	COUNT_SPLICE_NO_PEER, /* directions on TCP: bytes sent with no peer to take them */
 	COUNTERS,
 };
 
@@ -333,6 +357,18 @@ struct {
 	__type(value, struct rr_state);
 } rr_states SEC(".maps");
 
+/* Splice: the local ends of connections between the app and the sidecar,
+ * keyed by their tuple as each end sees it (tuple_key, itself the client).
+ * An end's peer is the entry under the swapped tuple. The loader sizes it
+ * (spliceSockets with splice on, 1 without: its buckets are allocated
+ * whole). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 1);
+	__type(key, struct tuple_key);
+	__type(value, __u64);
+} splice_socks SEC(".maps");
+
 /* Flow events for the exporter in the sidecar, which drains it. */
 #define FLOW_RING_SIZE (64 * 1024)
 struct {
@@ -351,13 +387,19 @@ const enum flow_end *unused_flow_end __attribute__((unused));
 const struct flow_event *unused_flow_event __attribute__((unused));
 const enum route_mode *unused_route_mode __attribute__((unused));
 const enum rollback_reason *unused_rollback_reason __attribute__((unused));
+const enum splice_flag *unused_splice_flag __attribute__((unused));
 
-static __always_inline void count(enum counter c)
+static __always_inline void count_n(enum counter c, __u64 delta)
 {
 	__u32 key = c;
 	__u64 *n = bpf_map_lookup_elem(&counters, &key);
 	if (n)
-		*n += 1;
+		*n += delta;
+}
+
+static __always_inline void count(enum counter c)
+{
+	count_n(c, 1);
 }
 
 /* active_policy returns the policy in force and its slot. */
@@ -435,6 +477,48 @@ static __always_inline void addr_from_v6(struct addr6 *a, const __u32 *ip6)
 	a->w[1] = ip6[1];
 	a->w[2] = ip6[2];
 	a->w[3] = ip6[3];
+}
+
+/* CTX_TUPLE fills key with the connection as the local end sees it (the
+ * local end as the client), from a sock_ops or sk_msg context: both name
+ * the fields alike. Every address field is read, at its fixed offset,
+ * before the family picks one; the barriers keep the compiler from sinking
+ * the reads into the branches and turning the choice into pointer
+ * arithmetic on the context, which the verifier refuses. */
+#define CTX_TUPLE(ctx, key)                                                                                            \
+	do {                                                                                                           \
+		__u32 l4 = (ctx)->local_ip4, r4 = (ctx)->remote_ip4;                                                   \
+		__u32 l6[4] = {(ctx)->local_ip6[0], (ctx)->local_ip6[1], (ctx)->local_ip6[2], (ctx)->local_ip6[3]};   \
+		__u32 r6[4] = {(ctx)->remote_ip6[0], (ctx)->remote_ip6[1], (ctx)->remote_ip6[2],                       \
+			       (ctx)->remote_ip6[3]};                                                                  \
+		barrier_var(l4);                                                                                       \
+		barrier_var(r4);                                                                                       \
+		for (int i = 0; i < 4; i++) {                                                                          \
+			barrier_var(l6[i]);                                                                            \
+			barrier_var(r6[i]);                                                                            \
+		}                                                                                                      \
+		if ((ctx)->family == AF_INET) {                                                                        \
+			addr_from_v4(&(key)->client, l4);                                                              \
+			addr_from_v4(&(key)->server, r4);                                                              \
+		} else {                                                                                               \
+			addr_from_v6(&(key)->client, l6);                                                              \
+			addr_from_v6(&(key)->server, r6);                                                              \
+		}                                                                                                      \
+		(key)->client_port = (ctx)->local_port;                                                                \
+		/* remote_port holds the network-order port in its upper 16 bits. */                                   \
+		(key)->server_port = bpf_ntohl((ctx)->remote_port);                                                    \
+	} while (0)
+
+/* swap_ends turns a connection's key as one end sees it into the key as the
+ * other end sees it. */
+static __always_inline void swap_ends(struct tuple_key *key)
+{
+	struct addr6 a = key->client;
+	__u16 p = key->client_port;
+	key->client = key->server;
+	key->client_port = key->server_port;
+	key->server = a;
+	key->server_port = p;
 }
 
 static __always_inline bool addr_is_v4mapped(const struct addr6 *a)

@@ -42,6 +42,7 @@ const (
 	SluiceConfigFlagCONFIG_INCLUDE_ALL_CIDRS SluiceConfigFlag = 1
 	SluiceConfigFlagCONFIG_INBOUND_ALL_PORTS SluiceConfigFlag = 2
 	SluiceConfigFlagCONFIG_NO_FLOWS          SluiceConfigFlag = 4
+	SluiceConfigFlagCONFIG_SPLICE            SluiceConfigFlag = 8
 )
 
 type SluiceCounter uint32
@@ -59,7 +60,13 @@ const (
 	SluiceCounterCOUNT_BOTH_LOST_OUTBOUND    SluiceCounter = 9
 	SluiceCounterCOUNT_BOTH_LOST_INBOUND     SluiceCounter = 10
 	SluiceCounterCOUNT_ROUTE_REFUSED         SluiceCounter = 11
-	SluiceCounterCOUNTERS                    SluiceCounter = 12
+	SluiceCounterCOUNT_SPLICE_JOINED         SluiceCounter = 12
+	SluiceCounterCOUNT_SPLICE_FULL           SluiceCounter = 13
+	SluiceCounterCOUNT_SPLICE_MSGS           SluiceCounter = 14
+	SluiceCounterCOUNT_SPLICE_BYTES          SluiceCounter = 15
+	SluiceCounterCOUNT_SPLICE_STOPPED        SluiceCounter = 16
+	SluiceCounterCOUNT_SPLICE_NO_PEER        SluiceCounter = 17
+	SluiceCounterCOUNTERS                    SluiceCounter = 18
 )
 
 type SluiceFlowEnd uint32
@@ -203,18 +210,26 @@ type SluiceSockRole uint32
 const (
 	SluiceSockRoleROLE_APP      SluiceSockRole = 1
 	SluiceSockRoleROLE_ACCEPTED SluiceSockRole = 2
+	SluiceSockRoleROLE_SIDECAR  SluiceSockRole = 3
 )
 
 type SluiceSockState struct {
-	_         structs.HostLayout
-	Orig      SluiceOrigDst
-	Dial      SluiceOrigDst
-	Role      uint32
-	Flow      uint32
-	ConnectUs uint32
-	_         [4]byte
-	StartNs   uint64
+	_          structs.HostLayout
+	Orig       SluiceOrigDst
+	Dial       SluiceOrigDst
+	Role       uint32
+	Flow       uint32
+	ConnectUs  uint32
+	Splice     uint32
+	StartNs    uint64
+	SplicePeer uint64
 }
+
+type SluiceSpliceFlag uint32
+
+const (
+	SluiceSpliceFlagSPLICE_STOPPED SluiceSpliceFlag = 1
+)
 
 type SluiceTupleKey struct {
 	_          structs.HostLayout
@@ -240,6 +255,7 @@ const (
 	SluiceMapRoutesActive         = "routes_active"
 	SluiceMapRrStates             = "rr_states"
 	SluiceMapSockStates           = "sock_states"
+	SluiceMapSpliceSocks          = "splice_socks"
 	SluiceProgSluiceBind4         = "sluice_bind4"
 	SluiceProgSluiceBind6         = "sluice_bind6"
 	SluiceProgSluiceConnect4      = "sluice_connect4"
@@ -248,6 +264,7 @@ const (
 	SluiceProgSluiceGetpeername6  = "sluice_getpeername6"
 	SluiceProgSluiceGetsockopt    = "sluice_getsockopt"
 	SluiceProgSluiceSockops       = "sluice_sockops"
+	SluiceProgSluiceSplice        = "sluice_splice"
 	SluiceProgSluiceTcIngress     = "sluice_tc_ingress"
 	SluiceVarPageSize             = "page_size"
 	SluiceVarUnusedConfigFlag     = "unused_config_flag"
@@ -260,6 +277,7 @@ const (
 	SluiceVarUnusedRollbackReason = "unused_rollback_reason"
 	SluiceVarUnusedRouteMode      = "unused_route_mode"
 	SluiceVarUnusedSockRole       = "unused_sock_role"
+	SluiceVarUnusedSpliceFlag     = "unused_splice_flag"
 )
 
 // LoadSluice returns the embedded CollectionSpec for Sluice.
@@ -312,6 +330,7 @@ type SluiceProgramSpecs struct {
 	SluiceGetpeername6 *ebpf.ProgramSpec `ebpf:"sluice_getpeername6"`
 	SluiceGetsockopt   *ebpf.ProgramSpec `ebpf:"sluice_getsockopt"`
 	SluiceSockops      *ebpf.ProgramSpec `ebpf:"sluice_sockops"`
+	SluiceSplice       *ebpf.ProgramSpec `ebpf:"sluice_splice"`
 	SluiceTcIngress    *ebpf.ProgramSpec `ebpf:"sluice_tc_ingress"`
 }
 
@@ -331,6 +350,7 @@ type SluiceMapSpecs struct {
 	RoutesActive *ebpf.MapSpec `ebpf:"routes_active"`
 	RrStates     *ebpf.MapSpec `ebpf:"rr_states"`
 	SockStates   *ebpf.MapSpec `ebpf:"sock_states"`
+	SpliceSocks  *ebpf.MapSpec `ebpf:"splice_socks"`
 }
 
 // SluiceVariableSpecs contains global variables before they are loaded into the kernel.
@@ -348,6 +368,7 @@ type SluiceVariableSpecs struct {
 	UnusedRollbackReason *ebpf.VariableSpec `ebpf:"unused_rollback_reason"`
 	UnusedRouteMode      *ebpf.VariableSpec `ebpf:"unused_route_mode"`
 	UnusedSockRole       *ebpf.VariableSpec `ebpf:"unused_sock_role"`
+	UnusedSpliceFlag     *ebpf.VariableSpec `ebpf:"unused_splice_flag"`
 }
 
 // SluiceObjects contains all objects after they have been loaded into the kernel.
@@ -382,6 +403,7 @@ type SluiceMaps struct {
 	RoutesActive *ebpf.Map `ebpf:"routes_active"`
 	RrStates     *ebpf.Map `ebpf:"rr_states"`
 	SockStates   *ebpf.Map `ebpf:"sock_states"`
+	SpliceSocks  *ebpf.Map `ebpf:"splice_socks"`
 }
 
 func (m *SluiceMaps) Close() error {
@@ -398,6 +420,7 @@ func (m *SluiceMaps) Close() error {
 		m.RoutesActive,
 		m.RrStates,
 		m.SockStates,
+		m.SpliceSocks,
 	)
 }
 
@@ -416,6 +439,7 @@ type SluiceVariables struct {
 	UnusedRollbackReason *ebpf.Variable `ebpf:"unused_rollback_reason"`
 	UnusedRouteMode      *ebpf.Variable `ebpf:"unused_route_mode"`
 	UnusedSockRole       *ebpf.Variable `ebpf:"unused_sock_role"`
+	UnusedSpliceFlag     *ebpf.Variable `ebpf:"unused_splice_flag"`
 }
 
 // SluicePrograms contains all programs after they have been loaded into the kernel.
@@ -430,6 +454,7 @@ type SluicePrograms struct {
 	SluiceGetpeername6 *ebpf.Program `ebpf:"sluice_getpeername6"`
 	SluiceGetsockopt   *ebpf.Program `ebpf:"sluice_getsockopt"`
 	SluiceSockops      *ebpf.Program `ebpf:"sluice_sockops"`
+	SluiceSplice       *ebpf.Program `ebpf:"sluice_splice"`
 	SluiceTcIngress    *ebpf.Program `ebpf:"sluice_tc_ingress"`
 }
 
@@ -443,6 +468,7 @@ func (p *SluicePrograms) Close() error {
 		p.SluiceGetpeername6,
 		p.SluiceGetsockopt,
 		p.SluiceSockops,
+		p.SluiceSplice,
 		p.SluiceTcIngress,
 	)
 }

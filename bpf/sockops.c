@@ -12,35 +12,6 @@
 #define ETIMEDOUT 110
 #define ECONNREFUSED 111
 
-/* sockops_tuple fills key with the connection as the local end sees it: the
- * local end as the client. The proxy's side swaps it (swap_ends). */
-static __always_inline void sockops_tuple(const struct bpf_sock_ops *skops, struct tuple_key *key)
-{
-	/* Every address field is read, at its fixed offset, before the family
-	 * picks one; the barriers keep the compiler from sinking the reads
-	 * into the branches and turning the choice into pointer arithmetic on
-	 * the context, which the verifier refuses. */
-	__u32 l4 = skops->local_ip4, r4 = skops->remote_ip4;
-	__u32 l6[4] = {skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2], skops->local_ip6[3]};
-	__u32 r6[4] = {skops->remote_ip6[0], skops->remote_ip6[1], skops->remote_ip6[2], skops->remote_ip6[3]};
-	barrier_var(l4);
-	barrier_var(r4);
-	for (int i = 0; i < 4; i++) {
-		barrier_var(l6[i]);
-		barrier_var(r6[i]);
-	}
-	if (skops->family == AF_INET) {
-		addr_from_v4(&key->client, l4);
-		addr_from_v4(&key->server, r4);
-	} else {
-		addr_from_v6(&key->client, l6);
-		addr_from_v6(&key->server, r6);
-	}
-	key->client_port = skops->local_port;
-	/* remote_port holds the network-order port in its upper 16 bits. */
-	key->server_port = bpf_ntohl(skops->remote_port);
-}
-
 /* is_flow: neither end on loopback, and not the pod talking to itself
  * (the sidecar's hop to the app uses the pod's own address). */
 static __always_inline bool is_flow(const struct tuple_key *key)
@@ -141,19 +112,13 @@ static __always_inline void flow_connect(struct bpf_sock_ops *skops, const struc
 	want_state_cb(skops);
 }
 
-static __always_inline void swap_ends(struct tuple_key *key)
-{
-	struct addr6 a = key->client;
-	__u16 p = key->client_port;
-	key->client = key->server;
-	key->client_port = key->server_port;
-	key->server = a;
-	key->server_port = p;
-}
-
-/* An outbound connection is established. A flow is now open; the app's
- * captured connection (this runs before the final ACK leaves, so before the
- * proxy's side can be) publishes its destination. */
+/* An outbound connection is established. A flow is now open. A connection
+ * inside the pod that the sidecar has a part in leaves its passive end a
+ * note, by tuple, in handshakes (this runs before the final ACK leaves, so
+ * before the passive end is established): the app's captured connection
+ * leaves the destination for the proxy, and with splice on, the app's
+ * captured socket and the sidecar's dials into the pod join the splice table
+ * and their note tells the passive end to follow. */
 static __always_inline void active_established(struct bpf_sock_ops *skops, const struct tuple_key *k)
 {
 	struct bpf_sock *sk = skops->sk;
@@ -168,19 +133,30 @@ static __always_inline void active_established(struct bpf_sock_ops *skops, const
 		flow_emit(skops, st, &key, FLOW_OPEN, 0, NULL);
 		return;
 	}
-	if (st->role != ROLE_APP)
+	if (st->role != ROLE_APP && st->role != ROLE_SIDECAR)
 		return;
-	if (bpf_map_update_elem(&handshakes, &key, &st->dial, BPF_ANY))
+	__u32 slot;
+	bool splice = splice_on(active_policy(&slot)) && !is_flow(&key) && !bpf_skc_to_mptcp_sock(sk);
+	if (splice)
+		splice_join(skops, &key);
+	if (st->role != ROLE_APP && !splice)
+		return;
+	/* The sidecar's dial has no destination to pass on: family 0. */
+	struct orig_dst note = {};
+	if (st->role == ROLE_APP)
+		note = st->dial;
+	if (bpf_map_update_elem(&handshakes, &key, &note, BPF_ANY))
 		count(COUNT_HANDSHAKE_TABLE_FULL);
-	/* Told when the app's socket closes, to drop an entry the proxy
-	 * never took. */
+	/* Told when this socket closes, to drop a note never taken. */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 /* A connection to a listener in the pod is established: if it is a captured
  * one arriving at the proxy, its socket takes the original destination; if
  * it comes from outside, it is an inbound flow, whose original destination
- * is its own local address (inbound steering rewrites nothing). */
+ * is its own local address (inbound steering rewrites nothing). With splice
+ * on, the passive end of a connection whose active end joined the splice
+ * table joins it too. */
 static __always_inline void passive_established(struct bpf_sock_ops *skops, const struct tuple_key *k)
 {
 	struct bpf_sock *sk = skops->sk;
@@ -206,17 +182,25 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops, cons
 		return;
 	}
 	swap_ends(&key);
-	struct orig_dst *orig = bpf_map_lookup_elem(&handshakes, &key);
-	if (!orig)
+	struct orig_dst *note = bpf_map_lookup_elem(&handshakes, &key);
+	if (!note)
 		return;
-	if (sk) {
-		struct sock_state *st = subflow_state(sk, BPF_SK_STORAGE_GET_F_CREATE);
-		if (st) {
-			st->orig = *orig;
-			st->role = ROLE_ACCEPTED;
-		}
-	}
+	struct orig_dst orig = *note;
 	bpf_map_delete_elem(&handshakes, &key);
+	if (!sk)
+		return;
+	__u32 slot;
+	if (splice_on(active_policy(&slot)) && !bpf_skc_to_mptcp_sock(sk)) {
+		struct tuple_key own = *k;
+		splice_join(skops, &own);
+	}
+	if (orig.family == 0)
+		return;
+	struct sock_state *st = subflow_state(sk, BPF_SK_STORAGE_GET_F_CREATE);
+	if (st) {
+		st->orig = orig;
+		st->role = ROLE_ACCEPTED;
+	}
 }
 
 /* end_reason tells how a flow socket closed: its error, else whether a FIN
@@ -243,8 +227,9 @@ static __always_inline void state_changed(struct bpf_sock_ops *skops, const stru
 	if (!sk)
 		return;
 	struct sock_state *st = subflow_state(sk, 0);
-	if (!st || !st->flow) {
-		/* The app's captured socket: drop an entry the proxy never took. */
+	if (!st || !(st->flow & (FLOW_OUTBOUND | FLOW_INBOUND))) {
+		/* The app's captured socket or the sidecar's dial: drop a
+		 * note never taken. */
 		if (new_state == BPF_TCP_CLOSE)
 			bpf_map_delete_elem(&handshakes, &key);
 		return;
@@ -271,7 +256,7 @@ int sluice_sockops(struct bpf_sock_ops *skops)
 	 * between context fields by pointer arithmetic, which the verifier
 	 * refuses. */
 	struct tuple_key key = {};
-	sockops_tuple(skops, &key);
+	CTX_TUPLE(skops, &key);
 	switch (op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		flow_connect(skops, &key);

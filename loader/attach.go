@@ -58,14 +58,15 @@ const (
 )
 
 // ensureLink makes the link pinned at dir/h.pin run prog on t: it keeps a
-// link that already does, updates one that runs another program, and
+// link that already does (unless renew: the program's maps were replaced,
+// which its tag does not show), updates one that runs another program, and
 // replaces a pin whose link no longer holds its attachment (the cgroup or
 // interface is gone). A new link is attached and then pinned; if this
 // process dies in between, the kernel drops the link with its descriptor.
-func ensureLink(h hook, t Target, ifindex int, prog *ebpf.Program, dir string) (linkAction, error) {
+func ensureLink(h hook, t Target, ifindex int, prog *ebpf.Program, dir string, renew bool) (linkAction, error) {
 	pin := filepath.Join(dir, h.pin)
 	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
-		action, err := reuseLink(l, h, t, ifindex, prog)
+		action, err := reuseLink(l, h, t, ifindex, prog, renew)
 		l.Close()
 		if action != "" || err != nil {
 			return action, err
@@ -91,7 +92,7 @@ func ensureLink(h hook, t Target, ifindex int, prog *ebpf.Program, dir string) (
 
 // reuseLink keeps or updates a pinned link that is still attached where it
 // should be, and returns "" for one that is not.
-func reuseLink(l link.Link, h hook, t Target, ifindex int, prog *ebpf.Program) (linkAction, error) {
+func reuseLink(l link.Link, h hook, t Target, ifindex int, prog *ebpf.Program, renew bool) (linkAction, error) {
 	info, err := l.Info()
 	if err != nil {
 		return "", fmt.Errorf("link info %s: %w", h.pin, err)
@@ -100,7 +101,7 @@ func reuseLink(l link.Link, h hook, t Target, ifindex int, prog *ebpf.Program) (
 		return "", nil
 	}
 	same, err := sameProgram(info.Program, prog)
-	if err != nil || same {
+	if err != nil || (same && !renew) {
 		return linkKept, err
 	}
 	if err := l.Update(prog); err != nil {

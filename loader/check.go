@@ -63,7 +63,7 @@ func Check() []Probe {
 	mount, err := Cgroup2Mount()
 	add("cgroup v2 mounted", err)
 
-	coll, err := load(true, nil)
+	coll, err := load(true, false, nil)
 	add("load programs (verifier)", err)
 	if err == nil {
 		defer coll.Close()

@@ -127,7 +127,17 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 			m.Close()
 		}
 	}()
-	coll, err := load(ifindex != 0, reuse)
+	// A splice table too small for the plan is replaced: it can hold
+	// nothing, since no socket joins while splice is off. The programs
+	// that use it are then updated even where their instructions are the
+	// same.
+	replace := map[string]bool{}
+	if m := reuse[bpf.SluiceMapSpliceSocks]; m != nil && m.MaxEntries() < spliceTableSize(plan.Splice) {
+		m.Close()
+		delete(reuse, bpf.SluiceMapSpliceSocks)
+		replace[bpf.SluiceMapSpliceSocks] = true
+	}
+	coll, err := load(ifindex != 0, plan.Splice, reuse)
 	if err != nil {
 		return res, err
 	}
@@ -157,7 +167,14 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 			continue
 		}
 		m := coll.Maps[name]
-		if err := m.Pin(filepath.Join(t.PinDir, name)); err != nil {
+		pin := filepath.Join(t.PinDir, name)
+		if replace[name] {
+			if err := os.Remove(pin); err != nil {
+				return res, fmt.Errorf("replace map %s: %w", name, err)
+			}
+			change("%s resized", name)
+		}
+		if err := m.Pin(pin); err != nil {
 			return res, fmt.Errorf("pin map %s: %w", name, err)
 		}
 		if fresh {
@@ -166,6 +183,12 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 	}
 	if err := setModes(t.PinDir, plan.ProxyGID); err != nil {
 		return res, err
+	}
+	// Before the policy can let a socket join the table.
+	if action, err := ensureSplice(coll.Maps[bpf.SluiceMapSpliceSocks], coll.Programs[bpf.SluiceProgSluiceSplice]); err != nil {
+		return res, err
+	} else if action != linkKept {
+		change("%s %s", bpf.SluiceProgSluiceSplice, action)
 	}
 	if changed, err := policyMapsOf(coll.Maps).write(plan); err != nil {
 		return res, err
@@ -178,7 +201,7 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 		hooks = append(hooks[:len(hooks):len(hooks)], tcHook)
 	}
 	for _, h := range hooks {
-		action, err := ensureLink(h, t, ifindex, coll.Programs[h.prog], t.PinDir)
+		action, err := ensureLink(h, t, ifindex, coll.Programs[h.prog], t.PinDir, len(replace) > 0)
 		if err != nil {
 			return res, err
 		}

@@ -11,17 +11,35 @@ import (
 	"github.com/sluicemesh/sluice/bpf"
 )
 
+// spliceSockets is the splice table's size with splice on: 4,096
+// connections, each with both ends in it. Its buckets (16 bytes each) are
+// allocated whole, so with splice off it holds one entry.
+const spliceSockets = 8192
+
+func spliceTableSize(splice bool) uint32 {
+	if splice {
+		return spliceSockets
+	}
+	return 1
+}
+
 // load loads Sluice's maps and programs. Programs an install does not need
 // are left out (the inbound one unless withTC); maps named in reuse are the
 // existing pinned maps of an install being completed or updated, so its
-// state carries over.
-func load(withTC bool, reuse map[string]*ebpf.Map) (*ebpf.Collection, error) {
+// state carries over. A new splice table gets spliceTableSize(splice)
+// entries.
+func load(withTC, splice bool, reuse map[string]*ebpf.Map) (*ebpf.Collection, error) {
 	spec, err := bpf.LoadSluice()
 	if err != nil {
 		return nil, fmt.Errorf("read embedded BPF object: %w", err)
 	}
 	if !withTC {
 		delete(spec.Programs, bpf.SluiceProgSluiceTcIngress)
+	}
+	socks := spec.Maps[bpf.SluiceMapSpliceSocks]
+	socks.MaxEntries = spliceTableSize(splice)
+	if m := reuse[bpf.SluiceMapSpliceSocks]; m != nil {
+		socks.MaxEntries = m.MaxEntries()
 	}
 	if err := setConstants(spec, map[string]any{bpf.SluiceVarPageSize: uint32(os.Getpagesize())}); err != nil {
 		return nil, err

@@ -33,6 +33,7 @@ var pinnedMaps = []string{
 	bpf.SluiceMapRoutes,
 	bpf.SluiceMapRoutesActive,
 	bpf.SluiceMapRrStates,
+	bpf.SluiceMapSpliceSocks,
 }
 
 // sidecarPins are what `sluice run` reads as the proxy identity: whose pins

@@ -153,6 +153,9 @@ func entriesOf(p redirect.Plan, slot uint8) slotEntries {
 	if p.NoFlows {
 		e.policy.Flags |= uint32(bpf.SluiceConfigFlagCONFIG_NO_FLOWS)
 	}
+	if p.Splice {
+		e.policy.Flags |= uint32(bpf.SluiceConfigFlagCONFIG_SPLICE)
+	}
 	copy(e.policy.SidecarPorts[:], p.SidecarPorts)
 	for _, ps := range portSets(&p) {
 		for _, port := range *ps.ports {
@@ -180,6 +183,7 @@ func (e slotEntries) plan() redirect.Plan {
 		IncludeAllCIDRs: pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_INCLUDE_ALL_CIDRS) != 0,
 		InboundAllPorts: pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_INBOUND_ALL_PORTS) != 0,
 		NoFlows:         pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_NO_FLOWS) != 0,
+		Splice:          pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_SPLICE) != 0,
 	}
 	for _, port := range pol.SidecarPorts {
 		if port != 0 {

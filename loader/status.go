@@ -36,6 +36,12 @@ type State struct {
 	// Handshakes is how many captured connections the proxy's side has not
 	// taken yet: 0 at rest.
 	Handshakes int `json:"handshakes"`
+	// SpliceSockets is how many sockets are in the splice table now: the
+	// two ends of every spliced connection open, 0 at rest.
+	SpliceSockets int `json:"splice_sockets"`
+	// SpliceCapacity is the splice table's size: 1 while splice was never
+	// on.
+	SpliceCapacity int `json:"splice_capacity"`
 }
 
 // LinkState is one pinned link and the program it keeps attached.
@@ -120,6 +126,17 @@ func Status(t Target) (State, error) {
 		s.Links = append(s.Links, ls)
 	}
 
+	if slices.Contains(cur.names, bpf.SluiceMapSpliceSocks) {
+		sp, err := spliceState(t.PinDir)
+		if err != nil {
+			return s, err
+		}
+		if sp.program == "" {
+			s.Missing = append(s.Missing, bpf.SluiceProgSluiceSplice+" (not attached to "+bpf.SluiceMapSpliceSocks+")")
+		}
+		s.Memory.Programs += sp.memlock
+		s.SpliceSockets, s.SpliceCapacity = sp.sockets, sp.capacity
+	}
 	if slices.Contains(cur.names, bpf.SluiceMapPolicies) && slices.Contains(cur.names, bpf.SluiceMapPolicyActive) {
 		if s.Plan, err = readPlan(t.PinDir); err != nil {
 			return s, err
@@ -224,6 +241,12 @@ var counterNames = map[bpf.SluiceCounter]string{
 	bpf.SluiceCounterCOUNT_BOTH_LOST_OUTBOUND:    "flow_open_and_close_lost_outbound",
 	bpf.SluiceCounterCOUNT_BOTH_LOST_INBOUND:     "flow_open_and_close_lost_inbound",
 	bpf.SluiceCounterCOUNT_ROUTE_REFUSED:         "route_refused_no_backend",
+	bpf.SluiceCounterCOUNT_SPLICE_JOINED:         "splice_sockets_joined",
+	bpf.SluiceCounterCOUNT_SPLICE_FULL:           "splice_table_full",
+	bpf.SluiceCounterCOUNT_SPLICE_MSGS:           "splice_messages",
+	bpf.SluiceCounterCOUNT_SPLICE_BYTES:          "splice_bytes",
+	bpf.SluiceCounterCOUNT_SPLICE_STOPPED:        "splice_stopped_reader_behind",
+	bpf.SluiceCounterCOUNT_SPLICE_NO_PEER:        "splice_stopped_no_peer",
 }
 
 func readCounters(dir string) (map[string]uint64, error) {
@@ -256,14 +279,19 @@ func countEntries(dir, name string) (int, error) {
 		return 0, pinsError(dir, err)
 	}
 	defer m.Close()
+	n, err := entries(m)
+	if err != nil {
+		return 0, fmt.Errorf("read %s: %w", name, err)
+	}
+	return n, nil
+}
+
+func entries(m *ebpf.Map) (int, error) {
 	var key, value []byte
 	n := 0
 	it := m.Iterate()
 	for it.Next(&key, &value) {
 		n++
 	}
-	if err := it.Err(); err != nil {
-		return 0, fmt.Errorf("read %s: %w", name, err)
-	}
-	return n, nil
+	return n, it.Err()
 }

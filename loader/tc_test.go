@@ -65,7 +65,7 @@ func ethernet(proto uint16) []byte {
 func tcFixture(t testing.TB, p redirect.Plan) (*ebpf.Collection, *testbed.Pod) {
 	t.Helper()
 	testbed.RequirePrivileged(t)
-	coll, err := load(true, nil)
+	coll, err := load(true, false, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

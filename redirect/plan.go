@@ -32,6 +32,9 @@ type Plan struct {
 
 	// NoFlows turns flow telemetry off: capture only.
 	NoFlows bool `json:"no_flows,omitempty"`
+	// Splice passes bytes between the app's and the sidecar's ends of a
+	// connection socket to socket, skipping loopback TCP.
+	Splice bool `json:"splice,omitempty"`
 }
 
 // MaxSidecarPorts is how many sidecar ports the BPF policy holds.
@@ -55,7 +58,7 @@ func (p Plan) Equal(o Plan) bool {
 	a, b := p.Normalize(), o.Normalize()
 	return a.OutboundPort == b.OutboundPort && a.InboundPort == b.InboundPort &&
 		a.ProxyUID == b.ProxyUID && a.ProxyGID == b.ProxyGID &&
-		a.IncludeAllCIDRs == b.IncludeAllCIDRs && a.InboundAllPorts == b.InboundAllPorts && a.NoFlows == b.NoFlows &&
+		a.IncludeAllCIDRs == b.IncludeAllCIDRs && a.InboundAllPorts == b.InboundAllPorts && a.NoFlows == b.NoFlows && a.Splice == b.Splice &&
 		slices.Equal(a.IncludeCIDRs, b.IncludeCIDRs) && slices.Equal(a.ExcludeCIDRs, b.ExcludeCIDRs) &&
 		slices.Equal(a.IncludeOutboundPorts, b.IncludeOutboundPorts) &&
 		slices.Equal(a.ExcludeOutboundPorts, b.ExcludeOutboundPorts) &&

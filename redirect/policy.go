@@ -47,6 +47,8 @@ type Policy struct {
 	// Flows measures the pod's flows in the kernel for the sidecar to
 	// export; off, Sluice only captures.
 	Flows bool
+	// Splice passes bytes between the app and the sidecar socket to socket.
+	Splice bool
 }
 
 // Sidecar ports that are never captured inbound, besides -p and -z: Istio's
@@ -103,6 +105,24 @@ func (p *Policy) RegisterFlags(fs *flag.FlagSet) {
 	}
 	fs.BoolVar(&p.AllowRootProxy, "allow-root-proxy", false, "accept -u 0 or -g 0 (every root process in the pod then goes uncaptured)")
 	fs.BoolVar(&p.Flows, "flows", true, "measure the pod's flows in the kernel for the sidecar's metrics (--flows=false: capture only)")
+	fs.BoolVar(&p.Splice, "splice", false, "pass bytes between the app and the sidecar socket to socket, skipping loopback TCP.\n"+
+		"Off by default: a process in the pod that reads its sockets with splice(2), as Go's io.Copy\n"+
+		"between two TCP connections does, would not see the bytes")
+	fs.Var(negated{&p.Splice}, "no-splice", "same as --splice=false")
+}
+
+// negated is a boolean flag that clears what another one sets.
+type negated struct{ b *bool }
+
+func (n negated) String() string   { return "false" }
+func (n negated) IsBoolFlag() bool { return true }
+func (n negated) Set(s string) error {
+	v, err := strconv.ParseBool(s)
+	if err != nil {
+		return err
+	}
+	*n.b = !v
+	return nil
 }
 
 // linkerdFlags are the flags only Linkerd's proxy-init spells this way.
@@ -164,6 +184,7 @@ func (p Policy) Plan() (Plan, error) {
 		ExcludeInboundPorts:  slices.Concat(p.ExcludeInboundPorts.List, own),
 		SidecarPorts:         own,
 		NoFlows:              !p.Flows,
+		Splice:               p.Splice,
 	}.Normalize(), nil
 }
 

@@ -23,7 +23,7 @@ func (c collector) descs() (opened, closed, sent, received, live, kernel, up, fo
 		d(prefix+"_tcp_sent_bytes_total", "Bytes the pod sent on its connections to or from the outside, acknowledged by the peer; open connections count as they go.", istioLabels...),
 		d(prefix+"_tcp_received_bytes_total", "Bytes the pod received on its connections to or from the outside; open connections count as they go.", istioLabels...),
 		d("sluice_live_flows", "Connections of the pod to or from the outside open now.", "direction"),
-		d("sluice_kernel_events_total", "What the kernel hooks counted: inbound steering, and every connection or flow event they could not serve (by event).", "event"),
+		d("sluice_kernel_events_total", "What the kernel hooks counted: inbound steering, splice, and every connection or flow event they could not serve (by event).", "event"),
 		d("sluice_up", "1 while the exporter runs."),
 		d("sluice_flow_followers", "Clients following the flows ('sluice flows --follow').")
 }

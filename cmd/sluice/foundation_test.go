@@ -282,18 +282,11 @@ func (h *holder) try(msg string) error {
 // A connection held open through 100,000 others keeps its identity: its
 // state lives on its socket, not in a table that evicts. Afterwards the only
 // shared table is empty again and nothing was refused.
-func TestLongLivedConnectionKeepsItsIdentity(t *testing.T) {
-	c := newCapturedPod(t)
-	// Info level: no log line per connection.
-	c.startSidecar(t, "--log-level", "info")
-	held := netip.AddrPortFrom(c.host.Addr4, 8080).String()
-	h := startHold(t, c.pod, held, 1)
-	if h.state.Peer != held || h.state.ServerSaw == h.state.Local {
-		t.Fatalf("held connection: peer %s, socket %s, server saw %s; want peer %s through the sidecar", h.state.Peer, h.state.Local, h.state.ServerSaw, held)
-	}
-	// Each short connection leaves a TIME_WAIT socket on the sidecar's side
-	// of its upstream; reusing them is what lets one pod make 100,000.
-	if err := c.pod.Do(func() error {
+// reuseTimeWait lets one pod make 100,000 short connections: each leaves a
+// TIME_WAIT socket on the sidecar's side of its upstream.
+func reuseTimeWait(t *testing.T, pod *testbed.Pod) {
+	t.Helper()
+	if err := pod.Do(func() error {
 		for file, value := range map[string]string{"ipv4/tcp_tw_reuse": "1", "ipv4/ip_local_port_range": "1024 65000"} {
 			if err := os.WriteFile("/proc/sys/net/"+file, []byte(value), 0o644); err != nil {
 				return err
@@ -303,6 +296,18 @@ func TestLongLivedConnectionKeepsItsIdentity(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+func TestLongLivedConnectionKeepsItsIdentity(t *testing.T) {
+	c := newCapturedPod(t)
+	// Info level: no log line per connection.
+	c.startSidecar(t, "--log-level", "info")
+	held := netip.AddrPortFrom(c.host.Addr4, 8080).String()
+	h := startHold(t, c.pod, held, 1)
+	if h.state.Peer != held || h.state.ServerSaw == h.state.Local {
+		t.Fatalf("held connection: peer %s, socket %s, server saw %s; want peer %s through the sidecar", h.state.Peer, h.state.Local, h.state.ServerSaw, held)
+	}
+	reuseTimeWait(t, c.pod)
 	rssBefore := vmRSS(t, c.sidecar.Cmd.Process.Pid)
 	const n = 100_000
 	var res churnResult

@@ -35,6 +35,7 @@ var helperRoles = map[string]func(args []string) (any, error){
 	"bind":           tryBind,
 	"openpin":        openPin,
 	"origdst-server": origDstServer,
+	"bulk":           bulk,
 }
 
 // runTestHelper runs the role named in the environment, if any, and exits.
@@ -325,4 +326,80 @@ func origDstServer(args []string) (any, error) {
 		return err.Error(), nil
 	}
 	return dst.String(), nil
+}
+
+// bulkResult is what bulk reports.
+type bulkResult struct {
+	Sent, Received int64
+	// Mismatch is the offset of the first echoed byte that differs from
+	// what was sent; -1 when none does.
+	Mismatch int64
+}
+
+// bulk sends SIZE bytes of a counting pattern to an echo server at ADDR as
+// fast as the connection takes them, half-closes, and reads the echo to
+// EOF, pausing PAUSE after every 64 KiB read: a reader slower than its
+// writer. args: addr size pause
+func bulk(args []string) (any, error) {
+	if len(args) != 3 {
+		return nil, errors.New("usage: bulk ADDR SIZE PAUSE")
+	}
+	size, _ := strconv.ParseInt(args[1], 10, 64)
+	pause, err := time.ParseDuration(args[2])
+	if err != nil {
+		return nil, err
+	}
+	c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(2 * time.Minute))
+	r := bufio.NewReader(c)
+	if _, err := r.ReadString('\n'); err != nil {
+		return nil, fmt.Errorf("peer line: %w", err)
+	}
+	pattern := func(off int64) byte { return byte(off ^ off>>8 ^ off>>16) }
+	res := bulkResult{Mismatch: -1}
+	sent := make(chan error, 1)
+	go func() {
+		buf := make([]byte, 256<<10)
+		for res.Sent < size {
+			n := int(min(int64(len(buf)), size-res.Sent))
+			for i := range n {
+				buf[i] = pattern(res.Sent + int64(i))
+			}
+			w, err := c.Write(buf[:n])
+			res.Sent += int64(w)
+			if err != nil {
+				sent <- fmt.Errorf("send: %w", err)
+				return
+			}
+		}
+		sent <- c.(*net.TCPConn).CloseWrite()
+	}()
+	buf := make([]byte, 64<<10)
+	var rerr error
+	for {
+		n, err := io.ReadFull(r, buf)
+		for i := range n {
+			if res.Mismatch < 0 && buf[i] != pattern(res.Received+int64(i)) {
+				res.Mismatch = res.Received + int64(i)
+			}
+		}
+		res.Received += int64(n)
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			break
+		}
+		if err != nil {
+			rerr = fmt.Errorf("read echo: %w", err)
+			c.Close()
+			break
+		}
+		time.Sleep(pause)
+	}
+	if err := <-sent; err != nil {
+		return res, err
+	}
+	return res, rerr
 }

@@ -103,6 +103,13 @@ func printStatus(w io.Writer, s loader.State) {
 	fmt.Fprintf(tw, "  inbound listener\t%d\n", c.InboundPort)
 	fmt.Fprintf(tw, "  proxy uid/gid (never captured)\t%d/%d\n", c.ProxyUID, c.ProxyGID)
 	fmt.Fprintf(tw, "  flows measured in the kernel\t%s\n", map[bool]string{false: "yes", true: "no (--flows=false)"}[c.NoFlows])
+	if c.Splice {
+		fmt.Fprintf(tw, "  splice app<->sidecar\ton: %d sockets spliced now, room for %d\n", s.SpliceSockets, s.SpliceCapacity)
+	} else if s.SpliceSockets > 0 {
+		fmt.Fprintf(tw, "  splice app<->sidecar\toff; %d sockets still spliced until they close\n", s.SpliceSockets)
+	} else {
+		fmt.Fprintf(tw, "  splice app<->sidecar\toff (--splice turns it on)\n")
+	}
 	fmt.Fprintf(tw, "  outbound CIDRs captured\t%s\n", cidrs(c.IncludeAllCIDRs, c.IncludeCIDRs))
 	fmt.Fprintf(tw, "  outbound CIDRs excluded\t%s\n", cidrs(false, c.ExcludeCIDRs))
 	fmt.Fprintf(tw, "  outbound ports always captured\t%s\n", ports(false, c.IncludeOutboundPorts))

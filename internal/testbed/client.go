@@ -71,6 +71,8 @@ func RunHelperIfRequested() {
 		exitWithResult(&res, &res.Err, err)
 	case "relay":
 		runRelay(os.Getenv(addrEnv), os.Getenv(targetEnv))
+	case "echo":
+		runEcho(os.Getenv(addrEnv))
 	case "hold":
 		if err := runHold(); err != nil {
 			fmt.Fprintf(os.Stderr, "testbed hold: %v\n", err)

@@ -4,8 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
+	"os"
+	"os/exec"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/sluicemesh/sluice/internal/nsenter"
 )
@@ -106,6 +110,34 @@ func (p *Pod) ListenEcho(addr string) (*EchoListener, error) {
 		return nil, fmt.Errorf("echo in pod %s: %w", p.Name, err)
 	}
 	return ln, nil
+}
+
+// StartEcho runs an echo server as an application of the pod, in its netns
+// and its cgroup (a listener made with ListenEcho belongs to the test's
+// process instead, so the pod's cgroup hooks never see its sockets), and
+// waits until it listens on addr. The Bed stops it at Close.
+func (p *Pod) StartEcho(self, addr string) error {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return fmt.Errorf("echo in pod %s: %w", p.Name, err)
+	}
+	cmd := exec.Command(self)
+	cmd.Env = append(os.Environ(), roleEnv+"=echo", addrEnv+"="+addr)
+	cmd.Stderr = os.Stderr
+	if err := p.Start(cmd); err != nil {
+		return fmt.Errorf("echo in pod %s: %w", p.Name, err)
+	}
+	return p.WaitListening(ap.Port(), 10*time.Second)
+}
+
+// runEcho is the echo helper; it runs until killed.
+func runEcho(addr string) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "testbed echo: %v\n", err)
+		os.Exit(1)
+	}
+	Echo(ln)
 }
 
 func (b *Bed) listenEcho(nsPath, addr string) (*EchoListener, error) {

@@ -1,0 +1,99 @@
+//go:build ignore
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Splice (--splice): a connection between the app and the sidecar has both
+ * its ends in the pod, and with both in splice_socks a message sent on one
+ * end is put straight on the other's receive queue: no loopback TCP, no
+ * second trip through the stack. sockops adds the ends as they are
+ * established; the kernel removes them as they close.
+ *
+ * Which ends: an active end is the app's captured socket (outbound) or a
+ * connection the sidecar dialed (inbound, or a captured destination inside
+ * the pod); a passive end joins when its peer's note in handshakes says the
+ * peer has, so the app's other loopback connections are never touched.
+ *
+ * A redirected receive queue has no flow control: a sender faster than its
+ * reader would queue until the kernel's TCP memory runs out (ENOMEM). So
+ * every message first checks how much waits unread at the peer, and past
+ * SPLICE_QUEUE_MAX the connection goes back to TCP for good. Never back:
+ * the reader drains the redirected queue before the TCP one, so bytes stay
+ * in order only if nothing is redirected after the first byte sent by TCP
+ * (the same holds for a message sent before the peer joined). */
+#include "sluice.h"
+#include <bpf/bpf_core_read.h>
+
+/* Unread bytes allowed at the peer: TCP's own default receive buffer is
+ * about this size too. */
+#define SPLICE_QUEUE_MAX (1 << 20)
+
+static __always_inline bool splice_on(const struct policy *pol)
+{
+	return pol && (pol->flags & CONFIG_SPLICE);
+}
+
+static __always_inline void splice_join(struct bpf_sock_ops *skops, struct tuple_key *key)
+{
+	if (bpf_sock_hash_update(skops, &splice_socks, key, BPF_NOEXIST))
+		count(COUNT_SPLICE_FULL);
+	else
+		count(COUNT_SPLICE_JOINED);
+}
+
+/* The sk_user_data bits that are flags, not the pointer (SK_USER_DATA_*). */
+#define SK_USER_DATA_PSOCK 4UL
+#define SK_USER_DATA_FLAGS 7UL
+
+/* peer_backlog returns how many spliced bytes wait unread at peer, a
+ * socket this end spliced to before: its psock's msg_tot_len. No helper
+ * gives a sk_msg program another socket's queue (a sockhash lookup needs
+ * bpf_sk_release, which sk_msg programs may not call), so peer is the
+ * address the last redirect went to, and it is read with
+ * bpf_probe_read_kernel, which cannot fault. While the peer is in the table
+ * it is alive; once it leaves, the redirect that follows fails and this end
+ * stops splicing, whatever was read here. */
+static __always_inline __u32 peer_backlog(__u64 peer)
+{
+	if (!peer)
+		return 0;
+	unsigned long ud = (unsigned long)BPF_CORE_READ((struct sock *)peer, sk_user_data);
+	if (!(ud & SK_USER_DATA_PSOCK))
+		return 0;
+	struct sk_psock *psock = (struct sk_psock *)(ud & ~SK_USER_DATA_FLAGS);
+	return BPF_CORE_READ(psock, msg_tot_len);
+}
+
+/* splice_stop sends this end's bytes by TCP from now on. */
+static __always_inline int splice_stop(struct sock_state *st, enum counter why)
+{
+	st->splice |= SPLICE_STOPPED;
+	count(why);
+	return SK_PASS;
+}
+
+SEC("sk_msg")
+int sluice_splice(struct sk_msg_md *msg)
+{
+	struct bpf_sock *sk = msg->sk;
+	if (!sk)
+		return SK_PASS;
+	struct sock_state *st = bpf_sk_storage_get(&sock_states, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st || (st->splice & SPLICE_STOPPED))
+		return SK_PASS;
+	if (peer_backlog(st->splice_peer) > SPLICE_QUEUE_MAX)
+		return splice_stop(st, COUNT_SPLICE_STOPPED);
+	struct tuple_key peer = {};
+	CTX_TUPLE(msg, &peer);
+	swap_ends(&peer);
+	__u32 size = msg->size;
+	/* No peer in the table: it closed, or has not joined yet (its end of
+	 * the handshake is still on its way). bpf_msg_redirect_hash would
+	 * have the message dropped; it goes by TCP instead, and so does the
+	 * rest of this direction, to keep the bytes in order. */
+	if (bpf_msg_redirect_hash(msg, &splice_socks, &peer, BPF_F_INGRESS) != SK_PASS)
+		return splice_stop(st, COUNT_SPLICE_NO_PEER);
+	/* The context is the kernel's struct sk_msg, whose sk_redir the
+	 * redirect just set to the peer. */
+	st->splice_peer = (__u64)BPF_CORE_READ((struct sk_msg *)msg, sk_redir);
+	count(COUNT_SPLICE_MSGS);
+	count_n(COUNT_SPLICE_BYTES, size);
+	return SK_PASS;
+}
