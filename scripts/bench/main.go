@@ -2,21 +2,24 @@
 // of putting a sidecar in its path, with the same client and server, and
 // writes every figure as JSON and a plot of the ratios as PNG.
 //
-//	go run ./scripts/bench [-runs 3] [-out results] [-configs direct,iptables,...] [-idle 9000]
+//	go run ./scripts/bench [-runs 3] [-out results] [-configs direct,iptables,...] [-idle 9000] [-long 60]
 //
 // Configurations (each run measures them in turn, each in a fresh pod and
 // remote host, so one's TIME_WAIT sockets never slow the next):
 //
 //	direct            no sidecar: the baseline
 //	iptables          iptables REDIRECT as istio-iptables installs it, the built-in proxy
-//	sluice            Sluice capture, the built-in proxy, telemetry off
-//	sluice-telemetry  the same with flow telemetry on (kernel and exporter)
-//	haproxy           Sluice capture with HAProxy 2.6 as the sidecar
+//	sluice            Sluice capture, the built-in proxy, splice and telemetry off
+//	splice            the same with the app<->sidecar hop spliced (install --splice)
+//	splice-telemetry  splice with flow telemetry on (kernel and exporter)
+//	haproxy           Sluice capture (no splice, no telemetry) with HAProxy as the sidecar
 //
 // Workloads: connections/s (connect, read a line, close), 64-byte
 // request/response on 1 and on 16 connections (throughput, p50/p90/p99),
 // bulk echo, CPU per request (the pod cgroup's cpu.stat over the 16-connection
 // run), and the sidecar's memory per idle open connection (-idle of them).
+// The first run also moves bulk for -long seconds through sluice and splice,
+// recording the kernel's peak TCP memory (/proc/net/sockstat) meanwhile.
 //
 // It needs root: it builds its own pods (network namespaces, cgroups) and
 // removes them; all traffic stays in them, on 198.18.0.0/15.
@@ -48,6 +51,7 @@ func main() {
 	configs := flag.String("configs", strings.Join(allConfigs, ","), "configurations to run, comma-separated")
 	seconds := flag.Float64("seconds", 3, "how long each timed workload runs")
 	idle := flag.Int("idle", 9000, "idle connections held open to measure the sidecar's memory per connection (0: skip)")
+	long := flag.Float64("long", 60, "seconds of the long bulk transfer in the first run of sluice and splice (0: skip)")
 	flag.Parse()
 	if os.Geteuid() != 0 {
 		fatal("needs root (it builds network namespaces and cgroups): run it as root")
@@ -73,10 +77,14 @@ func main() {
 	if h.self, err = os.Executable(); err != nil {
 		fatal("%v", err)
 	}
-	rep := report{Machine: machine(), Started: time.Now().UTC().Format(time.RFC3339), Seconds: *seconds, Idle: *idle}
+	rep := report{Machine: machine(), Started: time.Now().UTC().Format(time.RFC3339), Seconds: *seconds, Idle: *idle, Long: *long}
 	for r := range *runs {
 		for _, name := range names {
 			fmt.Fprintf(os.Stderr, "run %d/%d: %s\n", r+1, *runs, name)
+			h.long = 0
+			if r == 0 && (name == "sluice" || name == "splice") {
+				h.long = *long
+			}
 			f, err := h.measure(name)
 			if err != nil {
 				fatal("%s: %v", name, err)
@@ -86,6 +94,7 @@ func main() {
 		}
 	}
 	rep.summarize(names)
+	rep.judge()
 	data, _ := json.MarshalIndent(rep, "", "  ")
 	jsonPath := filepath.Join(*out, "bench.json")
 	if err := os.WriteFile(jsonPath, data, 0o644); err != nil {
@@ -99,7 +108,7 @@ func main() {
 	fmt.Printf("\nwrote %s and %s\n", jsonPath, pngPath)
 }
 
-var allConfigs = []string{"direct", "iptables", "sluice", "sluice-telemetry", "haproxy"}
+var allConfigs = []string{"direct", "iptables", "sluice", "splice", "splice-telemetry", "haproxy"}
 
 func fatal(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "bench: "+format+"\n", args...)
@@ -120,6 +129,12 @@ type Figures struct {
 	BulkMBps       float64 `json:"bulk_mb_per_s"`
 	CPUusPerReq    float64 `json:"cpu_us_per_request"`
 	IdleKiBPerConn float64 `json:"sidecar_kib_per_idle_conn,omitempty"`
+	// The long bulk transfer (first run of sluice and splice only).
+	LongMBps      float64 `json:"long_bulk_mb_per_s,omitempty"`
+	LongTCPMemMiB float64 `json:"long_bulk_tcp_mem_peak_mib,omitempty"`
+	// What the splice program counted over every workload but the long
+	// bulk: proof the bytes went socket to socket.
+	Splice map[string]uint64 `json:"splice_counters,omitempty"`
 }
 
 // metrics are the figures the summary and the plot compare, with which
@@ -138,12 +153,15 @@ var metrics = []struct {
 	{"bulk MB/s", func(f Figures) float64 { return f.BulkMBps }, true},
 	{"CPU/req", func(f Figures) float64 { return f.CPUusPerReq }, false},
 	{"KiB/idle conn", func(f Figures) float64 { return f.IdleKiBPerConn }, false},
+	{"long bulk MB/s", func(f Figures) float64 { return f.LongMBps }, true},
+	{"long bulk TCP MiB", func(f Figures) float64 { return f.LongTCPMemMiB }, false},
 }
 
 type harness struct {
 	sluice, self string
 	seconds      float64
 	idle         int
+	long         float64 // seconds of long bulk in this measurement; 0 for none
 }
 
 // measure builds a fresh pod and host, sets config up, and runs every
@@ -206,6 +224,16 @@ func (h harness) measure(config string) (f Figures, err error) {
 		return f, err
 	}
 	f.BulkMBps = res.MBps
+	if strings.HasPrefix(config, "splice") {
+		if f.Splice, err = h.spliceCounters(pod); err != nil {
+			return f, err
+		}
+	}
+	if h.long > 0 {
+		if f.LongMBps, f.LongTCPMemMiB, err = h.longBulk(pod, addr); err != nil {
+			return f, err
+		}
+	}
 	if h.idle > 0 && sidecar > 0 {
 		if f.IdleKiBPerConn, err = h.idleMemory(pod, sidecar, addr); err != nil {
 			return f, err
@@ -228,8 +256,11 @@ func (h harness) setup(config string, pod *testbed.Pod) (int, func() error, erro
 		return pid, nil, err
 	}
 	install := []string{"install", "--cgroup", pod.Cgroup}
-	if config != "sluice-telemetry" {
+	if config != "splice-telemetry" {
 		install = append(install, "--flows=false")
+	}
+	if strings.HasPrefix(config, "splice") {
+		install = append(install, "--splice")
 	}
 	if out, err := exec.Command(h.sluice, install...).CombinedOutput(); err != nil {
 		return 0, nil, fmt.Errorf("sluice install: %v: %s", err, out)
@@ -244,7 +275,7 @@ func (h harness) setup(config string, pod *testbed.Pod) (int, func() error, erro
 	case "haproxy":
 		pid, err := h.startHAProxy(pod)
 		return pid, undo, err
-	case "sluice-telemetry":
+	case "splice-telemetry":
 		pid, err := h.startSidecar(pod, exec.Command(h.sluice, "run", "--cgroup", pod.Cgroup, "--log-level", "warn"), 15001)
 		return pid, undo, err
 	}
@@ -293,6 +324,80 @@ func (h harness) startHAProxy(pod *testbed.Pod) (int, error) {
 	cmd := exec.Command(bin, "-db", "-f", cfg)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1337, Gid: 1337}}
 	return h.startSidecar(pod, cmd, 15001)
+}
+
+// spliceCounters reads what the splice program counted in the pod.
+func (h harness) spliceCounters(pod *testbed.Pod) (map[string]uint64, error) {
+	out, err := exec.Command(h.sluice, "status", "--cgroup", pod.Cgroup, "--json").Output()
+	if err != nil {
+		return nil, fmt.Errorf("sluice status: %w", err)
+	}
+	var st struct {
+		Counters map[string]uint64 `json:"counters"`
+	}
+	if err := json.Unmarshal(out, &st); err != nil {
+		return nil, fmt.Errorf("sluice status: %w", err)
+	}
+	c := map[string]uint64{}
+	for k, v := range st.Counters {
+		if strings.HasPrefix(k, "splice_") {
+			c[k] = v
+		}
+	}
+	if c["splice_messages"] == 0 {
+		return c, errors.New("splice is on but the splice program passed no message")
+	}
+	return c, nil
+}
+
+// longBulk moves bulk for h.long seconds and returns its rate and the
+// kernel's peak TCP memory above where it started, sampled every 10 ms.
+func (h harness) longBulk(pod *testbed.Pod, addr string) (mbps, peakMiB float64, err error) {
+	base, err := tcpMemPages()
+	if err != nil {
+		return 0, 0, err
+	}
+	var peak int64
+	stop, sampled := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(sampled)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(10 * time.Millisecond):
+				if n, err := tcpMemPages(); err == nil {
+					peak = max(peak, n-base)
+				}
+			}
+		}
+	}()
+	res, err := pod.RunBenchWith(h.self, addr, testbed.BenchBulk, testbed.BenchOptions{Seconds: h.long})
+	close(stop)
+	<-sampled
+	if err != nil {
+		return 0, 0, fmt.Errorf("long bulk: %w", err)
+	}
+	return res.MBps, float64(peak*int64(os.Getpagesize())) / (1 << 20), nil
+}
+
+// tcpMemPages is the kernel's TCP memory in pages (/proc/net/sockstat).
+func tcpMemPages() (int64, error) {
+	data, err := os.ReadFile("/proc/net/sockstat")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, "TCP: "); ok {
+			f := strings.Fields(rest)
+			for i := 0; i+1 < len(f); i += 2 {
+				if f[i] == "mem" {
+					return strconv.ParseInt(f[i+1], 10, 64)
+				}
+			}
+		}
+	}
+	return 0, errors.New("no TCP mem in /proc/net/sockstat")
 }
 
 // cpuUsec is the CPU time the cgroup's processes used, in microseconds.

@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
@@ -20,11 +21,90 @@ type report struct {
 	Started string            `json:"started"`
 	Seconds float64           `json:"seconds_per_workload"`
 	Idle    int               `json:"idle_connections"`
+	Long    float64           `json:"long_bulk_seconds"`
 	Runs    []Figures         `json:"runs"`
 	// Summary is, per configuration and metric, the median, min and max
 	// over the runs; Ratios are medians over a baseline's medians.
 	Summary map[string]map[string]Stat    `json:"summary"`
 	Ratios  map[string]map[string]float64 `json:"ratios"`
+	// Goals are the issue's targets, each with the ratio this run got.
+	Goals []Goal `json:"goals"`
+}
+
+// Goal is one target: a ratio of medians that must reach (Higher) or stay
+// under Target.
+type Goal struct {
+	Name   string  `json:"name"`
+	Ratio  string  `json:"ratio"`
+	Metric string  `json:"metric"`
+	Target float64 `json:"target"`
+	Higher bool    `json:"higher"`
+	Got    float64 `json:"got"`
+	Met    bool    `json:"met"`
+}
+
+// goals are the targets of the splice and proxy work; a ratio with "*" as
+// its metric means every workload, each never worse than 1.
+var goals = []Goal{
+	{Name: "Sluice vs iptables, same proxy: never worse", Ratio: "sluice/iptables", Metric: "*"},
+	{Name: "Sluice vs iptables: request/response throughput", Ratio: "sluice/iptables", Metric: "rr16 req/s", Target: 1.15, Higher: true},
+	{Name: "Sluice vs iptables: p50", Ratio: "sluice/iptables", Metric: "rr1 p50", Target: 0.85},
+	{Name: "Sluice vs iptables: p99", Ratio: "sluice/iptables", Metric: "rr1 p99", Target: 0.85},
+	{Name: "Sluice vs iptables: bulk", Ratio: "sluice/iptables", Metric: "bulk MB/s", Target: 1.1, Higher: true},
+	{Name: "Sluice+splice vs iptables: request/response throughput", Ratio: "splice/iptables", Metric: "rr16 req/s", Target: 1.15, Higher: true},
+	{Name: "Sluice+splice vs iptables: p50", Ratio: "splice/iptables", Metric: "rr1 p50", Target: 0.85},
+	{Name: "Sluice+splice vs iptables: p99", Ratio: "splice/iptables", Metric: "rr1 p99", Target: 0.85},
+	{Name: "Sluice+splice vs iptables: bulk", Ratio: "splice/iptables", Metric: "bulk MB/s", Target: 1.1, Higher: true},
+	{Name: "splice on vs off: throughput, 16 connections", Ratio: "splice/sluice", Metric: "rr16 req/s", Target: 1.2, Higher: true},
+	{Name: "splice on vs off: CPU per request", Ratio: "splice/sluice", Metric: "CPU/req", Target: 0.9},
+	{Name: "splice on vs off: no connection-rate loss", Ratio: "splice/sluice", Metric: "conn/s", Target: 1.0, Higher: true},
+	{Name: "splice on vs off: TCP memory in the long bulk", Ratio: "splice/sluice", Metric: "long bulk TCP MiB", Target: 1.25},
+	{Name: "built-in proxy vs HAProxy: connections/s", Ratio: "sluice/haproxy", Metric: "conn/s", Target: 1.0, Higher: true},
+	{Name: "built-in proxy vs HAProxy: p50", Ratio: "sluice/haproxy", Metric: "rr1 p50", Target: 1.0},
+	{Name: "built-in proxy vs HAProxy: memory per idle connection", Ratio: "sluice/haproxy", Metric: "KiB/idle conn", Target: 1.0},
+	{Name: "telemetry on vs off: connections/s", Ratio: "splice-telemetry/splice", Metric: "conn/s", Target: 0.97, Higher: true},
+	{Name: "telemetry on vs off: CPU per request", Ratio: "splice-telemetry/splice", Metric: "CPU/req", Target: 1.03},
+}
+
+// judge fills in the goals from the ratios.
+func (r *report) judge() {
+	r.Goals = nil
+	for _, g := range goals {
+		ratios, ok := r.Ratios[g.Ratio]
+		if !ok {
+			continue
+		}
+		if g.Metric != "*" {
+			got, ok := ratios[g.Metric]
+			if !ok {
+				continue
+			}
+			g.Got = got
+			g.Met = got <= g.Target
+			if g.Higher {
+				g.Met = got >= g.Target
+			}
+			r.Goals = append(r.Goals, g)
+			continue
+		}
+		// Never worse: the worst workload's ratio, oriented so that
+		// higher is better.
+		g.Higher, g.Target, g.Got = true, 1, math.Inf(1)
+		for _, m := range metrics {
+			v, ok := ratios[m.name]
+			if !ok || v == 0 || m.name == "KiB/idle conn" || strings.HasPrefix(m.name, "long") {
+				continue
+			}
+			if !m.higher {
+				v = 1 / v
+			}
+			if v < g.Got {
+				g.Got, g.Metric = v, m.name+" (worst; latency and CPU inverted)"
+			}
+		}
+		g.Met = g.Got >= 1
+		r.Goals = append(r.Goals, g)
+	}
 }
 
 // Stat is a metric's spread over the runs.
@@ -41,9 +121,13 @@ func (r *report) summarize(configs []string) {
 		for _, m := range metrics {
 			var vals []float64
 			for _, f := range r.Runs {
-				if f.Config == c {
-					vals = append(vals, m.get(f))
+				// 0 is "not measured" (a workload only some runs do).
+				if v := m.get(f); f.Config == c && v != 0 {
+					vals = append(vals, v)
 				}
+			}
+			if len(vals) == 0 {
+				continue
 			}
 			slices.Sort(vals)
 			r.Summary[c][m.name] = Stat{Median: vals[len(vals)/2], Min: vals[0], Max: vals[len(vals)-1]}
@@ -51,15 +135,15 @@ func (r *report) summarize(configs []string) {
 	}
 	r.Ratios = map[string]map[string]float64{}
 	for _, c := range configs {
-		for _, base := range []string{"direct", "iptables", "haproxy", "sluice"} {
+		for _, base := range []string{"direct", "iptables", "haproxy", "sluice", "splice"} {
 			if base == c || r.Summary[base] == nil {
 				continue
 			}
 			key := c + "/" + base
 			r.Ratios[key] = map[string]float64{}
 			for _, m := range metrics {
-				if b := r.Summary[base][m.name].Median; b != 0 {
-					r.Ratios[key][m.name] = r.Summary[c][m.name].Median / b
+				if b, v := r.Summary[base][m.name].Median, r.Summary[c][m.name].Median; b != 0 && v != 0 {
+					r.Ratios[key][m.name] = v / b
 				}
 			}
 		}
@@ -91,7 +175,7 @@ func (r report) print(w io.Writer, configs []string) {
 	}
 	fmt.Fprintf(w, "\n\nRatios of medians (for latency, CPU and memory lower is better):\n\n| ratio |")
 	var keys []string
-	for _, k := range []string{"sluice/direct", "iptables/direct", "sluice/iptables", "sluice-telemetry/sluice", "sluice/haproxy"} {
+	for _, k := range []string{"iptables/direct", "sluice/direct", "splice/direct", "sluice/iptables", "splice/iptables", "splice/sluice", "splice-telemetry/splice", "sluice/haproxy"} {
 		if _, ok := r.Ratios[k]; ok {
 			keys = append(keys, k)
 			fmt.Fprintf(w, " %s |", k)
@@ -111,7 +195,17 @@ func (r report) print(w io.Writer, configs []string) {
 			}
 		}
 	}
-	fmt.Fprintln(w)
+	fmt.Fprintf(w, "\n\nGoals (reported, not enforced):\n\n| goal | ratio | metric | target | got | |\n| --- | --- | --- | --- | --- | --- |\n")
+	for _, g := range r.Goals {
+		op, verdict := "≤", "missed"
+		if g.Higher {
+			op = "≥"
+		}
+		if g.Met {
+			verdict = "met"
+		}
+		fmt.Fprintf(w, "| %s | %s | %s | %s %.2f | %.2f | %s |\n", g.Name, g.Ratio, g.Metric, op, g.Target, g.Got, verdict)
+	}
 }
 
 func num(v float64) string {
