@@ -3,8 +3,6 @@ package main
 import (
 	"fmt"
 	"net/netip"
-	"os"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -74,31 +72,17 @@ func TestSpliceSlowReaderBounded(t *testing.T) {
 	const size = 128 << 20
 	transfer := func() float64 {
 		t.Helper()
-		base := tcpMemPages(t)
-		var peak int64
-		stop, sampled := make(chan struct{}), make(chan struct{})
-		go func() {
-			defer close(sampled)
-			for {
-				select {
-				case <-stop:
-					return
-				case <-time.After(5 * time.Millisecond):
-					peak = max(peak, tcpMemPages(t)-base)
-				}
-			}
-		}()
 		var res bulkResult
-		err := runHelper(t, c.pod, helper(t, "bulk", addr, fmt.Sprint(size), "1ms"), -1, &res)
-		close(stop)
-		<-sampled
+		peak, err := testbed.PeakTCPMemory(func() error {
+			return runHelper(t, c.pod, helper(t, "bulk", addr, fmt.Sprint(size), "1ms"), -1, &res)
+		})
 		if err != nil {
 			t.Fatalf("bulk transfer: %v (%+v)", err, res)
 		}
 		if res.Sent != size || res.Received != size || res.Mismatch >= 0 {
 			t.Fatalf("sent %d, echoed %d, first wrong byte at %d; want %d both ways and none wrong", res.Sent, res.Received, res.Mismatch, size)
 		}
-		return float64(peak*int64(os.Getpagesize())) / (1 << 20)
+		return peak
 	}
 	baseline := transfer()
 
@@ -118,28 +102,6 @@ func TestSpliceSlowReaderBounded(t *testing.T) {
 	if spliced > baseline+16 {
 		t.Errorf("TCP memory grew by %.1f MiB moving %d MiB to a slow reader with splice, %.1f MiB without: not bounded", spliced, size>>20, baseline)
 	}
-}
-
-// tcpMemPages is the kernel's TCP memory in pages, from /proc/net/sockstat.
-func tcpMemPages(t *testing.T) int64 {
-	data, err := os.ReadFile("/proc/net/sockstat")
-	if err != nil {
-		t.Error(err)
-		return 0
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		if len(f) > 0 && f[0] == "TCP:" {
-			for i := 1; i+1 < len(f); i += 2 {
-				if f[i] == "mem" {
-					n, _ := strconv.ParseInt(f[i+1], 10, 64)
-					return n
-				}
-			}
-		}
-	}
-	t.Error("no TCP mem in /proc/net/sockstat")
-	return 0
 }
 
 // Many connections at once, bulk and short, all spliced: every byte intact,

@@ -351,53 +351,17 @@ func (h harness) spliceCounters(pod *testbed.Pod) (map[string]uint64, error) {
 }
 
 // longBulk moves bulk for h.long seconds and returns its rate and the
-// kernel's peak TCP memory above where it started, sampled every 10 ms.
+// kernel's peak TCP memory above where it started.
 func (h harness) longBulk(pod *testbed.Pod, addr string) (mbps, peakMiB float64, err error) {
-	base, err := tcpMemPages()
-	if err != nil {
-		return 0, 0, err
-	}
-	var peak int64
-	stop, sampled := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(sampled)
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(10 * time.Millisecond):
-				if n, err := tcpMemPages(); err == nil {
-					peak = max(peak, n-base)
-				}
-			}
-		}
-	}()
-	res, err := pod.RunBenchWith(h.self, addr, testbed.BenchBulk, testbed.BenchOptions{Seconds: h.long})
-	close(stop)
-	<-sampled
+	var res testbed.BenchResult
+	peakMiB, err = testbed.PeakTCPMemory(func() (err error) {
+		res, err = pod.RunBenchWith(h.self, addr, testbed.BenchBulk, testbed.BenchOptions{Seconds: h.long})
+		return err
+	})
 	if err != nil {
 		return 0, 0, fmt.Errorf("long bulk: %w", err)
 	}
-	return res.MBps, float64(peak*int64(os.Getpagesize())) / (1 << 20), nil
-}
-
-// tcpMemPages is the kernel's TCP memory in pages (/proc/net/sockstat).
-func tcpMemPages() (int64, error) {
-	data, err := os.ReadFile("/proc/net/sockstat")
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if rest, ok := strings.CutPrefix(line, "TCP: "); ok {
-			f := strings.Fields(rest)
-			for i := 0; i+1 < len(f); i += 2 {
-				if f[i] == "mem" {
-					return strconv.ParseInt(f[i+1], 10, 64)
-				}
-			}
-		}
-	}
-	return 0, errors.New("no TCP mem in /proc/net/sockstat")
+	return res.MBps, peakMiB, nil
 }
 
 // cpuUsec is the CPU time the cgroup's processes used, in microseconds.
