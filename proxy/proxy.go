@@ -2,6 +2,13 @@
 // captured connection's original destination with getsockopt(SO_ORIGINAL_DST)
 // and forwards the bytes. It knows nothing of BPF and works the same behind
 // iptables REDIRECT.
+//
+// It is an event loop, as HAProxy and Envoy are, not a goroutine per
+// connection: one epoll loop per CPU owns its connections' sockets and moves
+// bytes with read() and write() as they become ready. An open connection then
+// costs its two sockets and a small record; a buffer is held only while bytes
+// wait for a slow side to take them. read() rather than splice(2): a socket
+// in Sluice's splice table never shows spliced bytes to splice(2).
 package proxy
 
 import (
@@ -12,8 +19,9 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
+	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -34,14 +42,22 @@ const (
 // inboundSource4 is where the proxy dials the application from for IPv4, as
 // Istio does: a loopback source the application can tell apart, which no
 // capture sees again (inbound capture sits on the pod's interface, not lo).
-var inboundSource4 = &net.TCPAddr{IP: net.IPv4(127, 0, 0, 6)}
+var inboundSource4 = &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 6}}
 
 // Options configures the built-in proxy; zero values take the defaults.
 type Options struct {
 	DialTimeout time.Duration // default 5s
-	IdleTimeout time.Duration // a direction with no bytes for this long is closed; default 1h
-	BufferSize  int           // per direction; default 32 KiB
-	Logger      *slog.Logger
+	IdleTimeout time.Duration // a connection with no bytes either way for this long is closed; default 1h
+	BufferSize  int           // bytes read at once, and held for a side that cannot take them yet; default 64 KiB
+	// Loops is how many event loops run, each holding one of the
+	// process's Ps (GOMAXPROCS) for good; default GOMAXPROCS-1 (at least
+	// 1), to leave one for the rest of the process.
+	Loops  int
+	Logger *slog.Logger
+
+	// originalDst replaces getsockopt(SO_ORIGINAL_DST), for tests without
+	// a kernel redirect.
+	originalDst func(fd int, local netip.AddrPort) (netip.AddrPort, error)
 }
 
 // Proxy is a transparent TCP proxy: for each accepted connection it asks the
@@ -50,12 +66,14 @@ type Options struct {
 // works the same behind Sluice's BPF hooks and behind iptables REDIRECT.
 type Proxy struct {
 	opts Options
-	bufs sync.Pool
+	bufs sync.Pool // *[]byte of BufferSize, for bytes a side cannot take yet
 
-	// stop ends every dial and open connection when a drain runs out.
-	stop     context.Context
-	stopNow  context.CancelFunc
-	handlers sync.WaitGroup
+	start     sync.Once
+	startErr  error
+	loops     []*loop
+	nextLoop  atomic.Uint32
+	open      atomic.Int64 // connections open, in every loop
+	loopsDone sync.WaitGroup
 }
 
 func New(opts Options) *Proxy {
@@ -66,62 +84,118 @@ func New(opts Options) *Proxy {
 		opts.IdleTimeout = time.Hour
 	}
 	if opts.BufferSize == 0 {
-		opts.BufferSize = 32 << 10
+		opts.BufferSize = 64 << 10
+	}
+	if opts.Loops == 0 {
+		opts.Loops = max(1, runtime.GOMAXPROCS(0)-1)
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
+	if opts.originalDst == nil {
+		opts.originalDst = originalDst
+	}
 	p := &Proxy{opts: opts}
-	p.stop, p.stopNow = context.WithCancel(context.Background())
 	p.bufs.New = func() any { b := make([]byte, opts.BufferSize); return &b }
 	return p
 }
 
-// Serve accepts on ln until ctx is done (it then returns nil and leaves the
-// open connections to Shutdown) or ln fails (it returns the error). dir
-// names the traffic ln receives, for the logs.
-func (p *Proxy) Serve(ctx context.Context, ln net.Listener, dir Direction) error {
-	listenAddr := ln.Addr().(*net.TCPAddr).AddrPort()
-	stop := context.AfterFunc(ctx, func() { ln.Close() })
-	defer stop()
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
+// startLoops starts the event loops once, at the first Serve.
+func (p *Proxy) startLoops() error {
+	p.start.Do(func() {
+		for range p.opts.Loops {
+			l, err := newLoop(p)
+			if err != nil {
+				p.startErr = err
+				break
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			return fmt.Errorf("accept on %s: %w", ln.Addr(), err)
+			p.loops = append(p.loops, l)
 		}
-		p.handlers.Add(1)
-		go func() {
-			defer p.handlers.Done()
-			p.handle(c.(*net.TCPConn), dir, listenAddr)
-		}()
+		if p.startErr != nil {
+			for _, l := range p.loops {
+				l.closeFDs()
+			}
+			p.loops = nil
+			return
+		}
+		for _, l := range p.loops {
+			p.loopsDone.Add(1)
+			go func() {
+				defer p.loopsDone.Done()
+				l.run()
+			}()
+		}
+	})
+	return p.startErr
+}
+
+// Serve accepts on ln until ctx is done (it then returns nil and leaves the
+// open connections to Shutdown) or accepting fails (it returns the error).
+// dir names the traffic ln receives. Every event loop accepts from ln; the
+// kernel wakes one per connection. Serve takes ln over and closes it.
+func (p *Proxy) Serve(ctx context.Context, ln net.Listener, dir Direction) error {
+	defer ln.Close()
+	tl, ok := ln.(*net.TCPListener)
+	if !ok {
+		return fmt.Errorf("serve %s: not a TCP listener", ln.Addr())
 	}
+	addr := tl.Addr().(*net.TCPAddr).AddrPort()
+	// A copy of the socket the loops own: closing ln then takes it out of
+	// Go's poller, which would be woken for every connection for nothing.
+	f, err := tl.File()
+	if err != nil {
+		return fmt.Errorf("serve %s: %w", addr, err)
+	}
+	defer f.Close()
+	ln.Close()
+	fd := int(f.Fd())
+	// Fd puts the socket in blocking mode, and the loops must never block.
+	if err := unix.SetNonblock(fd, true); err != nil {
+		return fmt.Errorf("serve %s: %w", addr, err)
+	}
+	noDelay(fd)
+	if err := p.startLoops(); err != nil {
+		return err
+	}
+	lst := &listener{fd: fd, dir: dir, addr: addr, failed: make(chan error, 1)}
+	for i, l := range p.loops {
+		if err := l.call(func(l *loop) error { return l.addListener(lst) }); err != nil {
+			for _, added := range p.loops[:i] {
+				added.call(func(l *loop) error { l.removeListener(lst); return nil })
+			}
+			return fmt.Errorf("serve %s: %w", addr, err)
+		}
+	}
+	select {
+	case <-ctx.Done():
+		err = nil
+	case err = <-lst.failed:
+		err = fmt.Errorf("accept on %s: %w", addr, err)
+	}
+	// The socket is closed only once no loop uses it any more.
+	for _, l := range p.loops {
+		l.call(func(l *loop) error { l.removeListener(lst); return nil })
+	}
+	return err
 }
 
 // Shutdown lets the open connections finish for up to drain, then closes
-// the rest and waits for them. Call it once every Serve has returned.
+// the rest and stops the loops. Call it once every Serve has returned.
 func (p *Proxy) Shutdown(drain time.Duration) {
-	done := make(chan struct{})
-	go func() {
-		p.handlers.Wait()
-		close(done)
-	}()
-	timer := time.NewTimer(drain)
-	defer timer.Stop()
-	select {
-	case <-done:
-	case <-timer.C:
-		p.opts.Logger.Warn("drain period over; closing the open connections", "drain", drain)
-		p.stopNow()
-		<-done
+	if len(p.loops) == 0 {
+		return
 	}
-	p.stopNow()
+	deadline := time.Now().Add(drain)
+	for p.open.Load() > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := p.open.Load(); n > 0 {
+		p.opts.Logger.Warn("drain period over; closing the open connections", "drain", drain, "open", n)
+	}
+	for _, l := range p.loops {
+		l.call(func(l *loop) error { l.stop(); return nil })
+	}
+	p.loopsDone.Wait()
 }
 
 // isLoop reports whether dst is the listener itself: a connection straight to
@@ -140,152 +214,32 @@ func isLoop(dst, listen, local netip.AddrPort) bool {
 	return dst.Addr().Unmap() == listen.Addr().Unmap()
 }
 
-func (p *Proxy) handle(down *net.TCPConn, dir Direction, listenAddr netip.AddrPort) {
-	defer down.Close()
-	log := p.opts.Logger
-	dst, err := OriginalDst(down)
-	if err != nil {
-		log.Warn("no original destination; closing", "direction", dir, "client", down.RemoteAddr(), "err", err)
-		return
-	}
-	if isLoop(dst, listenAddr, down.LocalAddr().(*net.TCPAddr).AddrPort()) {
-		log.Warn("original destination is the proxy's own listener; closing", "direction", dir, "client", down.RemoteAddr(), "orig_dst", dst)
-		return
-	}
-
-	// No context for the dial: a cancellable one costs a goroutine per
-	// dial, and a drain that runs out closes what is open anyway.
-	dialer := net.Dialer{Timeout: p.opts.DialTimeout}
-	if dir == Inbound && dst.Addr().Unmap().Is4() {
-		dialer.LocalAddr = inboundSource4
-	}
-	upConn, err := dialer.Dial("tcp", dst.String())
-	if err != nil {
-		log.Warn("dial original destination", "direction", dir, "client", down.RemoteAddr(), "orig_dst", dst, "err", err)
-		return
-	}
-	up := upConn.(*net.TCPConn)
-	defer up.Close()
-	// A drain that runs out cuts the connection.
-	release := context.AfterFunc(p.stop, func() {
-		down.Close()
-		up.Close()
-	})
-	defer release()
-
-	start := time.Now()
-	var sent, received int64
-	errc := make(chan error, 1)
-	go func() {
-		var err error
-		sent, err = p.pipe(up, down)
-		errc <- err
-	}()
-	received, err = p.pipe(down, up)
-	if err != nil {
-		// Unblock the other direction: a reset or timeout ends the connection.
-		down.Close()
-		up.Close()
-	}
-	if err2 := <-errc; err == nil {
-		err = err2
-	}
-	// Built only when asked for: attributes cost an allocation each.
-	if log.Enabled(context.Background(), slog.LevelDebug) {
-		log.Debug("proxied", "direction", string(dir), "client", down.RemoteAddr().String(), "orig_dst", dst.String(),
-			"upstream", up.LocalAddr().String(), "sent", sent, "received", received,
-			"duration", time.Since(start).Round(time.Microsecond), "err", err)
-	}
-}
-
-// pipe copies src to dst with read()/write() and half-closes dst at EOF.
-// It deliberately avoids io.Copy: between two TCPConns that uses splice(2),
-// which never sees data a sockmap redirect delivers to the socket.
-//
-// It holds a buffer only while bytes move: it waits for src to be readable
-// with no buffer (RawConn.Read's callback runs when the socket is ready),
-// takes one from the pool for the read and the write, and gives it back.
-// An idle connection then costs its two goroutines, not 64 KiB of buffers.
-func (p *Proxy) pipe(dst, src *net.TCPConn) (int64, error) {
-	rc, err := src.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	var (
-		total    int64
-		buf      *[]byte
-		n        int
-		rerr     error
-		deadline time.Time // when the idle deadlines were last pushed
-	)
-	read := func(fd uintptr) bool {
-		b := p.bufs.Get().(*[]byte)
-		n, rerr = unix.Read(int(fd), *b)
-		if rerr == unix.EAGAIN {
-			p.bufs.Put(b)
-			return false // wait for readability, holding nothing
-		}
-		buf = b
-		return true
-	}
-	for {
-		// Pushing deadlines costs a timer update each: only every quarter
-		// of the idle timeout.
-		if now := time.Now(); now.Sub(deadline) > p.opts.IdleTimeout/4 {
-			deadline = now
-			if err := src.SetReadDeadline(now.Add(p.opts.IdleTimeout)); err != nil {
-				return total, err
-			}
-			if err := dst.SetWriteDeadline(now.Add(p.opts.IdleTimeout)); err != nil {
-				return total, err
-			}
-		}
-		if err := rc.Read(read); err != nil {
-			return total, err
-		}
-		if rerr == unix.EINTR {
-			p.bufs.Put(buf)
-			continue
-		}
-		if rerr != nil {
-			p.bufs.Put(buf)
-			return total, os.NewSyscallError("read", rerr)
-		}
-		if n == 0 {
-			p.bufs.Put(buf)
-			return total, dst.CloseWrite()
-		}
-		w, werr := dst.Write((*buf)[:n])
-		p.bufs.Put(buf)
-		total += int64(w)
-		if werr != nil {
-			return total, werr
-		}
-	}
-}
-
-// OriginalDst returns the destination the client connected to before it was
-// redirected, answered by conntrack (iptables REDIRECT) or by Sluice's
-// cgroup/getsockopt hook in exactly the same format.
+// OriginalDst returns where the client of a captured connection was going
+// before it was redirected, answered by conntrack (iptables REDIRECT) or by
+// Sluice's cgroup/getsockopt hook in exactly the same format.
 func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
 	raw, err := c.SyscallConn()
 	if err != nil {
 		return netip.AddrPort{}, err
 	}
+	var dst netip.AddrPort
+	cerr := raw.Control(func(fd uintptr) {
+		dst, err = originalDst(int(fd), c.LocalAddr().(*net.TCPAddr).AddrPort())
+	})
+	return dst, errors.Join(cerr, err)
+}
+
+// originalDst asks with the level of the connection's family as its local
+// end shows it: IPv4 (v4-mapped too) answers at SOL_IP.
+func originalDst(fd int, local netip.AddrPort) (netip.AddrPort, error) {
 	level, size := unix.SOL_IP, unix.SizeofSockaddrInet4
-	if local := c.LocalAddr().(*net.TCPAddr).AddrPort().Addr(); !local.Unmap().Is4() {
+	if !local.Addr().Unmap().Is4() {
 		level, size = unix.SOL_IPV6, unix.SizeofSockaddrInet6
 	}
 	var buf [unix.SizeofSockaddrInet6]byte
 	n := uint32(size)
-	var errno unix.Errno
-	cerr := raw.Control(func(fd uintptr) {
-		_, _, errno = unix.Syscall6(unix.SYS_GETSOCKOPT, fd, uintptr(level), soOriginalDst,
-			uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&n)), 0)
-	})
-	if cerr != nil {
-		return netip.AddrPort{}, cerr
-	}
+	_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), soOriginalDst,
+		uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&n)), 0)
 	if errno != 0 {
 		return netip.AddrPort{}, fmt.Errorf("getsockopt SO_ORIGINAL_DST: %w", errno)
 	}
@@ -306,4 +260,15 @@ func parseSockaddr(b []byte) (netip.AddrPort, error) {
 		return netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[8:24])), binary.BigEndian.Uint16(b[2:])), nil
 	}
 	return netip.AddrPort{}, fmt.Errorf("unexpected sockaddr: family %d, %d bytes", family, len(b))
+}
+
+// sockaddrPort converts what getsockname and getpeername return.
+func sockaddrPort(sa unix.Sockaddr) netip.AddrPort {
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr), uint16(a.Port))
+	}
+	return netip.AddrPort{}
 }

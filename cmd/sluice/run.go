@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -143,7 +144,11 @@ Examples:
 		if err != nil {
 			return err
 		}
-		p := proxy.New(proxy.Options{IdleTimeout: *idle, Logger: log})
+		// One event loop per CPU, each holding a P, and one P more for
+		// the rest (listeners' setup, the exporter, /metrics).
+		loops := runtime.GOMAXPROCS(0)
+		runtime.GOMAXPROCS(loops + 1)
+		p := proxy.New(proxy.Options{IdleTimeout: *idle, Logger: log, Loops: loops})
 		for _, ln := range listeners {
 			runners = append(runners, func(ctx context.Context) error { return p.Serve(ctx, ln.Listener, ln.dir) })
 		}

@@ -1,0 +1,229 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// conn is one proxied connection: the accepted socket (down) and the one the
+// proxy dialed (up).
+type conn struct {
+	down, up   side
+	dir        Direction
+	client     netip.AddrPort
+	dst        netip.AddrPort
+	start      int64 // mono() when accepted
+	last       int64 // mono() when bytes last arrived either way
+	sent       int64 // written upstream
+	received   int64 // written downstream
+	connecting bool  // up's connect has not completed
+	queued     bool  // in loop.again
+	closed     bool
+}
+
+// side is one socket of a connection and what the loop knows of it.
+type side struct {
+	fd                 int
+	readable, writable bool // readiness seen and not used up (EAGAIN clears it)
+	hup                bool // its peer's FIN (or an error) was signalled
+	eof                bool // its peer finished sending
+	shut               bool // the proxy finished sending to it
+	// pending are bytes read from the other side that this one could not
+	// take yet, in buf, a pooled buffer held only meanwhile.
+	pending []byte
+	buf     *[]byte
+}
+
+// turnSteps bounds how many reads and writes one connection gets per turn,
+// so that a bulk transfer shares its loop with the other connections.
+const turnSteps = 16
+
+// progress moves what can be moved on c without blocking, and closes it
+// once both directions are done.
+func (l *loop) progress(c *conn) {
+	if c.closed {
+		return
+	}
+	if c.connecting {
+		if !c.up.writable {
+			return
+		}
+		if err := connected(c.up.fd, c.dst); err == unix.EALREADY {
+			c.up.writable = false // a stale readiness event
+			return
+		} else if err != nil {
+			l.fail(c, fmt.Errorf("dial %s: %w", c.dst, err))
+			return
+		}
+		c.connecting = false
+	}
+	for range turnSteps {
+		a, err := l.step(c, &c.down, &c.up, &c.sent)
+		if err != nil {
+			l.finish(c, err)
+			return
+		}
+		b, err := l.step(c, &c.up, &c.down, &c.received)
+		if err != nil {
+			l.finish(c, err)
+			return
+		}
+		if !a && !b {
+			if c.down.eof && c.up.eof && c.down.shut && c.up.shut {
+				l.finish(c, nil)
+			}
+			return
+		}
+	}
+	if !c.queued {
+		c.queued = true
+		l.again = append(l.again, c)
+	}
+}
+
+// connected reports how a non-blocking connect ended: nil when it did,
+// EALREADY while it is still under way, or its error. It asks as HAProxy
+// does, with connect() again: one call where SO_ERROR would need a second
+// to tell "connected" from "not yet".
+func connected(fd int, dst netip.AddrPort) error {
+	_, sa := sockaddr(dst)
+	switch err := unix.Connect(fd, sa); err {
+	case nil, unix.EISCONN:
+		return nil
+	case unix.EALREADY, unix.EINPROGRESS:
+		return unix.EALREADY
+	default:
+		return err
+	}
+}
+
+// step moves one chunk from src to dst: the bytes dst could not take before,
+// or one read of src. It reports whether anything moved.
+func (l *loop) step(c *conn, src, dst *side, count *int64) (bool, error) {
+	if len(dst.pending) > 0 {
+		if !dst.writable {
+			return false, nil
+		}
+		n, err := rawWrite(dst.fd, dst.pending)
+		switch {
+		case err == unix.EAGAIN:
+			dst.writable = false
+			return false, nil
+		case err == unix.EINTR:
+			return true, nil
+		case err != nil:
+			return false, os.NewSyscallError("write", err)
+		}
+		*count += int64(n)
+		dst.pending = dst.pending[n:]
+		if len(dst.pending) == 0 {
+			l.p.bufs.Put(dst.buf)
+			dst.pending, dst.buf = nil, nil
+		}
+		return true, nil
+	}
+	if src.eof {
+		if !dst.shut {
+			dst.shut = true
+			// ENOTCONN: the peer has gone already; closing says the rest.
+			unix.Shutdown(dst.fd, unix.SHUT_WR)
+		}
+		return false, nil
+	}
+	if !src.readable {
+		return false, nil
+	}
+	n, err := rawRead(src.fd, l.scratch)
+	switch {
+	case err == unix.EAGAIN:
+		src.readable = false
+		return false, nil
+	case err == unix.EINTR:
+		return true, nil
+	case err != nil:
+		return false, os.NewSyscallError("read", err)
+	case n == 0:
+		src.eof = true
+		return true, nil
+	case n < len(l.scratch) && !src.hup:
+		// A short read took all there was: with edge-triggered events
+		// the next bytes to arrive bring an event of their own, so no
+		// read is spent on learning EAGAIN. Not after a FIN was
+		// signalled: its event may have come with the data's, and the
+		// end of stream is then only seen by reading on.
+		src.readable = false
+	}
+	c.last = l.now
+	w, err := rawWrite(dst.fd, l.scratch[:n])
+	switch {
+	case err == unix.EAGAIN || err == unix.EINTR:
+		w = 0
+	case err != nil:
+		return false, os.NewSyscallError("write", err)
+	}
+	*count += int64(w)
+	if w < n {
+		// dst's send buffer is full: keep the rest until it drains, and
+		// read no more from src meanwhile (TCP then slows src's sender).
+		dst.buf = l.p.bufs.Get().(*[]byte)
+		dst.pending = (*dst.buf)[:copy(*dst.buf, l.scratch[w:n])]
+		dst.writable = false
+	}
+	return true, nil
+}
+
+// fail ends a connection whose dial failed, with a warning.
+func (l *loop) fail(c *conn, err error) {
+	l.p.opts.Logger.Warn("dial original destination", "direction", c.dir, "client", c.client, "orig_dst", c.dst, "err", err)
+	l.finish(c, err)
+}
+
+// finish closes both sockets of c and forgets it.
+func (l *loop) finish(c *conn, err error) {
+	c.closed = true
+	log := l.p.opts.Logger
+	// Built only when asked for: attributes cost an allocation each.
+	if log.Enabled(context.Background(), slog.LevelDebug) {
+		var upstream netip.AddrPort
+		if sa, err := unix.Getsockname(c.up.fd); err == nil {
+			upstream = sockaddrPort(sa)
+		}
+		log.Debug("proxied", "direction", string(c.dir), "client", c.client.String(), "orig_dst", c.dst.String(),
+			"upstream", upstream.String(), "sent", c.sent, "received", c.received,
+			"duration", time.Duration(l.now-c.start).Round(time.Microsecond), "err", err)
+	}
+	for _, s := range []*side{&c.down, &c.up} {
+		l.own(s.fd, owner{})
+		unix.Close(s.fd)
+		if s.buf != nil {
+			l.p.bufs.Put(s.buf)
+			s.pending, s.buf = nil, nil
+		}
+	}
+	l.p.open.Add(-1)
+}
+
+// rawRead and rawWrite are read and write on a non-blocking socket, which
+// never block: raw system calls, as in loop.run.
+func rawRead(fd int, b []byte) (int, error) {
+	r, _, e := unix.RawSyscall(unix.SYS_READ, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
+	if e != 0 {
+		return 0, e
+	}
+	return int(r), nil
+}
+
+func rawWrite(fd int, b []byte) (int, error) {
+	r, _, e := unix.RawSyscall(unix.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
+	if e != 0 {
+		return 0, e
+	}
+	return int(r), nil
+}
