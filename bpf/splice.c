@@ -61,12 +61,20 @@ static __always_inline __u32 peer_backlog(__u64 peer)
 	return BPF_CORE_READ(psock, msg_tot_len);
 }
 
+/* tcp_for_good passes this message and, without running the program
+ * again, the next 4 GiB this end sends: a stopped end never splices again. */
+static __always_inline int tcp_for_good(struct sk_msg_md *msg)
+{
+	bpf_msg_apply_bytes(msg, ~0U);
+	return SK_PASS;
+}
+
 /* splice_stop sends this end's bytes by TCP from now on. */
-static __always_inline int splice_stop(struct sock_state *st, enum counter why)
+static __always_inline int splice_stop(struct sk_msg_md *msg, struct sock_state *st, enum counter why)
 {
 	st->splice |= SPLICE_STOPPED;
 	count(why);
-	return SK_PASS;
+	return tcp_for_good(msg);
 }
 
 SEC("sk_msg")
@@ -76,10 +84,12 @@ int sluice_splice(struct sk_msg_md *msg)
 	if (!sk)
 		return SK_PASS;
 	struct sock_state *st = bpf_sk_storage_get(&sock_states, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!st || (st->splice & SPLICE_STOPPED))
+	if (!st)
 		return SK_PASS;
+	if (st->splice & SPLICE_STOPPED)
+		return tcp_for_good(msg);
 	if (peer_backlog(st->splice_peer) > SPLICE_QUEUE_MAX)
-		return splice_stop(st, COUNT_SPLICE_STOPPED);
+		return splice_stop(msg, st, COUNT_SPLICE_STOPPED);
 	struct tuple_key peer = {};
 	CTX_TUPLE(msg, &peer);
 	swap_ends(&peer);
@@ -89,7 +99,7 @@ int sluice_splice(struct sk_msg_md *msg)
 	 * have the message dropped; it goes by TCP instead, and so does the
 	 * rest of this direction, to keep the bytes in order. */
 	if (bpf_msg_redirect_hash(msg, &splice_socks, &peer, BPF_F_INGRESS) != SK_PASS)
-		return splice_stop(st, COUNT_SPLICE_NO_PEER);
+		return splice_stop(msg, st, COUNT_SPLICE_NO_PEER);
 	/* The context is the kernel's struct sk_msg, whose sk_redir the
 	 * redirect just set to the peer. */
 	st->splice_peer = (__u64)BPF_CORE_READ((struct sk_msg *)msg, sk_redir);

@@ -62,9 +62,9 @@ func diff(before, after map[string]uint64) map[string]uint64 {
 // up in the app's socket. Splice has no flow control of its own; past 1 MiB
 // unread the connection goes back to TCP, whose window then holds the
 // writer back. The bytes stay intact and in order across the switch, and
-// the kernel's TCP memory peaks where it does without splice: the same
-// transfer runs first without (the baseline), then with splice turned on
-// by a rerun of install.
+// the kernel's TCP memory stays within about twice its peak without splice,
+// far from the transfer's size: the same transfer runs first without (the
+// baseline), then with splice turned on by a rerun of install.
 func TestSpliceSlowReaderBounded(t *testing.T) {
 	c := newCapturedPod(t)
 	c.startSidecar(t, "--log-level", "info")
@@ -97,10 +97,12 @@ func TestSpliceSlowReaderBounded(t *testing.T) {
 	if d["splice_stopped_reader_behind"] == 0 || d["splice_messages"] == 0 {
 		t.Errorf("want the connection spliced and then sent back to TCP when its reader fell behind; counters %v", d)
 	}
-	// 1 MiB per direction, and room for noise: unbounded queuing would
-	// reach the whole transfer.
-	if spliced > baseline+16 {
-		t.Errorf("TCP memory grew by %.1f MiB moving %d MiB to a slow reader with splice, %.1f MiB without: not bounded", spliced, size>>20, baseline)
+	// 1 MiB per direction, plus what a socket in the sockmap queues on
+	// its send path beyond TCP's own (measured 0.5-1.7 times the peak
+	// without splice), where unbounded queuing reaches the whole transfer
+	// (120 MiB of 128 measured before the limit existed).
+	if limit := 2*baseline + 8; spliced > limit {
+		t.Errorf("TCP memory grew by %.1f MiB moving %d MiB to a slow reader with splice, %.1f MiB without (limit %.1f): not bounded", spliced, size>>20, baseline, limit)
 	}
 }
 
