@@ -33,10 +33,12 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -73,6 +75,7 @@ func main() {
 	if err := os.MkdirAll(*out, 0o755); err != nil {
 		fatal("%v", err)
 	}
+	cleanUpOnSignal()
 	h := harness{sluice: exe, seconds: *seconds, idle: *idle}
 	if h.self, err = os.Executable(); err != nil {
 		fatal("%v", err)
@@ -109,6 +112,26 @@ func main() {
 }
 
 var allConfigs = []string{"direct", "iptables", "sluice", "splice", "splice-telemetry", "haproxy"}
+
+// interrupted holds the teardown of the measurement under way, for a
+// signal to run before the process exits: a bench stopped with Ctrl-C
+// leaves no pod, namespace, cgroup or pin behind.
+var interrupted atomic.Pointer[func() error]
+
+func cleanUpOnSignal() {
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		s := <-sig
+		fmt.Fprintf(os.Stderr, "bench: %v: removing its pods\n", s)
+		if f := interrupted.Load(); f != nil {
+			if err := (*f)(); err != nil {
+				fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+			}
+		}
+		os.Exit(1)
+	}()
+}
 
 func fatal(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "bench: "+format+"\n", args...)
@@ -171,7 +194,20 @@ func (h harness) measure(config string) (f Figures, err error) {
 	if err != nil {
 		return f, err
 	}
-	defer func() { err = errors.Join(err, bed.Close()) }()
+	var undo func() error
+	// What an interrupt must remove, as the defers below do otherwise.
+	teardown := func() error {
+		var undone error
+		if undo != nil {
+			undone = undo()
+		}
+		return errors.Join(undone, bed.Close())
+	}
+	interrupted.Store(&teardown)
+	defer func() {
+		interrupted.Store(nil)
+		err = errors.Join(err, teardown())
+	}()
 	pod, err := bed.AddPod("app")
 	if err != nil {
 		return f, err
@@ -185,9 +221,6 @@ func (h harness) measure(config string) (f Figures, err error) {
 		return f, err
 	}
 	sidecar, undo, err := h.setup(config, pod)
-	if undo != nil {
-		defer func() { err = errors.Join(err, undo()) }()
-	}
 	if err != nil {
 		return f, err
 	}
