@@ -18,7 +18,7 @@ import (
 
 // podCgroups makes a test pod and the cgroups rel... below its own, and
 // removes them when the test ends (before the bed removes the pod).
-func podCgroups(t *testing.T, rel ...string) []string {
+func podCgroups(t testing.TB, rel ...string) []string {
 	t.Helper()
 	privileged(t)
 	pod, err := testbed.Must(t).AddPod("app")
@@ -50,7 +50,7 @@ func podCgroups(t *testing.T, rel ...string) []string {
 	return paths
 }
 
-func install(t *testing.T, cgroup, pinDir string) Target {
+func install(t testing.TB, cgroup, pinDir string) Target {
 	t.Helper()
 	target, err := ResolveTarget(cgroup, pinDir)
 	if err != nil {

@@ -113,7 +113,14 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 		return res, err
 	}
 	if !fresh {
-		if done, err := finished(t, *cur.rec, want, plan, ifindex); err != nil || done {
+		done, err := finished(t, *cur.rec, want, plan, ifindex)
+		if err != nil || done {
+			return res, err
+		}
+		if ok, changed, err := rewritePolicy(t, *cur.rec, want, plan); err != nil || ok {
+			if changed {
+				res.Changes = append(res.Changes, "policy written")
+			}
 			return res, err
 		}
 	}
@@ -244,6 +251,41 @@ func finished(t Target, rec, want record, plan redirect.Plan, ifindex int) (bool
 		return false, nil
 	}
 	return s.Plan.Equal(plan), nil
+}
+
+// rewritePolicy is the fast path of a rerun that changes the policy only:
+// an install complete with this build, on the same target, whose splice
+// table is big enough for the plan. It writes the plan into the pinned
+// maps (the idle slot, then the switch) and the record's new flags,
+// without loading a program; ok is false when the full path is needed, and
+// changed says whether the policy in force changed.
+func rewritePolicy(t Target, rec, want record, plan redirect.Plan) (ok, changed bool, err error) {
+	if rec.Object != bpf.ObjectHash() || rec.Netns != want.Netns || rec.Interface != want.Interface || rec.Ifindex != want.Ifindex {
+		return false, false, nil
+	}
+	s, err := Status(t)
+	if err != nil || !s.Complete || s.SpliceCapacity < int(spliceTableSize(plan.Splice)) {
+		return false, false, nil
+	}
+	maps := map[string]*ebpf.Map{}
+	defer func() {
+		for _, m := range maps {
+			m.Close()
+		}
+	}()
+	for _, name := range []string{bpf.SluiceMapPolicies, bpf.SluiceMapPolicyActive, bpf.SluiceMapIncludeCidrs, bpf.SluiceMapExcludeCidrs, bpf.SluiceMapMeta} {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(t.PinDir, name), nil)
+		if err != nil {
+			return false, false, fmt.Errorf("open pinned map %s: %w", name, err)
+		}
+		maps[name] = m
+	}
+	changed, err = policyMapsOf(maps).write(plan)
+	if err != nil {
+		return false, false, err
+	}
+	want.Object = rec.Object
+	return true, changed, writeRecord(maps[bpf.SluiceMapMeta], want)
 }
 
 // pinnedMapsIn opens every map already pinned in dir, for the new load to

@@ -21,7 +21,7 @@ import (
 	"github.com/sluicemesh/sluice/redirect"
 )
 
-func privileged(t *testing.T) { testbed.RequirePrivileged(t) }
+func privileged(t testing.TB) { testbed.RequirePrivileged(t) }
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 

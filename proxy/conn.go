@@ -33,8 +33,13 @@ type side struct {
 	fd                 int
 	readable, writable bool // readiness seen and not used up (EAGAIN clears it)
 	hup                bool // its peer's FIN (or an error) was signalled
-	eof                bool // its peer finished sending
-	shut               bool // the proxy finished sending to it
+	// greedy: read until EAGAIN, never stop at a short read. For the
+	// socket on the hop between app and proxy, which Sluice may splice: a
+	// spliced socket's read drains the spliced queue first and returns
+	// short while TCP's queue may still hold bytes, with no event to come.
+	greedy bool
+	eof    bool // its peer finished sending
+	shut   bool // the proxy finished sending to it
 	// pending are bytes read from the other side that this one could not
 	// take yet, in buf, a pooled buffer held only meanwhile.
 	pending []byte
@@ -152,7 +157,7 @@ func (l *loop) step(c *conn, src, dst *side, count *int64) (bool, error) {
 	case n == 0:
 		src.eof = true
 		return true, nil
-	case n < len(l.scratch) && !src.hup:
+	case n < len(l.scratch) && !src.hup && !src.greedy:
 		// A short read took all there was: with edge-triggered events
 		// the next bytes to arrive bring an event of their own, so no
 		// read is spent on learning EAGAIN. Not after a FIN was

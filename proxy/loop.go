@@ -293,7 +293,8 @@ func (l *loop) open(fd int, client netip.AddrPort, lst *listener) {
 		unix.Close(fd)
 		return
 	}
-	c := &conn{down: side{fd: fd}, up: side{fd: up}, dir: lst.dir, client: client, dst: dst, start: l.now, last: l.now, connecting: true}
+	c := &conn{down: side{fd: fd, greedy: lst.dir == Outbound}, up: side{fd: up, greedy: lst.dir == Inbound},
+		dir: lst.dir, client: client, dst: dst, start: l.now, last: l.now, connecting: true}
 	for _, s := range []int{fd, up} {
 		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(s)}
 		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, s, &ev); err != nil {

@@ -334,20 +334,27 @@ type bulkResult struct {
 	// Mismatch is the offset of the first echoed byte that differs from
 	// what was sent; -1 when none does.
 	Mismatch int64
+	Rounds   int // request/response rounds done after the bulk
 }
 
 // bulk sends SIZE bytes of a counting pattern to an echo server at ADDR as
-// fast as the connection takes them, half-closes, and reads the echo to
-// EOF, pausing PAUSE after every 64 KiB read: a reader slower than its
-// writer. args: addr size pause
+// fast as the connection takes them while it reads the echo, pausing PAUSE
+// after every 64 KiB read: a reader slower than its writer. Then it makes
+// ROUNDS 64-byte request/response exchanges on the same connection (each
+// must come back within 2s), half-closes and reads to EOF.
+// args: addr size pause [rounds]
 func bulk(args []string) (any, error) {
-	if len(args) != 3 {
-		return nil, errors.New("usage: bulk ADDR SIZE PAUSE")
+	if len(args) != 3 && len(args) != 4 {
+		return nil, errors.New("usage: bulk ADDR SIZE PAUSE [ROUNDS]")
 	}
 	size, _ := strconv.ParseInt(args[1], 10, 64)
 	pause, err := time.ParseDuration(args[2])
 	if err != nil {
 		return nil, err
+	}
+	rounds := 0
+	if len(args) == 4 {
+		rounds, _ = strconv.Atoi(args[3])
 	}
 	c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
 	if err != nil {
@@ -361,26 +368,8 @@ func bulk(args []string) (any, error) {
 	}
 	pattern := func(off int64) byte { return byte(off ^ off>>8 ^ off>>16) }
 	res := bulkResult{Mismatch: -1}
-	sent := make(chan error, 1)
-	go func() {
-		buf := make([]byte, 256<<10)
-		for res.Sent < size {
-			n := int(min(int64(len(buf)), size-res.Sent))
-			for i := range n {
-				buf[i] = pattern(res.Sent + int64(i))
-			}
-			w, err := c.Write(buf[:n])
-			res.Sent += int64(w)
-			if err != nil {
-				sent <- fmt.Errorf("send: %w", err)
-				return
-			}
-		}
-		sent <- c.(*net.TCPConn).CloseWrite()
-	}()
-	buf := make([]byte, 64<<10)
-	var rerr error
-	for {
+	// check reads n echoed bytes, which must follow the pattern on.
+	check := func(buf []byte) error {
 		n, err := io.ReadFull(r, buf)
 		for i := range n {
 			if res.Mismatch < 0 && buf[i] != pattern(res.Received+int64(i)) {
@@ -388,18 +377,54 @@ func bulk(args []string) (any, error) {
 			}
 		}
 		res.Received += int64(n)
-		if err == io.EOF || err == io.ErrUnexpectedEOF {
-			break
+		return err
+	}
+	sent := make(chan error, 1)
+	send := func(n int64) {
+		buf := make([]byte, 256<<10)
+		for end := res.Sent + n; res.Sent < end; {
+			k := int(min(int64(len(buf)), end-res.Sent))
+			for i := range k {
+				buf[i] = pattern(res.Sent + int64(i))
+			}
+			w, err := c.Write(buf[:k])
+			res.Sent += int64(w)
+			if err != nil {
+				sent <- fmt.Errorf("send: %w", err)
+				return
+			}
 		}
-		if err != nil {
-			rerr = fmt.Errorf("read echo: %w", err)
-			c.Close()
-			break
+		sent <- nil
+	}
+	go send(size)
+	buf := make([]byte, 64<<10)
+	for res.Received < size {
+		if err := check(buf[:min(int64(len(buf)), size-res.Received)]); err != nil {
+			c.Close() // unblock the sender
+			<-sent
+			return res, fmt.Errorf("read echo: %w", err)
 		}
 		time.Sleep(pause)
 	}
 	if err := <-sent; err != nil {
 		return res, err
 	}
-	return res, rerr
+	for ; res.Rounds < rounds; res.Rounds++ {
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		send(64)
+		if err := <-sent; err != nil {
+			return res, err
+		}
+		if err := check(buf[:64]); err != nil {
+			return res, fmt.Errorf("round %d: %w", res.Rounds, err)
+		}
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		return res, err
+	}
+	if n, err := r.Read(buf[:1]); n != 0 || err != io.EOF {
+		return res, fmt.Errorf("after the echo: read %d bytes, %v; want EOF", n, err)
+	}
+	return res, nil
 }

@@ -69,18 +69,20 @@ func TestSpliceSlowReaderBounded(t *testing.T) {
 	c := newCapturedPod(t)
 	c.startSidecar(t, "--log-level", "info")
 	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
-	const size = 128 << 20
+	// After the bulk, request/response on the same connection: every byte
+	// of it must come through once splicing has stopped too.
+	const size, rounds = 128 << 20, 200
 	transfer := func() float64 {
 		t.Helper()
 		var res bulkResult
 		peak, err := testbed.PeakTCPMemory(func() error {
-			return runHelper(t, c.pod, helper(t, "bulk", addr, fmt.Sprint(size), "1ms"), -1, &res)
+			return runHelper(t, c.pod, helper(t, "bulk", addr, fmt.Sprint(size), "1ms", fmt.Sprint(rounds)), -1, &res)
 		})
 		if err != nil {
-			t.Fatalf("bulk transfer: %v (%+v)", err, res)
+			t.Fatalf("bulk transfer, then request/response: %v (%+v)", err, res)
 		}
-		if res.Sent != size || res.Received != size || res.Mismatch >= 0 {
-			t.Fatalf("sent %d, echoed %d, first wrong byte at %d; want %d both ways and none wrong", res.Sent, res.Received, res.Mismatch, size)
+		if want := int64(size + 64*rounds); res.Sent != want || res.Received != want || res.Mismatch >= 0 {
+			t.Fatalf("sent %d, echoed %d, first wrong byte at %d; want %d both ways and none wrong", res.Sent, res.Received, res.Mismatch, want)
 		}
 		return peak
 	}
