@@ -67,7 +67,7 @@ Examples:
 		fs.Var(redirect.IDFlag(&policy.ProxyGID, "gid"), "g", "gid to run as when started as root")
 		logFormat := fs.String("log-format", "text", "text or json")
 		logLevel := fs.String("log-level", "info", "debug, info, warn or error")
-		idle := fs.Duration("idle-timeout", time.Hour, "close a connection after this long without bytes in a direction")
+		idle := fs.Duration("idle-timeout", time.Hour, "close a connection after this long with no bytes either way")
 		drain := fs.Duration("drain", 5*time.Second, "on SIGTERM, how long open connections may take to finish")
 		metricsAddr := fs.String("metrics-addr", ":15090", "where to serve /metrics and /flows (with --cgroup); empty: nowhere")
 		istioNames := fs.Bool("istio-metrics", false, "name the layer-4 counters istio_tcp_* instead of sluice_tcp_* (for pods with no other Istio proxy)")

@@ -93,7 +93,12 @@ func (p *Pod) RunBenchWith(self, addr, mode string, o BenchOptions) (BenchResult
 	if o.Seconds > 0 {
 		cmd.Env = append(cmd.Env, fmt.Sprintf("%s=%g", benchSecondsEnv, o.Seconds))
 	}
-	err := runHelper("pod "+p.Name, p.Start, cmd, &res, &res.Err)
+	// The helper stops by itself after its budget and clientTimeout.
+	budget := benchBudget
+	if o.Seconds > 0 {
+		budget = time.Duration(o.Seconds * float64(time.Second))
+	}
+	err := runHelper("pod "+p.Name, p.Start, cmd, budget+clientKillAfter, &res, &res.Err)
 	return res, err
 }
 

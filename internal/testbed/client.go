@@ -245,20 +245,20 @@ func (h *Host) RunClient(self, addr string, size int) (ClientResult, error) {
 
 func runClientIn(where string, start func(*exec.Cmd) error, cmd *exec.Cmd) (ClientResult, error) {
 	var res ClientResult
-	err := runHelper(where, start, cmd, &res, &res.Err)
+	err := runHelper(where, start, cmd, clientKillAfter, &res, &res.Err)
 	return res, err
 }
 
 // runHelper starts a helper command with start, waits for it and decodes the
 // JSON line it prints into v; errText is v's error field, for the message.
-func runHelper(where string, start func(*exec.Cmd) error, cmd *exec.Cmd, v any, errText *string) error {
+func runHelper(where string, start func(*exec.Cmd) error, cmd *exec.Cmd, killAfter time.Duration, v any, errText *string) error {
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := start(cmd); err != nil {
 		return fmt.Errorf("helper in %s: %w", where, err)
 	}
 	// The helper has its own timeout; this only catches a helper that hangs anyway.
-	watchdog := time.AfterFunc(clientKillAfter, func() { _ = cmd.Process.Kill() })
+	watchdog := time.AfterFunc(killAfter, func() { _ = cmd.Process.Kill() })
 	waitErr := cmd.Wait()
 	watchdog.Stop()
 
