@@ -54,7 +54,12 @@ func main() {
 	seconds := flag.Float64("seconds", 3, "how long each timed workload runs")
 	idle := flag.Int("idle", 9000, "idle connections held open to measure the sidecar's memory per connection (0: skip)")
 	long := flag.Float64("long", 60, "seconds of the long bulk transfer in the first run of sluice and splice (0: skip)")
+	from := flag.String("from", "", "redraw the plot and tables from an earlier run's bench.json, without measuring")
 	flag.Parse()
+	if *from != "" {
+		replot(*from, *out)
+		return
+	}
 	if os.Geteuid() != 0 {
 		fatal("needs root (it builds network namespaces and cgroups): run it as root")
 	}
@@ -103,12 +108,38 @@ func main() {
 	if err := os.WriteFile(jsonPath, data, 0o644); err != nil {
 		fatal("%v", err)
 	}
-	pngPath := filepath.Join(*out, "bench.png")
-	if err := plotRatios(rep, names, pngPath); err != nil {
+	rep.output(names, *out)
+	fmt.Printf("wrote %s\n", jsonPath)
+}
+
+// output draws the plot into dir and prints the tables.
+func (r report) output(configs []string, dir string) {
+	pngPath := filepath.Join(dir, "bench.png")
+	if err := plotRatios(r, configs, pngPath); err != nil {
 		fatal("plot: %v", err)
 	}
-	rep.print(os.Stdout, names)
-	fmt.Printf("\nwrote %s and %s\n", jsonPath, pngPath)
+	r.print(os.Stdout, configs)
+	fmt.Printf("\nwrote %s\n", pngPath)
+}
+
+// replot redraws the plot and the tables of an earlier run.
+func replot(path, dir string) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		fatal("%v", err)
+	}
+	var rep report
+	if err := json.Unmarshal(data, &rep); err != nil {
+		fatal("%s: %v", path, err)
+	}
+	var configs []string
+	for _, c := range allConfigs {
+		if rep.Summary[c] != nil {
+			configs = append(configs, c)
+		}
+	}
+	rep.judge()
+	rep.output(configs, dir)
 }
 
 var allConfigs = []string{"direct", "iptables", "sluice", "splice", "splice-telemetry", "haproxy"}

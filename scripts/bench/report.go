@@ -223,7 +223,15 @@ func num(v float64) string {
 func plotRatios(r report, configs []string, path string) error {
 	p := plot.New()
 	p.Title.Text = "Sluice benchmark: medians relative to direct (1 = no sidecar)"
-	p.Y.Label.Text = "ratio to direct"
+	p.Y.Label.Text = "ratio to direct (log scale)"
+	// Latencies reach 10x direct where rates fall to 0.3x: bars of the
+	// ratio's log keep both readable, up for more than direct, down for
+	// less.
+	var ticks []plot.Tick
+	for e := -3; e <= 4; e++ {
+		ticks = append(ticks, plot.Tick{Value: float64(e), Label: strconv.FormatFloat(math.Pow(2, float64(e)), 'g', -1, 64) + "x"})
+	}
+	p.Y.Tick.Marker = plot.ConstantTicks(ticks)
 	var names []string
 	for _, m := range metrics[:8] {
 		names = append(names, m.name)
@@ -238,8 +246,8 @@ func plotRatios(r report, configs []string, path string) error {
 	for i, c := range others {
 		vals := make(plotter.Values, len(names))
 		for j, m := range metrics[:8] {
-			if d := r.Summary["direct"][m.name].Median; d != 0 {
-				vals[j] = r.Summary[c][m.name].Median / d
+			if d, v := r.Summary["direct"][m.name].Median, r.Summary[c][m.name].Median; d != 0 && v != 0 {
+				vals[j] = math.Log2(v / d)
 			}
 		}
 		bars, err := plotter.NewBarChart(vals, w)
@@ -252,7 +260,7 @@ func plotRatios(r report, configs []string, path string) error {
 		p.Add(bars)
 		p.Legend.Add(c, bars)
 	}
-	p.Legend.Top = true
+	p.Legend.Top, p.Legend.Left = true, true
 	p.NominalX(names...)
 	p.Add(plotter.NewGrid())
 	return p.Save(vg.Length(26)*vg.Centimeter, vg.Length(13)*vg.Centimeter, path)
