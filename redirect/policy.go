@@ -119,7 +119,7 @@ func (n negated) IsBoolFlag() bool { return true }
 func (n negated) Set(s string) error {
 	v, err := strconv.ParseBool(s)
 	if err != nil {
-		return err
+		return errors.New("parse error") // as flag's own boolean flags say it
 	}
 	*n.b = !v
 	return nil

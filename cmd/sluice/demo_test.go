@@ -21,6 +21,7 @@ func TestDemo(t *testing.T) {
 		`sluice_tcp_connections_closed_total{destination_service="198.18.1.2:8080",reporter="destination",...} 1`,
 		"100/0 100 100 0 198.19.0.10:80",
 		"0/100 100 0 100 198.19.0.10:80",
+		"splice_sockets_joined +2",
 	} {
 		// Column widths are tabwriter's business: compare words only.
 		if !strings.Contains(strings.Join(strings.Fields(out), " "), strings.Join(strings.Fields(want), " ")) {
