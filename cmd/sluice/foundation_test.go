@@ -385,10 +385,10 @@ exec setpriv --reuid $ID --regid $ID --clear-groups --inh-caps=-all,+bpf --ambie
 }
 
 // The sidecar runs as uid 1337 with CAP_BPF only, seeing the pins through a
-// bind mount, and serves; a uid-1000 process in the pod can neither read the
-// pins nor bind the capture ports.
+// bind mount, and serves, splice on; a uid-1000 process in the pod can
+// neither read the pins nor bind the capture ports.
 func TestSidecarAsProxyUserWithOnlyCapBPF(t *testing.T) {
-	c := newCapturedPodIn(t, systemdPodPath)
+	c := newCapturedPodIn(t, systemdPodPath, "--splice")
 	l, err := c.pod.StartLogged(inSidecarContainer(t, 1337, "run", "--cgroup", c.cgroup, "--log-format", "json", "--log-level", "debug"))
 	if err != nil {
 		t.Fatal(err)
@@ -404,6 +404,9 @@ func TestSidecarAsProxyUserWithOnlyCapBPF(t *testing.T) {
 	for _, a := range []netip.Addr{c.host.Addr4, c.host.Addr6} {
 		addr := netip.AddrPortFrom(a, 8080).String()
 		c.expectProxied(t, c.client(t, addr), addr)
+	}
+	if n := statusJSON(t, c.cgroup).Counters["splice_sockets_joined"]; n != 4 {
+		t.Errorf("%d sockets joined the splice table, want both ends of both connections", n)
 	}
 	if _, err := c.pod.ListenEcho("[::]:8080"); err != nil {
 		t.Fatal(err)

@@ -40,7 +40,11 @@ func TestSpliceIntact(t *testing.T) {
 			c.expectProxied(t, res, addr)
 		}
 		after := statusJSON(t, c.cgroup)
-		t.Logf("%s: %+v", tc.name, diff(before, after.Counters))
+		d := diff(before, after.Counters)
+		t.Logf("%s: %+v", tc.name, d)
+		if d["splice_sockets_joined"] != 2 || d["splice_messages"] == 0 {
+			t.Errorf("%s: %d sockets joined the splice table and %d messages were spliced; want both ends, and bytes", tc.name, d["splice_sockets_joined"], d["splice_messages"])
+		}
 		if after.SpliceSockets != 0 {
 			t.Errorf("%s: %d sockets left in the splice table after the connection closed", tc.name, after.SpliceSockets)
 		}
