@@ -67,7 +67,8 @@ type record struct {
 	Netns     string `json:"netns,omitempty"`
 	Interface string `json:"interface,omitempty"`
 	Ifindex   int    `json:"ifindex,omitempty"`
-	// Args are the install's flags, for the command that repairs it.
+	// Args are the install's flags, or for an install made by a mesh
+	// personality its whole command line, for the command that repairs it.
 	Args []string `json:"args,omitempty"`
 	// Object is the BPF object a finished install runs; empty while an
 	// install is under way (or was killed).

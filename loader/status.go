@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -154,7 +155,7 @@ func Status(t Target) (State, error) {
 	}
 	s.Complete = len(s.Missing) == 0
 	if !s.Complete {
-		s.Repair = "sluice install " + shellQuote(rec.Args)
+		s.Repair = repairCommand(rec.Args)
 	}
 	return s, nil
 }
@@ -294,4 +295,20 @@ func entries(m *ebpf.Map) (int, error) {
 		n++
 	}
 	return n, it.Err()
+}
+
+// repairCommand is the command line that finishes an install, from the one
+// that made it: install's flags, or a whole command line when it was made by
+// a mesh personality (istio-iptables, proxy-init) or inside the pod.
+func repairCommand(args []string) string {
+	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+		args = append([]string{"install"}, args...)
+	}
+	cmd := "sluice " + shellQuote(args)
+	if !slices.ContainsFunc(args, func(a string) bool {
+		return strings.TrimLeft(a, "-") == "cgroup" || strings.HasPrefix(strings.TrimLeft(a, "-"), "cgroup=")
+	}) {
+		cmd += " (in the pod, as its init container ran it)"
+	}
+	return cmd
 }

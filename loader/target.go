@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -161,4 +163,99 @@ func OwnCgroup() (string, error) {
 		}
 	}
 	return "", errors.New("read own cgroup: no cgroup v2 entry in /proc/self/cgroup")
+}
+
+// OwnPod finds the pod this process runs in, for an init container started
+// with no --cgroup: the parent of its container's cgroup, never higher. It
+// refuses unless that looks like a pod (a kubelet's pod cgroup name, or the
+// KUBERNETES_SERVICE_HOST every container of a pod gets), so a `sluice
+// install` typed in a node's shell cannot capture the shell's session slice.
+func OwnPod(getenv func(string) string) (string, error) {
+	container, err := ownCgroupDir()
+	if err != nil {
+		return "", err
+	}
+	pod := filepath.Dir(container)
+	mounts, err := mountinfo.Cgroup2()
+	if err != nil {
+		return "", err
+	}
+	for _, m := range mounts {
+		if pod == m || container == m {
+			return "", fmt.Errorf("no --cgroup given and this process runs in %s, at the top of the cgroup hierarchy, not in a pod's container: run it in the pod's init container, or use 'sluice install --cgroup' with the pod's cgroup v2 directory", container)
+		}
+	}
+	if !podCgroupName.MatchString(filepath.Base(pod)) && getenv("KUBERNETES_SERVICE_HOST") == "" {
+		return "", fmt.Errorf("no --cgroup given and this process does not run in a Kubernetes pod (its cgroup is %s): run it in the pod's init container, or use 'sluice install --cgroup' with the pod's cgroup v2 directory", container)
+	}
+	return pod, nil
+}
+
+// podCgroupName matches the kubelet's pod cgroups: pod<uid> with the cgroupfs
+// driver, kubepods-<qos>-pod<uid>.slice with the systemd one.
+var podCgroupName = regexp.MustCompile(`^(pod[0-9a-f-]{36}|kubepods(-[a-z]+)?-pod[0-9a-f_]{36}\.slice)$`)
+
+// ownCgroupDir is the cgroup v2 directory holding this process, found
+// through a cgroup2 mount that shows it: /proc/self/cgroup gives the path
+// relative to the cgroup namespace's root, so in a container with its own
+// cgroup namespace the hierarchy mounted from the host is searched for the
+// directory that lists this process.
+func ownCgroupDir() (string, error) {
+	data, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return "", fmt.Errorf("read own cgroup: %w", err)
+	}
+	rel := ""
+	for _, line := range strings.Split(string(data), "\n") {
+		if r, ok := strings.CutPrefix(line, "0::"); ok {
+			rel = r
+		}
+	}
+	if rel == "" {
+		return "", errors.New("read own cgroup: no cgroup v2 entry in /proc/self/cgroup")
+	}
+	mounts, err := mountinfo.Cgroup2()
+	if err != nil {
+		return "", err
+	}
+	pid := strconv.Itoa(os.Getpid())
+	for _, m := range mounts {
+		if dir := filepath.Join(m, rel); listsProcess(dir, pid) {
+			return dir, nil
+		}
+	}
+	for _, m := range mounts {
+		if dir := findProcess(m, pid, 8); dir != "" {
+			return dir, nil
+		}
+	}
+	return "", fmt.Errorf("no cgroup2 mount shows this process's cgroup (%s): mount the host's cgroup2 hierarchy into the container (hostPath /sys/fs/cgroup), or pass --cgroup", rel)
+}
+
+func listsProcess(dir, pid string) bool {
+	data, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if err != nil {
+		return false
+	}
+	return slices.Contains(strings.Fields(string(data)), pid)
+}
+
+// findProcess searches the cgroup tree at dir, depth first to depth levels,
+// for the directory that lists pid.
+func findProcess(dir, pid string, depth int) string {
+	if listsProcess(dir, pid) {
+		return dir
+	}
+	if depth == 0 {
+		return ""
+	}
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if e.IsDir() {
+			if found := findProcess(filepath.Join(dir, e.Name()), pid, depth-1); found != "" {
+				return found
+			}
+		}
+	}
+	return ""
 }

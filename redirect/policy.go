@@ -88,7 +88,7 @@ func (p *Policy) RegisterFlags(fs *flag.FlagSet) {
 		{[]string{"g", "proxy-gid"}, "gid of the proxy, whose connections are never captured", idValue{&p.ProxyGID, "gid"}},
 		{[]string{"m", "istio-inbound-interception-mode"}, "inbound interception mode; only REDIRECT", modeValue{&p.Mode}},
 		{[]string{"i", "istio-service-cidr"}, "outbound destinations to capture, comma-separated; '*' = all, '' = none", &p.IncludeCIDRs},
-		{[]string{"x", "istio-service-exclude-cidr", "subnets-to-ignore"}, "outbound destinations never captured", &p.ExcludeCIDRs},
+		{[]string{"x", "istio-service-exclude-cidr"}, "outbound destinations never captured", &p.ExcludeCIDRs},
 		{[]string{"q", "istio-include-outbound-ports"}, "outbound ports captured whatever the destination", &p.IncludeOutboundPorts},
 		{[]string{"o", "istio-local-outbound-ports-exclude", "outbound-ports-to-ignore"}, "outbound ports never captured", &p.ExcludeOutboundPorts},
 		{[]string{"b", "istio-inbound-ports"}, "inbound ports to capture; '*' = all", &p.InboundPorts},
@@ -127,7 +127,7 @@ func (n negated) Set(s string) error {
 
 // linkerdFlags are the flags only Linkerd's proxy-init spells this way.
 var linkerdFlags = map[string]bool{
-	"outgoing-proxy-port": true, "incoming-proxy-port": true, "subnets-to-ignore": true,
+	"outgoing-proxy-port": true, "incoming-proxy-port": true,
 	"outbound-ports-to-ignore": true, "inbound-ports-to-ignore": true,
 }
 

@@ -50,9 +50,8 @@ func TestPolicyFlags(t *testing.T) {
 			c.SidecarPorts = c.ExcludeInboundPorts
 			c.ExcludeCIDRs = []netip.Prefix{pfx("198.18.0.0/24")}
 		})},
-		{"linkerd flags", []string{"--outgoing-proxy-port", "4140", "--incoming-proxy-port", "4143", "--subnets-to-ignore", "198.19.0.0/16", "--outbound-ports-to-ignore", "443,4190-4191", "--inbound-ports-to-ignore", "4191"}, with(func(c *Plan) {
+		{"linkerd flags", []string{"--outgoing-proxy-port", "4140", "--incoming-proxy-port", "4143", "--outbound-ports-to-ignore", "443,4190-4191", "--inbound-ports-to-ignore", "4191"}, with(func(c *Plan) {
 			c.OutboundPort, c.InboundPort = 4140, 4143
-			c.ExcludeCIDRs = []netip.Prefix{pfx("198.19.0.0/16")}
 			c.ExcludeOutboundPorts = []uint16{443, 4190, 4191}
 			c.ExcludeInboundPorts = []uint16{4140, 4143, 4190, 4191, 15020, 15021, 15090}
 			c.SidecarPorts = []uint16{4140, 4143, 4190, 4191, 15020, 15021, 15090}

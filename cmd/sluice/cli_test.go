@@ -39,7 +39,7 @@ func TestInstallBadInput(t *testing.T) {
 		{"port 0", append(cg, "-p", "0"), 2, []string{"port 0 is out of range", "want 1-65535"}},
 		{"port 70000", append(cg, "-z", "70000"), 2, []string{"port 70000 is out of range", "want 1-65535"}},
 		{"uid not a number", append(cg, "-u", "istio-proxy"), 2, []string{`"istio-proxy" is not a numeric uid`, "give the number"}},
-		{"no cgroup", []string{"install"}, 2, []string{"--cgroup is required", "pass the pod's cgroup v2 directory"}},
+		{"no cgroup, not in a pod", []string{"install"}, 2, []string{"no --cgroup given", "use 'sluice install --cgroup' with the pod's cgroup v2 directory"}},
 		{"cgroup does not exist", []string{"install", "--cgroup", filepath.Join(mount, "sluice-no-such-pod")}, 1, []string{"does not exist", "create it first"}},
 		{"not cgroup v2", []string{"install", "--cgroup", t.TempDir()}, 1, []string{"is not a cgroup v2 directory", "pass a directory below the cgroup2 mount"}},
 		{"root cgroup", []string{"install", "--cgroup", mount}, 1, []string{"is the root of the cgroup v2 hierarchy", "pass the pod's own cgroup"}},

@@ -7,10 +7,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/probe"
 	"github.com/sluicemesh/sluice/redirect"
 )
 
@@ -18,14 +21,21 @@ func installCommand() command {
 	c := command{
 		name:    "install",
 		summary: "attach capture to a pod's cgroup and pin it (init container)",
-		help: `Usage: sluice install --cgroup PATH [--netns PATH | --interface NAME] [--pin-dir DIR] [--dry-run] [capture flags]
+		help: `Usage: sluice install [--cgroup PATH] [--netns PATH | --interface NAME] [--pin-dir DIR] [--dry-run] [--validate] [capture flags]
 
 Loads the capture programs, attaches them to the pod's cgroup v2 directory
 (outbound capture) and, with --netns or --interface, to the ingress of the
 pod's interface (inbound capture), pins them under
 /sys/fs/bpf/sluice/<cgroup id>/, then exits. Flags follow istio-iptables
-(-p -z -u -g -m -i -x -b -d -q -o) and Linkerd proxy-init
-(--outgoing-proxy-port, ...).
+(-p -z -u -g -m -i -x -b -d -q -o); 'sluice istio-iptables' and
+'sluice proxy-init' take those tools' own flag sets unchanged.
+
+Run with no --cgroup inside a pod (its init container), it finds the pod's
+cgroup (the parent of its container's) and captures inbound on the pod's
+eth0. It needs the host's cgroup2 hierarchy and /sys/fs/bpf mounted in.
+--validate then proves capture: a connection from this process to a captured
+address must reach a listener in the sidecar's place, with the original
+destination intact; exit 1 says what went wrong.
 
 Safe to rerun, as Kubernetes reruns init containers: on a complete install
 with the same flags it changes nothing; after a killed run it finishes the
@@ -36,66 +46,132 @@ Examples:
   sluice install --cgroup /sys/fs/cgroup/unified/mypod --netns /run/netns/mypod
   sluice install --cgroup /sys/fs/cgroup/unified/mypod --interface eth0 -b 8080 -d 15020
   sluice install --cgroup /sys/fs/cgroup/unified/mypod -u 1337 -x 198.18.0.0/24 -o 22,3306
-  sluice install --cgroup /sys/fs/cgroup/unified/kubepods.slice/kubepods-pod1.slice --dry-run`,
+  sluice install --cgroup /sys/fs/cgroup/unified/kubepods.slice/kubepods-pod1.slice --dry-run
+  sluice install --validate                  # in a pod's init container`,
 	}
 	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
 		fs := flag.NewFlagSet("install", flag.ContinueOnError)
-		cgroup := fs.String("cgroup", "", "the pod's cgroup v2 directory (required)")
-		pinDir := fs.String("pin-dir", "", "where to pin (default /sys/fs/bpf/sluice/<cgroup id>)")
-		netnsPath := fs.String("netns", "", "the pod's network namespace, for inbound capture (e.g. /run/netns/NAME)")
-		iface := fs.String("interface", "", "the pod's interface for inbound capture (default eth0 when --netns is given)")
-		dryRun := fs.Bool("dry-run", false, "print the plan as JSON and change nothing")
-		fs.BoolVar(dryRun, "n", false, "same as --dry-run (istio-iptables)")
+		var req installRequest
+		fs.StringVar(&req.cgroup, "cgroup", "", "the pod's cgroup v2 directory (default: inside a pod, the pod's own)")
+		fs.StringVar(&req.pinDir, "pin-dir", "", "where to pin (default /sys/fs/bpf/sluice/<cgroup id>)")
+		fs.StringVar(&req.netns, "netns", "", "the pod's network namespace, for inbound capture (e.g. /run/netns/NAME)")
+		fs.StringVar(&req.iface, "interface", "", "the pod's interface for inbound capture (default eth0 when --netns is given or when run inside the pod)")
+		fs.BoolVar(&req.dryRun, "dry-run", false, "print the plan as JSON and change nothing")
+		fs.BoolVar(&req.dryRun, "n", false, "same as --dry-run (istio-iptables)")
+		fs.BoolVar(&req.validate, "validate", false, "after installing, prove capture with a probe connection (run inside the pod)")
+		req.probePort = redirect.DefaultProbePort
+		fs.Var(redirect.PortFlag(&req.probePort), "probe-port", "port of the validation probe's destination")
+		fs.DurationVar(&req.probeTimeout, "probe-timeout", redirect.DefaultProbeTimeout, "how long the validation probe may take")
 		logLevel := fs.String("log-level", "info", "debug, info, warn or error")
-		policy := redirect.DefaultPolicy()
-		policy.RegisterFlags(fs)
+		req.policy = redirect.DefaultPolicy()
+		req.policy.RegisterFlags(fs)
 		if err := parseFlags(fs, c, args, stdout); err != nil {
 			return err
 		}
-		log, err := newLogger(os.Stderr, "text", *logLevel)
-		if err != nil {
+		var err error
+		if req.log, err = newLogger(os.Stderr, "text", *logLevel); err != nil {
 			return err
 		}
-		plan, err := policy.Plan()
-		if err != nil {
+		req.cmdline = args
+		return installPod(ctx, req, stdout)
+	}
+	return c
+}
+
+// installRequest is one install as install, istio-iptables or proxy-init
+// state it.
+type installRequest struct {
+	cgroup, pinDir, netns, iface string
+	policy                       redirect.Policy
+	dryRun, validate, skipApply  bool
+	cleanup                      bool
+	probePort                    uint16
+	probeTimeout                 time.Duration
+	log                          *slog.Logger
+	// cmdline is what the install records for its repair command: install's
+	// flags, or a personality's whole command line.
+	cmdline []string
+}
+
+// installPod installs capture as req asks: into the pod's cgroup (found from
+// the process's own when none is given) and, with a netns or inside the pod,
+// its interface; then validates it if asked.
+func installPod(ctx context.Context, req installRequest, stdout io.Writer) error {
+	plan, err := req.policy.Plan()
+	if err != nil {
+		return usageError{err.Error()}
+	}
+	inPod := req.cgroup == ""
+	if inPod {
+		if req.cgroup, err = loader.OwnPod(os.Getenv); err != nil {
 			return usageError{err.Error()}
 		}
-		if *cgroup == "" {
-			return usageError{"--cgroup is required: pass the pod's cgroup v2 directory, e.g. --cgroup /sys/fs/cgroup/unified/mypod"}
-		}
-		target, err := loader.ResolveTarget(*cgroup, *pinDir)
+	}
+	target, err := loader.ResolveTarget(req.cgroup, req.pinDir)
+	if err != nil {
+		return err
+	}
+	// Inbound capture is asked for explicitly, or implied by running inside
+	// the pod: defaulting to eth0 of whatever namespace install runs in
+	// could capture a node's traffic.
+	target.Netns, target.Interface = req.netns, req.iface
+	if target.Interface == "" && (target.Netns != "" || inPod) {
+		target.Interface = "eth0"
+	}
+	if req.dryRun {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(struct {
+			Target loader.Target `json:"target"`
+			Plan   redirect.Plan `json:"plan"`
+		}{target, plan})
+	}
+	if err := requireRoot(); err != nil {
+		return err
+	}
+	if req.validate {
+		// The probe connects from this process: it must be one of the pod's.
+		own, err := loader.OwnCgroup()
 		if err != nil {
 			return err
 		}
-		// Inbound capture is asked for explicitly: defaulting to eth0 of
-		// whatever namespace install runs in could capture a node's traffic.
-		target.Netns, target.Interface = *netnsPath, *iface
-		if target.Netns != "" && target.Interface == "" {
-			target.Interface = "eth0"
+		if req.netns != "" || (own != target.Cgroup && !strings.HasPrefix(own, target.Cgroup+"/")) {
+			return usageError{"validation probes from this process, which is not in the pod: run install inside the pod (its init container), or leave --validate out"}
 		}
-		if *dryRun {
-			enc := json.NewEncoder(stdout)
-			enc.SetIndent("", "  ")
-			return enc.Encode(struct {
-				Target loader.Target `json:"target"`
-				Plan   redirect.Plan `json:"plan"`
-			}{target, plan})
-		}
-		if err := requireRoot(); err != nil {
+	}
+	switch {
+	case req.cleanup:
+		if err := loader.Uninstall(target, req.log); err != nil && !errors.Is(err, loader.ErrNotInstalled) {
 			return err
 		}
-		res, err := loader.Install(target, plan, args, log)
+		fmt.Fprintf(stdout, "removed capture from %s\n", target.Cgroup)
+		return nil
+	case req.skipApply:
+		req.log.Info("not installing (--skip-rule-apply)", "cgroup", target.Cgroup)
+	default:
+		res, err := loader.Install(target, plan, req.cmdline, req.log)
 		if err != nil {
 			return err
 		}
 		if len(res.Changes) == 0 {
 			fmt.Fprintf(stdout, "already installed on %s (pins at %s): nothing changed\n", target.Cgroup, target.PinDir)
-			return nil
+		} else {
+			fmt.Fprintf(stdout, "installed on %s (pins at %s): %s\n", target.Cgroup, target.PinDir, strings.Join(res.Changes, ", "))
 		}
-		fmt.Fprintf(stdout, "installed on %s (pins at %s): %s\n", target.Cgroup, target.PinDir, strings.Join(res.Changes, ", "))
+	}
+	if !req.validate {
 		return nil
 	}
-	return c
+	res, err := probe.Run(ctx, plan, req.probePort, req.probeTimeout)
+	if err != nil {
+		return fmt.Errorf("validation failed: %w", err)
+	}
+	if res.Sidecar {
+		fmt.Fprintf(stdout, "validated: a connection to %s was captured and accepted by the sidecar on port %d\n", res.Target, plan.OutboundPort)
+	} else {
+		fmt.Fprintf(stdout, "validated: a connection to %s was captured to port %d, which saw original destination %s\n", res.Target, plan.OutboundPort, res.OriginalDst)
+	}
+	return nil
 }
 
 func uninstallCommand() command {

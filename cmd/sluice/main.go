@@ -26,6 +26,8 @@ type command struct {
 func commands() []command {
 	return []command{
 		installCommand(),
+		istioCommand(),
+		linkerdCommand(),
 		uninstallCommand(),
 		runCommand(),
 		statusCommand(),
@@ -43,7 +45,7 @@ func (e usageError) Error() string { return e.msg }
 
 func main() {
 	runDemoHelper()
-	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	os.Exit(run(personality(os.Args[0], os.Args[1:]), os.Stdout, os.Stderr))
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
@@ -113,7 +115,7 @@ func printOverview(w io.Writer, cmds []command) {
 	fmt.Fprintln(w, "sluice: transparent traffic capture for Kubernetes pods with eBPF, no iptables.")
 	fmt.Fprintln(w, "\nUsage: sluice COMMAND [flags]   (sluice COMMAND --help for its flags and examples)\n\nCommands:")
 	for _, c := range cmds {
-		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
+		fmt.Fprintf(w, "  %-14s %s\n", c.name, c.summary)
 	}
 }
 
