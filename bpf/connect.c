@@ -135,6 +135,29 @@ static __always_inline bool route_pick(const struct addr6 *dst, __u16 port, stru
 	return true;
 }
 
+/* sidecar_listening reports whether the sidecar's outbound listener exists
+ * in the socket's network namespace (127.0.0.1 or ::1, or a wildcard). Only
+ * fail-open asks: fail-closed needs no lookup, since a connect redirected to
+ * a port nobody listens on is refused at once by loopback's reset. */
+static __always_inline bool sidecar_listening(struct bpf_sock_addr *ctx, const struct policy *pol, __u16 family)
+{
+	struct bpf_sock_tuple tuple = {};
+	struct bpf_sock *sk;
+	if (family == AF_INET) {
+		tuple.ipv4.saddr = tuple.ipv4.daddr = bpf_htonl(0x7f000001);
+		tuple.ipv4.dport = bpf_htons(pol->outbound_port);
+		sk = bpf_sk_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	} else {
+		tuple.ipv6.saddr[3] = tuple.ipv6.daddr[3] = bpf_htonl(1);
+		tuple.ipv6.dport = bpf_htons(pol->outbound_port);
+		sk = bpf_sk_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+	}
+	if (!sk)
+		return false;
+	bpf_sk_release(sk);
+	return true;
+}
+
 /* capture decides whether a connect is redirected and, if so, records the
  * original destination on the socket (and, for a service with a route, the
  * backend picked for it). It returns 1 to redirect, 0 to leave the connect
@@ -162,6 +185,10 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, const struct polic
 	}
 	if (!should_capture(pol, slot, dst, port, family))
 		return 0;
+	if ((pol->flags & CONFIG_FAIL_OPEN) && !sidecar_listening(ctx, pol, family)) {
+		count(COUNT_FAIL_OPEN_OUTBOUND);
+		return 0;
+	}
 
 	struct orig_dst orig = {.addr = *dst, .port = port, .family = family};
 	struct orig_dst dial = orig;

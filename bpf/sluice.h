@@ -40,6 +40,9 @@ enum config_flag {
 	/* --splice: the app's and the sidecar's ends of a connection in the
 	 * pod pass bytes socket to socket (splice.c). */
 	CONFIG_SPLICE = 1 << 3,
+	/* --fail-open: with no sidecar listening, captured connections go
+	 * direct (counted) instead of being refused. */
+	CONFIG_FAIL_OPEN = 1 << 4,
 };
 
 /* Port sets, one bit per port each. */
@@ -323,12 +326,23 @@ enum counter {
 	COUNT_SPLICE_BYTES,  /* and their bytes */
 	COUNT_SPLICE_STOPPED, /* directions back on TCP: the reader fell behind */
 	COUNT_SPLICE_NO_PEER, /* directions on TCP: bytes sent with no peer to take them */
+	/* No sidecar listening: connections refused (fail closed; inbound
+	 * SYNs answered with a reset), or let through uncaptured (fail open). */
+	COUNT_FAIL_CLOSED_OUTBOUND,
+	COUNT_FAIL_CLOSED_INBOUND,
+	COUNT_FAIL_OPEN_OUTBOUND,
+	COUNT_FAIL_OPEN_INBOUND,
 	COUNTERS,
 };
 
+/* The counters map has room to spare, so a newer Sluice with more counters
+ * reuses an older install's map when it upgrades in place. */
+#define COUNTER_SLOTS 64
+_Static_assert(COUNTERS <= COUNTER_SLOTS, "more counters than slots");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, COUNTERS);
+	__uint(max_entries, COUNTER_SLOTS);
 	__type(key, __u32);
 	__type(value, __u64);
 } counters SEC(".maps");

@@ -43,6 +43,7 @@ const (
 	SluiceConfigFlagCONFIG_INBOUND_ALL_PORTS SluiceConfigFlag = 2
 	SluiceConfigFlagCONFIG_NO_FLOWS          SluiceConfigFlag = 4
 	SluiceConfigFlagCONFIG_SPLICE            SluiceConfigFlag = 8
+	SluiceConfigFlagCONFIG_FAIL_OPEN         SluiceConfigFlag = 16
 )
 
 type SluiceCounter uint32
@@ -66,7 +67,11 @@ const (
 	SluiceCounterCOUNT_SPLICE_BYTES          SluiceCounter = 15
 	SluiceCounterCOUNT_SPLICE_STOPPED        SluiceCounter = 16
 	SluiceCounterCOUNT_SPLICE_NO_PEER        SluiceCounter = 17
-	SluiceCounterCOUNTERS                    SluiceCounter = 18
+	SluiceCounterCOUNT_FAIL_CLOSED_OUTBOUND  SluiceCounter = 18
+	SluiceCounterCOUNT_FAIL_CLOSED_INBOUND   SluiceCounter = 19
+	SluiceCounterCOUNT_FAIL_OPEN_OUTBOUND    SluiceCounter = 20
+	SluiceCounterCOUNT_FAIL_OPEN_INBOUND     SluiceCounter = 21
+	SluiceCounterCOUNTERS                    SluiceCounter = 22
 )
 
 type SluiceFlowEnd uint32

@@ -144,11 +144,25 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 		delete(reuse, bpf.SluiceMapSpliceSocks)
 		replace[bpf.SluiceMapSpliceSocks] = true
 	}
+	// A counters map from a build with fewer counter slots is replaced, its
+	// counts carried over, so an upgrade in place keeps them.
+	var oldCounters *ebpf.Map
+	if m := reuse[bpf.SluiceMapCounters]; m != nil && m.MaxEntries() < counterSlots {
+		oldCounters = m
+		delete(reuse, bpf.SluiceMapCounters)
+		defer m.Close()
+		replace[bpf.SluiceMapCounters] = true
+	}
 	coll, err := load(ifindex != 0, plan.Splice, reuse)
 	if err != nil {
 		return res, err
 	}
 	defer coll.Close()
+	if oldCounters != nil {
+		if err := copyCounters(oldCounters, coll.Maps[bpf.SluiceMapCounters]); err != nil {
+			return res, err
+		}
+	}
 	change := func(what string, args ...any) {
 		res.Changes = append(res.Changes, fmt.Sprintf(what, args...))
 		log.Debug(res.Changes[len(res.Changes)-1], "cgroup", t.Cgroup)
@@ -327,4 +341,21 @@ func pinnedPrograms(dir string) (map[ebpf.ProgramID]bool, error) {
 		ids[info.Program] = true
 	}
 	return ids, nil
+}
+
+// counterSlots is the counters map's size in this build (COUNTER_SLOTS).
+const counterSlots = 64
+
+// copyCounters carries every per-CPU count of from into to.
+func copyCounters(from, to *ebpf.Map) error {
+	for k := uint32(0); k < from.MaxEntries() && k < to.MaxEntries(); k++ {
+		var perCPU []uint64
+		if err := from.Lookup(k, &perCPU); err != nil {
+			return fmt.Errorf("carry counters over: %w", err)
+		}
+		if err := to.Update(k, perCPU, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("carry counters over: %w", err)
+		}
+	}
+	return nil
 }

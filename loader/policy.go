@@ -153,6 +153,9 @@ func entriesOf(p redirect.Plan, slot uint8) slotEntries {
 	if p.NoFlows {
 		e.policy.Flags |= uint32(bpf.SluiceConfigFlagCONFIG_NO_FLOWS)
 	}
+	if p.FailOpen {
+		e.policy.Flags |= uint32(bpf.SluiceConfigFlagCONFIG_FAIL_OPEN)
+	}
 	if p.Splice {
 		e.policy.Flags |= uint32(bpf.SluiceConfigFlagCONFIG_SPLICE)
 	}
@@ -184,6 +187,7 @@ func (e slotEntries) plan() redirect.Plan {
 		InboundAllPorts: pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_INBOUND_ALL_PORTS) != 0,
 		NoFlows:         pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_NO_FLOWS) != 0,
 		Splice:          pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_SPLICE) != 0,
+		FailOpen:        pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_FAIL_OPEN) != 0,
 	}
 	for _, port := range pol.SidecarPorts {
 		if port != 0 {

@@ -248,6 +248,10 @@ var counterNames = map[bpf.SluiceCounter]string{
 	bpf.SluiceCounterCOUNT_SPLICE_BYTES:          "splice_bytes",
 	bpf.SluiceCounterCOUNT_SPLICE_STOPPED:        "splice_stopped_reader_behind",
 	bpf.SluiceCounterCOUNT_SPLICE_NO_PEER:        "splice_stopped_no_peer",
+	bpf.SluiceCounterCOUNT_FAIL_CLOSED_OUTBOUND:  "fail_closed_outbound",
+	bpf.SluiceCounterCOUNT_FAIL_CLOSED_INBOUND:   "fail_closed_inbound",
+	bpf.SluiceCounterCOUNT_FAIL_OPEN_OUTBOUND:    "fail_open_outbound",
+	bpf.SluiceCounterCOUNT_FAIL_OPEN_INBOUND:     "fail_open_inbound",
 }
 
 func readCounters(dir string) (map[string]uint64, error) {
@@ -263,6 +267,9 @@ func readCounters(dir string) (map[string]uint64, error) {
 func sumCounters(m *ebpf.Map) (map[string]uint64, error) {
 	out := map[string]uint64{}
 	for c, name := range counterNames {
+		if uint32(c) >= m.MaxEntries() {
+			continue // an older install's map, without this counter
+		}
 		var perCPU []uint64
 		if err := m.Lookup(uint32(c), &perCPU); err != nil {
 			return nil, fmt.Errorf("read counter %s: %w", name, err)

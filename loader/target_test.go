@@ -1,6 +1,10 @@
 package loader
 
-import "testing"
+import (
+	"testing"
+
+	"github.com/sluicemesh/sluice/bpf"
+)
 
 func TestPodCgroupName(t *testing.T) {
 	for name, want := range map[string]bool{
@@ -30,5 +34,18 @@ func TestRepairCommand(t *testing.T) {
 		if got := repairCommand(tc.args); got != tc.want {
 			t.Errorf("repairCommand(%q) = %q, want %q", tc.args, got, tc.want)
 		}
+	}
+}
+
+// The loader's idea of the counters map's size is the object's, so an
+// upgrade from an older, smaller map replaces it and one from this build
+// reuses it.
+func TestCounterSlots(t *testing.T) {
+	spec, err := bpf.LoadSluice()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := spec.Maps[bpf.SluiceMapCounters].MaxEntries; got != counterSlots {
+		t.Errorf("counters map has %d entries, loader expects %d", got, counterSlots)
 	}
 }

@@ -196,3 +196,117 @@ func BenchmarkTCIngress(b *testing.B) {
 		})
 	}
 }
+
+// TestTCIngressRefuse runs the inbound program, fail-closed, on SYNs for
+// which no sidecar listens (a SYN with data and one without): each must come
+// back as the reset a closed port sends, redirected out of the interface it
+// came in on, with valid checksums. BPF_PROG_RUN's packets are never
+// CHECKSUM_PARTIAL, so this checks the complete checksums.
+func TestTCIngressRefuse(t *testing.T) {
+	testbed.RequirePrivileged(t)
+	coll, err := load(true, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer coll.Close()
+	plan := redirect.Plan{OutboundPort: 15001, InboundPort: 15006, InboundAllPorts: true, ExcludeInboundPorts: []uint16{15001, 15006}}
+	if _, err := policyMapsOf(coll.Maps).write(plan.Normalize()); err != nil {
+		t.Fatal(err)
+	}
+	pod, err := testbed.Must(t).AddPod("app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	prog := coll.Programs[bpf.SluiceProgSluiceTcIngress]
+	for _, tc := range []struct {
+		name     string
+		src, dst netip.AddrPort
+		payload  int
+	}{
+		{"ipv4", netip.MustParseAddrPort("198.18.2.2:40001"), netip.MustParseAddrPort("198.18.1.2:8080"), 0},
+		{"ipv4 syn with data", netip.MustParseAddrPort("198.18.2.2:40002"), netip.MustParseAddrPort("198.18.1.2:8080"), 100},
+		{"ipv6", netip.MustParseAddrPort("[2001:2:0:2::2]:40003"), netip.MustParseAddrPort("[2001:2:0:1::2]:8080"), 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := packet(tc.src, tc.dst, protoTCP, tcpSYN, 0)
+			l3 := 20
+			if tc.src.Addr().Is6() {
+				l3 = 40
+			}
+			tcp := in[14+l3:]
+			binary.BigEndian.PutUint32(tcp[4:], 0xfffffffe) // seq: the ack wraps
+			if tc.payload > 0 {
+				in = append(in, make([]byte, tc.payload)...)
+				binary.BigEndian.PutUint16(in[14+2:], uint16(l3+20+tc.payload))
+			}
+			in[0], in[6] = 0xaa, 0xbb // destination and source MACs
+			out := make([]byte, 1500)
+			var ret uint32
+			if err := pod.Do(func() (err error) {
+				opts := &ebpf.RunOptions{Data: in, DataOut: out}
+				ret, err = prog.Run(opts)
+				out = opts.DataOut
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			const tcActRedirect = 7
+			if ret != tcActRedirect || len(out) != 14+l3+20 {
+				t.Fatalf("verdict %d, %d bytes out; want a %d-byte reset redirected (7)", ret, len(out), 14+l3+20)
+			}
+			if out[0] != 0xbb || out[6] != 0xaa {
+				t.Errorf("MACs not swapped: % x", out[:12])
+			}
+			ip, rst := out[14:14+l3], out[14+l3:]
+			var src, dst netip.Addr
+			var pseudo []byte
+			if l3 == 20 {
+				src, dst = netip.AddrFrom4([4]byte(ip[12:16])), netip.AddrFrom4([4]byte(ip[16:20]))
+				if binary.BigEndian.Uint16(ip[2:]) != 40 || checksum(ip) != 0 {
+					t.Errorf("IPv4 header: length %d, checksum sum %#x", binary.BigEndian.Uint16(ip[2:]), checksum(ip))
+				}
+				pseudo = append(append(append([]byte{}, ip[12:20]...), 0, protoTCP), 0, 20)
+			} else {
+				src, dst = netip.AddrFrom16([16]byte(ip[8:24])), netip.AddrFrom16([16]byte(ip[24:40]))
+				if binary.BigEndian.Uint16(ip[4:]) != 20 {
+					t.Errorf("IPv6 payload length %d", binary.BigEndian.Uint16(ip[4:]))
+				}
+				pseudo = append(append([]byte{}, ip[8:40]...), 0, 0, 0, 20, 0, 0, 0, protoTCP)
+			}
+			if src != tc.dst.Addr() || dst != tc.src.Addr() {
+				t.Errorf("reset from %s to %s, want %s to %s", src, dst, tc.dst.Addr(), tc.src.Addr())
+			}
+			sport, dport := binary.BigEndian.Uint16(rst[0:]), binary.BigEndian.Uint16(rst[2:])
+			ack := binary.BigEndian.Uint32(rst[8:])
+			if sport != tc.dst.Port() || dport != tc.src.Port() || rst[13] != 0x14 || rst[12] != 5<<4 || ack != 0xffffffff {
+				t.Errorf("TCP: ports %d->%d flags %#x offset %d ack %#x; want %d->%d RST|ACK, 5, 0xffffffff",
+					sport, dport, rst[13], rst[12]>>4, ack, tc.dst.Port(), tc.src.Port())
+			}
+			if sum := checksum(append(pseudo, rst...)); sum != 0 {
+				t.Errorf("TCP checksum does not verify (sum %#x)", sum)
+			}
+			counts, err := sumCounters(coll.Maps[bpf.SluiceMapCounters])
+			if err != nil {
+				t.Fatal(err)
+			}
+			if counts["fail_closed_inbound"] == 0 {
+				t.Errorf("counters %v: fail_closed_inbound not counted", counts)
+			}
+		})
+	}
+}
+
+// checksum is the Internet checksum of b, 0 when b holds a valid one.
+func checksum(b []byte) uint16 {
+	var sum uint32
+	for i := 0; i+1 < len(b); i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(b[i:]))
+	}
+	if len(b)%2 == 1 {
+		sum += uint32(b[len(b)-1]) << 8
+	}
+	for sum > 0xffff {
+		sum = (sum & 0xffff) + sum>>16
+	}
+	return ^uint16(sum)
+}

@@ -35,6 +35,9 @@ type Plan struct {
 	// Splice passes bytes between the app's and the sidecar's ends of a
 	// connection socket to socket, skipping loopback TCP.
 	Splice bool `json:"splice,omitempty"`
+	// FailOpen lets captured connections go direct (counted) while no
+	// sidecar listens; otherwise they are refused at once, both ways.
+	FailOpen bool `json:"fail_open,omitempty"`
 }
 
 // MaxSidecarPorts is how many sidecar ports the BPF policy holds.
@@ -58,7 +61,7 @@ func (p Plan) Equal(o Plan) bool {
 	a, b := p.Normalize(), o.Normalize()
 	return a.OutboundPort == b.OutboundPort && a.InboundPort == b.InboundPort &&
 		a.ProxyUID == b.ProxyUID && a.ProxyGID == b.ProxyGID &&
-		a.IncludeAllCIDRs == b.IncludeAllCIDRs && a.InboundAllPorts == b.InboundAllPorts && a.NoFlows == b.NoFlows && a.Splice == b.Splice &&
+		a.IncludeAllCIDRs == b.IncludeAllCIDRs && a.InboundAllPorts == b.InboundAllPorts && a.NoFlows == b.NoFlows && a.Splice == b.Splice && a.FailOpen == b.FailOpen &&
 		slices.Equal(a.IncludeCIDRs, b.IncludeCIDRs) && slices.Equal(a.ExcludeCIDRs, b.ExcludeCIDRs) &&
 		slices.Equal(a.IncludeOutboundPorts, b.IncludeOutboundPorts) &&
 		slices.Equal(a.ExcludeOutboundPorts, b.ExcludeOutboundPorts) &&

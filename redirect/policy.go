@@ -49,6 +49,8 @@ type Policy struct {
 	Flows bool
 	// Splice passes bytes between the app and the sidecar socket to socket.
 	Splice bool
+	// FailOpen lets traffic go direct while no sidecar listens.
+	FailOpen bool
 }
 
 // Sidecar ports that are never captured inbound, besides -p and -z: Istio's
@@ -109,6 +111,8 @@ func (p *Policy) RegisterFlags(fs *flag.FlagSet) {
 		"Off by default: a process in the pod that reads its sockets with splice(2), as Go's io.Copy\n"+
 		"between two TCP connections does, would not see the bytes")
 	fs.Var(negated{&p.Splice}, "no-splice", "same as --splice=false")
+	fs.BoolVar(&p.FailOpen, "fail-open", false, "while no sidecar listens, let captured connections go direct (counted as fail_open_*)")
+	fs.Var(negated{&p.FailOpen}, "fail-closed", "while no sidecar listens, refuse captured connections at once, both ways (the default)")
 }
 
 // negated is a boolean flag that clears what another one sets.
@@ -185,6 +189,7 @@ func (p Policy) Plan() (Plan, error) {
 		SidecarPorts:         own,
 		NoFlows:              !p.Flows,
 		Splice:               p.Splice,
+		FailOpen:             p.FailOpen,
 	}.Normalize(), nil
 }
 

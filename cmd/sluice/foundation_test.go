@@ -518,12 +518,13 @@ func listenInPodAs(t *testing.T, pod *testbed.Pod, addr string, id uint32) (*exe
 	return cmd, pod.WaitListening(port, 10*time.Second)
 }
 
-// Only the proxy identity gets SO_ORIGINAL_DST answered. With no sidecar
-// listening, an inbound SYN reaches the app itself (the inbound hook counts
-// it): the app asking gets no answer, as it would from conntrack, while a
-// process of the proxy's identity in the same place gets the destination.
+// Only the proxy identity gets SO_ORIGINAL_DST answered. Failing open with
+// no sidecar listening, an inbound SYN reaches the app itself (the inbound
+// hook counts it): the app asking gets no answer, as it would from
+// conntrack, while a process of the proxy's identity in the same place gets
+// the destination.
 func TestOriginalDstOnlyForTheProxy(t *testing.T) {
-	c := newCapturedPod(t)
+	c := newCapturedPod(t, "--fail-open")
 	addr := netip.AddrPortFrom(c.pod.Addr4, 8080).String()
 	for _, tt := range []struct {
 		uid      int

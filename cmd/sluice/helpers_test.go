@@ -103,7 +103,9 @@ func runHelper(t *testing.T, pod *testbed.Pod, cmd *exec.Cmd, uid int, v any) er
 // churnResult is what churn reports.
 type churnResult struct {
 	OK, Failed int64
-	FirstErr   string
+	// Timeouts are the failures that hung until a deadline.
+	Timeouts int64
+	FirstErr string
 }
 
 // churn makes COUNT short connections to the ADDRs (in turn) with
@@ -142,7 +144,7 @@ func load(args []string) (any, error) {
 // shortConnections runs oneShort with workers at a time to the addresses
 // next gives, until it says stop.
 func shortConnections(workers int, next func() (string, bool)) churnResult {
-	var ok, failed atomic.Int64
+	var ok, failed, timeouts atomic.Int64
 	var mu sync.Mutex
 	var res churnResult
 	var wg sync.WaitGroup
@@ -155,6 +157,9 @@ func shortConnections(workers int, next func() (string, bool)) churnResult {
 				}
 				if err := oneShort(addr); err != nil {
 					failed.Add(1)
+					if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+						timeouts.Add(1)
+					}
 					mu.Lock()
 					if res.FirstErr == "" {
 						res.FirstErr = err.Error()
@@ -167,7 +172,7 @@ func shortConnections(workers int, next func() (string, bool)) churnResult {
 		})
 	}
 	wg.Wait()
-	res.OK, res.Failed = ok.Load(), failed.Load()
+	res.OK, res.Failed, res.Timeouts = ok.Load(), failed.Load(), timeouts.Load()
 	return res
 }
 

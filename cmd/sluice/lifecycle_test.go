@@ -1,0 +1,162 @@
+package main
+
+// Lifecycle: what a pod sees while its sidecar is down (fail policy), and
+// that capture resumes when the sidecar comes back, with no reinstall.
+
+import (
+	"net/netip"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// dialOnce makes one short connection from the pod's app (in its cgroup, as
+// a non-proxy uid) and returns its error text, "" on success.
+func (c *capturedPod) dialOnce(t *testing.T, addr string) string {
+	t.Helper()
+	var res churnResult
+	if err := runHelper(t, c.pod, helper(t, "churn", "1", "1", addr), -1, &res); err != nil {
+		t.Fatal(err)
+	}
+	return res.FirstErr
+}
+
+// dialFromHost connects from the server host into the pod and returns the
+// error text, "" when the app's echo answered.
+func (c *capturedPod) dialFromHost(t *testing.T, addr string) string {
+	t.Helper()
+	var msg string
+	err := c.host.Do(func() error {
+		if err := oneShort(addr); err != nil {
+			msg = err.Error()
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return msg
+}
+
+// killSidecar ends the sidecar as a crash would, and waits for it.
+func (c *capturedPod) killSidecar(t *testing.T) {
+	t.Helper()
+	if err := c.sidecar.Cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	c.sidecar.Cmd.Wait()
+}
+
+func refused(msg string) bool {
+	return strings.Contains(msg, "connection refused") || strings.Contains(msg, "connection reset")
+}
+
+// loadDuring runs 4 workers of short connections to addr from the app for
+// 3 s, killing the sidecar after 1 s and restarting it after 2 s.
+func (c *capturedPod) loadDuring(t *testing.T, addr string) churnResult {
+	t.Helper()
+	done := make(chan churnResult, 1)
+	go func() {
+		var res churnResult
+		if err := runHelper(t, c.pod, helper(t, "load", "3s", "4", addr), -1, &res); err != nil {
+			t.Error(err)
+		}
+		done <- res
+	}()
+	time.Sleep(time.Second)
+	c.killSidecar(t)
+	time.Sleep(time.Second)
+	c.startSidecar(t)
+	return <-done
+}
+
+func TestFailClosed(t *testing.T) {
+	c := newCapturedPod(t) // fail-closed is the default
+	out := netip.AddrPortFrom(c.host.Addr4, 8080).String()
+	out6 := netip.AddrPortFrom(c.host.Addr6, 8080).String()
+	in := netip.AddrPortFrom(c.pod.Addr4, 8080).String()
+	in6 := netip.AddrPortFrom(c.pod.Addr6, 8080).String()
+	for _, a := range []string{in, in6} {
+		if err := c.pod.StartEcho(self(t), a); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// No sidecar yet: refused at once both ways, never a hang, never
+	// around the sidecar. The app's own listener never sees the inbound
+	// connection (its echo would answer).
+	for _, a := range []string{out, out6} {
+		if msg := c.dialOnce(t, a); !refused(msg) {
+			t.Errorf("outbound to %s with no sidecar: %q, want connection refused", a, msg)
+		}
+	}
+	for _, a := range []string{in, in6} {
+		if msg := c.dialFromHost(t, a); !refused(msg) {
+			t.Errorf("inbound to %s with no sidecar: %q, want connection refused (a reset)", a, msg)
+		}
+	}
+	if n := c.echoes[out].Accepted() + c.echoes[out6].Accepted(); n != 0 {
+		t.Errorf("the server accepted %d connections the sidecar never saw", n)
+	}
+	s := statusJSON(t, c.cgroup)
+	if s.Counters["fail_closed_inbound"] != 2 || s.Counters["fail_open_inbound"] != 0 || s.Counters["fail_open_outbound"] != 0 {
+		t.Errorf("counters: %v", s.Counters)
+	}
+
+	// The sidecar starts: capture works, with no reinstall.
+	c.startSidecar(t)
+	c.expectProxied(t, c.client(t, out), out)
+	c.expectProxiedDir(t, c.inbound(t, in), in, "inbound")
+
+	// Killed under load and restarted: connections fail while it is
+	// down, at once (none hangs to its deadline), and succeed again once
+	// it is back, with no reinstall.
+	res := c.loadDuring(t, out)
+	if res.Failed == 0 || res.Timeouts != 0 || res.OK == 0 {
+		t.Errorf("load across a sidecar restart: %+v; want failures while it was down, none hung, the rest ok", res)
+	}
+	c.expectProxied(t, c.client(t, out), out)
+	c.expectProxiedDir(t, c.inbound(t, in6), in6, "inbound")
+}
+
+func TestFailOpen(t *testing.T) {
+	c := newCapturedPod(t, "--fail-open")
+	out := netip.AddrPortFrom(c.host.Addr4, 8080).String()
+	in := netip.AddrPortFrom(c.pod.Addr4, 8080).String()
+	if err := c.pod.StartEcho(self(t), in); err != nil {
+		t.Fatal(err)
+	}
+
+	// No sidecar: traffic goes direct, both ways, and is counted.
+	if res := c.client(t, out); res.Err != "" || res.ServerSaw != res.Local {
+		t.Errorf("outbound with no sidecar, fail open: %+v; want it to reach the server directly", res)
+	}
+	if msg := c.dialFromHost(t, in); msg != "" {
+		t.Errorf("inbound with no sidecar, fail open: %q; want the app to answer", msg)
+	}
+	s := statusJSON(t, c.cgroup)
+	if s.Counters["fail_open_outbound"] != 1 || s.Counters["fail_open_inbound"] != 1 || s.Counters["fail_closed_inbound"] != 0 {
+		t.Errorf("counters: %v", s.Counters)
+	}
+	if !s.Plan.FailOpen {
+		t.Errorf("status plan does not say fail open: %+v", s.Plan)
+	}
+
+	// With the sidecar up, capture is back; across a kill and restart
+	// under load, only connections the dying sidecar held can fail.
+	c.startSidecar(t)
+	c.expectProxied(t, c.client(t, out), out)
+	// Only connections the dying sidecar held (in flight or in its accept
+	// queue) can fail; the rest go direct while it is down.
+	res := c.loadDuring(t, out)
+	if res.OK == 0 || res.Timeouts != 0 || res.Failed*100 > res.OK {
+		t.Errorf("load across a sidecar restart, fail open: %+v; want under 1%% failed, none hung", res)
+	}
+	if n := statusJSON(t, c.cgroup).Counters["fail_open_outbound"]; n < 100 {
+		t.Errorf("fail_open_outbound = %d: no connection went direct while the sidecar was down", n)
+	}
+	c.expectProxied(t, c.client(t, out), out)
+	c.expectProxiedDir(t, c.inbound(t, in), in, "inbound")
+}
+
