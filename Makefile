@@ -3,7 +3,7 @@
 GO ?= go
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build deps generate check-generate vmlinux test demo bench scale
+.PHONY: all build deps generate check-generate vmlinux test demo bench scale image
 
 all: build
 
@@ -50,3 +50,12 @@ bench: deps build
 # memory of 1,000 idle pods and of a pod holding 10,000 connections.
 scale: deps build
 	$(GO) run ./scripts/scale -sluice bin/sluice
+
+# The OCI image, built without Docker: results/sluice-image.tar (docker-archive),
+# for `ctr -n k8s.io images import`. The binary is static: the image has no libc.
+IMAGE_TAG ?= sluice:dev
+IMAGE_ARCH ?= $(shell $(GO) env GOARCH)
+image:
+	CGO_ENABLED=0 GOARCH=$(IMAGE_ARCH) $(GO) build -trimpath -ldflags '-s -w' -o bin/sluice-static ./cmd/sluice
+	$(GO) run ./scripts/image -binary bin/sluice-static -tag $(IMAGE_TAG) -arch $(IMAGE_ARCH) \
+		-version "$$(git describe --always --dirty)" -out results/sluice-image.tar $(IMAGE_FLAGS)

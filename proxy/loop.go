@@ -144,7 +144,7 @@ func (l *loop) run() {
 		if len(l.again) > 0 || timeout < 0 {
 			timeout = 0 // bytes still to move: only look
 		}
-		r, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_WAIT, uintptr(l.epfd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), uintptr(timeout), 0, 0)
+		r, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(l.epfd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), uintptr(timeout), 0, 0)
 		n := int(r)
 		switch errno {
 		case 0:
