@@ -84,6 +84,9 @@ func ensureLink(h hook, t Target, ifindex int, prog *ebpf.Program, dir string, r
 	}
 	// Once pinned, the pin holds the attachment; this descriptor can go.
 	defer l.Close()
+	if err := fault("pin " + h.pin); err != nil {
+		return "", err
+	}
 	if err := l.Pin(pin); err != nil {
 		return "", fmt.Errorf("pin link %s: %w", h.pin, err)
 	}

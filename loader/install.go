@@ -153,6 +153,9 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 		defer m.Close()
 		replace[bpf.SluiceMapCounters] = true
 	}
+	if err := fault("load"); err != nil {
+		return res, err
+	}
 	coll, err := load(ifindex != 0, plan.Splice, reuse)
 	if err != nil {
 		return res, err
@@ -171,6 +174,9 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 	// The record goes first, marked unfinished: from here on the directory
 	// is provably Sluice's, and a rerun after a crash knows what to finish.
 	meta := coll.Maps[bpf.SluiceMapMeta]
+	if err := fault("write record"); err != nil {
+		return res, err
+	}
 	if err := writeRecord(meta, want); err != nil {
 		return res, err
 	}
@@ -195,6 +201,9 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 			}
 			change("%s resized", name)
 		}
+		if err := fault("pin " + name); err != nil {
+			return res, err
+		}
 		if err := m.Pin(pin); err != nil {
 			return res, fmt.Errorf("pin map %s: %w", name, err)
 		}
@@ -206,10 +215,16 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 		return res, err
 	}
 	// Before the policy can let a socket join the table.
+	if err := fault("attach " + bpf.SluiceProgSluiceSplice); err != nil {
+		return res, err
+	}
 	if action, err := ensureSplice(coll.Maps[bpf.SluiceMapSpliceSocks], coll.Programs[bpf.SluiceProgSluiceSplice]); err != nil {
 		return res, err
 	} else if action != linkKept {
 		change("%s %s", bpf.SluiceProgSluiceSplice, action)
+	}
+	if err := fault("write policy"); err != nil {
+		return res, err
 	}
 	if changed, err := policyMapsOf(coll.Maps).write(plan); err != nil {
 		return res, err
@@ -222,6 +237,9 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 		hooks = append(hooks[:len(hooks):len(hooks)], tcHook)
 	}
 	for _, h := range hooks {
+		if err := fault("attach " + h.pin); err != nil {
+			return res, err
+		}
 		action, err := ensureLink(h, t, ifindex, coll.Programs[h.prog], t.PinDir, len(replace) > 0)
 		if err != nil {
 			return res, err
@@ -243,6 +261,9 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 	}
 
 	want.Object = bpf.ObjectHash()
+	if err := fault("finish record"); err != nil {
+		return res, err
+	}
 	if err := writeRecord(meta, want); err != nil {
 		return res, err
 	}
@@ -358,4 +379,16 @@ func copyCounters(from, to *ebpf.Map) error {
 		}
 	}
 	return nil
+}
+
+// testFault, set only by tests, fails the install step it names (see fault)
+// to prove that a failure at any step leaves nothing behind.
+var testFault func(step string) error
+
+// fault returns the injected failure for step, if a test asked for one.
+func fault(step string) error {
+	if testFault == nil {
+		return nil
+	}
+	return testFault(step)
 }

@@ -42,6 +42,18 @@ func newCapturedPod(t *testing.T, installArgs ...string) *capturedPod {
 // ends in a container's.
 func newCapturedPodIn(t *testing.T, containerPath []string, installArgs ...string) *capturedPod {
 	t.Helper()
+	c := newUncapturedPod(t, containerPath)
+	// Inbound capture too: outbound tests then also show it leaves replies alone.
+	mustCLI(t, append([]string{"install", "--cgroup", c.cgroup, "--netns", c.pod.Netns}, installArgs...)...)
+	// Registered after the bed, so it runs before the bed removes the cgroup.
+	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", c.cgroup) })
+	return c
+}
+
+// newUncapturedPod is a pod and a server host with its echo servers, where
+// capture is yet to be installed on cgroup.
+func newUncapturedPod(t *testing.T, containerPath []string) *capturedPod {
+	t.Helper()
 	privileged(t)
 	bed := testbed.Must(t)
 	pod, err := bed.AddPod("app", containerPath...)
@@ -65,10 +77,6 @@ func newCapturedPodIn(t *testing.T, containerPath []string, installArgs ...strin
 			}
 		}
 	}
-	// Inbound capture too: outbound tests then also show it leaves replies alone.
-	mustCLI(t, append([]string{"install", "--cgroup", cgroup, "--netns", pod.Netns}, installArgs...)...)
-	// Registered after the bed, so it runs before the bed removes the cgroup.
-	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", cgroup) })
 	return &capturedPod{bed: bed, pod: pod, host: host, cgroup: cgroup, echoes: echoes}
 }
 

@@ -31,6 +31,7 @@ const helperEnv = "SLUICE_TEST_HELPER"
 var helperRoles = map[string]func(args []string) (any, error){
 	"churn":          churn,
 	"load":           load,
+	"load-captured":  loadCaptured,
 	"hold":           hold,
 	"bind":           tryBind,
 	"openpin":        openPin,
@@ -141,9 +142,30 @@ func load(args []string) (any, error) {
 	return shortConnections(workers, func() (string, bool) { return args[2], time.Now().Before(end) }), nil
 }
 
+// loadCaptured is load where a connection the server saw come straight
+// from the app (not through a sidecar) fails as "escaped capture".
+func loadCaptured(args []string) (any, error) {
+	if len(args) != 3 {
+		return nil, errors.New("usage: load-captured DURATION CONCURRENCY ADDR")
+	}
+	d, err := time.ParseDuration(args[0])
+	if err != nil {
+		return nil, err
+	}
+	workers, _ := strconv.Atoi(args[1])
+	end := time.Now().Add(d)
+	return shortConnectionsWith(workers, func() (string, bool) { return args[2], time.Now().Before(end) }, func(addr string) error {
+		return oneShortVia(addr, true)
+	}), nil
+}
+
 // shortConnections runs oneShort with workers at a time to the addresses
 // next gives, until it says stop.
 func shortConnections(workers int, next func() (string, bool)) churnResult {
+	return shortConnectionsWith(workers, next, oneShort)
+}
+
+func shortConnectionsWith(workers int, next func() (string, bool), oneShort func(string) error) churnResult {
 	var ok, failed, timeouts atomic.Int64
 	var mu sync.Mutex
 	var res churnResult
@@ -176,7 +198,11 @@ func shortConnections(workers int, next func() (string, bool)) churnResult {
 	return res
 }
 
-func oneShort(addr string) error {
+func oneShort(addr string) error { return oneShortVia(addr, false) }
+
+// oneShortVia is oneShort; with captured, the server must have seen another
+// peer than the app's own socket (the sidecar's).
+func oneShortVia(addr string, captured bool) error {
 	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
 		return err
@@ -184,8 +210,12 @@ func oneShort(addr string) error {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	r := bufio.NewReader(c)
-	if _, err := r.ReadString('\n'); err != nil {
+	line, err := r.ReadString('\n')
+	if err != nil {
 		return fmt.Errorf("peer line: %w", err)
+	}
+	if captured && strings.TrimSpace(line) == "peer="+c.LocalAddr().String() {
+		return fmt.Errorf("escaped capture: the server saw the app's own socket %s", c.LocalAddr())
 	}
 	if _, err := c.Write([]byte{'x'}); err != nil {
 		return err

@@ -159,4 +159,3 @@ func TestFailOpen(t *testing.T) {
 	c.expectProxied(t, c.client(t, out), out)
 	c.expectProxiedDir(t, c.inbound(t, in), in, "inbound")
 }
-
