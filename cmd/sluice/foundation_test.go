@@ -364,8 +364,8 @@ func TestLongLivedConnectionKeepsItsIdentity(t *testing.T) {
 
 // inSidecarContainer wraps a sidecar command the way a Kubernetes container
 // runs it: a private mount namespace whose /sys/fs/bpf holds only the host's
-// /sys/fs/bpf/sluice (a hostPath), uid and gid uid, CAP_BPF and nothing
-// else. It uses util-linux's mount and setpriv, as a container runtime would
+// /sys/fs/bpf/sluice (a hostPath), uid and gid uid, and no capability at
+// all (Kubernetes gives a non-root container none it could use). It uses util-linux's mount and setpriv, as a container runtime would
 // do the same steps.
 func inSidecarContainer(t *testing.T, uid int, argv ...string) *exec.Cmd {
 	t.Helper()
@@ -377,17 +377,19 @@ mount --bind /sys/fs/bpf/sluice "$STAGE"
 mount -t tmpfs -o mode=0755 sidecar-bpf /sys/fs/bpf
 mkdir /sys/fs/bpf/sluice
 mount --move "$STAGE" /sys/fs/bpf/sluice
-exec setpriv --reuid $ID --regid $ID --clear-groups --inh-caps=-all,+bpf --ambient-caps=-all,+bpf --bounding-set=-all,+bpf -- "$@"`
+exec setpriv --reuid $ID --regid $ID --clear-groups --inh-caps=-all --ambient-caps=-all --bounding-set=-all -- "$@"`
 	cmd := exec.Command("sh", append([]string{"-c", script, "sidecar", exe}, argv...)...)
 	cmd.Env = append(os.Environ(), mainEnv+"=1", "STAGE="+stage, fmt.Sprintf("ID=%d", uid))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
 	return cmd
 }
 
-// The sidecar runs as uid 1337 with CAP_BPF only, seeing the pins through a
-// bind mount, and serves, splice on; a uid-1000 process in the pod can
-// neither read the pins nor bind the capture ports.
-func TestSidecarAsProxyUserWithOnlyCapBPF(t *testing.T) {
+// The sidecar runs as uid 1337 with no capability, seeing the pins through a
+// bind mount, and serves, splice on: since Linux 6.5 only creating BPF
+// objects needs CAP_BPF, and the pins' modes admit the proxy's group. A
+// uid-1000 process in the pod can neither read the pins nor bind the
+// capture ports.
+func TestSidecarAsProxyUserWithNoCapabilities(t *testing.T) {
 	c := newCapturedPodIn(t, systemdPodPath, "--splice")
 	l, err := c.pod.StartLogged(inSidecarContainer(t, 1337, "run", "--cgroup", c.cgroup, "--log-format", "json", "--log-level", "debug"))
 	if err != nil {

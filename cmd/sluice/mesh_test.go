@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sluicemesh/sluice/internal/testbed"
 )
@@ -96,8 +97,35 @@ func TestInPodInstallWithNoArguments(t *testing.T) {
 	if c.echoes[out4], err = p.host.ListenEcho(out4); err != nil {
 		t.Fatal(err)
 	}
-	c.startSidecar(t)
+	// The sidecar container, also given nothing, finds the pod too.
+	l, err := p.pod.StartLogged(sluice(t, "run", "--log-format", "json", "--log-level", "debug"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e, err := l.WaitFor("serving the pod this sidecar runs in", nil, 10*time.Second); err != nil || e.Str("cgroup") != p.cgroup {
+		t.Fatalf("sidecar with no --cgroup: %v (%s)", err, l.Output())
+	}
+	if _, err := l.WaitFor("listening", nil, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	c.sidecar = l
 	c.expectProxied(t, c.client(t, out4), out4)
+	// Flow events reach the exporter a moment after the connection.
+	var names []string
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		m := c.scrape(t)
+		if m["sluice_tcp_connections_opened_total"] != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			names = names[:0]
+			for n := range m {
+				names = append(names, n)
+			}
+			t.Errorf("the sidecar found with no --cgroup exports no flow metrics: %v", names)
+			break
+		}
+	}
 	in4 := netip.AddrPortFrom(p.pod.Addr4, 8080).String()
 	if err := p.pod.StartEcho(self(t), in4); err != nil {
 		t.Fatal(err)

@@ -32,10 +32,11 @@ func runCommand() command {
 Serves captured outbound connections on 127.0.0.1:PORT and [::1]:PORT and
 captured inbound ones on port -z (all addresses): asks the kernel for each
 one's original destination (SO_ORIGINAL_DST), dials it (inbound: from
-127.0.0.6, like Istio) and copies bytes both ways. With --cgroup it takes the
-ports and proxy uid/gid from the pod's install, reading pins that only root
-and the proxy group may read. Run it as the proxy uid/gid (1337 by default;
-CAP_BPF is the only capability it needs); started as root, it switches to
+127.0.0.6, like Istio) and copies bytes both ways. With --cgroup (inside a
+pod with none given: the pod it runs in, found as install finds it) it takes
+the ports and proxy uid/gid from the pod's install, reading pins that only
+root and the proxy group may read. Run it as the proxy uid/gid (1337 by
+default; on Linux 6.5+ it needs no capability); started as root, it switches to
 them before it listens, since only the proxy may bind the capture ports and
 its own connections must not be captured.
 It needs no Sluice programs: behind iptables REDIRECT it works the same.
@@ -103,6 +104,15 @@ Examples:
 
 		var runners []runner
 		var exporter *telemetry.Exporter
+		if *cgroup == "" {
+			// A sidecar container finds its pod as the init container did.
+			if pod, err := loader.OwnPod(os.Getenv); err == nil {
+				*cgroup = pod
+				log.Info("serving the pod this sidecar runs in", "cgroup", pod)
+			} else {
+				log.Debug("no pod found: serving without its install", "reason", err)
+			}
+		}
 		if *cgroup != "" {
 			target, err := loader.ResolveTarget(*cgroup, *pinDir)
 			if err != nil {
