@@ -320,3 +320,59 @@ func shellQuote(args []string) string {
 	}
 	return strings.Join(out, " ")
 }
+
+// Target is the install's pod as Status and Uninstall take it.
+func (in Installed) Target() Target {
+	return Target{Cgroup: in.Cgroup, CgroupID: in.CgroupID, PinDir: in.PinDir}
+}
+
+// Gone reports whether the install's pod is gone: its cgroup no longer
+// exists, or a new cgroup took its path. Its pins and links then serve
+// nothing, and only an uninstall removes them.
+func (in Installed) Gone() bool {
+	id, err := cgroupID(in.Cgroup)
+	if err != nil {
+		return errors.As(err, new(noCgroupError))
+	}
+	return id != in.CgroupID
+}
+
+// Match returns the live installs under root whose cgroup path matches
+// pattern, where * stands for any text, slashes included (so '*pod3f2a*'
+// picks a Kubernetes pod by its uid whatever its QoS class and driver).
+func Match(root, pattern string) ([]Installed, error) {
+	all, err := List(root)
+	if err != nil {
+		return nil, err
+	}
+	var out []Installed
+	for _, in := range all {
+		if !in.Gone() && matchStar(pattern, in.Cgroup) {
+			out = append(out, in)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no installed pod's cgroup matches %q (%d installs under %s; 'sluice status --all' lists them)", pattern, len(all), root)
+	}
+	return out, nil
+}
+
+// matchStar matches s against pattern, whose only wildcard is *.
+func matchStar(pattern, s string) bool {
+	parts := strings.Split(pattern, "*")
+	if !strings.HasPrefix(s, parts[0]) {
+		return false
+	}
+	s = s[len(parts[0]):]
+	for i, p := range parts[1:] {
+		if i == len(parts)-2 {
+			return strings.HasSuffix(s, p)
+		}
+		j := strings.Index(s, p)
+		if j < 0 {
+			return false
+		}
+		s = s[j+len(p):]
+	}
+	return s == ""
+}

@@ -49,3 +49,22 @@ func TestCounterSlots(t *testing.T) {
 		t.Errorf("counters map has %d entries, loader expects %d", got, counterSlots)
 	}
 }
+
+func TestMatchStar(t *testing.T) {
+	const cg = "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod3f2a_5b7d.slice"
+	for pattern, want := range map[string]bool{
+		cg:                       true,
+		"*pod3f2a*":              true,
+		"*pod3f2a":               false,
+		"/sys/fs/cgroup/*":       true,
+		"*kubepods*burstable*":   true,
+		"*besteffort*":           false,
+		"/sys/fs/cgroup/unified": false,
+		"*":                      true,
+		"*.slice":                true,
+	} {
+		if got := matchStar(pattern, cg); got != want {
+			t.Errorf("matchStar(%q) = %v, want %v", pattern, got, want)
+		}
+	}
+}

@@ -33,6 +33,7 @@ func commands() []command {
 		statusCommand(),
 		flowsCommand(),
 		routeCommand(),
+		agentCommand(),
 		checkCommand(),
 		demoCommand(),
 	}

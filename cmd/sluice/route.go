@@ -26,6 +26,8 @@ func routeCommand() command {
        sluice route apply   --cgroup PATH -f FILE [--allow-zero]
        sluice route rollout --cgroup PATH VIP:PORT --to BACKEND [--step 10] [--interval 30s]
                             [--max-connect-failure-ratio 0.05] [--max-connect-latency 50ms]
+       (set, delete, apply: --pods PATTERN instead of --cgroup changes every installed pod
+        whose cgroup path matches, * for any text, e.g. --pods '*pod3f2a8c1e*')
 
 A route sends the pod's new connections to a service (a virtual IP and port)
 to one of its backends, picked in the kernel at connect time by weight: the
@@ -57,6 +59,7 @@ Examples:
   sluice route set --cgroup /sys/fs/cgroup/unified/mypod 198.19.0.10:80 198.18.2.2:8080=90 198.18.3.2:8080=10
   sluice route list --cgroup /sys/fs/cgroup/unified/mypod
   sluice route apply --cgroup /sys/fs/cgroup/unified/mypod -f routes.yaml
+  sluice route apply --pods '*kubepods*' -f routes.yaml       # every pod on the node
   sluice route rollout --cgroup /sys/fs/cgroup/unified/mypod 198.19.0.10:80 --to 198.18.3.2:8080 --step 10 --interval 30s`,
 	}
 	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
@@ -71,11 +74,44 @@ Examples:
 		fs := flag.NewFlagSet("route "+sub, flag.ContinueOnError)
 		cgroup := fs.String("cgroup", "", "the pod's cgroup v2 directory (required)")
 		pinDir := fs.String("pin-dir", "", "where the pins are (default /sys/fs/bpf/sluice/<cgroup id>)")
+		pods := fs.String("pods", "", "set, delete, apply: every installed pod whose cgroup path matches this pattern (* for any text), instead of --cgroup")
 		target := func() (loader.Target, error) {
+			if *pods != "" {
+				return loader.Target{}, usageError{"--pods is for set, delete and apply: " + sub + " takes one pod, with --cgroup"}
+			}
 			if *cgroup == "" {
 				return loader.Target{}, usageError{"--cgroup is required: pass the pod's cgroup v2 directory"}
 			}
 			return loader.ResolveTarget(*cgroup, *pinDir)
+		}
+		// change applies one change to the pod, or to every pod --pods
+		// matches (the node agent's way to route many pods), and says so.
+		change := func(ch loader.RouteChange, done string) error {
+			if *pods == "" {
+				t, err := target()
+				if err != nil {
+					return err
+				}
+				if err := loader.ChangeRoutes(t, ch); err != nil {
+					return err
+				}
+				fmt.Fprintln(stdout, done)
+				return nil
+			}
+			if *cgroup != "" {
+				return usageError{"--cgroup and --pods both given: pick one pod, or every pod the pattern matches"}
+			}
+			installs, err := loader.Match(loader.DefaultPinRoot, *pods)
+			if err != nil {
+				return err
+			}
+			for _, in := range installs {
+				if err := loader.ChangeRoutes(in.Target(), ch); err != nil {
+					return fmt.Errorf("%s: %w", in.Cgroup, err)
+				}
+				fmt.Fprintf(stdout, "%s: %s\n", in.Cgroup, done)
+			}
+			return nil
 		}
 		switch sub {
 		case "set":
@@ -99,15 +135,7 @@ Examples:
 			if err := r.Validate(*allowZero); err != nil {
 				return usageError{err.Error()}
 			}
-			t, err := target()
-			if err != nil {
-				return err
-			}
-			if err := loader.ChangeRoutes(t, loader.RouteChange{Set: []redirect.Route{r}}); err != nil {
-				return err
-			}
-			fmt.Fprintf(stdout, "route %s set: %s\n", r.Service, describe(r))
-			return nil
+			return change(loader.RouteChange{Set: []redirect.Route{r}}, fmt.Sprintf("route %s set: %s", r.Service, describe(r)))
 		case "delete":
 			if err := parseInterspersed(fs, c, args, stdout); err != nil {
 				return err
@@ -119,15 +147,7 @@ Examples:
 			if err != nil {
 				return usageError{err.Error()}
 			}
-			t, err := target()
-			if err != nil {
-				return err
-			}
-			if err := loader.ChangeRoutes(t, loader.RouteChange{Delete: []netip.AddrPort{svc}}); err != nil {
-				return err
-			}
-			fmt.Fprintf(stdout, "route %s deleted\n", svc)
-			return nil
+			return change(loader.RouteChange{Delete: []netip.AddrPort{svc}}, fmt.Sprintf("route %s deleted", svc))
 		case "apply":
 			file := fs.String("f", "", "the route file (YAML or JSON; - for stdin)")
 			allowZero := fs.Bool("allow-zero", false, "accept routes whose every weight is 0")
@@ -145,15 +165,7 @@ Examples:
 			if err != nil {
 				return usageError{fmt.Sprintf("%s: %v", *file, err)}
 			}
-			t, err := target()
-			if err != nil {
-				return err
-			}
-			if err := loader.ChangeRoutes(t, loader.RouteChange{Set: routes}); err != nil {
-				return err
-			}
-			fmt.Fprintf(stdout, "%d routes applied\n", len(routes))
-			return nil
+			return change(loader.RouteChange{Set: routes}, fmt.Sprintf("%d routes applied", len(routes)))
 		case "list":
 			asJSON := fs.Bool("json", false, "print JSON")
 			if err := parseFlags(fs, c, args, stdout); err != nil {

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"maps"
 	"net/netip"
 	"slices"
@@ -13,6 +14,7 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/sluicemesh/sluice/agent"
 	"github.com/sluicemesh/sluice/loader"
 )
 
@@ -21,14 +23,18 @@ func statusCommand() command {
 		name:    "status",
 		summary: "show what is attached and pinned for a pod, and the policy in force",
 		help: `Usage: sluice status --cgroup PATH [--pin-dir DIR] [--json]
+       sluice status --all [--json]
 
 Reads the pod's pins: each program link (attached or not) and the capture
 policy the BPF maps hold, and the kernel memory the install holds. Exits 1
 when nothing is installed, or when the install is incomplete (a killed
 install, a detached link): then it says what is missing and the command
-that repairs it.
+that repairs it. --all lists every install on the node instead (exit 1 if
+any is incomplete, or gone: its cgroup deleted, its pins left for the agent
+or 'sluice uninstall' to collect).
 
 Examples:
+  sluice status --all
   sluice status --cgroup /sys/fs/cgroup/unified/mypod
   sluice status --cgroup /sys/fs/cgroup/unified/mypod --json | jq .plan`,
 	}
@@ -37,8 +43,18 @@ Examples:
 		cgroup := fs.String("cgroup", "", "the pod's cgroup v2 directory (required)")
 		pinDir := fs.String("pin-dir", "", "where the pins are (default /sys/fs/bpf/sluice/<cgroup id>)")
 		asJSON := fs.Bool("json", false, "print JSON")
+		all := fs.Bool("all", false, "every install on the node, one line each")
 		if err := parseFlags(fs, c, args, stdout); err != nil {
 			return err
+		}
+		if *all {
+			if *cgroup != "" {
+				return usageError{"--all and --cgroup both given: pick one"}
+			}
+			if err := requireRoot(); err != nil {
+				return err
+			}
+			return statusAll(stdout, *asJSON)
 		}
 		if *cgroup == "" {
 			return usageError{"--cgroup is required: pass the pod's cgroup v2 directory"}
@@ -169,4 +185,47 @@ func ports(all bool, list []uint16) string {
 		i = j + 1
 	}
 	return strings.Join(parts, ", ")
+}
+
+// statusAll lists every install on the node.
+func statusAll(w io.Writer, asJSON bool) error {
+	pods, err := agent.New(agent.Options{PinRoot: loader.DefaultPinRoot, Logger: slog.New(slog.DiscardHandler)}).Pods()
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(pods); err != nil {
+			return err
+		}
+	} else {
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "STATE\tPOD UID\tPINS\tCGROUP")
+		for _, p := range pods {
+			state := "complete"
+			switch {
+			case p.Gone:
+				state = "gone"
+			case !p.Complete:
+				state = "incomplete"
+			}
+			uid := p.UID
+			if uid == "" {
+				uid = "-"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", state, uid, p.PinDir, p.Cgroup)
+		}
+		tw.Flush()
+	}
+	bad := 0
+	for _, p := range pods {
+		if p.Gone || !p.Complete {
+			bad++
+		}
+	}
+	if bad > 0 {
+		return fmt.Errorf("%d of %d installs are incomplete or gone: 'sluice status --cgroup PATH' says what is missing; 'sluice agent --once' collects the gone ones", bad, len(pods))
+	}
+	return nil
 }

@@ -330,3 +330,13 @@ func (b *Bed) start(nsPath string, cmd *exec.Cmd) error {
 	}
 	return nil
 }
+
+// Delete removes the pod's cgroup and network namespace now, as Kubernetes
+// deletes a pod whose teardown never ran: whatever was installed for it
+// stays behind. The pod must have no processes left.
+func (p *Pod) Delete() error {
+	if err := removeCgroup(p.Cgroup, time.Now().Add(cgroupDrainTimeout)); err != nil {
+		return err
+	}
+	return deleteNetns(filepath.Base(p.Netns))
+}

@@ -1,0 +1,64 @@
+package agent
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Every pod's series carry its cgroup and, for a kubelet's pod, its uid, to
+// join with kube-state-metrics' kube_pod_info{uid}.
+var (
+	podLabels = []string{"pod_cgroup", "pod_uid"}
+
+	descPods = prometheus.NewDesc("sluice_agent_pods",
+		"Pods with Sluice installed on this node, by state: complete, incomplete, or gone (cgroup deleted, pins not yet collected).", []string{"state"}, nil)
+	descCollected = prometheus.NewDesc("sluice_agent_collected_pods_total",
+		"Pods whose pins and links the agent removed after their cgroup was gone.", nil, nil)
+	descEvents = prometheus.NewDesc("sluice_kernel_events_total",
+		"What each pod's kernel hooks counted (by event), as its sidecar also exports it.", append(podLabels, "event"), nil)
+	descWeight = prometheus.NewDesc("sluice_route_weight",
+		"A canary route's programmed weight for each backend.", append(podLabels, "service", "backend"), nil)
+	descPicks = prometheus.NewDesc("sluice_route_picks_total",
+		"New connections to a routed service, by the backend the kernel picked: the effective split.", append(podLabels, "service", "backend"), nil)
+)
+
+type collector struct{ a *Agent }
+
+func (c collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descPods, descCollected, descEvents, descWeight, descPicks} {
+		ch <- d
+	}
+}
+
+func (c collector) Collect(ch chan<- prometheus.Metric) {
+	ch <- prometheus.MustNewConstMetric(descCollected, prometheus.CounterValue, float64(c.a.collected.Load()))
+	pods, err := c.a.Pods()
+	if err != nil {
+		c.a.opts.Logger.Warn("list pods", "err", err)
+		return
+	}
+	states := map[string]int{"complete": 0, "incomplete": 0, "gone": 0}
+	for _, p := range pods {
+		switch {
+		case p.Gone:
+			states["gone"]++
+			continue
+		case p.Complete:
+			states["complete"]++
+		default:
+			states["incomplete"]++
+		}
+		for event, n := range p.Counters {
+			ch <- prometheus.MustNewConstMetric(descEvents, prometheus.CounterValue, float64(n), p.Cgroup, p.UID, event)
+		}
+		for _, r := range p.Routes {
+			svc := r.Service.String()
+			for i, b := range r.Backends {
+				ch <- prometheus.MustNewConstMetric(descWeight, prometheus.GaugeValue, float64(b.Weight), p.Cgroup, p.UID, svc, b.AddrPort().String())
+				ch <- prometheus.MustNewConstMetric(descPicks, prometheus.CounterValue, float64(r.Picks[i]), p.Cgroup, p.UID, svc, b.AddrPort().String())
+			}
+		}
+	}
+	for state, n := range states {
+		ch <- prometheus.MustNewConstMetric(descPods, prometheus.GaugeValue, float64(n), state)
+	}
+}

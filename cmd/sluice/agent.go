@@ -1,0 +1,87 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/sluicemesh/sluice/agent"
+	"github.com/sluicemesh/sluice/loader"
+)
+
+func agentCommand() command {
+	c := command{
+		name:    "agent",
+		summary: "node agent: every pod's metrics on one endpoint, collect pods whose cgroup is gone",
+		help: `Usage: sluice agent [--pin-root DIR] [--metrics-addr :9102] [--gc-interval 30s] [--once]
+
+Runs once per node (a DaemonSet). It follows every pod installed under
+--pin-root and serves, on --metrics-addr, /metrics (each pod's kernel
+counters and canary routes, labelled with its cgroup and Kubernetes pod uid,
+and the agent's own figures) and /pods (every install and its state, JSON).
+Every --gc-interval it uninstalls the pods whose cgroup is gone: a pod
+deleted without its capture being uninstalled leaves pins and links that
+only an uninstall removes. Capture runs from the pins, never through the
+agent: restarting it interrupts nothing. --once collects, prints the pods as
+JSON and exits.
+
+Routes for many pods at once: 'sluice route apply --pods PATTERN -f FILE'
+in the agent's container (PATTERN matches cgroup paths, * for any text).
+
+Examples:
+  sluice agent
+  sluice agent --once --pin-root /sys/fs/bpf/sluice`,
+	}
+	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
+		fs := flag.NewFlagSet("agent", flag.ContinueOnError)
+		pinRoot := fs.String("pin-root", loader.DefaultPinRoot, "where every pod's pins are")
+		metricsAddr := fs.String("metrics-addr", ":9102", "where to serve /metrics and /pods")
+		interval := fs.Duration("gc-interval", 30*time.Second, "how often to collect pods whose cgroup is gone")
+		once := fs.Bool("once", false, "collect once, print the pods as JSON, exit")
+		logFormat := fs.String("log-format", "text", "text or json")
+		logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+		if err := parseFlags(fs, c, args, stdout); err != nil {
+			return err
+		}
+		if *interval <= 0 {
+			return usageError{fmt.Sprintf("--gc-interval %v: want a positive duration, e.g. 30s", *interval)}
+		}
+		log, err := newLogger(os.Stderr, *logFormat, *logLevel)
+		if err != nil {
+			return err
+		}
+		if err := requireRoot(); err != nil {
+			return err
+		}
+		a := agent.New(agent.Options{PinRoot: *pinRoot, Logger: log})
+		if *once {
+			_, cerr := a.Collect()
+			pods, err := a.Pods()
+			if err != nil {
+				return errors.Join(cerr, err)
+			}
+			enc := json.NewEncoder(stdout)
+			enc.SetIndent("", "  ")
+			return errors.Join(cerr, enc.Encode(pods))
+		}
+		ln, err := net.Listen("tcp", *metricsAddr)
+		if err != nil {
+			return fmt.Errorf("listen on --metrics-addr %s: %w", *metricsAddr, err)
+		}
+		srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 10 * time.Second}
+		go srv.Serve(ln)
+		log.Info("agent running", "pin_root", *pinRoot, "metrics_addr", ln.Addr().String(), "gc_interval", interval.String())
+		a.Run(ctx, *interval)
+		shutdown, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return srv.Shutdown(shutdown)
+	}
+	return c
+}
