@@ -69,7 +69,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		case err == nil, errors.Is(err, flag.ErrHelp):
 			return 0
 		case errors.As(err, new(usageError)):
-			fmt.Fprintf(stderr, "sluice %s: %v\n", c.name, err)
+			fmt.Fprintf(stderr, "sluice %s: %s\n", c.name, oneLine(err))
 			return 2
 		default:
 			fmt.Fprintf(stderr, "sluice %s: %s\n", c.name, oneLine(err))

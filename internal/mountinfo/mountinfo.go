@@ -26,7 +26,7 @@ func Cgroup2() ([]string, error) {
 		return nil, fmt.Errorf("read mountinfo: %w", err)
 	}
 	if len(mounts) == 0 {
-		return nil, fmt.Errorf("no cgroup2 file system is mounted: mount one with 'mount -t cgroup2 none /sys/fs/cgroup/unified'")
+		return nil, fmt.Errorf("no cgroup2 file system is mounted here: on a node, mount one ('mount -t cgroup2 none /sys/fs/cgroup/unified'); in a container, mount the host's /sys/fs/cgroup in (a hostPath)")
 	}
 	return mounts, nil
 }
