@@ -3,7 +3,7 @@
 GO ?= go
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build deps generate check-generate vmlinux test demo bench scale image
+.PHONY: all build deps generate check-generate vmlinux test fuzz demo bench scale image
 
 all: build
 
@@ -34,6 +34,19 @@ test: deps $(if $(filter true,$(CI)),check-generate,generate)
 	$(GO) vet ./...
 	$(GO) vet -tags demo ./...
 	$(GO) test -tags demo -count=1 -timeout 30m ./...
+	$(MAKE) fuzz FUZZTIME=5s
+
+# Runs every Fuzz* function for FUZZTIME each; go test fuzzes one target per
+# run. What a target finds is written to testdata/fuzz/ of its package:
+# commit it with the fix, and it stays a regression test of plain go test.
+FUZZTIME ?= 10s
+fuzz:
+	@grep -r --include='*_test.go' -o '^func Fuzz[A-Za-z0-9_]*' . | sort | \
+	while IFS=: read -r file fn; do \
+		pkg=$$(dirname "$$file"); target=$${fn#func }; \
+		echo "fuzz $$pkg $$target for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$target$$" -fuzztime $(FUZZTIME) "$$pkg" || exit 1; \
+	done
 
 # The demo's test bed (throwaway pods and hosts) is never in bin/sluice.
 demo: deps

@@ -166,6 +166,16 @@ func (p Policy) Plan() (Plan, error) {
 	if p.OutboundPort == p.InboundPort {
 		return Plan{}, fmt.Errorf("outbound port -p and inbound port -z are both %d: give the sidecar two different ports", p.OutboundPort)
 	}
+	// '*' means all only to -i and -b; the plan has no "exclude every
+	// destination" or "every port", so refuse it rather than ignore it.
+	for _, f := range []struct {
+		name string
+		all  bool
+	}{{"-x", p.ExcludeCIDRs.All}, {"-q", p.IncludeOutboundPorts.All}, {"-o", p.ExcludeOutboundPorts.All}, {"-d", p.ExcludeInboundPorts.All}} {
+		if f.all {
+			return Plan{}, fmt.Errorf("%s '*' is not supported: list the CIDRs or ports (only -i and -b take '*')", f.name)
+		}
+	}
 	if (p.ProxyUID == 0 || p.ProxyGID == 0) && !p.AllowRootProxy {
 		return Plan{}, fmt.Errorf("proxy uid/gid %d/%d would exempt every root process in the pod from capture: run the proxy as its own uid and gid (e.g. -u 1337 -g 1337), or pass --allow-root-proxy if that is meant", p.ProxyUID, p.ProxyGID)
 	}
@@ -227,6 +237,9 @@ func (c *CIDRs) Set(s string) error {
 		}
 		c.List = append(c.List, p)
 	}
+	if c.All {
+		c.List = nil // beside '*' a list adds nothing, and String would drop it
+	}
 	return nil
 }
 
@@ -235,7 +248,7 @@ func (c *CIDRs) Set(s string) error {
 func parseCIDR(s string) (netip.Prefix, error) {
 	if !strings.Contains(s, "/") {
 		a, err := netip.ParseAddr(s)
-		if err != nil {
+		if err != nil || a.Zone() != "" { // a prefix has no zone: ParsePrefix refuses fe80::1%eth0/128 too
 			return netip.Prefix{}, fmt.Errorf("%q is not a CIDR: want a.b.c.d/n or an IPv6 prefix such as 2001:db8::/32", s)
 		}
 		return netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()), nil
@@ -270,6 +283,8 @@ func (p *Ports) String() string {
 
 func (p *Ports) Set(s string) error {
 	*p = Ports{}
+	// A set, not a list: "1-65535,1-65535" costs no more memory than once.
+	var set [1 << 16]bool
 	for _, item := range splitList(s) {
 		if item == "*" {
 			p.All = true
@@ -290,10 +305,17 @@ func (p *Ports) Set(s string) error {
 			}
 		}
 		for port := int(first); port <= int(last); port++ {
+			set[port] = true
+		}
+	}
+	if p.All {
+		return nil // beside '*' a list adds nothing, and String would drop it
+	}
+	for port, in := range set {
+		if in {
 			p.List = append(p.List, uint16(port))
 		}
 	}
-	p.List = dedup(p.List)
 	return nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -65,6 +66,9 @@ func (r Route) Validate(allowZero bool) error {
 	if !r.Service.IsValid() || r.Service.Port() == 0 {
 		return fmt.Errorf("route service %q: want VIP:PORT, e.g. 198.19.0.10:80 or [2001:db8::10]:80", r.Service)
 	}
+	if r.Service.Addr().Zone() != "" {
+		return fmt.Errorf("route service %s: %s", r.Service, noZone)
+	}
 	if r.Mode != "" && r.Mode != ModeRandom && r.Mode != ModeRoundRobin {
 		return fmt.Errorf("route %s: mode %q: want %s or %s", r.Service, r.Mode, ModeRandom, ModeRoundRobin)
 	}
@@ -76,10 +80,13 @@ func (r Route) Validate(allowZero bool) error {
 	}
 	seen := map[netip.AddrPort]bool{}
 	for _, b := range r.Backends {
-		ap := b.AddrPort()
+		// Unmapped, as the BPF side holds it: [::ffff:1.2.3.4]:80 is 1.2.3.4:80.
+		ap := netip.AddrPortFrom(b.Address.Unmap(), b.Port)
 		switch {
 		case !b.Address.IsValid() || b.Port == 0:
 			return fmt.Errorf("route %s: backend %s: want ADDRESS:PORT", r.Service, ap)
+		case b.Address.Zone() != "":
+			return fmt.Errorf("route %s: backend %s: %s", r.Service, ap, noZone)
 		case b.Address.Unmap().Is4() != r.Service.Addr().Unmap().Is4():
 			// SO_ORIGINAL_DST answers in the family the app connected with.
 			return fmt.Errorf("route %s: backend %s is of another IP family than the service: give %s backends", r.Service, ap, family(r.Service.Addr()))
@@ -95,6 +102,10 @@ func (r Route) Validate(allowZero bool) error {
 	}
 	return nil
 }
+
+// noZone is why an address with a zone is refused: the BPF side holds 16
+// bytes of address and would drop the zone.
+const noZone = "an IPv6 zone (%eth0) cannot be routed: give the address without it"
 
 func family(a netip.Addr) string {
 	if a.Unmap().Is4() {
@@ -143,6 +154,9 @@ func ParseService(s string) (netip.AddrPort, error) {
 	if err != nil || ap.Port() == 0 {
 		return netip.AddrPort{}, fmt.Errorf("service %q: want VIP:PORT, e.g. 198.19.0.10:80 or [2001:db8::10]:80", s)
 	}
+	if ap.Addr().Zone() != "" {
+		return netip.AddrPort{}, fmt.Errorf("service %q: %s", s, noZone)
+	}
 	return ap, nil
 }
 
@@ -158,15 +172,60 @@ type RouteFile struct {
 	Routes []Route `json:"routes" yaml:"routes"`
 }
 
+// routeFileText is a RouteFile as written: its addresses are parsed after
+// decoding, so that a bad one is named with its route and a fix, not with
+// netip's own error (ParseAddr("x"): unable to parse IP).
+type routeFileText struct {
+	Routes []struct {
+		Service  string `yaml:"service"`
+		Mode     string `yaml:"mode"`
+		Backends []struct {
+			Address string `yaml:"address"`
+			Port    uint16 `yaml:"port"`
+			Weight  uint32 `yaml:"weight"`
+		} `yaml:"backendRefs"`
+	} `yaml:"routes"`
+}
+
+func (f routeFileText) parse() (RouteFile, error) {
+	var out RouteFile
+	for _, rt := range f.Routes {
+		svc, err := ParseService(rt.Service)
+		if err != nil {
+			return RouteFile{}, fmt.Errorf("route %w", err)
+		}
+		r := Route{Service: svc, Mode: rt.Mode}
+		for _, b := range rt.Backends {
+			a, err := netip.ParseAddr(b.Address)
+			if err != nil {
+				return RouteFile{}, fmt.Errorf("route %s: backend address %q: want an IP address, e.g. 198.18.2.2 or 2001:db8::2", svc, b.Address)
+			}
+			r.Backends = append(r.Backends, Backend{Address: a, Port: b.Port, Weight: b.Weight})
+		}
+		out.Routes = append(out.Routes, r)
+	}
+	return out, nil
+}
+
 // ParseRouteFile reads a route file and validates every route in it; a
 // service listed twice is an error. Unknown fields are refused, so a typo
 // (backendsRefs) does not silently drop backends.
 func ParseRouteFile(data []byte, allowZero bool) ([]Route, error) {
-	var f RouteFile
+	var text routeFileText
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
-	if err := dec.Decode(&f); err != nil {
+	if err := dec.Decode(&text); errors.Is(err, io.EOF) {
+		return nil, errors.New("route file is empty: want a top-level 'routes:' list")
+	} else if err != nil {
 		return nil, fmt.Errorf("route file: %v", oneLineYAML(err))
+	}
+	// Two files joined with --- would otherwise apply the first alone.
+	if err := dec.Decode(new(yaml.Node)); !errors.Is(err, io.EOF) {
+		return nil, errors.New("route file holds more than one YAML document: put every route in one 'routes:' list")
+	}
+	f, err := text.parse()
+	if err != nil {
+		return nil, err
 	}
 	if len(f.Routes) == 0 {
 		return nil, errors.New("route file has no routes: want a top-level 'routes:' list")

@@ -4,10 +4,12 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -44,6 +46,9 @@ Examples:
 		if err := parseFlags(fs, c, args, stdout); err != nil {
 			return err
 		}
+		if *interval <= 0 {
+			return usageError{fmt.Sprintf("--interval %s: want a positive duration, e.g. 1s", *interval)}
+		}
 		if !strings.Contains(*addr, "://") {
 			*addr = "http://" + *addr
 		}
@@ -71,7 +76,7 @@ Examples:
 func getFlows(ctx context.Context, addr string) ([]telemetry.Flow, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, addr+"/flows", nil)
 	if err != nil {
-		return nil, usageError{fmt.Sprintf("--addr %s: %v", addr, err)}
+		return nil, badAddr(addr, err)
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -88,6 +93,15 @@ func getFlows(ctx context.Context, addr string) ([]telemetry.Flow, error) {
 	return flows, nil
 }
 
+// badAddr names the problem with --addr, without the /flows path that
+// net/url's error quotes.
+func badAddr(addr string, err error) error {
+	if ue := new(url.Error); errors.As(err, &ue) {
+		err = ue.Err
+	}
+	return usageError{fmt.Sprintf("--addr %q: %v: want the sidecar's metrics address, e.g. http://127.0.0.1:15090", addr, err)}
+}
+
 func printFlows(w io.Writer, flows []telemetry.Flow) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "DIRECTION\tSOURCE\tDESTINATION\tORIGINAL DST\tVIA SIDECAR\tSTATE\tAGE\tSRTT\tSENT\tRECEIVED")
@@ -101,7 +115,7 @@ func printFlows(w io.Writer, flows []telemetry.Flow) {
 func followFlows(ctx context.Context, addr string, asJSON bool, w io.Writer) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, addr+"/flows?follow=true", nil)
 	if err != nil {
-		return usageError{fmt.Sprintf("--addr %s: %v", addr, err)}
+		return badAddr(addr, err)
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {

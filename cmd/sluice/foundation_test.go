@@ -365,14 +365,18 @@ func TestLongLivedConnectionKeepsItsIdentity(t *testing.T) {
 // inSidecarContainer wraps a sidecar command the way a Kubernetes container
 // runs it: a private mount namespace whose /sys/fs/bpf holds only the host's
 // /sys/fs/bpf/sluice (a hostPath), uid and gid uid, and no capability at
-// all (Kubernetes gives a non-root container none it could use). It uses util-linux's mount and setpriv, as a container runtime would
-// do the same steps.
+// all (Kubernetes gives a non-root container none it could use). It uses
+// util-linux's mount and setpriv, as a container runtime would do the same
+// steps. The copies of other pods' network namespace mounts the
+// new mount namespace starts with are dropped at once, or they would keep
+// those pods' /run/netns files busy.
 func inSidecarContainer(t *testing.T, uid int, argv ...string) *exec.Cmd {
 	t.Helper()
 	exe := testbed.WorldExecutable(t)
 	stage := worldReadableDir(t)
 	script := `set -e
 mount --make-rprivate /
+for ns in /run/netns/*; do umount -l "$ns" 2>/dev/null || true; done
 mount --bind /sys/fs/bpf/sluice "$STAGE"
 mount -t tmpfs -o mode=0755 sidecar-bpf /sys/fs/bpf
 mkdir /sys/fs/bpf/sluice

@@ -11,8 +11,11 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
+	"time"
+	"unicode"
 )
 
 // command is one subcommand: its help text and what it runs.
@@ -130,6 +133,14 @@ func parseFlags(fs *flag.FlagSet, c command, args []string, stdout io.Writer) er
 			return err
 		}
 		msg := err.Error()
+		if strings.ContainsFunc(msg, unicode.IsControl) {
+			// The flag package prints a bad argument as given: a newline in
+			// it would split the one-line error.
+			msg = strings.Trim(strconv.QuoteToGraphic(msg), `"`)
+		}
+		if want := wantFor(fs, msg); want != "" {
+			msg = strings.TrimSuffix(msg, "parse error") + want
+		}
 		if name, ok := strings.CutPrefix(msg, "flag provided but not defined: "); ok {
 			return usageError{fmt.Sprintf("unknown flag %s: run 'sluice %s --help' for the flags", name, c.name)}
 		}
@@ -139,6 +150,32 @@ func parseFlags(fs *flag.FlagSet, c command, args []string, stdout io.Writer) er
 		return usageError{fmt.Sprintf("unexpected argument %q: every option is a flag (run 'sluice %s --help')", fs.Arg(0), c.name)}
 	}
 	return nil
+}
+
+// wantFor says what a flag of a standard type takes, for the flag
+// package's bare "invalid value "5" for flag -drain: parse error".
+func wantFor(fs *flag.FlagSet, msg string) string {
+	_, name, ok := strings.Cut(msg, " for ")
+	name, _, _ = strings.Cut(strings.TrimPrefix(strings.TrimPrefix(name, "flag "), "-"), ":")
+	f := fs.Lookup(name)
+	if !ok || f == nil || !strings.HasSuffix(msg, "parse error") {
+		return ""
+	}
+	getter, ok := f.Value.(flag.Getter)
+	if !ok {
+		return ""
+	}
+	switch getter.Get().(type) {
+	case bool:
+		return "want true or false"
+	case time.Duration:
+		return "want a duration such as 30s or 1m"
+	case int, int64, uint, uint64:
+		return "want a whole number"
+	case float64:
+		return "want a number"
+	}
+	return ""
 }
 
 func printHelp(w io.Writer, fs *flag.FlagSet, c command) {

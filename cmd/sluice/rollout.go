@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"net/netip"
 	"os"
@@ -37,7 +38,7 @@ func rolloutCommand(ctx context.Context, fs *flag.FlagSet, c command, args []str
 	if err != nil {
 		return usageError{err.Error()}
 	}
-	cfg := rollout.Config{Service: svc, Step: uint32(min(*step, 1000)), Interval: *interval, MaxFailureRatio: *maxFail, MaxLatency: *maxLat}
+	cfg := rollout.Config{Service: svc, Step: uint32(min(*step, math.MaxUint32)), Interval: *interval, MaxFailureRatio: *maxFail, MaxLatency: *maxLat}
 	if *to != "" {
 		if cfg.Canary, err = netip.ParseAddrPort(*to); err != nil {
 			return usageError{fmt.Sprintf("--to %q: want the canary's ADDRESS:PORT", *to)}

@@ -227,7 +227,7 @@ func readFileOrStdin(name string) ([]byte, error) {
 	}
 	data, err := os.ReadFile(name)
 	if err != nil {
-		return nil, fmt.Errorf("read route file: %w", err)
+		return nil, fmt.Errorf("read route file (pass -f a YAML or JSON file, or - for stdin): %w", err)
 	}
 	return data, nil
 }

@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/vishvananda/netns"
 
@@ -54,8 +55,18 @@ func deleteNetns(name string) error {
 	if err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
 		return fmt.Errorf("unmount netns %s: %w", name, err)
 	}
-	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("remove netns %s: %w", name, err)
+	// EBUSY: a mount namespace created meanwhile (a test's private one)
+	// still holds a copy of the mount; it goes when that namespace's
+	// processes exit.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		err := os.Remove(p)
+		if err == nil || errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+			return fmt.Errorf("remove netns %s: %w", name, err)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
-	return nil
 }
