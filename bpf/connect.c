@@ -160,8 +160,9 @@ static __always_inline bool sidecar_listening(struct bpf_sock_addr *ctx, const s
 
 /* capture decides whether a connect is redirected and, if so, records the
  * original destination on the socket (and, for a service with a route, the
- * backend picked for it). It returns 1 to redirect, 0 to leave the connect
- * alone and -1 to refuse it. */
+ * backend picked for it). It returns 1 to redirect to the sidecar, 2 to send
+ * it straight to the dial address (kernel-only), 0 to leave the connect alone
+ * and -1 to refuse it. */
 static __always_inline int capture(struct bpf_sock_addr *ctx, const struct policy *pol, __u32 slot,
 				   const struct addr6 *dst, __u16 port, __u16 family)
 {
@@ -185,7 +186,8 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, const struct polic
 	}
 	if (!should_capture(pol, slot, dst, port, family))
 		return 0;
-	if ((pol->flags & CONFIG_FAIL_OPEN) && !sidecar_listening(ctx, pol, family)) {
+	bool kernel_only = port_in(pol, PORT_OUT_KERNEL_ONLY, port) || cidr_match(&kernel_only_cidrs, slot, dst, family);
+	if (!kernel_only && (pol->flags & CONFIG_FAIL_OPEN) && !sidecar_listening(ctx, pol, family)) {
 		count(COUNT_FAIL_OPEN_OUTBOUND);
 		return 0;
 	}
@@ -207,6 +209,12 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, const struct polic
 	}
 	st->orig = orig;
 	st->dial = dial;
+	if (kernel_only) {
+		/* No sidecar: on to the destination, or the route's pick. */
+		count(COUNT_KERNEL_ONLY_OUTBOUND);
+		st->role = ROLE_KERNEL_ONLY;
+		return 2;
+	}
 	st->role = ROLE_APP;
 	return 1;
 }
@@ -224,9 +232,15 @@ int sluice_connect4(struct bpf_sock_addr *ctx)
 	int verdict = capture(ctx, pol, slot, &dst, bpf_ntohs(ctx->user_port), AF_INET);
 	if (verdict < 0)
 		return 0;
-	if (verdict > 0) {
+	if (verdict == 1) {
 		ctx->user_ip4 = bpf_htonl(0x7f000001);
 		ctx->user_port = bpf_htons(pol->outbound_port);
+	} else if (verdict == 2) {
+		struct sock_state *st = subflow_state(ctx->sk, 0);
+		if (!st)
+			return 0;
+		ctx->user_ip4 = st->dial.addr.w[3];
+		ctx->user_port = bpf_htons(st->dial.port);
 	}
 	return 1;
 }
@@ -247,7 +261,16 @@ int sluice_connect6(struct bpf_sock_addr *ctx)
 	int verdict = capture(ctx, pol, slot, &dst, bpf_ntohs(ctx->user_port), mapped ? AF_INET : AF_INET6);
 	if (verdict < 0)
 		return 0;
-	if (verdict > 0) {
+	if (verdict == 2) {
+		struct sock_state *st = subflow_state(ctx->sk, 0);
+		if (!st)
+			return 0;
+		ctx->user_ip6[0] = st->dial.addr.w[0];
+		ctx->user_ip6[1] = st->dial.addr.w[1];
+		ctx->user_ip6[2] = st->dial.addr.w[2];
+		ctx->user_ip6[3] = st->dial.addr.w[3];
+		ctx->user_port = bpf_htons(st->dial.port);
+	} else if (verdict == 1) {
 		ctx->user_ip6[0] = 0;
 		ctx->user_ip6[1] = 0;
 		ctx->user_ip6[2] = mapped ? bpf_htonl(0xffff) : 0;

@@ -7,7 +7,7 @@
 static __always_inline const struct orig_dst *app_orig(struct bpf_sock_addr *ctx)
 {
 	struct sock_state *st = held_state(ctx->sk);
-	if (!st || st->role != ROLE_APP)
+	if (!st || (st->role != ROLE_APP && st->role != ROLE_KERNEL_ONLY))
 		return NULL;
 	return &st->orig;
 }

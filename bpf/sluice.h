@@ -51,6 +51,8 @@ enum port_set {
 	PORT_OUT_INCLUDE, /* -q */
 	PORT_IN_EXCLUDE,  /* -d, enforced by the inbound hook */
 	PORT_IN_INCLUDE,  /* -b, enforced by the inbound hook */
+	PORT_OUT_KERNEL_ONLY, /* --kernel-only-ports: captured, but no sidecar */
+	PORT_IN_KERNEL_ONLY,  /* --kernel-only-inbound-ports */
 	PORT_SETS,
 };
 
@@ -99,6 +101,10 @@ enum sock_role {
 	/* A connection the sidecar dialed (set only with splice on): into the
 	 * pod, it is the sidecar's end of an inbound connection. */
 	ROLE_SIDECAR = 3,
+	/* The app's socket of a kernel-only flow: sent straight to its
+	 * destination (or the route's pick) with no sidecar; getpeername
+	 * answers orig, and no proxy waits for a note. */
+	ROLE_KERNEL_ONLY = 4,
 };
 
 enum splice_flag {
@@ -114,6 +120,7 @@ enum flow_flag {
 	FLOW_VIA_SIDECAR = 1 << 2, /* the sidecar's socket: its upstream or its accepted one */
 	FLOW_FIN = 1 << 3,         /* a FIN was sent or received */
 	FLOW_OPEN_LOST = 1 << 4,   /* its open event did not fit in the ring buffer */
+	FLOW_KERNEL_ONLY = 1 << 5, /* captured, but by policy carried with no sidecar */
 };
 
 enum flow_kind {
@@ -272,6 +279,16 @@ struct {
 	__type(value, __u8);
 } exclude_cidrs SEC(".maps");
 
+/* --kernel-only-cidrs: captured destinations the sidecar has nothing to add
+ * to, sent straight there (or to the route's pick) by connect. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct cidr_key);
+	__type(value, __u8);
+} kernel_only_cidrs SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -332,6 +349,8 @@ enum counter {
 	COUNT_FAIL_CLOSED_INBOUND,
 	COUNT_FAIL_OPEN_OUTBOUND,
 	COUNT_FAIL_OPEN_INBOUND,
+	COUNT_KERNEL_ONLY_OUTBOUND, /* connects sent straight on by policy */
+	COUNT_KERNEL_ONLY_INBOUND,  /* inbound SYNs left to the app by policy */
 	COUNTERS,
 };
 
@@ -450,6 +469,11 @@ static __always_inline bool is_sidecar_port(const struct policy *pol, __u16 port
 			return true;
 	}
 	return false;
+}
+
+static __always_inline bool inbound_kernel_only(const struct policy *pol, __u16 port)
+{
+	return port_in(pol, PORT_IN_KERNEL_ONLY, port);
 }
 
 static __always_inline bool inbound_port_captured(const struct policy *pol, __u16 port)

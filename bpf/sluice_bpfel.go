@@ -71,7 +71,9 @@ const (
 	SluiceCounterCOUNT_FAIL_CLOSED_INBOUND   SluiceCounter = 19
 	SluiceCounterCOUNT_FAIL_OPEN_OUTBOUND    SluiceCounter = 20
 	SluiceCounterCOUNT_FAIL_OPEN_INBOUND     SluiceCounter = 21
-	SluiceCounterCOUNTERS                    SluiceCounter = 22
+	SluiceCounterCOUNT_KERNEL_ONLY_OUTBOUND  SluiceCounter = 22
+	SluiceCounterCOUNT_KERNEL_ONLY_INBOUND   SluiceCounter = 23
+	SluiceCounterCOUNTERS                    SluiceCounter = 24
 )
 
 type SluiceFlowEnd uint32
@@ -114,6 +116,7 @@ const (
 	SluiceFlowFlagFLOW_VIA_SIDECAR SluiceFlowFlag = 4
 	SluiceFlowFlagFLOW_FIN         SluiceFlowFlag = 8
 	SluiceFlowFlagFLOW_OPEN_LOST   SluiceFlowFlag = 16
+	SluiceFlowFlagFLOW_KERNEL_ONLY SluiceFlowFlag = 32
 )
 
 type SluiceFlowKind uint32
@@ -144,17 +147,19 @@ type SluicePolicy struct {
 	InboundPort  uint16
 	Flags        uint32
 	SidecarPorts [8]uint16
-	Ports        [4][1024]uint64
+	Ports        [6][1024]uint64
 }
 
 type SluicePortSet uint32
 
 const (
-	SluicePortSetPORT_OUT_EXCLUDE SluicePortSet = 0
-	SluicePortSetPORT_OUT_INCLUDE SluicePortSet = 1
-	SluicePortSetPORT_IN_EXCLUDE  SluicePortSet = 2
-	SluicePortSetPORT_IN_INCLUDE  SluicePortSet = 3
-	SluicePortSetPORT_SETS        SluicePortSet = 4
+	SluicePortSetPORT_OUT_EXCLUDE     SluicePortSet = 0
+	SluicePortSetPORT_OUT_INCLUDE     SluicePortSet = 1
+	SluicePortSetPORT_IN_EXCLUDE      SluicePortSet = 2
+	SluicePortSetPORT_IN_INCLUDE      SluicePortSet = 3
+	SluicePortSetPORT_OUT_KERNEL_ONLY SluicePortSet = 4
+	SluicePortSetPORT_IN_KERNEL_ONLY  SluicePortSet = 5
+	SluicePortSetPORT_SETS            SluicePortSet = 6
 )
 
 type SluiceRollbackReason uint32
@@ -213,9 +218,10 @@ type SluiceRrState struct {
 type SluiceSockRole uint32
 
 const (
-	SluiceSockRoleROLE_APP      SluiceSockRole = 1
-	SluiceSockRoleROLE_ACCEPTED SluiceSockRole = 2
-	SluiceSockRoleROLE_SIDECAR  SluiceSockRole = 3
+	SluiceSockRoleROLE_APP         SluiceSockRole = 1
+	SluiceSockRoleROLE_ACCEPTED    SluiceSockRole = 2
+	SluiceSockRoleROLE_SIDECAR     SluiceSockRole = 3
+	SluiceSockRoleROLE_KERNEL_ONLY SluiceSockRole = 4
 )
 
 type SluiceSockState struct {
@@ -253,6 +259,7 @@ const (
 	SluiceMapFlowEvents           = "flow_events"
 	SluiceMapHandshakes           = "handshakes"
 	SluiceMapIncludeCidrs         = "include_cidrs"
+	SluiceMapKernelOnlyCidrs      = "kernel_only_cidrs"
 	SluiceMapMeta                 = "meta"
 	SluiceMapPolicies             = "policies"
 	SluiceMapPolicyActive         = "policy_active"
@@ -343,19 +350,20 @@ type SluiceProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SluiceMapSpecs struct {
-	Counters     *ebpf.MapSpec `ebpf:"counters"`
-	ExcludeCidrs *ebpf.MapSpec `ebpf:"exclude_cidrs"`
-	FlowEvents   *ebpf.MapSpec `ebpf:"flow_events"`
-	Handshakes   *ebpf.MapSpec `ebpf:"handshakes"`
-	IncludeCidrs *ebpf.MapSpec `ebpf:"include_cidrs"`
-	Meta         *ebpf.MapSpec `ebpf:"meta"`
-	Policies     *ebpf.MapSpec `ebpf:"policies"`
-	PolicyActive *ebpf.MapSpec `ebpf:"policy_active"`
-	Routes       *ebpf.MapSpec `ebpf:"routes"`
-	RoutesActive *ebpf.MapSpec `ebpf:"routes_active"`
-	RrStates     *ebpf.MapSpec `ebpf:"rr_states"`
-	SockStates   *ebpf.MapSpec `ebpf:"sock_states"`
-	SpliceSocks  *ebpf.MapSpec `ebpf:"splice_socks"`
+	Counters        *ebpf.MapSpec `ebpf:"counters"`
+	ExcludeCidrs    *ebpf.MapSpec `ebpf:"exclude_cidrs"`
+	FlowEvents      *ebpf.MapSpec `ebpf:"flow_events"`
+	Handshakes      *ebpf.MapSpec `ebpf:"handshakes"`
+	IncludeCidrs    *ebpf.MapSpec `ebpf:"include_cidrs"`
+	KernelOnlyCidrs *ebpf.MapSpec `ebpf:"kernel_only_cidrs"`
+	Meta            *ebpf.MapSpec `ebpf:"meta"`
+	Policies        *ebpf.MapSpec `ebpf:"policies"`
+	PolicyActive    *ebpf.MapSpec `ebpf:"policy_active"`
+	Routes          *ebpf.MapSpec `ebpf:"routes"`
+	RoutesActive    *ebpf.MapSpec `ebpf:"routes_active"`
+	RrStates        *ebpf.MapSpec `ebpf:"rr_states"`
+	SockStates      *ebpf.MapSpec `ebpf:"sock_states"`
+	SpliceSocks     *ebpf.MapSpec `ebpf:"splice_socks"`
 }
 
 // SluiceVariableSpecs contains global variables before they are loaded into the kernel.
@@ -396,19 +404,20 @@ func (o *SluiceObjects) Close() error {
 //
 // It can be passed to LoadSluiceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SluiceMaps struct {
-	Counters     *ebpf.Map `ebpf:"counters"`
-	ExcludeCidrs *ebpf.Map `ebpf:"exclude_cidrs"`
-	FlowEvents   *ebpf.Map `ebpf:"flow_events"`
-	Handshakes   *ebpf.Map `ebpf:"handshakes"`
-	IncludeCidrs *ebpf.Map `ebpf:"include_cidrs"`
-	Meta         *ebpf.Map `ebpf:"meta"`
-	Policies     *ebpf.Map `ebpf:"policies"`
-	PolicyActive *ebpf.Map `ebpf:"policy_active"`
-	Routes       *ebpf.Map `ebpf:"routes"`
-	RoutesActive *ebpf.Map `ebpf:"routes_active"`
-	RrStates     *ebpf.Map `ebpf:"rr_states"`
-	SockStates   *ebpf.Map `ebpf:"sock_states"`
-	SpliceSocks  *ebpf.Map `ebpf:"splice_socks"`
+	Counters        *ebpf.Map `ebpf:"counters"`
+	ExcludeCidrs    *ebpf.Map `ebpf:"exclude_cidrs"`
+	FlowEvents      *ebpf.Map `ebpf:"flow_events"`
+	Handshakes      *ebpf.Map `ebpf:"handshakes"`
+	IncludeCidrs    *ebpf.Map `ebpf:"include_cidrs"`
+	KernelOnlyCidrs *ebpf.Map `ebpf:"kernel_only_cidrs"`
+	Meta            *ebpf.Map `ebpf:"meta"`
+	Policies        *ebpf.Map `ebpf:"policies"`
+	PolicyActive    *ebpf.Map `ebpf:"policy_active"`
+	Routes          *ebpf.Map `ebpf:"routes"`
+	RoutesActive    *ebpf.Map `ebpf:"routes_active"`
+	RrStates        *ebpf.Map `ebpf:"rr_states"`
+	SockStates      *ebpf.Map `ebpf:"sock_states"`
+	SpliceSocks     *ebpf.Map `ebpf:"splice_socks"`
 }
 
 func (m *SluiceMaps) Close() error {
@@ -418,6 +427,7 @@ func (m *SluiceMaps) Close() error {
 		m.FlowEvents,
 		m.Handshakes,
 		m.IncludeCidrs,
+		m.KernelOnlyCidrs,
 		m.Meta,
 		m.Policies,
 		m.PolicyActive,

@@ -108,7 +108,10 @@ static __always_inline void flow_connect(struct bpf_sock_ops *skops, const struc
 	}
 	st->flow = FLOW_OUTBOUND | (st->flow & FLOW_VIA_SIDECAR);
 	st->start_ns = bpf_ktime_get_boot_ns();
-	set_orig(&st->orig, &key.server, key.server_port);
+	if (st->role == ROLE_KERNEL_ONLY)
+		st->flow |= FLOW_KERNEL_ONLY; /* orig stays what the app asked for */
+	else
+		set_orig(&st->orig, &key.server, key.server_port);
 	want_state_cb(skops);
 }
 
@@ -171,8 +174,9 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops, cons
 			count(COUNT_FLOW_NO_STATE);
 			return;
 		}
-		bool steered = pol && inbound_port_captured(pol, key.client_port);
-		st->flow = FLOW_INBOUND | (steered ? FLOW_VIA_SIDECAR : 0);
+		bool captured = pol && inbound_port_captured(pol, key.client_port);
+		bool kernel_only = captured && inbound_kernel_only(pol, key.client_port);
+		st->flow = FLOW_INBOUND | (kernel_only ? FLOW_KERNEL_ONLY : captured ? FLOW_VIA_SIDECAR : 0);
 		st->start_ns = bpf_ktime_get_boot_ns();
 		/* The handshake's RTT sample: SYN-ACK sent to ACK received. */
 		st->connect_us = skops->srtt_us >> 3;

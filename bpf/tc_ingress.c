@@ -229,6 +229,10 @@ int sluice_tc_ingress(struct __sk_buff *skb)
 	const struct policy *pol = active_policy(&slot);
 	if (!pol || !inbound_port_captured(pol, bpf_ntohs(tcp->dest)))
 		return TCX_NEXT;
+	if (inbound_kernel_only(pol, bpf_ntohs(tcp->dest))) {
+		count(COUNT_KERNEL_ONLY_INBOUND);
+		return TCX_NEXT;
+	}
 
 	/* sport and dport sit at the same offsets in both tuple layouts. */
 	if (tuple_size == sizeof(tuple.ipv4)) {

@@ -144,14 +144,34 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 		delete(reuse, bpf.SluiceMapSpliceSocks)
 		replace[bpf.SluiceMapSpliceSocks] = true
 	}
-	// A counters map from a build with fewer counter slots is replaced, its
-	// counts carried over, so an upgrade in place keeps them.
+	// A map whose layout an upgrade changed is replaced where that loses
+	// nothing: the plan's maps are written again below, and the counters
+	// are carried over. Maps of live state must stay compatible.
+	spec, err := bpf.LoadSluice()
+	if err != nil {
+		return res, fmt.Errorf("read embedded BPF object: %w", err)
+	}
+	//
+	// The plan's maps go together: programs still attached read the
+	// active index and the policy slots as one, so a new policies map
+	// behind an old index (or the reverse) would show them an empty slot.
+	incompatible := func(name string) bool {
+		m := reuse[name]
+		return m != nil && spec.Maps[name].Compatible(m) != nil
+	}
+	planChanged := slices.ContainsFunc(policyMapNames, incompatible)
 	var oldCounters *ebpf.Map
-	if m := reuse[bpf.SluiceMapCounters]; m != nil && m.MaxEntries() < counterSlots {
-		oldCounters = m
-		delete(reuse, bpf.SluiceMapCounters)
+	for _, name := range replaceableMaps {
+		m := reuse[name]
+		if m == nil || !incompatible(name) && !(planChanged && slices.Contains(policyMapNames, name)) {
+			continue
+		}
+		delete(reuse, name)
+		replace[name] = true
+		if name == bpf.SluiceMapCounters {
+			oldCounters = m
+		}
 		defer m.Close()
-		replace[bpf.SluiceMapCounters] = true
 	}
 	if err := fault("load"); err != nil {
 		return res, err
@@ -199,7 +219,7 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 			if err := os.Remove(pin); err != nil {
 				return res, fmt.Errorf("replace map %s: %w", name, err)
 			}
-			change("%s resized", name)
+			change("%s replaced", name)
 		}
 		if err := fault("pin " + name); err != nil {
 			return res, err
@@ -308,7 +328,7 @@ func rewritePolicy(t Target, rec, want record, plan redirect.Plan) (ok, changed 
 			m.Close()
 		}
 	}()
-	for _, name := range []string{bpf.SluiceMapPolicies, bpf.SluiceMapPolicyActive, bpf.SluiceMapIncludeCidrs, bpf.SluiceMapExcludeCidrs, bpf.SluiceMapMeta} {
+	for _, name := range append(policyMapNames, bpf.SluiceMapMeta) {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(t.PinDir, name), nil)
 		if err != nil {
 			return false, false, fmt.Errorf("open pinned map %s: %w", name, err)
@@ -366,6 +386,10 @@ func pinnedPrograms(dir string) (map[ebpf.ProgramID]bool, error) {
 
 // counterSlots is the counters map's size in this build (COUNTER_SLOTS).
 const counterSlots = 64
+
+// replaceableMaps are the maps an upgrade may replace when their layout
+// changed: install rewrites the plan's, and carries the counters over.
+var replaceableMaps = append(slices.Clone(policyMapNames), bpf.SluiceMapCounters)
 
 // copyCounters carries every per-CPU count of from into to.
 func copyCounters(from, to *ebpf.Map) error {

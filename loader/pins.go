@@ -26,6 +26,7 @@ var pinnedMaps = []string{
 	bpf.SluiceMapPolicyActive,
 	bpf.SluiceMapIncludeCidrs,
 	bpf.SluiceMapExcludeCidrs,
+	bpf.SluiceMapKernelOnlyCidrs,
 	bpf.SluiceMapSockStates,
 	bpf.SluiceMapHandshakes,
 	bpf.SluiceMapCounters,
@@ -40,7 +41,7 @@ var pinnedMaps = []string{
 // these are, the policy in force and the hooks' counters. They are readable
 // by the proxy's group; every other pin stays root's alone.
 var sidecarPins = []string{bpf.SluiceMapMeta, bpf.SluiceMapPolicies, bpf.SluiceMapPolicyActive, bpf.SluiceMapIncludeCidrs, bpf.SluiceMapExcludeCidrs,
-	bpf.SluiceMapCounters, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive}
+	bpf.SluiceMapKernelOnlyCidrs, bpf.SluiceMapCounters, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive}
 
 // sidecarWritable are the pins the sidecar must also write: it consumes the
 // flow ring buffer, and a consumer moves the ring's read position.

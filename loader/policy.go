@@ -15,8 +15,12 @@ import (
 // policyMaps are the maps a capture plan lives in: two policy slots, the
 // index of the one in force, and the CIDR tries keyed by slot.
 type policyMaps struct {
-	policies, active, include, exclude *ebpf.Map
+	policies, active, include, exclude, kernelOnly *ebpf.Map
 }
+
+// policyMapNames are the maps policyMapsOf takes.
+var policyMapNames = []string{bpf.SluiceMapPolicies, bpf.SluiceMapPolicyActive, bpf.SluiceMapIncludeCidrs,
+	bpf.SluiceMapExcludeCidrs, bpf.SluiceMapKernelOnlyCidrs}
 
 func policyMapsOf(maps map[string]*ebpf.Map) policyMaps {
 	return policyMaps{
@@ -24,6 +28,9 @@ func policyMapsOf(maps map[string]*ebpf.Map) policyMaps {
 		active:   maps[bpf.SluiceMapPolicyActive],
 		include:  maps[bpf.SluiceMapIncludeCidrs],
 		exclude:  maps[bpf.SluiceMapExcludeCidrs],
+		// Absent from the pins of an install made before kernel-only
+		// paths existed: read as empty.
+		kernelOnly: maps[bpf.SluiceMapKernelOnlyCidrs],
 	}
 }
 
@@ -42,7 +49,10 @@ func (m policyMaps) read() (redirect.Plan, uint8, error) {
 	for _, trie := range []struct {
 		m   *ebpf.Map
 		dst *[]bpf.SluiceCidrKey
-	}{{m.include, &e.include}, {m.exclude, &e.exclude}} {
+	}{{m.include, &e.include}, {m.exclude, &e.exclude}, {m.kernelOnly, &e.kernelOnly}} {
+		if trie.m == nil {
+			continue
+		}
 		keys, err := cidrKeys(trie.m, slot)
 		if err != nil {
 			return redirect.Plan{}, 0, err
@@ -66,7 +76,7 @@ func (m policyMaps) write(p redirect.Plan) (bool, error) {
 		return false, nil
 	}
 	next := slot ^ 1
-	for _, trie := range []*ebpf.Map{m.include, m.exclude} {
+	for _, trie := range []*ebpf.Map{m.include, m.exclude, m.kernelOnly} {
 		stale, err := cidrKeys(trie, next)
 		if err != nil {
 			return false, err
@@ -87,6 +97,11 @@ func (m policyMaps) write(p redirect.Plan) (bool, error) {
 	for _, k := range e.exclude {
 		if err := m.exclude.Put(k, one); err != nil {
 			return false, fmt.Errorf("write exclude CIDR %s: %w", prefixFromKey(k), err)
+		}
+	}
+	for _, k := range e.kernelOnly {
+		if err := m.kernelOnly.Put(k, one); err != nil {
+			return false, fmt.Errorf("write kernel-only CIDR %s: %w", prefixFromKey(k), err)
 		}
 	}
 	if err := m.policies.Put(uint32(next), &e.policy); err != nil {
@@ -116,9 +131,10 @@ func cidrKeys(trie *ebpf.Map, slot uint8) ([]bpf.SluiceCidrKey, error) {
 
 // slotEntries is a Plan as one policy slot holds it.
 type slotEntries struct {
-	policy  bpf.SluicePolicy
-	include []bpf.SluiceCidrKey
-	exclude []bpf.SluiceCidrKey
+	policy     bpf.SluicePolicy
+	include    []bpf.SluiceCidrKey
+	exclude    []bpf.SluiceCidrKey
+	kernelOnly []bpf.SluiceCidrKey
 }
 
 // portSets pairs each of a plan's port lists with the bit set holding it.
@@ -134,6 +150,8 @@ func portSets(p *redirect.Plan) []struct {
 		{&p.IncludeOutboundPorts, bpf.SluicePortSetPORT_OUT_INCLUDE},
 		{&p.ExcludeInboundPorts, bpf.SluicePortSetPORT_IN_EXCLUDE},
 		{&p.InboundPorts, bpf.SluicePortSetPORT_IN_INCLUDE},
+		{&p.KernelOnlyPorts, bpf.SluicePortSetPORT_OUT_KERNEL_ONLY},
+		{&p.KernelOnlyInboundPorts, bpf.SluicePortSetPORT_IN_KERNEL_ONLY},
 	}
 }
 
@@ -170,6 +188,9 @@ func entriesOf(p redirect.Plan, slot uint8) slotEntries {
 	}
 	for _, c := range p.ExcludeCIDRs {
 		e.exclude = append(e.exclude, cidrKey(c, slot))
+	}
+	for _, c := range p.KernelOnlyCIDRs {
+		e.kernelOnly = append(e.kernelOnly, cidrKey(c, slot))
 	}
 	return e
 }
@@ -209,6 +230,9 @@ func (e slotEntries) plan() redirect.Plan {
 	}
 	for _, k := range e.exclude {
 		p.ExcludeCIDRs = append(p.ExcludeCIDRs, prefixFromKey(k))
+	}
+	for _, k := range e.kernelOnly {
+		p.KernelOnlyCIDRs = append(p.KernelOnlyCIDRs, prefixFromKey(k))
 	}
 	return p.Normalize()
 }

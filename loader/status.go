@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -139,7 +140,9 @@ func Status(t Target) (State, error) {
 		s.SpliceSockets, s.SpliceCapacity = sp.sockets, sp.capacity
 	}
 	if slices.Contains(cur.names, bpf.SluiceMapPolicies) && slices.Contains(cur.names, bpf.SluiceMapPolicyActive) {
-		if s.Plan, err = readPlan(t.PinDir); err != nil {
+		// An older build's policy layout is unreadable here: the install
+		// still runs, and status offers the upgrade.
+		if s.Plan, err = readPlan(t.PinDir); err != nil && !(s.Upgrade && errors.Is(err, errOlderLayout)) {
 			return s, err
 		}
 	}
@@ -217,16 +220,26 @@ func readPlan(dir string) (redirect.Plan, error) {
 			m.Close()
 		}
 	}()
-	for _, name := range []string{bpf.SluiceMapPolicies, bpf.SluiceMapPolicyActive, bpf.SluiceMapIncludeCidrs, bpf.SluiceMapExcludeCidrs} {
+	for _, name := range policyMapNames {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), &ebpf.LoadPinOptions{ReadOnly: true})
+		if errors.Is(err, os.ErrNotExist) && name == bpf.SluiceMapKernelOnlyCidrs {
+			continue // an install from before kernel-only paths
+		}
 		if err != nil {
 			return redirect.Plan{}, pinsError(dir, err)
 		}
 		maps[name] = m
 	}
+	if maps[bpf.SluiceMapPolicies].ValueSize() != uint32(binary.Size(bpf.SluicePolicy{})) {
+		return redirect.Plan{}, errOlderLayout
+	}
 	p, _, err := policyMapsOf(maps).read()
 	return p, err
 }
+
+// errOlderLayout is a policy this build cannot read: installed by another
+// Sluice version.
+var errOlderLayout = errors.New("the pod's policy maps have another Sluice version's layout: rerun 'sluice install' on the pod to upgrade it in place")
 
 // counterNames name the counters map's entries for status and metrics.
 var counterNames = map[bpf.SluiceCounter]string{
@@ -252,6 +265,8 @@ var counterNames = map[bpf.SluiceCounter]string{
 	bpf.SluiceCounterCOUNT_FAIL_CLOSED_INBOUND:   "fail_closed_inbound",
 	bpf.SluiceCounterCOUNT_FAIL_OPEN_OUTBOUND:    "fail_open_outbound",
 	bpf.SluiceCounterCOUNT_FAIL_OPEN_INBOUND:     "fail_open_inbound",
+	bpf.SluiceCounterCOUNT_KERNEL_ONLY_OUTBOUND:  "kernel_only_outbound",
+	bpf.SluiceCounterCOUNT_KERNEL_ONLY_INBOUND:   "kernel_only_inbound",
 }
 
 func readCounters(dir string) (map[string]uint64, error) {

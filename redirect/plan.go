@@ -38,6 +38,14 @@ type Plan struct {
 	// FailOpen lets captured connections go direct (counted) while no
 	// sidecar listens; otherwise they are refused at once, both ways.
 	FailOpen bool `json:"fail_open,omitempty"`
+
+	// Kernel-only: captured connections to these destination ports or
+	// CIDRs go straight to their destination (or the canary route's pick)
+	// with no sidecar, measured and routed in the kernel alone; inbound
+	// ones to these ports go straight to the app, measured.
+	KernelOnlyPorts        []uint16       `json:"kernel_only_ports,omitempty"`
+	KernelOnlyCIDRs        []netip.Prefix `json:"kernel_only_cidrs,omitempty"`
+	KernelOnlyInboundPorts []uint16       `json:"kernel_only_inbound_ports,omitempty"`
 }
 
 // MaxSidecarPorts is how many sidecar ports the BPF policy holds.
@@ -53,6 +61,9 @@ func (p Plan) Normalize() Plan {
 	p.InboundPorts = dedup(p.InboundPorts)
 	p.ExcludeInboundPorts = dedup(p.ExcludeInboundPorts)
 	p.SidecarPorts = dedup(p.SidecarPorts)
+	p.KernelOnlyPorts = dedup(p.KernelOnlyPorts)
+	p.KernelOnlyCIDRs = normPrefixes(p.KernelOnlyCIDRs)
+	p.KernelOnlyInboundPorts = dedup(p.KernelOnlyInboundPorts)
 	return p
 }
 
@@ -66,7 +77,9 @@ func (p Plan) Equal(o Plan) bool {
 		slices.Equal(a.IncludeOutboundPorts, b.IncludeOutboundPorts) &&
 		slices.Equal(a.ExcludeOutboundPorts, b.ExcludeOutboundPorts) &&
 		slices.Equal(a.InboundPorts, b.InboundPorts) && slices.Equal(a.ExcludeInboundPorts, b.ExcludeInboundPorts) &&
-		slices.Equal(a.SidecarPorts, b.SidecarPorts)
+		slices.Equal(a.SidecarPorts, b.SidecarPorts) &&
+		slices.Equal(a.KernelOnlyPorts, b.KernelOnlyPorts) && slices.Equal(a.KernelOnlyCIDRs, b.KernelOnlyCIDRs) &&
+		slices.Equal(a.KernelOnlyInboundPorts, b.KernelOnlyInboundPorts)
 }
 
 func normPrefixes(ps []netip.Prefix) []netip.Prefix {

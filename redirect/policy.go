@@ -51,6 +51,11 @@ type Policy struct {
 	Splice bool
 	// FailOpen lets traffic go direct while no sidecar listens.
 	FailOpen bool
+
+	// Kernel-only ports and CIDRs: captured, but carried with no sidecar.
+	KernelOnlyPorts        Ports
+	KernelOnlyCIDRs        CIDRs
+	KernelOnlyInboundPorts Ports
 }
 
 // Sidecar ports that are never captured inbound, besides -p and -z: Istio's
@@ -112,6 +117,10 @@ func (p *Policy) RegisterFlags(fs *flag.FlagSet) {
 		"between two TCP connections does, would not see the bytes")
 	fs.Var(negated{&p.Splice}, "no-splice", "same as --splice=false")
 	fs.BoolVar(&p.FailOpen, "fail-open", false, "while no sidecar listens, let captured connections go direct (counted as fail_open_*)")
+	fs.Var(&p.KernelOnlyPorts, "kernel-only-ports", "outbound destination ports whose captured connections go straight on, with no sidecar\n"+
+		"(telemetry and canary routes in the kernel only)")
+	fs.Var(&p.KernelOnlyCIDRs, "kernel-only-cidrs", "outbound destinations whose captured connections go straight on, with no sidecar")
+	fs.Var(&p.KernelOnlyInboundPorts, "kernel-only-inbound-ports", "inbound ports whose connections go straight to the app, counted, with no sidecar")
 	fs.Var(negated{&p.FailOpen}, "fail-closed", "while no sidecar listens, refuse captured connections at once, both ways (the default)")
 }
 
@@ -171,7 +180,8 @@ func (p Policy) Plan() (Plan, error) {
 	for _, f := range []struct {
 		name string
 		all  bool
-	}{{"-x", p.ExcludeCIDRs.All}, {"-q", p.IncludeOutboundPorts.All}, {"-o", p.ExcludeOutboundPorts.All}, {"-d", p.ExcludeInboundPorts.All}} {
+	}{{"-x", p.ExcludeCIDRs.All}, {"-q", p.IncludeOutboundPorts.All}, {"-o", p.ExcludeOutboundPorts.All}, {"-d", p.ExcludeInboundPorts.All},
+		{"--kernel-only-ports", p.KernelOnlyPorts.All}, {"--kernel-only-cidrs", p.KernelOnlyCIDRs.All}, {"--kernel-only-inbound-ports", p.KernelOnlyInboundPorts.All}} {
 		if f.all {
 			return Plan{}, fmt.Errorf("%s '*' is not supported: list the CIDRs or ports (only -i and -b take '*')", f.name)
 		}
@@ -184,22 +194,25 @@ func (p Policy) Plan() (Plan, error) {
 		own = append(own, linkerdSidecarPorts...)
 	}
 	return Plan{
-		OutboundPort:         p.OutboundPort,
-		InboundPort:          p.InboundPort,
-		ProxyUID:             p.ProxyUID,
-		ProxyGID:             p.ProxyGID,
-		IncludeAllCIDRs:      p.IncludeCIDRs.All,
-		IncludeCIDRs:         p.IncludeCIDRs.List,
-		ExcludeCIDRs:         p.ExcludeCIDRs.List,
-		IncludeOutboundPorts: p.IncludeOutboundPorts.List,
-		ExcludeOutboundPorts: p.ExcludeOutboundPorts.List,
-		InboundAllPorts:      p.InboundPorts.All,
-		InboundPorts:         p.InboundPorts.List,
-		ExcludeInboundPorts:  slices.Concat(p.ExcludeInboundPorts.List, own),
-		SidecarPorts:         own,
-		NoFlows:              !p.Flows,
-		Splice:               p.Splice,
-		FailOpen:             p.FailOpen,
+		OutboundPort:           p.OutboundPort,
+		InboundPort:            p.InboundPort,
+		ProxyUID:               p.ProxyUID,
+		ProxyGID:               p.ProxyGID,
+		IncludeAllCIDRs:        p.IncludeCIDRs.All,
+		IncludeCIDRs:           p.IncludeCIDRs.List,
+		ExcludeCIDRs:           p.ExcludeCIDRs.List,
+		IncludeOutboundPorts:   p.IncludeOutboundPorts.List,
+		ExcludeOutboundPorts:   p.ExcludeOutboundPorts.List,
+		InboundAllPorts:        p.InboundPorts.All,
+		InboundPorts:           p.InboundPorts.List,
+		ExcludeInboundPorts:    slices.Concat(p.ExcludeInboundPorts.List, own),
+		SidecarPorts:           own,
+		NoFlows:                !p.Flows,
+		Splice:                 p.Splice,
+		FailOpen:               p.FailOpen,
+		KernelOnlyPorts:        p.KernelOnlyPorts.List,
+		KernelOnlyCIDRs:        p.KernelOnlyCIDRs.List,
+		KernelOnlyInboundPorts: p.KernelOnlyInboundPorts.List,
 	}.Normalize(), nil
 }
 
@@ -256,6 +269,11 @@ func parseCIDR(s string) (netip.Prefix, error) {
 	p, err := netip.ParsePrefix(s)
 	if err != nil {
 		return netip.Prefix{}, fmt.Errorf("%q is not a CIDR: want a.b.c.d/n (n 0-32) or an IPv6 prefix (n 0-128)", s)
+	}
+	// Capture takes a v4-mapped destination for the IPv4 address it is, so
+	// a v4-mapped prefix means that IPv4 prefix.
+	if p.Addr().Is4In6() && p.Bits() >= 96 {
+		p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
 	}
 	return p.Masked(), nil
 }

@@ -18,9 +18,12 @@ import (
 // socket that carries it on the wire (the sidecar's upstream or accepted
 // socket, or the app's own when it was not captured).
 type Flow struct {
-	Cookie      uint64         `json:"cookie"`
-	Direction   string         `json:"direction"` // outbound or inbound
-	ViaSidecar  bool           `json:"via_sidecar"`
+	Cookie     uint64 `json:"cookie"`
+	Direction  string `json:"direction"` // outbound or inbound
+	ViaSidecar bool   `json:"via_sidecar"`
+	// KernelOnly is a captured flow that policy carries with no sidecar
+	// (--kernel-only-*): measured, and routed, in the kernel alone.
+	KernelOnly  bool           `json:"kernel_only,omitempty"`
 	Source      netip.AddrPort `json:"source"` // the end that opened it
 	Destination netip.AddrPort `json:"destination"`
 	// OriginalDst is where the connection was going before capture: for
@@ -83,6 +86,7 @@ func flowOf(ev bpf.SluiceFlowEvent, c clock) Flow {
 	f := Flow{
 		Cookie:         ev.Cookie,
 		ViaSidecar:     ev.Flow&uint32(bpf.SluiceFlowFlagFLOW_VIA_SIDECAR) != 0,
+		KernelOnly:     ev.Flow&uint32(bpf.SluiceFlowFlagFLOW_KERNEL_ONLY) != 0,
 		OriginalDst:    netip.AddrPortFrom(loader.AddrFrom6(ev.Orig.Addr), ev.Orig.Port),
 		Start:          c.at(ev.StartNs),
 		ConnectLatency: micros(ev.ConnectUs),

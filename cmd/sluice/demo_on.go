@@ -176,7 +176,7 @@ func demo(w io.Writer) (err error) {
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "DIRECTION\tSOURCE\tDESTINATION\tVIA SIDECAR\tCONNECT\tSRTT\tSENT\tRECEIVED\tEND")
 	for _, f := range flows {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", f.Direction, f.Source, f.Destination, yesNo(f.ViaSidecar),
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", f.Direction, f.Source, f.Destination, via(f),
 			seconds(f.ConnectLatency), seconds(f.SRTT), bytesOf(f.BytesSent), bytesOf(f.BytesReceived), f.End)
 	}
 	tw.Flush()

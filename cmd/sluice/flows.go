@@ -107,7 +107,7 @@ func printFlows(w io.Writer, flows []telemetry.Flow) {
 	fmt.Fprintln(tw, "DIRECTION\tSOURCE\tDESTINATION\tORIGINAL DST\tVIA SIDECAR\tSTATE\tAGE\tSRTT\tSENT\tRECEIVED")
 	for _, f := range flows {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", f.Direction, f.Source, f.Destination, f.OriginalDst,
-			yesNo(f.ViaSidecar), f.State, seconds(f.Duration), seconds(f.SRTT), bytesOf(f.BytesSent), bytesOf(f.BytesReceived))
+			via(f), f.State, seconds(f.Duration), seconds(f.SRTT), bytesOf(f.BytesSent), bytesOf(f.BytesReceived))
 	}
 	tw.Flush()
 }
@@ -136,7 +136,7 @@ func followFlows(ctx context.Context, addr string, asJSON bool, w io.Writer) err
 			return fmt.Errorf("read flow from %s: %w", addr, err)
 		}
 		fmt.Fprintf(w, "%s  %-6s  %-9s  %s -> %s (%s)  %s  %s  %s  %s  %s  %s\n", time.Now().Format("15:04:05.000"), f.State, f.Direction,
-			f.Source, f.Destination, f.OriginalDst, yesNo(f.ViaSidecar), seconds(f.Duration), seconds(f.SRTT),
+			f.Source, f.Destination, f.OriginalDst, via(f), seconds(f.Duration), seconds(f.SRTT),
 			bytesOf(f.BytesSent), bytesOf(f.BytesReceived), orDash(f.End))
 	}
 	if ctx.Err() != nil {
@@ -165,6 +165,18 @@ func watchFlows(ctx context.Context, addr string, every time.Duration, w io.Writ
 		case <-tick.C:
 		}
 	}
+}
+
+// via says how a flow is carried: through the sidecar, with no sidecar by
+// kernel-only policy, or not captured at all.
+func via(f telemetry.Flow) string {
+	switch {
+	case f.ViaSidecar:
+		return "yes"
+	case f.KernelOnly:
+		return "kernel-only"
+	}
+	return "no"
 }
 
 func yesNo(b bool) string {

@@ -89,7 +89,7 @@ func TestUpgradeUnderTraffic(t *testing.T) {
 	if res.Failed != 0 || res.OK == 0 {
 		t.Errorf("connections across the upgrade: %+v; want none failed or escaped", res)
 	}
-	for _, want := range []string{"link_connect4 updated", "link_tc_ingress updated", "counters resized", "install finished"} {
+	for _, want := range []string{"link_connect4 updated", "link_tc_ingress updated", "counters replaced", "policies replaced", "install finished"} {
 		if !strings.Contains(upgraded, want) {
 			t.Errorf("upgrade said %q, which lacks %q", upgraded, want)
 		}
