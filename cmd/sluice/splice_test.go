@@ -65,17 +65,19 @@ func diff(before, after map[string]uint64) map[string]uint64 {
 // bound: the app reads the echo slowly, so the sidecar's writes to it pile
 // up in the app's socket. Splice has no flow control of its own; past 1 MiB
 // unread the connection goes back to TCP, whose window then holds the
-// writer back. The bytes stay intact and in order across the switch, and
-// the kernel's TCP memory stays within about twice its peak without splice
-// or 60 % of the transfer, far from the transfer's size: the same transfer runs first without (the
-// baseline), then with splice turned on by a rerun of install.
+// writer back. The bytes stay intact and in order across the switch. The
+// kernel's TCP memory (/proc/net/sockstat: the whole machine's, so tests
+// running beside this one add to it) stays far below the transfer's size,
+// where unbounded queuing reaches nearly all of it (120 MiB of 128 measured
+// before the limit existed). The same transfer first runs without splice,
+// for the record.
 func TestSpliceSlowReaderBounded(t *testing.T) {
 	c := newCapturedPod(t)
 	c.startSidecar(t, "--log-level", "info")
 	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
 	// After the bulk, request/response on the same connection: every byte
 	// of it must come through once splicing has stopped too.
-	const size, rounds = 128 << 20, 200
+	const size, rounds = 256 << 20, 200
 	transfer := func() float64 {
 		t.Helper()
 		var res bulkResult
@@ -103,16 +105,8 @@ func TestSpliceSlowReaderBounded(t *testing.T) {
 	if d["splice_stopped_reader_behind"] == 0 || d["splice_messages"] == 0 {
 		t.Errorf("want the connection spliced and then sent back to TCP when its reader fell behind; counters %v", d)
 	}
-	// 1 MiB per direction, plus what a socket in the sockmap queues on
-	// its send path beyond TCP's own (measured 0.5-2.3 times the peak
-	// without splice; /proc/net/sockstat is the whole machine's, so other
-	// tests' sockets add noise), where unbounded queuing reaches the whole
-	// transfer (120 MiB of 128 measured before the limit existed).
-	limit := max(2*baseline+8, 0.6*float64(size>>20))
-	if limit > 0.8*float64(size>>20) {
-		t.Fatalf("TCP memory peaked %.1f MiB without splice: too close to the transfer's %d MiB to tell bounded from not", baseline, size>>20)
-	}
-	if spliced > limit {
+	// Bounded runs peaked at 30-70 MiB here, tests beside them included.
+	if limit := 0.6 * float64(size>>20); spliced > limit {
 		t.Errorf("TCP memory grew by %.1f MiB moving %d MiB to a slow reader with splice, %.1f MiB without (limit %.1f): not bounded", spliced, size>>20, baseline, limit)
 	}
 }

@@ -13,6 +13,8 @@
 //	splice            the same with the app<->sidecar hop spliced (install --splice)
 //	splice-telemetry  splice with flow telemetry on (kernel and exporter)
 //	haproxy           Sluice capture (no splice, no telemetry) with HAProxy as the sidecar
+//	kernel-only       Sluice capture with the server's port kernel-only: no sidecar in the
+//	                  path, flow telemetry on (the sidecar runs, exporting it)
 //
 // Workloads: connections/s (connect, read a line, close), 64-byte
 // request/response on 1 and on 16 connections (throughput, p50/p90/p99),
@@ -142,7 +144,7 @@ func replot(path, dir string) {
 	rep.output(configs, dir)
 }
 
-var allConfigs = []string{"direct", "iptables", "sluice", "splice", "splice-telemetry", "haproxy"}
+var allConfigs = []string{"direct", "iptables", "sluice", "splice", "splice-telemetry", "haproxy", "kernel-only"}
 
 // interrupted holds the teardown of the measurement under way, for a
 // signal to run before the process exits: a bench stopped with Ctrl-C
@@ -257,7 +259,8 @@ func (h harness) measure(config string) (f Figures, err error) {
 	}
 	run := func(mode string, o testbed.BenchOptions) (testbed.BenchResult, error) {
 		res, err := pod.RunBenchWith(h.self, addr, mode, o)
-		if err == nil && (config == "direct") != (res.ServerSaw == res.Local) {
+		// Kernel-only reaches the server from the app's own socket too.
+		if err == nil && (config == "direct" || config == "kernel-only") != (res.ServerSaw == res.Local) {
 			err = fmt.Errorf("%s: the connection took the wrong path: app socket %s, server saw %s", mode, res.Local, res.ServerSaw)
 		}
 		return res, err
@@ -320,7 +323,11 @@ func (h harness) setup(config string, pod *testbed.Pod) (int, func() error, erro
 		return pid, nil, err
 	}
 	install := []string{"install", "--cgroup", pod.Cgroup}
-	if config != "splice-telemetry" {
+	switch config {
+	case "kernel-only":
+		install = append(install, "--kernel-only-ports", "8080")
+	case "splice-telemetry":
+	default:
 		install = append(install, "--flows=false")
 	}
 	if strings.HasPrefix(config, "splice") {
@@ -342,6 +349,11 @@ func (h harness) setup(config string, pod *testbed.Pod) (int, func() error, erro
 	case "splice-telemetry":
 		pid, err := h.startSidecar(pod, exec.Command(h.sluice, "run", "--cgroup", pod.Cgroup, "--log-level", "warn"), 15001)
 		return pid, undo, err
+	case "kernel-only":
+		// The sidecar exports the flows but carries none of them: no
+		// idle memory to measure in it.
+		_, err := h.startSidecar(pod, exec.Command(h.sluice, "run", "--cgroup", pod.Cgroup, "--log-level", "warn"), 15001)
+		return 0, undo, err
 	}
 	pid, err := h.startSidecar(pod, exec.Command(h.sluice, "run", "--cgroup", pod.Cgroup, "--metrics-addr", "", "--log-level", "warn"), 15001)
 	return pid, undo, err

@@ -64,6 +64,9 @@ var goals = []Goal{
 	{Name: "built-in proxy vs HAProxy: memory per idle connection", Ratio: "sluice/haproxy", Metric: "KiB/idle conn", Target: 1.0},
 	{Name: "telemetry on vs off: connections/s", Ratio: "splice-telemetry/splice", Metric: "conn/s", Target: 0.97, Higher: true},
 	{Name: "telemetry on vs off: CPU per request", Ratio: "splice-telemetry/splice", Metric: "CPU/req", Target: 1.03},
+	{Name: "kernel-only vs direct: p50", Ratio: "kernel-only/direct", Metric: "rr1 p50", Target: 1.1},
+	{Name: "kernel-only vs direct: p99", Ratio: "kernel-only/direct", Metric: "rr1 p99", Target: 1.1},
+	{Name: "kernel-only vs direct: connections/s", Ratio: "kernel-only/direct", Metric: "conn/s", Target: 0.9, Higher: true},
 }
 
 // judge fills in the goals from the ratios.
@@ -175,7 +178,7 @@ func (r report) print(w io.Writer, configs []string) {
 	}
 	fmt.Fprintf(w, "\n\nRatios of medians (for latency, CPU and memory lower is better):\n\n| ratio |")
 	var keys []string
-	for _, k := range []string{"iptables/direct", "sluice/direct", "splice/direct", "sluice/iptables", "splice/iptables", "splice/sluice", "splice-telemetry/splice", "sluice/haproxy"} {
+	for _, k := range []string{"iptables/direct", "sluice/direct", "splice/direct", "sluice/iptables", "splice/iptables", "splice/sluice", "splice-telemetry/splice", "sluice/haproxy", "kernel-only/direct", "kernel-only/iptables"} {
 		if _, ok := r.Ratios[k]; ok {
 			keys = append(keys, k)
 			fmt.Fprintf(w, " %s |", k)
