@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -195,5 +196,51 @@ func TestRouteForManyPods(t *testing.T) {
 	res := runCLI(t, sluice(t, "route", "set", "--pods", "*no-such-pod*", "198.19.0.10:80", "198.18.2.2:8080=1"))
 	if res.code != 1 || !strings.Contains(res.stderr, "no installed pod's cgroup matches") {
 		t.Errorf("route set --pods matching nothing: exit %d, %s", res.code, res.stderr)
+	}
+}
+
+// Capture runs from the pins, never through the agent: killing the agent
+// and starting it again under captured load fails or lets escape nothing.
+func TestAgentRestartKeepsCapture(t *testing.T) {
+	c := newUncapturedPod(t, nil)
+	root := filepath.Join("/sys/fs/bpf", fmt.Sprintf("sluice-agent-restart-%d", os.Getpid()))
+	t.Cleanup(func() { os.RemoveAll(root) })
+	st, err := os.Stat(c.pod.Cgroup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pins := filepath.Join(root, fmt.Sprint(st.Sys().(*syscall.Stat_t).Ino))
+	mustCLI(t, "install", "--cgroup", c.cgroup, "--pin-dir", pins, "--netns", c.pod.Netns)
+	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", c.cgroup, "--pin-dir", pins) })
+	l, err := c.pod.StartLogged(sluice(t, "run", "--cgroup", c.cgroup, "--pin-dir", pins, "--log-format", "json", "--log-level", "info"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.WaitFor("listening", nil, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+
+	agent := sluice(t, "agent", "--pin-root", root, "--metrics-addr", "127.0.0.1:0", "--gc-interval", "100ms")
+	if err := agent.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan churnResult, 1)
+	go func() {
+		var res churnResult
+		if err := runHelper(t, c.pod, helper(t, "load-captured", "2s", "4", netip.AddrPortFrom(c.host.Addr4, 8080).String()), -1, &res); err != nil {
+			t.Error(err)
+		}
+		done <- res
+	}()
+	time.Sleep(500 * time.Millisecond)
+	agent.Process.Kill()
+	agent.Wait()
+	startAgent(t, "--pin-root", root)
+	res := <-done
+	if res.Failed != 0 || res.OK == 0 {
+		t.Errorf("connections while the agent was killed and restarted: %+v; want none failed or escaped", res)
+	}
+	if res := runCLI(t, sluice(t, "status", "--cgroup", c.cgroup, "--pin-dir", pins)); res.code != 0 {
+		t.Errorf("install after the agent's restart: %s%s", res.stdout, res.stderr)
 	}
 }
