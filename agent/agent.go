@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"regexp"
 	"sync/atomic"
 	"time"
 
@@ -53,23 +52,16 @@ type Pod struct {
 	Error    string              `json:"error,omitempty"`
 }
 
-// podUID finds the pod uid in a kubelet's pod cgroup name: pod<uid> with the
-// cgroupfs driver, kubepods-<qos>-pod<uid with underscores>.slice with the
-// systemd one.
-var podUID = regexp.MustCompile(`pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})`)
-
-func uidOf(cgroup string) string {
-	m := podUID.FindAllStringSubmatch(cgroup, -1)
-	if len(m) == 0 {
-		return ""
+// State is complete, incomplete, or gone (cgroup deleted, pins not yet
+// collected).
+func (p Pod) State() string {
+	switch {
+	case p.Gone:
+		return "gone"
+	case p.Complete:
+		return "complete"
 	}
-	b := []byte(m[len(m)-1][1])
-	for i, c := range b {
-		if c == '_' {
-			b[i] = '-'
-		}
-	}
-	return string(b)
+	return "incomplete"
 }
 
 // Pods lists every install under the pin root with its state.
@@ -80,7 +72,7 @@ func (a *Agent) Pods() ([]Pod, error) {
 	}
 	pods := make([]Pod, 0, len(installs))
 	for _, in := range installs {
-		p := Pod{Cgroup: in.Cgroup, CgroupID: in.CgroupID, PinDir: in.PinDir, UID: uidOf(in.Cgroup), Gone: in.Gone()}
+		p := Pod{Cgroup: in.Cgroup, CgroupID: in.CgroupID, PinDir: in.PinDir, UID: loader.PodUID(in.Cgroup), Gone: in.Gone()}
 		if !p.Gone {
 			s, err := loader.Status(in.Target())
 			if err != nil {

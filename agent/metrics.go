@@ -38,14 +38,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	states := map[string]int{"complete": 0, "incomplete": 0, "gone": 0}
 	for _, p := range pods {
-		switch {
-		case p.Gone:
-			states["gone"]++
+		states[p.State()]++
+		if p.Gone {
 			continue
-		case p.Complete:
-			states["complete"]++
-		default:
-			states["incomplete"]++
 		}
 		for event, n := range p.Counters {
 			ch <- prometheus.MustNewConstMetric(descEvents, prometheus.CounterValue, float64(n), p.Cgroup, p.UID, event)

@@ -343,8 +343,10 @@ enum counter {
 	COUNT_SPLICE_BYTES,  /* and their bytes */
 	COUNT_SPLICE_STOPPED, /* directions back on TCP: the reader fell behind */
 	COUNT_SPLICE_NO_PEER, /* directions on TCP: bytes sent with no peer to take them */
-	/* No sidecar listening: connections refused (fail closed; inbound
-	 * SYNs answered with a reset), or let through uncaptured (fail open). */
+	/* No sidecar listening: inbound SYNs answered with a reset (fail
+	 * closed), or connections let through uncaptured (fail open). Outbound
+	 * refusals are loopback's own and uncounted: the slot stays unused so
+	 * the counters keep their indexes. */
 	COUNT_FAIL_CLOSED_OUTBOUND,
 	COUNT_FAIL_CLOSED_INBOUND,
 	COUNT_FAIL_OPEN_OUTBOUND,

@@ -144,17 +144,16 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 		delete(reuse, bpf.SluiceMapSpliceSocks)
 		replace[bpf.SluiceMapSpliceSocks] = true
 	}
-	// A map whose layout an upgrade changed is replaced where that loses
-	// nothing: the plan's maps are written again below, and the counters
-	// are carried over. Maps of live state must stay compatible.
 	spec, err := bpf.LoadSluice()
 	if err != nil {
 		return res, fmt.Errorf("read embedded BPF object: %w", err)
 	}
-	//
-	// The plan's maps go together: programs still attached read the
-	// active index and the policy slots as one, so a new policies map
-	// behind an old index (or the reverse) would show them an empty slot.
+	// A map whose layout an upgrade changed is replaced where that loses
+	// nothing: the plan's maps are written again below, and the counters
+	// are carried over. Maps of live state must stay compatible. The
+	// plan's maps go together: programs still attached read the active
+	// index and the policy slots as one, so a new policies map behind an
+	// old index (or the reverse) would show them an empty slot.
 	incompatible := func(name string) bool {
 		m := reuse[name]
 		return m != nil && spec.Maps[name].Compatible(m) != nil
@@ -383,9 +382,6 @@ func pinnedPrograms(dir string) (map[ebpf.ProgramID]bool, error) {
 	}
 	return ids, nil
 }
-
-// counterSlots is the counters map's size in this build (COUNTER_SLOTS).
-const counterSlots = 64
 
 // replaceableMaps are the maps an upgrade may replace when their layout
 // changed: install rewrites the plan's, and carries the counters over.

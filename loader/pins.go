@@ -40,8 +40,7 @@ var pinnedMaps = []string{
 // sidecarPins are what `sluice run` reads as the proxy identity: whose pins
 // these are, the policy in force and the hooks' counters. They are readable
 // by the proxy's group; every other pin stays root's alone.
-var sidecarPins = []string{bpf.SluiceMapMeta, bpf.SluiceMapPolicies, bpf.SluiceMapPolicyActive, bpf.SluiceMapIncludeCidrs, bpf.SluiceMapExcludeCidrs,
-	bpf.SluiceMapKernelOnlyCidrs, bpf.SluiceMapCounters, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive}
+var sidecarPins = append([]string{bpf.SluiceMapMeta, bpf.SluiceMapCounters, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive}, policyMapNames...)
 
 // sidecarWritable are the pins the sidecar must also write: it consumes the
 // flow ring buffer, and a consumer moves the ring's read position.
@@ -329,11 +328,18 @@ func (in Installed) Target() Target {
 
 // Gone reports whether the install's pod is gone: its cgroup no longer
 // exists, or a new cgroup took its path. Its pins and links then serve
-// nothing, and only an uninstall removes them.
+// nothing, and only an uninstall removes them. A cgroup whose parent cannot
+// be seen either is not gone but out of view (a caller without the host's
+// hierarchy mounted, or another mount of it): collecting it would strip a
+// live pod's capture.
 func (in Installed) Gone() bool {
 	id, err := cgroupID(in.Cgroup)
 	if err != nil {
-		return errors.As(err, new(noCgroupError))
+		if !errors.As(err, new(noCgroupError)) {
+			return false
+		}
+		_, perr := os.Stat(filepath.Dir(in.Cgroup))
+		return perr == nil
 	}
 	return id != in.CgroupID
 }

@@ -261,7 +261,6 @@ var counterNames = map[bpf.SluiceCounter]string{
 	bpf.SluiceCounterCOUNT_SPLICE_BYTES:          "splice_bytes",
 	bpf.SluiceCounterCOUNT_SPLICE_STOPPED:        "splice_stopped_reader_behind",
 	bpf.SluiceCounterCOUNT_SPLICE_NO_PEER:        "splice_stopped_no_peer",
-	bpf.SluiceCounterCOUNT_FAIL_CLOSED_OUTBOUND:  "fail_closed_outbound",
 	bpf.SluiceCounterCOUNT_FAIL_CLOSED_INBOUND:   "fail_closed_inbound",
 	bpf.SluiceCounterCOUNT_FAIL_OPEN_OUTBOUND:    "fail_open_outbound",
 	bpf.SluiceCounterCOUNT_FAIL_OPEN_INBOUND:     "fail_open_inbound",

@@ -147,23 +147,9 @@ func Cgroup2Mount() (string, error) {
 	return mounts[0], nil
 }
 
-// OwnCgroup is the cgroup v2 directory this process runs in.
-func OwnCgroup() (string, error) {
-	data, err := os.ReadFile("/proc/self/cgroup")
-	if err != nil {
-		return "", fmt.Errorf("read own cgroup: %w", err)
-	}
-	mount, err := Cgroup2Mount()
-	if err != nil {
-		return "", err
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		if rel, ok := strings.CutPrefix(line, "0::"); ok {
-			return filepath.Join(mount, rel), nil
-		}
-	}
-	return "", errors.New("read own cgroup: no cgroup v2 entry in /proc/self/cgroup")
-}
+// OwnCgroup is the cgroup v2 directory this process runs in, as the host's
+// hierarchy names it, also from inside a private cgroup namespace.
+func OwnCgroup() (string, error) { return ownCgroupDir() }
 
 // OwnPod finds the pod this process runs in, for an init container started
 // with no --cgroup: the parent of its container's cgroup, never higher. It
@@ -185,15 +171,27 @@ func OwnPod(getenv func(string) string) (string, error) {
 			return "", fmt.Errorf("no --cgroup given and this process runs in %s, at the top of the cgroup hierarchy, not in a pod's container: run it in the pod's init container, or use 'sluice install --cgroup' with the pod's cgroup v2 directory", container)
 		}
 	}
-	if !podCgroupName.MatchString(filepath.Base(pod)) && getenv("KUBERNETES_SERVICE_HOST") == "" {
+	if PodUID(filepath.Base(pod)) == "" && getenv("KUBERNETES_SERVICE_HOST") == "" {
 		return "", fmt.Errorf("no --cgroup given and this process does not run in a Kubernetes pod (its cgroup is %s): run it in the pod's init container, or use 'sluice install --cgroup' with the pod's cgroup v2 directory", container)
 	}
 	return pod, nil
 }
 
-// podCgroupName matches the kubelet's pod cgroups: pod<uid> with the cgroupfs
-// driver, kubepods-<qos>-pod<uid>.slice with the systemd one.
-var podCgroupName = regexp.MustCompile(`^(pod[0-9a-f-]{36}|kubepods(-[a-z]+)?-pod[0-9a-f_]{36}\.slice)$`)
+// podCgroup matches the kubelet's pod cgroups: pod<uid> with the cgroupfs
+// driver, kubepods-<qos>-pod<uid, dashes as underscores>.slice with the
+// systemd one.
+var podCgroup = regexp.MustCompile(`^(?:pod|kubepods(?:-[a-z]+)?-pod)([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})(?:\.slice)?$`)
+
+// PodUID is the Kubernetes pod uid a kubelet pod cgroup directory is named
+// by, or "" when path's last element is no pod's: how the agent labels a
+// pod, and how install run in a pod knows it is in one.
+func PodUID(path string) string {
+	m := podCgroup.FindStringSubmatch(filepath.Base(path))
+	if m == nil {
+		return ""
+	}
+	return strings.ReplaceAll(m[1], "_", "-")
+}
 
 // ownCgroupDir is the cgroup v2 directory holding this process, found
 // through a cgroup2 mount that shows it: /proc/self/cgroup gives the path

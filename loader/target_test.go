@@ -6,18 +6,19 @@ import (
 	"github.com/sluicemesh/sluice/bpf"
 )
 
-func TestPodCgroupName(t *testing.T) {
-	for name, want := range map[string]bool{
-		"pod3f2a8c1e-5b7d-4e0a-9c6f-1d2e3f4a5b6c":                          true, // cgroupfs driver
-		"kubepods-burstable-pod3f2a8c1e_5b7d_4e0a_9c6f_1d2e3f4a5b6c.slice": true, // systemd driver
-		"kubepods-pod3f2a8c1e_5b7d_4e0a_9c6f_1d2e3f4a5b6c.slice":           true, // guaranteed QoS
-		"user-0.slice":      false,
-		"system.slice":      false,
-		"session-3.scope":   false,
-		"podman-1234.scope": false,
+func TestPodUID(t *testing.T) {
+	for name, want := range map[string]string{
+		"pod3f2a8c1e-5b7d-4e0a-9c6f-1d2e3f4a5b6c":                          "3f2a8c1e-5b7d-4e0a-9c6f-1d2e3f4a5b6c", // cgroupfs driver
+		"kubepods-burstable-pod3f2a8c1e_5b7d_4e0a_9c6f_1d2e3f4a5b6c.slice": "3f2a8c1e-5b7d-4e0a-9c6f-1d2e3f4a5b6c", // systemd driver
+		"/x/kubepods-pod3f2a8c1e_5b7d_4e0a_9c6f_1d2e3f4a5b6c.slice":        "3f2a8c1e-5b7d-4e0a-9c6f-1d2e3f4a5b6c", // guaranteed QoS
+		"user-0.slice":      "",
+		"system.slice":      "",
+		"session-3.scope":   "",
+		"podman-1234.scope": "",
+		"kubepods-burstable-pod3f2a8c1e_5b7d_4e0a_9c6f_1d2e3f4a5b6c.slice/cri-containerd-1.scope": "",
 	} {
-		if got := podCgroupName.MatchString(name); got != want {
-			t.Errorf("%s: pod cgroup %v, want %v", name, got, want)
+		if got := PodUID(name); got != want {
+			t.Errorf("PodUID(%s) = %q, want %q", name, got, want)
 		}
 	}
 }
@@ -37,10 +38,10 @@ func TestRepairCommand(t *testing.T) {
 	}
 }
 
-// The loader's idea of the counters map's size is the object's, so an
-// upgrade from an older, smaller map replaces it and one from this build
-// reuses it.
+// The counters map keeps room to spare (COUNTER_SLOTS), so a build that adds
+// counters reuses an older install's map instead of replacing it.
 func TestCounterSlots(t *testing.T) {
+	const counterSlots = 64
 	spec, err := bpf.LoadSluice()
 	if err != nil {
 		t.Fatal(err)

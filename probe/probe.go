@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"slices"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -95,12 +96,11 @@ func Run(ctx context.Context, plan redirect.Plan, port uint16, timeout time.Dura
 
 // Address picks a destination the plan captures: a benchmarking address
 // (198.19.255.254, never routed on the Internet) when every destination is
-// captured, otherwise the last address of the first IPv4 include range.
+// captured, otherwise the last address of the first include range that is
+// not excluded.
 func Address(plan redirect.Plan, port uint16) (netip.AddrPort, error) {
-	for _, p := range plan.ExcludeOutboundPorts {
-		if p == port {
-			return netip.AddrPort{}, fmt.Errorf("probe port %d is excluded from outbound capture (-o): pick another with --probe-port", port)
-		}
+	if slices.Contains(plan.ExcludeOutboundPorts, port) || slices.Contains(plan.KernelOnlyPorts, port) {
+		return netip.AddrPort{}, fmt.Errorf("probe port %d is excluded from outbound capture or kernel-only (-o, --kernel-only-ports): pick another with --probe-port", port)
 	}
 	candidates := []netip.Addr{netip.MustParseAddr("198.19.255.254")}
 	if !plan.IncludeAllCIDRs {
@@ -117,22 +117,16 @@ func Address(plan redirect.Plan, port uint16) (netip.AddrPort, error) {
 	return netip.AddrPort{}, errors.New("probe: the policy captures no outbound destination to probe (-i is empty or every range is excluded)")
 }
 
+// excluded reports whether connections to a skip capture's sidecar: an
+// exclusion (which capture applies first, whatever -i says) or a
+// kernel-only range.
 func excluded(plan redirect.Plan, a netip.Addr) bool {
-	best := -1
-	for _, p := range plan.ExcludeCIDRs {
-		if p.Contains(a) && p.Bits() > best {
-			best = p.Bits()
+	for _, p := range slices.Concat(plan.ExcludeCIDRs, plan.KernelOnlyCIDRs) {
+		if p.Contains(a) {
+			return true
 		}
 	}
-	if best < 0 {
-		return false
-	}
-	for _, p := range plan.IncludeCIDRs {
-		if p.Contains(a) && p.Bits() > best {
-			return false // a more specific include wins
-		}
-	}
-	return true
+	return false
 }
 
 // lastAddr is the highest address in p, less likely than the first to be a

@@ -16,7 +16,7 @@ import (
 // not name, and -g defaults to -u. getenv is os.LookupEnv outside tests.
 func ParseIstio(args []string, getenv func(string) (string, bool)) (Invocation, error) {
 	const tool = "istio-iptables"
-	inv := Invocation{Tool: tool, ProbePort: DefaultProbePort, ProbeTimeout: DefaultProbeTimeout, LogLevel: "info"}
+	inv := Invocation{ProbePort: DefaultProbePort, ProbeTimeout: DefaultProbeTimeout, LogLevel: "info"}
 	p := DefaultPolicy()
 	p.IncludeCIDRs, p.InboundPorts = CIDRs{}, Ports{}
 	var (

@@ -14,7 +14,7 @@ import (
 // take ports and ranges and accumulate over repeated flags.
 func ParseLinkerd(args []string) (Invocation, error) {
 	const tool = "proxy-init"
-	inv := Invocation{Tool: tool, ProbePort: DefaultProbePort, ProbeTimeout: DefaultProbeTimeout}
+	inv := Invocation{ProbePort: DefaultProbePort, ProbeTimeout: DefaultProbeTimeout}
 	p := DefaultPolicy()
 	p.Linkerd = true
 	var (

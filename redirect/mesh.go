@@ -16,7 +16,6 @@ import (
 // sets, so a mesh's injection template works with the image swapped and its
 // arguments kept.
 type Invocation struct {
-	Tool   string // "istio-iptables" or "proxy-init"
 	Policy Policy
 	// Netns is the pod's network namespace (--network-namespace, --netns);
 	// empty: the one the command runs in.
@@ -45,7 +44,7 @@ const (
 	DefaultProbeTimeout = 5 * time.Second
 )
 
-// unsupportedError names a flag Sluice cannot honour yet. It is refused
+// unsupported names a flag Sluice cannot honour yet. It is refused
 // rather than ignored: the pod would otherwise run with a policy other than
 // the one its template states.
 func unsupported(flagName, why string) error {

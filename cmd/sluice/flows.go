@@ -179,13 +179,6 @@ func via(f telemetry.Flow) string {
 	return "no"
 }
 
-func yesNo(b bool) string {
-	if b {
-		return "yes"
-	}
-	return "no"
-}
-
 func orDash(s string) string {
 	if s == "" {
 		return "-"

@@ -27,8 +27,11 @@ Loads the capture programs, attaches them to the pod's cgroup v2 directory
 (outbound capture) and, with --netns or --interface, to the ingress of the
 pod's interface (inbound capture), pins them under
 /sys/fs/bpf/sluice/<cgroup id>/, then exits. Flags follow istio-iptables
-(-p -z -u -g -m -i -x -b -d -q -o); 'sluice istio-iptables' and
-'sluice proxy-init' take those tools' own flag sets unchanged.
+(-p -z -u -g -m -i -x -b -d -q -o), and Linkerd proxy-init's long names
+(--outgoing-proxy-port, --incoming-proxy-port, --proxy-uid,
+--outbound-ports-to-ignore, --inbound-ports-to-ignore) are accepted too;
+'sluice istio-iptables' and 'sluice proxy-init' take those tools' own flag
+sets unchanged, with their own meanings and defaults.
 
 Run with no --cgroup inside a pod (its init container), it finds the pod's
 cgroup (the parent of its container's) and captures inbound on the pod's

@@ -109,4 +109,3 @@ func TestKernelOnlyFlows(t *testing.T) {
 		t.Errorf("status plan: kernel-only ports %v, inbound %v", s.Plan.KernelOnlyPorts, s.Plan.KernelOnlyInboundPorts)
 	}
 }
-

@@ -68,16 +68,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 		ctx, stop := signalContext()
 		defer stop()
 		err := c.run(ctx, args[1:], stdout)
-		switch {
-		case err == nil, errors.Is(err, flag.ErrHelp):
+		if err == nil || errors.Is(err, flag.ErrHelp) {
 			return 0
-		case errors.As(err, new(usageError)):
-			fmt.Fprintf(stderr, "sluice %s: %s\n", c.name, oneLine(err))
-			return 2
-		default:
-			fmt.Fprintf(stderr, "sluice %s: %s\n", c.name, oneLine(err))
-			return 1
 		}
+		fmt.Fprintf(stderr, "sluice %s: %s\n", c.name, oneLine(err))
+		if errors.As(err, new(usageError)) {
+			return 2
+		}
+		return 1
 	}
 	fmt.Fprintf(stderr, "sluice: unknown command %q: run 'sluice help' for the list\n", args[0])
 	return 2

@@ -7,6 +7,8 @@ package main
 import (
 	"bytes"
 	"net/netip"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -54,7 +56,11 @@ func newInitPod(t *testing.T) *initPod {
 // cgroup and its network namespace, as root.
 func (p *initPod) run(t *testing.T, args ...string) cliResult {
 	t.Helper()
-	cmd := sluice(t, args...)
+	return p.runCmd(t, sluice(t, args...))
+}
+
+func (p *initPod) runCmd(t *testing.T, cmd *exec.Cmd) cliResult {
+	t.Helper()
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := p.pod.Start(cmd); err != nil {
@@ -138,6 +144,15 @@ func TestInPodInstallWithNoArguments(t *testing.T) {
 	out = p.mustRun(t, "install", "--validate")
 	if !strings.Contains(out, "nothing changed") || !strings.Contains(out, "accepted by the sidecar on port 15001") {
 		t.Errorf("rerun said:\n%s", out)
+	}
+
+	// In a private cgroup namespace, as runtimes start containers on cgroup
+	// v2 hosts, /proc/self/cgroup says only "0::/": install finds its
+	// cgroup in the host's hierarchy all the same.
+	unshared := exec.Command("unshare", "--cgroup", self(t), "install", "--validate")
+	unshared.Env = append(os.Environ(), mainEnv+"=1")
+	if res := p.runCmd(t, unshared); res.code != 0 || !strings.Contains(res.stdout, "nothing changed") || !strings.Contains(res.stdout, "validated") {
+		t.Errorf("install --validate in a private cgroup namespace: exit %d\n%s%s", res.code, res.stdout, res.stderr)
 	}
 }
 

@@ -72,7 +72,7 @@ Examples:
 		}
 		sub, args := args[0], args[1:]
 		fs := flag.NewFlagSet("route "+sub, flag.ContinueOnError)
-		cgroup := fs.String("cgroup", "", "the pod's cgroup v2 directory (required)")
+		cgroup := fs.String("cgroup", "", "the pod's cgroup v2 directory (required unless --pods)")
 		pinDir := fs.String("pin-dir", "", "where the pins are (default /sys/fs/bpf/sluice/<cgroup id>)")
 		pods := fs.String("pods", "", "set, delete, apply: every installed pod whose cgroup path matches this pattern (* for any text), instead of --cgroup")
 		target := func() (loader.Target, error) {

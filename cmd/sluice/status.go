@@ -40,7 +40,7 @@ Examples:
 	}
 	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
 		fs := flag.NewFlagSet("status", flag.ContinueOnError)
-		cgroup := fs.String("cgroup", "", "the pod's cgroup v2 directory (required)")
+		cgroup := fs.String("cgroup", "", "the pod's cgroup v2 directory (required unless --all)")
 		pinDir := fs.String("pin-dir", "", "where the pins are (default /sys/fs/bpf/sluice/<cgroup id>)")
 		asJSON := fs.Bool("json", false, "print JSON")
 		all := fs.Bool("all", false, "every install on the node, one line each")
@@ -203,18 +203,11 @@ func statusAll(w io.Writer, asJSON bool) error {
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "STATE\tPOD UID\tPINS\tCGROUP")
 		for _, p := range pods {
-			state := "complete"
-			switch {
-			case p.Gone:
-				state = "gone"
-			case !p.Complete:
-				state = "incomplete"
-			}
 			uid := p.UID
 			if uid == "" {
 				uid = "-"
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", state, uid, p.PinDir, p.Cgroup)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.State(), uid, p.PinDir, p.Cgroup)
 		}
 		tw.Flush()
 	}
