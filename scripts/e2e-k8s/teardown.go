@@ -42,6 +42,7 @@ type hostState struct {
 	iptables             []string // iptables-save and ip6tables-save, counters dropped
 	sysctls              map[string]string
 	paths                map[string]bool
+	bpffsPropagation     string // of /sys/fs/bpf: "shared:N", "master:N" or "" (private)
 }
 
 var counters = regexp.MustCompile(`\[\d+:\d+\]`)
@@ -56,6 +57,9 @@ func snapshot() (hostState, error) {
 		return s, err
 	}
 	if s.mounts, err = mountPoints(); err != nil {
+		return s, err
+	}
+	if s.bpffsPropagation, err = propagation(bpffs); err != nil {
 		return s, err
 	}
 	hier, err := dirNames("/sys/fs/cgroup")
@@ -118,6 +122,49 @@ func mountPoints() ([]string, error) {
 	return mps, sc.Err()
 }
 
+const bpffs = "/sys/fs/bpf"
+
+// propagation is the optional fields of the mount at mp in mountinfo:
+// "shared:N", "master:N", both, or "" for a private mount.
+func propagation(mp string) (string, error) {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return "", err
+	}
+	found, prop := false, ""
+	for _, l := range strings.Split(string(data), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 7 || unescapeMount(f[4]) != mp {
+			continue
+		}
+		found = true // the last mount on mp is the one seen
+		end := slices.Index(f, "-")
+		if end < 6 {
+			end = 6
+		}
+		prop = strings.Join(f[6:end], " ")
+	}
+	if !found {
+		return "", fmt.Errorf("%s is not a mount point", mp)
+	}
+	return prop, nil
+}
+
+// makeBPFFSShared makes /sys/fs/bpf a shared mount if it is private, as
+// systemd hosts have it: mountPropagation HostToContainer on it needs a
+// shared or slave mount. Teardown makes it private again.
+func (c *cluster) makeBPFFSShared() error {
+	if c.base.bpffsPropagation != "" {
+		return nil
+	}
+	slog.Info("making /sys/fs/bpf a shared mount for the run (-shared-bpffs)")
+	if err := syscall.Mount("", bpffs, "", syscall.MS_SHARED, ""); err != nil {
+		return fmt.Errorf("make %s shared: %w", bpffs, err)
+	}
+	c.bpffsShared = true
+	return nil
+}
+
 func unescapeMount(s string) string {
 	return strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`).Replace(s)
 }
@@ -130,6 +177,8 @@ func (c *cluster) teardown() error {
 	var errs []error
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	// Read before the kubelet removes the pods' cgroups.
+	ids := podCgroupIDs()
 	if c.apiUp() {
 		// The kubelet stops the pods' sandboxes: CNI DEL, netns removed.
 		for _, kind := range []string{"deployments", "pods"} {
@@ -164,11 +213,16 @@ func (c *cluster) teardown() error {
 	for _, name := range []string{"kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"} {
 		stop(name)
 	}
-	errs = append(errs, c.removeBPFPins(), c.unmountNew(), c.removeNetns(), c.removeCgroups())
+	errs = append(errs, c.removeBPFPins(ids), c.unmountNew(), c.removeNetns(), c.removeCgroups())
 	if c.bridgeMade {
 		errs = append(errs, run1("ip", "link", "del", c.bridge))
 	}
 	errs = append(errs, c.restoreSysctls())
+	if c.bpffsShared {
+		if err := syscall.Mount("", bpffs, "", syscall.MS_PRIVATE, ""); err != nil {
+			errs = append(errs, fmt.Errorf("make %s private again: %w", bpffs, err))
+		}
+	}
 	for _, p := range hostPaths {
 		if !c.base.paths[p] && p != "/sys/fs/bpf/sluice" {
 			if err := os.RemoveAll(p); err != nil {
@@ -221,27 +275,36 @@ func (c *cluster) killShims() error {
 	return nil
 }
 
-// removeBPFPins removes the pins Sluice made for this run's pods:
-// /sys/fs/bpf/sluice/<cgroup id>, the id being the pod cgroup2 directory's
-// inode. Other runs' pins (other cgroup ids) stay.
-func (c *cluster) removeBPFPins() error {
-	var errs []error
+// podCgroupIDs are the ids (cgroup2 directory inodes) of the kubelet's
+// cgroups, pods' included, while they exist.
+func podCgroupIDs() []uint64 {
+	var ids []uint64
 	_ = filepath.WalkDir("/sys/fs/cgroup/unified/kubepods", func(path string, d fs.DirEntry, err error) error {
-		if err != nil || !d.IsDir() {
-			return nil
-		}
 		var st syscall.Stat_t
-		if syscall.Stat(path, &st) == nil {
-			pin := filepath.Join("/sys/fs/bpf/sluice", strconv.FormatUint(st.Ino, 10))
-			if _, err := os.Stat(pin); err == nil {
-				slog.Info("removing sluice pins", "dir", pin, "cgroup", path)
-				errs = append(errs, os.RemoveAll(pin))
-			}
+		if err == nil && d.IsDir() && syscall.Stat(path, &st) == nil {
+			ids = append(ids, st.Ino)
 		}
 		return nil
 	})
-	if !c.base.paths["/sys/fs/bpf/sluice"] {
-		_ = os.Remove("/sys/fs/bpf/sluice") // only if empty: another run may use it
+	return ids
+}
+
+// removeBPFPins removes the pins Sluice made for this run's pods,
+// /sys/fs/bpf/sluice/<cgroup id>, and fails if one stays. Other runs' pins
+// (other cgroup ids) stay.
+func (c *cluster) removeBPFPins(ids []uint64) error {
+	var errs []error
+	for _, id := range ids {
+		pin := filepath.Join(bpffs, "sluice", strconv.FormatUint(id, 10))
+		if _, err := os.Stat(pin); err == nil {
+			slog.Info("removing the pins sluice left for a pod of this run", "dir", pin)
+			if err := os.RemoveAll(pin); err != nil {
+				errs = append(errs, fmt.Errorf("remove sluice pins %s: %w", pin, err))
+			}
+		}
+	}
+	if !c.base.paths[bpffs+"/sluice"] {
+		_ = os.Remove(bpffs + "/sluice") // only if empty: another run may use it
 	}
 	return errors.Join(errs...)
 }
@@ -399,6 +462,9 @@ func (c *cluster) compare() error {
 		if now.paths[p] != was {
 			bad = append(bad, fmt.Sprintf("path %s: exists %v, was %v", p, now.paths[p], was))
 		}
+	}
+	if now.bpffsPropagation != c.base.bpffsPropagation {
+		bad = append(bad, fmt.Sprintf("%s propagation %q, was %q", bpffs, now.bpffsPropagation, c.base.bpffsPropagation))
 	}
 	if len(bad) > 0 {
 		return fmt.Errorf("the host is not back to its baseline:\n  %s", strings.Join(bad, "\n  "))
