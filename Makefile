@@ -74,7 +74,7 @@ image:
 		-version "$$(git describe --always --dirty)" -out results/sluice-image.tar $(IMAGE_FLAGS)
 
 # A real single-node Kubernetes (no registry, no Docker, no internet): builds
-# the binaries once per version into /var/cache/sluice-e2e (about 13 minutes
+# the binaries once per version into /var/cache/sluice-e2e (about 6 minutes
 # cold), runs a busybox pod to Ready, prints the timings and tears everything
 # down to the host's baseline. Not part of make test. E2E_K8S_FLAGS=-sluice-image
 # results/sluice-image.tar also tries deploy/pod/pod-template.yaml (make image first).

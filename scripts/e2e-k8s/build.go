@@ -45,7 +45,7 @@ func buildKubernetes(p plan) (cached bool, err error) {
 		slog.Info("kubernetes binaries cached", "dir", p.binDir)
 		return true, nil
 	}
-	slog.Info("building kubernetes: about 13 minutes on 2 cores, 2 GB of memory", "version", p.version, "into", p.binDir)
+	slog.Info("building kubernetes: about 6 minutes on 2 cores (more with modules to download), 2 GB of memory", "version", p.version, "into", p.binDir)
 	dir := filepath.Join(p.cache, "k8s-build-"+p.version)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return false, err
