@@ -3,7 +3,7 @@
 GO ?= go
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build deps generate check-generate vmlinux test fuzz demo bench scale image
+.PHONY: all build deps generate check-generate vmlinux test fuzz demo bench scale image e2e-k8s
 
 all: build
 
@@ -72,3 +72,12 @@ image:
 	CGO_ENABLED=0 GOARCH=$(IMAGE_ARCH) $(GO) build -trimpath -ldflags '-s -w' -o bin/sluice-static ./cmd/sluice
 	$(GO) run ./scripts/image -binary bin/sluice-static -tag $(IMAGE_TAG) -arch $(IMAGE_ARCH) \
 		-version "$$(git describe --always --dirty)" -out results/sluice-image.tar $(IMAGE_FLAGS)
+
+# A real single-node Kubernetes (no registry, no Docker, no internet): builds
+# the binaries once per version into /var/cache/sluice-e2e (about 6 minutes
+# cold), runs a busybox pod to Ready, prints the timings and tears everything
+# down to the host's baseline. Not part of make test. E2E_K8S_FLAGS=-sluice-image
+# results/sluice-image.tar also tries deploy/pod/pod-template.yaml (make image first).
+e2e-k8s: deps
+	$(GO) build -o bin/e2e-k8s ./scripts/e2e-k8s
+	./bin/e2e-k8s $(E2E_K8S_FLAGS)

@@ -7,6 +7,8 @@
 #   iproute2                 'ip netns' to look at test pods by hand; ss for make scale
 #   util-linux               mount and setpriv: tests run the sidecar as a container would
 #   prometheus               a real server scrapes the sidecar in the tests; promtool checks
+#   etcd-server, containerd, runc, containernetworking-plugins, busybox-static
+#                            make e2e-k8s: the single-node cluster and its test image
 # and the Go modules. Idempotent: apt runs only for missing packages.
 set -euo pipefail
 
@@ -15,7 +17,8 @@ if [[ $(id -u) -ne 0 ]]; then
 	exit 1
 fi
 
-pkgs=(clang llvm libbpf-dev bpftool haproxy iptables nftables iproute2 util-linux prometheus make)
+pkgs=(clang llvm libbpf-dev bpftool haproxy iptables nftables iproute2 util-linux prometheus make
+	etcd-server containerd runc containernetworking-plugins busybox-static)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
