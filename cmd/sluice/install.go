@@ -114,6 +114,13 @@ func installPod(ctx context.Context, req installRequest, stdout io.Writer) error
 	if err != nil {
 		return err
 	}
+	if inPod && !req.dryRun {
+		// A bpffs install mounted itself here would die with the
+		// container, and every pin and link with it.
+		if err := loader.HostBPFFS(target.PinDir); err != nil {
+			return err
+		}
+	}
 	// Inbound capture is asked for explicitly, or implied by running inside
 	// the pod: defaulting to eth0 of whatever namespace install runs in
 	// could capture a node's traffic.

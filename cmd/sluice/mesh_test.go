@@ -208,6 +208,17 @@ func TestMeshRefusalsInstallNothing(t *testing.T) {
 			t.Errorf("%v left something: %s%s", args, s.stdout, s.stderr)
 		}
 	}
+	// A container without the host's bpffs: install refuses rather than
+	// mount one that would die with the container.
+	nobpffs := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c", `mount -t tmpfs none /sys/fs/bpf && exec "$0" install`, self(t))
+	nobpffs.Env = append(os.Environ(), mainEnv+"=1")
+	if res := p.runCmd(t, nobpffs); res.code != 1 || !strings.Contains(res.stderr, "is not on a bpf filesystem in this container") {
+		t.Errorf("install with no bpffs: exit %d, %s", res.code, res.stderr)
+	}
+	if s := runCLI(t, sluice(t, "status", "--cgroup", p.cgroup)); !strings.Contains(s.stdout+s.stderr, "not installed") {
+		t.Errorf("install with no bpffs left something: %s%s", s.stdout, s.stderr)
+	}
+
 	// Outside a pod (the test's own cgroup is no pod's container) install
 	// with no --cgroup refuses rather than capture the caller's parent.
 	res := runCLI(t, sluice(t, "install"))

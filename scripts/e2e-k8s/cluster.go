@@ -26,7 +26,6 @@ type cluster struct {
 	// bridgeMade, parentMade: teardown deletes the bridge and the run
 	// directory's parent only if this run made them.
 	bridgeMade, parentMade bool
-	bpffsShared            bool  // -shared-bpffs made /sys/fs/bpf shared
 	rssAtReady             int64 // bytes, every process's, with the busybox pod Ready
 }
 

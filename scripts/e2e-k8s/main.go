@@ -47,7 +47,6 @@ type options struct {
 	keep        bool
 	sluiceImage string
 	template    string
-	sharedBPFFS bool
 	timeout     time.Duration
 }
 
@@ -59,7 +58,6 @@ func main() {
 	flag.BoolVar(&o.keep, "keep", false, "leave the cluster running (Ctrl-C tears it down)")
 	flag.StringVar(&o.sluiceImage, "sluice-image", "", "also import this Sluice image archive (make image) and try deploy/pod/pod-template.yaml")
 	flag.StringVar(&o.template, "template", "deploy/pod/pod-template.yaml", "the pod template tried with -sluice-image")
-	flag.BoolVar(&o.sharedBPFFS, "shared-bpffs", false, "with -sluice-image: make a private /sys/fs/bpf a shared mount for the run, as on systemd hosts (the template's HostToContainer propagation needs it); restored at teardown")
 	flag.DurationVar(&o.timeout, "timeout", 3*time.Minute, "how long the cluster and each pod may take to be ready")
 	flag.Parse()
 	if flag.NArg() > 0 {

@@ -80,11 +80,6 @@ func (c *cluster) podReady(ctx context.Context, what string) error {
 // with busybox's httpd as its app. Its error says how far the pod got, with
 // the containers' states and the sluice containers' logs.
 func (c *cluster) trySluice(ctx context.Context, imgs images) error {
-	if c.sharedBPFFS {
-		if err := c.makeBPFFSShared(); err != nil {
-			return err
-		}
-	}
 	if _, err := c.ctr("images", "import", c.sluiceImage); err != nil {
 		return err
 	}

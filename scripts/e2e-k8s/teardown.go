@@ -150,21 +150,6 @@ func propagation(mp string) (string, error) {
 	return prop, nil
 }
 
-// makeBPFFSShared makes /sys/fs/bpf a shared mount if it is private, as
-// systemd hosts have it: mountPropagation HostToContainer on it needs a
-// shared or slave mount. Teardown makes it private again.
-func (c *cluster) makeBPFFSShared() error {
-	if c.base.bpffsPropagation != "" {
-		return nil
-	}
-	slog.Info("making /sys/fs/bpf a shared mount for the run (-shared-bpffs)")
-	if err := syscall.Mount("", bpffs, "", syscall.MS_SHARED, ""); err != nil {
-		return fmt.Errorf("make %s shared: %w", bpffs, err)
-	}
-	c.bpffsShared = true
-	return nil
-}
-
 func unescapeMount(s string) string {
 	return strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`).Replace(s)
 }
@@ -218,11 +203,6 @@ func (c *cluster) teardown() error {
 		errs = append(errs, run1("ip", "link", "del", c.bridge))
 	}
 	errs = append(errs, c.restoreSysctls())
-	if c.bpffsShared {
-		if err := syscall.Mount("", bpffs, "", syscall.MS_PRIVATE, ""); err != nil {
-			errs = append(errs, fmt.Errorf("make %s private again: %w", bpffs, err))
-		}
-	}
 	for _, p := range hostPaths {
 		if !c.base.paths[p] && p != "/sys/fs/bpf/sluice" {
 			if err := os.RemoveAll(p); err != nil {
@@ -316,11 +296,14 @@ func (c *cluster) unmountNew() error {
 	if err != nil {
 		return err
 	}
-	roots := append([]string{c.run, "/run/netns", "/var/run/netns"}, hostPaths...)
+	// Network namespaces: only CNI's (cni-*). Others that appeared
+	// meanwhile belong to whatever else runs on the host, such as tests.
+	roots := append([]string{c.run}, hostPaths...)
 	var errs []error
 	for i := len(now) - 1; i >= 0; i-- {
 		mp := now[i]
-		if slices.Contains(c.base.mounts, mp) || !underAny(mp, roots) {
+		cniNetns := (strings.HasPrefix(mp, "/run/netns/cni-") || strings.HasPrefix(mp, "/var/run/netns/cni-"))
+		if slices.Contains(c.base.mounts, mp) || !(underAny(mp, roots) || cniNetns) {
 			continue
 		}
 		if err := syscall.Unmount(mp, 0); err != nil {
