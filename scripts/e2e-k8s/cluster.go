@@ -27,6 +27,10 @@ type cluster struct {
 	// directory's parent only if this run made them.
 	bridgeMade, parentMade bool
 	rssAtReady             int64 // bytes, every process's, with the busybox pod Ready
+	// seenIDs are the kubelet's cgroup ids seen while pods ran: teardown
+	// removes Sluice's pins of these too (pods deleted before it).
+	seenIDs []uint64
+	checks  *checker // the Sluice checks' results, printed after teardown
 }
 
 // proc is a process the cluster started, in its own process group so a

@@ -127,6 +127,8 @@ func (p plan) path(elem ...string) string { return filepath.Join(append([]string
 // timings are what the run prints at the end.
 type timings struct {
 	build, images, up, podReady, sluicePod, down time.Duration
+	servers, agent, collect                      time.Duration
+	dropIns                                      [][2]string // mesh, apply to Ready
 	buildCached                                  bool
 }
 
@@ -172,11 +174,14 @@ func run(o options) error {
 	}
 	start = time.Now()
 	downErr := c.teardown()
+	if c.checks != nil {
+		c.checks.printSummary()
+	}
 	t.down = time.Since(start)
+	t.print()
 	if err = errors.Join(err, downErr); err != nil {
 		return err
 	}
-	t.print()
 	fmt.Printf("memory (RSS) at Ready %7.2f GiB  (etcd, containerd, apiserver, controller-manager, scheduler, kubelet)\n", float64(c.rssAtReady)/(1<<30))
 	return nil
 }
@@ -196,12 +201,10 @@ func (c *cluster) exercise(ctx context.Context, imgs images, t *timings) error {
 	}
 	slog.Info("busybox pod ready", "took", t.podReady.Round(time.Millisecond))
 	if c.sluiceImage != "" {
-		start = time.Now()
-		if err := c.trySluice(ctx, imgs); err != nil {
-			slog.Warn("the Sluice pod did not get to Ready (reported, not failed)", "err", err)
-		} else {
-			t.sluicePod = time.Since(start)
-			slog.Info("sluice pod ready", "took", t.sluicePod.Round(time.Millisecond))
+		k, err := c.sluiceChecks(ctx, imgs, t)
+		c.checks = k
+		if err != nil {
+			return fmt.Errorf("sluice checks: %w", err)
 		}
 	}
 	return nil
@@ -216,8 +219,20 @@ func (t timings) print() {
 	fmt.Printf("images               %8.1fs\n", t.images.Seconds())
 	fmt.Printf("cluster up           %8.1fs\n", t.up.Seconds())
 	fmt.Printf("busybox pod Ready    %8.1fs\n", t.podReady.Seconds())
+	if t.servers > 0 {
+		fmt.Printf("server pods Ready    %8.1fs  (two, no Sluice)\n", t.servers.Seconds())
+	}
 	if t.sluicePod > 0 {
-		fmt.Printf("sluice pod Ready     %8.1fs\n", t.sluicePod.Seconds())
+		fmt.Printf("sluice pod Ready     %8.1fs  (pod-template.yaml)\n", t.sluicePod.Seconds())
+	}
+	for _, d := range t.dropIns {
+		fmt.Printf("%-8s drop-in Ready %6s\n", d[0], d[1])
+	}
+	if t.agent > 0 {
+		fmt.Printf("agent Ready          %8.1fs\n", t.agent.Seconds())
+	}
+	if t.collect > 0 {
+		fmt.Printf("agent collected pins %8.1fs  after the pod's deletion\n", t.collect.Seconds())
 	}
 	fmt.Printf("teardown             %8.1fs\n", t.down.Seconds())
 }

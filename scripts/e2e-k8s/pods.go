@@ -76,55 +76,18 @@ func (c *cluster) podReady(ctx context.Context, what string) error {
 	return fmt.Errorf("%s not Ready: %w\n%s", what, errors.Join(err, derr), desc)
 }
 
-// trySluice imports the Sluice image and runs deploy/pod/pod-template.yaml
-// with busybox's httpd as its app. Its error says how far the pod got, with
-// the containers' states and the sluice containers' logs.
-func (c *cluster) trySluice(ctx context.Context, imgs images) error {
-	if _, err := c.ctr("images", "import", c.sluiceImage); err != nil {
-		return err
-	}
-	data, err := os.ReadFile(c.template)
-	if err != nil {
-		return err
-	}
-	const app = "          image: registry.example/app:1\n"
-	if !strings.Contains(string(data), app) {
-		return fmt.Errorf("%s has no line %q to replace", c.template, strings.TrimSpace(app))
-	}
-	manifest := strings.Replace(string(data), app, fmt.Sprintf(`          image: %s
-          imagePullPolicy: Never
-          command: ["/bin/httpd", "-f", "-p", "8080", "-h", "/tmp"]
-`, imgs.busyboxRef), 1)
-	path := c.path("sluice-pod.yaml")
-	if err := os.WriteFile(path, []byte(manifest), 0o644); err != nil {
-		return err
-	}
-	if _, err := c.kubectl(ctx, "apply", "-f", path); err != nil {
-		return err
-	}
-	waitErr := c.poll(ctx, c.timeout, "a pod of deployment/app", func() error {
-		_, err := c.kubectl(ctx, "get", "pod", "-l", "app=app", "-o", "name")
-		return err
-	})
-	if waitErr == nil {
-		_, waitErr = c.kubectl(ctx, "wait", "--for=condition=Ready", "pod", "-l", "app=app", "--timeout", c.timeout.String())
-	}
-	c.sluiceReport(ctx)
-	return waitErr
-}
-
-// sluiceReport prints the Sluice pod's description and its containers'
+// sluiceReport prints a Sluice pod's description and its containers'
 // logs, and saves them under results/e2e-k8s/.
-func (c *cluster) sluiceReport(ctx context.Context) {
+func (c *cluster) sluiceReport(ctx context.Context, app string, containers []string) {
 	var b strings.Builder
-	desc, err := c.kubectl(ctx, "describe", "pod", "-l", "app=app")
-	fmt.Fprintf(&b, "### kubectl describe pod -l app=app (%v)\n%s\n", err, desc)
-	for _, ctn := range []string{"sluice-init", "sluice-proxy", "app"} {
-		logs, err := c.kubectl(ctx, "logs", "-l", "app=app", "-c", ctn, "--tail", "60")
+	desc, err := c.kubectl(ctx, "describe", "pod", "-l", "app="+app)
+	fmt.Fprintf(&b, "### kubectl describe pod -l app=%s (%v)\n%s\n", app, err, desc)
+	for _, ctn := range containers {
+		logs, err := c.kubectl(ctx, "logs", "-l", "app="+app, "-c", ctn, "--tail", "60")
 		fmt.Fprintf(&b, "### logs %s (%v)\n%s\n", ctn, err, logs)
 	}
 	dir := filepath.Join(c.repo, "results", "e2e-k8s")
-	path := filepath.Join(dir, "sluice-pod-"+time.Now().UTC().Format("20060102T150405Z")+".txt")
+	path := filepath.Join(dir, "sluice-pod-"+app+"-"+time.Now().UTC().Format("20060102T150405Z")+".txt")
 	if err := os.MkdirAll(dir, 0o755); err == nil {
 		err = os.WriteFile(path, []byte(b.String()), 0o644)
 		if err != nil {

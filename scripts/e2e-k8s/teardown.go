@@ -163,11 +163,12 @@ func (c *cluster) teardown() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	// Read before the kubelet removes the pods' cgroups.
-	ids := podCgroupIDs()
+	ids := append(podCgroupIDs(), c.seenIDs...)
 	if c.apiUp() {
 		// The kubelet stops the pods' sandboxes: CNI DEL, netns removed.
-		for _, kind := range []string{"deployments", "pods"} {
-			if _, err := c.kubectl(ctx, "delete", kind, "--all", "--wait", "--timeout", "60s", "--grace-period", "1"); err != nil {
+		// Every namespace's: the agent DaemonSet runs in sluice-system.
+		for _, kind := range []string{"daemonsets", "deployments", "pods"} {
+			if _, err := c.kubectl(ctx, "delete", kind, "--all", "--all-namespaces", "--wait", "--timeout", "60s", "--grace-period", "1"); err != nil {
 				errs = append(errs, err)
 			}
 		}

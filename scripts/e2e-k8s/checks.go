@@ -1,0 +1,645 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// result is one check of the Sluice step: its name, whether it passed and
+// what it saw.
+type result struct {
+	name   string
+	err    error
+	detail string
+	took   time.Duration
+}
+
+// checker runs the Sluice checks in order and collects their results.
+type checker struct {
+	c       *cluster
+	ctx     context.Context
+	imgs    images
+	results []result
+	ip      map[string]string // pod name -> IP
+	sum     map[string]string // pod name -> sha256 of its /www/file
+}
+
+// check runs one check, logs and records its result, and returns its error.
+func (k *checker) check(name string, f func() (string, error)) error {
+	start := time.Now()
+	detail, err := f()
+	r := result{name: name, err: err, detail: detail, took: time.Since(start)}
+	k.results = append(k.results, r)
+	if err != nil {
+		slog.Error("check FAILED", "check", name, "err", err, "took", r.took.Round(time.Millisecond))
+	} else {
+		slog.Info("check passed", "check", name, "detail", detail, "took", r.took.Round(time.Millisecond))
+	}
+	return err
+}
+
+func (k *checker) printSummary() {
+	fmt.Println("---- Sluice checks ----")
+	for _, r := range k.results {
+		status := "PASS"
+		if r.err != nil {
+			status = "FAIL"
+		}
+		fmt.Printf("%s  %-58s %6.1fs  %s\n", status, r.name, r.took.Seconds(), r.detail)
+		if r.err != nil {
+			fmt.Printf("      %v\n", r.err)
+		}
+	}
+}
+
+// www is the shell that gives an httpd pod a random 256 KiB /www/file and
+// /www/id naming it, then serves /www on 8080 logging every request's peer.
+func www(id string) string {
+	return fmt.Sprintf("mkdir -p /www && head -c 262144 /dev/urandom > /www/file && echo %s > /www/id && exec httpd -f -vv -p 8080 -h /www", id)
+}
+
+// sluiceChecks are the checks with the Sluice image: plain servers untouched,
+// the template pod's outbound and inbound capture, the Istio and Linkerd
+// drop-ins, the agent's collection and a canary route set through it. The
+// first failure stops them (later ones build on earlier ones).
+func (c *cluster) sluiceChecks(ctx context.Context, imgs images, t *timings) (*checker, error) {
+	k := &checker{c: c, ctx: ctx, imgs: imgs, ip: map[string]string{}, sum: map[string]string{}}
+	if _, err := c.ctr("images", "import", c.sluiceImage); err != nil {
+		return k, err
+	}
+	steps := []struct {
+		name string
+		f    func() (string, error)
+	}{
+		{"1. two server pods without Sluice Ready", func() (string, error) { return k.servers(t) }},
+		{"1. server pods untouched: no pins, no install", k.untouched},
+		{"1. server1 <-> server2 traffic intact", k.plainTraffic},
+		{"2. Sluice pod (pod-template.yaml) Ready", func() (string, error) { return k.templatePod(t) }},
+		{"2. outbound app -> server1 through the sidecar", func() (string, error) { return k.outbound("app", 15090) }},
+		{"2. inbound server1 -> app through the sidecar", k.inbound},
+		{"3. Istio drop-in + sidecar Ready", func() (string, error) { return k.dropIn(t, "istio") }},
+		{"3. Istio drop-in outbound app -> server1", func() (string, error) { return k.outbound("app-istio", 15090) }},
+		{"3. Linkerd drop-in + sidecar Ready", func() (string, error) { return k.dropIn(t, "linkerd") }},
+		{"3. Linkerd drop-in outbound app -> server1", func() (string, error) { return k.outbound("app-linkerd", 4191) }},
+		{"4. agent DaemonSet Ready", func() (string, error) { return k.agent(t) }},
+		{"4. agent collects a deleted Sluice pod's pins in 30 s", func() (string, error) { return k.collect(t) }},
+		{"5. canary route through the agent: 20 conns reach both", k.canary},
+	}
+	for _, s := range steps {
+		if err := k.check(s.name, s.f); err != nil {
+			return k, fmt.Errorf("check %q: %w", s.name, err)
+		}
+	}
+	return k, nil
+}
+
+// apply writes manifest to the run directory and applies it.
+func (k *checker) apply(name, manifest string) error {
+	path := k.c.path(name + ".yaml")
+	if err := os.WriteFile(path, []byte(manifest), 0o644); err != nil {
+		return err
+	}
+	_, err := k.c.kubectl(k.ctx, "apply", "-f", path)
+	return err
+}
+
+// podOf waits for a Ready pod with label app=<app> (in ns) and returns its
+// name; it records its cgroup ids for teardown.
+func (k *checker) podOf(ns, selector string) (string, error) {
+	var name string
+	err := k.c.poll(k.ctx, k.c.timeout, "a pod "+selector, func() error {
+		out, err := k.c.kubectl(k.ctx, "get", "pod", "-n", ns, "-l", selector, "--field-selector", "status.phase!=Succeeded,status.phase!=Failed",
+			"-o", "name")
+		if err != nil {
+			return err
+		}
+		names := strings.Fields(string(out))
+		if len(names) == 0 {
+			return errors.New("none yet")
+		}
+		name = strings.TrimPrefix(names[0], "pod/")
+		return nil
+	})
+	if err != nil {
+		return "", err
+	}
+	if _, err := k.c.kubectl(k.ctx, "wait", "-n", ns, "--for=condition=Ready", "pod/"+name, "--timeout", k.c.timeout.String()); err != nil {
+		desc, _ := k.c.kubectl(k.ctx, "describe", "pod", "-n", ns, name)
+		return "", fmt.Errorf("%w\n%s", err, desc)
+	}
+	k.c.seenIDs = append(k.c.seenIDs, podCgroupIDs()...)
+	return name, nil
+}
+
+func (k *checker) field(ns, pod, jsonpath string) (string, error) {
+	out, err := k.c.kubectl(k.ctx, "get", "pod", "-n", ns, pod, "-o", "jsonpath="+jsonpath)
+	return strings.TrimSpace(string(out)), err
+}
+
+// exec runs a shell script in the pod's container and returns its stdout.
+func (k *checker) exec(pod, container, script string) (string, error) {
+	out, err := k.c.kubectl(k.ctx, "exec", pod, "-c", container, "--", "/bin/sh", "-c", script)
+	return strings.TrimSpace(string(out)), err
+}
+
+func (k *checker) sha(pod, container string) (string, error) {
+	out, err := k.exec(pod, container, "sha256sum /www/file")
+	if err != nil {
+		return "", err
+	}
+	f := strings.Fields(out)
+	if len(f) == 0 {
+		return "", fmt.Errorf("sha256sum in %s: no output", pod)
+	}
+	return f[0], nil
+}
+
+// fetch fetches http://addr/file from the pod's container and returns the
+// sha256 of what arrived and its length.
+func (k *checker) fetch(pod, container, url string) (sum string, n int, err error) {
+	out, err := k.exec(pod, container, fmt.Sprintf("wget -qO /tmp/got %s && sha256sum /tmp/got && wc -c < /tmp/got", url))
+	if err != nil {
+		return "", 0, err
+	}
+	f := strings.Fields(out)
+	if len(f) != 3 {
+		return "", 0, fmt.Errorf("fetch %s from %s: unexpected output %q", url, pod, out)
+	}
+	n, err = strconv.Atoi(f[2])
+	return f[0], n, err
+}
+
+// servers runs server1 and server2: busybox httpd on 8080, no Sluice.
+func (k *checker) servers(t *timings) (string, error) {
+	var b strings.Builder
+	for _, s := range []string{"server1", "server2"} {
+		fmt.Fprintf(&b, `---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: %s
+  labels: {role: server}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: httpd
+    image: %s
+    imagePullPolicy: Never
+    command: ["/bin/sh", "-c", %q]
+    readinessProbe:
+      tcpSocket: {port: 8080}
+      periodSeconds: 1
+`, s, k.imgs.busyboxRef, www(s))
+	}
+	start := time.Now()
+	if err := k.apply("servers", b.String()); err != nil {
+		return "", err
+	}
+	for _, s := range []string{"server1", "server2"} {
+		if err := k.c.podReady(k.ctx, "pod/"+s); err != nil {
+			return "", err
+		}
+	}
+	k.c.seenIDs = append(k.c.seenIDs, podCgroupIDs()...)
+	t.servers = time.Since(start)
+	for _, s := range []string{"server1", "server2"} {
+		ip, err := k.field("default", s, "{.status.podIP}")
+		if err != nil {
+			return "", err
+		}
+		k.ip[s] = ip
+		if k.sum[s], err = k.sha(s, "httpd"); err != nil {
+			return "", err
+		}
+	}
+	return fmt.Sprintf("server1 %s, server2 %s, Ready in %.1fs", k.ip["server1"], k.ip["server2"], t.servers.Seconds()), nil
+}
+
+// podCgroup is the pod's cgroup2 directory and its id (inode), found by uid.
+func podCgroup(uid string) (string, uint64, error) {
+	var dir string
+	_ = filepath.WalkDir("/sys/fs/cgroup/unified/kubepods", func(path string, d fs.DirEntry, err error) error {
+		if err == nil && d.IsDir() && d.Name() == "pod"+uid {
+			dir = path
+			return filepath.SkipAll
+		}
+		return nil
+	})
+	if dir == "" {
+		return "", 0, fmt.Errorf("no cgroup pod%s under /sys/fs/cgroup/unified/kubepods", uid)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(dir, &st); err != nil {
+		return "", 0, err
+	}
+	return dir, st.Ino, nil
+}
+
+// cgroupOf is the pod's cgroup directory and id.
+func (k *checker) cgroupOf(ns, pod string) (string, uint64, error) {
+	uid, err := k.field(ns, pod, "{.metadata.uid}")
+	if err != nil {
+		return "", 0, err
+	}
+	return podCgroup(uid)
+}
+
+// sluiceBin is the static sluice `make image` built, run on the node.
+func (k *checker) sluiceBin() string { return filepath.Join(k.c.repo, "bin", "sluice-static") }
+
+// untouched: no pin directory for the servers' pod cgroups nor any of
+// their containers', and `sluice status` finds nothing installed.
+func (k *checker) untouched() (string, error) {
+	var notes []string
+	for _, s := range []string{"server1", "server2"} {
+		dir, id, err := k.cgroupOf("default", s)
+		if err != nil {
+			return "", err
+		}
+		err = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+			if err != nil || !d.IsDir() {
+				return nil
+			}
+			var st syscall.Stat_t
+			if syscall.Stat(path, &st) == nil {
+				if _, err := os.Stat(filepath.Join(bpffs, "sluice", strconv.FormatUint(st.Ino, 10))); err == nil {
+					return fmt.Errorf("%s: pins under %s/sluice/%d", s, bpffs, st.Ino)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return "", err
+		}
+		out, err := exec.Command(k.sluiceBin(), "status", "--cgroup", dir).CombinedOutput()
+		if err == nil {
+			return "", fmt.Errorf("sluice status --cgroup %s says installed:\n%s", dir, out)
+		}
+		notes = append(notes, fmt.Sprintf("%s cgroup %d: no pins, status exit %v", s, id, err))
+	}
+	return strings.Join(notes, "; "), nil
+}
+
+// plainTraffic: server2 fetches server1's file and server1 server2's,
+// intact, and each server logs the other's IP.
+func (k *checker) plainTraffic() (string, error) {
+	for _, p := range [][2]string{{"server2", "server1"}, {"server1", "server2"}} {
+		from, to := p[0], p[1]
+		sum, n, err := k.fetch(from, "httpd", "http://"+k.ip[to]+":8080/file")
+		if err != nil {
+			return "", err
+		}
+		if sum != k.sum[to] || n != 262144 {
+			return "", fmt.Errorf("%s got %d bytes sha256 %s from %s, want 262144 bytes %s", from, n, sum, to, k.sum[to])
+		}
+		if err := k.logged("default", to, "httpd", peer(k.ip[from])); err != nil {
+			return "", err
+		}
+	}
+	return "256 KiB each way, sha256 equal, peers' IPs seen", nil
+}
+
+// peer is how busybox httpd -vv logs a client's IPv4 address on its
+// dual-stack socket.
+func peer(ip string) string { return "[::ffff:" + ip + "]:" }
+
+// logged fails unless the container's log holds want.
+func (k *checker) logged(ns, pod, container, want string) error {
+	out, err := k.c.kubectl(k.ctx, "logs", "-n", ns, pod, "-c", container)
+	if err != nil {
+		return err
+	}
+	if !strings.Contains(string(out), want) {
+		return fmt.Errorf("%s/%s log has no %q; it ends:\n%s", pod, container, want, tail(string(out), 10))
+	}
+	return nil
+}
+
+func tail(s string, n int) string {
+	l := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(l) > n {
+		l = l[len(l)-n:]
+	}
+	return strings.Join(l, "\n")
+}
+
+// appCommand replaces a manifest's app image with busybox httpd serving /www.
+func (k *checker) appCommand(manifest, id string) (string, error) {
+	const app = "          image: registry.example/app:1\n"
+	if !strings.Contains(manifest, app) {
+		return "", fmt.Errorf("manifest has no line %q to replace", strings.TrimSpace(app))
+	}
+	return strings.Replace(manifest, app, fmt.Sprintf(`          image: %s
+          imagePullPolicy: Never
+          command: ["/bin/sh", "-c", %q]
+`, k.imgs.busyboxRef, www(id)), 1), nil
+}
+
+// templatePod applies deploy/pod/pod-template.yaml with the app busybox.
+func (k *checker) templatePod(t *timings) (string, error) {
+	data, err := os.ReadFile(k.c.template)
+	if err != nil {
+		return "", err
+	}
+	manifest, err := k.appCommand(string(data), "app")
+	if err != nil {
+		return "", err
+	}
+	start := time.Now()
+	if err := k.apply("sluice-pod", manifest); err != nil {
+		return "", err
+	}
+	pod, err := k.podOf("default", "app=app")
+	if err != nil {
+		k.c.sluiceReport(k.ctx, "app", []string{"sluice-init", "sluice-proxy", "app"})
+		return "", err
+	}
+	t.sluicePod = time.Since(start)
+	return k.describeSluicePod(pod, "app", t.sluicePod)
+}
+
+// describeSluicePod records the pod's IP and file sum and checks its pins.
+func (k *checker) describeSluicePod(pod, key string, took time.Duration) (string, error) {
+	ip, err := k.field("default", pod, "{.status.podIP}")
+	if err != nil {
+		return "", err
+	}
+	k.ip[key] = ip
+	k.ip[key+"/pod"] = pod
+	if k.sum[key], err = k.sha(pod, "app"); err != nil {
+		return "", err
+	}
+	_, id, err := k.cgroupOf("default", pod)
+	if err != nil {
+		return "", err
+	}
+	if _, err := os.Stat(filepath.Join(bpffs, "sluice", strconv.FormatUint(id, 10))); err != nil {
+		return "", fmt.Errorf("%s is Ready but has no pins: %w", pod, err)
+	}
+	return fmt.Sprintf("%s %s cgroup %d pinned, Ready in %.1fs", pod, ip, id, took.Seconds()), nil
+}
+
+// metric sums the samples of name whose labels include every one of want,
+// scraped from http://ip:port/metrics on the node.
+func metric(ip string, port int, name string, want ...string) (float64, error) {
+	cl := http.Client{Timeout: 5 * time.Second}
+	resp, err := cl.Get(fmt.Sprintf("http://%s:%d/metrics", ip, port))
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(resp.Body)
+		return 0, fmt.Errorf("metrics %s:%d: %s: %s", ip, port, resp.Status, b)
+	}
+	var sum float64
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+next:
+	for sc.Scan() {
+		l := sc.Text()
+		if !strings.HasPrefix(l, name+"{") && !strings.HasPrefix(l, name+" ") {
+			continue
+		}
+		for _, w := range want {
+			if !strings.Contains(l, w) {
+				continue next
+			}
+		}
+		f := strings.Fields(l)
+		v, err := strconv.ParseFloat(f[len(f)-1], 64)
+		if err != nil {
+			return 0, fmt.Errorf("metrics line %q: %w", l, err)
+		}
+		sum += v
+	}
+	return sum, sc.Err()
+}
+
+const opened = "sluice_tcp_connections_opened_total"
+
+// outbound: the pod's app fetches server1's file intact; server1 sees the
+// pod's IP; the sidecar's metrics count a new connection to server1:8080.
+func (k *checker) outbound(key string, port int) (string, error) {
+	pod, ip := k.ip[key+"/pod"], k.ip[key]
+	dest := fmt.Sprintf(`destination_service="%s:8080"`, k.ip["server1"])
+	before, err := metric(ip, port, opened, `reporter="source"`, dest)
+	if err != nil {
+		return "", err
+	}
+	sum, n, err := k.fetch(pod, "app", "http://"+k.ip["server1"]+":8080/file")
+	if err != nil {
+		return "", err
+	}
+	if sum != k.sum["server1"] || n != 262144 {
+		return "", fmt.Errorf("%s got %d bytes sha256 %s, want 262144 bytes %s", pod, n, sum, k.sum["server1"])
+	}
+	if err := k.logged("default", "server1", "httpd", peer(ip)); err != nil {
+		return "", err
+	}
+	var after float64
+	err = k.c.poll(k.ctx, 5*time.Second, "the sidecar's count", func() error {
+		after, err = metric(ip, port, opened, `reporter="source"`, dest)
+		if err == nil && after <= before {
+			err = fmt.Errorf("%s{reporter=\"source\",%s} %v, was %v: the connection was not captured", opened, dest, after, before)
+		}
+		return err
+	})
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("256 KiB intact; server1 saw %s; %s{reporter=source,%s} %v -> %v", ip, opened, dest, before, after), nil
+}
+
+// inbound: server1 fetches the app's file intact; the app sees the
+// connection from 127.0.0.6 (the sidecar's inbound source); the sidecar
+// counts it with reporter="destination".
+func (k *checker) inbound() (string, error) {
+	pod, ip := k.ip["app/pod"], k.ip["app"]
+	before, err := metric(ip, 15090, opened, `reporter="destination"`)
+	if err != nil {
+		return "", err
+	}
+	sum, n, err := k.fetch("server1", "httpd", "http://"+ip+":8080/file")
+	if err != nil {
+		return "", err
+	}
+	if sum != k.sum["app"] || n != 262144 {
+		return "", fmt.Errorf("server1 got %d bytes sha256 %s from the app, want 262144 bytes %s", n, sum, k.sum["app"])
+	}
+	if err := k.logged("default", pod, "app", peer("127.0.0.6")); err != nil {
+		return "", err
+	}
+	var after float64
+	err = k.c.poll(k.ctx, 5*time.Second, "the sidecar's count", func() error {
+		after, err = metric(ip, 15090, opened, `reporter="destination"`)
+		if err == nil && after <= before {
+			err = fmt.Errorf("%s{reporter=\"destination\"} %v, was %v: the connection was not captured", opened, after, before)
+		}
+		return err
+	})
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("256 KiB intact; the app saw 127.0.0.6; %s{reporter=destination} %v -> %v", opened, before, after), nil
+}
+
+// dropIn applies deploy/pod/<mesh>-drop-in.yaml. The drop-ins replace only
+// the mesh's init container (the mesh injects its own proxy), so the test's
+// copy adds the sidecar the mesh's proxy stands for: `sluice run` on the
+// mesh's ports as the mesh's proxy uid, mounted as pod-template.yaml mounts
+// sluice-proxy.
+func (k *checker) dropIn(t *timings, mesh string) (string, error) {
+	args, uid, port := `"-p", "15001", "-z", "15006", "-u", "1337", "-g", "1337"`, 1337, 15090
+	if mesh == "linkerd" {
+		args, uid, port = `"-p", "4140", "-z", "4143", "-u", "2102", "-g", "2102"`, 2102, 4191
+	}
+	data, err := os.ReadFile(filepath.Join(k.c.repo, "deploy", "pod", mesh+"-drop-in.yaml"))
+	if err != nil {
+		return "", err
+	}
+	manifest, err := k.appCommand(string(data), "app-"+mesh)
+	if err != nil {
+		return "", err
+	}
+	const containers, volumes = "      containers:\n", "      volumes:\n"
+	if strings.Count(manifest, containers) != 1 || strings.Count(manifest, volumes) != 1 {
+		return "", fmt.Errorf("%s-drop-in.yaml: want one %q and one %q", mesh, containers, volumes)
+	}
+	sidecar := fmt.Sprintf(`        - name: test-proxy
+          image: sluice:dev
+          imagePullPolicy: IfNotPresent
+          restartPolicy: Always
+          command: ["/sluice"]
+          args: ["run", %s, "--metrics-addr", ":%d", "--log-format", "json"]
+          startupProbe:
+            httpGet: {path: /metrics, port: %d}
+            periodSeconds: 1
+            failureThreshold: 30
+          securityContext:
+            runAsUser: %d
+            runAsGroup: %d
+            runAsNonRoot: true
+            allowPrivilegeEscalation: false
+            readOnlyRootFilesystem: true
+            capabilities: {drop: ["ALL"]}
+          volumeMounts:
+            - {name: sidecar-bpf, mountPath: /sys/fs/bpf}
+            - {name: bpffs, mountPath: /sys/fs/bpf/sluice, subPath: sluice, readOnly: true}
+            - {name: cgroup, mountPath: /sys/fs/cgroup, readOnly: true}
+`, args, port, port, uid, uid)
+	manifest = strings.Replace(manifest, containers, sidecar+containers, 1)
+	manifest = strings.Replace(manifest, volumes, volumes+"        - {name: sidecar-bpf, emptyDir: {medium: Memory, sizeLimit: 1Mi}}\n", 1)
+	start := time.Now()
+	if err := k.apply("sluice-"+mesh, manifest); err != nil {
+		return "", err
+	}
+	key := "app-" + mesh
+	pod, err := k.podOf("default", "app="+key)
+	if err != nil {
+		k.c.sluiceReport(k.ctx, key, []string{mesh + "-init", "test-proxy", "app"})
+		return "", err
+	}
+	took := time.Since(start)
+	t.dropIns = append(t.dropIns, [2]string{mesh, fmt.Sprintf("%.1fs", took.Seconds())})
+	return k.describeSluicePod(pod, key, took)
+}
+
+// agent applies deploy/agent/daemonset.yaml as it is.
+func (k *checker) agent(t *timings) (string, error) {
+	start := time.Now()
+	if _, err := k.c.kubectl(k.ctx, "apply", "-f", filepath.Join(k.c.repo, "deploy", "agent", "daemonset.yaml")); err != nil {
+		return "", err
+	}
+	pod, err := k.podOf("sluice-system", "app.kubernetes.io/name=sluice-agent")
+	if err != nil {
+		return "", err
+	}
+	t.agent = time.Since(start)
+	k.ip["agent/pod"] = pod
+	return fmt.Sprintf("%s Ready in %.1fs", pod, t.agent.Seconds()), nil
+}
+
+// collect deletes the template's Sluice pod and waits 30 s for its pins to
+// be gone, then finds the agent's log line. The Deployment makes a new pod,
+// used by the canary check.
+func (k *checker) collect(t *timings) (string, error) {
+	pod := k.ip["app/pod"]
+	_, id, err := k.cgroupOf("default", pod)
+	if err != nil {
+		return "", err
+	}
+	pins := filepath.Join(bpffs, "sluice", strconv.FormatUint(id, 10))
+	if _, err := k.c.kubectl(k.ctx, "delete", "pod", pod, "--wait", "--timeout", "60s", "--grace-period", "1"); err != nil {
+		return "", err
+	}
+	start := time.Now()
+	err = k.c.poll(k.ctx, 30*time.Second, "the agent to collect "+pins, func() error {
+		if _, err := os.Stat(pins); err == nil {
+			return fmt.Errorf("%s still there", pins)
+		}
+		return nil
+	})
+	if err != nil {
+		return "", err
+	}
+	t.collect = time.Since(start)
+	if err := k.logged("sluice-system", k.ip["agent/pod"], "agent", "pin_dir="+pins); err != nil {
+		return "", err
+	}
+	if _, err := k.templateAgain(); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%s gone %.1fs after the pod was deleted; the agent logged it", pins, t.collect.Seconds()), nil
+}
+
+// templateAgain waits for the Deployment's new pod and records it.
+func (k *checker) templateAgain() (string, error) {
+	start := time.Now()
+	pod, err := k.podOf("default", "app=app")
+	if err != nil {
+		return "", err
+	}
+	return k.describeSluicePod(pod, "app", time.Since(start))
+}
+
+// canary sets a 50/50 route for 198.19.0.10:80 on the Sluice pod through
+// the agent and checks 20 connections from its app reach both servers.
+func (k *checker) canary() (string, error) {
+	pod := k.ip["app/pod"]
+	uid, err := k.field("default", pod, "{.metadata.uid}")
+	if err != nil {
+		return "", err
+	}
+	out, err := k.c.kubectl(k.ctx, "exec", "-n", "sluice-system", k.ip["agent/pod"], "--", "/sluice", "route", "set",
+		"--pods", "*pod"+uid+"*", "198.19.0.10:80", k.ip["server1"]+":8080=50", k.ip["server2"]+":8080=50")
+	if err != nil {
+		return "", err
+	}
+	slog.Info("route set through the agent", "out", strings.TrimSpace(string(out)))
+	got, err := k.exec(pod, "app", "for i in $(seq 20); do wget -qO- http://198.19.0.10:80/id || echo failed; done")
+	if err != nil {
+		return "", err
+	}
+	count := map[string]int{}
+	for _, l := range strings.Fields(got) {
+		count[l]++
+	}
+	if count["server1"]+count["server2"] != 20 || count["server1"] == 0 || count["server2"] == 0 {
+		return "", fmt.Errorf("20 connections to 198.19.0.10:80 answered %v, want both servers and no failure", count)
+	}
+	return fmt.Sprintf("server1 %d, server2 %d of 20", count["server1"], count["server2"]), nil
+}
