@@ -31,7 +31,7 @@ var wantCaps = map[string][]string{
 	"istio-init":   {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "CHOWN", "FOWNER", "DAC_OVERRIDE"},
 	"linkerd-init": {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "CHOWN", "FOWNER", "DAC_OVERRIDE"},
 	"sluice-proxy": nil,
-	"agent":        {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN"},
+	"agent":        {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "DAC_OVERRIDE"},
 }
 
 // wantCommands are the Sluice containers' command lines. The drop-ins' are
