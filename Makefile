@@ -77,7 +77,7 @@ image:
 # the binaries once per version into /var/cache/sluice-e2e (about 6 minutes
 # cold), runs a busybox pod to Ready, prints the timings and tears everything
 # down to the host's baseline. Not part of make test. E2E_K8S_FLAGS=-sluice-image
-# results/sluice-image.tar also tries deploy/pod/pod-template.yaml (make image first).
+# results/sluice-image.tar also runs the Sluice checks of deploy/ on it (make image first).
 e2e-k8s: deps
 	$(GO) build -o bin/e2e-k8s ./scripts/e2e-k8s
 	./bin/e2e-k8s $(E2E_K8S_FLAGS)

@@ -597,7 +597,11 @@ func (k *checker) collect(t *timings) (string, error) {
 		return "", err
 	}
 	t.collect = time.Since(start)
-	if err := k.logged("sluice-system", k.ip["agent/pod"], "agent", "pin_dir="+pins); err != nil {
+	// The line may reach the container's log a moment after the pins went.
+	err = k.c.poll(k.ctx, 5*time.Second, "the agent's log line", func() error {
+		return k.logged("sluice-system", k.ip["agent/pod"], "agent", "pin_dir="+pins)
+	})
+	if err != nil {
 		return "", err
 	}
 	if _, err := k.templateAgain(); err != nil {

@@ -18,9 +18,12 @@
 // CNI network namespaces and cache, cgroups, sysctls the kubelet sets) are
 // recorded before and removed or restored after.
 //
-// With -sluice-image it also imports the Sluice image and applies
-// deploy/pod/pod-template.yaml with its app image replaced by busybox, and
-// reports how far that pod gets; that step never fails the run.
+// With -sluice-image it also imports the Sluice image and runs the Sluice
+// checks (checks.go): pods without Sluice untouched, deploy/pod/pod-template.yaml
+// (app: busybox httpd) capturing outbound and inbound connections, the Istio
+// and Linkerd drop-ins capturing outbound, the agent DaemonSet collecting a
+// deleted pod's pins, and a canary route set through the agent. Any failed
+// check fails the run (after teardown).
 //
 // It needs root. Versions 1.35 and later refuse hosts with cgroup v1
 // controllers; 1.34 runs on hybrid hosts with failCgroupV1: false.
@@ -56,8 +59,8 @@ func main() {
 	flag.StringVar(&o.cache, "cache", "/var/cache/sluice-e2e", "where the Kubernetes binaries and images are built once, per version")
 	flag.StringVar(&o.run, "run", "/var/lib/sluice-e2e/run", "the run directory holding all cluster state; removed at the end")
 	flag.BoolVar(&o.keep, "keep", false, "leave the cluster running (Ctrl-C tears it down)")
-	flag.StringVar(&o.sluiceImage, "sluice-image", "", "also import this Sluice image archive (make image) and try deploy/pod/pod-template.yaml")
-	flag.StringVar(&o.template, "template", "deploy/pod/pod-template.yaml", "the pod template tried with -sluice-image")
+	flag.StringVar(&o.sluiceImage, "sluice-image", "", "also import this Sluice image archive (make image) and run the Sluice checks (deploy/ on the cluster)")
+	flag.StringVar(&o.template, "template", "deploy/pod/pod-template.yaml", "the pod template checked with -sluice-image")
 	flag.DurationVar(&o.timeout, "timeout", 3*time.Minute, "how long the cluster and each pod may take to be ready")
 	flag.Parse()
 	if flag.NArg() > 0 {

@@ -166,24 +166,34 @@ func (c *cluster) teardown() error {
 	ids := append(podCgroupIDs(), c.seenIDs...)
 	if c.apiUp() {
 		// The kubelet stops the pods' sandboxes: CNI DEL, netns removed.
-		// Every namespace's: the agent DaemonSet runs in sluice-system.
-		for _, kind := range []string{"daemonsets", "deployments", "pods"} {
-			if _, err := c.kubectl(ctx, "delete", kind, "--all", "--all-namespaces", "--wait", "--timeout", "60s", "--grace-period", "1"); err != nil {
-				errs = append(errs, err)
-			}
+		// Every namespace's: the agent DaemonSet runs in sluice-system. The
+		// controllers are deleted orphaning their pods, then the pods with a
+		// 1 s grace period: pods deleted by cascade would get their own (30 s
+		// by default), which busybox httpd, ignoring SIGTERM, uses up.
+		if _, err := c.kubectl(ctx, "delete", "daemonsets,deployments,replicasets", "--all", "--all-namespaces", "--cascade=orphan"); err != nil {
+			errs = append(errs, err)
 		}
-		_ = c.poll(ctx, 30*time.Second, "sandboxes stopped", func() error {
+		if _, err := c.kubectl(ctx, "delete", "pods", "--all", "--all-namespaces", "--wait", "--timeout", "60s", "--grace-period", "1"); err != nil {
+			errs = append(errs, err)
+		}
+		slog.Info("pods deleted")
+		err := c.poll(ctx, 30*time.Second, "sandboxes stopped", func() error {
 			out, err := c.ctr("tasks", "ls", "-q")
 			if err == nil && len(strings.TrimSpace(string(out))) > 0 {
 				err = fmt.Errorf("tasks running: %s", strings.Fields(string(out)))
 			}
 			return err
 		})
+		if err != nil {
+			slog.Warn("tasks still running: killed below", "err", err)
+		}
 	}
 	stop := func(name string) {
 		for _, pr := range c.procs {
 			if pr.name == name {
+				start := time.Now()
 				pr.stop(15 * time.Second)
+				slog.Info("stopped", "process", name, "took", time.Since(start).Round(time.Millisecond))
 			}
 		}
 	}
