@@ -198,6 +198,11 @@ func pinsError(dir string, err error) error {
 		return fmt.Errorf("read pins at %s: %w", dir, err)
 	}
 	who := fmt.Sprintf("uid %d gid %d", os.Getuid(), os.Getgid())
+	if os.Geteuid() == 0 {
+		// Root is refused only where a pin gives no one write access and
+		// root lacks CAP_DAC_OVERRIDE (a container that dropped it).
+		return fmt.Errorf("cannot open the pod's pins at %s for writing as %s: they are read-only to everyone, so root needs CAP_DAC_OVERRIDE: add it to the container", dir, who)
+	}
 	var st unix.Stat_t
 	if unix.Stat(dir, &st) == nil {
 		return fmt.Errorf("cannot read the pod's pins at %s as %s: they are readable by root and group %d only: run the sidecar with the proxy gid given to install (-g %d)", dir, who, st.Gid, st.Gid)
