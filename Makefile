@@ -75,9 +75,9 @@ image:
 
 # A real single-node Kubernetes (no registry, no Docker, no internet): builds
 # the binaries once per version into /var/cache/sluice-e2e (about 6 minutes
-# cold), runs a busybox pod to Ready, prints the timings and tears everything
-# down to the host's baseline. Not part of make test. E2E_K8S_FLAGS=-sluice-image
-# results/sluice-image.tar also runs the Sluice checks of deploy/ on it (make image first).
-e2e-k8s: deps
+# cold), applies deploy/'s manifests with the image from make image, checks
+# capture, the drop-ins, the agent and a route end to end, and tears
+# everything down to the host's baseline. CI runs it after make test.
+e2e-k8s: deps image
 	$(GO) build -o bin/e2e-k8s ./scripts/e2e-k8s
-	./bin/e2e-k8s $(E2E_K8S_FLAGS)
+	./bin/e2e-k8s -sluice-image results/sluice-image.tar $(E2E_K8S_FLAGS)
