@@ -97,6 +97,9 @@ func (c *cluster) sluiceChecks(ctx context.Context, imgs images, t *timings) (*c
 		{"4. agent DaemonSet Ready", func() (string, error) { return k.agent(t) }},
 		{"4. agent collects a deleted Sluice pod's pins", func() (string, error) { return k.collect(t) }},
 		{"5. canary route through the agent: 20 conns reach both", k.canary},
+		{"6. sidecar killed: restarted, pod up, captured again", k.sidecarCrash},
+		{"6. agent pod deleted: capture untouched, agent back", k.agentRestart},
+		{"6. sandbox killed: init reruns, Ready, captured both ways", k.sandboxRestart},
 	}
 	for _, s := range steps {
 		if err := k.check(s.name, s.f); err != nil {
