@@ -100,6 +100,7 @@ func (c *cluster) sluiceChecks(ctx context.Context, imgs images, t *timings) (*c
 		{"6. sidecar killed: restarted, pod up, captured again", k.sidecarCrash},
 		{"6. agent pod deleted: capture untouched, agent back", k.agentRestart},
 		{"6. sandbox killed: init reruns, Ready, captured both ways", k.sandboxRestart},
+		{"7. Prometheus scrapes sidecar and agent; workload labels", k.prometheusScrapes},
 	}
 	for _, s := range steps {
 		if err := k.check(s.name, s.f); err != nil {
