@@ -89,11 +89,13 @@ func (c *cluster) sluiceChecks(ctx context.Context, imgs images, t *timings) (*c
 		{"1. server1 <-> server2 traffic intact", k.plainTraffic},
 		{"2. Sluice pod (pod-template.yaml) Ready", func() (string, error) { return k.templatePod(t) }},
 		{"2. outbound app -> server1 through the sidecar", func() (string, error) { return k.outbound("app", 15090) }},
-		{"2. inbound server1 -> app through the sidecar", k.inbound},
+		{"2. inbound server1 -> app through the sidecar", func() (string, error) { return k.inbound("app", 15090) }},
 		{"3. Istio drop-in + sidecar Ready", func() (string, error) { return k.dropIn(t, "istio") }},
 		{"3. Istio drop-in outbound app -> server1", func() (string, error) { return k.outbound("app-istio", 15090) }},
+		{"3. Istio drop-in inbound server1 -> app", func() (string, error) { return k.inbound("app-istio", 15090) }},
 		{"3. Linkerd drop-in + sidecar Ready", func() (string, error) { return k.dropIn(t, "linkerd") }},
 		{"3. Linkerd drop-in outbound app -> server1", func() (string, error) { return k.outbound("app-linkerd", 4191) }},
+		{"3. Linkerd drop-in inbound server1 -> app", func() (string, error) { return k.inbound("app-linkerd", 4191) }},
 		{"4. agent DaemonSet Ready", func() (string, error) { return k.agent(t) }},
 		{"4. agent collects a deleted Sluice pod's pins", func() (string, error) { return k.collect(t) }},
 		{"5. canary route through the agent: 20 conns reach both", k.canary},
@@ -471,9 +473,9 @@ func (k *checker) outbound(key string, port int) (string, error) {
 // inbound: server1 fetches the app's file intact; the app sees the
 // connection from 127.0.0.6 (the sidecar's inbound source); the sidecar
 // counts it with reporter="destination".
-func (k *checker) inbound() (string, error) {
-	pod, ip := k.ip["app/pod"], k.ip["app"]
-	before, err := metric(ip, 15090, opened, `reporter="destination"`)
+func (k *checker) inbound(key string, port int) (string, error) {
+	pod, ip := k.ip[key+"/pod"], k.ip[key]
+	before, err := metric(ip, port, opened, `reporter="destination"`)
 	if err != nil {
 		return "", err
 	}
@@ -481,15 +483,15 @@ func (k *checker) inbound() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if sum != k.sum["app"] || n != 262144 {
-		return "", fmt.Errorf("server1 got %d bytes sha256 %s from the app, want 262144 bytes %s", n, sum, k.sum["app"])
+	if sum != k.sum[key] || n != 262144 {
+		return "", fmt.Errorf("server1 got %d bytes sha256 %s from %s, want 262144 bytes %s", n, sum, pod, k.sum[key])
 	}
 	if err := k.logged("default", pod, "app", peer("127.0.0.6")); err != nil {
 		return "", err
 	}
 	var after float64
 	err = k.c.poll(k.ctx, 5*time.Second, "the sidecar's count", func() error {
-		after, err = metric(ip, 15090, opened, `reporter="destination"`)
+		after, err = metric(ip, port, opened, `reporter="destination"`)
 		if err == nil && after <= before {
 			err = fmt.Errorf("%s{reporter=\"destination\"} %v, was %v: the connection was not captured", opened, after, before)
 		}

@@ -160,7 +160,7 @@ func (k *checker) sandboxRestart() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	in, err := k.inbound()
+	in, err := k.inbound("app", 15090)
 	if err != nil {
 		return "", errors.Join(errors.New("inbound after the new sandbox"), err)
 	}
