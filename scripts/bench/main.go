@@ -15,6 +15,7 @@
 //	haproxy           Sluice capture (no splice, no telemetry) with HAProxy as the sidecar
 //	kernel-only       Sluice capture with the server's port kernel-only: no sidecar in the
 //	                  path, flow telemetry on (the sidecar runs, exporting it)
+//	kernel-only-bare  the same with flow telemetry off and no sidecar running at all
 //
 // Workloads: connections/s (connect, read a line, close), 64-byte
 // request/response on 1 and on 16 connections (throughput, p50/p90/p99),
@@ -144,7 +145,7 @@ func replot(path, dir string) {
 	rep.output(configs, dir)
 }
 
-var allConfigs = []string{"direct", "iptables", "sluice", "splice", "splice-telemetry", "haproxy", "kernel-only"}
+var allConfigs = []string{"direct", "iptables", "sluice", "splice", "splice-telemetry", "haproxy", "kernel-only", "kernel-only-bare"}
 
 // interrupted holds the teardown of the measurement under way, for a
 // signal to run before the process exits: a bench stopped with Ctrl-C
@@ -260,7 +261,7 @@ func (h harness) measure(config string) (f Figures, err error) {
 	run := func(mode string, o testbed.BenchOptions) (testbed.BenchResult, error) {
 		res, err := pod.RunBenchWith(h.self, addr, mode, o)
 		// Kernel-only reaches the server from the app's own socket too.
-		if err == nil && (config == "direct" || config == "kernel-only") != (res.ServerSaw == res.Local) {
+		if err == nil && (config == "direct" || strings.HasPrefix(config, "kernel-only")) != (res.ServerSaw == res.Local) {
 			err = fmt.Errorf("%s: the connection took the wrong path: app socket %s, server saw %s", mode, res.Local, res.ServerSaw)
 		}
 		return res, err
@@ -326,6 +327,8 @@ func (h harness) setup(config string, pod *testbed.Pod) (int, func() error, erro
 	switch config {
 	case "kernel-only":
 		install = append(install, "--kernel-only-ports", "8080")
+	case "kernel-only-bare":
+		install = append(install, "--kernel-only-ports", "8080", "--flows=false")
 	case "splice-telemetry":
 	default:
 		install = append(install, "--flows=false")
@@ -354,6 +357,8 @@ func (h harness) setup(config string, pod *testbed.Pod) (int, func() error, erro
 		// idle memory to measure in it.
 		_, err := h.startSidecar(pod, exec.Command(h.sluice, "run", "--cgroup", pod.Cgroup, "--log-level", "warn"), 15001)
 		return 0, undo, err
+	case "kernel-only-bare":
+		return 0, undo, nil
 	}
 	pid, err := h.startSidecar(pod, exec.Command(h.sluice, "run", "--cgroup", pod.Cgroup, "--metrics-addr", "", "--log-level", "warn"), 15001)
 	return pid, undo, err

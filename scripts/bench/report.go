@@ -178,7 +178,7 @@ func (r report) print(w io.Writer, configs []string) {
 	}
 	fmt.Fprintf(w, "\n\nRatios of medians (for latency, CPU and memory lower is better):\n\n| ratio |")
 	var keys []string
-	for _, k := range []string{"iptables/direct", "sluice/direct", "splice/direct", "sluice/iptables", "splice/iptables", "splice/sluice", "splice-telemetry/splice", "sluice/haproxy", "kernel-only/direct", "kernel-only/iptables"} {
+	for _, k := range []string{"iptables/direct", "sluice/direct", "splice/direct", "sluice/iptables", "splice/iptables", "splice/sluice", "splice-telemetry/splice", "sluice/haproxy", "kernel-only/direct", "kernel-only/iptables", "kernel-only-bare/direct"} {
 		if _, ok := r.Ratios[k]; ok {
 			keys = append(keys, k)
 			fmt.Fprintf(w, " %s |", k)
