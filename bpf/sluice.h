@@ -53,6 +53,8 @@ enum port_set {
 	PORT_IN_INCLUDE,  /* -b, enforced by the inbound hook */
 	PORT_OUT_KERNEL_ONLY, /* --kernel-only-ports: captured, but no sidecar */
 	PORT_IN_KERNEL_ONLY,  /* --kernel-only-inbound-ports */
+	PORT_OUT_OFFLOAD,     /* --offload-ports: the sidecar hands the app's bytes to the kernel */
+	PORT_IN_OFFLOAD,      /* --offload-inbound-ports */
 	PORT_SETS,
 };
 
@@ -353,6 +355,9 @@ enum counter {
 	COUNT_FAIL_OPEN_INBOUND,
 	COUNT_KERNEL_ONLY_OUTBOUND, /* connects sent straight on by policy */
 	COUNT_KERNEL_ONLY_INBOUND,  /* inbound SYNs left to the app by policy */
+	COUNT_OFFLOAD_MSGS,      /* app messages sent straight out on the sidecar's far socket */
+	COUNT_OFFLOAD_BYTES,     /* and their bytes */
+	COUNT_OFFLOAD_VIA_PROXY, /* offloaded connections' messages the sidecar forwarded itself */
 	COUNTERS,
 };
 
@@ -403,6 +408,28 @@ struct {
 	__type(key, struct tuple_key);
 	__type(value, __u64);
 } splice_socks SEC(".maps");
+
+/* Offload: the sidecar's sockets on the far side of connections it handed
+ * to the kernel (its upstream, or its accepted socket for inbound), keyed by
+ * socket cookie; the sidecar adds them, the kernel removes them as they
+ * close. offload_peers says, for the app's end of such a connection (keyed
+ * as splice_socks is), which of them its messages go out on. The sidecar
+ * writes and deletes those; sockops deletes one left behind when a new
+ * socket joins the splice table with its tuple. Sized as splice_socks. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 1);
+	__type(key, __u64);
+	__type(value, __u64);
+} offload_socks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct tuple_key);
+	__type(value, __u64);
+} offload_peers SEC(".maps");
 
 /* Flow events for the exporter in the sidecar, which drains it. */
 #define FLOW_RING_SIZE (64 * 1024)

@@ -73,7 +73,10 @@ const (
 	SluiceCounterCOUNT_FAIL_OPEN_INBOUND     SluiceCounter = 21
 	SluiceCounterCOUNT_KERNEL_ONLY_OUTBOUND  SluiceCounter = 22
 	SluiceCounterCOUNT_KERNEL_ONLY_INBOUND   SluiceCounter = 23
-	SluiceCounterCOUNTERS                    SluiceCounter = 24
+	SluiceCounterCOUNT_OFFLOAD_MSGS          SluiceCounter = 24
+	SluiceCounterCOUNT_OFFLOAD_BYTES         SluiceCounter = 25
+	SluiceCounterCOUNT_OFFLOAD_VIA_PROXY     SluiceCounter = 26
+	SluiceCounterCOUNTERS                    SluiceCounter = 27
 )
 
 type SluiceFlowEnd uint32
@@ -147,7 +150,7 @@ type SluicePolicy struct {
 	InboundPort  uint16
 	Flags        uint32
 	SidecarPorts [8]uint16
-	Ports        [6][1024]uint64
+	Ports        [8][1024]uint64
 }
 
 type SluicePortSet uint32
@@ -159,7 +162,9 @@ const (
 	SluicePortSetPORT_IN_INCLUDE      SluicePortSet = 3
 	SluicePortSetPORT_OUT_KERNEL_ONLY SluicePortSet = 4
 	SluicePortSetPORT_IN_KERNEL_ONLY  SluicePortSet = 5
-	SluicePortSetPORT_SETS            SluicePortSet = 6
+	SluicePortSetPORT_OUT_OFFLOAD     SluicePortSet = 6
+	SluicePortSetPORT_IN_OFFLOAD      SluicePortSet = 7
+	SluicePortSetPORT_SETS            SluicePortSet = 8
 )
 
 type SluiceRollbackReason uint32
@@ -261,6 +266,8 @@ const (
 	SluiceMapIncludeCidrs         = "include_cidrs"
 	SluiceMapKernelOnlyCidrs      = "kernel_only_cidrs"
 	SluiceMapMeta                 = "meta"
+	SluiceMapOffloadPeers         = "offload_peers"
+	SluiceMapOffloadSocks         = "offload_socks"
 	SluiceMapPolicies             = "policies"
 	SluiceMapPolicyActive         = "policy_active"
 	SluiceMapRoutes               = "routes"
@@ -357,6 +364,8 @@ type SluiceMapSpecs struct {
 	IncludeCidrs    *ebpf.MapSpec `ebpf:"include_cidrs"`
 	KernelOnlyCidrs *ebpf.MapSpec `ebpf:"kernel_only_cidrs"`
 	Meta            *ebpf.MapSpec `ebpf:"meta"`
+	OffloadPeers    *ebpf.MapSpec `ebpf:"offload_peers"`
+	OffloadSocks    *ebpf.MapSpec `ebpf:"offload_socks"`
 	Policies        *ebpf.MapSpec `ebpf:"policies"`
 	PolicyActive    *ebpf.MapSpec `ebpf:"policy_active"`
 	Routes          *ebpf.MapSpec `ebpf:"routes"`
@@ -411,6 +420,8 @@ type SluiceMaps struct {
 	IncludeCidrs    *ebpf.Map `ebpf:"include_cidrs"`
 	KernelOnlyCidrs *ebpf.Map `ebpf:"kernel_only_cidrs"`
 	Meta            *ebpf.Map `ebpf:"meta"`
+	OffloadPeers    *ebpf.Map `ebpf:"offload_peers"`
+	OffloadSocks    *ebpf.Map `ebpf:"offload_socks"`
 	Policies        *ebpf.Map `ebpf:"policies"`
 	PolicyActive    *ebpf.Map `ebpf:"policy_active"`
 	Routes          *ebpf.Map `ebpf:"routes"`
@@ -429,6 +440,8 @@ func (m *SluiceMaps) Close() error {
 		m.IncludeCidrs,
 		m.KernelOnlyCidrs,
 		m.Meta,
+		m.OffloadPeers,
+		m.OffloadSocks,
 		m.Policies,
 		m.PolicyActive,
 		m.Routes,

@@ -32,6 +32,9 @@ static __always_inline bool splice_on(const struct policy *pol)
 
 static __always_inline void splice_join(struct bpf_sock_ops *skops, struct tuple_key *key)
 {
+	/* An offload a sidecar never took back (it was killed) must not
+	 * send a new connection with the same tuple elsewhere. */
+	bpf_map_delete_elem(&offload_peers, key);
 	if (bpf_sock_hash_update(skops, &splice_socks, key, BPF_NOEXIST))
 		count(COUNT_SPLICE_FULL);
 	else
@@ -59,6 +62,48 @@ static __always_inline __u32 peer_backlog(__u64 peer)
 		return 0;
 	struct sk_psock *psock = (struct sk_psock *)(ud & ~SK_USER_DATA_FLAGS);
 	return BPF_CORE_READ(psock, msg_tot_len);
+}
+
+/* offload sends msg, from the app's end of a connection the sidecar has
+ * handed to the kernel, straight out on the sidecar's far socket (egress:
+ * onto its send queue, in this send call), where the sidecar would have
+ * written it. It may only when that keeps the bytes in order and the send
+ * whole:
+ * - nothing waits at the sidecar's end of the hop (the peer this message was
+ *   just redirected to): the sidecar forwards those bytes first, and takes
+ *   them off its queue only once written (it peeks, writes, then reads), so
+ *   an empty queue means they are all on the far socket already;
+ * - the far socket has room, and only as many bytes as it has room for go
+ *   there: a send it cannot take fails with EAGAIN on the app's socket,
+ *   whose own buffer never fills, so a non-blocking app would wait for room
+ *   forever. The rest goes to the sidecar, which waits for room as a proxy
+ *   does, and TCP's window slows the app meanwhile.
+ * On false, msg still goes to the peer; on a peer gone meanwhile, dropped. */
+static __always_inline int offload(struct sk_msg_md *msg, struct sock_state *st, const __u64 *far,
+				   struct tuple_key *peer, __u32 size)
+{
+	if (peer_backlog(st->splice_peer))
+		goto via_proxy;
+	if (bpf_msg_redirect_hash(msg, &offload_socks, (void *)far, 0) != SK_PASS)
+		goto via_proxy; /* the far socket closed: the sidecar is ending it */
+	struct sock *sk = (struct sock *)BPF_CORE_READ((struct sk_msg *)msg, sk_redir);
+	int room = BPF_CORE_READ(sk, sk_sndbuf) - BPF_CORE_READ(sk, sk_wmem_queued);
+	if (room > 0) {
+		/* What does not fit gets a verdict of its own: to the sidecar. */
+		if ((__u32)room < size) {
+			bpf_msg_apply_bytes(msg, room);
+			size = room;
+		}
+		count(COUNT_OFFLOAD_MSGS);
+		count_n(COUNT_OFFLOAD_BYTES, size);
+		return 1;
+	}
+	/* Back to the peer, which the call before this one found. */
+	if (bpf_msg_redirect_hash(msg, &splice_socks, peer, BPF_F_INGRESS) != SK_PASS)
+		return -1;
+via_proxy:
+	count(COUNT_OFFLOAD_VIA_PROXY);
+	return 0;
 }
 
 /* tcp_for_good passes this message and, without running the program
@@ -103,6 +148,16 @@ int sluice_splice(struct sk_msg_md *msg)
 	/* The context is the kernel's struct sk_msg, whose sk_redir the
 	 * redirect just set to the peer. */
 	st->splice_peer = (__u64)BPF_CORE_READ((struct sk_msg *)msg, sk_redir);
+	struct tuple_key own = peer;
+	swap_ends(&own);
+	__u64 *far = bpf_map_lookup_elem(&offload_peers, &own);
+	if (far) {
+		int done = offload(msg, st, far, &peer, size);
+		if (done > 0)
+			return SK_PASS;
+		if (done < 0)
+			return SK_DROP;
+	}
 	count(COUNT_SPLICE_MSGS);
 	count_n(COUNT_SPLICE_BYTES, size);
 	return SK_PASS;

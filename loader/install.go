@@ -134,15 +134,17 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 			m.Close()
 		}
 	}()
-	// A splice table too small for the plan is replaced: it can hold
-	// nothing, since no socket joins while splice is off. The programs
-	// that use it are then updated even where their instructions are the
-	// same.
+	// A splice table (or offload's) too small for the plan is replaced:
+	// it can hold nothing, since no socket joins while splice is off. The
+	// programs that use it are then updated even where their instructions
+	// are the same.
 	replace := map[string]bool{}
-	if m := reuse[bpf.SluiceMapSpliceSocks]; m != nil && m.MaxEntries() < spliceTableSize(plan.Splice) {
-		m.Close()
-		delete(reuse, bpf.SluiceMapSpliceSocks)
-		replace[bpf.SluiceMapSpliceSocks] = true
+	for _, name := range spliceMaps {
+		if m := reuse[name]; m != nil && m.MaxEntries() < spliceTableSize(plan.Splice) {
+			m.Close()
+			delete(reuse, name)
+			replace[name] = true
+		}
 	}
 	spec, err := bpf.LoadSluice()
 	if err != nil {

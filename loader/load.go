@@ -16,6 +16,10 @@ import (
 // allocated whole, so with splice off it holds one entry.
 const spliceSockets = 8192
 
+// spliceMaps are sized by spliceTableSize: the splice table, and offload's
+// two, which hold a subset of the connections it holds.
+var spliceMaps = []string{bpf.SluiceMapSpliceSocks, bpf.SluiceMapOffloadSocks, bpf.SluiceMapOffloadPeers}
+
 func spliceTableSize(splice bool) uint32 {
 	if splice {
 		return spliceSockets
@@ -26,8 +30,7 @@ func spliceTableSize(splice bool) uint32 {
 // load loads Sluice's maps and programs. Programs an install does not need
 // are left out (the inbound one unless withTC); maps named in reuse are the
 // existing pinned maps of an install being completed or updated, so its
-// state carries over. A new splice table gets spliceTableSize(splice)
-// entries.
+// state carries over. New spliceMaps get spliceTableSize(splice) entries.
 func load(withTC, splice bool, reuse map[string]*ebpf.Map) (*ebpf.Collection, error) {
 	spec, err := bpf.LoadSluice()
 	if err != nil {
@@ -36,10 +39,11 @@ func load(withTC, splice bool, reuse map[string]*ebpf.Map) (*ebpf.Collection, er
 	if !withTC {
 		delete(spec.Programs, bpf.SluiceProgSluiceTcIngress)
 	}
-	socks := spec.Maps[bpf.SluiceMapSpliceSocks]
-	socks.MaxEntries = spliceTableSize(splice)
-	if m := reuse[bpf.SluiceMapSpliceSocks]; m != nil {
-		socks.MaxEntries = m.MaxEntries()
+	for _, name := range spliceMaps {
+		spec.Maps[name].MaxEntries = spliceTableSize(splice)
+		if m := reuse[name]; m != nil {
+			spec.Maps[name].MaxEntries = m.MaxEntries()
+		}
 	}
 	if err := setConstants(spec, map[string]any{bpf.SluiceVarPageSize: uint32(os.Getpagesize())}); err != nil {
 		return nil, err

@@ -35,6 +35,8 @@ var pinnedMaps = []string{
 	bpf.SluiceMapRoutesActive,
 	bpf.SluiceMapRrStates,
 	bpf.SluiceMapSpliceSocks,
+	bpf.SluiceMapOffloadSocks,
+	bpf.SluiceMapOffloadPeers,
 }
 
 // sidecarPins are what `sluice run` reads as the proxy identity: whose pins
@@ -43,8 +45,9 @@ var pinnedMaps = []string{
 var sidecarPins = append([]string{bpf.SluiceMapMeta, bpf.SluiceMapCounters, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive}, policyMapNames...)
 
 // sidecarWritable are the pins the sidecar must also write: it consumes the
-// flow ring buffer, and a consumer moves the ring's read position.
-var sidecarWritable = []string{bpf.SluiceMapFlowEvents}
+// flow ring buffer, and a consumer moves the ring's read position; it hands
+// connections to the kernel in offload's maps.
+var sidecarWritable = []string{bpf.SluiceMapFlowEvents, bpf.SluiceMapOffloadSocks, bpf.SluiceMapOffloadPeers}
 
 const (
 	pinRootMode   = 0o711 // anyone may pass through, nobody but root may list pods

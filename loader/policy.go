@@ -152,6 +152,8 @@ func portSets(p *redirect.Plan) []struct {
 		{&p.InboundPorts, bpf.SluicePortSetPORT_IN_INCLUDE},
 		{&p.KernelOnlyPorts, bpf.SluicePortSetPORT_OUT_KERNEL_ONLY},
 		{&p.KernelOnlyInboundPorts, bpf.SluicePortSetPORT_IN_KERNEL_ONLY},
+		{&p.OffloadPorts, bpf.SluicePortSetPORT_OUT_OFFLOAD},
+		{&p.OffloadInboundPorts, bpf.SluicePortSetPORT_IN_OFFLOAD},
 	}
 }
 

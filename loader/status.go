@@ -44,6 +44,11 @@ type State struct {
 	// SpliceCapacity is the splice table's size: 1 while splice was never
 	// on.
 	SpliceCapacity int `json:"splice_capacity"`
+	// OffloadConnections is how many connections the sidecar has handed to
+	// the kernel now, and OffloadSockets how many of its far sockets are in
+	// offload's table: both 0 at rest.
+	OffloadConnections int `json:"offload_connections"`
+	OffloadSockets     int `json:"offload_sockets"`
 }
 
 // LinkState is one pinned link and the program it keeps attached.
@@ -144,6 +149,16 @@ func Status(t Target) (State, error) {
 		// still runs, and status offers the upgrade.
 		if s.Plan, err = readPlan(t.PinDir); err != nil && !(s.Upgrade && errors.Is(err, errOlderLayout)) {
 			return s, err
+		}
+	}
+	for _, m := range []struct {
+		name string
+		n    *int
+	}{{bpf.SluiceMapOffloadPeers, &s.OffloadConnections}, {bpf.SluiceMapOffloadSocks, &s.OffloadSockets}} {
+		if slices.Contains(cur.names, m.name) {
+			if *m.n, err = countEntries(t.PinDir, m.name); err != nil {
+				return s, err
+			}
 		}
 	}
 	if slices.Contains(cur.names, bpf.SluiceMapHandshakes) {
@@ -266,6 +281,9 @@ var counterNames = map[bpf.SluiceCounter]string{
 	bpf.SluiceCounterCOUNT_FAIL_OPEN_INBOUND:     "fail_open_inbound",
 	bpf.SluiceCounterCOUNT_KERNEL_ONLY_OUTBOUND:  "kernel_only_outbound",
 	bpf.SluiceCounterCOUNT_KERNEL_ONLY_INBOUND:   "kernel_only_inbound",
+	bpf.SluiceCounterCOUNT_OFFLOAD_MSGS:          "offload_messages",
+	bpf.SluiceCounterCOUNT_OFFLOAD_BYTES:         "offload_bytes",
+	bpf.SluiceCounterCOUNT_OFFLOAD_VIA_PROXY:     "offload_via_sidecar",
 }
 
 func readCounters(dir string) (map[string]uint64, error) {

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -19,12 +20,13 @@ type conn struct {
 	dir        Direction
 	client     netip.AddrPort
 	dst        netip.AddrPort
-	start      int64 // mono() when accepted
-	last       int64 // mono() when bytes last arrived either way
-	sent       int64 // written upstream
-	received   int64 // written downstream
-	connecting bool  // up's connect has not completed
-	queued     bool  // in loop.again
+	start      int64  // mono() when accepted
+	last       int64  // mono() when bytes last arrived either way
+	sent       int64  // written upstream
+	received   int64  // written downstream
+	connecting bool   // up's connect has not completed
+	release    func() // takes back what Options.Offload took; nil when it took nothing
+	queued     bool   // in loop.again
 	closed     bool
 }
 
@@ -39,7 +41,10 @@ type side struct {
 	// short while TCP's queue may still hold bytes, with no event to come.
 	greedy bool
 	eof    bool // its peer finished sending
-	shut   bool // the proxy finished sending to it
+	// peek: the app's socket of an offloaded connection, whose bytes are
+	// forwarded by forwardPeeked.
+	peek bool
+	shut bool // the proxy finished sending to it
 	// pending are bytes read from the other side that this one could not
 	// take yet, in buf, a pooled buffer held only meanwhile.
 	pending []byte
@@ -68,6 +73,12 @@ func (l *loop) progress(c *conn) {
 			return
 		}
 		c.connecting = false
+		if o := l.p.opts.Offload; o != nil {
+			app, far := c.appSide()
+			if c.release = o.Offload(c.dir, c.dst, app.fd, far.fd); c.release != nil {
+				app.peek = true
+			}
+		}
 	}
 	for range turnSteps {
 		a, err := l.step(c, &c.down, &c.up, &c.sent)
@@ -91,6 +102,14 @@ func (l *loop) progress(c *conn) {
 		c.queued = true
 		l.again = append(l.again, c)
 	}
+}
+
+// appSide returns c's socket on the hop to the app, and its other one.
+func (c *conn) appSide() (app, far *side) {
+	if c.dir == Inbound {
+		return &c.up, &c.down
+	}
+	return &c.down, &c.up
 }
 
 // connected reports how a non-blocking connect ended: nil when it did,
@@ -145,6 +164,9 @@ func (l *loop) step(c *conn, src, dst *side, count *int64) (bool, error) {
 	if !src.readable {
 		return false, nil
 	}
+	if src.peek {
+		return l.forwardPeeked(c, src, dst, count)
+	}
 	n, err := rawRead(src.fd, l.scratch)
 	switch {
 	case err == unix.EAGAIN:
@@ -184,6 +206,51 @@ func (l *loop) step(c *conn, src, dst *side, count *int64) (bool, error) {
 	return true, nil
 }
 
+// forwardPeeked is step for the app's socket of an offloaded connection:
+// bytes leave src's queue only once dst has taken them, so that the kernel,
+// which sends the app's next message straight to dst only while src's queue
+// is empty, never puts it before them. Nothing is held in between: what dst
+// cannot take yet stays on src.
+func (l *loop) forwardPeeked(c *conn, src, dst *side, count *int64) (bool, error) {
+	if !dst.writable {
+		return false, nil
+	}
+	n, err := rawRecv(src.fd, l.scratch, unix.MSG_PEEK)
+	switch {
+	case err == unix.EAGAIN:
+		src.readable = false
+		return false, nil
+	case err == unix.EINTR:
+		return true, nil
+	case err != nil:
+		return false, os.NewSyscallError("recv", err)
+	case n == 0:
+		src.eof = true
+		return true, nil
+	}
+	c.last = l.now
+	w, err := rawWrite(dst.fd, l.scratch[:n])
+	switch {
+	case err == unix.EAGAIN:
+		dst.writable = false
+		return false, nil
+	case err == unix.EINTR:
+		return true, nil
+	case err != nil:
+		return false, os.NewSyscallError("write", err)
+	}
+	// Now take off src what dst took: the same bytes, since only this
+	// loop reads src.
+	if r, err := rawRecv(src.fd, l.scratch[:w], 0); err != nil || r != w {
+		return false, fmt.Errorf("offloaded connection: %d bytes forwarded, %d taken off the app's socket: %v", w, r, err)
+	}
+	*count += int64(w)
+	if w < n {
+		dst.writable = false
+	}
+	return true, nil
+}
+
 // fail ends a connection whose dial failed, with a warning.
 func (l *loop) fail(c *conn, err error) {
 	l.p.opts.Logger.Warn("dial original destination", "direction", c.dir, "client", c.client, "orig_dst", c.dst, "err", err)
@@ -201,11 +268,22 @@ func (l *loop) finish(c *conn, err error) {
 			upstream = sockaddrPort(sa)
 		}
 		log.Debug("proxied", "direction", string(c.dir), "client", c.client.String(), "orig_dst", c.dst.String(),
-			"upstream", upstream.String(), "sent", c.sent, "received", c.received,
+			"upstream", upstream.String(), "offloaded", c.release != nil, "sent", c.sent, "received", c.received,
 			"duration", time.Duration(l.now-c.start).Round(time.Microsecond), "err", err)
 	}
+	if c.release != nil {
+		c.release()
+	}
+	// A reset on one side is passed on as one, as a direct connection
+	// would have seen it, rather than as an orderly end. EPIPE is a write
+	// to a side reset before (the proxy never writes after its own
+	// shutdown).
+	reset := errors.Is(err, unix.ECONNRESET) || errors.Is(err, unix.EPIPE)
 	for _, s := range []*side{&c.down, &c.up} {
 		l.own(s.fd, owner{})
+		if reset {
+			unix.SetsockoptLinger(s.fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1})
+		}
 		unix.Close(s.fd)
 		if s.buf != nil {
 			l.p.bufs.Put(s.buf)
@@ -219,6 +297,14 @@ func (l *loop) finish(c *conn, err error) {
 // never block: raw system calls, as in loop.run.
 func rawRead(fd int, b []byte) (int, error) {
 	r, _, e := unix.RawSyscall(unix.SYS_READ, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
+	if e != 0 {
+		return 0, e
+	}
+	return int(r), nil
+}
+
+func rawRecv(fd int, b []byte, flags int) (int, error) {
+	r, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), uintptr(flags), 0, 0)
 	if e != 0 {
 		return 0, e
 	}

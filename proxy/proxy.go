@@ -54,10 +54,29 @@ type Options struct {
 	// 1), to leave one for the rest of the process.
 	Loops  int
 	Logger *slog.Logger
+	// Offload, when set, is offered every connection once its upstream is
+	// connected.
+	Offload Offloader
 
 	// originalDst replaces getsockopt(SO_ORIGINAL_DST), for tests without
 	// a kernel redirect.
 	originalDst func(fd int, local netip.AddrPort) (netip.AddrPort, error)
+}
+
+// Offloader hands the app's sending direction of a proxied connection to the
+// kernel, which then writes the app's messages to the far socket itself
+// (Sluice's offload). The proxy keeps reading the app's socket, since bytes
+// the kernel leaves there still go through the proxy, and so does the end of
+// the stream; it then leaves each byte on that socket's queue until the far
+// socket has taken it (it peeks, writes, then reads), because the kernel
+// sends the app's next message straight on only while that queue is empty.
+type Offloader interface {
+	// Offload hands the connection over, or returns nil. app is the
+	// proxy's socket on the hop to the app (the accepted one outbound, the
+	// dialed one inbound), far its other one; nothing has been read from
+	// either yet. release takes the connection back before its sockets
+	// close.
+	Offload(dir Direction, dst netip.AddrPort, app, far int) (release func())
 }
 
 // Proxy is a transparent TCP proxy: for each accepted connection it asks the

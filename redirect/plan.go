@@ -46,6 +46,13 @@ type Plan struct {
 	KernelOnlyPorts        []uint16       `json:"kernel_only_ports,omitempty"`
 	KernelOnlyCIDRs        []netip.Prefix `json:"kernel_only_cidrs,omitempty"`
 	KernelOnlyInboundPorts []uint16       `json:"kernel_only_inbound_ports,omitempty"`
+
+	// Offload: the sidecar accepts captured connections to these
+	// destination ports (inbound: to these app ports), dials, and then
+	// hands the app's sending direction to the kernel, which puts the
+	// app's messages straight onto the sidecar's far socket. Needs Splice.
+	OffloadPorts        []uint16 `json:"offload_ports,omitempty"`
+	OffloadInboundPorts []uint16 `json:"offload_inbound_ports,omitempty"`
 }
 
 // MaxSidecarPorts is how many sidecar ports the BPF policy holds.
@@ -64,6 +71,8 @@ func (p Plan) Normalize() Plan {
 	p.KernelOnlyPorts = dedup(p.KernelOnlyPorts)
 	p.KernelOnlyCIDRs = normPrefixes(p.KernelOnlyCIDRs)
 	p.KernelOnlyInboundPorts = dedup(p.KernelOnlyInboundPorts)
+	p.OffloadPorts = dedup(p.OffloadPorts)
+	p.OffloadInboundPorts = dedup(p.OffloadInboundPorts)
 	return p
 }
 
@@ -79,7 +88,8 @@ func (p Plan) Equal(o Plan) bool {
 		slices.Equal(a.InboundPorts, b.InboundPorts) && slices.Equal(a.ExcludeInboundPorts, b.ExcludeInboundPorts) &&
 		slices.Equal(a.SidecarPorts, b.SidecarPorts) &&
 		slices.Equal(a.KernelOnlyPorts, b.KernelOnlyPorts) && slices.Equal(a.KernelOnlyCIDRs, b.KernelOnlyCIDRs) &&
-		slices.Equal(a.KernelOnlyInboundPorts, b.KernelOnlyInboundPorts)
+		slices.Equal(a.KernelOnlyInboundPorts, b.KernelOnlyInboundPorts) &&
+		slices.Equal(a.OffloadPorts, b.OffloadPorts) && slices.Equal(a.OffloadInboundPorts, b.OffloadInboundPorts)
 }
 
 func normPrefixes(ps []netip.Prefix) []netip.Prefix {

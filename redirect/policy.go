@@ -56,6 +56,10 @@ type Policy struct {
 	KernelOnlyPorts        Ports
 	KernelOnlyCIDRs        CIDRs
 	KernelOnlyInboundPorts Ports
+
+	// Offload ports: proxied, then handed to the kernel (needs Splice).
+	OffloadPorts        Ports
+	OffloadInboundPorts Ports
 }
 
 // Sidecar ports that are never captured inbound, besides -p and -z: Istio's
@@ -121,6 +125,10 @@ func (p *Policy) RegisterFlags(fs *flag.FlagSet) {
 		"(telemetry and canary routes in the kernel only)")
 	fs.Var(&p.KernelOnlyCIDRs, "kernel-only-cidrs", "outbound destinations whose captured connections go straight on, with no sidecar")
 	fs.Var(&p.KernelOnlyInboundPorts, "kernel-only-inbound-ports", "inbound ports whose connections go straight to the app, counted, with no sidecar")
+	fs.Var(&p.OffloadPorts, "offload-ports", "outbound destination ports whose connections the sidecar accepts and dials, then hands to the kernel:\n"+
+		"the app's bytes go straight out on the sidecar's upstream socket, not through it (needs --splice)")
+	fs.Var(&p.OffloadInboundPorts, "offload-inbound-ports", "inbound app ports handed to the kernel the same way: the app's replies go straight\n"+
+		"out on the sidecar's accepted socket (needs --splice)")
 	fs.Var(negated{&p.FailOpen}, "fail-closed", "while no sidecar listens, refuse captured connections at once, both ways (the default)")
 }
 
@@ -181,10 +189,14 @@ func (p Policy) Plan() (Plan, error) {
 		name string
 		all  bool
 	}{{"-x", p.ExcludeCIDRs.All}, {"-q", p.IncludeOutboundPorts.All}, {"-o", p.ExcludeOutboundPorts.All}, {"-d", p.ExcludeInboundPorts.All},
-		{"--kernel-only-ports", p.KernelOnlyPorts.All}, {"--kernel-only-cidrs", p.KernelOnlyCIDRs.All}, {"--kernel-only-inbound-ports", p.KernelOnlyInboundPorts.All}} {
+		{"--kernel-only-ports", p.KernelOnlyPorts.All}, {"--kernel-only-cidrs", p.KernelOnlyCIDRs.All}, {"--kernel-only-inbound-ports", p.KernelOnlyInboundPorts.All},
+		{"--offload-ports", p.OffloadPorts.All}, {"--offload-inbound-ports", p.OffloadInboundPorts.All}} {
 		if f.all {
 			return Plan{}, fmt.Errorf("%s '*' is not supported: list the CIDRs or ports (only -i and -b take '*')", f.name)
 		}
+	}
+	if (len(p.OffloadPorts.List) > 0 || len(p.OffloadInboundPorts.List) > 0) && !p.Splice {
+		return Plan{}, errors.New("--offload-ports and --offload-inbound-ports hand the app's spliced messages to the kernel: add --splice")
 	}
 	if (p.ProxyUID == 0 || p.ProxyGID == 0) && !p.AllowRootProxy {
 		return Plan{}, fmt.Errorf("proxy uid/gid %d/%d would exempt every root process in the pod from capture: run the proxy as its own uid and gid (e.g. -u 1337 -g 1337), or pass --allow-root-proxy if that is meant", p.ProxyUID, p.ProxyGID)
@@ -213,6 +225,8 @@ func (p Policy) Plan() (Plan, error) {
 		KernelOnlyPorts:        p.KernelOnlyPorts.List,
 		KernelOnlyCIDRs:        p.KernelOnlyCIDRs.List,
 		KernelOnlyInboundPorts: p.KernelOnlyInboundPorts.List,
+		OffloadPorts:           p.OffloadPorts.List,
+		OffloadInboundPorts:    p.OffloadInboundPorts.List,
 	}.Normalize(), nil
 }
 

@@ -124,6 +124,23 @@ func (c *capturedPod) expectProxied(t *testing.T, res testbed.ClientResult, addr
 
 func (c *capturedPod) expectProxiedDir(t *testing.T, res testbed.ClientResult, addr, dir string) {
 	t.Helper()
+	e := c.proxiedEntry(t, res, addr, dir)
+	if e.Num("sent") != payload || e.Num("received") != echoed(res) {
+		t.Errorf("sidecar moved %d up, %d down; want %d and %d", e.Num("sent"), e.Num("received"), payload, echoed(res))
+	}
+}
+
+// echoed is how many bytes the server sent back to res's client: the
+// payload, after its "peer=ADDR\n" line.
+func echoed(res testbed.ClientResult) int64 {
+	return int64(payload + len("peer=\n") + len(res.ServerSaw))
+}
+
+// proxiedEntry waits for the sidecar's record of res's connection and
+// checks that it saw the original destination and that the server's peer
+// was its upstream socket.
+func (c *capturedPod) proxiedEntry(t *testing.T, res testbed.ClientResult, addr, dir string) testbed.LogEntry {
+	t.Helper()
 	e, err := c.sidecar.WaitFor("proxied", func(e testbed.LogEntry) bool { return e.Str("client") == res.Local }, 10*time.Second)
 	if err != nil {
 		t.Fatalf("connection to %s from %s: %v", addr, res.Local, err)
@@ -131,14 +148,10 @@ func (c *capturedPod) expectProxiedDir(t *testing.T, res testbed.ClientResult, a
 	if got := e.Str("orig_dst"); got != addr || e.Str("direction") != dir {
 		t.Errorf("sidecar saw original destination %s (%s), want %s (%s)", got, e.Str("direction"), addr, dir)
 	}
-	// Downstream the server also sent its "peer=ADDR\n" line.
-	wantReceived := int64(payload + len("peer=\n") + len(res.ServerSaw))
-	if e.Num("sent") != payload || e.Num("received") != wantReceived {
-		t.Errorf("sidecar moved %d up, %d down; want %d and %d", e.Num("sent"), e.Num("received"), payload, wantReceived)
-	}
 	if res.ServerSaw != e.Str("upstream") {
 		t.Errorf("server's peer %s is not the sidecar's upstream socket %s", res.ServerSaw, e.Str("upstream"))
 	}
+	return e
 }
 
 // expectDirect checks that a connection bypassed the sidecar: the server's

@@ -2,10 +2,13 @@ package main
 
 import (
 	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -37,6 +40,8 @@ var helperRoles = map[string]func(args []string) (any, error){
 	"openpin":        openPin,
 	"origdst-server": origDstServer,
 	"bulk":           bulk,
+	"many":           many,
+	"serverfirst":    serverFirst,
 }
 
 // runTestHelper runs the role named in the environment, if any, and exits.
@@ -391,18 +396,23 @@ func bulk(args []string) (any, error) {
 	if len(args) == 4 {
 		rounds, _ = strconv.Atoi(args[3])
 	}
-	c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+	return bulkOnce(args[0], size, pause, rounds)
+}
+
+// bulkOnce is one connection of bulk.
+func bulkOnce(addr string, size int64, pause time.Duration, rounds int) (bulkResult, error) {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
-		return nil, err
+		return bulkResult{Mismatch: -1}, err
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(2 * time.Minute))
 	r := bufio.NewReader(c)
+	res := bulkResult{Mismatch: -1}
 	if _, err := r.ReadString('\n'); err != nil {
-		return nil, fmt.Errorf("peer line: %w", err)
+		return res, fmt.Errorf("peer line: %w", err)
 	}
 	pattern := func(off int64) byte { return byte(off ^ off>>8 ^ off>>16) }
-	res := bulkResult{Mismatch: -1}
 	// check reads n echoed bytes, which must follow the pattern on.
 	check := func(buf []byte) error {
 		n, err := io.ReadFull(r, buf)
@@ -462,4 +472,85 @@ func bulk(args []string) (any, error) {
 		return res, fmt.Errorf("after the echo: read %d bytes, %v; want EOF", n, err)
 	}
 	return res, nil
+}
+
+// manyResult is what many reports.
+type manyResult struct {
+	OK       int
+	FirstErr string
+}
+
+// many runs N bulk connections of SIZE bytes each to ADDR at once, each
+// checked byte by byte both ways. args: n addr size
+func many(args []string) (any, error) {
+	if len(args) != 3 {
+		return nil, errors.New("usage: many N ADDR SIZE")
+	}
+	n, _ := strconv.Atoi(args[0])
+	size, _ := strconv.ParseInt(args[2], 10, 64)
+	var mu sync.Mutex
+	var res manyResult
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			r, err := bulkOnce(args[1], size, 0, 0)
+			if err == nil && (r.Received != size || r.Mismatch >= 0) {
+				err = fmt.Errorf("echoed %d of %d bytes, first wrong byte at %d", r.Received, size, r.Mismatch)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if err == nil {
+				res.OK++
+			} else if res.FirstErr == "" {
+				res.FirstErr = err.Error()
+			}
+		})
+	}
+	wg.Wait()
+	if res.OK != n {
+		return res, fmt.Errorf("%d of %d connections failed, first: %s", n-res.OK, n, res.FirstErr)
+	}
+	return res, nil
+}
+
+// serverFirstResult is what serverFirst reports.
+type serverFirstResult struct {
+	Received  int64
+	ServerSHA string // of what the server sent, read to its FIN
+	Sent      int64
+	SentSHA   string
+}
+
+// serverFirst talks to a server that speaks first and half-closes first
+// (the other half-close): it reads the server's bytes to EOF, then sends
+// SIZE bytes on the same connection and closes. args: addr size
+func serverFirst(args []string) (any, error) {
+	if len(args) != 2 {
+		return nil, errors.New("usage: serverfirst ADDR SIZE")
+	}
+	size, _ := strconv.ParseInt(args[1], 10, 64)
+	c, err := net.DialTimeout("tcp", args[0], 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(time.Minute))
+	var res serverFirstResult
+	h := sha256.New()
+	if res.Received, err = io.Copy(h, c); err != nil {
+		return res, fmt.Errorf("read the server's bytes: %w", err)
+	}
+	res.ServerSHA = hex.EncodeToString(h.Sum(nil))
+	res.Sent, res.SentSHA, err = sendPattern(c, size)
+	if err != nil {
+		return res, err
+	}
+	return res, nil
+}
+
+// sendPattern writes size pseudo-random bytes to w and returns their SHA-256.
+func sendPattern(w io.Writer, size int64) (int64, string, error) {
+	h := sha256.New()
+	n, err := io.Copy(io.MultiWriter(w, h), io.LimitReader(rand.NewChaCha8([32]byte{byte(size)}), size))
+	return n, hex.EncodeToString(h.Sum(nil)), err
 }

@@ -104,6 +104,7 @@ Examples:
 
 		var runners []runner
 		var exporter *telemetry.Exporter
+		var offload *offloader
 		if *cgroup == "" {
 			// A sidecar container finds its pod as the init container did.
 			if pod, err := loader.OwnPod(os.Getenv); err == nil {
@@ -132,6 +133,14 @@ Examples:
 					Routes: source.Routes})
 				runners = append(runners, exporter.Run, closeOnDone(source))
 			}
+			if len(installed.OffloadPorts) > 0 || len(installed.OffloadInboundPorts) > 0 {
+				maps, err := loader.OpenOffload(target)
+				if err != nil {
+					return err
+				}
+				defer maps.Close()
+				offload = newOffloader(maps, installed, log)
+			}
 			if !set["p"] {
 				policy.OutboundPort = installed.OutboundPort
 			}
@@ -158,7 +167,11 @@ Examples:
 		// the rest (listeners' setup, the exporter, /metrics).
 		loops := runtime.GOMAXPROCS(0)
 		runtime.GOMAXPROCS(loops + 1)
-		p := proxy.New(proxy.Options{IdleTimeout: *idle, Logger: log, Loops: loops})
+		opts := proxy.Options{IdleTimeout: *idle, Logger: log, Loops: loops}
+		if offload != nil {
+			opts.Offload = offload
+		}
+		p := proxy.New(opts)
 		for _, ln := range listeners {
 			runners = append(runners, func(ctx context.Context) error { return p.Serve(ctx, ln.Listener, ln.dir) })
 		}
@@ -174,7 +187,11 @@ Examples:
 			runners = append(runners, serveHTTP(&http.Server{Handler: exporter.Handler(), ReadHeaderTimeout: 10 * time.Second}, metrics))
 			served += ",metrics " + metrics.Addr().String()
 		}
-		return serve(ctx, runners, p, *drain, served, log)
+		err = serve(ctx, runners, p, *drain, served, log)
+		if offload != nil {
+			log.Info("offload", "connections_offloaded", offload.handed.Load())
+		}
+		return err
 	}
 	return c
 }

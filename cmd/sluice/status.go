@@ -135,6 +135,10 @@ func printStatus(w io.Writer, s loader.State) {
 	}
 	fmt.Fprintf(tw, "  inbound ports captured\t%s\n", ports(c.InboundAllPorts, c.InboundPorts))
 	fmt.Fprintf(tw, "  inbound ports excluded\t%s\n", ports(false, c.ExcludeInboundPorts))
+	fmt.Fprintf(tw, "  kernel-only (no sidecar)\toutbound ports %s; outbound CIDRs %s; inbound ports %s\n",
+		ports(false, c.KernelOnlyPorts), cidrs(false, c.KernelOnlyCIDRs), ports(false, c.KernelOnlyInboundPorts))
+	fmt.Fprintf(tw, "  offload (sidecar decides, kernel sends)\toutbound ports %s; inbound ports %s; %d connections offloaded now\n",
+		ports(false, c.OffloadPorts), ports(false, c.OffloadInboundPorts), s.OffloadConnections)
 	tw.Flush()
 	if len(s.Counters) > 0 {
 		names := slices.Sorted(maps.Keys(s.Counters))

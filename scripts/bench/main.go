@@ -16,6 +16,8 @@
 //	kernel-only       Sluice capture with the server's port kernel-only: no sidecar in the
 //	                  path, flow telemetry on (the sidecar runs, exporting it)
 //	kernel-only-bare  the same with flow telemetry off and no sidecar running at all
+//	offload           splice with the server's port offloaded: the sidecar accepts and dials,
+//	                  then the app's bytes go straight out on its upstream socket
 //
 // Workloads: connections/s (connect, read a line, close), 64-byte
 // request/response on 1 and on 16 connections (throughput, p50/p90/p99),
@@ -145,7 +147,7 @@ func replot(path, dir string) {
 	rep.output(configs, dir)
 }
 
-var allConfigs = []string{"direct", "iptables", "sluice", "splice", "splice-telemetry", "haproxy", "kernel-only", "kernel-only-bare"}
+var allConfigs = []string{"direct", "iptables", "sluice", "splice", "splice-telemetry", "haproxy", "kernel-only", "kernel-only-bare", "offload"}
 
 // interrupted holds the teardown of the measurement under way, for a
 // signal to run before the process exits: a bench stopped with Ctrl-C
@@ -292,8 +294,8 @@ func (h harness) measure(config string) (f Figures, err error) {
 		return f, err
 	}
 	f.BulkMBps = res.MBps
-	if strings.HasPrefix(config, "splice") {
-		if f.Splice, err = h.spliceCounters(pod); err != nil {
+	if strings.HasPrefix(config, "splice") || config == "offload" {
+		if f.Splice, err = h.spliceCounters(pod, config == "offload"); err != nil {
 			return f, err
 		}
 	}
@@ -329,6 +331,8 @@ func (h harness) setup(config string, pod *testbed.Pod) (int, func() error, erro
 		install = append(install, "--kernel-only-ports", "8080")
 	case "kernel-only-bare":
 		install = append(install, "--kernel-only-ports", "8080", "--flows=false")
+	case "offload":
+		install = append(install, "--flows=false", "--splice", "--offload-ports", "8080")
 	case "splice-telemetry":
 	default:
 		install = append(install, "--flows=false")
@@ -407,8 +411,9 @@ func (h harness) startHAProxy(pod *testbed.Pod) (int, error) {
 	return h.startSidecar(pod, cmd, 15001)
 }
 
-// spliceCounters reads what the splice program counted in the pod.
-func (h harness) spliceCounters(pod *testbed.Pod) (map[string]uint64, error) {
+// spliceCounters reads what the splice program counted in the pod: its
+// splice (and offload) counters, which must show it at work.
+func (h harness) spliceCounters(pod *testbed.Pod, offload bool) (map[string]uint64, error) {
 	out, err := exec.Command(h.sluice, "status", "--cgroup", pod.Cgroup, "--json").Output()
 	if err != nil {
 		return nil, fmt.Errorf("sluice status: %w", err)
@@ -421,12 +426,15 @@ func (h harness) spliceCounters(pod *testbed.Pod) (map[string]uint64, error) {
 	}
 	c := map[string]uint64{}
 	for k, v := range st.Counters {
-		if strings.HasPrefix(k, "splice_") {
+		if strings.HasPrefix(k, "splice_") || strings.HasPrefix(k, "offload_") {
 			c[k] = v
 		}
 	}
 	if c["splice_messages"] == 0 {
 		return c, errors.New("splice is on but the splice program passed no message")
+	}
+	if offload && c["offload_messages"] == 0 {
+		return c, errors.New("offload is on but no message was offloaded")
 	}
 	return c, nil
 }

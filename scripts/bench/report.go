@@ -67,6 +67,10 @@ var goals = []Goal{
 	{Name: "kernel-only vs direct: p50", Ratio: "kernel-only/direct", Metric: "rr1 p50", Target: 1.1},
 	{Name: "kernel-only vs direct: p99", Ratio: "kernel-only/direct", Metric: "rr1 p99", Target: 1.1},
 	{Name: "kernel-only vs direct: connections/s", Ratio: "kernel-only/direct", Metric: "conn/s", Target: 0.9, Higher: true},
+	{Name: "offload vs direct: p50", Ratio: "offload/direct", Metric: "rr1 p50", Target: 1.3},
+	{Name: "offload vs direct: p50, 16 connections", Ratio: "offload/direct", Metric: "rr16 p50", Target: 1.3},
+	{Name: "offload vs direct: bulk", Ratio: "offload/direct", Metric: "bulk MB/s", Target: 0.9, Higher: true},
+	{Name: "offload vs the proxied path: connections/s", Ratio: "offload/splice", Metric: "conn/s", Target: 1.0, Higher: true},
 }
 
 // judge fills in the goals from the ratios.
@@ -178,7 +182,7 @@ func (r report) print(w io.Writer, configs []string) {
 	}
 	fmt.Fprintf(w, "\n\nRatios of medians (for latency, CPU and memory lower is better):\n\n| ratio |")
 	var keys []string
-	for _, k := range []string{"iptables/direct", "sluice/direct", "splice/direct", "sluice/iptables", "splice/iptables", "splice/sluice", "splice-telemetry/splice", "sluice/haproxy", "kernel-only/direct", "kernel-only/iptables", "kernel-only-bare/direct"} {
+	for _, k := range []string{"iptables/direct", "sluice/direct", "splice/direct", "sluice/iptables", "splice/iptables", "splice/sluice", "splice-telemetry/splice", "sluice/haproxy", "kernel-only/direct", "kernel-only/iptables", "kernel-only-bare/direct", "offload/direct", "offload/iptables", "offload/splice"} {
 		if _, ok := r.Ratios[k]; ok {
 			keys = append(keys, k)
 			fmt.Fprintf(w, " %s |", k)

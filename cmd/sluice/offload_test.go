@@ -1,0 +1,237 @@
+package main
+
+import (
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sluicemesh/sluice/internal/testbed"
+)
+
+// offloadArgs installs offload on port 8080 both ways.
+var offloadArgs = []string{"--splice", "--offload-ports", "8080", "--offload-inbound-ports", "8080"}
+
+// With offload, captured connections to an offload port are intact both
+// ways, outbound and inbound, over IPv4 and IPv6; the sidecar still
+// accepted and dialed them, and the app's messages went straight out on its
+// far socket: the offload counters moved.
+func TestOffloadIntact(t *testing.T) {
+	c := newCapturedPod(t, offloadArgs...)
+	c.startSidecar(t)
+	if err := c.pod.StartEcho(self(t), "[::]:8080"); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name    string
+		addr    netip.Addr
+		inbound bool
+	}{
+		{"outbound IPv4", c.host.Addr4, false},
+		{"outbound IPv6", c.host.Addr6, false},
+		{"inbound IPv4", c.pod.Addr4, true},
+		{"inbound IPv6", c.pod.Addr6, true},
+	} {
+		before := statusJSON(t, c.cgroup).Counters
+		addr := netip.AddrPortFrom(tc.addr, 8080).String()
+		var res testbed.ClientResult
+		dir := "outbound"
+		if tc.inbound {
+			res, dir = c.inbound(t, addr), "inbound"
+		} else {
+			res = c.client(t, addr)
+		}
+		e := c.proxiedEntry(t, res, addr, dir)
+		after := statusJSON(t, c.cgroup)
+		d := diff(before, after.Counters)
+		t.Logf("%s: %+v", tc.name, d)
+		// The app's bytes went either through the sidecar or straight
+		// out on its far socket, which some must have.
+		bySidecar, want := e.Num("sent"), int64(payload)
+		if tc.inbound {
+			bySidecar, want = e.Num("received"), echoed(res)
+		}
+		t.Logf("%s: %d bytes through the sidecar + %d offloaded = %d, app sent %d", tc.name, bySidecar, d["offload_bytes"], bySidecar+int64(d["offload_bytes"]), want)
+		if e["offloaded"] != true || d["offload_messages"] == 0 || bySidecar >= want {
+			t.Errorf("%s: offloaded %v, %d messages (%d bytes) offloaded and %d of the app's %d bytes through the sidecar; want some offloaded",
+				tc.name, e["offloaded"], d["offload_messages"], d["offload_bytes"], bySidecar, want)
+		}
+		if after.SpliceSockets != 0 || after.OffloadSockets != 0 {
+			t.Errorf("%s: %d sockets left in the splice table and %d in offload's after the connection closed", tc.name, after.SpliceSockets, after.OffloadSockets)
+		}
+	}
+
+	// 16 MiB each way at once, checked byte by byte.
+	const size = 16 << 20
+	before := statusJSON(t, c.cgroup).Counters
+	var res bulkResult
+	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
+	if err := runHelper(t, c.pod, helper(t, "bulk", addr, fmt.Sprint(size), "0s"), -1, &res); err != nil || res.Sent != size || res.Received != size || res.Mismatch >= 0 {
+		t.Fatalf("bulk: sent %d, echoed %d, first wrong byte at %d (%v); want %d both ways", res.Sent, res.Received, res.Mismatch, err, size)
+	}
+	d := diff(before, statusJSON(t, c.cgroup).Counters)
+	t.Logf("bulk: %+v", d)
+	if d["offload_bytes"] == 0 {
+		t.Errorf("bulk: nothing offloaded")
+	}
+}
+
+// waitOffloaded waits until n connections are offloaded and n far sockets
+// are in offload's table.
+func waitOffloaded(t *testing.T, c *capturedPod, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s := statusJSON(t, c.cgroup)
+		if s.OffloadConnections == n && s.OffloadSockets == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections offloaded, %d far sockets in offload's table; want %d", s.OffloadConnections, s.OffloadSockets, n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// listenHost listens on addr in the remote host's namespace.
+func listenHost(t *testing.T, c *capturedPod, addr string) net.Listener {
+	t.Helper()
+	var ln net.Listener
+	if err := c.host.Do(func() (err error) { ln, err = net.Listen("tcp", addr); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+// Offloaded connections end as direct ones would: the server half-closes
+// first and still gets every byte the app sends after; the app or the
+// server killed mid-transfer ends the connection (a reset for the app when
+// the server's end is reset), and offload's tables empty either way. The
+// app half-closing first is TestOffloadIntact's bulk.
+func TestOffloadEnds(t *testing.T) {
+	c := newCapturedPod(t, "--splice", "--offload-ports", "8080,9091,9092")
+	c.startSidecar(t)
+
+	// The server speaks first and half-closes first; then the app sends
+	// 4 MiB, which the server hashes, and half-closes.
+	ln := listenHost(t, c, netip.AddrPortFrom(c.host.Addr4, 9091).String())
+	serverSent, serverGot := make(chan string, 1), make(chan string, 1)
+	go func() {
+		conn, err := ln.Accept()
+		if err != nil {
+			serverSent <- err.Error()
+			return
+		}
+		defer conn.Close()
+		_, sum, err := sendPattern(conn, 1<<20)
+		serverSent <- sum
+		if err != nil {
+			return
+		}
+		conn.(*net.TCPConn).CloseWrite()
+		h := sha256.New()
+		n, err := io.Copy(h, conn)
+		serverGot <- fmt.Sprintf("%d %x %v", n, h.Sum(nil), err)
+	}()
+	before := statusJSON(t, c.cgroup).Counters
+	var res serverFirstResult
+	if err := runHelper(t, c.pod, helper(t, "serverfirst", netip.AddrPortFrom(c.host.Addr4, 9091).String(), fmt.Sprint(4<<20)), -1, &res); err != nil {
+		t.Fatalf("server first: %v (%+v)", err, res)
+	}
+	if want := <-serverSent; res.Received != 1<<20 || res.ServerSHA != want {
+		t.Errorf("app got %d bytes (%s) before the server's FIN, want %d (%s)", res.Received, res.ServerSHA, 1<<20, want)
+	}
+	if got, want := <-serverGot, fmt.Sprintf("%d %s <nil>", res.Sent, res.SentSHA); got != want {
+		t.Errorf("server after its own half-close got %q, want %q", got, want)
+	}
+	d := diff(before, statusJSON(t, c.cgroup).Counters)
+	t.Logf("server first: %+v", d)
+	if d["offload_bytes"] == 0 {
+		t.Errorf("nothing offloaded after the server's half-close: %v", d)
+	}
+
+	// The app is killed mid-transfer.
+	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
+	app := helper(t, "bulk", addr, fmt.Sprint(1<<40), "1ms")
+	if err := c.pod.Start(app); err != nil {
+		t.Fatal(err)
+	}
+	waitOffloaded(t, c, 1)
+	app.Process.Kill()
+	app.Wait()
+	if _, err := c.sidecar.WaitFor("proxied", func(e testbed.LogEntry) bool { return e.Str("orig_dst") == addr && e["offloaded"] == true }, 10*time.Second); err != nil {
+		t.Errorf("sidecar after the app was killed: %v", err)
+	}
+	waitOffloaded(t, c, 0)
+
+	// The server resets its end mid-transfer: it reads 1 MiB, then closes
+	// with unread bytes, as a killed server's kernel would.
+	ln = listenHost(t, c, netip.AddrPortFrom(c.host.Addr4, 9092).String())
+	go func() {
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		fmt.Fprintf(conn, "peer=%s\n", conn.RemoteAddr())
+		io.CopyN(io.Discard, conn, 1<<20)
+		conn.(*net.TCPConn).SetLinger(0)
+		conn.Close()
+	}()
+	var bres bulkResult
+	err := runHelper(t, c.pod, helper(t, "bulk", netip.AddrPortFrom(c.host.Addr4, 9092).String(), fmt.Sprint(1<<40), "0s"), -1, &bres)
+	if err == nil || !strings.Contains(err.Error(), "connection reset") && !strings.Contains(err.Error(), "broken pipe") {
+		t.Errorf("app whose server reset the connection: %v; want the reset", err)
+	}
+	waitOffloaded(t, c, 0)
+}
+
+// 200 offloaded connections at once, each 256 KiB both ways, checked byte by
+// byte; then 100,000 short offloaded connections: every one succeeds, and no
+// entry is left in offload's tables or the splice table.
+func TestOffloadManyLeaveNothing(t *testing.T) {
+	c := newCapturedPod(t, "--splice", "--offload-ports", "8080,9090")
+	c.startSidecar(t, "--log-level", "info")
+	reuseTimeWait(t, c.pod)
+	before := statusJSON(t, c.cgroup).Counters
+	var mres manyResult
+	if err := runHelper(t, c.pod, helper(t, "many", "200", netip.AddrPortFrom(c.host.Addr4, 8080).String(), fmt.Sprint(256<<10)), -1, &mres); err != nil {
+		t.Fatalf("200 at once: %v", err)
+	}
+	d := diff(before, statusJSON(t, c.cgroup).Counters)
+	t.Logf("200 at once: %+v", d)
+	if d["offload_messages"] == 0 {
+		t.Errorf("200 at once: nothing offloaded: %v", d)
+	}
+
+	const n = 100_000
+	var res churnResult
+	targets := []string{netip.AddrPortFrom(c.host.Addr4, 9090).String(), netip.AddrPortFrom(c.host.Addr6, 9090).String()}
+	if err := runHelper(t, c.pod, helper(t, "churn", append([]string{fmt.Sprint(n), "16"}, targets...)...), -1, &res); err != nil {
+		t.Fatal(err)
+	}
+	if res.OK != n {
+		t.Errorf("%d of %d short connections succeeded (%d failed, first: %s)", res.OK, n, res.Failed, res.FirstErr)
+	}
+	// The sidecar says how many it handed over as it stops.
+	if err := c.sidecar.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	e, err := c.sidecar.WaitFor("offload", nil, 20*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := e.Num("connections_offloaded"); got != n+200 {
+		t.Errorf("sidecar offloaded %d connections, want all %d", got, n+200)
+	}
+	s := statusJSON(t, c.cgroup)
+	if s.OffloadConnections != 0 || s.OffloadSockets != 0 || s.SpliceSockets != 0 || s.Handshakes != 0 {
+		t.Errorf("after every connection closed: %d offloaded connections, %d far sockets, %d spliced sockets, %d handshake notes; want none",
+			s.OffloadConnections, s.OffloadSockets, s.SpliceSockets, s.Handshakes)
+	}
+}
