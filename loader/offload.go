@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -17,6 +18,8 @@ import (
 // socket (the splice program's offload, bpf/splice.c), and takes that back.
 type Offload struct {
 	socks, peers *ebpf.Map
+	ids          [2]ebpf.MapID
+	closed       atomic.Bool
 }
 
 // OpenOffload opens t's offload maps for writing. It needs only read and
@@ -38,10 +41,25 @@ func OpenOffload(t Target) (*Offload, error) {
 		socks.Close()
 		return nil, pinsError(t.PinDir, err)
 	}
-	return &Offload{socks: socks, peers: peers}, nil
+	o := &Offload{socks: socks, peers: peers}
+	for i, m := range []*ebpf.Map{socks, peers} {
+		if info, err := m.Info(); err == nil {
+			o.ids[i], _ = info.ID()
+		}
+	}
+	return o, nil
 }
 
+// Same reports whether o and other are the same maps: a rerun of install
+// that resizes them (splice turned on) replaces them.
+func (o *Offload) Same(other *Offload) bool {
+	return o.ids == other.ids && o.ids[0] != 0
+}
+
+// Close closes the maps. What was handed to them needs no taking back
+// after: once replaced, no program reads them.
 func (o *Offload) Close() error {
+	o.closed.Store(true)
 	return errors.Join(o.socks.Close(), o.peers.Close())
 }
 
@@ -70,6 +88,9 @@ func (o *Offload) Hand(app, far int) (release func() error, err error) {
 		return nil, fmt.Errorf("offload: write %s: %w", bpf.SluiceMapOffloadPeers, err)
 	}
 	return func() error {
+		if o.closed.Load() {
+			return nil
+		}
 		if err := o.peers.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("offload: delete from %s: %w", bpf.SluiceMapOffloadPeers, err)
 		}

@@ -198,11 +198,16 @@ func demo(w io.Writer) (err error) {
 	if err := demoSplice(w, pod, netip.AddrPortFrom(host.Addr4, 8080), target, plan, append(args, "--splice"), exe, log); err != nil {
 		return err
 	}
+	plan.OffloadPorts = []uint16{8080}
+	if err := demoOffload(w, pod, netip.AddrPortFrom(host.Addr4, 8080), target, plan, append(args, "--splice", "--offload-ports", "8080"), exe, log); err != nil {
+		return err
+	}
+	plan.OffloadPorts = nil
 	plan.KernelOnlyPorts = []uint16{8080}
 	if err := demoKernelOnly(w, pod, netip.AddrPortFrom(host.Addr4, 8080), target, plan, append(args, "--splice", "--kernel-only-ports", "8080"), exe, log); err != nil {
 		return err
 	}
-	fmt.Fprintf(w, "\n10. removing the capture, the sidecar, the pod and the hosts\n")
+	fmt.Fprintf(w, "\n11. removing the capture, the sidecar, the pod and the hosts\n")
 	return nil
 }
 
@@ -246,9 +251,32 @@ func demoKernelOnly(w io.Writer, pod *testbed.Pod, addr netip.AddrPort, target l
 	if res.ServerSaw != res.Local {
 		return fmt.Errorf("kernel-only echo to %s: the server saw %s, not the app's socket %s", addr, res.ServerSaw, res.Local)
 	}
-	fmt.Fprintf(w, "\n9. kernel-only, turned on for port %d by rerunning install with --kernel-only-ports: no sidecar in the path.\n", addr.Port())
-	fmt.Fprintf(w, "   A 1 MiB echo to %s, intact; the server saw the app's own socket %s, the app's peer is %s;\n", addr, res.Local, res.Peer)
-	fmt.Fprintf(w, "   the kernel measured the flow and counted it: kernel_only_outbound +%d\n", gained["kernel_only_outbound"])
+	fmt.Fprintf(w, "\n10. kernel-only, turned on for port %d by rerunning install with --kernel-only-ports: no sidecar in the path.\n", addr.Port())
+	fmt.Fprintf(w, "    A 1 MiB echo to %s, intact; the server saw the app's own socket %s, the app's peer is %s;\n", addr, res.Local, res.Peer)
+	fmt.Fprintf(w, "    the kernel measured the flow and counted it: kernel_only_outbound +%d\n", gained["kernel_only_outbound"])
+	return nil
+}
+
+// demoOffload offloads the echo's port with a rerun of install: the sidecar
+// still accepts and dials (the server sees its socket), and the app's bytes
+// then go straight out on the sidecar's upstream socket. The sidecar picks
+// the new ports up within offloadRefresh.
+func demoOffload(w io.Writer, pod *testbed.Pod, addr netip.AddrPort, target loader.Target, plan redirect.Plan, args []string, exe string, log *slog.Logger) error {
+	if _, err := loader.Install(target, plan, args, log); err != nil {
+		return err
+	}
+	time.Sleep(2 * offloadRefresh)
+	res, gained, err := demoRerun(pod, addr, target, plan, args, exe, log)
+	if err != nil {
+		return err
+	}
+	if res.ServerSaw == res.Local || gained["offload_bytes"] == 0 {
+		return fmt.Errorf("offloaded echo to %s: the server saw %s (the app is %s), counters gained %v; want the sidecar's socket, and bytes offloaded", addr, res.ServerSaw, res.Local, gained)
+	}
+	fmt.Fprintf(w, "\n9. offload, turned on for port %d by rerunning install with --offload-ports: the sidecar accepts and dials,\n", addr.Port())
+	fmt.Fprintf(w, "   then the app's bytes go straight out on its upstream socket (the replies still come through it).\n")
+	fmt.Fprintf(w, "   A 1 MiB echo to %s, intact; the server saw the sidecar's socket %s;\n", addr, res.ServerSaw)
+	fmt.Fprintf(w, "   offload_messages +%d, offload_bytes +%d, offload_via_sidecar +%d\n", gained["offload_messages"], gained["offload_bytes"], gained["offload_via_sidecar"])
 	return nil
 }
 

@@ -1,10 +1,12 @@
 package main
 
 import (
+	"context"
 	"log/slog"
 	"net/netip"
 	"slices"
 	"sync/atomic"
+	"time"
 
 	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/proxy"
@@ -13,28 +15,72 @@ import (
 
 // offloader offers the proxy's connections to the kernel by the install's
 // offload ports: outbound by original destination port, inbound by the
-// app's port.
+// app's port. It follows the install: a rerun of install with other
+// offload ports applies to the next connections, as the rest of the policy
+// does.
 type offloader struct {
-	maps              *loader.Offload
-	outbound, inbound []uint16
-	log               *slog.Logger
-	warned            atomic.Bool
-	handed            atomic.Int64 // connections offloaded
+	maps   atomic.Pointer[loader.Offload]
+	ports  atomic.Pointer[offloadPorts]
+	log    *slog.Logger
+	warned atomic.Bool
+	handed atomic.Int64 // connections offloaded
 }
 
+type offloadPorts struct{ outbound, inbound []uint16 }
+
+// offloadRefresh is how often the offloader rereads the install's ports.
+const offloadRefresh = time.Second
+
 func newOffloader(maps *loader.Offload, plan redirect.Plan, log *slog.Logger) *offloader {
-	return &offloader{maps: maps, outbound: plan.OffloadPorts, inbound: plan.OffloadInboundPorts, log: log}
+	o := &offloader{log: log}
+	o.maps.Store(maps)
+	o.ports.Store(&offloadPorts{plan.OffloadPorts, plan.OffloadInboundPorts})
+	return o
+}
+
+// follow rereads target's offload ports, and reopens its maps when a rerun
+// of install replaced them, until ctx ends.
+func (o *offloader) follow(target loader.Target) runner {
+	return func(ctx context.Context) error {
+		t := time.NewTicker(offloadRefresh)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-t.C:
+			}
+			// An install being replaced fails these: keep the last.
+			plan, err := loader.ReadPlan(target)
+			if err != nil {
+				o.log.Debug("offload: reread the install's ports", "err", err)
+				continue
+			}
+			maps, err := loader.OpenOffload(target)
+			if err != nil {
+				o.log.Debug("offload: reopen the install's maps", "err", err)
+				continue
+			}
+			if maps.Same(o.maps.Load()) {
+				maps.Close()
+			} else {
+				o.maps.Swap(maps).Close()
+			}
+			o.ports.Store(&offloadPorts{plan.OffloadPorts, plan.OffloadInboundPorts})
+		}
+	}
 }
 
 func (o *offloader) Offload(dir proxy.Direction, dst netip.AddrPort, app, far int) func() {
-	ports := o.outbound
+	p := o.ports.Load()
+	ports := p.outbound
 	if dir == proxy.Inbound {
-		ports = o.inbound
+		ports = p.inbound
 	}
 	if !slices.Contains(ports, dst.Port()) {
 		return nil
 	}
-	release, err := o.maps.Hand(app, far)
+	release, err := o.maps.Load().Hand(app, far)
 	if err != nil {
 		// Once: every connection would fail alike. It stays proxied.
 		if !o.warned.Swap(true) {
@@ -49,3 +95,6 @@ func (o *offloader) Offload(dir proxy.Direction, dst netip.AddrPort, app, far in
 		}
 	}
 }
+
+// Close closes the maps, once the proxy has closed every connection.
+func (o *offloader) Close() error { return o.maps.Load().Close() }

@@ -235,3 +235,26 @@ func TestOffloadManyLeaveNothing(t *testing.T) {
 			s.OffloadConnections, s.OffloadSockets, s.SpliceSockets, s.Handshakes)
 	}
 }
+
+// A running sidecar follows a rerun of install that turns offload on: the
+// next connections to the port are offloaded.
+func TestOffloadFollowsInstall(t *testing.T) {
+	c := newCapturedPod(t, "--splice")
+	c.startSidecar(t)
+	mustCLI(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "--splice", "--offload-ports", "8080")
+	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		before := statusJSON(t, c.cgroup).Counters
+		res := c.client(t, addr)
+		e := c.proxiedEntry(t, res, addr, "outbound")
+		d := diff(before, statusJSON(t, c.cgroup).Counters)
+		if e["offloaded"] == true && d["offload_messages"] > 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("connections still not offloaded 10 s after install turned offload on: %v\n%s", d, c.sidecar.Output())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}

@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/proxy"
 	"github.com/sluicemesh/sluice/redirect"
@@ -133,13 +135,26 @@ Examples:
 					Routes: source.Routes})
 				runners = append(runners, exporter.Run, closeOnDone(source))
 			}
-			if len(installed.OffloadPorts) > 0 || len(installed.OffloadInboundPorts) > 0 {
-				maps, err := loader.OpenOffload(target)
-				if err != nil {
-					return err
-				}
-				defer maps.Close()
+			// Offload's maps are in every install since they exist; the
+			// ports that use them may come with a later rerun of install.
+			if maps, err := loader.OpenOffload(target); err == nil {
 				offload = newOffloader(maps, installed, log)
+				// Root is dropped below, and the pins' path may cross
+				// directories only root may pass (the host's
+				// /sys/fs/bpf): a descriptor of their directory keeps
+				// them in reach for rereading the policy.
+				dir, err := unix.Open(target.PinDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+				if err != nil {
+					return fmt.Errorf("open %s: %w", target.PinDir, err)
+				}
+				defer unix.Close(dir)
+				follow := target
+				follow.PinDir = fmt.Sprintf("/proc/self/fd/%d", dir)
+				runners = append(runners, offload.follow(follow))
+			} else if len(installed.OffloadPorts) > 0 || len(installed.OffloadInboundPorts) > 0 {
+				return err
+			} else {
+				log.Debug("no offload: its maps cannot be opened", "err", err)
 			}
 			if !set["p"] {
 				policy.OutboundPort = installed.OutboundPort
@@ -189,6 +204,7 @@ Examples:
 		}
 		err = serve(ctx, runners, p, *drain, served, log)
 		if offload != nil {
+			offload.Close()
 			log.Info("offload", "connections_offloaded", offload.handed.Load())
 		}
 		return err
