@@ -73,11 +73,11 @@ static __always_inline __u32 peer_backlog(__u64 peer)
  *   just redirected to): the sidecar forwards those bytes first, and takes
  *   them off its queue only once written (it peeks, writes, then reads), so
  *   an empty queue means they are all on the far socket already;
- * - the far socket has room, and only as many bytes as it has room for go
- *   there: a send it cannot take fails with EAGAIN on the app's socket,
- *   whose own buffer never fills, so a non-blocking app would wait for room
- *   forever. The rest goes to the sidecar, which waits for room as a proxy
- *   does, and TCP's window slows the app meanwhile.
+ * - the far socket has room: a send it cannot take at all fails with EAGAIN
+ *   on the app's socket, whose own buffer never fills, so a non-blocking
+ *   app would wait for room forever. Otherwise the message goes to the
+ *   sidecar, which waits for room as a proxy does, and TCP's window slows
+ *   the app meanwhile.
  * On false, msg still goes to the peer; on a peer gone meanwhile, dropped. */
 static __always_inline int offload(struct sk_msg_md *msg, struct sock_state *st, const __u64 *far,
 				   struct tuple_key *peer, __u32 size)
@@ -87,15 +87,17 @@ static __always_inline int offload(struct sk_msg_md *msg, struct sock_state *st,
 	if (bpf_msg_redirect_hash(msg, &offload_socks, (void *)far, 0) != SK_PASS)
 		goto via_proxy; /* the far socket closed: the sidecar is ending it */
 	struct sock *sk = (struct sock *)BPF_CORE_READ((struct sk_msg *)msg, sk_redir);
+	/* A message larger than the room is taken in part: the app's send
+	 * returns short, and the app sends the rest again (to the sidecar,
+	 * if the far socket is still full). It is not split here with
+	 * bpf_msg_apply_bytes (the part that fits straight on, the rest to
+	 * the sidecar): that made this kernel (6.18) spin in the sidecar's
+	 * reads and grow its memory by gigabytes within seconds, with 200
+	 * connections at once. The bytes counted are those that fit. */
 	int room = BPF_CORE_READ(sk, sk_sndbuf) - BPF_CORE_READ(sk, sk_wmem_queued);
 	if (room > 0) {
-		/* What does not fit gets a verdict of its own: to the sidecar. */
-		if ((__u32)room < size) {
-			bpf_msg_apply_bytes(msg, room);
-			size = room;
-		}
 		count(COUNT_OFFLOAD_MSGS);
-		count_n(COUNT_OFFLOAD_BYTES, size);
+		count_n(COUNT_OFFLOAD_BYTES, (__u32)room < size ? (__u32)room : size);
 		return 1;
 	}
 	/* Back to the peer, which the call before this one found. */

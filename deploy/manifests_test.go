@@ -37,7 +37,7 @@ var wantCaps = map[string][]string{
 // wantCommands are the Sluice containers' command lines. The drop-ins' are
 // the injectors' own argument lists: that is what makes them drop-ins.
 var wantCommands = map[string][]string{
-	"sluice-init":  {"/sluice", "install", "--validate"},
+	"sluice-init":  {"/sluice", "install", "--validate", "--annotations", "/etc/podinfo/annotations"},
 	"istio-init":   {"/sluice", "istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"},
 	"linkerd-init": {"/sluice", "proxy-init", "--incoming-proxy-port", "4143", "--outgoing-proxy-port", "4140", "--proxy-uid", "2102", "--inbound-ports-to-ignore", "4190,4191,4567,4568", "--outbound-ports-to-ignore", "4567,4568"},
 	"sluice-proxy": {"/sluice", "run", "--metrics-addr", ":15090", "--log-format", "json"},

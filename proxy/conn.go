@@ -177,8 +177,7 @@ func (l *loop) step(c *conn, src, dst *side, count *int64) (bool, error) {
 	case err != nil:
 		return false, os.NewSyscallError("read", err)
 	case n == 0:
-		src.eof = true
-		return true, nil
+		return true, endOfStream(src)
 	case n < len(l.scratch) && !src.hup && !src.greedy:
 		// A short read took all there was: with edge-triggered events
 		// the next bytes to arrive bring an event of their own, so no
@@ -225,8 +224,7 @@ func (l *loop) forwardPeeked(c *conn, src, dst *side, count *int64) (bool, error
 	case err != nil:
 		return false, os.NewSyscallError("recv", err)
 	case n == 0:
-		src.eof = true
-		return true, nil
+		return true, endOfStream(src)
 	}
 	c.last = l.now
 	w, err := rawWrite(dst.fd, l.scratch[:n])
@@ -250,6 +248,24 @@ func (l *loop) forwardPeeked(c *conn, src, dst *side, count *int64) (bool, error
 	}
 	return true, nil
 }
+
+// endOfStream marks src finished once a read returned 0, or returns
+// ECONNRESET when that 0 means a reset whose error another call took: with
+// offload, the app's own sends on the far socket see the reset first. A
+// socket the proxy has not shut down reaches TCP_CLOSE only by a reset (a
+// FIN leaves it in CLOSE_WAIT).
+func endOfStream(src *side) error {
+	if !src.shut {
+		if info, err := unix.GetsockoptTCPInfo(src.fd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil && info.State == tcpClose {
+			return os.NewSyscallError("read", unix.ECONNRESET)
+		}
+	}
+	src.eof = true
+	return nil
+}
+
+// tcpClose is TCP_CLOSE, the state of a socket after a reset.
+const tcpClose = 7
 
 // fail ends a connection whose dial failed, with a warning.
 func (l *loop) fail(c *conn, err error) {

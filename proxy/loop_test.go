@@ -168,6 +168,36 @@ func TestProxyMovesBytes(t *testing.T) {
 	}
 }
 
+// offerAll offloads every connection, as far as the proxy can tell: the
+// proxy then forwards the app's bytes by peek, write, read, with no kernel
+// to send any straight on.
+type offerAll struct{ offered, released sync.WaitGroup }
+
+func (o *offerAll) Offload(Direction, netip.AddrPort, int, int) func() {
+	o.offered.Done()
+	return o.released.Done
+}
+
+// An offloaded connection whose bytes all stay with the proxy (the kernel
+// sent none straight on) moves them intact, slow peer and half-close
+// included, and is taken back before its sockets close.
+func TestProxyOffloadedForwardsPeeked(t *testing.T) {
+	o := &offerAll{}
+	o.offered.Add(4)
+	o.released.Add(4)
+	r := newRig(t, echoServer(t, time.Millisecond), Options{BufferSize: 4 << 10, Offload: o})
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() { exchange(t, r.addr, 2<<20) })
+	}
+	wg.Wait()
+	o.offered.Wait()
+	o.released.Wait()
+	if attrs := r.log.wait(t, "proxied"); !attrs["offloaded"].Bool() || attrs["sent"].Int64() != 2<<20 {
+		t.Errorf("proxied record %v, want offloaded and every byte through the proxy", attrs)
+	}
+}
+
 // A peer slower than the other side makes the proxy hold bytes for it (its
 // send buffer is full) and stop reading from the fast side meanwhile; the
 // bytes still arrive intact, many connections at once.

@@ -365,3 +365,27 @@ func policyArgs(p Policy) []string {
 		"--splice=" + strconv.FormatBool(p.Splice),
 	}
 }
+
+// FuzzParseAnnotations reads fuzzed annotation files: a refusal is one line,
+// and what is accepted reads back the same once written as the kubelet
+// writes it.
+func FuzzParseAnnotations(f *testing.F) {
+	f.Add("sluice.dev/offload-ports=\"8080\"\nnote=\"a \\\"b\\\"\\nc\"\n")
+	f.Add("k=v")
+	f.Add("\n\nk=\"\"\n")
+	f.Fuzz(func(t *testing.T, data string) {
+		ann, err := ParseAnnotations(strings.NewReader(data))
+		if err != nil {
+			checkError(t, data, err)
+			return
+		}
+		var b strings.Builder
+		for k, v := range ann {
+			fmt.Fprintf(&b, "%s=%s\n", k, strconv.Quote(v))
+		}
+		again, err := ParseAnnotations(strings.NewReader(b.String()))
+		if err != nil || !reflect.DeepEqual(again, ann) {
+			t.Fatalf("%q: parsed %q, written back and parsed %q (%v)", data, ann, again, err)
+		}
+	})
+}

@@ -27,6 +27,9 @@ func TestCLIBadInput(t *testing.T) {
 	dupRoutes := file("dup.yaml", "routes:\n  - service: 198.19.0.10:80\n    backendRefs:\n      - {address: 198.18.2.2, port: 8080, weight: 1}\n      - {address: 198.18.2.2, port: 8080, weight: 2}\n")
 	goodRoutes := file("good.yaml", "routes:\n  - service: 198.19.0.10:80\n    backendRefs:\n      - {address: 198.18.2.2, port: 8080, weight: 1}\n")
 	emptyRoutes := file("empty.yaml", "")
+	misspelt := file("annotations-misspelt", "sluice.dev/offload-port=\"8080\"\n")
+	badPort := file("annotations-bad-port", "sluice.dev/offload-ports=\"80x\"\n")
+	unquoted := file("annotations-unquoted", "sluice.dev/splice=true\n")
 
 	// A cgroup path that parses but must never be reached for these cases:
 	// no such directory exists.
@@ -58,6 +61,11 @@ func TestCLIBadInput(t *testing.T) {
 		{"install bad bool", with("install", "--splice=maybe"), 2, []string{`invalid boolean value "maybe" for -splice`, "want true or false"}},
 		{"install log level", with("install", "--log-level", "loud"), 2, []string{`log level "loud"`, "want debug, info, warn or error"}},
 		{"install flag without value", []string{"install", "--cgroup"}, 2, []string{"flag needs an argument: -cgroup", "run 'sluice install --help'"}},
+		{"install offload without splice", with("install", "--offload-ports", "8080"), 2, []string{"--offload-ports and --offload-inbound-ports", "add --splice"}},
+		{"install annotations missing", with("install", "--annotations", filepath.Join(dir, "none")), 2, []string{"no such file", "mount the pod's annotations with a downwardAPI volume"}},
+		{"install annotation misspelt", with("install", "--annotations", misspelt), 2, []string{"unknown annotation sluice.dev/offload-port", "fix the pod's annotation"}},
+		{"install annotation bad port", with("install", "--annotations", badPort), 2, []string{`annotation sluice.dev/offload-ports="80x": "80x" is not a port number`, "fix the pod's annotation"}},
+		{"install annotation unquoted", with("install", "--annotations", unquoted), 2, []string{`the value of "sluice.dev/splice" is not a quoted string`, "--annotations"}},
 		{"install extra argument", with("install", "extra"), 2, []string{`unexpected argument "extra"`, "every option is a flag"}},
 		{"install no cgroup outside a pod", []string{"install"}, 2, []string{"no --cgroup given", "use 'sluice install --cgroup' with the pod's cgroup v2 directory"}},
 		{"install probe port 0", with("install", "--probe-port", "0"), 2, []string{"port 0 is out of range", "want 1-65535"}},

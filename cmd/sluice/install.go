@@ -66,10 +66,17 @@ Examples:
 		fs.Var(redirect.PortFlag(&req.probePort), "probe-port", "port of the validation probe's destination")
 		fs.DurationVar(&req.probeTimeout, "probe-timeout", redirect.DefaultProbeTimeout, "how long the validation probe may take")
 		logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+		annotations := fs.String("annotations", "", "a downward API file of the pod's annotations: "+redirect.AnnotationPrefix+"<flag> sets --<flag> for\n"+
+			strings.Join(redirect.AnnotatedFlags, ", ")+" (flags given here win)")
 		req.policy = redirect.DefaultPolicy()
 		req.policy.RegisterFlags(fs)
 		if err := parseFlags(fs, c, args, stdout); err != nil {
 			return err
+		}
+		if *annotations != "" {
+			if err := applyAnnotations(fs, *annotations); err != nil {
+				return err
+			}
 		}
 		var err error
 		if req.log, err = newLogger(os.Stderr, "text", *logLevel); err != nil {
@@ -79,6 +86,35 @@ Examples:
 		return installPod(ctx, req, stdout)
 	}
 	return c
+}
+
+// applyAnnotations sets the flags the pod's sluice.dev/ annotations in file
+// ask for, except those set on the command line.
+func applyAnnotations(fs *flag.FlagSet, file string) error {
+	f, err := os.Open(file)
+	if err != nil {
+		return usageError{fmt.Sprintf("--annotations: %v (mount the pod's annotations with a downwardAPI volume)", err)}
+	}
+	defer f.Close()
+	ann, err := redirect.ParseAnnotations(f)
+	if err != nil {
+		return usageError{fmt.Sprintf("--annotations %s: %v", file, err)}
+	}
+	settings, err := redirect.AnnotationSettings(ann)
+	if err != nil {
+		return usageError{fmt.Sprintf("--annotations %s: %v: fix the pod's annotation", file, err)}
+	}
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	for _, kv := range settings {
+		if given[kv[0]] {
+			continue
+		}
+		if err := fs.Set(kv[0], kv[1]); err != nil {
+			return usageError{fmt.Sprintf("annotation %s%s=%q: %v: fix the pod's annotation", redirect.AnnotationPrefix, kv[0], kv[1], err)}
+		}
+	}
+	return nil
 }
 
 // installRequest is one install as install, istio-iptables or proxy-init

@@ -6,6 +6,8 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -61,6 +63,13 @@ func TestOffloadIntact(t *testing.T) {
 			t.Errorf("%s: offloaded %v, %d messages (%d bytes) offloaded and %d of the app's %d bytes through the sidecar; want some offloaded",
 				tc.name, e["offloaded"], d["offload_messages"], d["offload_bytes"], bySidecar, want)
 		}
+		// The flow is measured on the sidecar's socket on the wire,
+		// which carried every byte either way.
+		reporter, sent, received := "source", float64(payload), float64(echoed(res))
+		if tc.inbound {
+			reporter, sent, received = "destination", float64(echoed(res)), float64(payload)
+		}
+		c.expectFlowBytes(t, map[string]string{"reporter": reporter, "destination_service": addr}, sent, received)
 		if after.SpliceSockets != 0 || after.OffloadSockets != 0 {
 			t.Errorf("%s: %d sockets left in the splice table and %d in offload's after the connection closed", tc.name, after.SpliceSockets, after.OffloadSockets)
 		}
@@ -78,6 +87,23 @@ func TestOffloadIntact(t *testing.T) {
 	t.Logf("bulk: %+v", d)
 	if d["offload_bytes"] == 0 {
 		t.Errorf("bulk: nothing offloaded")
+	}
+}
+
+// expectFlowBytes waits for the one closed flow with labels in the
+// sidecar's metrics and checks its byte counts.
+func (c *capturedPod) expectFlowBytes(t *testing.T, labels map[string]string, sent, received float64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	fams := c.scrape(t)
+	for sample(fams, "sluice_tcp_connections_closed_total", labels) < 1 && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+		fams = c.scrape(t)
+	}
+	for metric, want := range map[string]float64{"sluice_tcp_sent_bytes_total": sent, "sluice_tcp_received_bytes_total": received} {
+		if got := sample(fams, metric, labels); got != want {
+			t.Errorf("%v: %s = %v, want %v", labels, metric, got, want)
+		}
 	}
 }
 
@@ -236,12 +262,20 @@ func TestOffloadManyLeaveNothing(t *testing.T) {
 	}
 }
 
-// A running sidecar follows a rerun of install that turns offload on: the
-// next connections to the port are offloaded.
+// A running sidecar follows a rerun of install that turns offload on, here
+// from the pod's annotations as the init container reads them: the next
+// connections to the port are offloaded.
 func TestOffloadFollowsInstall(t *testing.T) {
-	c := newCapturedPod(t, "--splice")
+	c := newCapturedPod(t)
 	c.startSidecar(t)
-	mustCLI(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "--splice", "--offload-ports", "8080")
+	annotations := filepath.Join(t.TempDir(), "annotations")
+	if err := os.WriteFile(annotations, []byte("app=\"x\"\nsluice.dev/splice=\"true\"\nsluice.dev/offload-ports=\"8080\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mustCLI(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "--annotations", annotations)
+	if p := statusJSON(t, c.cgroup).Plan; !p.Splice || len(p.OffloadPorts) != 1 || p.OffloadPorts[0] != 8080 {
+		t.Fatalf("after install --annotations: splice %v, offload ports %v; want the annotations' true and 8080", p.Splice, p.OffloadPorts)
+	}
 	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
 	deadline := time.Now().Add(10 * time.Second)
 	for {

@@ -103,6 +103,9 @@ func (c *cluster) sluiceChecks(ctx context.Context, imgs images, t *timings) (*c
 		{"6. agent pod deleted: capture untouched, agent back", k.agentRestart},
 		{"6. sandbox killed: init reruns, Ready, captured both ways", k.sandboxRestart},
 		{"7. Prometheus scrapes sidecar and agent; workload labels", k.prometheusScrapes},
+		{"8. offload by annotation: pod-template + sluice.dev/* Ready", func() (string, error) { return k.offloadPod(t) }},
+		{"8. offloaded outbound app -> server1", func() (string, error) { return k.outbound("app-offload", 15090) }},
+		{"8. offloaded inbound server1 -> app, app's bytes by kernel", k.offloadedInbound},
 	}
 	for _, s := range steps {
 		if err := k.check(s.name, s.f); err != nil {
@@ -654,4 +657,64 @@ func (k *checker) canary() (string, error) {
 		return "", fmt.Errorf("20 connections to 198.19.0.10:80 answered %v, want both servers and no failure", count)
 	}
 	return fmt.Sprintf("server1 %d, server2 %d of 20", count["server1"], count["server2"]), nil
+}
+
+// offloadPod applies deploy/pod/pod-template.yaml as a second workload,
+// app-offload, whose annotations turn on splice and offload of port 8080
+// both ways: the init container reads them from the downwardAPI file.
+func (k *checker) offloadPod(t *timings) (string, error) {
+	data, err := os.ReadFile(k.c.template)
+	if err != nil {
+		return "", err
+	}
+	manifest, err := k.appCommand(string(data), "app-offload")
+	if err != nil {
+		return "", err
+	}
+	const name, label, scrape = "  name: app\n", "app: app\n", "        prometheus.io/path: /metrics\n"
+	if strings.Count(manifest, name) != 1 || strings.Count(manifest, label) != 3 || strings.Count(manifest, scrape) != 1 {
+		return "", fmt.Errorf("%s: want one %q, three %q and one %q", k.c.template, name, label, scrape)
+	}
+	manifest = strings.Replace(manifest, name, "  name: app-offload\n", 1)
+	manifest = strings.ReplaceAll(manifest, label, "app: app-offload\n")
+	manifest = strings.Replace(manifest, scrape, scrape+`        sluice.dev/splice: "true"
+        sluice.dev/offload-ports: "8080"
+        sluice.dev/offload-inbound-ports: "8080"
+`, 1)
+	start := time.Now()
+	if err := k.apply("sluice-offload", manifest); err != nil {
+		return "", err
+	}
+	pod, err := k.podOf("default", "app=app-offload")
+	if err != nil {
+		k.c.sluiceReport(k.ctx, "app-offload", []string{"sluice-init", "sluice-proxy", "app"})
+		return "", err
+	}
+	t.offloadPod = time.Since(start)
+	return k.describeSluicePod(pod, "app-offload", t.offloadPod)
+}
+
+// offloadedInbound: server1 fetches the offloaded pod's file intact through
+// the sidecar, and the kernel counts the app's reply bytes as sent straight
+// out on the sidecar's socket to server1 (offload_bytes), by the sidecar
+// that runs with no capability at all.
+func (k *checker) offloadedInbound() (string, error) {
+	ip := k.ip["app-offload"]
+	const offloaded = "sluice_kernel_events_total"
+	before, err := metric(ip, 15090, offloaded, `event="offload_bytes"`)
+	if err != nil {
+		return "", err
+	}
+	res, err := k.inbound("app-offload", 15090)
+	if err != nil {
+		return "", err
+	}
+	after, err := metric(ip, 15090, offloaded, `event="offload_bytes"`)
+	if err != nil {
+		return "", err
+	}
+	if after <= before {
+		return "", fmt.Errorf("%s{event=\"offload_bytes\"} %v, was %v: the app's bytes were not offloaded", offloaded, after, before)
+	}
+	return fmt.Sprintf("%s; offload_bytes %v -> %v", res, before, after), nil
 }

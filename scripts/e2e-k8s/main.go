@@ -132,6 +132,7 @@ type timings struct {
 	build, images, up, podReady, sluicePod, down time.Duration
 	servers, agent, collect                      time.Duration
 	dropIns                                      [][2]string // mesh, apply to Ready
+	offloadPod                                   time.Duration
 	buildCached                                  bool
 }
 
@@ -230,6 +231,9 @@ func (t timings) print() {
 	}
 	for _, d := range t.dropIns {
 		fmt.Printf("%-8s drop-in Ready %6s\n", d[0], d[1])
+	}
+	if t.offloadPod > 0 {
+		fmt.Printf("offload pod Ready    %8.1fs  (pod-template.yaml + sluice.dev/ annotations)\n", t.offloadPod.Seconds())
 	}
 	if t.agent > 0 {
 		fmt.Printf("agent Ready          %8.1fs\n", t.agent.Seconds())

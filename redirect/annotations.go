@@ -1,0 +1,66 @@
+package redirect
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// AnnotationPrefix starts the pod annotations that set install's per-workload
+// policy: sluice.dev/<flag> sets --<flag>, for the flags in AnnotatedFlags.
+// The init container reads them from a downward API file (install
+// --annotations), so a workload states its fast paths in its own pod spec.
+const AnnotationPrefix = "sluice.dev/"
+
+// AnnotatedFlags are the flags a pod annotation may set.
+var AnnotatedFlags = []string{"splice", "kernel-only-ports", "kernel-only-cidrs", "kernel-only-inbound-ports", "offload-ports", "offload-inbound-ports"}
+
+// ParseAnnotations reads a Kubernetes downward API annotations file: one
+// key="value" line per annotation, the value quoted as Go quotes strings.
+func ParseAnnotations(r io.Reader) (map[string]string, error) {
+	ann := map[string]string{}
+	sc := bufio.NewScanner(r)
+	sc.Buffer(nil, 1<<20)
+	for n := 1; sc.Scan(); n++ {
+		line := sc.Text()
+		if strings.TrimSpace(line) == "" {
+			continue
+		}
+		key, quoted, ok := strings.Cut(line, "=")
+		if !ok {
+			return nil, fmt.Errorf("line %d: %q is not key=\"value\"", n, line)
+		}
+		value, err := strconv.Unquote(quoted)
+		if err != nil {
+			return nil, fmt.Errorf("line %d: the value of %q is not a quoted string: %q", n, key, quoted)
+		}
+		ann[key] = value
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("read the annotations: %v", err)
+	}
+	return ann, nil
+}
+
+// AnnotationSettings returns the flag settings ann's sluice.dev/ annotations
+// ask for, as flag name and value pairs in AnnotatedFlags' order. An unknown
+// sluice.dev/ annotation is an error: a misspelt one would otherwise be
+// ignored without a word.
+func AnnotationSettings(ann map[string]string) ([][2]string, error) {
+	for key := range ann {
+		name, ok := strings.CutPrefix(key, AnnotationPrefix)
+		if ok && !slices.Contains(AnnotatedFlags, name) {
+			return nil, fmt.Errorf("unknown annotation %s: the known ones are %s%s", key, AnnotationPrefix, strings.Join(AnnotatedFlags, ", "+AnnotationPrefix))
+		}
+	}
+	var set [][2]string
+	for _, name := range AnnotatedFlags {
+		if v, ok := ann[AnnotationPrefix+name]; ok {
+			set = append(set, [2]string{name, v})
+		}
+	}
+	return set, nil
+}
