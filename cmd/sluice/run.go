@@ -43,6 +43,12 @@ them before it listens, since only the proxy may bind the capture ports and
 its own connections must not be captured.
 It needs no Sluice programs: behind iptables REDIRECT it works the same.
 
+With --cgroup it also offloads the connections the install names
+(--offload-ports, --offload-inbound-ports, or their sluice.dev/ annotations):
+once it has dialed, the kernel sends the app's bytes straight out on its
+socket, and only the replies still pass through it. It follows a rerun of
+install within a second.
+
 With --cgroup it also exports the pod's flows, measured in the kernel, on
 --metrics-addr (default :15090, the port Istio's Envoy uses for its own
 stats; change it where both run): /metrics for Prometheus, /flows for the
