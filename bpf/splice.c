@@ -67,8 +67,8 @@ static __always_inline __u32 peer_backlog(__u64 peer)
 /* offload sends msg, from the app's end of a connection the sidecar has
  * handed to the kernel, straight out on the sidecar's far socket (egress:
  * onto its send queue, in this send call), where the sidecar would have
- * written it. It may only when that keeps the bytes in order and the send
- * whole:
+ * written it. It may only when that keeps the bytes in order and cannot
+ * leave the app waiting:
  * - nothing waits at the sidecar's end of the hop (the peer this message was
  *   just redirected to): the sidecar forwards those bytes first, and takes
  *   them off its queue only once written (it peeks, writes, then reads), so
@@ -78,7 +78,8 @@ static __always_inline __u32 peer_backlog(__u64 peer)
  *   app would wait for room forever. Otherwise the message goes to the
  *   sidecar, which waits for room as a proxy does, and TCP's window slows
  *   the app meanwhile.
- * On false, msg still goes to the peer; on a peer gone meanwhile, dropped. */
+ * It returns 1 when msg goes straight on, 0 when it still goes to the peer,
+ * and -1 when the peer left meanwhile (msg is then dropped). */
 static __always_inline int offload(struct sk_msg_md *msg, struct sock_state *st, const __u64 *far,
 				   struct tuple_key *peer, __u32 size)
 {

@@ -141,8 +141,9 @@ Examples:
 					Routes: source.Routes})
 				runners = append(runners, exporter.Run, closeOnDone(source))
 			}
-			// Offload's maps are in every install since they exist; the
-			// ports that use them may come with a later rerun of install.
+			// Every install made since offload exists has its maps,
+			// offload ports or not: a later rerun of install may add
+			// them.
 			if maps, err := loader.OpenOffload(target); err == nil {
 				offload = newOffloader(maps, installed, log)
 				// Root is dropped below, and the pins' path may cross
