@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"image/color"
 	"io"
 	"math"
 	"runtime"
@@ -11,7 +12,6 @@ import (
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
-	"gonum.org/v1/plot/plotutil"
 	"gonum.org/v1/plot/vg"
 )
 
@@ -250,6 +250,12 @@ func plotRatios(r report, configs []string, path string) error {
 		}
 	}
 	w := vg.Points(60 / float64(max(len(others), 1)))
+	// Ten colors told apart at a glance (matplotlib's tab10): plotutil's
+	// repeat after seven, and there are more configurations.
+	var palette []color.Color
+	for _, rgb := range []uint32{0xd62728, 0x2ca02c, 0x1f77b4, 0xff7f0e, 0x9467bd, 0x8c564b, 0xe377c2, 0x17becf, 0x7f7f7f, 0xbcbd22} {
+		palette = append(palette, color.RGBA{R: uint8(rgb >> 16), G: uint8(rgb >> 8), B: uint8(rgb), A: 255})
+	}
 	for i, c := range others {
 		vals := make(plotter.Values, len(names))
 		for j, m := range metrics[:8] {
@@ -262,7 +268,7 @@ func plotRatios(r report, configs []string, path string) error {
 			return err
 		}
 		bars.LineStyle.Width = 0
-		bars.Color = plotutil.Color(i)
+		bars.Color = palette[i%len(palette)]
 		bars.Offset = w * vg.Length(float64(i)-float64(len(others)-1)/2)
 		p.Add(bars)
 		p.Legend.Add(c, bars)
