@@ -177,7 +177,9 @@ func (l *loop) step(c *conn, src, dst *side, count *int64) (bool, error) {
 	case err != nil:
 		return false, os.NewSyscallError("read", err)
 	case n == 0:
-		return true, endOfStream(src)
+		// Only an offloaded connection's far socket can have had its
+		// reset taken by another call.
+		return true, endOfStream(src, c.release != nil)
 	case n < len(l.scratch) && !src.hup && !src.greedy:
 		// A short read took all there was: with edge-triggered events
 		// the next bytes to arrive bring an event of their own, so no
@@ -224,7 +226,7 @@ func (l *loop) forwardPeeked(c *conn, src, dst *side, count *int64) (bool, error
 	case err != nil:
 		return false, os.NewSyscallError("recv", err)
 	case n == 0:
-		return true, endOfStream(src)
+		return true, endOfStream(src, false)
 	}
 	c.last = l.now
 	w, err := rawWrite(dst.fd, l.scratch[:n])
@@ -249,13 +251,13 @@ func (l *loop) forwardPeeked(c *conn, src, dst *side, count *int64) (bool, error
 	return true, nil
 }
 
-// endOfStream marks src finished once a read returned 0, or returns
-// ECONNRESET when that 0 means a reset whose error another call took: with
-// offload, the app's own sends on the far socket see the reset first. A
-// socket the proxy has not shut down reaches TCP_CLOSE only by a reset (a
-// FIN leaves it in CLOSE_WAIT).
-func endOfStream(src *side) error {
-	if !src.shut {
+// endOfStream marks src finished once a read returned 0. With maybeReset,
+// it returns ECONNRESET instead when that 0 means a reset whose error
+// another call took: with offload, the app's own sends on the far socket
+// see the reset first. A socket the proxy has not shut down reaches
+// TCP_CLOSE only by a reset (a FIN leaves it in CLOSE_WAIT).
+func endOfStream(src *side, maybeReset bool) error {
+	if maybeReset && !src.shut {
 		if info, err := unix.GetsockoptTCPInfo(src.fd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil && info.State == tcpClose {
 			return os.NewSyscallError("read", unix.ECONNRESET)
 		}

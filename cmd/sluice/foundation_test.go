@@ -420,6 +420,21 @@ func TestSidecarAsProxyUserWithNoCapabilities(t *testing.T) {
 	in := netip.AddrPortFrom(c.pod.Addr4, 8080).String()
 	c.expectProxiedDir(t, c.inbound(t, in), in, "inbound")
 
+	// Offload, turned on by a rerun of install, works for this sidecar
+	// too: it opens offload's maps and rereads the policy as uid 1337.
+	mustCLI(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "--splice", "--offload-ports", "8080")
+	out := netip.AddrPortFrom(c.host.Addr4, 8080).String()
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		before := statusJSON(t, c.cgroup).Counters
+		c.client(t, out)
+		if d := diff(before, statusJSON(t, c.cgroup).Counters); d["offload_messages"] > 0 {
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("no message offloaded 10 s after install turned offload on: %v\n%s", d, l.Output())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+
 	pins := statusJSON(t, c.cgroup).Target.PinDir
 	var opened map[string]string
 	if err := runHelper(t, c.pod, helper(t, "openpin", filepath.Join(pins, "meta"), filepath.Join(pins, "policies")), 1000, &opened); err != nil {
