@@ -64,18 +64,16 @@ func (o *Offload) Close() error {
 }
 
 // Hand hands a proxied connection's app-to-far direction to the kernel, and
-// returns what takes it back (before app closes; the far socket leaves the
-// sockhash by itself as it closes). app is the sidecar's socket on the hop
-// to the app, far its socket on the other side; both connected. From the
-// call on, the sidecar must leave every byte it reads from app on app's
-// queue until it has written it to far (peek, write, then read), since the
-// kernel sends the app's next message straight on only when that queue is
-// empty.
-func (o *Offload) Hand(app, far int) (release func() error, err error) {
-	key, err := appKey(app)
-	if err != nil {
-		return nil, err
-	}
+// returns what takes it back (before the sockets close; the far socket
+// leaves the sockhash by itself as it closes). app and sidecar are the two
+// ends of the hop to the app (the app's socket and the sidecar's), far the
+// sidecar's socket on the other side, connected. From the call on, the
+// sidecar must leave every byte it reads on its end of the hop until it has
+// written it to far (peek, write, then read), since the kernel sends the
+// app's next message straight on only when that queue is empty.
+func (o *Offload) Hand(app, sidecar netip.AddrPort, far int) (release func() error, err error) {
+	// The splice table's key of the app's end: the hop as the app sees it.
+	key := bpf.SluiceTupleKey{Client: Addr6(app.Addr()), ClientPort: app.Port(), Server: Addr6(sidecar.Addr()), ServerPort: sidecar.Port()}
 	cookie, err := unix.GetsockoptUint64(far, unix.SOL_SOCKET, unix.SO_COOKIE)
 	if err != nil {
 		return nil, fmt.Errorf("offload: socket cookie: %w", err)
@@ -96,32 +94,4 @@ func (o *Offload) Hand(app, far int) (release func() error, err error) {
 		}
 		return nil
 	}, nil
-}
-
-// appKey is the splice table's key of the app's end of the hop whose
-// sidecar end is fd: the connection as the app sees it.
-func appKey(fd int) (bpf.SluiceTupleKey, error) {
-	var key bpf.SluiceTupleKey
-	local, err := unix.Getsockname(fd)
-	if err != nil {
-		return key, fmt.Errorf("offload: getsockname: %w", err)
-	}
-	remote, err := unix.Getpeername(fd)
-	if err != nil {
-		return key, fmt.Errorf("offload: getpeername: %w", err)
-	}
-	app, sidecar := addrPort(remote), addrPort(local)
-	key.Client, key.ClientPort = Addr6(app.Addr()), app.Port()
-	key.Server, key.ServerPort = Addr6(sidecar.Addr()), sidecar.Port()
-	return key, nil
-}
-
-func addrPort(sa unix.Sockaddr) netip.AddrPort {
-	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
-		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
-	case *unix.SockaddrInet6:
-		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port))
-	}
-	return netip.AddrPort{}
 }

@@ -75,8 +75,16 @@ func (l *loop) progress(c *conn) {
 		c.connecting = false
 		if o := l.p.opts.Offload; o != nil {
 			app, far := c.appSide()
-			if c.release = o.Offload(c.dir, c.dst, app.fd, far.fd); c.release != nil {
-				app.peek = true
+			// The app's end of the hop is the client that connected
+			// (outbound) or the destination dialed (inbound).
+			peer := c.client
+			if c.dir == Inbound {
+				peer = c.dst
+			}
+			if sa, err := unix.Getsockname(app.fd); err == nil {
+				if c.release = o.Offload(c.dir, c.dst, peer, sockaddrPort(sa), far.fd); c.release != nil {
+					app.peek = true
+				}
 			}
 		}
 	}

@@ -173,7 +173,7 @@ func TestProxyMovesBytes(t *testing.T) {
 // to send any straight on.
 type offerAll struct{ offered, released sync.WaitGroup }
 
-func (o *offerAll) Offload(Direction, netip.AddrPort, int, int) func() {
+func (o *offerAll) Offload(Direction, netip.AddrPort, netip.AddrPort, netip.AddrPort, int) func() {
 	o.offered.Done()
 	return o.released.Done
 }

@@ -71,12 +71,12 @@ type Options struct {
 // socket has taken it (it peeks, writes, then reads), because the kernel
 // sends the app's next message straight on only while that queue is empty.
 type Offloader interface {
-	// Offload hands the connection over, or returns nil. app is the
-	// proxy's socket on the hop to the app (the accepted one outbound, the
-	// dialed one inbound), far its other one; nothing has been read from
-	// either yet. release takes the connection back before its sockets
-	// close.
-	Offload(dir Direction, dst netip.AddrPort, app, far int) (release func())
+	// Offload hands the connection over, or returns nil. app and proxy
+	// are the two ends of the hop to the app (the app's socket and the
+	// proxy's: its accepted one outbound, its dialed one inbound), far the
+	// proxy's other socket; nothing has been read from either yet.
+	// release takes the connection back before its sockets close.
+	Offload(dir Direction, dst, app, proxy netip.AddrPort, far int) (release func())
 }
 
 // Proxy is a transparent TCP proxy: for each accepted connection it asks the

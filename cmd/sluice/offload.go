@@ -71,7 +71,7 @@ func (o *offloader) follow(target loader.Target) runner {
 	}
 }
 
-func (o *offloader) Offload(dir proxy.Direction, dst netip.AddrPort, app, far int) func() {
+func (o *offloader) Offload(dir proxy.Direction, dst, app, sidecar netip.AddrPort, far int) func() {
 	p := o.ports.Load()
 	ports := p.outbound
 	if dir == proxy.Inbound {
@@ -80,7 +80,7 @@ func (o *offloader) Offload(dir proxy.Direction, dst netip.AddrPort, app, far in
 	if !slices.Contains(ports, dst.Port()) {
 		return nil
 	}
-	release, err := o.maps.Load().Hand(app, far)
+	release, err := o.maps.Load().Hand(app, sidecar, far)
 	if err != nil {
 		// Once: every connection would fail alike. It stays proxied.
 		if !o.warned.Swap(true) {
