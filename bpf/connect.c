@@ -184,6 +184,13 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, const struct polic
 		}
 		return 0;
 	}
+	/* A socket may connect again, after a connect that failed or that
+	 * AF_UNSPEC undid: nothing an earlier connect recorded (a destination
+	 * getpeername would answer, a role splice would act on) may outlive
+	 * it. */
+	struct sock_state *earlier = subflow_state(ctx->sk, 0);
+	if (earlier)
+		__builtin_memset(earlier, 0, sizeof(*earlier));
 	if (!should_capture(pol, slot, dst, port, family))
 		return 0;
 	bool kernel_only = port_in(pol, PORT_OUT_KERNEL_ONLY, port) || cidr_match(&kernel_only_cidrs, slot, dst, family);
@@ -219,6 +226,42 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, const struct polic
 	return 1;
 }
 
+/* pod_addr returns the pod's own address of a family (IPv4 v4-mapped), or
+ * NULL when the install recorded none. */
+static __always_inline const struct addr6 *pod_addr(__u32 which)
+{
+	const struct addr6 *a = bpf_map_lookup_elem(&pod_addrs, &which);
+	if (!a || (a->w[0] | a->w[1] | a->w[2] | a->w[3]) == 0)
+		return NULL;
+	return a;
+}
+
+/* A connect sent to the sidecar on loopback would get a loopback source
+ * address. Under iptables REDIRECT, and with no sidecar at all, the app's
+ * socket has the pod's own address, which apps read back with getsockname
+ * and advertise: bind_pod_addr4/6 bind the socket to it first. The port is
+ * still picked at connect (bpf_bind binds as IP_BIND_ADDRESS_NO_PORT does).
+ * A socket the app bound itself keeps its own address: bpf_bind fails, and
+ * nothing else changes. */
+static __always_inline void bind_pod_addr4(struct bpf_sock_addr *ctx)
+{
+	const struct addr6 *a = pod_addr(POD_ADDR_IPV4);
+	if (!a)
+		return;
+	struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = a->w[3]};
+	bpf_bind(ctx, (struct sockaddr *)&sin, sizeof(sin));
+}
+
+static __always_inline void bind_pod_addr6(struct bpf_sock_addr *ctx, bool mapped)
+{
+	const struct addr6 *a = pod_addr(mapped ? POD_ADDR_IPV4 : POD_ADDR_IPV6);
+	if (!a)
+		return;
+	struct sockaddr_in6 sin6 = {.sin6_family = AF_INET6};
+	__builtin_memcpy(&sin6.sin6_addr, a->w, sizeof(a->w));
+	bpf_bind(ctx, (struct sockaddr *)&sin6, sizeof(sin6));
+}
+
 SEC("cgroup/connect4")
 int sluice_connect4(struct bpf_sock_addr *ctx)
 {
@@ -233,6 +276,7 @@ int sluice_connect4(struct bpf_sock_addr *ctx)
 	if (verdict < 0)
 		return 0;
 	if (verdict == 1) {
+		bind_pod_addr4(ctx);
 		ctx->user_ip4 = bpf_htonl(0x7f000001);
 		ctx->user_port = bpf_htons(pol->outbound_port);
 	} else if (verdict == 2) {
@@ -271,6 +315,7 @@ int sluice_connect6(struct bpf_sock_addr *ctx)
 		ctx->user_ip6[3] = st->dial.addr.w[3];
 		ctx->user_port = bpf_htons(st->dial.port);
 	} else if (verdict == 1) {
+		bind_pod_addr6(ctx, mapped);
 		ctx->user_ip6[0] = 0;
 		ctx->user_ip6[1] = 0;
 		ctx->user_ip6[2] = mapped ? bpf_htonl(0xffff) : 0;

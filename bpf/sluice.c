@@ -9,6 +9,6 @@
 #include "getsockopt.c"
 #include "splice.c"
 #include "sockops.c"
-#include "tc_ingress.c"
+#include "sk_lookup.c"
 
 char __license[] SEC("license") = "Dual BSD/GPL";

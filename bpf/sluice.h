@@ -324,8 +324,8 @@ struct {
  * inbound hook considered, and every one a full table or a failed
  * allocation could not serve. */
 enum counter {
-	COUNT_INBOUND_STEERED,       /* SYN assigned to the inbound listener */
-	COUNT_INBOUND_NO_LISTENER,   /* captured SYN, but no sidecar listening */
+	COUNT_INBOUND_STEERED,       /* a captured listener lookup handed to the inbound listener */
+	COUNT_INBOUND_NO_LISTENER,   /* a captured listener lookup, but no sidecar listening */
 	COUNT_INBOUND_ASSIGN_FAILED, /* listener found, bpf_sk_assign refused */
 	COUNT_CONNECT_NO_STATE,      /* connect refused: no socket storage */
 	COUNT_HANDSHAKE_TABLE_FULL,  /* the proxy will not learn the destination */
@@ -345,8 +345,9 @@ enum counter {
 	COUNT_SPLICE_BYTES,  /* and their bytes */
 	COUNT_SPLICE_STOPPED, /* directions back on TCP: the reader fell behind */
 	COUNT_SPLICE_NO_PEER, /* directions on TCP: bytes sent with no peer to take them */
-	/* No sidecar listening: inbound SYNs answered with a reset (fail
-	 * closed), or connections let through uncaptured (fail open). Outbound
+	/* No sidecar listening: inbound connections refused, the kernel
+	 * answering as a closed port does (fail closed), or let through
+	 * uncaptured (fail open). Outbound
 	 * refusals are loopback's own and uncounted: the slot stays unused so
 	 * the counters keep their indexes. */
 	COUNT_FAIL_CLOSED_OUTBOUND,
@@ -354,10 +355,11 @@ enum counter {
 	COUNT_FAIL_OPEN_OUTBOUND,
 	COUNT_FAIL_OPEN_INBOUND,
 	COUNT_KERNEL_ONLY_OUTBOUND, /* connects sent straight on by policy */
-	COUNT_KERNEL_ONLY_INBOUND,  /* inbound SYNs left to the app by policy */
+	COUNT_KERNEL_ONLY_INBOUND,  /* inbound connections left to the app by policy */
 	COUNT_OFFLOAD_MSGS,      /* app messages sent straight out on the sidecar's far socket */
 	COUNT_OFFLOAD_BYTES,     /* and their bytes */
 	COUNT_OFFLOAD_VIA_PROXY, /* offloaded connections' messages the sidecar forwarded itself */
+	COUNT_INBOUND_LISTENER_FAILED, /* the sidecar's inbound listener could not be registered for sk_lookup */
 	COUNTERS,
 };
 
@@ -431,6 +433,40 @@ struct {
 	__type(value, __u64);
 } offload_peers SEC(".maps");
 
+/* Inbound capture: the sidecar's inbound listeners, one an address family,
+ * which sk_lookup hands captured connections to. sockops puts a listener
+ * here as it starts listening on the inbound port (only the proxy identity
+ * may bind it); the loader puts one opened before the install; the kernel
+ * takes it out as it closes. */
+enum listener_slot {
+	LISTENER_IPV4 = 0,
+	LISTENER_IPV6 = 1,
+	LISTENER_SLOTS,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, LISTENER_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} inbound_listeners SEC(".maps");
+
+/* The pod's own addresses, IPv4 (v4-mapped) and IPv6, as the interface had
+ * them at install: the source a captured connect gets (connect.c). Zero:
+ * none known (an install without the pod's interface). */
+enum pod_addr_slot {
+	POD_ADDR_IPV4 = 0,
+	POD_ADDR_IPV6 = 1,
+	POD_ADDR_SLOTS,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, POD_ADDR_SLOTS);
+	__type(key, __u32);
+	__type(value, struct addr6);
+} pod_addrs SEC(".maps");
+
 /* Flow events for the exporter in the sidecar, which drains it. */
 #define FLOW_RING_SIZE (64 * 1024)
 struct {
@@ -450,6 +486,8 @@ const struct flow_event *unused_flow_event __attribute__((unused));
 const enum route_mode *unused_route_mode __attribute__((unused));
 const enum rollback_reason *unused_rollback_reason __attribute__((unused));
 const enum splice_flag *unused_splice_flag __attribute__((unused));
+const enum listener_slot *unused_listener_slot __attribute__((unused));
+const enum pod_addr_slot *unused_pod_addr_slot __attribute__((unused));
 
 static __always_inline void count_n(enum counter c, __u64 delta)
 {

@@ -49,34 +49,35 @@ const (
 type SluiceCounter uint32
 
 const (
-	SluiceCounterCOUNT_INBOUND_STEERED       SluiceCounter = 0
-	SluiceCounterCOUNT_INBOUND_NO_LISTENER   SluiceCounter = 1
-	SluiceCounterCOUNT_INBOUND_ASSIGN_FAILED SluiceCounter = 2
-	SluiceCounterCOUNT_CONNECT_NO_STATE      SluiceCounter = 3
-	SluiceCounterCOUNT_HANDSHAKE_TABLE_FULL  SluiceCounter = 4
-	SluiceCounterCOUNT_FLOW_NO_STATE         SluiceCounter = 5
-	SluiceCounterCOUNT_FLOW_EVENT_LOST       SluiceCounter = 6
-	SluiceCounterCOUNT_CLOSE_LOST_OUTBOUND   SluiceCounter = 7
-	SluiceCounterCOUNT_CLOSE_LOST_INBOUND    SluiceCounter = 8
-	SluiceCounterCOUNT_BOTH_LOST_OUTBOUND    SluiceCounter = 9
-	SluiceCounterCOUNT_BOTH_LOST_INBOUND     SluiceCounter = 10
-	SluiceCounterCOUNT_ROUTE_REFUSED         SluiceCounter = 11
-	SluiceCounterCOUNT_SPLICE_JOINED         SluiceCounter = 12
-	SluiceCounterCOUNT_SPLICE_FULL           SluiceCounter = 13
-	SluiceCounterCOUNT_SPLICE_MSGS           SluiceCounter = 14
-	SluiceCounterCOUNT_SPLICE_BYTES          SluiceCounter = 15
-	SluiceCounterCOUNT_SPLICE_STOPPED        SluiceCounter = 16
-	SluiceCounterCOUNT_SPLICE_NO_PEER        SluiceCounter = 17
-	SluiceCounterCOUNT_FAIL_CLOSED_OUTBOUND  SluiceCounter = 18
-	SluiceCounterCOUNT_FAIL_CLOSED_INBOUND   SluiceCounter = 19
-	SluiceCounterCOUNT_FAIL_OPEN_OUTBOUND    SluiceCounter = 20
-	SluiceCounterCOUNT_FAIL_OPEN_INBOUND     SluiceCounter = 21
-	SluiceCounterCOUNT_KERNEL_ONLY_OUTBOUND  SluiceCounter = 22
-	SluiceCounterCOUNT_KERNEL_ONLY_INBOUND   SluiceCounter = 23
-	SluiceCounterCOUNT_OFFLOAD_MSGS          SluiceCounter = 24
-	SluiceCounterCOUNT_OFFLOAD_BYTES         SluiceCounter = 25
-	SluiceCounterCOUNT_OFFLOAD_VIA_PROXY     SluiceCounter = 26
-	SluiceCounterCOUNTERS                    SluiceCounter = 27
+	SluiceCounterCOUNT_INBOUND_STEERED         SluiceCounter = 0
+	SluiceCounterCOUNT_INBOUND_NO_LISTENER     SluiceCounter = 1
+	SluiceCounterCOUNT_INBOUND_ASSIGN_FAILED   SluiceCounter = 2
+	SluiceCounterCOUNT_CONNECT_NO_STATE        SluiceCounter = 3
+	SluiceCounterCOUNT_HANDSHAKE_TABLE_FULL    SluiceCounter = 4
+	SluiceCounterCOUNT_FLOW_NO_STATE           SluiceCounter = 5
+	SluiceCounterCOUNT_FLOW_EVENT_LOST         SluiceCounter = 6
+	SluiceCounterCOUNT_CLOSE_LOST_OUTBOUND     SluiceCounter = 7
+	SluiceCounterCOUNT_CLOSE_LOST_INBOUND      SluiceCounter = 8
+	SluiceCounterCOUNT_BOTH_LOST_OUTBOUND      SluiceCounter = 9
+	SluiceCounterCOUNT_BOTH_LOST_INBOUND       SluiceCounter = 10
+	SluiceCounterCOUNT_ROUTE_REFUSED           SluiceCounter = 11
+	SluiceCounterCOUNT_SPLICE_JOINED           SluiceCounter = 12
+	SluiceCounterCOUNT_SPLICE_FULL             SluiceCounter = 13
+	SluiceCounterCOUNT_SPLICE_MSGS             SluiceCounter = 14
+	SluiceCounterCOUNT_SPLICE_BYTES            SluiceCounter = 15
+	SluiceCounterCOUNT_SPLICE_STOPPED          SluiceCounter = 16
+	SluiceCounterCOUNT_SPLICE_NO_PEER          SluiceCounter = 17
+	SluiceCounterCOUNT_FAIL_CLOSED_OUTBOUND    SluiceCounter = 18
+	SluiceCounterCOUNT_FAIL_CLOSED_INBOUND     SluiceCounter = 19
+	SluiceCounterCOUNT_FAIL_OPEN_OUTBOUND      SluiceCounter = 20
+	SluiceCounterCOUNT_FAIL_OPEN_INBOUND       SluiceCounter = 21
+	SluiceCounterCOUNT_KERNEL_ONLY_OUTBOUND    SluiceCounter = 22
+	SluiceCounterCOUNT_KERNEL_ONLY_INBOUND     SluiceCounter = 23
+	SluiceCounterCOUNT_OFFLOAD_MSGS            SluiceCounter = 24
+	SluiceCounterCOUNT_OFFLOAD_BYTES           SluiceCounter = 25
+	SluiceCounterCOUNT_OFFLOAD_VIA_PROXY       SluiceCounter = 26
+	SluiceCounterCOUNT_INBOUND_LISTENER_FAILED SluiceCounter = 27
+	SluiceCounterCOUNTERS                      SluiceCounter = 28
 )
 
 type SluiceFlowEnd uint32
@@ -135,12 +136,28 @@ type SluiceInstallMeta struct {
 	Json [4096]int8
 }
 
+type SluiceListenerSlot uint32
+
+const (
+	SluiceListenerSlotLISTENER_IPV4  SluiceListenerSlot = 0
+	SluiceListenerSlotLISTENER_IPV6  SluiceListenerSlot = 1
+	SluiceListenerSlotLISTENER_SLOTS SluiceListenerSlot = 2
+)
+
 type SluiceOrigDst struct {
 	_      structs.HostLayout
 	Addr   SluiceAddr6
 	Port   uint16
 	Family uint16
 }
+
+type SluicePodAddrSlot uint32
+
+const (
+	SluicePodAddrSlotPOD_ADDR_IPV4  SluicePodAddrSlot = 0
+	SluicePodAddrSlotPOD_ADDR_IPV6  SluicePodAddrSlot = 1
+	SluicePodAddrSlotPOD_ADDR_SLOTS SluicePodAddrSlot = 2
+)
 
 type SluicePolicy struct {
 	_            structs.HostLayout
@@ -263,11 +280,13 @@ const (
 	SluiceMapExcludeCidrs         = "exclude_cidrs"
 	SluiceMapFlowEvents           = "flow_events"
 	SluiceMapHandshakes           = "handshakes"
+	SluiceMapInboundListeners     = "inbound_listeners"
 	SluiceMapIncludeCidrs         = "include_cidrs"
 	SluiceMapKernelOnlyCidrs      = "kernel_only_cidrs"
 	SluiceMapMeta                 = "meta"
 	SluiceMapOffloadPeers         = "offload_peers"
 	SluiceMapOffloadSocks         = "offload_socks"
+	SluiceMapPodAddrs             = "pod_addrs"
 	SluiceMapPolicies             = "policies"
 	SluiceMapPolicyActive         = "policy_active"
 	SluiceMapRoutes               = "routes"
@@ -282,9 +301,9 @@ const (
 	SluiceProgSluiceGetpeername4  = "sluice_getpeername4"
 	SluiceProgSluiceGetpeername6  = "sluice_getpeername6"
 	SluiceProgSluiceGetsockopt    = "sluice_getsockopt"
+	SluiceProgSluiceSkLookup      = "sluice_sk_lookup"
 	SluiceProgSluiceSockops       = "sluice_sockops"
 	SluiceProgSluiceSplice        = "sluice_splice"
-	SluiceProgSluiceTcIngress     = "sluice_tc_ingress"
 	SluiceVarPageSize             = "page_size"
 	SluiceVarUnusedConfigFlag     = "unused_config_flag"
 	SluiceVarUnusedCounter        = "unused_counter"
@@ -292,6 +311,8 @@ const (
 	SluiceVarUnusedFlowEvent      = "unused_flow_event"
 	SluiceVarUnusedFlowFlag       = "unused_flow_flag"
 	SluiceVarUnusedFlowKind       = "unused_flow_kind"
+	SluiceVarUnusedListenerSlot   = "unused_listener_slot"
+	SluiceVarUnusedPodAddrSlot    = "unused_pod_addr_slot"
 	SluiceVarUnusedPortSet        = "unused_port_set"
 	SluiceVarUnusedRollbackReason = "unused_rollback_reason"
 	SluiceVarUnusedRouteMode      = "unused_route_mode"
@@ -348,31 +369,33 @@ type SluiceProgramSpecs struct {
 	SluiceGetpeername4 *ebpf.ProgramSpec `ebpf:"sluice_getpeername4"`
 	SluiceGetpeername6 *ebpf.ProgramSpec `ebpf:"sluice_getpeername6"`
 	SluiceGetsockopt   *ebpf.ProgramSpec `ebpf:"sluice_getsockopt"`
+	SluiceSkLookup     *ebpf.ProgramSpec `ebpf:"sluice_sk_lookup"`
 	SluiceSockops      *ebpf.ProgramSpec `ebpf:"sluice_sockops"`
 	SluiceSplice       *ebpf.ProgramSpec `ebpf:"sluice_splice"`
-	SluiceTcIngress    *ebpf.ProgramSpec `ebpf:"sluice_tc_ingress"`
 }
 
 // SluiceMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SluiceMapSpecs struct {
-	Counters        *ebpf.MapSpec `ebpf:"counters"`
-	ExcludeCidrs    *ebpf.MapSpec `ebpf:"exclude_cidrs"`
-	FlowEvents      *ebpf.MapSpec `ebpf:"flow_events"`
-	Handshakes      *ebpf.MapSpec `ebpf:"handshakes"`
-	IncludeCidrs    *ebpf.MapSpec `ebpf:"include_cidrs"`
-	KernelOnlyCidrs *ebpf.MapSpec `ebpf:"kernel_only_cidrs"`
-	Meta            *ebpf.MapSpec `ebpf:"meta"`
-	OffloadPeers    *ebpf.MapSpec `ebpf:"offload_peers"`
-	OffloadSocks    *ebpf.MapSpec `ebpf:"offload_socks"`
-	Policies        *ebpf.MapSpec `ebpf:"policies"`
-	PolicyActive    *ebpf.MapSpec `ebpf:"policy_active"`
-	Routes          *ebpf.MapSpec `ebpf:"routes"`
-	RoutesActive    *ebpf.MapSpec `ebpf:"routes_active"`
-	RrStates        *ebpf.MapSpec `ebpf:"rr_states"`
-	SockStates      *ebpf.MapSpec `ebpf:"sock_states"`
-	SpliceSocks     *ebpf.MapSpec `ebpf:"splice_socks"`
+	Counters         *ebpf.MapSpec `ebpf:"counters"`
+	ExcludeCidrs     *ebpf.MapSpec `ebpf:"exclude_cidrs"`
+	FlowEvents       *ebpf.MapSpec `ebpf:"flow_events"`
+	Handshakes       *ebpf.MapSpec `ebpf:"handshakes"`
+	InboundListeners *ebpf.MapSpec `ebpf:"inbound_listeners"`
+	IncludeCidrs     *ebpf.MapSpec `ebpf:"include_cidrs"`
+	KernelOnlyCidrs  *ebpf.MapSpec `ebpf:"kernel_only_cidrs"`
+	Meta             *ebpf.MapSpec `ebpf:"meta"`
+	OffloadPeers     *ebpf.MapSpec `ebpf:"offload_peers"`
+	OffloadSocks     *ebpf.MapSpec `ebpf:"offload_socks"`
+	PodAddrs         *ebpf.MapSpec `ebpf:"pod_addrs"`
+	Policies         *ebpf.MapSpec `ebpf:"policies"`
+	PolicyActive     *ebpf.MapSpec `ebpf:"policy_active"`
+	Routes           *ebpf.MapSpec `ebpf:"routes"`
+	RoutesActive     *ebpf.MapSpec `ebpf:"routes_active"`
+	RrStates         *ebpf.MapSpec `ebpf:"rr_states"`
+	SockStates       *ebpf.MapSpec `ebpf:"sock_states"`
+	SpliceSocks      *ebpf.MapSpec `ebpf:"splice_socks"`
 }
 
 // SluiceVariableSpecs contains global variables before they are loaded into the kernel.
@@ -386,6 +409,8 @@ type SluiceVariableSpecs struct {
 	UnusedFlowEvent      *ebpf.VariableSpec `ebpf:"unused_flow_event"`
 	UnusedFlowFlag       *ebpf.VariableSpec `ebpf:"unused_flow_flag"`
 	UnusedFlowKind       *ebpf.VariableSpec `ebpf:"unused_flow_kind"`
+	UnusedListenerSlot   *ebpf.VariableSpec `ebpf:"unused_listener_slot"`
+	UnusedPodAddrSlot    *ebpf.VariableSpec `ebpf:"unused_pod_addr_slot"`
 	UnusedPortSet        *ebpf.VariableSpec `ebpf:"unused_port_set"`
 	UnusedRollbackReason *ebpf.VariableSpec `ebpf:"unused_rollback_reason"`
 	UnusedRouteMode      *ebpf.VariableSpec `ebpf:"unused_route_mode"`
@@ -413,22 +438,24 @@ func (o *SluiceObjects) Close() error {
 //
 // It can be passed to LoadSluiceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SluiceMaps struct {
-	Counters        *ebpf.Map `ebpf:"counters"`
-	ExcludeCidrs    *ebpf.Map `ebpf:"exclude_cidrs"`
-	FlowEvents      *ebpf.Map `ebpf:"flow_events"`
-	Handshakes      *ebpf.Map `ebpf:"handshakes"`
-	IncludeCidrs    *ebpf.Map `ebpf:"include_cidrs"`
-	KernelOnlyCidrs *ebpf.Map `ebpf:"kernel_only_cidrs"`
-	Meta            *ebpf.Map `ebpf:"meta"`
-	OffloadPeers    *ebpf.Map `ebpf:"offload_peers"`
-	OffloadSocks    *ebpf.Map `ebpf:"offload_socks"`
-	Policies        *ebpf.Map `ebpf:"policies"`
-	PolicyActive    *ebpf.Map `ebpf:"policy_active"`
-	Routes          *ebpf.Map `ebpf:"routes"`
-	RoutesActive    *ebpf.Map `ebpf:"routes_active"`
-	RrStates        *ebpf.Map `ebpf:"rr_states"`
-	SockStates      *ebpf.Map `ebpf:"sock_states"`
-	SpliceSocks     *ebpf.Map `ebpf:"splice_socks"`
+	Counters         *ebpf.Map `ebpf:"counters"`
+	ExcludeCidrs     *ebpf.Map `ebpf:"exclude_cidrs"`
+	FlowEvents       *ebpf.Map `ebpf:"flow_events"`
+	Handshakes       *ebpf.Map `ebpf:"handshakes"`
+	InboundListeners *ebpf.Map `ebpf:"inbound_listeners"`
+	IncludeCidrs     *ebpf.Map `ebpf:"include_cidrs"`
+	KernelOnlyCidrs  *ebpf.Map `ebpf:"kernel_only_cidrs"`
+	Meta             *ebpf.Map `ebpf:"meta"`
+	OffloadPeers     *ebpf.Map `ebpf:"offload_peers"`
+	OffloadSocks     *ebpf.Map `ebpf:"offload_socks"`
+	PodAddrs         *ebpf.Map `ebpf:"pod_addrs"`
+	Policies         *ebpf.Map `ebpf:"policies"`
+	PolicyActive     *ebpf.Map `ebpf:"policy_active"`
+	Routes           *ebpf.Map `ebpf:"routes"`
+	RoutesActive     *ebpf.Map `ebpf:"routes_active"`
+	RrStates         *ebpf.Map `ebpf:"rr_states"`
+	SockStates       *ebpf.Map `ebpf:"sock_states"`
+	SpliceSocks      *ebpf.Map `ebpf:"splice_socks"`
 }
 
 func (m *SluiceMaps) Close() error {
@@ -437,11 +464,13 @@ func (m *SluiceMaps) Close() error {
 		m.ExcludeCidrs,
 		m.FlowEvents,
 		m.Handshakes,
+		m.InboundListeners,
 		m.IncludeCidrs,
 		m.KernelOnlyCidrs,
 		m.Meta,
 		m.OffloadPeers,
 		m.OffloadSocks,
+		m.PodAddrs,
 		m.Policies,
 		m.PolicyActive,
 		m.Routes,
@@ -463,6 +492,8 @@ type SluiceVariables struct {
 	UnusedFlowEvent      *ebpf.Variable `ebpf:"unused_flow_event"`
 	UnusedFlowFlag       *ebpf.Variable `ebpf:"unused_flow_flag"`
 	UnusedFlowKind       *ebpf.Variable `ebpf:"unused_flow_kind"`
+	UnusedListenerSlot   *ebpf.Variable `ebpf:"unused_listener_slot"`
+	UnusedPodAddrSlot    *ebpf.Variable `ebpf:"unused_pod_addr_slot"`
 	UnusedPortSet        *ebpf.Variable `ebpf:"unused_port_set"`
 	UnusedRollbackReason *ebpf.Variable `ebpf:"unused_rollback_reason"`
 	UnusedRouteMode      *ebpf.Variable `ebpf:"unused_route_mode"`
@@ -481,9 +512,9 @@ type SluicePrograms struct {
 	SluiceGetpeername4 *ebpf.Program `ebpf:"sluice_getpeername4"`
 	SluiceGetpeername6 *ebpf.Program `ebpf:"sluice_getpeername6"`
 	SluiceGetsockopt   *ebpf.Program `ebpf:"sluice_getsockopt"`
+	SluiceSkLookup     *ebpf.Program `ebpf:"sluice_sk_lookup"`
 	SluiceSockops      *ebpf.Program `ebpf:"sluice_sockops"`
 	SluiceSplice       *ebpf.Program `ebpf:"sluice_splice"`
-	SluiceTcIngress    *ebpf.Program `ebpf:"sluice_tc_ingress"`
 }
 
 func (p *SluicePrograms) Close() error {
@@ -495,9 +526,9 @@ func (p *SluicePrograms) Close() error {
 		p.SluiceGetpeername4,
 		p.SluiceGetpeername6,
 		p.SluiceGetsockopt,
+		p.SluiceSkLookup,
 		p.SluiceSockops,
 		p.SluiceSplice,
-		p.SluiceTcIngress,
 	)
 }
 

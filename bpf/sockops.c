@@ -28,12 +28,10 @@ static __always_inline void set_orig(struct orig_dst *orig, const struct addr6 *
 	orig->family = addr_is_v4mapped(addr) ? AF_INET : AF_INET6;
 }
 
-#define RCV_SHUTDOWN 1
-
 /* flow_emit sends one event about a flow socket. The local end is the
  * client in key (sockops_tuple's order). tp, when there is one, gives the
  * byte counts without the SYN and FIN sequence numbers that bytes_acked and
- * bytes_received include, and without retransmissions. An event that does
+ * bytes_received include, and without retransmissions: data only. An event that does
  * not fit in the ring buffer is counted, by what user space needs to keep
  * its counts exact. */
 static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct sock_state *st, const struct tuple_key *key,
@@ -58,7 +56,11 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct sock_st
 		ev.bytes_received = skops->bytes_received;
 		if (tp) {
 			ev.bytes_sent = tp->bytes_sent - tp->bytes_retrans;
-			if (tp->inet_conn.icsk_inet.sk.sk_shutdown & RCV_SHUTDOWN)
+			/* bytes_received counts a FIN that arrived as a byte.
+			 * tcp_fin() alone sets SOCK_DONE: close() (which shuts
+			 * receiving down with no FIN), an abort or a reset do
+			 * not, so only an arrived FIN is taken off. */
+			if ((tp->inet_conn.icsk_inet.sk.__sk_common.skc_flags & (1UL << SOCK_DONE)) && ev.bytes_received)
 				ev.bytes_received--;
 		}
 		ev.retrans = skops->total_retrans;
@@ -247,6 +249,20 @@ static __always_inline void state_changed(struct bpf_sock_ops *skops, const stru
 	flow_emit(skops, st, &key, old_state == BPF_TCP_SYN_SENT ? FLOW_CONNECT_FAILED : FLOW_CLOSE, end, tp);
 }
 
+/* A socket in the pod starts listening: the sidecar's inbound listener is
+ * put where sk_lookup finds it. The bind hook lets only the proxy identity
+ * bind the inbound port, so a listener there is the sidecar's. */
+static __always_inline void listening(struct bpf_sock_ops *skops, const struct tuple_key *key)
+{
+	__u32 slot;
+	const struct policy *pol = active_policy(&slot);
+	if (!pol || key->client_port != pol->inbound_port)
+		return;
+	__u32 at = skops->family == AF_INET6 ? LISTENER_IPV6 : LISTENER_IPV4;
+	if (bpf_sock_map_update(skops, &inbound_listeners, &at, BPF_ANY))
+		count(COUNT_INBOUND_LISTENER_FAILED);
+}
+
 SEC("sockops")
 int sluice_sockops(struct bpf_sock_ops *skops)
 {
@@ -254,7 +270,7 @@ int sluice_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	__u32 op = skops->op;
 	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
-	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB)
+	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB && op != BPF_SOCK_OPS_TCP_LISTEN_CB)
 		return 1;
 	/* Read once, here: reads in every branch would let the compiler pick
 	 * between context fields by pointer arithmetic, which the verifier
@@ -273,6 +289,9 @@ int sluice_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		state_changed(skops, &key);
+		break;
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		listening(skops, &key);
 		break;
 	}
 	return 1;

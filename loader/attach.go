@@ -10,22 +10,24 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 
 	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/internal/nsenter"
 )
 
-// hook is one program and where it attaches: the pod's cgroup, or (tcx) the
-// ingress of the pod's interface. Either way the attachment is a bpf_link,
-// pinned so it outlives the installing process, and updated in place with
-// link.Update so a program is replaced with no moment of no capture.
+// hook is one program and where it attaches: the pod's cgroup, or
+// (sk_lookup) the pod's network namespace. Either way the attachment is a
+// bpf_link, pinned so it outlives the installing process, and updated in
+// place with link.Update so a program is replaced with no moment of no
+// capture.
 type hook struct {
 	prog   string
 	attach ebpf.AttachType
 	pin    string
 }
 
-func (h hook) tcx() bool { return h.attach == ebpf.AttachTCXIngress }
+func (h hook) netns() bool { return h.attach == ebpf.AttachSkLookup }
 
 // cgroupHooks in attach order: everything that answers for a redirected
 // connection (sockops, getsockopt, getpeername) and guards the capture ports
@@ -42,11 +44,16 @@ var cgroupHooks = []hook{
 	{bpf.SluiceProgSluiceConnect6, ebpf.AttachCGroupInet6Connect, "link_connect6"},
 }
 
-// tcHook is inbound capture on the pod's interface; tcx needs no qdisc, so
-// install never creates or removes one.
-var tcHook = hook{bpf.SluiceProgSluiceTcIngress, ebpf.AttachTCXIngress, "link_tc_ingress"}
+// inboundHook is inbound capture: the kernel asks it which listener takes a
+// connection arriving in the pod's network namespace.
+var inboundHook = hook{bpf.SluiceProgSluiceSkLookup, ebpf.AttachSkLookup, "link_sk_lookup"}
 
-var allHooks = append(cgroupHooks[:len(cgroupHooks):len(cgroupHooks)], tcHook)
+// legacyTCPin is where installs before sk_lookup pinned their tcx program on
+// the pod's interface: an upgrade replaces it with inboundHook, and
+// uninstall removes it.
+const legacyTCPin = "link_tc_ingress"
+
+var allHooks = append(cgroupHooks[:len(cgroupHooks):len(cgroupHooks)], inboundHook)
 
 // linkAction says what ensureLink did.
 type linkAction string
@@ -61,12 +68,13 @@ const (
 // link that already does (unless renew: the program's maps were replaced,
 // which its tag does not show), updates one that runs another program, and
 // replaces a pin whose link no longer holds its attachment (the cgroup or
-// interface is gone). A new link is attached and then pinned; if this
-// process dies in between, the kernel drops the link with its descriptor.
-func ensureLink(h hook, t Target, ifindex int, prog *ebpf.Program, dir string, renew bool) (linkAction, error) {
+// network namespace is gone). A new link is attached and then pinned; if
+// this process dies in between, the kernel drops the link with its
+// descriptor.
+func ensureLink(h hook, t Target, netnsIno uint64, prog *ebpf.Program, dir string, renew bool) (linkAction, error) {
 	pin := filepath.Join(dir, h.pin)
 	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
-		action, err := reuseLink(l, h, t, ifindex, prog, renew)
+		action, err := reuseLink(l, h, t.CgroupID, netnsIno, prog, renew)
 		l.Close()
 		if action != "" || err != nil {
 			return action, err
@@ -78,7 +86,7 @@ func ensureLink(h hook, t Target, ifindex int, prog *ebpf.Program, dir string, r
 		return "", fmt.Errorf("open link %s: %w", pin, err)
 	}
 
-	l, err := attachNew(h, t, ifindex, prog)
+	l, err := attachNew(h, t, prog)
 	if err != nil {
 		return "", err
 	}
@@ -95,12 +103,12 @@ func ensureLink(h hook, t Target, ifindex int, prog *ebpf.Program, dir string, r
 
 // reuseLink keeps or updates a pinned link that is still attached where it
 // should be, and returns "" for one that is not.
-func reuseLink(l link.Link, h hook, t Target, ifindex int, prog *ebpf.Program, renew bool) (linkAction, error) {
+func reuseLink(l link.Link, h hook, cgroupID, netnsIno uint64, prog *ebpf.Program, renew bool) (linkAction, error) {
 	info, err := l.Info()
 	if err != nil {
 		return "", fmt.Errorf("link info %s: %w", h.pin, err)
 	}
-	if !attachedAt(info, t, ifindex) {
+	if !attachedAt(info, cgroupID, netnsIno) {
 		return "", nil
 	}
 	same, err := sameProgram(info.Program, prog)
@@ -113,15 +121,15 @@ func reuseLink(l link.Link, h hook, t Target, ifindex int, prog *ebpf.Program, r
 	return linkUpdated, nil
 }
 
-// attachedAt reports whether a link still holds its attachment to t's cgroup
-// or to interface ifindex. A link whose cgroup or interface is gone reports
-// id 0.
-func attachedAt(info *link.Info, t Target, ifindex int) bool {
+// attachedAt reports whether a link still holds its attachment to the cgroup
+// cgroupID or to the network namespace whose inode is netnsIno. A link whose
+// cgroup or namespace is gone reports 0.
+func attachedAt(info *link.Info, cgroupID, netnsIno uint64) bool {
 	if cg := info.Cgroup(); cg != nil {
-		return cg.CgroupId != 0 && cg.CgroupId == t.CgroupID
+		return cg.CgroupId != 0 && cg.CgroupId == cgroupID
 	}
-	if tcx := info.TCX(); tcx != nil {
-		return tcx.Ifindex != 0 && int(tcx.Ifindex) == ifindex
+	if ns := info.NetNs(); ns != nil {
+		return ns.NetnsInode != 0 && uint64(ns.NetnsInode) == netnsIno
 	}
 	return false
 }
@@ -145,30 +153,42 @@ func sameProgram(id ebpf.ProgramID, prog *ebpf.Program) (bool, error) {
 	return a.Tag == b.Tag && a.Type == b.Type, nil
 }
 
-func attachNew(h hook, t Target, ifindex int, prog *ebpf.Program) (link.Link, error) {
-	if !h.tcx() {
+func attachNew(h hook, t Target, prog *ebpf.Program) (link.Link, error) {
+	if !h.netns() {
 		l, err := link.AttachCgroup(link.CgroupOptions{Path: t.Cgroup, Attach: h.attach, Program: prog})
 		if err != nil {
 			return nil, fmt.Errorf("attach %s to %s: %w", h.prog, t.Cgroup, err)
 		}
 		return l, nil
 	}
-	// tcx resolves the interface index in the caller's network namespace.
-	var l link.Link
-	err := nsenter.Do(t.Netns, func() error {
-		var err error
-		l, err = link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: h.attach})
-		if err != nil {
-			return fmt.Errorf("attach %s to %s ingress: %w", h.prog, t.Interface, err)
-		}
-		return nil
-	})
-	if err != nil && l != nil {
-		// Attached, but leaving the namespace failed: do not leak it.
-		l.Close()
-		l = nil
+	ns, err := os.Open(netnsPath(t))
+	if err != nil {
+		return nil, fmt.Errorf("open netns %s: %w", netnsPath(t), err)
 	}
-	return l, err
+	defer ns.Close()
+	l, err := link.AttachNetNs(int(ns.Fd()), prog)
+	if err != nil {
+		return nil, fmt.Errorf("attach %s to netns %s: %w", h.prog, netnsPath(t), err)
+	}
+	return l, nil
+}
+
+// netnsPath is t's network namespace: the pod's, or this process's for an
+// install on an interface of the caller's own namespace.
+func netnsPath(t Target) string {
+	if t.Netns != "" {
+		return t.Netns
+	}
+	return "/proc/self/ns/net"
+}
+
+// netnsInode identifies t's network namespace as links report it.
+func netnsInode(t Target) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(netnsPath(t), &st); err != nil {
+		return 0, fmt.Errorf("netns %s: %w", netnsPath(t), err)
+	}
+	return st.Ino, nil
 }
 
 // removeLink detaches the link pinned at pin (so the program leaves even if
@@ -213,9 +233,9 @@ func interfaceIndex(t Target) (int, error) {
 
 // otherSluice refuses to stack a second Sluice on t: any Sluice program
 // that runs for the pod's cgroup (attached to it or inherited from a parent)
-// or on its interface, other than through the links pinned in t's own
-// directory, belongs to another install with its pins elsewhere.
-func otherSluice(t Target, ifindex int, ours map[ebpf.ProgramID]bool) error {
+// or in its network namespace, other than through the links pinned in t's
+// own directory, belongs to another install with its pins elsewhere.
+func otherSluice(t Target, inbound bool, ours map[ebpf.ProgramID]bool) error {
 	cg, err := os.Open(t.Cgroup)
 	if err != nil {
 		return fmt.Errorf("open cgroup %s: %w", t.Cgroup, err)
@@ -230,16 +250,19 @@ func otherSluice(t Target, ifindex int, ours map[ebpf.ProgramID]bool) error {
 			return err
 		}
 	}
-	if ifindex == 0 {
+	if !inbound {
 		return nil
 	}
-	return nsenter.Do(t.Netns, func() error {
-		res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: tcHook.attach})
-		if err != nil {
-			return fmt.Errorf("list programs on %s: %w", t.Interface, err)
-		}
-		return foreign(res, ours, "interface "+t.Interface)
-	})
+	ns, err := os.Open(netnsPath(t))
+	if err != nil {
+		return fmt.Errorf("open netns %s: %w", netnsPath(t), err)
+	}
+	defer ns.Close()
+	res, err := link.QueryPrograms(link.QueryOptions{Target: int(ns.Fd()), Attach: inboundHook.attach})
+	if err != nil {
+		return fmt.Errorf("list programs on netns %s: %w", netnsPath(t), err)
+	}
+	return foreign(res, ours, "netns "+netnsPath(t))
 }
 
 // queryEffective is BPF_F_QUERY_EFFECTIVE: also the programs a cgroup

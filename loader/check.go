@@ -3,7 +3,6 @@ package loader
 import (
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 
@@ -39,10 +38,10 @@ func Check() []Probe {
 
 	_, err := os.Stat("/sys/kernel/btf/vmlinux")
 	add("kernel BTF (/sys/kernel/btf/vmlinux)", err)
-	for _, pt := range []ebpf.ProgramType{ebpf.CGroupSockAddr, ebpf.SockOps, ebpf.CGroupSockopt, ebpf.SchedCLS} {
+	for _, pt := range []ebpf.ProgramType{ebpf.CGroupSockAddr, ebpf.SockOps, ebpf.CGroupSockopt, ebpf.SkLookup} {
 		add("program type "+pt.String(), features.HaveProgramType(pt))
 	}
-	for _, mt := range []ebpf.MapType{ebpf.Array, ebpf.Hash, ebpf.LPMTrie, ebpf.SkStorage} {
+	for _, mt := range []ebpf.MapType{ebpf.Array, ebpf.Hash, ebpf.LPMTrie, ebpf.SkStorage, ebpf.SockMap} {
 		add("map type "+mt.String(), features.HaveMapType(mt))
 	}
 	for _, h := range []struct {
@@ -54,8 +53,8 @@ func Check() []Probe {
 		{ebpf.CGroupSockopt, asm.FnGetCurrentUidGid},
 		{ebpf.SockOps, asm.FnSkStorageGet},
 		{ebpf.SockOps, asm.FnSockOpsCbFlagsSet},
-		{ebpf.SchedCLS, asm.FnSkLookupTcp},
-		{ebpf.SchedCLS, asm.FnSkAssign},
+		{ebpf.SockOps, asm.FnSockMapUpdate},
+		{ebpf.SkLookup, asm.FnSkAssign},
 	} {
 		add(fmt.Sprintf("helper %s in %s", h.fn, h.pt), features.HaveProgramHelper(h.pt, h.fn))
 	}
@@ -70,7 +69,7 @@ func Check() []Probe {
 		if mount != "" {
 			add("attach to a cgroup with bpf_link", probeAttach(mount, coll.Programs[bpf.SluiceProgSluiceConnect4]))
 		}
-		add("tcx ingress links (Linux 6.6+)", probeTCX(coll.Programs[bpf.SluiceProgSluiceTcIngress]))
+		add("sk_lookup links on a network namespace", probeSkLookup(coll.Programs[bpf.SluiceProgSluiceSkLookup]))
 	}
 	return probes
 }
@@ -93,16 +92,16 @@ func probeAttach(mount string, prog *ebpf.Program) error {
 	return errors.Join(err, os.Remove(dir))
 }
 
-// probeTCX attaches the inbound program to the loopback device of a network
-// namespace it creates for the probe and drops again, so no real interface
-// ever sees it.
-func probeTCX(prog *ebpf.Program) error {
+// probeSkLookup attaches the inbound program to a network namespace it
+// creates for the probe and drops again, so no real traffic ever meets it.
+func probeSkLookup(prog *ebpf.Program) error {
 	return nsenter.DoNew(func() error {
-		lo, err := net.InterfaceByName("lo")
+		ns, err := os.Open("/proc/thread-self/ns/net")
 		if err != nil {
 			return err
 		}
-		l, err := link.AttachTCX(link.TCXOptions{Interface: lo.Index, Program: prog, Attach: ebpf.AttachTCXIngress})
+		defer ns.Close()
+		l, err := link.AttachNetNs(int(ns.Fd()), prog)
 		if err != nil {
 			return err
 		}

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/internal/testbed"
@@ -238,6 +239,31 @@ func TestRerunUpdatesInPlace(t *testing.T) {
 		t.Errorf("an idle pod holds %d KiB of kernel memory, budget 320 KiB (%+v)", after.Memory.Total()>>10, after.Memory)
 	}
 	t.Logf("idle pod: %d KiB (maps %d, programs %d)", after.Memory.Total()>>10, after.Memory.Maps>>10, after.Memory.Programs>>10)
+}
+
+// A rerun that changes only the proxy group (the policy fast path) hands
+// the sidecar's pins to the new group: the old one can no longer read them.
+func TestRerunWithNewGroupRegroupsPins(t *testing.T) {
+	cg := podCgroups(t, "pod")[0]
+	target := install(t, cg, "")
+	plan := testPlan()
+	plan.ProxyGID = 2337
+	res, err := Install(target, plan, []string{"-g", "2337"}, quiet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Changes) != 1 || res.Changes[0] != "policy written" {
+		t.Errorf("rerun with a new group changed %v, want the policy only (the fast path)", res.Changes)
+	}
+	for _, name := range append([]string{""}, sidecarPins...) {
+		var st unix.Stat_t
+		if err := unix.Stat(filepath.Join(target.PinDir, name), &st); err != nil {
+			t.Fatal(err)
+		}
+		if st.Gid != plan.ProxyGID {
+			t.Errorf("%s is group %d, want the new proxy group %d", filepath.Join(target.PinDir, name), st.Gid, plan.ProxyGID)
+		}
+	}
 }
 
 // A constant set from Go before load is what the kernel holds in .rodata:

@@ -84,13 +84,18 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 	}
 	unlock = held
 
-	ifindex := 0
-	if t.Interface != "" {
+	inbound := t.Interface != ""
+	ifindex, netnsIno := 0, uint64(0)
+	if inbound {
 		if ifindex, err = interfaceIndex(t); err != nil {
 			return res, err
 		}
+		if netnsIno, err = netnsInode(t); err != nil {
+			return res, err
+		}
 	}
-	want := record{Format: recordFormat, Cgroup: t.Cgroup, CgroupID: t.CgroupID, Netns: t.Netns, Interface: t.Interface, Ifindex: ifindex, Args: args}
+	want := record{Format: recordFormat, Cgroup: t.Cgroup, CgroupID: t.CgroupID, Netns: t.Netns, NetnsInode: netnsIno,
+		Interface: t.Interface, Ifindex: ifindex, Args: args}
 
 	cur, err := readPins(t.PinDir)
 	if err != nil {
@@ -109,19 +114,24 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 	if err != nil {
 		return res, err
 	}
-	if err := otherSluice(t, ifindex, ours); err != nil {
+	if err := otherSluice(t, inbound, ours); err != nil {
 		return res, err
 	}
 	if !fresh {
-		done, err := finished(t, *cur.rec, want, plan, ifindex)
-		if err != nil || done {
+		// An older install's tcx program, left for a sidecar since
+		// restarted, is removed on the full path.
+		legacy := slices.Contains(cur.names, legacyTCPin)
+		done, err := finished(t, *cur.rec, want, plan)
+		if err != nil || done && !legacy {
 			return res, err
 		}
-		if ok, changed, err := rewritePolicy(t, *cur.rec, want, plan); err != nil || ok {
-			if changed {
-				res.Changes = append(res.Changes, "policy written")
+		if !legacy {
+			if ok, changed, err := rewritePolicy(t, *cur.rec, want, plan); err != nil || ok {
+				if changed {
+					res.Changes = append(res.Changes, "policy written")
+				}
+				return res, err
 			}
-			return res, err
 		}
 	}
 
@@ -177,7 +187,7 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 	if err := fault("load"); err != nil {
 		return res, err
 	}
-	coll, err := load(ifindex != 0, plan.Splice, reuse)
+	coll, err := load(inbound, plan.Splice, reuse)
 	if err != nil {
 		return res, err
 	}
@@ -254,14 +264,32 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 	}
 
 	hooks := cgroupHooks
-	if ifindex != 0 {
-		hooks = append(hooks[:len(hooks):len(hooks)], tcHook)
+	keepTC := false
+	if inbound {
+		if err := writePodAddrs(t, coll.Maps[bpf.SluiceMapPodAddrs]); err != nil {
+			return res, err
+		}
+		// A sidecar already listening (an upgrade under it, or a
+		// reinstall) is found before inbound capture can need it.
+		refused, err := registerListeners(t, plan, coll.Maps[bpf.SluiceMapInboundListeners])
+		if err != nil {
+			return res, err
+		}
+		// An older sidecar's MPTCP listener cannot be handed connections
+		// by sk_lookup: the older install's tcx program keeps steering to
+		// it until the sidecar restarts and install runs again.
+		keepTC = refused > 0 && slices.Contains(cur.names, legacyTCPin)
+		if refused > 0 {
+			log.Warn("the running sidecar's inbound listener is MPTCP (a sidecar older than this install) and cannot take inbound connections from sk_lookup: restart the sidecar, then rerun install",
+				"cgroup", t.Cgroup, "kept", keepTC)
+		}
+		hooks = append(hooks[:len(hooks):len(hooks)], inboundHook)
 	}
 	for _, h := range hooks {
 		if err := fault("attach " + h.pin); err != nil {
 			return res, err
 		}
-		action, err := ensureLink(h, t, ifindex, coll.Programs[h.prog], t.PinDir, len(replace) > 0)
+		action, err := ensureLink(h, t, netnsIno, coll.Programs[h.prog], t.PinDir, len(replace) > 0)
 		if err != nil {
 			return res, err
 		}
@@ -273,12 +301,25 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 			change("%s %s", h.pin, action)
 		}
 	}
-	if ifindex == 0 && slices.Contains(cur.names, tcHook.pin) {
-		// Inbound capture is no longer asked for.
-		if err := removeLink(filepath.Join(t.PinDir, tcHook.pin)); err != nil {
+	// An older install's tcx program goes once sk_lookup captures in its
+	// place; inbound capture no longer asked for goes too.
+	var stale []string
+	if !keepTC {
+		stale = append(stale, legacyTCPin)
+	} else {
+		change("%s kept for the running sidecar", legacyTCPin)
+	}
+	if !inbound {
+		stale = append(stale, inboundHook.pin)
+	}
+	for _, pin := range stale {
+		if !slices.Contains(cur.names, pin) {
+			continue
+		}
+		if err := removeLink(filepath.Join(t.PinDir, pin)); err != nil {
 			return res, err
 		}
-		change("%s removed", tcHook.pin)
+		change("%s removed", pin)
 	}
 
 	want.Object = bpf.ObjectHash()
@@ -297,9 +338,8 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 // finished reports whether the install in t's pins is already exactly what
 // is asked for: finished by this build, with the same target and plan, and
 // every link attached where it belongs. A rerun then changes nothing.
-func finished(t Target, rec, want record, plan redirect.Plan, ifindex int) (bool, error) {
-	if rec.Object != bpf.ObjectHash() || rec.Netns != want.Netns || rec.Interface != want.Interface ||
-		rec.Ifindex != want.Ifindex || !slices.Equal(rec.Args, want.Args) {
+func finished(t Target, rec, want record, plan redirect.Plan) (bool, error) {
+	if rec.Object != bpf.ObjectHash() || !rec.sameTarget(want) || !slices.Equal(rec.Args, want.Args) {
 		return false, nil
 	}
 	s, err := Status(t)
@@ -316,7 +356,7 @@ func finished(t Target, rec, want record, plan redirect.Plan, ifindex int) (bool
 // without loading a program; ok is false when the full path is needed, and
 // changed says whether the policy in force changed.
 func rewritePolicy(t Target, rec, want record, plan redirect.Plan) (ok, changed bool, err error) {
-	if rec.Object != bpf.ObjectHash() || rec.Netns != want.Netns || rec.Interface != want.Interface || rec.Ifindex != want.Ifindex {
+	if rec.Object != bpf.ObjectHash() || !rec.sameTarget(want) {
 		return false, false, nil
 	}
 	s, err := Status(t)
@@ -338,6 +378,10 @@ func rewritePolicy(t Target, rec, want record, plan redirect.Plan) (ok, changed 
 	}
 	changed, err = policyMapsOf(maps).write(plan)
 	if err != nil {
+		return false, false, err
+	}
+	// The proxy group may be what changed: the sidecar's pins follow it.
+	if err := setModes(t.PinDir, plan.ProxyGID); err != nil {
 		return false, false, err
 	}
 	want.Object = rec.Object

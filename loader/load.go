@@ -28,16 +28,16 @@ func spliceTableSize(splice bool) uint32 {
 }
 
 // load loads Sluice's maps and programs. Programs an install does not need
-// are left out (the inbound one unless withTC); maps named in reuse are the
+// are left out (the inbound one unless inbound); maps named in reuse are the
 // existing pinned maps of an install being completed or updated, so its
 // state carries over. New spliceMaps get spliceTableSize(splice) entries.
-func load(withTC, splice bool, reuse map[string]*ebpf.Map) (*ebpf.Collection, error) {
+func load(inbound, splice bool, reuse map[string]*ebpf.Map) (*ebpf.Collection, error) {
 	spec, err := bpf.LoadSluice()
 	if err != nil {
 		return nil, fmt.Errorf("read embedded BPF object: %w", err)
 	}
-	if !withTC {
-		delete(spec.Programs, bpf.SluiceProgSluiceTcIngress)
+	if !inbound {
+		delete(spec.Programs, bpf.SluiceProgSluiceSkLookup)
 	}
 	for _, name := range spliceMaps {
 		spec.Maps[name].MaxEntries = spliceTableSize(splice)

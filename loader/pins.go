@@ -37,6 +37,8 @@ var pinnedMaps = []string{
 	bpf.SluiceMapSpliceSocks,
 	bpf.SluiceMapOffloadSocks,
 	bpf.SluiceMapOffloadPeers,
+	bpf.SluiceMapInboundListeners,
+	bpf.SluiceMapPodAddrs,
 }
 
 // sidecarPins are what `sluice run` reads as the proxy identity: whose pins
@@ -67,15 +69,22 @@ type record struct {
 	Cgroup   string `json:"cgroup"`
 	CgroupID uint64 `json:"cgroup_id"`
 	// Where inbound capture was asked for; empty for outbound only.
-	Netns     string `json:"netns,omitempty"`
-	Interface string `json:"interface,omitempty"`
-	Ifindex   int    `json:"ifindex,omitempty"`
+	Netns      string `json:"netns,omitempty"`
+	NetnsInode uint64 `json:"netns_inode,omitempty"`
+	Interface  string `json:"interface,omitempty"`
+	Ifindex    int    `json:"ifindex,omitempty"`
 	// Args are the install's flags, or for an install made by a mesh
 	// personality its whole command line, for the command that repairs it.
 	Args []string `json:"args,omitempty"`
 	// Object is the BPF object a finished install runs; empty while an
 	// install is under way (or was killed).
 	Object string `json:"object,omitempty"`
+}
+
+// sameTarget reports whether r and o install on the same namespace and
+// interface.
+func (r record) sameTarget(o record) bool {
+	return r.Netns == o.Netns && r.NetnsInode == o.NetnsInode && r.Interface == o.Interface && r.Ifindex == o.Ifindex
 }
 
 func (r record) encode() (bpf.SluiceInstallMeta, error) {
@@ -177,7 +186,7 @@ func readRecord(dir string) (record, error) {
 func (s pinState) unknown() []string {
 	var out []string
 	for _, n := range s.names {
-		if !slices.Contains(pinnedMaps, n) && !slices.ContainsFunc(allHooks, func(h hook) bool { return h.pin == n }) {
+		if !slices.Contains(pinnedMaps, n) && n != legacyTCPin && !slices.ContainsFunc(allHooks, func(h hook) bool { return h.pin == n }) {
 			out = append(out, n)
 		}
 	}

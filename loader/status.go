@@ -53,13 +53,13 @@ type State struct {
 
 // LinkState is one pinned link and the program it keeps attached.
 type LinkState struct {
-	Pin       string `json:"pin"`
-	LinkID    uint32 `json:"link_id"`
-	ProgramID uint32 `json:"program_id"`
-	Program   string `json:"program"`
-	CgroupID  uint64 `json:"cgroup_id,omitempty"`
-	Ifindex   uint32 `json:"ifindex,omitempty"` // tcx ingress, inside the pod's netns
-	Attached  bool   `json:"attached"`
+	Pin        string `json:"pin"`
+	LinkID     uint32 `json:"link_id"`
+	ProgramID  uint32 `json:"program_id"`
+	Program    string `json:"program"`
+	CgroupID   uint64 `json:"cgroup_id,omitempty"`
+	NetnsInode uint32 `json:"netns_inode,omitempty"` // sk_lookup, on the pod's netns
+	Attached   bool   `json:"attached"`
 }
 
 // Memory is the kernel memory the install's maps and programs hold, as the
@@ -116,10 +116,10 @@ func Status(t Target) (State, error) {
 
 	hooks := cgroupHooks
 	if rec.Interface != "" {
-		hooks = append(hooks[:len(hooks):len(hooks)], tcHook)
+		hooks = append(hooks[:len(hooks):len(hooks)], inboundHook)
 	}
 	for _, h := range hooks {
-		ls, memlock, err := linkState(filepath.Join(t.PinDir, h.pin), t.CgroupID, rec.Ifindex)
+		ls, memlock, err := linkState(filepath.Join(t.PinDir, h.pin), t.CgroupID, rec.NetnsInode)
 		switch {
 		case errors.Is(err, os.ErrNotExist):
 			s.Missing = append(s.Missing, h.pin+" (not attached)")
@@ -178,7 +178,7 @@ func Status(t Target) (State, error) {
 	return s, nil
 }
 
-func linkState(pin string, cgroupID uint64, ifindex int) (LinkState, uint64, error) {
+func linkState(pin string, cgroupID, netnsIno uint64) (LinkState, uint64, error) {
 	ls := LinkState{Pin: pin}
 	l, err := link.LoadPinnedLink(pin, nil)
 	if err != nil {
@@ -196,10 +196,10 @@ func linkState(pin string, cgroupID uint64, ifindex int) (LinkState, uint64, err
 	if cg := info.Cgroup(); cg != nil {
 		ls.CgroupID = cg.CgroupId
 	}
-	if tcx := info.TCX(); tcx != nil {
-		ls.Ifindex = tcx.Ifindex
+	if ns := info.NetNs(); ns != nil {
+		ls.NetnsInode = ns.NetnsInode
 	}
-	ls.Attached = attachedAt(info, Target{CgroupID: cgroupID}, ifindex)
+	ls.Attached = attachedAt(info, cgroupID, netnsIno)
 	var memlock uint64
 	if prog, err := ebpf.NewProgramFromID(info.Program); err == nil {
 		if pi, err := prog.Info(); err == nil {
@@ -258,32 +258,33 @@ var errOlderLayout = errors.New("the pod's policy maps have another Sluice versi
 
 // counterNames name the counters map's entries for status and metrics.
 var counterNames = map[bpf.SluiceCounter]string{
-	bpf.SluiceCounterCOUNT_INBOUND_STEERED:       "inbound_steered",
-	bpf.SluiceCounterCOUNT_INBOUND_NO_LISTENER:   "inbound_no_listener",
-	bpf.SluiceCounterCOUNT_INBOUND_ASSIGN_FAILED: "inbound_assign_failed",
-	bpf.SluiceCounterCOUNT_CONNECT_NO_STATE:      "connect_refused_no_state",
-	bpf.SluiceCounterCOUNT_HANDSHAKE_TABLE_FULL:  "handshake_table_full",
-	bpf.SluiceCounterCOUNT_FLOW_NO_STATE:         "flow_untracked_no_state",
-	bpf.SluiceCounterCOUNT_FLOW_EVENT_LOST:       "flow_event_lost_ring_full",
-	bpf.SluiceCounterCOUNT_CLOSE_LOST_OUTBOUND:   "flow_close_lost_outbound",
-	bpf.SluiceCounterCOUNT_CLOSE_LOST_INBOUND:    "flow_close_lost_inbound",
-	bpf.SluiceCounterCOUNT_BOTH_LOST_OUTBOUND:    "flow_open_and_close_lost_outbound",
-	bpf.SluiceCounterCOUNT_BOTH_LOST_INBOUND:     "flow_open_and_close_lost_inbound",
-	bpf.SluiceCounterCOUNT_ROUTE_REFUSED:         "route_refused_no_backend",
-	bpf.SluiceCounterCOUNT_SPLICE_JOINED:         "splice_sockets_joined",
-	bpf.SluiceCounterCOUNT_SPLICE_FULL:           "splice_table_full",
-	bpf.SluiceCounterCOUNT_SPLICE_MSGS:           "splice_messages",
-	bpf.SluiceCounterCOUNT_SPLICE_BYTES:          "splice_bytes",
-	bpf.SluiceCounterCOUNT_SPLICE_STOPPED:        "splice_stopped_reader_behind",
-	bpf.SluiceCounterCOUNT_SPLICE_NO_PEER:        "splice_stopped_no_peer",
-	bpf.SluiceCounterCOUNT_FAIL_CLOSED_INBOUND:   "fail_closed_inbound",
-	bpf.SluiceCounterCOUNT_FAIL_OPEN_OUTBOUND:    "fail_open_outbound",
-	bpf.SluiceCounterCOUNT_FAIL_OPEN_INBOUND:     "fail_open_inbound",
-	bpf.SluiceCounterCOUNT_KERNEL_ONLY_OUTBOUND:  "kernel_only_outbound",
-	bpf.SluiceCounterCOUNT_KERNEL_ONLY_INBOUND:   "kernel_only_inbound",
-	bpf.SluiceCounterCOUNT_OFFLOAD_MSGS:          "offload_messages",
-	bpf.SluiceCounterCOUNT_OFFLOAD_BYTES:         "offload_bytes",
-	bpf.SluiceCounterCOUNT_OFFLOAD_VIA_PROXY:     "offload_via_sidecar",
+	bpf.SluiceCounterCOUNT_INBOUND_STEERED:         "inbound_steered",
+	bpf.SluiceCounterCOUNT_INBOUND_NO_LISTENER:     "inbound_no_listener",
+	bpf.SluiceCounterCOUNT_INBOUND_ASSIGN_FAILED:   "inbound_assign_failed",
+	bpf.SluiceCounterCOUNT_CONNECT_NO_STATE:        "connect_refused_no_state",
+	bpf.SluiceCounterCOUNT_HANDSHAKE_TABLE_FULL:    "handshake_table_full",
+	bpf.SluiceCounterCOUNT_FLOW_NO_STATE:           "flow_untracked_no_state",
+	bpf.SluiceCounterCOUNT_FLOW_EVENT_LOST:         "flow_event_lost_ring_full",
+	bpf.SluiceCounterCOUNT_CLOSE_LOST_OUTBOUND:     "flow_close_lost_outbound",
+	bpf.SluiceCounterCOUNT_CLOSE_LOST_INBOUND:      "flow_close_lost_inbound",
+	bpf.SluiceCounterCOUNT_BOTH_LOST_OUTBOUND:      "flow_open_and_close_lost_outbound",
+	bpf.SluiceCounterCOUNT_BOTH_LOST_INBOUND:       "flow_open_and_close_lost_inbound",
+	bpf.SluiceCounterCOUNT_ROUTE_REFUSED:           "route_refused_no_backend",
+	bpf.SluiceCounterCOUNT_SPLICE_JOINED:           "splice_sockets_joined",
+	bpf.SluiceCounterCOUNT_SPLICE_FULL:             "splice_table_full",
+	bpf.SluiceCounterCOUNT_SPLICE_MSGS:             "splice_messages",
+	bpf.SluiceCounterCOUNT_SPLICE_BYTES:            "splice_bytes",
+	bpf.SluiceCounterCOUNT_SPLICE_STOPPED:          "splice_stopped_reader_behind",
+	bpf.SluiceCounterCOUNT_SPLICE_NO_PEER:          "splice_stopped_no_peer",
+	bpf.SluiceCounterCOUNT_FAIL_CLOSED_INBOUND:     "fail_closed_inbound",
+	bpf.SluiceCounterCOUNT_FAIL_OPEN_OUTBOUND:      "fail_open_outbound",
+	bpf.SluiceCounterCOUNT_FAIL_OPEN_INBOUND:       "fail_open_inbound",
+	bpf.SluiceCounterCOUNT_KERNEL_ONLY_OUTBOUND:    "kernel_only_outbound",
+	bpf.SluiceCounterCOUNT_KERNEL_ONLY_INBOUND:     "kernel_only_inbound",
+	bpf.SluiceCounterCOUNT_OFFLOAD_MSGS:            "offload_messages",
+	bpf.SluiceCounterCOUNT_OFFLOAD_BYTES:           "offload_bytes",
+	bpf.SluiceCounterCOUNT_OFFLOAD_VIA_PROXY:       "offload_via_sidecar",
+	bpf.SluiceCounterCOUNT_INBOUND_LISTENER_FAILED: "inbound_listener_unregistered",
 }
 
 func readCounters(dir string) (map[string]uint64, error) {

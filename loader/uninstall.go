@@ -45,6 +45,7 @@ func Uninstall(t Target, log *slog.Logger) error {
 
 	// Inbound steering stops first, then connect stops redirecting.
 	var errs []error
+	errs = append(errs, removeLink(filepath.Join(t.PinDir, legacyTCPin)))
 	for i := len(allHooks) - 1; i >= 0; i-- {
 		errs = append(errs, removeLink(filepath.Join(t.PinDir, allHooks[i].pin)))
 	}

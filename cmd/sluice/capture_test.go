@@ -168,8 +168,10 @@ func TestOutboundCaptureIPv4(t *testing.T) {
 	c.startSidecar(t)
 	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
 	res := c.client(t, addr)
-	if !strings.HasPrefix(res.Local, "127.0.0.1:") {
-		t.Errorf("app socket %s: want it redirected to the sidecar on 127.0.0.1", res.Local)
+	// Redirected to the sidecar on 127.0.0.1, but from the pod's own
+	// address, as under iptables REDIRECT.
+	if !strings.HasPrefix(res.Local, c.pod.Addr4.String()+":") {
+		t.Errorf("app socket %s: want the pod's address %s", res.Local, c.pod.Addr4)
 	}
 	c.expectProxied(t, res, addr)
 	expectNoFirewallRules(t, c.pod)
@@ -180,8 +182,8 @@ func TestOutboundCaptureIPv6(t *testing.T) {
 	c.startSidecar(t)
 	addr := netip.AddrPortFrom(c.host.Addr6, 8080).String()
 	res := c.client(t, addr)
-	if !strings.HasPrefix(res.Local, "[::1]:") {
-		t.Errorf("app socket %s: want it redirected to the sidecar on [::1]", res.Local)
+	if !strings.HasPrefix(res.Local, "["+c.pod.Addr6.String()+"]:") {
+		t.Errorf("app socket %s: want the pod's address %s", res.Local, c.pod.Addr6)
 	}
 	c.expectProxied(t, res, addr)
 	expectNoFirewallRules(t, c.pod)
@@ -294,7 +296,7 @@ backend original_dst
 	}
 	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
 	res := c.client(t, addr)
-	if !strings.HasPrefix(res.Local, "127.0.0.1:") || res.ServerSaw == res.Local {
+	if res.ServerSaw == res.Local {
 		t.Errorf("outbound connection did not go through HAProxy: app socket %s, server saw %s", res.Local, res.ServerSaw)
 	}
 	if ip := strings.Split(res.ServerSaw, ":")[0]; ip != c.pod.Addr4.String() {

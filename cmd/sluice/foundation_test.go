@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -67,8 +66,8 @@ func statusJSON(t *testing.T, cgroup string) loader.State {
 }
 
 // attachedCount is how many programs run for the pod: attached to its
-// cgroup, and on its eth0's tcx ingress.
-func attachedCount(t *testing.T, pod *testbed.Pod) (cgroup, tcx int) {
+// cgroup, and on its network namespace (sk_lookup).
+func attachedCount(t *testing.T, pod *testbed.Pod) (cgroup, netns int) {
 	t.Helper()
 	out, err := exec.Command("bpftool", "-j", "cgroup", "show", pod.Cgroup).Output()
 	if err != nil {
@@ -80,28 +79,23 @@ func attachedCount(t *testing.T, pod *testbed.Pod) (cgroup, tcx int) {
 			t.Fatalf("bpftool cgroup show: %v (%s)", err, out)
 		}
 	}
-	return len(progs), tcxPrograms(t, pod)
+	return len(progs), inboundPrograms(t, pod)
 }
 
-// tcxPrograms counts the programs on the tcx ingress of the pod's eth0.
-func tcxPrograms(t *testing.T, pod *testbed.Pod) int {
+// inboundPrograms counts the sk_lookup programs on the pod's network
+// namespace.
+func inboundPrograms(t *testing.T, pod *testbed.Pod) int {
 	t.Helper()
-	var n int
-	if err := pod.Do(func() error {
-		eth0, err := net.InterfaceByName(pod.Iface)
-		if err != nil {
-			return err
-		}
-		res, err := link.QueryPrograms(link.QueryOptions{Target: eth0.Index, Attach: ebpf.AttachTCXIngress})
-		if err != nil {
-			return err
-		}
-		n = len(res.Programs)
-		return nil
-	}); err != nil {
+	ns, err := os.Open(pod.Netns)
+	if err != nil {
 		t.Fatal(err)
 	}
-	return n
+	defer ns.Close()
+	res, err := link.QueryPrograms(link.QueryOptions{Target: int(ns.Fd()), Attach: ebpf.AttachSkLookup})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(res.Programs)
 }
 
 // Kubernetes reruns an init container after a crash: an install killed with
@@ -147,8 +141,8 @@ func TestKilledInstallIsFinishedByRerun(t *testing.T) {
 		if s := statusJSON(t, pod.Cgroup); !s.Complete {
 			t.Fatalf("%s: status says incomplete: %v", when, s.Missing)
 		}
-		if cg, tcx := attachedCount(t, pod); cg != 8 || tcx != 1 {
-			t.Fatalf("%s: %d programs on the cgroup and %d on eth0, want 8 and 1 (one install)", when, cg, tcx)
+		if cg, ns := attachedCount(t, pod); cg != 8 || ns != 1 {
+			t.Fatalf("%s: %d programs on the cgroup and %d on the netns, want 8 and 1 (one install)", when, cg, ns)
 		}
 	}
 	target, err := loader.ResolveTarget(pod.Cgroup, "")
@@ -157,8 +151,8 @@ func TestKilledInstallIsFinishedByRerun(t *testing.T) {
 	}
 	expectNothing := func(when string) {
 		t.Helper()
-		if cg, tcx := attachedCount(t, pod); cg != 0 || tcx != 0 {
-			t.Fatalf("%s: %d programs still on the cgroup and %d on eth0", when, cg, tcx)
+		if cg, ns := attachedCount(t, pod); cg != 0 || ns != 0 {
+			t.Fatalf("%s: %d programs still on the cgroup and %d on the netns", when, cg, ns)
 		}
 		if _, err := os.Stat(target.PinDir); !os.IsNotExist(err) {
 			t.Fatalf("%s: pin dir %s still there (%v)", when, target.PinDir, err)

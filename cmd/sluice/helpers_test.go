@@ -42,6 +42,8 @@ var helperRoles = map[string]func(args []string) (any, error){
 	"bulk":           bulk,
 	"many":           many,
 	"serverfirst":    serverFirst,
+	"reconnect":      reconnect,
+	"abort":          abort,
 }
 
 // runTestHelper runs the role named in the environment, if any, and exits.

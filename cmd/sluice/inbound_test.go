@@ -192,17 +192,17 @@ func TestInboundUninstallRestoresTC(t *testing.T) {
 		t.Fatalf("pre-existing clsact and filter not seen:\n%s", before)
 	}
 	mustCLI(t, "install", "--cgroup", pod.Cgroup, "--netns", pod.Netns)
-	if n := tcxPrograms(t, pod); n != 1 {
-		t.Errorf("after install, %d tcx ingress programs on eth0, want 1", n)
+	if n := inboundPrograms(t, pod); n != 1 {
+		t.Errorf("after install, %d sk_lookup programs on the pod's netns, want 1", n)
 	}
-	if out := mustCLI(t, "status", "--cgroup", pod.Cgroup); !strings.Contains(out, "link_tc_ingress") || !strings.Contains(out, "ingress of ifindex") {
-		t.Errorf("status does not show the tc attachment:\n%s", out)
+	if out := mustCLI(t, "status", "--cgroup", pod.Cgroup); !strings.Contains(out, "link_sk_lookup") || !strings.Contains(out, "(sk_lookup)") {
+		t.Errorf("status does not show the sk_lookup attachment:\n%s", out)
 	}
 	mustCLI(t, "uninstall", "--cgroup", pod.Cgroup)
 	if after := snapshot(); after != before {
 		t.Errorf("qdiscs and filters changed:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
-	if n := tcxPrograms(t, pod); n != 0 {
-		t.Errorf("after uninstall, %d tcx ingress programs left on eth0", n)
+	if n := inboundPrograms(t, pod); n != 0 {
+		t.Errorf("after uninstall, %d sk_lookup programs left on the pod's netns", n)
 	}
 }

@@ -295,7 +295,13 @@ func listen(outPort, inPort uint16, log *slog.Logger) ([]listener, error) {
 		{"tcp6", "::", inPort, proxy.Inbound},
 	} {
 		addr := net.JoinHostPort(l.addr, strconv.Itoa(int(l.port)))
-		ln, err := net.Listen(l.network, addr)
+		// The inbound listener is plain TCP: the kernel hands it inbound
+		// connections from a sockmap, which takes no MPTCP socket (Go's
+		// listeners are MPTCP by default). Inbound MPTCP clients fall
+		// back to TCP, as they do with any TCP server.
+		var lc net.ListenConfig
+		lc.SetMultipathTCP(l.dir == proxy.Outbound)
+		ln, err := lc.Listen(context.Background(), l.network, addr)
 		if err != nil && l.network == "tcp6" && (errors.Is(err, syscall.EADDRNOTAVAIL) || errors.Is(err, syscall.EAFNOSUPPORT)) {
 			log.Info("IPv6 is off in this pod; serving IPv4 only", "addr", addr)
 			continue

@@ -103,8 +103,8 @@ func printStatus(w io.Writer, s loader.State) {
 	inbound := false
 	for _, l := range s.Links {
 		to := fmt.Sprintf("cgroup %d", l.CgroupID)
-		if l.Ifindex != 0 {
-			to, inbound = fmt.Sprintf("ingress of ifindex %d (tcx)", l.Ifindex), true
+		if l.NetnsInode != 0 {
+			to, inbound = fmt.Sprintf("netns %d (sk_lookup)", l.NetnsInode), true
 		}
 		if !l.Attached {
 			to = "DETACHED"

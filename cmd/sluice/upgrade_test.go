@@ -89,7 +89,7 @@ func TestUpgradeUnderTraffic(t *testing.T) {
 	if res.Failed != 0 || res.OK == 0 {
 		t.Errorf("connections across the upgrade: %+v; want none failed or escaped", res)
 	}
-	for _, want := range []string{"link_connect4 updated", "link_tc_ingress updated", "counters replaced", "policies replaced", "install finished"} {
+	for _, want := range []string{"link_connect4 updated", "link_sk_lookup attached", "link_tc_ingress kept for the running sidecar", "counters replaced", "policies replaced", "install finished"} {
 		if !strings.Contains(upgraded, want) {
 			t.Errorf("upgrade said %q, which lacks %q", upgraded, want)
 		}
@@ -106,6 +106,21 @@ func TestUpgradeUnderTraffic(t *testing.T) {
 	}
 	expectViaSidecar(t, c.client(t, out), "outbound, after the upgrade")
 	expectViaSidecar(t, c.inbound(t, in), "inbound, after the upgrade")
+
+	// The older sidecar listens with MPTCP, which sk_lookup cannot hand
+	// connections to: its release's tcx program stayed for it. Once this
+	// build's sidecar runs, the next install removes it, and inbound
+	// capture is sk_lookup's alone.
+	l.Cmd.Process.Kill()
+	l.Cmd.Wait()
+	c.startSidecar(t)
+	if again := mustCLI(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns); !strings.Contains(again, "link_tc_ingress removed") {
+		t.Errorf("install after the sidecar's restart said %q, which lacks \"link_tc_ingress removed\"", again)
+	}
+	expectViaSidecar(t, c.inbound(t, in), "inbound, after the sidecar's restart")
+	if counts := statusJSON(t, c.cgroup).Counters; counts["inbound_steered"] == 0 {
+		t.Errorf("counters %v: sk_lookup steered nothing", counts)
+	}
 }
 
 // expectViaSidecar checks an echo exchange went through a sidecar: intact,

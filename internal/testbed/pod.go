@@ -340,3 +340,11 @@ func (p *Pod) Delete() error {
 	}
 	return deleteNetns(filepath.Base(p.Netns))
 }
+
+// NodeSide is the node's end of the pod's veth: its name and addresses in
+// the bed's node netns (enter it with Bed.DoNode). Tests that craft packets
+// for the pod send them from here.
+func (p *Pod) NodeSide() (iface string, addr4, addr6 netip.Addr) {
+	sub := subnetFor(int(p.Addr4.As4()[2]))
+	return fmt.Sprintf("veth%d", sub.n), sub.node4, sub.node6
+}

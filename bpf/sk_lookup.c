@@ -1,0 +1,83 @@
+//go:build ignore
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* sk_lookup on the pod's network namespace: inbound capture. The kernel runs
+ * it whenever it looks for a listener for a TCP segment, after it has
+ * reassembled fragments, walked IPv6 extension headers and found no
+ * established, request or TIME_WAIT socket of the segment's own tuple. So
+ * it sees every way a connection can start: a SYN, the ACK of a SYN-cookie
+ * handshake, a SYN that recycles a TIME_WAIT tuple. For a captured port it
+ * hands the lookup to the sidecar's inbound listener; the segment keeps its
+ * destination, so the accepted socket's own address is the original
+ * destination and nothing is rewritten or recorded. With no sidecar it
+ * drops the lookup, and the kernel answers as it answers a closed port (a
+ * reset, under its own rules), or with --fail-open lets the app have it. */
+#include "sluice.h"
+
+/* Every network namespace's loopback device has this index. */
+#define LOOPBACK_IFINDEX 1
+
+/* no_sidecar decides for a captured lookup with no sidecar listening. */
+static __always_inline int no_sidecar(const struct policy *pol)
+{
+	count(COUNT_INBOUND_NO_LISTENER);
+	if (pol->flags & CONFIG_FAIL_OPEN) {
+		count(COUNT_FAIL_OPEN_INBOUND);
+		return SK_PASS;
+	}
+	count(COUNT_FAIL_CLOSED_INBOUND);
+	return SK_DROP;
+}
+
+/* from_inside tells a connection from inside the pod (the sidecar's own hop
+ * to the app, the app to itself): it comes over loopback, but the kernel
+ * names the interface of the address it goes to, so the source says it: a
+ * loopback address (the sidecar dials IPv4 from 127.0.0.6), or the very
+ * address it goes to (what the kernel picks to reach a local address). The
+ * kernel drops packets from the network with a loopback source; one forged
+ * with the pod's own address gets its SYN-ACK sent to the pod itself, so it
+ * never completes a handshake. */
+static __always_inline bool from_inside(const struct bpf_sk_lookup *ctx)
+{
+	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
+		return true;
+	if (ctx->family == AF_INET)
+		return (bpf_ntohl(ctx->remote_ip4) >> 24) == 127 || ctx->remote_ip4 == ctx->local_ip4;
+	struct addr6 remote = {.w = {ctx->remote_ip6[0], ctx->remote_ip6[1], ctx->remote_ip6[2], ctx->remote_ip6[3]}};
+	if (addr_is_loopback(&remote))
+		return true;
+	return ctx->remote_ip6[0] == ctx->local_ip6[0] && ctx->remote_ip6[1] == ctx->local_ip6[1] &&
+	       ctx->remote_ip6[2] == ctx->local_ip6[2] && ctx->remote_ip6[3] == ctx->local_ip6[3];
+}
+
+SEC("sk_lookup")
+int sluice_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP || from_inside(ctx))
+		return SK_PASS;
+	__u32 slot;
+	const struct policy *pol = active_policy(&slot);
+	if (!pol || !inbound_port_captured(pol, ctx->local_port))
+		return SK_PASS;
+	if (inbound_kernel_only(pol, ctx->local_port)) {
+		count(COUNT_KERNEL_ONLY_INBOUND);
+		return SK_PASS;
+	}
+	__u32 key = ctx->family == AF_INET6 ? LISTENER_IPV6 : LISTENER_IPV4;
+	struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_listeners, &key);
+	if (!sk && key == LISTENER_IPV4) {
+		/* A dual-stack IPv6 listener takes IPv4 too. */
+		key = LISTENER_IPV6;
+		sk = bpf_map_lookup_elem(&inbound_listeners, &key);
+	}
+	if (!sk)
+		return no_sidecar(pol);
+	long err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		/* An IPv6-only listener for an IPv4 connection, or one closing. */
+		count(COUNT_INBOUND_ASSIGN_FAILED);
+		return no_sidecar(pol);
+	}
+	count(COUNT_INBOUND_STEERED);
+	return SK_PASS;
+}
