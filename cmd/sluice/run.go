@@ -52,13 +52,18 @@ install within a second.
 With --cgroup it also exports the pod's flows, measured in the kernel, on
 --metrics-addr (default :15090, the port Istio's Envoy uses for its own
 stats; change it where both run): /metrics for Prometheus, /flows for the
-open flows (what 'sluice flows' shows). The Istio labels of this pod come
-from the flags below or the environment the Kubernetes downward API sets
-(SLUICE_WORKLOAD, SLUICE_NAMESPACE or POD_NAMESPACE, SLUICE_APP, ...).
+open flows (what 'sluice flows' shows). In the pod only the proxy may bind
+the port install reserved for metrics (install --metrics-port, default
+15090); on another port the sidecar says so at start. If it cannot bind it
+(another process holds it), it goes on proxying, logs an error and tries
+again (1s, doubling to 30s), counting sluice_metrics_listen_failures_total.
+The Istio labels of this pod come from the flags below or the environment
+the Kubernetes downward API sets (SLUICE_WORKLOAD, SLUICE_NAMESPACE or
+POD_NAMESPACE, SLUICE_APP, ...).
 
 On SIGTERM it stops accepting at once, lets open connections finish for
 --drain, then closes them and exits 0; a second signal ends it at once. If
-any listener fails, it exits 1 so the pod restarts it.
+a proxy listener fails, it exits 1 so the pod restarts it.
 
 Examples:
   sluice run --cgroup /sys/fs/cgroup/unified/mypod
@@ -102,6 +107,10 @@ Examples:
 		}
 		if *maxDests < 1 {
 			return usageError{fmt.Sprintf("--max-destinations %d: want at least 1", *maxDests)}
+		}
+		port, err := metricsPort(*metricsAddr)
+		if err != nil {
+			return err
 		}
 		set := map[string]bool{}
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
@@ -176,6 +185,9 @@ Examples:
 				policy.ProxyGID = installed.ProxyGID
 			}
 			warnIfOutside(log, target.Cgroup)
+			if exporter != nil {
+				warnIfUnreserved(log, port, installed.SidecarPorts)
+			}
 		}
 
 		if err := becomeProxy(policy.ProxyUID, policy.ProxyGID, log); err != nil {
@@ -199,15 +211,11 @@ Examples:
 		}
 		served := addrs(listeners)
 		if exporter != nil {
-			metrics, err := net.Listen("tcp", *metricsAddr)
-			if err != nil {
-				for _, ln := range listeners {
-					ln.Close()
-				}
-				return fmt.Errorf("listen on %s for metrics (is another exporter running? change --metrics-addr): %w", *metricsAddr, err)
-			}
-			runners = append(runners, serveHTTP(&http.Server{Handler: exporter.Handler(), ReadHeaderTimeout: 10 * time.Second}, metrics))
-			served += ",metrics " + metrics.Addr().String()
+			metrics := newMetricsServer(*metricsAddr, exporter.Handler(), exporter.Registry(), log)
+			// The first attempt before "listening", so a scraper may come
+			// at once; later ones in the background.
+			runners = append(runners, metrics.run(metrics.listen()))
+			served += ",metrics " + *metricsAddr
 		}
 		err = serve(ctx, runners, p, *drain, served, log)
 		if offload != nil {
