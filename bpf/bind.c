@@ -1,8 +1,11 @@
 //go:build ignore
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* cgroup/bind4 and cgroup/bind6: only the proxy identity may bind the capture
- * ports in a captured pod. Anyone else listening there first would receive
- * the pod's captured connections (and their original destinations). */
+/* cgroup/bind4 and cgroup/bind6: only the proxy identity may bind the
+ * sidecar's ports in a captured pod: the capture ports, whose listener
+ * would receive the pod's captured connections (and their original
+ * destinations), and every other port the sidecar must own (metrics,
+ * health: policy.sidecar_ports), which a process taking it while the
+ * sidecar restarts would hold against every restart after. */
 #include "sluice.h"
 
 static __always_inline int bind_allowed(struct bpf_sock_addr *ctx)
@@ -14,7 +17,7 @@ static __always_inline int bind_allowed(struct bpf_sock_addr *ctx)
 	if (!pol)
 		return 1;
 	__u16 port = bpf_ntohs(ctx->user_port);
-	if (port != pol->outbound_port && port != pol->inbound_port)
+	if (port != pol->outbound_port && port != pol->inbound_port && !is_sidecar_port(pol, port))
 		return 1;
 	/* 0 makes bind(2) fail with EPERM. */
 	return is_proxy(pol) ? 1 : 0;

@@ -318,9 +318,9 @@ func dial(dst netip.AddrPort, dir Direction) (int, error) {
 	}
 	noDelay(fd)
 	if dir == Inbound && family == unix.AF_INET {
-		if err := unix.Bind(fd, inboundSource4); err != nil {
+		if err := bindInboundSource(fd); err != nil {
 			unix.Close(fd)
-			return -1, os.NewSyscallError("bind 127.0.0.6", err)
+			return -1, err
 		}
 	}
 	if err := unix.Connect(fd, sa); err != nil && err != unix.EINPROGRESS {
@@ -328,6 +328,23 @@ func dial(dst netip.AddrPort, dir Direction) (int, error) {
 		return -1, os.NewSyscallError("connect", err)
 	}
 	return fd, nil
+}
+
+// bindInboundSource binds fd to 127.0.0.6 with its port left to connect, as
+// Envoy binds its upstream source: connect then picks the port for the whole
+// 4-tuple, as a plain connect does, sharing it across destinations and
+// reusing ports in TIME_WAIT. A port picked at bind time must be free of
+// every socket, TIME_WAIT ones included, so each connection the sidecar
+// closed first would hold its port for a minute, and a pod with a narrow
+// ip_local_port_range would refuse inbound connections.
+func bindInboundSource(fd int) error {
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1); err != nil {
+		return os.NewSyscallError("setsockopt IP_BIND_ADDRESS_NO_PORT", err)
+	}
+	if err := unix.Bind(fd, inboundSource4); err != nil {
+		return os.NewSyscallError("bind 127.0.0.6", err)
+	}
+	return nil
 }
 
 func sockaddr(dst netip.AddrPort) (int, unix.Sockaddr) {

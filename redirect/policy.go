@@ -19,6 +19,9 @@ const (
 	DefaultOutboundPort = 15001
 	DefaultInboundPort  = 15006
 	DefaultProxyID      = 1337
+	// DefaultMetricsPort is where `sluice run` serves /metrics and /flows,
+	// the port Istio's Envoy serves its stats on.
+	DefaultMetricsPort = 15090
 )
 
 // Policy is the capture configuration for one pod, as a user states it.
@@ -27,6 +30,9 @@ type Policy struct {
 	InboundPort  uint16
 	ProxyUID     uint32
 	ProxyGID     uint32
+	// MetricsPort is the sidecar's --metrics-addr port: reserved for the
+	// proxy identity like the capture ports, never captured inbound.
+	MetricsPort uint16
 	// Mode is Istio's inbound interception mode; only REDIRECT is supported.
 	Mode string
 
@@ -78,6 +84,7 @@ func DefaultPolicy() Policy {
 		InboundPort:  DefaultInboundPort,
 		ProxyUID:     DefaultProxyID,
 		ProxyGID:     DefaultProxyID,
+		MetricsPort:  DefaultMetricsPort,
 		Mode:         "REDIRECT",
 		IncludeCIDRs: CIDRs{All: true},
 		InboundPorts: Ports{All: true},
@@ -115,6 +122,8 @@ func (p *Policy) RegisterFlags(fs *flag.FlagSet) {
 		}
 	}
 	fs.BoolVar(&p.AllowRootProxy, "allow-root-proxy", false, "accept -u 0 or -g 0 (every root process in the pod then goes uncaptured)")
+	fs.Var(portValue{&p.MetricsPort}, "metrics-port", "the port of the sidecar's --metrics-addr: only the proxy uid/gid may bind it (as the capture ports),\n"+
+		"so no process in the pod can take it while the sidecar restarts; never captured inbound")
 	fs.BoolVar(&p.Flows, "flows", true, "measure the pod's flows in the kernel for the sidecar's metrics (--flows=false: capture only)")
 	fs.BoolVar(&p.Splice, "splice", false, "pass bytes between the app and the sidecar socket to socket, skipping loopback TCP.\n"+
 		"Off by default: a process in the pod that reads its sockets with splice(2), as Go's io.Copy\n"+
@@ -201,7 +210,13 @@ func (p Policy) Plan() (Plan, error) {
 	if (p.ProxyUID == 0 || p.ProxyGID == 0) && !p.AllowRootProxy {
 		return Plan{}, fmt.Errorf("proxy uid/gid %d/%d would exempt every root process in the pod from capture: run the proxy as its own uid and gid (e.g. -u 1337 -g 1337), or pass --allow-root-proxy if that is meant", p.ProxyUID, p.ProxyGID)
 	}
+	if p.MetricsPort == p.OutboundPort || p.MetricsPort == p.InboundPort {
+		return Plan{}, fmt.Errorf("--metrics-port %d is also a proxy listener's port (-p %d, -z %d): give the sidecar's metrics a port of their own", p.MetricsPort, p.OutboundPort, p.InboundPort)
+	}
 	own := slices.Concat([]uint16{p.OutboundPort, p.InboundPort}, istioSidecarPorts)
+	if p.MetricsPort != 0 {
+		own = append(own, p.MetricsPort)
+	}
 	if p.Linkerd {
 		own = append(own, linkerdSidecarPorts...)
 	}

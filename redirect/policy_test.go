@@ -68,6 +68,10 @@ func TestPolicyFlags(t *testing.T) {
 			c.InboundPorts = []uint16{8080, 9000, 9001}
 			c.ExcludeInboundPorts = []uint16{7000, 15001, 15006, 15020, 15021, 15090}
 		})},
+		{"metrics port", []string{"--metrics-port", "9099"}, with(func(c *Plan) {
+			c.ExcludeInboundPorts = []uint16{9099, 15001, 15006, 15020, 15021, 15090}
+			c.SidecarPorts = c.ExcludeInboundPorts
+		})},
 		{"mode is case-insensitive", []string{"-m", "redirect"}, defaults},
 		{"root proxy when asked for", []string{"-u", "0", "-g", "0", "--allow-root-proxy"}, with(func(c *Plan) { c.ProxyUID, c.ProxyGID = 0, 0 })},
 	}
@@ -100,6 +104,7 @@ func TestPolicyFlagErrors(t *testing.T) {
 		{[]string{"-g", "-1"}, "is not a numeric gid"},
 		{[]string{"-m", "TPROXY"}, `interception mode "TPROXY" is not supported`},
 		{[]string{"-p", "15006"}, "both 15006"},
+		{[]string{"--metrics-port", "15006"}, "--metrics-port 15006 is also a proxy listener's port"},
 		{[]string{"-u", "0"}, "would exempt every root process in the pod from capture"},
 		{[]string{"-g", "0"}, "pass --allow-root-proxy if that is meant"},
 	}

@@ -3,6 +3,7 @@ package telemetry
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"slices"
@@ -36,7 +37,13 @@ type Options struct {
 	// Routes, when set, gives the pod's canary routes, exported with their
 	// weights, picks and rollout progress.
 	Routes func() ([]loader.RouteState, error)
-	Logger *slog.Logger
+	// MaxFollowers bounds the clients following the flows at once; more
+	// are refused. Default 16.
+	MaxFollowers int
+	// FollowerTimeout is how long a follower's buffer may stay full, or a
+	// write to it block, before it is dropped. Default 5 s.
+	FollowerTimeout time.Duration
+	Logger          *slog.Logger
 }
 
 // Exporter reads a pod's flow events, keeps its live flows, and serves them
@@ -57,11 +64,11 @@ type Exporter struct {
 	reapAfter    time.Duration
 	totals       map[labelKey]*tcpTotals
 	destinations map[string]bool
-	followers    map[chan Flow]struct{}
+	followers    map[*Follower]struct{}
 
 	connect, rtt, duration *prometheus.HistogramVec
 	ended, failed, retrans *prometheus.CounterVec
-	followLost             prometheus.Counter
+	followLost, evicted    prometheus.Counter
 	// Per destination (the same folding as the layer-4 counters): what a
 	// rollout compares between a canary and its stable backend.
 	destConnect *prometheus.SummaryVec
@@ -90,6 +97,12 @@ func NewExporter(source Source, opts Options) *Exporter {
 	if opts.MaxDestinations == 0 {
 		opts.MaxDestinations = 100
 	}
+	if opts.MaxFollowers == 0 {
+		opts.MaxFollowers = 16
+	}
+	if opts.FollowerTimeout == 0 {
+		opts.FollowerTimeout = 5 * time.Second
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -103,7 +116,7 @@ func NewExporter(source Source, opts Options) *Exporter {
 		reapAfter:    reapAfter,
 		totals:       map[labelKey]*tcpTotals{},
 		destinations: map[string]bool{},
-		followers:    map[chan Flow]struct{}{},
+		followers:    map[*Follower]struct{}{},
 		connect: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "sluice_tcp_connect_duration_seconds", Buckets: latencyBuckets,
 			Help: "Time from SYN sent to established (outbound), or from SYN-ACK sent to its ACK (inbound), per flow.",
@@ -140,8 +153,12 @@ func NewExporter(source Source, opts Options) *Exporter {
 			Name: "sluice_flow_follow_dropped_total",
 			Help: "Closed flows not sent to a `sluice flows --follow` client that was too slow to take them.",
 		}),
+		evicted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "sluice_flow_followers_evicted_total",
+			Help: "`sluice flows --follow` clients disconnected for taking no flows for the follower timeout.",
+		}),
 	}
-	e.reg.MustRegister(e.connect, e.rtt, e.duration, e.ended, e.failed, e.retrans, e.followLost, e.destConnect, e.destFailed, collector{e}, routeCollector{e})
+	e.reg.MustRegister(e.connect, e.rtt, e.duration, e.ended, e.failed, e.retrans, e.followLost, e.evicted, e.destConnect, e.destFailed, collector{e}, routeCollector{e})
 	return e
 }
 
@@ -218,12 +235,8 @@ func (e *Exporter) handle(f Flow) {
 		e.duration.WithLabelValues(f.Direction).Observe(f.Duration)
 		e.retrans.WithLabelValues(f.Direction).Add(float64(f.Retransmits))
 	}
-	for ch := range e.followers {
-		select {
-		case ch <- f:
-		default:
-			e.followLost.Inc()
-		}
+	for fl := range e.followers {
+		e.send(fl, f)
 	}
 }
 
@@ -290,19 +303,87 @@ func (e *Exporter) Live() ([]Flow, error) {
 	return out, err
 }
 
-// Follow returns a channel of every flow event from now on (opened, closed,
-// failed) and a function that stops it. A follower that falls behind loses
-// events, counted in sluice_flow_follow_dropped_total.
-func (e *Exporter) Follow() (<-chan Flow, func()) {
-	ch := make(chan Flow, 1024)
+// followBuffer is how many flow events a follower may fall behind by
+// (about 64 KiB of them): enough for a burst, bounded for every follower.
+const followBuffer = 256
+
+// A Follower receives every flow event (opened, closed, failed) from when
+// it started following. One that falls behind loses events, counted in
+// sluice_flow_follow_dropped_total; one that stays behind is dropped.
+type Follower struct {
+	e       *Exporter
+	events  chan Flow
+	evicted chan struct{}
+	// fullSince is when its buffer was found full and stayed so (zero:
+	// it is not); guarded by e.mu.
+	fullSince time.Time
+}
+
+// Events are the follower's flow events.
+func (f *Follower) Events() <-chan Flow { return f.events }
+
+// Evicted is closed when the exporter dropped the follower.
+func (f *Follower) Evicted() <-chan struct{} { return f.evicted }
+
+// Stop ends the following.
+func (f *Follower) Stop() {
+	f.e.mu.Lock()
+	defer f.e.mu.Unlock()
+	delete(f.e.followers, f)
+}
+
+// Evict drops a follower too slow to take its events, as a write to it
+// that blocked for the follower timeout shows.
+func (f *Follower) Evict() {
+	f.e.mu.Lock()
+	defer f.e.mu.Unlock()
+	f.e.evict(f)
+}
+
+// ErrTooManyFollowers refuses a follower beyond Options.MaxFollowers.
+var ErrTooManyFollowers = errors.New("too many followers")
+
+// Follow starts a Follower, unless MaxFollowers already follow: each holds
+// memory, and clients that never read must not add up to an OOM kill.
+func (e *Exporter) Follow() (*Follower, error) {
 	e.mu.Lock()
-	e.followers[ch] = struct{}{}
-	e.mu.Unlock()
-	return ch, func() {
-		e.mu.Lock()
-		delete(e.followers, ch)
-		e.mu.Unlock()
+	defer e.mu.Unlock()
+	if len(e.followers) >= e.opts.MaxFollowers {
+		return nil, fmt.Errorf("%w: %d clients already follow the flows (sluice run --max-followers)", ErrTooManyFollowers, len(e.followers))
 	}
+	f := &Follower{e: e, events: make(chan Flow, followBuffer), evicted: make(chan struct{})}
+	e.followers[f] = struct{}{}
+	return f, nil
+}
+
+// send hands f a flow event, or drops it if f's buffer is full; a
+// follower whose buffer stayed full for the follower timeout is evicted.
+// Called with e.mu held.
+func (e *Exporter) send(f *Follower, fl Flow) {
+	select {
+	case f.events <- fl:
+		f.fullSince = time.Time{}
+		return
+	default:
+	}
+	e.followLost.Inc()
+	now := time.Now()
+	if f.fullSince.IsZero() {
+		f.fullSince = now
+	} else if now.Sub(f.fullSince) >= e.opts.FollowerTimeout {
+		e.evict(f)
+	}
+}
+
+// evict drops f, once; called with e.mu held.
+func (e *Exporter) evict(f *Follower) {
+	if _, ok := e.followers[f]; !ok {
+		return
+	}
+	delete(e.followers, f)
+	close(f.evicted)
+	e.evicted.Inc()
+	e.opts.Logger.Warn("dropped a flows follower that took no flows", "for", e.opts.FollowerTimeout)
 }
 
 type sockStat struct {

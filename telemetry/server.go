@@ -2,7 +2,10 @@ package telemetry
 
 import (
 	"encoding/json"
+	"errors"
 	"net/http"
+	"os"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -29,25 +32,44 @@ func (e *Exporter) serveFlows(w http.ResponseWriter, r *http.Request) {
 		json.NewEncoder(w).Encode(flows)
 		return
 	}
-	events, stop := e.Follow()
-	defer stop()
-	flusher, _ := w.(http.Flusher)
-	enc := json.NewEncoder(w)
-	w.WriteHeader(http.StatusOK)
-	if flusher != nil {
-		flusher.Flush()
+	f, err := e.Follow()
+	if err != nil {
+		w.Header().Set("Retry-After", "10")
+		http.Error(w, err.Error()+": try again later", http.StatusServiceUnavailable)
+		return
 	}
-	for {
+	defer f.Stop()
+	e.stream(w, r, f)
+}
+
+// stream writes f's events to w until the client goes, or f is evicted. A
+// write may block for the follower timeout at most: a client that stops
+// reading fills the socket, then is dropped, and its memory freed.
+func (e *Exporter) stream(w http.ResponseWriter, r *http.Request, f *Follower) {
+	rc := http.NewResponseController(w)
+	enc := json.NewEncoder(w)
+	write := func(v any) error {
+		rc.SetWriteDeadline(time.Now().Add(e.opts.FollowerTimeout))
+		if v != nil {
+			if err := enc.Encode(v); err != nil {
+				return err
+			}
+		}
+		return rc.Flush()
+	}
+	w.WriteHeader(http.StatusOK)
+	err := write(nil)
+	for err == nil {
 		select {
 		case <-r.Context().Done():
 			return
-		case f := <-events:
-			if err := enc.Encode(f); err != nil {
-				return
-			}
-			if flusher != nil {
-				flusher.Flush()
-			}
+		case <-f.Evicted():
+			return
+		case fl := <-f.Events():
+			err = write(fl)
 		}
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		f.Evict()
 	}
 }

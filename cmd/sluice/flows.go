@@ -122,6 +122,10 @@ func followFlows(ctx context.Context, addr string, asJSON bool, w io.Writer) err
 		return fmt.Errorf("follow the sidecar's flows at %s (is 'sluice run --cgroup' running there? see --addr): %w", addr, err)
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return fmt.Errorf("follow the sidecar's flows at %s: %s: %s", addr, resp.Status, strings.TrimSpace(string(body)))
+	}
 	if !asJSON {
 		fmt.Fprintln(w, "TIME          EVENT   DIRECTION  SOURCE -> DESTINATION (ORIGINAL DST)  VIA  DURATION  SRTT  SENT  RECEIVED  END")
 	}
@@ -142,7 +146,10 @@ func followFlows(ctx context.Context, addr string, asJSON bool, w io.Writer) err
 	if ctx.Err() != nil {
 		return nil
 	}
-	return sc.Err()
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("follow the sidecar's flows at %s: %w", addr, err)
+	}
+	return fmt.Errorf("the sidecar at %s ended the flows stream: it stopped, or dropped this follower for reading too slowly", addr)
 }
 
 func watchFlows(ctx context.Context, addr string, every time.Duration, w io.Writer) error {

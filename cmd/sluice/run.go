@@ -52,13 +52,25 @@ install within a second.
 With --cgroup it also exports the pod's flows, measured in the kernel, on
 --metrics-addr (default :15090, the port Istio's Envoy uses for its own
 stats; change it where both run): /metrics for Prometheus, /flows for the
-open flows (what 'sluice flows' shows). The Istio labels of this pod come
+open flows (what 'sluice flows' shows), /flows?follow=true each flow as it
+opens and closes (at most --max-followers clients at once; one that takes
+nothing for 5s is dropped). Treat --metrics-addr as sensitive: /flows lists
+every peer of the pod. Bind it where only its readers reach it:
+127.0.0.1:15090 when only a reader inside the pod scrapes it (a
+metrics-merging agent, 'sluice flows' run in the pod), the pod's address
+behind a NetworkPolicy for a cluster Prometheus.
+
+In the pod only the proxy may bind the port install reserved for metrics
+(install --metrics-port, default 15090); on another port the sidecar says so
+at start. If it cannot bind it (another process holds it), it goes on
+proxying, logs an error and tries again (1s, doubling to 30s), counting
+sluice_metrics_listen_failures_total. The Istio labels of this pod come
 from the flags below or the environment the Kubernetes downward API sets
 (SLUICE_WORKLOAD, SLUICE_NAMESPACE or POD_NAMESPACE, SLUICE_APP, ...).
 
 On SIGTERM it stops accepting at once, lets open connections finish for
 --drain, then closes them and exits 0; a second signal ends it at once. If
-any listener fails, it exits 1 so the pod restarts it.
+a proxy listener fails, it exits 1 so the pod restarts it.
 
 Examples:
   sluice run --cgroup /sys/fs/cgroup/unified/mypod
@@ -78,7 +90,9 @@ Examples:
 		logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 		idle := fs.Duration("idle-timeout", time.Hour, "close a connection after this long with no bytes either way")
 		drain := fs.Duration("drain", 5*time.Second, "on SIGTERM, how long open connections may take to finish")
-		metricsAddr := fs.String("metrics-addr", ":15090", "where to serve /metrics and /flows (with --cgroup); empty: nowhere")
+		metricsAddr := fs.String("metrics-addr", ":15090", "where to serve /metrics and /flows (with --cgroup); empty: nowhere. Sensitive: /flows lists\n"+
+			"every peer of the pod, so bind it where only its readers reach it (127.0.0.1:15090 when they run in the pod)")
+		maxFollowers := fs.Int("max-followers", 16, "clients that may follow the flows at once (/flows?follow=true, 'sluice flows --follow'); more get 503")
 		istioNames := fs.Bool("istio-metrics", false, "name the layer-4 counters istio_tcp_* instead of sluice_tcp_* (for pods with no other Istio proxy)")
 		maxDests := fs.Int("max-destinations", 100, "distinct destination_service label values before the rest count as \"other\"")
 		id := telemetry.IdentityFromEnv()
@@ -102,6 +116,13 @@ Examples:
 		}
 		if *maxDests < 1 {
 			return usageError{fmt.Sprintf("--max-destinations %d: want at least 1", *maxDests)}
+		}
+		if *maxFollowers < 1 {
+			return usageError{fmt.Sprintf("--max-followers %d: want at least 1", *maxFollowers)}
+		}
+		port, err := metricsPort(*metricsAddr)
+		if err != nil {
+			return err
 		}
 		set := map[string]bool{}
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
@@ -137,7 +158,7 @@ Examples:
 					return err
 				}
 				defer source.Close()
-				exporter = telemetry.NewExporter(source, telemetry.Options{Identity: id, IstioNames: *istioNames, MaxDestinations: *maxDests, Logger: log,
+				exporter = telemetry.NewExporter(source, telemetry.Options{Identity: id, IstioNames: *istioNames, MaxDestinations: *maxDests, MaxFollowers: *maxFollowers, Logger: log,
 					Routes: source.Routes})
 				runners = append(runners, exporter.Run, closeOnDone(source))
 			}
@@ -176,6 +197,9 @@ Examples:
 				policy.ProxyGID = installed.ProxyGID
 			}
 			warnIfOutside(log, target.Cgroup)
+			if exporter != nil {
+				warnIfUnreserved(log, port, installed.SidecarPorts)
+			}
 		}
 
 		if err := becomeProxy(policy.ProxyUID, policy.ProxyGID, log); err != nil {
@@ -199,15 +223,11 @@ Examples:
 		}
 		served := addrs(listeners)
 		if exporter != nil {
-			metrics, err := net.Listen("tcp", *metricsAddr)
-			if err != nil {
-				for _, ln := range listeners {
-					ln.Close()
-				}
-				return fmt.Errorf("listen on %s for metrics (is another exporter running? change --metrics-addr): %w", *metricsAddr, err)
-			}
-			runners = append(runners, serveHTTP(&http.Server{Handler: exporter.Handler(), ReadHeaderTimeout: 10 * time.Second}, metrics))
-			served += ",metrics " + metrics.Addr().String()
+			metrics := newMetricsServer(*metricsAddr, exporter.Handler(), exporter.Registry(), log)
+			// The first attempt before "listening", so a scraper may come
+			// at once; later ones in the background.
+			runners = append(runners, metrics.run(metrics.listen()))
+			served += ",metrics " + *metricsAddr
 		}
 		err = serve(ctx, runners, p, *drain, served, log)
 		if offload != nil {

@@ -66,7 +66,13 @@ func httpGet(t *testing.T, do func(func() error) error, url string) []byte {
 // as Prometheus would, and parses it.
 func (c *capturedPod) scrape(t *testing.T) map[string]*dto.MetricFamily {
 	t.Helper()
-	url := fmt.Sprintf("http://%s/metrics", netip.AddrPortFrom(c.pod.Addr4, 15090))
+	return c.scrapePort(t, 15090)
+}
+
+// scrapePort is scrape for a sidecar serving metrics on port.
+func (c *capturedPod) scrapePort(t *testing.T, port uint16) map[string]*dto.MetricFamily {
+	t.Helper()
+	url := fmt.Sprintf("http://%s/metrics", netip.AddrPortFrom(c.pod.Addr4, port))
 	body := httpGet(t, c.host.Do, url)
 	parser := expfmt.NewTextParser(model.UTF8Validation)
 	families, err := parser.TextToMetricFamilies(strings.NewReader(string(body)))
