@@ -201,7 +201,9 @@ enum rollback_reason {
 };
 
 /* Round-robin state per service (no slot: it follows the route's
- * generation, and starts over when the route changes). */
+ * generation, and starts over when the route changes). The loader deletes a
+ * service's entry when its route is deleted or set anew, so a route never
+ * inherits an old sequence and entries never outlive their routes. */
 struct rr_key {
 	struct addr6 vip;
 	__u16 port;
@@ -358,6 +360,10 @@ enum counter {
 	COUNT_OFFLOAD_MSGS,      /* app messages sent straight out on the sidecar's far socket */
 	COUNT_OFFLOAD_BYTES,     /* and their bytes */
 	COUNT_OFFLOAD_VIA_PROXY, /* offloaded connections' messages the sidecar forwarded itself */
+	/* A round-robin route's pick made at random: no room for its state
+	 * in rr_states (its entries are freed with their routes, so this
+	 * stays 0 unless something else fills the table). */
+	COUNT_RR_FALLBACK,
 	COUNTERS,
 };
 

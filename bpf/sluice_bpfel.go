@@ -76,7 +76,8 @@ const (
 	SluiceCounterCOUNT_OFFLOAD_MSGS          SluiceCounter = 24
 	SluiceCounterCOUNT_OFFLOAD_BYTES         SluiceCounter = 25
 	SluiceCounterCOUNT_OFFLOAD_VIA_PROXY     SluiceCounter = 26
-	SluiceCounterCOUNTERS                    SluiceCounter = 27
+	SluiceCounterCOUNT_RR_FALLBACK           SluiceCounter = 27
+	SluiceCounterCOUNTERS                    SluiceCounter = 28
 )
 
 type SluiceFlowEnd uint32

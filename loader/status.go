@@ -284,6 +284,7 @@ var counterNames = map[bpf.SluiceCounter]string{
 	bpf.SluiceCounterCOUNT_OFFLOAD_MSGS:          "offload_messages",
 	bpf.SluiceCounterCOUNT_OFFLOAD_BYTES:         "offload_bytes",
 	bpf.SluiceCounterCOUNT_OFFLOAD_VIA_PROXY:     "offload_via_sidecar",
+	bpf.SluiceCounterCOUNT_RR_FALLBACK:           "route_round_robin_fallback",
 }
 
 func readCounters(dir string) (map[string]uint64, error) {
