@@ -198,6 +198,7 @@ enum rollback_reason {
 	ROLLBACK_NONE = 0,
 	ROLLBACK_FAILURES = 1,
 	ROLLBACK_LATENCY = 2,
+	ROLLBACK_NO_TRAFFIC = 3, /* no connects to the canary measured within the step's bound */
 };
 
 /* Round-robin state per service (no slot: it follows the route's

@@ -171,9 +171,10 @@ const (
 type SluiceRollbackReason uint32
 
 const (
-	SluiceRollbackReasonROLLBACK_NONE     SluiceRollbackReason = 0
-	SluiceRollbackReasonROLLBACK_FAILURES SluiceRollbackReason = 1
-	SluiceRollbackReasonROLLBACK_LATENCY  SluiceRollbackReason = 2
+	SluiceRollbackReasonROLLBACK_NONE       SluiceRollbackReason = 0
+	SluiceRollbackReasonROLLBACK_FAILURES   SluiceRollbackReason = 1
+	SluiceRollbackReasonROLLBACK_LATENCY    SluiceRollbackReason = 2
+	SluiceRollbackReasonROLLBACK_NO_TRAFFIC SluiceRollbackReason = 3
 )
 
 type SluiceRoute struct {

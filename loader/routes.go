@@ -33,13 +33,15 @@ var ErrNoRoute = errors.New("no route")
 
 // Rollback reasons as the route records them.
 const (
-	RollbackFailures = "connect_failures"
-	RollbackLatency  = "connect_latency"
+	RollbackFailures  = "connect_failures"
+	RollbackLatency   = "connect_latency"
+	RollbackNoTraffic = "no_traffic"
 )
 
 var rollbackReasons = map[uint32]string{
-	uint32(bpf.SluiceRollbackReasonROLLBACK_FAILURES): RollbackFailures,
-	uint32(bpf.SluiceRollbackReasonROLLBACK_LATENCY):  RollbackLatency,
+	uint32(bpf.SluiceRollbackReasonROLLBACK_FAILURES):   RollbackFailures,
+	uint32(bpf.SluiceRollbackReasonROLLBACK_LATENCY):    RollbackLatency,
+	uint32(bpf.SluiceRollbackReasonROLLBACK_NO_TRAFFIC): RollbackNoTraffic,
 }
 
 // routeMaps are the maps the routes live in; rr (round-robin state) is
@@ -140,6 +142,16 @@ func OpenRoutes(t Target) (*RouteReader, error) {
 // Routes returns the routes in force.
 func (r *RouteReader) Routes() ([]RouteState, error) { return r.maps.states() }
 
+// Version changes whenever the routes do, and costs one map lookup: a
+// reader that caches Routes rereads them only when it changed.
+func (r *RouteReader) Version() (uint32, error) {
+	var active uint32
+	if err := r.maps.active.Lookup(uint32(0), &active); err != nil {
+		return 0, fmt.Errorf("read active route slot: %w", err)
+	}
+	return active, nil
+}
+
 func (r *RouteReader) Close() error { return errors.Join(r.maps.routes.Close(), r.maps.active.Close()) }
 
 func (m routeMaps) states() ([]RouteState, error) {
@@ -181,7 +193,7 @@ type RouteChange struct {
 type RolloutRecord struct {
 	Service  netip.AddrPort
 	Step     uint32 // the canary's weight in percent
-	Rollback string // RollbackFailures or RollbackLatency when rolling back
+	Rollback string // RollbackFailures, RollbackLatency or RollbackNoTraffic when rolling back
 }
 
 // ChangeRoutes applies change to t's routes as one visible step: the
@@ -287,7 +299,13 @@ func (m routeMaps) writeSlot(next map[netip.AddrPort]bpf.SluiceRoute, other uint
 			return fmt.Errorf("write route %s: %w", svc, err)
 		}
 	}
-	if err := m.active.Put(uint32(0), uint32(other)); err != nil {
+	// The connect hook reads the low bit; the bits above count the
+	// changes, for readers that want to know the routes changed.
+	var active uint32
+	if err := m.active.Lookup(uint32(0), &active); err != nil {
+		return fmt.Errorf("read active route slot: %w", err)
+	}
+	if err := m.active.Put(uint32(0), (active>>1+1)<<1|uint32(other)); err != nil {
 		return fmt.Errorf("switch to the new routes: %w", err)
 	}
 	return nil

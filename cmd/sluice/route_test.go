@@ -239,17 +239,45 @@ func TestRouteBadInput(t *testing.T) {
 	}
 }
 
+// refusing is a canary that refuses every connect: nothing listens there.
+func refusing(c *canaryPod) string { return netip.AddrPortFrom(c.second.Addr4, 9999).String() }
+
+// kernelOnly makes the service's port kernel-only: the kernel picks the
+// backend and connects to it, with no sidecar in the path.
+func kernelOnly(t *testing.T, c *canaryPod) {
+	mustCLI(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "--kernel-only-ports", "80")
+}
+
+// portScan has the pod contact 120 other destinations first (closed ports
+// of the host), more than the exporter's 100 distinct destinations.
+func portScan(t *testing.T, c *canaryPod) {
+	args := []string{"120", "8"}
+	for port := range 120 {
+		args = append(args, netip.AddrPortFrom(c.host.Addr4, uint16(20000+port)).String())
+	}
+	var res churnResult
+	if err := runHelper(t, c.pod, helper(t, "churn", args...), -1, &res); err != nil || res.Failed != 120 {
+		t.Fatalf("120 connections to closed ports: %+v, %v", res, err)
+	}
+}
+
 // A rollout against a canary that refuses connections, or sits behind a
 // 20 ms delay link, rolls back by itself and says why (also as metrics);
-// against a healthy one it reaches 100 %.
+// against a healthy one it reaches 100 %. A refusing canary is caught as
+// well on a kernel-only route (no sidecar sees its connects), and after a
+// port scan of more destinations than the exporter names one by one.
 func TestRollout(t *testing.T) {
 	for _, tt := range []struct {
 		name   string
 		canary func(c *canaryPod) string
 		code   int
 		reason string
+		setup  func(t *testing.T, c *canaryPod)
 	}{
-		{"refusing canary", func(c *canaryPod) string { return netip.AddrPortFrom(c.second.Addr4, 9999).String() }, 1, "connect_failures"},
+		{"refusing canary", refusing, 1, "connect_failures", nil},
+		{"refusing canary, kernel-only", refusing, 1, "connect_failures", kernelOnly},
+		{"refusing canary after a port scan", refusing, 1, "connect_failures", portScan},
+		{"healthy canary, kernel-only", func(c *canaryPod) string { return c.v2a }, 0, "", kernelOnly},
 		{"slow canary", func(c *canaryPod) string {
 			far, err := c.bed.AddDelayedHost("far", 20*time.Millisecond)
 			if err != nil {
@@ -260,11 +288,14 @@ func TestRollout(t *testing.T) {
 				t.Fatal(err)
 			}
 			return addr
-		}, 1, "connect_latency"},
-		{"healthy canary", func(c *canaryPod) string { return c.v2a }, 0, ""},
+		}, 1, "connect_latency", nil},
+		{"healthy canary", func(c *canaryPod) string { return c.v2a }, 0, "", nil},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			c := newCanaryPod(t)
+			if tt.setup != nil {
+				tt.setup(t, c)
+			}
 			canary := tt.canary(c)
 			c.route(t, c.v1a+"=100")
 			var wg sync.WaitGroup
@@ -304,6 +335,9 @@ func TestRollout(t *testing.T) {
 			}
 			if got := sample(fams, "sluice_route_last_rollback", map[string]string{"service": vip, "reason": tt.reason}); got != 1 {
 				t.Errorf("sluice_route_last_rollback{reason=%q} = %v, want 1", tt.reason, got)
+			}
+			if got := sample(fams, "sluice_tcp_destination_connect_failures_total", map[string]string{"destination_service": canary}); tt.reason == "connect_failures" && got == 0 {
+				t.Errorf("no sluice_tcp_destination_connect_failures_total series for the canary %s", canary)
 			}
 		})
 	}
