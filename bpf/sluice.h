@@ -88,6 +88,13 @@ struct cidr_key {
 
 #define CIDR_KEY_BITS 16
 
+/* How many CIDRs one list (-i, -x, --kernel-only-cidrs) holds, IPv4 and IPv6
+ * together: each trie holds two policy slots of them, the one in force and
+ * the one an update fills. Entries are allocated as they are written
+ * (BPF_F_NO_PREALLOC), so room costs nothing until used. Cloud provider
+ * ranges and Istio's exclusion lists run to thousands. */
+#define CIDR_SLOT_ENTRIES 8192
+
 struct orig_dst {
 	struct addr6 addr;
 	__u16 port;   /* host order */
@@ -270,7 +277,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 2 * CIDR_SLOT_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct cidr_key);
 	__type(value, __u8);
@@ -278,7 +285,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 2 * CIDR_SLOT_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct cidr_key);
 	__type(value, __u8);
@@ -288,7 +295,7 @@ struct {
  * to, sent straight there (or to the route's pick) by connect. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 2 * CIDR_SLOT_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct cidr_key);
 	__type(value, __u8);

@@ -299,7 +299,7 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 // every link attached where it belongs. A rerun then changes nothing.
 func finished(t Target, rec, want record, plan redirect.Plan, ifindex int) (bool, error) {
 	if rec.Object != bpf.ObjectHash() || rec.Netns != want.Netns || rec.Interface != want.Interface ||
-		rec.Ifindex != want.Ifindex || !slices.Equal(rec.Args, want.Args) {
+		rec.Ifindex != want.Ifindex || rec.argsDigest() != want.argsDigest() {
 		return false, nil
 	}
 	s, err := Status(t)

@@ -201,6 +201,14 @@ func (p Policy) Plan() (Plan, error) {
 	if (p.ProxyUID == 0 || p.ProxyGID == 0) && !p.AllowRootProxy {
 		return Plan{}, fmt.Errorf("proxy uid/gid %d/%d would exempt every root process in the pod from capture: run the proxy as its own uid and gid (e.g. -u 1337 -g 1337), or pass --allow-root-proxy if that is meant", p.ProxyUID, p.ProxyGID)
 	}
+	for _, l := range []struct {
+		name  string
+		cidrs []netip.Prefix
+	}{{"-i", p.IncludeCIDRs.List}, {"-x", p.ExcludeCIDRs.List}, {"--kernel-only-cidrs", p.KernelOnlyCIDRs.List}} {
+		if n := len(normPrefixes(l.cidrs)); n > MaxCIDRs {
+			return Plan{}, fmt.Errorf("%s lists %d CIDRs, at most %d per list (IPv4 and IPv6 together): merge neighbouring ranges into wider prefixes", l.name, n, MaxCIDRs)
+		}
+	}
 	own := slices.Concat([]uint16{p.OutboundPort, p.InboundPort}, istioSidecarPorts)
 	if p.Linkerd {
 		own = append(own, linkerdSidecarPorts...)
