@@ -83,8 +83,12 @@ static __always_inline int pick_round_robin(const struct route_key *key, const s
 		struct rr_state fresh = {.generation = rt->generation};
 		bpf_map_update_elem(&rr_states, &rk, &fresh, BPF_NOEXIST);
 		rs = bpf_map_lookup_elem(&rr_states, &rk);
-		if (!rs)
+		if (!rs) {
+			/* The table is full: still a pick in proportion, but
+			 * not an exact split, so it is counted. */
+			count(COUNT_RR_FALLBACK);
 			return pick_random(rt);
+		}
 	}
 	int best = -1;
 	bpf_spin_lock(&rs->lock);

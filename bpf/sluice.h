@@ -88,6 +88,13 @@ struct cidr_key {
 
 #define CIDR_KEY_BITS 16
 
+/* How many CIDRs one list (-i, -x, --kernel-only-cidrs) holds, IPv4 and IPv6
+ * together: each trie holds two policy slots of them, the one in force and
+ * the one an update fills. Entries are allocated as they are written
+ * (BPF_F_NO_PREALLOC), so room costs nothing until used. Cloud provider
+ * ranges and Istio's exclusion lists run to thousands. */
+#define CIDR_SLOT_ENTRIES 8192
+
 struct orig_dst {
 	struct addr6 addr;
 	__u16 port;   /* host order */
@@ -198,10 +205,13 @@ enum rollback_reason {
 	ROLLBACK_NONE = 0,
 	ROLLBACK_FAILURES = 1,
 	ROLLBACK_LATENCY = 2,
+	ROLLBACK_NO_TRAFFIC = 3, /* no connects to the canary measured within the step's bound */
 };
 
 /* Round-robin state per service (no slot: it follows the route's
- * generation, and starts over when the route changes). */
+ * generation, and starts over when the route changes). The loader deletes a
+ * service's entry when its route is deleted or set anew, so a route never
+ * inherits an old sequence and entries never outlive their routes. */
 struct rr_key {
 	struct addr6 vip;
 	__u16 port;
@@ -267,7 +277,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 2 * CIDR_SLOT_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct cidr_key);
 	__type(value, __u8);
@@ -275,7 +285,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 2 * CIDR_SLOT_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct cidr_key);
 	__type(value, __u8);
@@ -285,7 +295,7 @@ struct {
  * to, sent straight there (or to the route's pick) by connect. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 2 * CIDR_SLOT_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct cidr_key);
 	__type(value, __u8);
@@ -360,6 +370,10 @@ enum counter {
 	COUNT_OFFLOAD_BYTES,     /* and their bytes */
 	COUNT_OFFLOAD_VIA_PROXY, /* offloaded connections' messages the sidecar forwarded itself */
 	COUNT_INBOUND_LISTENER_FAILED, /* the sidecar's inbound listener could not be registered for sk_lookup */
+	/* A round-robin route's pick made at random: no room for its state
+	 * in rr_states (its entries are freed with their routes, so this
+	 * stays 0 unless something else fills the table). */
+	COUNT_RR_FALLBACK,
 	COUNTERS,
 };
 

@@ -77,7 +77,8 @@ const (
 	SluiceCounterCOUNT_OFFLOAD_BYTES           SluiceCounter = 25
 	SluiceCounterCOUNT_OFFLOAD_VIA_PROXY       SluiceCounter = 26
 	SluiceCounterCOUNT_INBOUND_LISTENER_FAILED SluiceCounter = 27
-	SluiceCounterCOUNTERS                      SluiceCounter = 28
+	SluiceCounterCOUNT_RR_FALLBACK             SluiceCounter = 28
+	SluiceCounterCOUNTERS                      SluiceCounter = 29
 )
 
 type SluiceFlowEnd uint32
@@ -187,9 +188,10 @@ const (
 type SluiceRollbackReason uint32
 
 const (
-	SluiceRollbackReasonROLLBACK_NONE     SluiceRollbackReason = 0
-	SluiceRollbackReasonROLLBACK_FAILURES SluiceRollbackReason = 1
-	SluiceRollbackReasonROLLBACK_LATENCY  SluiceRollbackReason = 2
+	SluiceRollbackReasonROLLBACK_NONE       SluiceRollbackReason = 0
+	SluiceRollbackReasonROLLBACK_FAILURES   SluiceRollbackReason = 1
+	SluiceRollbackReasonROLLBACK_LATENCY    SluiceRollbackReason = 2
+	SluiceRollbackReasonROLLBACK_NO_TRAFFIC SluiceRollbackReason = 3
 )
 
 type SluiceRoute struct {

@@ -339,7 +339,7 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 // is asked for: finished by this build, with the same target and plan, and
 // every link attached where it belongs. A rerun then changes nothing.
 func finished(t Target, rec, want record, plan redirect.Plan) (bool, error) {
-	if rec.Object != bpf.ObjectHash() || !rec.sameTarget(want) || !slices.Equal(rec.Args, want.Args) {
+	if rec.Object != bpf.ObjectHash() || !rec.sameTarget(want) || rec.argsDigest() != want.argsDigest() {
 		return false, nil
 	}
 	s, err := Status(t)

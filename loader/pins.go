@@ -1,6 +1,8 @@
 package loader
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -74,8 +76,13 @@ type record struct {
 	Interface  string `json:"interface,omitempty"`
 	Ifindex    int    `json:"ifindex,omitempty"`
 	// Args are the install's flags, or for an install made by a mesh
-	// personality its whole command line, for the command that repairs it.
-	Args []string `json:"args,omitempty"`
+	// personality its whole command line, for the command that repairs it
+	// and for a rerun to tell whether it asks for the same install. Flags
+	// too long for the record (thousands of CIDRs) are kept as ArgsSHA256
+	// alone: the plan itself is in the policy maps, and a rerun needs only
+	// to tell the same flags from others.
+	Args       []string `json:"args,omitempty"`
+	ArgsSHA256 string   `json:"args_sha256,omitempty"`
 	// Object is the BPF object a finished install runs; empty while an
 	// install is under way (or was killed).
 	Object string `json:"object,omitempty"`
@@ -90,8 +97,12 @@ func (r record) sameTarget(o record) bool {
 func (r record) encode() (bpf.SluiceInstallMeta, error) {
 	var m bpf.SluiceInstallMeta
 	data, err := json.Marshal(r)
+	if err == nil && len(data) >= len(m.Json) && len(r.Args) > 0 {
+		r.ArgsSHA256, r.Args = r.argsDigest(), nil
+		data, err = json.Marshal(r)
+	}
 	if err != nil {
-		return m, err
+		return m, fmt.Errorf("encode install record: %w", err)
 	}
 	if len(data) >= len(m.Json) {
 		return m, fmt.Errorf("install record of %d bytes does not fit in %d: shorten the cgroup or netns path", len(data), len(m.Json)-1)
@@ -100,6 +111,17 @@ func (r record) encode() (bpf.SluiceInstallMeta, error) {
 		m.Json[i] = int8(b)
 	}
 	return m, nil
+}
+
+// argsDigest identifies the install's flags, whether the record holds them
+// or only their digest (or was written before digests existed).
+func (r record) argsDigest() string {
+	if r.ArgsSHA256 != "" {
+		return r.ArgsSHA256
+	}
+	data, _ := json.Marshal(r.Args) // a []string always marshals
+	sum := sha256.Sum256(data)
+	return hex.EncodeToString(sum[:])
 }
 
 func decodeRecord(m bpf.SluiceInstallMeta) (record, error) {

@@ -33,17 +33,20 @@ var ErrNoRoute = errors.New("no route")
 
 // Rollback reasons as the route records them.
 const (
-	RollbackFailures = "connect_failures"
-	RollbackLatency  = "connect_latency"
+	RollbackFailures  = "connect_failures"
+	RollbackLatency   = "connect_latency"
+	RollbackNoTraffic = "no_traffic"
 )
 
 var rollbackReasons = map[uint32]string{
-	uint32(bpf.SluiceRollbackReasonROLLBACK_FAILURES): RollbackFailures,
-	uint32(bpf.SluiceRollbackReasonROLLBACK_LATENCY):  RollbackLatency,
+	uint32(bpf.SluiceRollbackReasonROLLBACK_FAILURES):   RollbackFailures,
+	uint32(bpf.SluiceRollbackReasonROLLBACK_LATENCY):    RollbackLatency,
+	uint32(bpf.SluiceRollbackReasonROLLBACK_NO_TRAFFIC): RollbackNoTraffic,
 }
 
-// routeMaps are the maps the routes live in.
-type routeMaps struct{ routes, active *ebpf.Map }
+// routeMaps are the maps the routes live in; rr (round-robin state) is
+// opened for writers only.
+type routeMaps struct{ routes, active, rr *ebpf.Map }
 
 func openRouteMaps(t Target, write bool) (routeMaps, func(), error) {
 	rec, err := readRecord(t.PinDir)
@@ -63,7 +66,30 @@ func openRouteMaps(t Target, write bool) (routeMaps, func(), error) {
 		routes.Close()
 		return routeMaps{}, nil, pinsError(t.PinDir, err)
 	}
-	return routeMaps{routes, active}, func() { routes.Close(); active.Close() }, nil
+	if !write {
+		return routeMaps{routes: routes, active: active}, func() { routes.Close(); active.Close() }, nil
+	}
+	rr, err := ebpf.LoadPinnedMap(filepath.Join(t.PinDir, bpf.SluiceMapRrStates), opts)
+	if err != nil {
+		routes.Close()
+		active.Close()
+		return routeMaps{}, nil, pinsError(t.PinDir, err)
+	}
+	return routeMaps{routes, active, rr}, func() { routes.Close(); active.Close(); rr.Close() }, nil
+}
+
+// forgetRoundRobin deletes the round-robin state of svcs: a route deleted
+// or set anew must start its sequence over, and the state of routes that
+// are gone must not take up the table (once full, picks fall back to
+// random).
+func (m routeMaps) forgetRoundRobin(svcs []netip.AddrPort) error {
+	for _, svc := range svcs {
+		k := bpf.SluiceRrKey{Vip: Addr6(svc.Addr()), Port: svc.Port()}
+		if err := m.rr.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("free round-robin state of %s: %w", svc, err)
+		}
+	}
+	return nil
 }
 
 // read returns the routes in force, by service, and their slot.
@@ -116,6 +142,16 @@ func OpenRoutes(t Target) (*RouteReader, error) {
 // Routes returns the routes in force.
 func (r *RouteReader) Routes() ([]RouteState, error) { return r.maps.states() }
 
+// Version changes whenever the routes do, and costs one map lookup: a
+// reader that caches Routes rereads them only when it changed.
+func (r *RouteReader) Version() (uint32, error) {
+	var active uint32
+	if err := r.maps.active.Lookup(uint32(0), &active); err != nil {
+		return 0, fmt.Errorf("read active route slot: %w", err)
+	}
+	return active, nil
+}
+
 func (r *RouteReader) Close() error { return errors.Join(r.maps.routes.Close(), r.maps.active.Close()) }
 
 func (m routeMaps) states() ([]RouteState, error) {
@@ -157,13 +193,14 @@ type RouteChange struct {
 type RolloutRecord struct {
 	Service  netip.AddrPort
 	Step     uint32 // the canary's weight in percent
-	Rollback string // RollbackFailures or RollbackLatency when rolling back
+	Rollback string // RollbackFailures, RollbackLatency or RollbackNoTraffic when rolling back
 }
 
 // ChangeRoutes applies change to t's routes as one visible step: the
 // connect hook sees every route as it was or every route as it is after,
 // never a mix, and routes the change does not name are carried over as they
-// were (their round-robin sequence goes on). Concurrent changes, from any
+// were (their round-robin sequence goes on; a route deleted, or set where
+// there was none, starts its own over). Concurrent changes, from any
 // process, are serialized. Routes are validated first; a delete of a
 // service without a route fails with ErrNoRoute; on any error nothing
 // changes.
@@ -189,15 +226,20 @@ func ChangeRoutes(t Target, change RouteChange) error {
 		return err
 	}
 	next := maps.Clone(cur)
+	var added, deleted []netip.AddrPort
 	for _, svc := range change.Delete {
 		svc = unmapped(svc)
 		if _, ok := next[svc]; !ok {
 			return fmt.Errorf("%w for %s: nothing deleted (see 'sluice route list')", ErrNoRoute, svc)
 		}
 		delete(next, svc)
+		deleted = append(deleted, svc)
 	}
 	for _, r := range change.Set {
 		r = r.Normalize()
+		if _, ok := cur[r.Service]; !ok {
+			added = append(added, r.Service)
+		}
 		next[r.Service] = routeValue(r, cur[r.Service])
 	}
 	if rec := change.Rollout; rec != nil {
@@ -219,7 +261,20 @@ func ChangeRoutes(t Target, change RouteChange) error {
 		return fmt.Errorf("%d routes: a pod holds at most %d", len(next), m.routes.MaxEntries()/2)
 	}
 
-	other := slot ^ 1
+	// A new route's state goes before the flip (no route in force uses it
+	// yet: one left by a deleted route would carry on its sequence)...
+	if err := m.forgetRoundRobin(added); err != nil {
+		return err
+	}
+	if err := m.writeSlot(next, slot^1); err != nil {
+		return err
+	}
+	// ...a deleted route's after it, once no new connect can pick it.
+	return m.forgetRoundRobin(deleted)
+}
+
+// writeSlot fills the slot not in force with next, then puts it in force.
+func (m routeMaps) writeSlot(next map[netip.AddrPort]bpf.SluiceRoute, other uint8) error {
 	// Leftovers of the slot's last use go first.
 	var k bpf.SluiceRouteKey
 	var v bpf.SluiceRoute
@@ -244,7 +299,13 @@ func ChangeRoutes(t Target, change RouteChange) error {
 			return fmt.Errorf("write route %s: %w", svc, err)
 		}
 	}
-	if err := m.active.Put(uint32(0), uint32(other)); err != nil {
+	// The connect hook reads the low bit; the bits above count the
+	// changes, for readers that want to know the routes changed.
+	var active uint32
+	if err := m.active.Lookup(uint32(0), &active); err != nil {
+		return fmt.Errorf("read active route slot: %w", err)
+	}
+	if err := m.active.Put(uint32(0), (active>>1+1)<<1|uint32(other)); err != nil {
 		return fmt.Errorf("switch to the new routes: %w", err)
 	}
 	return nil

@@ -173,7 +173,7 @@ func Status(t Target) (State, error) {
 	}
 	s.Complete = len(s.Missing) == 0
 	if !s.Complete {
-		s.Repair = repairCommand(rec.Args)
+		s.Repair = repairCommand(rec)
 	}
 	return s, nil
 }
@@ -285,6 +285,7 @@ var counterNames = map[bpf.SluiceCounter]string{
 	bpf.SluiceCounterCOUNT_OFFLOAD_BYTES:           "offload_bytes",
 	bpf.SluiceCounterCOUNT_OFFLOAD_VIA_PROXY:       "offload_via_sidecar",
 	bpf.SluiceCounterCOUNT_INBOUND_LISTENER_FAILED: "inbound_listener_unregistered",
+	bpf.SluiceCounterCOUNT_RR_FALLBACK:           "route_round_robin_fallback",
 }
 
 func readCounters(dir string) (map[string]uint64, error) {
@@ -339,8 +340,14 @@ func entries(m *ebpf.Map) (int, error) {
 
 // repairCommand is the command line that finishes an install, from the one
 // that made it: install's flags, or a whole command line when it was made by
-// a mesh personality (istio-iptables, proxy-init) or inside the pod.
-func repairCommand(args []string) string {
+// a mesh personality (istio-iptables, proxy-init) or inside the pod. Flags
+// too long to record cannot be repeated here: the user reruns the command
+// that made the install.
+func repairCommand(rec record) string {
+	args := rec.Args
+	if len(args) == 0 && rec.ArgsSHA256 != "" {
+		return fmt.Sprintf("the install command that made it, with the same flags (too long to record; sha256 %.12s…), as the pod's init container ran it", rec.ArgsSHA256)
+	}
 	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
 		args = append([]string{"install"}, args...)
 	}

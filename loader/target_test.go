@@ -1,9 +1,11 @@
 package loader
 
 import (
+	"strings"
 	"testing"
 
 	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/redirect"
 )
 
 func TestPodUID(t *testing.T) {
@@ -24,6 +26,9 @@ func TestPodUID(t *testing.T) {
 }
 
 func TestRepairCommand(t *testing.T) {
+	if got := repairCommand(record{ArgsSHA256: "0123456789abcdef"}); !strings.Contains(got, "same flags") || !strings.Contains(got, "0123456789ab") {
+		t.Errorf("repairCommand of flags too long to record = %q", got)
+	}
 	for _, tc := range []struct {
 		args []string
 		want string
@@ -32,7 +37,7 @@ func TestRepairCommand(t *testing.T) {
 		{nil, "sluice install (in the pod, as its init container ran it)"},
 		{[]string{"istio-iptables", "-i", "*", "-x", ""}, "sluice istio-iptables -i '*' -x '' (in the pod, as its init container ran it)"},
 	} {
-		if got := repairCommand(tc.args); got != tc.want {
+		if got := repairCommand(record{Args: tc.args}); got != tc.want {
 			t.Errorf("repairCommand(%q) = %q, want %q", tc.args, got, tc.want)
 		}
 	}
@@ -66,6 +71,20 @@ func TestMatchStar(t *testing.T) {
 	} {
 		if got := matchStar(pattern, cg); got != want {
 			t.Errorf("matchStar(%q) = %v, want %v", pattern, got, want)
+		}
+	}
+}
+
+// Each CIDR trie holds two policy slots of redirect.MaxCIDRs: the limit
+// install checks is the room the kernel has.
+func TestCIDRTriesHoldTwoSlots(t *testing.T) {
+	spec, err := bpf.LoadSluice()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{bpf.SluiceMapIncludeCidrs, bpf.SluiceMapExcludeCidrs, bpf.SluiceMapKernelOnlyCidrs} {
+		if got := spec.Maps[name].MaxEntries; got != 2*redirect.MaxCIDRs {
+			t.Errorf("%s holds %d entries, want 2 slots of %d", name, got, redirect.MaxCIDRs)
 		}
 	}
 }

@@ -58,6 +58,10 @@ type Plan struct {
 // MaxSidecarPorts is how many sidecar ports the BPF policy holds.
 const MaxSidecarPorts = 8
 
+// MaxCIDRs is how many CIDRs one list of a plan may hold, IPv4 and IPv6
+// together: the BPF side's CIDR_SLOT_ENTRIES (sluice.h).
+const MaxCIDRs = 8192
+
 // Normalize sorts and deduplicates every list and masks every prefix, so two
 // plans that enforce the same thing compare equal.
 func (p Plan) Normalize() Plan {

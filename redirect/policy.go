@@ -213,6 +213,14 @@ func (p Policy) Plan() (Plan, error) {
 	if p.MetricsPort == p.OutboundPort || p.MetricsPort == p.InboundPort {
 		return Plan{}, fmt.Errorf("--metrics-port %d is also a proxy listener's port (-p %d, -z %d): give the sidecar's metrics a port of their own", p.MetricsPort, p.OutboundPort, p.InboundPort)
 	}
+	for _, l := range []struct {
+		name  string
+		cidrs []netip.Prefix
+	}{{"-i", p.IncludeCIDRs.List}, {"-x", p.ExcludeCIDRs.List}, {"--kernel-only-cidrs", p.KernelOnlyCIDRs.List}} {
+		if n := len(normPrefixes(l.cidrs)); n > MaxCIDRs {
+			return Plan{}, fmt.Errorf("%s lists %d CIDRs, at most %d per list (IPv4 and IPv6 together): merge neighbouring ranges into wider prefixes", l.name, n, MaxCIDRs)
+		}
+	}
 	own := slices.Concat([]uint16{p.OutboundPort, p.InboundPort}, istioSidecarPorts)
 	if p.MetricsPort != 0 {
 		own = append(own, p.MetricsPort)

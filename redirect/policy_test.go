@@ -138,3 +138,27 @@ func TestFlagHelpPrintsNoPanic(t *testing.T) {
 		t.Errorf("help output lacks the Linkerd flags:\n%s", out.String())
 	}
 }
+
+// A list holds MaxCIDRs, IPv4 and IPv6 together; one more is refused in one
+// line naming the list, the count, the limit and the fix.
+func TestCIDRLimit(t *testing.T) {
+	many := func(n int) []netip.Prefix {
+		out := make([]netip.Prefix, n)
+		for i := range out {
+			a := netip.MustParseAddr("2001:2:0:ff00::").As16()
+			a[14], a[15] = byte(i>>8), byte(i)
+			out[i] = netip.PrefixFrom(netip.AddrFrom16(a), 128)
+		}
+		return out
+	}
+	p := DefaultPolicy()
+	p.ExcludeCIDRs.List = many(MaxCIDRs)
+	if _, err := p.Plan(); err != nil {
+		t.Errorf("%d exclude CIDRs: %v", MaxCIDRs, err)
+	}
+	p.KernelOnlyCIDRs.List = many(MaxCIDRs + 1)
+	_, err := p.Plan()
+	if err == nil || !strings.Contains(err.Error(), "--kernel-only-cidrs lists 8193 CIDRs, at most 8192") || strings.Contains(err.Error(), "\n") {
+		t.Errorf("%d kernel-only CIDRs: %v", MaxCIDRs+1, err)
+	}
+}

@@ -30,6 +30,24 @@ type Config struct {
 	// MaxLatency bounds how much slower the canary's mean connect latency
 	// may be than the stable backend's.
 	MaxLatency time.Duration
+	// MinConnects is how many connects to the canary a step needs before
+	// it can be judged (default 1). A step without them runs on, judged
+	// again every Interval, for up to MaxWait in all (default 5 Intervals);
+	// then the rollout rolls back: a canary nobody reached proved nothing,
+	// and one whose every connect went unmeasured must not reach 100 %.
+	MinConnects uint64
+	MaxWait     time.Duration
+}
+
+// withDefaults fills in MinConnects and MaxWait.
+func (c Config) withDefaults() Config {
+	if c.MinConnects == 0 {
+		c.MinConnects = 1
+	}
+	if c.MaxWait == 0 {
+		c.MaxWait = 5 * c.Interval
+	}
+	return c
 }
 
 // Validate checks a config.
@@ -43,6 +61,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("--max-connect-failure-ratio %v: want 0 to 1", c.MaxFailureRatio)
 	case c.MaxLatency < 0:
 		return fmt.Errorf("--max-connect-latency %s: want 0 or more", c.MaxLatency)
+	case c.MaxWait != 0 && c.MaxWait < c.Interval:
+		return fmt.Errorf("--max-wait %s: want at least --interval (%s), or 0 for 5 intervals", c.MaxWait, c.Interval)
 	case !c.Canary.IsValid():
 		return errors.New("--to is required: the canary backend's ADDRESS:PORT")
 	}
@@ -70,8 +90,9 @@ type Plant interface {
 
 // Reasons for a rollback, as recorded on the route and exported.
 const (
-	ReasonFailures = "connect_failures"
-	ReasonLatency  = "connect_latency"
+	ReasonFailures  = "connect_failures"
+	ReasonLatency   = "connect_latency"
+	ReasonNoTraffic = "no_traffic"
 )
 
 // ErrRolledBack is returned when the rollout rolled back.
@@ -84,6 +105,7 @@ func Run(ctx context.Context, cfg Config, p Plant, log *slog.Logger) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
+	cfg = cfg.withDefaults()
 	weights, err := p.Backends()
 	if err != nil {
 		return err
@@ -114,20 +136,10 @@ func Run(ctx context.Context, cfg Config, p Plant, log *slog.Logger) error {
 			return err
 		}
 		log.Info("rollout step", "service", cfg.Service, "canary", cfg.Canary, "percent", percent)
-		before, err := p.Measure()
+		c, s, err := observe(ctx, cfg, stable, p)
 		if err != nil {
 			return err
 		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(cfg.Interval):
-		}
-		after, err := p.Measure()
-		if err != nil {
-			return err
-		}
-		c, s := diff(before[cfg.Canary], after[cfg.Canary]), diff(before[stable], after[stable])
 		if s.attempts() > 0 {
 			stableLast = &s
 		}
@@ -146,6 +158,33 @@ func Run(ctx context.Context, cfg Config, p Plant, log *slog.Logger) error {
 			}
 			log.Info("rollout done", "service", cfg.Service, "canary", cfg.Canary)
 			return nil
+		}
+	}
+}
+
+// observe runs one step: Interval, then on by Interval until the canary
+// got MinConnects connects or MaxWait has passed. It returns what the
+// canary and the stable backend did in the whole step.
+func observe(ctx context.Context, cfg Config, stable netip.AddrPort, p Plant) (canary, st delta, err error) {
+	before, err := p.Measure()
+	if err != nil {
+		return delta{}, delta{}, err
+	}
+	for waited := time.Duration(0); ; {
+		wait := min(cfg.Interval, cfg.MaxWait-waited)
+		select {
+		case <-ctx.Done():
+			return delta{}, delta{}, ctx.Err()
+		case <-time.After(wait):
+		}
+		waited += wait
+		after, err := p.Measure()
+		if err != nil {
+			return delta{}, delta{}, err
+		}
+		canary, st = diff(before[cfg.Canary], after[cfg.Canary]), diff(before[stable], after[stable])
+		if canary.attempts() >= cfg.MinConnects || waited >= cfg.MaxWait {
+			return canary, st, nil
 		}
 	}
 }
@@ -177,11 +216,13 @@ func (d delta) meanLatency() time.Duration {
 }
 
 // verdict compares the canary's step with the stable backend's last one. A
-// canary that got no connections in the step cannot be judged: it passes,
-// as the weights say it should have had some only when there was traffic.
+// canary with fewer than MinConnects connects in the step (observe waited
+// MaxWait for them) cannot be judged, and so cannot pass: its connects may
+// all have gone unmeasured, or it may never be reached.
 func verdict(cfg Config, canary delta, stable *delta) (reason, why string) {
-	if canary.attempts() == 0 {
-		return "", ""
+	if canary.attempts() < cfg.MinConnects {
+		return ReasonNoTraffic, fmt.Sprintf("no traffic to the canary: %d connects to it measured in %s (want %d; see --min-connects, --max-wait)",
+			canary.attempts(), cfg.MaxWait, cfg.MinConnects)
 	}
 	var stableFail float64
 	var stableLat time.Duration

@@ -20,6 +20,10 @@ type plant struct {
 	samples  map[netip.AddrPort]Sample
 	steps    []uint32
 	rollback string
+	// silent backends get no connects measured before the Measure call
+	// numbered silent[b] (counted from 1); -1: never.
+	silent   map[netip.AddrPort]int
+	measured int
 }
 
 func (p *plant) Backends() (map[netip.AddrPort]uint32, error) { return p.weights, nil }
@@ -34,7 +38,11 @@ func (p *plant) SetWeights(stable, canary netip.AddrPort, sw, cw, step uint32, r
 }
 
 func (p *plant) Measure() (map[netip.AddrPort]Sample, error) {
+	p.measured++
 	for b, w := range p.weights {
+		if n, ok := p.silent[b]; ok && (n < 0 || p.measured < n) {
+			continue
+		}
 		s := p.samples[b]
 		failed := uint64(float64(w) * p.fail[b])
 		s.Failed += failed
@@ -61,6 +69,7 @@ func newPlant() *plant {
 		fail:    map[netip.AddrPort]float64{},
 		latency: map[netip.AddrPort]float64{stable: 0.001, canary: 0.001},
 		samples: map[netip.AddrPort]Sample{},
+		silent:  map[netip.AddrPort]int{},
 	}
 }
 
@@ -103,6 +112,41 @@ func TestSlowCanaryRollsBack(t *testing.T) {
 	err := Run(context.Background(), config(), p, quiet)
 	if !errors.Is(err, ErrRolledBack) || p.rollback != ReasonLatency || p.weights[canary] != 0 {
 		t.Errorf("err %v, rollback %q, weights %v", err, p.rollback, p.weights)
+	}
+}
+
+// A canary with no connects measured (kernel-only flows the sidecar never
+// saw, a series folded away, a service nobody calls) is never judged good:
+// the first step waits MaxWait for evidence, then rolls back.
+func TestCanaryWithoutConnectsRollsBack(t *testing.T) {
+	p := newPlant()
+	p.fail[canary] = 1 // it fails every connect, but nothing shows it
+	p.silent[canary] = -1
+	cfg := config()
+	cfg.MaxWait = 4 * cfg.Interval
+	err := Run(context.Background(), cfg, p, quiet)
+	if !errors.Is(err, ErrRolledBack) || p.rollback != ReasonNoTraffic || p.weights[canary] != 0 || p.weights[stable] != 100 {
+		t.Errorf("err %v, rollback %q, weights %v; want a rollback for no traffic", err, p.rollback, p.weights)
+	}
+	if len(p.steps) != 2 || p.steps[0] != 25 || p.steps[1] != 0 {
+		t.Errorf("steps %v, want [25 0]: the first step must not pass", p.steps)
+	}
+	// One Measure before the step, then one per Interval up to MaxWait.
+	if p.measured != 5 {
+		t.Errorf("%d measurements, want 5 (the step waited MaxWait, judged every Interval)", p.measured)
+	}
+}
+
+// A canary whose first connects come late in a step is judged on them: the
+// step waits, then passes.
+func TestStepWaitsForTheCanarysConnects(t *testing.T) {
+	p := newPlant()
+	p.silent[canary] = 3
+	if err := Run(context.Background(), config(), p, quiet); err != nil {
+		t.Fatal(err)
+	}
+	if p.weights[canary] != 100 {
+		t.Errorf("weights %v, want the canary at 100", p.weights)
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"slices"
 	"sync"
@@ -43,7 +44,11 @@ type Options struct {
 	// FollowerTimeout is how long a follower's buffer may stay full, or a
 	// write to it block, before it is dropped. Default 5 s.
 	FollowerTimeout time.Duration
-	Logger          *slog.Logger
+	// RoutesVersion, when set, changes whenever the routes do: the
+	// exporter then rereads Routes only when it changed (without it, at
+	// every destination beyond MaxDestinations).
+	RoutesVersion func() (uint32, error)
+	Logger        *slog.Logger
 }
 
 // Exporter reads a pod's flow events, keeps its live flows, and serves them
@@ -64,13 +69,18 @@ type Exporter struct {
 	reapAfter    time.Duration
 	totals       map[labelKey]*tcpTotals
 	destinations map[string]bool
-	followers    map[*Follower]struct{}
+	// routed are the services and backends of the pod's routes, as of
+	// routesVersion: their series are never folded into "other", so a
+	// rollout always finds its backends' measurements.
+	routed        map[netip.AddrPort]bool
+	routesVersion uint32
+	followers     map[*Follower]struct{}
 
 	connect, rtt, duration *prometheus.HistogramVec
 	ended, failed, retrans *prometheus.CounterVec
 	followLost, evicted    prometheus.Counter
-	// Per destination (the same folding as the layer-4 counters): what a
-	// rollout compares between a canary and its stable backend.
+	// Per destination dialed (the same folding as the layer-4 counters):
+	// what a rollout compares between a canary and its stable backend.
 	destConnect *prometheus.SummaryVec
 	destFailed  *prometheus.CounterVec
 }
@@ -209,12 +219,12 @@ func (e *Exporter) handle(f Flow) {
 		t.opened++
 		e.connect.WithLabelValues(f.Direction).Observe(f.ConnectLatency)
 		if f.Direction == Outbound {
-			e.destConnect.WithLabelValues(f.service).Observe(f.ConnectLatency)
+			e.destConnect.WithLabelValues(e.fold(f.Destination)).Observe(f.ConnectLatency)
 		}
 		return
 	case StateFailed:
 		e.failed.WithLabelValues(f.Direction, f.End).Inc()
-		e.destFailed.WithLabelValues(f.service).Inc()
+		e.destFailed.WithLabelValues(e.fold(f.Destination)).Inc()
 	case StateClosed:
 		if open, ok := e.live[f.Cookie]; ok {
 			// The open event's connect latency is the flow's.
@@ -241,17 +251,54 @@ func (e *Exporter) handle(f Flow) {
 }
 
 // service is the flow's destination_service: its original destination,
-// until MaxDestinations distinct ones were seen.
-func (e *Exporter) service(f Flow) string {
-	s := f.OriginalDst.String()
+// folded as fold does.
+func (e *Exporter) service(f Flow) string { return e.fold(f.OriginalDst) }
+
+// fold names a destination's series: itself, until MaxDestinations distinct
+// ones were seen, then "other" (a port scan must not make the series
+// unbounded), except for a route's service or backend, which always keeps
+// its own.
+func (e *Exporter) fold(dst netip.AddrPort) string {
+	s := dst.String()
 	if e.destinations[s] {
 		return s
 	}
-	if len(e.destinations) >= e.opts.MaxDestinations {
+	if len(e.destinations) >= e.opts.MaxDestinations && !e.isRouted(dst) {
 		return "other"
 	}
 	e.destinations[s] = true
 	return s
+}
+
+// isRouted reports whether dst is a service or backend of the pod's routes,
+// rereading them when they changed.
+func (e *Exporter) isRouted(dst netip.AddrPort) bool {
+	if e.opts.Routes == nil {
+		return false
+	}
+	version, err := uint32(0), error(nil)
+	if e.opts.RoutesVersion != nil {
+		version, err = e.opts.RoutesVersion()
+	}
+	if e.routed == nil || e.opts.RoutesVersion == nil || err != nil || version != e.routesVersion {
+		e.readRoutes(version)
+	}
+	return e.routed[dst]
+}
+
+func (e *Exporter) readRoutes(version uint32) {
+	routes, err := e.opts.Routes()
+	if err != nil {
+		e.opts.Logger.Warn("read routes", "err", err)
+		return
+	}
+	e.routed, e.routesVersion = map[netip.AddrPort]bool{}, version
+	for _, r := range routes {
+		e.routed[r.Service] = true
+		for _, b := range r.Backends {
+			e.routed[b.AddrPort()] = true
+		}
+	}
 }
 
 // How long a live flow may go without its socket before it is dropped (its

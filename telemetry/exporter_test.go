@@ -1,6 +1,7 @@
 package telemetry
 
 import (
+	"fmt"
 	"net/netip"
 	"testing"
 	"time"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/redirect"
 )
 
 // events is a Source of hand-made events and kernel counters.
@@ -175,5 +177,56 @@ func TestIstioNamesAndLabels(t *testing.T) {
 	}
 	if !found {
 		t.Error("no istio_tcp_connections_closed_total")
+	}
+}
+
+// A route's backends keep their per-destination connect series whatever
+// came first: after MaxDestinations other destinations (a port scan), and
+// for kernel-only flows, whose original destination is the route's service
+// while the socket's remote end is the backend the kernel picked.
+func TestRouteBackendsKeepTheirSeries(t *testing.T) {
+	svc, stable, canary := "198.19.0.10:80", "198.18.2.2:8080", "198.18.3.2:8080"
+	src := &events{}
+	for i := range 120 {
+		src.queue = append(src.queue, event(uint64(i+1), bpf.SluiceFlowKindFLOW_CONNECT_FAILED, fmt.Sprintf("198.18.9.9:%d", 1000+i), 0, 0))
+	}
+	// Kernel-only: remote is the pick, orig the service.
+	viaKernel := func(cookie uint64, kind bpf.SluiceFlowKind, backend string) bpf.SluiceFlowEvent {
+		ev := event(cookie, kind, backend, 0, 0)
+		s := netip.MustParseAddrPort(svc)
+		ev.Flow = uint32(bpf.SluiceFlowFlagFLOW_OUTBOUND | bpf.SluiceFlowFlagFLOW_KERNEL_ONLY)
+		ev.Orig = bpf.SluiceOrigDst{Addr: loader.Addr6(s.Addr()), Port: s.Port(), Family: 2}
+		return ev
+	}
+	src.queue = append(src.queue, viaKernel(1001, bpf.SluiceFlowKindFLOW_OPEN, stable),
+		viaKernel(1002, bpf.SluiceFlowKindFLOW_CONNECT_FAILED, canary), viaKernel(1003, bpf.SluiceFlowKindFLOW_CONNECT_FAILED, canary))
+	route := loader.RouteState{Route: redirect.Route{Service: netip.MustParseAddrPort(svc), Backends: []redirect.Backend{
+		{Address: netip.MustParseAddr("198.18.2.2"), Port: 8080, Weight: 50}, {Address: netip.MustParseAddr("198.18.3.2"), Port: 8080, Weight: 50}}},
+		Picks: []uint64{1, 2}}
+	e := NewExporter(src, Options{Routes: func() ([]loader.RouteState, error) { return []loader.RouteState{route}, nil }})
+	run(t, e)
+	if got := counter(t, e, "sluice_tcp_destination_connect_failures_total", canary); got != 2 {
+		t.Errorf("connect failures of the canary %s: %v, want 2", canary, got)
+	}
+	if got := counter(t, e, "sluice_tcp_destination_connect_failures_total", "other"); got != 20 {
+		t.Errorf("connect failures folded into other: %v, want the 20 scanned ports beyond 100", got)
+	}
+	fams, err := e.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var established uint64
+	for _, f := range fams {
+		for _, m := range f.Metric {
+			if f.GetName() == "sluice_tcp_destination_connect_duration_seconds" && labelOf(m, "destination_service") == stable {
+				established += m.GetSummary().GetSampleCount()
+			}
+		}
+	}
+	if established != 1 {
+		t.Errorf("established connects to the stable backend %s: %d, want 1", stable, established)
+	}
+	if got := counter(t, e, "sluice_tcp_connections_opened_total", svc); got != 1 {
+		t.Errorf("layer-4 opened for the service %s: %v, want 1 (kernel-only flows count under the service asked for)", svc, got)
 	}
 }

@@ -14,7 +14,7 @@ var (
 	routeRollbacks = prometheus.NewDesc("sluice_route_rollbacks_total",
 		"Rollouts of a route rolled back.", []string{"service"}, nil)
 	routeLastRollback = prometheus.NewDesc("sluice_route_last_rollback",
-		"1 for the reason the last rollback of a route happened: connect_failures or connect_latency.", []string{"service", "reason"}, nil)
+		"1 for the reason the last rollback of a route happened: connect_failures, connect_latency or no_traffic.", []string{"service", "reason"}, nil)
 )
 
 // routeCollector exports the pod's canary routes as the kernel holds them.

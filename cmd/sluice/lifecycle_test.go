@@ -5,10 +5,14 @@ package main
 
 import (
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sluicemesh/sluice/loader"
 )
 
 // dialOnce makes one short connection from the pod's app (in its cgroup, as
@@ -158,4 +162,67 @@ func TestFailOpen(t *testing.T) {
 	}
 	c.expectProxied(t, c.client(t, out), out)
 	c.expectProxiedDir(t, c.inbound(t, in), in, "inbound")
+}
+
+// manyCIDRs returns n IPv4 /32s in 198.19.128.0/17 and n IPv6 /128s in
+// 2001:2:0:ff00::/56: configuration only, no test host is in either.
+func manyCIDRs(n int) (v4, v6 []string) {
+	for i := range n {
+		v4 = append(v4, netip.AddrFrom4([4]byte{198, 19, byte(128 + i>>8), byte(i)}).String()+"/32")
+		a := netip.MustParseAddr("2001:2:0:ff00::").As16()
+		a[14], a[15] = byte(i>>8), byte(i)
+		v6 = append(v6, netip.AddrFrom16(a).String()+"/128")
+	}
+	return v4, v6
+}
+
+// Cloud users exclude whole provider ranges, Istio takes thousands of CIDRs:
+// an install with 2,000 IPv4 and 2,000 IPv6 exclude CIDRs captures what it
+// should and nothing else, a rerun with the same flags changes nothing,
+// status is complete and uninstall removes it. Beyond the limit, install
+// says so in one line and leaves nothing behind.
+func TestInstallThousandsOfCIDRs(t *testing.T) {
+	c := newUncapturedPod(t, nil)
+	target, err := loader.ResolveTarget(c.cgroup, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	v4, v6 := manyCIDRs(2000)
+	v4[0] = netip.PrefixFrom(c.host.Extra4, 32).String()
+	install := func() string {
+		t.Helper()
+		res := runCLI(t, sluice(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "-x", strings.Join(append(v4, v6...), ",")))
+		if res.code != 0 {
+			t.Fatalf("install with 2,000 IPv4 and 2,000 IPv6 exclude CIDRs: exit %d: %s", res.code, res.stderr)
+		}
+		return res.stdout
+	}
+	install()
+	t.Cleanup(func() { runCLI(t, sluice(t, "uninstall", "--cgroup", c.cgroup)) })
+	c.startSidecar(t)
+
+	excluded := c.client(t, netip.AddrPortFrom(c.host.Extra4, 8080).String())
+	if excluded.ServerSaw != excluded.Local {
+		t.Errorf("a connection to an excluded CIDR reached the server from %s, not the app's own socket %s: captured", excluded.ServerSaw, excluded.Local)
+	}
+	expectViaSidecar(t, c.client(t, netip.AddrPortFrom(c.host.Addr4, 8080).String()), "IPv4, not excluded")
+	expectViaSidecar(t, c.client(t, netip.AddrPortFrom(c.host.Addr6, 8080).String()), "IPv6, not excluded")
+
+	if out := install(); !strings.Contains(out, "nothing changed") {
+		t.Errorf("rerun with the same flags:\n%s", out)
+	}
+	if s := statusJSON(t, c.cgroup); !s.Complete || len(s.Plan.ExcludeCIDRs) != 4000 {
+		t.Errorf("status: complete %v, %d exclude CIDRs, want complete with 4000 (missing: %v)", s.Complete, len(s.Plan.ExcludeCIDRs), s.Missing)
+	}
+	mustCLI(t, "uninstall", "--cgroup", c.cgroup)
+	expectNothingInstalled(t, target)
+
+	// Past the limit (a list holds 8,192 CIDRs, IPv4 and IPv6 together),
+	// given as an annotation: that many would not fit in one argument.
+	v4, v6 = manyCIDRs(4097)
+	file := filepath.Join(t.TempDir(), "annotations")
+	os.WriteFile(file, []byte(`sluice.dev/kernel-only-cidrs="`+strings.Join(append(v4, v6...), ",")+"\"\n"), 0o644)
+	res := runCLI(t, sluice(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "--annotations", file))
+	expectOneLineError(t, res, 2, "8194 CIDRs", "at most 8192")
+	expectNothingInstalled(t, target)
 }

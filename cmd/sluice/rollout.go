@@ -27,6 +27,8 @@ func rolloutCommand(ctx context.Context, fs *flag.FlagSet, c command, args []str
 	interval := fs.Duration("interval", 30*time.Second, "how long each step runs before it is judged")
 	maxFail := fs.Float64("max-connect-failure-ratio", 0.05, "how much higher the canary's share of failed connects may be than the stable backend's")
 	maxLat := fs.Duration("max-connect-latency", 50*time.Millisecond, "how much slower the canary's mean connect latency may be than the stable backend's")
+	minConnects := fs.Uint64("min-connects", 1, "connects to the canary a step needs before it is judged")
+	maxWait := fs.Duration("max-wait", 0, "how long a step may run on waiting for --min-connects before the rollout rolls back (default 5 intervals)")
 	metrics := fs.String("metrics", "http://127.0.0.1:15090", "the sidecar's metrics address, where the measurements come from")
 	if err := parseInterspersed(fs, c, args, stdout); err != nil {
 		return err
@@ -38,7 +40,8 @@ func rolloutCommand(ctx context.Context, fs *flag.FlagSet, c command, args []str
 	if err != nil {
 		return usageError{err.Error()}
 	}
-	cfg := rollout.Config{Service: svc, Step: uint32(min(*step, math.MaxUint32)), Interval: *interval, MaxFailureRatio: *maxFail, MaxLatency: *maxLat}
+	cfg := rollout.Config{Service: svc, Step: uint32(min(*step, math.MaxUint32)), Interval: *interval, MaxFailureRatio: *maxFail, MaxLatency: *maxLat,
+		MinConnects: *minConnects, MaxWait: *maxWait}
 	if *to != "" {
 		if cfg.Canary, err = netip.ParseAddrPort(*to); err != nil {
 			return usageError{fmt.Sprintf("--to %q: want the canary's ADDRESS:PORT", *to)}

@@ -26,6 +26,7 @@ func routeCommand() command {
        sluice route apply   --cgroup PATH -f FILE [--allow-zero]
        sluice route rollout --cgroup PATH VIP:PORT --to BACKEND [--step 10] [--interval 30s]
                             [--max-connect-failure-ratio 0.05] [--max-connect-latency 50ms]
+                            [--min-connects 1] [--max-wait 5×interval]
        (set, delete, apply: --pods PATTERN instead of --cgroup changes every installed pod
         whose cgroup path matches, * for any text, e.g. --pods '*pod3f2a8c1e*')
 
@@ -53,7 +54,10 @@ rollout moves a service from its current backend to --to step by step,
 checking after each --interval the canary's connect failures and connect
 latency (from the flows the sidecar exports, see --metrics) against the
 stable backend's; it rolls back by itself when the canary is worse by more
-than the bounds, and exits 1.
+than the bounds, and exits 1. A step in which fewer than --min-connects
+connects to the canary were measured is never passed: it runs on, judged
+every --interval, and after --max-wait the rollout rolls back ("no traffic
+to the canary"): a canary nobody reached has proved nothing.
 
 Examples:
   sluice route set --cgroup /sys/fs/cgroup/unified/mypod 198.19.0.10:80 198.18.2.2:8080=90 198.18.3.2:8080=10

@@ -11,8 +11,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+
+	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/internal/testbed"
 	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/redirect"
 )
 
 // vip is a service address no host has: only a route gives it backends.
@@ -235,17 +239,45 @@ func TestRouteBadInput(t *testing.T) {
 	}
 }
 
+// refusing is a canary that refuses every connect: nothing listens there.
+func refusing(c *canaryPod) string { return netip.AddrPortFrom(c.second.Addr4, 9999).String() }
+
+// kernelOnly makes the service's port kernel-only: the kernel picks the
+// backend and connects to it, with no sidecar in the path.
+func kernelOnly(t *testing.T, c *canaryPod) {
+	mustCLI(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "--kernel-only-ports", "80")
+}
+
+// portScan has the pod contact 120 other destinations first (closed ports
+// of the host), more than the exporter's 100 distinct destinations.
+func portScan(t *testing.T, c *canaryPod) {
+	args := []string{"120", "8"}
+	for port := range 120 {
+		args = append(args, netip.AddrPortFrom(c.host.Addr4, uint16(20000+port)).String())
+	}
+	var res churnResult
+	if err := runHelper(t, c.pod, helper(t, "churn", args...), -1, &res); err != nil || res.Failed != 120 {
+		t.Fatalf("120 connections to closed ports: %+v, %v", res, err)
+	}
+}
+
 // A rollout against a canary that refuses connections, or sits behind a
 // 20 ms delay link, rolls back by itself and says why (also as metrics);
-// against a healthy one it reaches 100 %.
+// against a healthy one it reaches 100 %. A refusing canary is caught as
+// well on a kernel-only route (no sidecar sees its connects), and after a
+// port scan of more destinations than the exporter names one by one.
 func TestRollout(t *testing.T) {
 	for _, tt := range []struct {
 		name   string
 		canary func(c *canaryPod) string
 		code   int
 		reason string
+		setup  func(t *testing.T, c *canaryPod)
 	}{
-		{"refusing canary", func(c *canaryPod) string { return netip.AddrPortFrom(c.second.Addr4, 9999).String() }, 1, "connect_failures"},
+		{"refusing canary", refusing, 1, "connect_failures", nil},
+		{"refusing canary, kernel-only", refusing, 1, "connect_failures", kernelOnly},
+		{"refusing canary after a port scan", refusing, 1, "connect_failures", portScan},
+		{"healthy canary, kernel-only", func(c *canaryPod) string { return c.v2a }, 0, "", kernelOnly},
 		{"slow canary", func(c *canaryPod) string {
 			far, err := c.bed.AddDelayedHost("far", 20*time.Millisecond)
 			if err != nil {
@@ -256,11 +288,14 @@ func TestRollout(t *testing.T) {
 				t.Fatal(err)
 			}
 			return addr
-		}, 1, "connect_latency"},
-		{"healthy canary", func(c *canaryPod) string { return c.v2a }, 0, ""},
+		}, 1, "connect_latency", nil},
+		{"healthy canary", func(c *canaryPod) string { return c.v2a }, 0, "", nil},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			c := newCanaryPod(t)
+			if tt.setup != nil {
+				tt.setup(t, c)
+			}
 			canary := tt.canary(c)
 			c.route(t, c.v1a+"=100")
 			var wg sync.WaitGroup
@@ -301,6 +336,123 @@ func TestRollout(t *testing.T) {
 			if got := sample(fams, "sluice_route_last_rollback", map[string]string{"service": vip, "reason": tt.reason}); got != 1 {
 				t.Errorf("sluice_route_last_rollback{reason=%q} = %v, want 1", tt.reason, got)
 			}
+			if got := sample(fams, "sluice_tcp_destination_connect_failures_total", map[string]string{"destination_service": canary}); tt.reason == "connect_failures" && got == 0 {
+				t.Errorf("no sluice_tcp_destination_connect_failures_total series for the canary %s", canary)
+			}
 		})
+	}
+}
+
+// sequence makes n connections to vip one at a time and returns which
+// backend each reached, as a string of 1s and 2s (v1, v2).
+func (c *canaryPod) sequence(t *testing.T, n int) string {
+	t.Helper()
+	var seq strings.Builder
+	for range n {
+		v1, v2 := c.churn(t, 1, 1)
+		switch {
+		case v1 == 1 && v2 == 0:
+			seq.WriteByte('1')
+		case v1 == 0 && v2 == 1:
+			seq.WriteByte('2')
+		default:
+			t.Fatalf("one connection reached v1 %d and v2 %d times", v1, v2)
+		}
+	}
+	return seq.String()
+}
+
+// freshRoundRobin is the order smooth weighted round-robin picks at 9/1 from
+// its start: 9 and 1 out of 10, the canary sixth.
+const freshRoundRobin = "1111121111"
+
+// A round-robin route deleted and set again starts its sequence over: it
+// does not inherit where the deleted route's sequence stood.
+func TestRoundRobinStartsOverAfterDelete(t *testing.T) {
+	c := newCanaryPod(t)
+	c.route(t, "--mode", "round-robin", c.v1a+"=9", c.v2a+"=1")
+	if got := c.sequence(t, 5); got != freshRoundRobin[:5] {
+		t.Fatalf("first 5 connections of a new round-robin route at 9/1: %s, want %s", got, freshRoundRobin[:5])
+	}
+	mustCLI(t, "route", "delete", "--cgroup", c.cgroup, vip)
+	c.route(t, "--mode", "round-robin", c.v1a+"=9", c.v2a+"=1")
+	if got := c.sequence(t, 10); got != freshRoundRobin {
+		t.Errorf("10 connections after the route was deleted and set again: %s, want %s (the sequence from its start)", got, freshRoundRobin)
+	}
+}
+
+// rrServices are n service addresses for round-robin routes, from base on.
+func rrServices(base, n int) []netip.AddrPort {
+	out := make([]netip.AddrPort, n)
+	for i := range out {
+		out[i] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 19, byte(2 + (base+i)/250), byte(1 + (base+i)%250)}), 80)
+	}
+	return out
+}
+
+// Round-robin state is freed with its route: after 200 round-robin routes
+// came and went (more than the 128 the kernel keeps state for at once), a
+// new one still splits exactly, and no pick fell back to random.
+func TestRoundRobinStateFreedWithRoute(t *testing.T) {
+	c := newCanaryPod(t)
+	target, err := loader.ResolveTarget(c.cgroup, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	v1, v2 := netip.MustParseAddrPort(c.v1a), netip.MustParseAddrPort(c.v2a)
+	for batch := range 2 {
+		svcs := rrServices(100*batch, 100)
+		var set []redirect.Route
+		addrs := []string{"100", "4"}
+		for _, s := range svcs {
+			set = append(set, redirect.Route{Service: s, Mode: redirect.ModeRoundRobin, Backends: []redirect.Backend{
+				{Address: v1.Addr(), Port: v1.Port(), Weight: 1}, {Address: v2.Addr(), Port: v2.Port(), Weight: 1}}})
+			addrs = append(addrs, s.String())
+		}
+		if err := loader.ChangeRoutes(target, loader.RouteChange{Set: set}); err != nil {
+			t.Fatal(err)
+		}
+		// One connection to each: every route gets its round-robin state.
+		var res churnResult
+		if err := runHelper(t, c.pod, helper(t, "churn", addrs...), -1, &res); err != nil || res.OK != 100 {
+			t.Fatalf("100 connections to 100 round-robin services: %+v, %v", res, err)
+		}
+		if err := loader.ChangeRoutes(target, loader.RouteChange{Delete: svcs}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.route(t, "--mode", "round-robin", c.v1a+"=9", c.v2a+"=1")
+	if got := c.sequence(t, 10); got != freshRoundRobin {
+		t.Errorf("a new round-robin route at 9/1 after 200 came and went: %s, want %s", got, freshRoundRobin)
+	}
+	if n := statusJSON(t, c.cgroup).Counters["route_round_robin_fallback"]; n != 0 {
+		t.Errorf("route_round_robin_fallback = %d, want 0", n)
+	}
+}
+
+// With the kernel's round-robin table full (here filled behind Sluice's
+// back), a round-robin route's picks fall back to random, and each one is
+// counted.
+func TestRoundRobinFallbackCounted(t *testing.T) {
+	c := newCanaryPod(t)
+	target, err := loader.ResolveTarget(c.cgroup, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := ebpf.LoadPinnedMap(filepath.Join(target.PinDir, bpf.SluiceMapRrStates), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	for i := range m.MaxEntries() {
+		k := bpf.SluiceRrKey{Vip: loader.Addr6(netip.AddrFrom4([4]byte{198, 19, 9, byte(i)})), Port: uint16(i >> 8)}
+		if err := m.Put(k, &bpf.SluiceRrState{}); err != nil {
+			t.Fatalf("fill rr_states entry %d of %d: %v", i, m.MaxEntries(), err)
+		}
+	}
+	c.route(t, "--mode", "round-robin", c.v1a+"=9", c.v2a+"=1")
+	c.churn(t, 3, 1)
+	if n := statusJSON(t, c.cgroup).Counters["route_round_robin_fallback"]; n != 3 {
+		t.Errorf("route_round_robin_fallback = %d after 3 connections with the table full, want 3", n)
 	}
 }

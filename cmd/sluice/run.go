@@ -159,7 +159,7 @@ Examples:
 				}
 				defer source.Close()
 				exporter = telemetry.NewExporter(source, telemetry.Options{Identity: id, IstioNames: *istioNames, MaxDestinations: *maxDests, MaxFollowers: *maxFollowers, Logger: log,
-					Routes: source.Routes})
+					Routes: source.Routes, RoutesVersion: source.Version})
 				runners = append(runners, exporter.Run, closeOnDone(source))
 			}
 			// Every install made since offload exists has its maps,
