@@ -317,8 +317,8 @@ func dial(dst netip.AddrPort, dir Direction) (int, error) {
 		return -1, os.NewSyscallError("socket", err)
 	}
 	noDelay(fd)
-	if dir == Inbound && family == unix.AF_INET {
-		if err := bindInboundSource(fd); err != nil {
+	if dir == Inbound {
+		if err := bindInboundSource(fd, family); err != nil {
 			unix.Close(fd)
 			return -1, err
 		}
@@ -330,19 +330,26 @@ func dial(dst netip.AddrPort, dir Direction) (int, error) {
 	return fd, nil
 }
 
-// bindInboundSource binds fd to 127.0.0.6 with its port left to connect, as
-// Envoy binds its upstream source: connect then picks the port for the whole
-// 4-tuple, as a plain connect does, sharing it across destinations and
-// reusing ports in TIME_WAIT. A port picked at bind time must be free of
-// every socket, TIME_WAIT ones included, so each connection the sidecar
-// closed first would hold its port for a minute, and a pod with a narrow
-// ip_local_port_range would refuse inbound connections.
-func bindInboundSource(fd int) error {
+// bindInboundSource binds fd to the inbound source of its family (127.0.0.6,
+// ::1) with its port left to connect, as Envoy binds its upstream source:
+// connect then picks the port for the whole 4-tuple, as a plain connect
+// does, sharing it across destinations and reusing ports in TIME_WAIT. A
+// port picked at bind time must be free of every socket, TIME_WAIT ones
+// included, so each connection the sidecar closed first would hold its port
+// for a minute, and a pod with a narrow ip_local_port_range would refuse
+// inbound connections. A loopback source also lets the kernel reuse a
+// TIME_WAIT tuple after a second (tcp_tw_reuse's default, 2, is loopback
+// only), where the pod's own address would hold it for the whole minute.
+func bindInboundSource(fd, family int) error {
 	if err := unix.SetsockoptInt(fd, unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1); err != nil {
 		return os.NewSyscallError("setsockopt IP_BIND_ADDRESS_NO_PORT", err)
 	}
-	if err := unix.Bind(fd, inboundSource4); err != nil {
-		return os.NewSyscallError("bind 127.0.0.6", err)
+	src := unix.Sockaddr(inboundSource4)
+	if family == unix.AF_INET6 {
+		src = inboundSource6
+	}
+	if err := unix.Bind(fd, src); err != nil {
+		return os.NewSyscallError("bind the inbound source", err)
 	}
 	return nil
 }

@@ -39,10 +39,14 @@ const (
 	Inbound  Direction = "inbound"  // connections into the pod, for the app
 )
 
-// inboundSource4 is where the proxy dials the application from for IPv4, as
-// Istio does: a loopback source the application can tell apart, which no
-// capture sees again (inbound capture sits on the pod's interface, not lo).
-var inboundSource4 = &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 6}}
+// inboundSource4 and inboundSource6 are where the proxy dials the
+// application from: loopback sources, which inbound capture leaves alone.
+// IPv4's is Istio's 127.0.0.6, which the application can tell apart; IPv6
+// has only ::1 on lo (Istio adds ::6 to lo first).
+var (
+	inboundSource4 = &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 6}}
+	inboundSource6 = &unix.SockaddrInet6{Addr: [16]byte{15: 1}}
+)
 
 // Options configures the built-in proxy; zero values take the defaults.
 type Options struct {

@@ -214,36 +214,37 @@ func TestInboundUninstallRestoresTC(t *testing.T) {
 // short inbound connections in a row, 50 a second, all reach the app. Bound
 // at bind time instead, every port left in TIME_WAIT was lost for a minute
 // and only the first 64 got through. (A connect reuses a TIME_WAIT 4-tuple
-// from a loopback source, 127.0.0.6, after net.ipv4.tcp_tw_reuse_delay, 1 s:
-// so 64 a second to one app port.) IPv4 only: over IPv6 the sidecar dials
-// with no bind, a plain connect from the pod's address to itself, which no
-// client in the pod may reuse before TIME_WAIT ends under the default
-// net.ipv4.tcp_tw_reuse (2, loopback only).
+// from a loopback source, 127.0.0.6 or ::1, after net.ipv4.tcp_tw_reuse_delay,
+// 1 s, under the default tcp_tw_reuse (2, loopback only): so 64 a second to
+// one app port.) Over IPv6 the sidecar dialed from the pod's own address,
+// not loopback: its TIME_WAIT tuples were never reused, and 64 got through.
 func TestInboundNarrowLocalPortRange(t *testing.T) {
 	c := newCapturedPod(t)
 	setLocalPortRange(t, c.pod, 40000, 40063)
 	c.startSidecar(t)
-	if _, err := c.pod.ListenEcho("0.0.0.0:8080"); err != nil {
+	if _, err := c.pod.ListenEcho("[::]:8080"); err != nil {
 		t.Fatal(err)
 	}
-	addr := netip.AddrPortFrom(c.pod.Addr4, 8080).String()
-	const n = 120
-	var failed []string
-	err := c.host.Do(func() error {
-		for i := range n {
-			time.Sleep(20 * time.Millisecond) // the pace, not a wait
-			if err := oneShort(addr); err != nil {
-				failed = append(failed, fmt.Sprintf("connection %d: %v", i, err))
+	for _, a := range []netip.Addr{c.pod.Addr4, c.pod.Addr6} {
+		addr := netip.AddrPortFrom(a, 8080).String()
+		const n = 120
+		var failed []string
+		err := c.host.Do(func() error {
+			for i := range n {
+				time.Sleep(20 * time.Millisecond) // the pace, not a wait
+				if err := oneShort(addr); err != nil {
+					failed = append(failed, fmt.Sprintf("connection %d: %v", i, err))
+				}
 			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
 		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(failed) > 0 {
-		dials := c.sidecar.Entries("dial original destination")
-		t.Errorf("%d of %d inbound connections failed, first: %s; the sidecar's failed dials to the app: %d, first: %v", len(failed), n, failed[0], len(dials), dials[:min(1, len(dials))])
+		if len(failed) > 0 {
+			dials := c.sidecar.Entries("dial original destination")
+			t.Errorf("to %s: %d of %d inbound connections failed, first: %s; the sidecar's failed dials to the app: %d, first: %v", addr, len(failed), n, failed[0], len(dials), dials[:min(1, len(dials))])
+		}
 	}
 }
 
