@@ -70,7 +70,9 @@ struct policy {
 	__u16 inbound_port;  /* host order */
 	__u32 flags;         /* enum config_flag */
 	/* The sidecar's own ports (listeners, metrics, health), 0-terminated:
-	 * connections to them are no flows of the pod. */
+	 * connections to them are no flows of the pod, and only the proxy
+	 * identity may bind them (bind.c). All 8 are in use with Linkerd's
+	 * flags: a further port needs the array grown. */
 	__u16 sidecar_ports[8];
 	__u64 ports[PORT_SETS][PORT_WORDS];
 };
