@@ -271,17 +271,18 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 		}
 		// A sidecar already listening (an upgrade under it, or a
 		// reinstall) is found before inbound capture can need it.
-		refused, err := registerListeners(t, plan, coll.Maps[bpf.SluiceMapInboundListeners])
+		missed, err := registerListeners(t, plan, coll.Maps[bpf.SluiceMapInboundListeners])
 		if err != nil {
 			return res, err
 		}
-		// An older sidecar's MPTCP listener cannot be handed connections
-		// by sk_lookup: the older install's tcx program keeps steering to
-		// it until the sidecar restarts and install runs again.
-		keepTC = refused > 0 && slices.Contains(cur.names, legacyTCPin)
-		if refused > 0 {
-			log.Warn("the running sidecar's inbound listener is MPTCP (a sidecar older than this install) and cannot take inbound connections from sk_lookup: restart the sidecar, then rerun install",
-				"cgroup", t.Cgroup, "kept", keepTC)
+		// A running sidecar's listener sk_lookup cannot hand connections
+		// to (an older sidecar's MPTCP one): the older install's tcx
+		// program keeps steering to it until the sidecar restarts and
+		// install runs again.
+		keepTC = missed > 0 && slices.Contains(cur.names, legacyTCPin)
+		if missed > 0 {
+			log.Warn("the running sidecar's inbound listener cannot be registered for inbound capture (MPTCP, as sidecars older than this install listen, or held by a process install may not copy descriptors from, without CAP_SYS_PTRACE): restart the sidecar, then rerun install",
+				"cgroup", t.Cgroup, "listeners", missed, "older_capture_kept", keepTC)
 		}
 		hooks = append(hooks[:len(hooks):len(hooks)], inboundHook)
 	}

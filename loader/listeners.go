@@ -25,15 +25,17 @@ import (
 // is found here: a listening socket on the inbound port, owned by the proxy
 // uid, held by a process in the pod's cgroup. A pod with none (the sidecar
 // not started yet) costs one read of the namespace's socket table. It
-// returns how many listeners could not be registered: a sockmap takes no
-// MPTCP socket, which is what sidecars of releases before sk_lookup listen
-// with (Go's default).
-func registerListeners(t Target, plan redirect.Plan, m *ebpf.Map) (refused int, err error) {
+// returns how many such listeners it found but could not register: an
+// MPTCP one (a sockmap takes none; sidecars of releases before sk_lookup
+// listen so, as Go does by default), or one this process may not take a
+// copy of (pidfd_getfd of another uid's descriptor needs CAP_SYS_PTRACE).
+func registerListeners(t Target, plan redirect.Plan, m *ebpf.Map) (missed int, err error) {
 	want, err := listenerInodes(t, plan)
 	if err != nil || len(want) == 0 {
 		return 0, err
 	}
-	err = walkCgroupSockets(t.Cgroup, want, func(fd int) error {
+	registered := map[uint64]bool{}
+	err = walkCgroupSockets(t.Cgroup, want, func(ino uint64, fd int) error {
 		family, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN)
 		if err != nil {
 			return fmt.Errorf("inbound listener's family: %w", err)
@@ -44,15 +46,15 @@ func registerListeners(t Target, plan redirect.Plan, m *ebpf.Map) (refused int, 
 		}
 		err = m.Update(uint32(slot), uint64(fd), ebpf.UpdateAny)
 		if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) {
-			refused++
 			return nil
 		}
 		if err != nil {
 			return fmt.Errorf("register the sidecar's inbound listener: %w", err)
 		}
+		registered[ino] = true
 		return nil
 	})
-	return refused, err
+	return len(want) - len(registered), err
 }
 
 // listenerInodes returns the socket inodes of the TCP listeners on the
@@ -106,7 +108,7 @@ func listenersIn(table string, port uint16, uid uint32, found map[uint64]bool) e
 
 // walkCgroupSockets calls fn with a copy of each descriptor, held by a
 // process in the cgroup tree at dir, of a socket whose inode is in want.
-func walkCgroupSockets(dir string, want map[uint64]bool, fn func(fd int) error) error {
+func walkCgroupSockets(dir string, want map[uint64]bool, fn func(ino uint64, fd int) error) error {
 	return filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return nil // a child cgroup removed meanwhile
@@ -132,8 +134,9 @@ func walkCgroupSockets(dir string, want map[uint64]bool, fn func(fd int) error) 
 }
 
 // processSockets calls fn with a copy (pidfd_getfd) of each of pid's
-// descriptors of a socket in want. A process that exits meanwhile has none.
-func processSockets(pid int, want map[uint64]bool, fn func(fd int) error) error {
+// descriptors of a socket in want. A process that exits meanwhile has none;
+// one this process may not copy from is passed over.
+func processSockets(pid int, want map[uint64]bool, fn func(ino uint64, fd int) error) error {
 	fdDir := fmt.Sprintf("/proc/%d/fd", pid)
 	entries, err := os.ReadDir(fdDir)
 	if err != nil {
@@ -165,9 +168,9 @@ func processSockets(pid int, want map[uint64]bool, fn func(fd int) error) error 
 		}
 		fd, err := unix.PidfdGetfd(pidfd, n, 0)
 		if err != nil {
-			continue // closed meanwhile
+			continue // closed meanwhile, or not ours to copy
 		}
-		err = fn(fd)
+		err = fn(ino, fd)
 		unix.Close(fd)
 		if err != nil {
 			return err

@@ -127,7 +127,7 @@ func Status(t Target) (State, error) {
 		case err != nil:
 			return s, err
 		case !ls.Attached:
-			s.Missing = append(s.Missing, h.pin+" (detached: its cgroup or interface is gone)")
+			s.Missing = append(s.Missing, h.pin+" (detached: its cgroup or network namespace is gone)")
 		}
 		s.Memory.Programs += memlock
 		s.Links = append(s.Links, ls)

@@ -24,8 +24,9 @@ func installCommand() command {
 		help: `Usage: sluice install [--cgroup PATH] [--netns PATH | --interface NAME] [--pin-dir DIR] [--dry-run] [--validate] [capture flags]
 
 Loads the capture programs, attaches them to the pod's cgroup v2 directory
-(outbound capture) and, with --netns or --interface, to the ingress of the
-pod's interface (inbound capture), pins them under
+(outbound capture) and, with --netns or --interface, to the pod's network
+namespace (inbound capture: every connection arriving from outside, on any
+interface but loopback; the interface must exist there), pins them under
 /sys/fs/bpf/sluice/<cgroup id>/, then exits. Flags follow istio-iptables
 (-p -z -u -g -m -i -x -b -d -q -o), and Linkerd proxy-init's long names
 (--outgoing-proxy-port, --incoming-proxy-port, --proxy-uid,
@@ -34,8 +35,8 @@ pod's interface (inbound capture), pins them under
 sets unchanged, with their own meanings and defaults.
 
 Run with no --cgroup inside a pod (its init container), it finds the pod's
-cgroup (the parent of its container's) and captures inbound on the pod's
-eth0. It needs the host's cgroup2 hierarchy and /sys/fs/bpf mounted in.
+cgroup (the parent of its container's) and captures inbound in the pod's
+network namespace (whose eth0 must exist). It needs the host's cgroup2 hierarchy and /sys/fs/bpf mounted in.
 --validate then proves capture: a connection from this process to a captured
 address must reach a listener in the sidecar's place, with the original
 destination intact; exit 1 says what went wrong.

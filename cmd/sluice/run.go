@@ -32,9 +32,11 @@ func runCommand() command {
 		help: `Usage: sluice run [--cgroup PATH] [-p PORT] [-z PORT] [-u UID -g GID] [--drain 5s] [--log-format json]
 
 Serves captured outbound connections on 127.0.0.1:PORT and [::1]:PORT and
-captured inbound ones on port -z (all addresses): asks the kernel for each
-one's original destination (SO_ORIGINAL_DST), dials it (inbound: from
-127.0.0.6, like Istio) and copies bytes both ways. With --cgroup (inside a
+captured inbound ones on port -z (all addresses, plain TCP: the kernel hands
+it inbound connections from a sockmap, which takes no MPTCP socket): asks
+the kernel for each one's original destination (SO_ORIGINAL_DST), dials it
+(inbound: from 127.0.0.6, like Istio, or ::1) and copies bytes both ways.
+With --cgroup (inside a
 pod with none given: the pod it runs in, found as install finds it) it takes
 the ports and proxy uid/gid from the pod's install, reading pins that only
 root and the proxy group may read. Run it as the proxy uid/gid (1337 by
