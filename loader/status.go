@@ -285,7 +285,7 @@ var counterNames = map[bpf.SluiceCounter]string{
 	bpf.SluiceCounterCOUNT_OFFLOAD_BYTES:           "offload_bytes",
 	bpf.SluiceCounterCOUNT_OFFLOAD_VIA_PROXY:       "offload_via_sidecar",
 	bpf.SluiceCounterCOUNT_INBOUND_LISTENER_FAILED: "inbound_listener_unregistered",
-	bpf.SluiceCounterCOUNT_RR_FALLBACK:           "route_round_robin_fallback",
+	bpf.SluiceCounterCOUNT_RR_FALLBACK:             "route_round_robin_fallback",
 }
 
 func readCounters(dir string) (map[string]uint64, error) {
