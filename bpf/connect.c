@@ -162,6 +162,26 @@ static __always_inline bool sidecar_listening(struct bpf_sock_addr *ctx, const s
 	return true;
 }
 
+/* Global functions (not static, not inlined) are verified once, on their
+ * own. Inlined, each would be verified again for every path the route pick
+ * before or after it leaves open: forget_earlier_connect and bind_pod_addr
+ * together doubled connect6's verified instructions, and with them the
+ * load time of every install. */
+
+/* forget_earlier_connect clears what an earlier connect of this socket
+ * recorded. A socket may connect again, after a connect that failed or that
+ * AF_UNSPEC undid: nothing of the first (a destination getpeername would
+ * answer, a role splice would act on) may outlive it. */
+__attribute__((noinline)) int forget_earlier_connect(struct bpf_sock_addr *ctx)
+{
+	if (!ctx)
+		return 0;
+	struct sock_state *st = subflow_state(ctx->sk, 0);
+	if (st)
+		__builtin_memset(st, 0, sizeof(*st));
+	return 0;
+}
+
 /* capture decides whether a connect is redirected and, if so, records the
  * original destination on the socket (and, for a service with a route, the
  * backend picked for it). It returns 1 to redirect to the sidecar, 2 to send
@@ -188,13 +208,7 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, const struct polic
 		}
 		return 0;
 	}
-	/* A socket may connect again, after a connect that failed or that
-	 * AF_UNSPEC undid: nothing an earlier connect recorded (a destination
-	 * getpeername would answer, a role splice would act on) may outlive
-	 * it. */
-	struct sock_state *earlier = subflow_state(ctx->sk, 0);
-	if (earlier)
-		__builtin_memset(earlier, 0, sizeof(*earlier));
+	forget_earlier_connect(ctx);
 	if (!should_capture(pol, slot, dst, port, family))
 		return 0;
 	bool kernel_only = port_in(pol, PORT_OUT_KERNEL_ONLY, port) || cidr_match(&kernel_only_cidrs, slot, dst, family);
@@ -240,30 +254,27 @@ static __always_inline const struct addr6 *pod_addr(__u32 which)
 	return a;
 }
 
-/* A connect sent to the sidecar on loopback would get a loopback source
- * address. Under iptables REDIRECT, and with no sidecar at all, the app's
- * socket has the pod's own address, which apps read back with getsockname
- * and advertise: bind_pod_addr4/6 bind the socket to it first. The port is
- * still picked at connect (bpf_bind binds as IP_BIND_ADDRESS_NO_PORT does).
- * A socket the app bound itself keeps its own address: bpf_bind fails, and
- * nothing else changes. */
-static __always_inline void bind_pod_addr4(struct bpf_sock_addr *ctx)
+/* bind_pod_addr binds a socket whose connect goes to the sidecar to the
+ * pod's own address (which, v6 for an AF_INET6 socket): sent to loopback,
+ * it would get a loopback source address, where under iptables REDIRECT,
+ * and with no sidecar at all, it has the pod's own, which apps read back
+ * with getsockname and advertise. The port is still picked at connect
+ * (bpf_bind binds as IP_BIND_ADDRESS_NO_PORT does). A socket the app bound
+ * itself keeps its own address: bpf_bind fails, and nothing else changes. */
+__attribute__((noinline)) int bind_pod_addr(struct bpf_sock_addr *ctx, __u32 which, __u32 v6)
 {
-	const struct addr6 *a = pod_addr(POD_ADDR_IPV4);
+	if (!ctx)
+		return 0;
+	const struct addr6 *a = pod_addr(which);
 	if (!a)
-		return;
-	struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = a->w[3]};
-	bpf_bind(ctx, (struct sockaddr *)&sin, sizeof(sin));
-}
-
-static __always_inline void bind_pod_addr6(struct bpf_sock_addr *ctx, bool mapped)
-{
-	const struct addr6 *a = pod_addr(mapped ? POD_ADDR_IPV4 : POD_ADDR_IPV6);
-	if (!a)
-		return;
+		return 0;
+	if (!v6) {
+		struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = a->w[3]};
+		return bpf_bind(ctx, (struct sockaddr *)&sin, sizeof(sin));
+	}
 	struct sockaddr_in6 sin6 = {.sin6_family = AF_INET6};
 	__builtin_memcpy(&sin6.sin6_addr, a->w, sizeof(a->w));
-	bpf_bind(ctx, (struct sockaddr *)&sin6, sizeof(sin6));
+	return bpf_bind(ctx, (struct sockaddr *)&sin6, sizeof(sin6));
 }
 
 SEC("cgroup/connect4")
@@ -280,7 +291,7 @@ int sluice_connect4(struct bpf_sock_addr *ctx)
 	if (verdict < 0)
 		return 0;
 	if (verdict == 1) {
-		bind_pod_addr4(ctx);
+		bind_pod_addr(ctx, POD_ADDR_IPV4, 0);
 		ctx->user_ip4 = bpf_htonl(0x7f000001);
 		ctx->user_port = bpf_htons(pol->outbound_port);
 	} else if (verdict == 2) {
@@ -319,7 +330,7 @@ int sluice_connect6(struct bpf_sock_addr *ctx)
 		ctx->user_ip6[3] = st->dial.addr.w[3];
 		ctx->user_port = bpf_htons(st->dial.port);
 	} else if (verdict == 1) {
-		bind_pod_addr6(ctx, mapped);
+		bind_pod_addr(ctx, mapped ? POD_ADDR_IPV4 : POD_ADDR_IPV6, 1);
 		ctx->user_ip6[0] = 0;
 		ctx->user_ip6[1] = 0;
 		ctx->user_ip6[2] = mapped ? bpf_htonl(0xffff) : 0;

@@ -1,6 +1,10 @@
 package loader
 
-import "testing"
+import (
+	"testing"
+
+	"github.com/sluicemesh/sluice/internal/testbed"
+)
 
 // TestCheck loads every program through the verifier and attaches one to a
 // throwaway cgroup: a kernel or BPF change that breaks loading fails here.
@@ -11,4 +15,37 @@ func TestCheck(t *testing.T) {
 			t.Errorf("%s: %v", p.Name, p.Err)
 		}
 	}
+}
+
+// The verifier's work is most of an install's time (each pod loads its own
+// programs): the instructions it walks, summed over every program, stay
+// within a budget, so a change that multiplies the paths through a hook
+// fails here instead of slowing every install unnoticed. An inlined helper
+// in connect6 once doubled them (40,000 to 76,000) and install time rose
+// from 122 to 147 ms.
+func TestVerifierBudget(t *testing.T) {
+	testbed.RequirePrivileged(t)
+	coll, err := load(true, true, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer coll.Close()
+	const budget = 90_000
+	total := 0
+	for name, p := range coll.Programs {
+		info, err := p.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, ok := info.VerifiedInstructions()
+		if !ok {
+			t.Skip("this kernel does not report verified instructions (Linux 5.16+)")
+		}
+		t.Logf("%s: %d", name, n)
+		total += int(n)
+	}
+	if total > budget {
+		t.Errorf("the verifier walked %d instructions, budget %d: a hook got more paths (inline less, or make the helper a global function)", total, budget)
+	}
+	t.Logf("verified instructions, all programs: %d (budget %d)", total, budget)
 }
