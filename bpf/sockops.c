@@ -258,6 +258,16 @@ static __always_inline void listening(struct bpf_sock_ops *skops, const struct t
 	const struct policy *pol = active_policy(&slot);
 	if (!pol || key->client_port != pol->inbound_port)
 		return;
+	/* A port the kernel picked (listen() with no bind, in a pod whose
+	 * port range holds the inbound port) met no bind hook: the listener
+	 * must be the proxy uid's too. (The socket's owner, since sockops may
+	 * not ask for the current task's credentials on every kernel.) */
+	struct bpf_sock *sk = skops->sk;
+	struct tcp_sock *tp = sk ? bpf_skc_to_tcp_sock(sk) : NULL;
+	if (!tp || tp->inet_conn.icsk_inet.sk.sk_uid.val != pol->proxy_uid) {
+		count(COUNT_INBOUND_LISTENER_FAILED);
+		return;
+	}
 	__u32 at = skops->family == AF_INET6 ? LISTENER_IPV6 : LISTENER_IPV4;
 	if (bpf_sock_map_update(skops, &inbound_listeners, &at, BPF_ANY))
 		count(COUNT_INBOUND_LISTENER_FAILED);

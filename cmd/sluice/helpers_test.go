@@ -44,6 +44,7 @@ var helperRoles = map[string]func(args []string) (any, error){
 	"serverfirst":    serverFirst,
 	"reconnect":      reconnect,
 	"abort":          abort,
+	"autolisten":     autoListen,
 }
 
 // runTestHelper runs the role named in the environment, if any, and exits.

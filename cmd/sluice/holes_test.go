@@ -1,17 +1,23 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sluicemesh/sluice/internal/testbed"
 )
 
 // reconnect connects one socket twice: first to FIRST (expected to fail
@@ -203,5 +209,86 @@ func TestReceivedBytesCountOnlyWhatArrived(t *testing.T) {
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
+	}
+}
+
+// autoListen listens with no bind (the kernel picks the port) until it gets
+// PORT, says "listening" on stderr, then counts the connections it accepts
+// for DURATION. args: PORT DURATION
+func autoListen(args []string) (any, error) {
+	if len(args) != 2 {
+		return nil, errors.New("usage: autolisten PORT DURATION")
+	}
+	want, _ := strconv.Atoi(args[0])
+	d, err := time.ParseDuration(args[1])
+	if err != nil {
+		return nil, err
+	}
+	ln := -1
+	for range 16 {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return nil, err
+		}
+		if err := unix.Listen(fd, 16); err != nil {
+			return nil, fmt.Errorf("listen with no bind: %w", err)
+		}
+		if sa, err := unix.Getsockname(fd); err == nil && addrPortOf(sa).Port() == uint16(want) {
+			ln = fd
+			break
+		}
+		// Kept open, so the next listen gets another port.
+	}
+	if ln < 0 {
+		return nil, fmt.Errorf("the kernel never picked port %d", want)
+	}
+	fmt.Fprintln(os.Stderr, `{"msg":"listening"}`)
+	accepted := 0
+	for end := time.Now().Add(d); time.Now().Before(end); {
+		fds := []unix.PollFd{{Fd: int32(ln), Events: unix.POLLIN}}
+		if n, _ := unix.Poll(fds, 100); n > 0 {
+			if c, _, err := unix.Accept(ln); err == nil {
+				unix.Close(c)
+				accepted++
+			}
+		}
+	}
+	return accepted, nil
+}
+
+// A process of the pod that is not the proxy, handed the inbound port by
+// the kernel (listen() with no bind meets no bind hook, and the pod's port
+// range holds 15006), is not taken for the sidecar: inbound connections are
+// refused, as with no sidecar, and never reach it.
+func TestAutoboundListenerIsNotTheSidecars(t *testing.T) {
+	c := newCapturedPod(t)
+	setLocalPortRange(t, c.pod, 15006, 15007)
+	if _, err := c.pod.ListenEcho("0.0.0.0:8080"); err != nil {
+		t.Fatal(err)
+	}
+	cmd := helper(t, "autolisten", "15006", "3s")
+	cmd.Path = testbed.WorldExecutable(t)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1000, Gid: 1000}}
+	var out strings.Builder
+	cmd.Stdout = &out
+	l, err := c.pod.StartLogged(cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.WaitFor("listening", nil, 10*time.Second); err != nil {
+		t.Fatalf("%v\n%s%s", err, out.String(), l.Output())
+	}
+	if res, err := c.host.RunClient(self(t), netip.AddrPortFrom(c.pod.Addr4, 8080).String(), payload); err == nil {
+		t.Errorf("an inbound connection with no sidecar went through: %+v", res)
+	}
+	l.Cmd.Wait()
+	var res struct {
+		Result int `json:"result"`
+	}
+	if err := json.Unmarshal([]byte(out.String()), &res); err != nil || res.Result != 0 {
+		t.Errorf("the uid-1000 listener on 15006 accepted %d inbound connections (%v, %q)", res.Result, err, out.String())
+	}
+	if n := statusJSON(t, c.cgroup).Counters["inbound_listener_unregistered"]; n == 0 {
+		t.Error("inbound_listener_unregistered did not count the listener refused")
 	}
 }
