@@ -117,6 +117,19 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 	if err := otherSluice(t, inbound, ours); err != nil {
 		return res, err
 	}
+	if inbound {
+		reserved, unreserved, err := reserveSidecarPorts(t, plan)
+		if err != nil {
+			return res, err
+		}
+		if len(reserved) > 0 {
+			res.Changes = append(res.Changes, fmt.Sprintf("sidecar ports %v reserved in the pod's local port range", reserved))
+		}
+		if len(unreserved) > 0 {
+			log.Warn("the pod's local port range holds sidecar ports, which the kernel may hand to any process of the pod (a listen or connect with no bind meets no bind hook), and its sysctls are read-only here",
+				"ports", unreserved, "fix", "add them to net.ipv4.ip_local_reserved_ports in the pod's securityContext.sysctls, or move net.ipv4.ip_local_port_range")
+		}
+	}
 	if !fresh {
 		// An older install's tcx program, left for a sidecar since
 		// restarted, is removed on the full path.

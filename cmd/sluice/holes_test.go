@@ -292,3 +292,34 @@ func TestAutoboundListenerIsNotTheSidecars(t *testing.T) {
 		t.Error("inbound_listener_unregistered did not count the listener refused")
 	}
 }
+
+// Install keeps the kernel from handing the sidecar's ports to anyone: in a
+// pod whose local port range holds 15006, it adds 15006 to the pod's
+// ip_local_reserved_ports, and a listen() with no bind never gets it.
+func TestInstallReservesSidecarPortsInThePortRange(t *testing.T) {
+	c := newUncapturedPod(t, nil)
+	setLocalPortRange(t, c.pod, 15005, 15007)
+	out := mustCLI(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns)
+	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", c.cgroup) })
+	if !strings.Contains(out, "sidecar ports [15006] reserved") {
+		t.Errorf("install said %q, want the reservation of 15006 named", out)
+	}
+	var reserved []byte
+	if err := c.pod.Do(func() (err error) {
+		reserved, err = os.ReadFile("/proc/sys/net/ipv4/ip_local_reserved_ports")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if strings.TrimSpace(string(reserved)) != "15006" {
+		t.Errorf("the pod's reserved ports are %q, want 15006", reserved)
+	}
+	cmd := helper(t, "autolisten", "15006", "1s")
+	err := runHelper(t, c.pod, cmd, 1000, nil)
+	if err == nil || !strings.Contains(err.Error(), "listen with no bind") {
+		t.Errorf("a uid-1000 listen() with no bind: %v; want every free port (15005, 15007) taken and 15006 never given", err)
+	}
+	if again := mustCLI(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns); strings.Contains(again, "reserved") {
+		t.Errorf("a rerun said %q: the reservation is already there", again)
+	}
+}
