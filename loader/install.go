@@ -118,9 +118,11 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 		return res, err
 	}
 	if inbound {
+		// Not being able to tell (no /proc/sys) does not stop the install:
+		// the bind hook and sockops' owner check still guard the ports.
 		reserved, unreserved, err := reserveSidecarPorts(t, plan)
 		if err != nil {
-			return res, err
+			log.Warn("cannot reserve the sidecar's ports in the pod's local port range", "err", err)
 		}
 		if len(reserved) > 0 {
 			res.Changes = append(res.Changes, fmt.Sprintf("sidecar ports %v reserved in the pod's local port range", reserved))
