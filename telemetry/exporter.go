@@ -19,6 +19,13 @@ import (
 	"github.com/sluicemesh/sluice/loader"
 )
 
+// The per-destination series a rollout reads (cmd's rollout plant parses
+// them from the sidecar's /metrics): named once, here.
+const (
+	MetricDestinationConnectDuration = "sluice_tcp_destination_connect_duration_seconds"
+	MetricDestinationConnectFailures = "sluice_tcp_destination_connect_failures_total"
+)
+
 // Source is where flow events come from: a pod's pins (loader.FlowSource)
 // or, in tests, anything that yields them.
 type Source interface {
@@ -152,11 +159,11 @@ func NewExporter(source Source, opts Options) *Exporter {
 			Help: "Segments the pod retransmitted, counted when each flow closes.",
 		}, []string{"direction"}),
 		destConnect: prometheus.NewSummaryVec(prometheus.SummaryOpts{
-			Name: "sluice_tcp_destination_connect_duration_seconds",
+			Name: MetricDestinationConnectDuration,
 			Help: "Connect latency of outbound flows that were established, by original destination (sum and count).",
 		}, []string{"destination_service"}),
 		destFailed: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "sluice_tcp_destination_connect_failures_total",
+			Name: MetricDestinationConnectFailures,
 			Help: "Outbound connects never established, by original destination.",
 		}, []string{"destination_service"}),
 		followLost: prometheus.NewCounter(prometheus.CounterOpts{

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -67,9 +66,7 @@ Examples:
 			if err != nil {
 				return errors.Join(cerr, err)
 			}
-			enc := json.NewEncoder(stdout)
-			enc.SetIndent("", "  ")
-			return errors.Join(cerr, enc.Encode(pods))
+			return errors.Join(cerr, writeJSON(stdout, pods))
 		}
 		ln, err := net.Listen("tcp", *metricsAddr)
 		if err != nil {

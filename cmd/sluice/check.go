@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -41,9 +40,7 @@ Example:
 			}
 		}
 		if *asJSON {
-			enc := json.NewEncoder(stdout)
-			enc.SetIndent("", "  ")
-			if err := enc.Encode(probes); err != nil {
+			if err := writeJSON(stdout, probes); err != nil {
 				return err
 			}
 		} else {

@@ -63,9 +63,7 @@ Examples:
 			return err
 		}
 		if *asJSON {
-			enc := json.NewEncoder(stdout)
-			enc.SetIndent("", "  ")
-			return enc.Encode(flows)
+			return writeJSON(stdout, flows)
 		}
 		printFlows(stdout, flows)
 		return nil

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -166,9 +165,7 @@ func installPod(ctx context.Context, req installRequest, stdout io.Writer) error
 		target.Interface = "eth0"
 	}
 	if req.dryRun {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(struct {
+		return writeJSON(stdout, struct {
 			Target loader.Target `json:"target"`
 			Plan   redirect.Plan `json:"plan"`
 		}{target, plan})

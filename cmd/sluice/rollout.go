@@ -19,6 +19,7 @@ import (
 	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/redirect"
 	"github.com/sluicemesh/sluice/rollout"
+	"github.com/sluicemesh/sluice/telemetry"
 )
 
 func rolloutCommand(ctx context.Context, fs *flag.FlagSet, c command, args []string, target func() (loader.Target, error), stdout io.Writer) error {
@@ -33,12 +34,9 @@ func rolloutCommand(ctx context.Context, fs *flag.FlagSet, c command, args []str
 	if err := parseInterspersed(fs, c, args, stdout); err != nil {
 		return err
 	}
-	if fs.NArg() != 1 {
-		return usageError{"want the service's VIP:PORT (run 'sluice route --help')"}
-	}
-	svc, err := redirect.ParseService(fs.Arg(0))
+	svc, err := serviceArg(fs)
 	if err != nil {
-		return usageError{err.Error()}
+		return err
 	}
 	cfg := rollout.Config{Service: svc, Step: uint32(min(*step, math.MaxUint32)), Interval: *interval, MaxFailureRatio: *maxFail, MaxLatency: *maxLat,
 		MinConnects: *minConnects, MaxWait: *maxWait}
@@ -138,11 +136,11 @@ func (p *routePlant) Measure() (map[netip.AddrPort]rollout.Sample, error) {
 			}
 		}
 	}
-	each("sluice_tcp_destination_connect_duration_seconds", func(s *rollout.Sample, v float64, n uint64) {
+	each(telemetry.MetricDestinationConnectDuration, func(s *rollout.Sample, v float64, n uint64) {
 		if n > 0 {
 			s.LatencySum, s.Established = v, n
 		}
 	})
-	each("sluice_tcp_destination_connect_failures_total", func(s *rollout.Sample, v float64, _ uint64) { s.Failed = uint64(v) })
+	each(telemetry.MetricDestinationConnectFailures, func(s *rollout.Sample, v float64, _ uint64) { s.Failed = uint64(v) })
 	return out, nil
 }

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -144,12 +143,9 @@ Examples:
 			if err := parseInterspersed(fs, c, args, stdout); err != nil {
 				return err
 			}
-			if fs.NArg() != 1 {
-				return usageError{"want the service's VIP:PORT (run 'sluice route --help')"}
-			}
-			svc, err := redirect.ParseService(fs.Arg(0))
+			svc, err := serviceArg(fs)
 			if err != nil {
-				return usageError{err.Error()}
+				return err
 			}
 			return change(loader.RouteChange{Delete: []netip.AddrPort{svc}}, fmt.Sprintf("route %s deleted", svc))
 		case "apply":
@@ -184,9 +180,7 @@ Examples:
 				return err
 			}
 			if *asJSON {
-				enc := json.NewEncoder(stdout)
-				enc.SetIndent("", "  ")
-				return enc.Encode(routes)
+				return writeJSON(stdout, routes)
 			}
 			printRoutes(stdout, routes)
 			return nil
@@ -272,4 +266,17 @@ func printRoutes(w io.Writer, routes []loader.RouteState) {
 		}
 	}
 	tw.Flush()
+}
+
+// serviceArg is the one argument of route delete and route rollout: the
+// service's VIP:PORT.
+func serviceArg(fs *flag.FlagSet) (netip.AddrPort, error) {
+	if fs.NArg() != 1 {
+		return netip.AddrPort{}, usageError{"want the service's VIP:PORT (run 'sluice route --help')"}
+	}
+	svc, err := redirect.ParseService(fs.Arg(0))
+	if err != nil {
+		return netip.AddrPort{}, usageError{err.Error()}
+	}
+	return svc, nil
 }

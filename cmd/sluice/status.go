@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -71,9 +70,7 @@ Examples:
 			return err
 		}
 		if *asJSON {
-			enc := json.NewEncoder(stdout)
-			enc.SetIndent("", "  ")
-			if err := enc.Encode(state); err != nil {
+			if err := writeJSON(stdout, state); err != nil {
 				return err
 			}
 		} else {
@@ -198,9 +195,7 @@ func statusAll(w io.Writer, asJSON bool) error {
 		return err
 	}
 	if asJSON {
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(pods); err != nil {
+		if err := writeJSON(w, pods); err != nil {
 			return err
 		}
 	} else {
