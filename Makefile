@@ -3,7 +3,7 @@
 GO ?= go
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: all build deps generate check-generate vmlinux test fuzz demo bench scale image e2e-k8s
+.PHONY: all build deps generate check-generate check-bpf vmlinux test fuzz demo bench scale image e2e-k8s
 
 all: build
 
@@ -24,13 +24,23 @@ check-generate: generate
 	@git diff --quiet -- bpf/ deploy/ || { git status --short -- bpf/ deploy/; \
 		echo "generated files are stale: run 'make generate' and commit them"; exit 1; }
 
+# The C is formatted by bpf/.clang-format, and every hook file compiles on its
+# own (shared logic lives in headers, not in another hook's file).
+BPF_SOURCES := $(filter-out bpf/sluice.c,$(wildcard bpf/*.c))
+check-bpf:
+	clang-format --dry-run --Werror bpf/*.c bpf/*.h
+	@for f in $(BPF_SOURCES); do \
+		clang -O2 -g -Wall -Werror -target bpfel -Ibpf/headers -c $$f -o /dev/null || \
+			{ echo "$$f does not compile on its own: move what it borrows into a header"; exit 1; }; \
+	done
+
 # vmlinux.h is regenerated on purpose only: the objects are CO-RE, so the
 # header need not match the running kernel.
 vmlinux:
 	bpftool btf dump file /sys/kernel/btf/vmlinux format c > bpf/headers/vmlinux.h
 
 # Under CI the committed objects must already be current; locally they are rebuilt.
-test: deps $(if $(filter true,$(CI)),check-generate,generate)
+test: deps check-bpf $(if $(filter true,$(CI)),check-generate,generate)
 	$(GO) vet ./...
 	$(GO) vet -tags demo ./...
 	$(GO) test -tags demo -count=1 -timeout 30m ./...

@@ -9,7 +9,7 @@
  * the destination's own family. */
 static __always_inline bool cidr_match(void *trie, __u32 slot, const struct addr6 *dst, __u16 family)
 {
-	struct cidr_key key = {.slot = slot, .family = family};
+	struct cidr_key key = { .slot = slot, .family = family };
 	if (family == AF_INET) {
 		key.prefixlen = CIDR_KEY_BITS + 32;
 		__builtin_memcpy(key.addr, &dst->w[3], 4);
@@ -22,8 +22,8 @@ static __always_inline bool cidr_match(void *trie, __u32 slot, const struct addr
 
 /* The order follows istio-iptables: port exclusions, CIDR exclusions, then
  * included ports (-q) or included CIDRs (-i); exclusions always win. */
-static __always_inline bool should_capture(const struct policy *pol, __u32 slot, const struct addr6 *dst,
-					   __u16 port, __u16 family)
+static __always_inline bool should_capture(const struct policy *pol, __u32 slot, const struct addr6 *dst, __u16 port,
+					   __u16 family)
 {
 	if (addr_is_loopback(dst))
 		return false;
@@ -37,8 +37,6 @@ static __always_inline bool should_capture(const struct policy *pol, __u32 slot,
 		return true;
 	return cidr_match(&include_cidrs, slot, dst, family);
 }
-
-#define ECONNREFUSED 111
 
 /* uniform returns a number in [0, n) with every value equally likely, n > 0
  * (Lemire's multiply-and-reject: no modulo bias). */
@@ -77,10 +75,10 @@ static __always_inline int pick_random(const struct route *rt)
  * total back. Over any `total` picks each backend gets exactly its weight. */
 static __always_inline int pick_round_robin(const struct route_key *key, const struct route *rt)
 {
-	struct rr_key rk = {.vip = key->vip, .port = key->port};
+	struct rr_key rk = { .vip = key->vip, .port = key->port };
 	struct rr_state *rs = bpf_map_lookup_elem(&rr_states, &rk);
 	if (!rs) {
-		struct rr_state fresh = {.generation = rt->generation};
+		struct rr_state fresh = { .generation = rt->generation };
 		bpf_map_update_elem(&rr_states, &rk, &fresh, BPF_NOEXIST);
 		rs = bpf_map_lookup_elem(&rr_states, &rk);
 		if (!rs) {
@@ -122,7 +120,7 @@ static __always_inline bool route_pick(const struct addr6 *dst, __u16 port, stru
 	__u32 *active = bpf_map_lookup_elem(&routes_active, &zero);
 	if (!active)
 		return true;
-	struct route_key key = {.vip = *dst, .port = port, .slot = *active & 1};
+	struct route_key key = { .vip = *dst, .port = port, .slot = *active & 1 };
 	struct route *rt = bpf_map_lookup_elem(&routes, &key);
 	if (!rt)
 		return true;
@@ -211,13 +209,14 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, const struct polic
 	forget_earlier_connect(ctx);
 	if (!should_capture(pol, slot, dst, port, family))
 		return 0;
-	bool kernel_only = port_in(pol, PORT_OUT_KERNEL_ONLY, port) || cidr_match(&kernel_only_cidrs, slot, dst, family);
+	bool kernel_only =
+		port_in(pol, PORT_OUT_KERNEL_ONLY, port) || cidr_match(&kernel_only_cidrs, slot, dst, family);
 	if (!kernel_only && (pol->flags & CONFIG_FAIL_OPEN) && !sidecar_listening(ctx, pol, family)) {
 		count(COUNT_FAIL_OPEN_OUTBOUND);
 		return 0;
 	}
 
-	struct orig_dst orig = {.addr = *dst, .port = port, .family = family};
+	struct orig_dst orig = { .addr = *dst, .port = port, .family = family };
 	struct orig_dst dial = orig;
 	if (!route_pick(dst, port, &dial)) {
 		/* Refused at once, as a closed port would be: never a hang. */
@@ -269,10 +268,10 @@ __attribute__((noinline)) int bind_pod_addr(struct bpf_sock_addr *ctx, __u32 whi
 	if (!a)
 		return 0;
 	if (!v6) {
-		struct sockaddr_in sin = {.sin_family = AF_INET, .sin_addr.s_addr = a->w[3]};
+		struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = a->w[3] };
 		return bpf_bind(ctx, (struct sockaddr *)&sin, sizeof(sin));
 	}
-	struct sockaddr_in6 sin6 = {.sin6_family = AF_INET6};
+	struct sockaddr_in6 sin6 = { .sin6_family = AF_INET6 };
 	__builtin_memcpy(&sin6.sin6_addr, a->w, sizeof(a->w));
 	return bpf_bind(ctx, (struct sockaddr *)&sin6, sizeof(sin6));
 }
@@ -312,7 +311,7 @@ int sluice_connect6(struct bpf_sock_addr *ctx)
 	if (!pol)
 		return 1;
 
-	struct addr6 dst = {.w = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]}};
+	struct addr6 dst = { .w = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] } };
 	/* An AF_INET6 socket connecting to ::ffff:a.b.c.d is IPv4 on the wire:
 	 * IPv4 rules apply, and it goes to the IPv4 listener, whose getsockopt
 	 * answers SOL_IP. */

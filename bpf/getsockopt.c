@@ -19,7 +19,7 @@ static __always_inline bool inbound_orig(const struct policy *pol, const struct 
 	 * branches and turning the choice into pointer arithmetic on the
 	 * socket, which the verifier refuses. */
 	__u32 ip4 = sk->src_ip4;
-	__u32 ip6[4] = {sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3]};
+	__u32 ip6[4] = { sk->src_ip6[0], sk->src_ip6[1], sk->src_ip6[2], sk->src_ip6[3] };
 	barrier_var(ip4);
 	barrier_var(ip6[0]);
 	barrier_var(ip6[1]);

@@ -18,6 +18,8 @@
 #define AF_INET6 10
 #define SOL_IP 0
 #define SOL_IPV6 41
+#define ETIMEDOUT 110
+#define ECONNREFUSED 111
 #define SO_ORIGINAL_DST 80      /* linux/netfilter_ipv4.h */
 #define IP6T_SO_ORIGINAL_DST 80 /* linux/netfilter_ipv6/ip6_tables.h */
 
@@ -47,10 +49,10 @@ enum config_flag {
 
 /* Port sets, one bit per port each. */
 enum port_set {
-	PORT_OUT_EXCLUDE, /* -o */
-	PORT_OUT_INCLUDE, /* -q */
-	PORT_IN_EXCLUDE,  /* -d, enforced by the inbound hook */
-	PORT_IN_INCLUDE,  /* -b, enforced by the inbound hook */
+	PORT_OUT_EXCLUDE,     /* -o */
+	PORT_OUT_INCLUDE,     /* -q */
+	PORT_IN_EXCLUDE,      /* -d, enforced by the inbound hook */
+	PORT_IN_INCLUDE,      /* -b, enforced by the inbound hook */
 	PORT_OUT_KERNEL_ONLY, /* --kernel-only-ports: captured, but no sidecar */
 	PORT_IN_KERNEL_ONLY,  /* --kernel-only-inbound-ports */
 	PORT_OUT_OFFLOAD,     /* --offload-ports: the sidecar hands the app's bytes to the kernel */
@@ -151,11 +153,11 @@ enum flow_end {
 struct sock_state {
 	struct orig_dst orig; /* what the app asked for (a route's service) */
 	struct orig_dst dial; /* where the sidecar goes (the route's pick) */
-	__u32 role;       /* enum sock_role */
-	__u32 flow;       /* enum flow_flag; 0 for sockets that are no flow */
-	__u32 connect_us; /* SYN sent to established (outbound), SYN-ACK to ACK (inbound) */
-	__u32 splice;     /* enum splice_flag */
-	__u64 start_ns;   /* boot-time ns: connect (outbound) or established (inbound) */
+	__u32 role;           /* enum sock_role */
+	__u32 flow;           /* enum flow_flag; 0 for sockets that are no flow */
+	__u32 connect_us;     /* SYN sent to established (outbound), SYN-ACK to ACK (inbound) */
+	__u32 splice;         /* enum splice_flag */
+	__u64 start_ns;       /* boot-time ns: connect (outbound) or established (inbound) */
 	/* The socket this end last spliced to, as a kernel address: read
 	 * only with bpf_probe_read_kernel, for the bytes waiting there. */
 	__u64 splice_peer;
@@ -229,8 +231,8 @@ struct rr_state {
 /* One flow event, as the ring buffer carries it to user space. */
 struct flow_event {
 	__u64 cookie;
-	__u64 start_ns; /* boot-time ns */
-	__u64 end_ns;   /* boot-time ns; 0 for FLOW_OPEN */
+	__u64 start_ns;   /* boot-time ns */
+	__u64 end_ns;     /* boot-time ns; 0 for FLOW_OPEN */
 	__u64 bytes_sent; /* acknowledged by the peer */
 	__u64 bytes_received;
 	struct addr6 local;
@@ -277,31 +279,22 @@ struct {
 	__type(value, __u32);
 } policy_active SEC(".maps");
 
-struct {
+/* The CIDR lists of the policy (-i, -x, --kernel-only-cidrs), each one
+ * trie holding both slots and both families. */
+struct cidr_trie {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 2 * CIDR_SLOT_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct cidr_key);
 	__type(value, __u8);
-} include_cidrs SEC(".maps");
+};
 
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 2 * CIDR_SLOT_ENTRIES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct cidr_key);
-	__type(value, __u8);
-} exclude_cidrs SEC(".maps");
+struct cidr_trie include_cidrs SEC(".maps");
+struct cidr_trie exclude_cidrs SEC(".maps");
 
 /* --kernel-only-cidrs: captured destinations the sidecar has nothing to add
  * to, sent straight there (or to the route's pick) by connect. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 2 * CIDR_SLOT_ENTRIES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct cidr_key);
-	__type(value, __u8);
-} kernel_only_cidrs SEC(".maps");
+struct cidr_trie kernel_only_cidrs SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
@@ -350,11 +343,11 @@ enum counter {
 	COUNT_CLOSE_LOST_INBOUND,
 	COUNT_BOTH_LOST_OUTBOUND,
 	COUNT_BOTH_LOST_INBOUND,
-	COUNT_ROUTE_REFUSED, /* a connect to a route whose every weight is 0 */
-	COUNT_SPLICE_JOINED, /* sockets added to the splice table */
-	COUNT_SPLICE_FULL,   /* sockets the splice table had no room for */
-	COUNT_SPLICE_MSGS,   /* messages passed straight to the peer socket */
-	COUNT_SPLICE_BYTES,  /* and their bytes */
+	COUNT_ROUTE_REFUSED,  /* a connect to a route whose every weight is 0 */
+	COUNT_SPLICE_JOINED,  /* sockets added to the splice table */
+	COUNT_SPLICE_FULL,    /* sockets the splice table had no room for */
+	COUNT_SPLICE_MSGS,    /* messages passed straight to the peer socket */
+	COUNT_SPLICE_BYTES,   /* and their bytes */
 	COUNT_SPLICE_STOPPED, /* directions back on TCP: the reader fell behind */
 	COUNT_SPLICE_NO_PEER, /* directions on TCP: bytes sent with no peer to take them */
 	/* No sidecar listening: inbound connections refused, the kernel
@@ -366,11 +359,11 @@ enum counter {
 	COUNT_FAIL_CLOSED_INBOUND,
 	COUNT_FAIL_OPEN_OUTBOUND,
 	COUNT_FAIL_OPEN_INBOUND,
-	COUNT_KERNEL_ONLY_OUTBOUND, /* connects sent straight on by policy */
-	COUNT_KERNEL_ONLY_INBOUND,  /* inbound connections left to the app by policy */
-	COUNT_OFFLOAD_MSGS,      /* app messages sent straight out on the sidecar's far socket */
-	COUNT_OFFLOAD_BYTES,     /* and their bytes */
-	COUNT_OFFLOAD_VIA_PROXY, /* offloaded connections' messages the sidecar forwarded itself */
+	COUNT_KERNEL_ONLY_OUTBOUND,    /* connects sent straight on by policy */
+	COUNT_KERNEL_ONLY_INBOUND,     /* inbound connections left to the app by policy */
+	COUNT_OFFLOAD_MSGS,            /* app messages sent straight out on the sidecar's far socket */
+	COUNT_OFFLOAD_BYTES,           /* and their bytes */
+	COUNT_OFFLOAD_VIA_PROXY,       /* offloaded connections' messages the sidecar forwarded itself */
 	COUNT_INBOUND_LISTENER_FAILED, /* the sidecar's inbound listener could not be registered for sk_lookup */
 	/* A round-robin route's pick made at random: no room for its state
 	 * in rr_states (its entries are freed with their routes, so this
@@ -609,9 +602,9 @@ static __always_inline void addr_from_v6(struct addr6 *a, const __u32 *ip6)
 #define CTX_TUPLE(ctx, key)                                                                                            \
 	do {                                                                                                           \
 		__u32 l4 = (ctx)->local_ip4, r4 = (ctx)->remote_ip4;                                                   \
-		__u32 l6[4] = {(ctx)->local_ip6[0], (ctx)->local_ip6[1], (ctx)->local_ip6[2], (ctx)->local_ip6[3]};   \
-		__u32 r6[4] = {(ctx)->remote_ip6[0], (ctx)->remote_ip6[1], (ctx)->remote_ip6[2],                       \
-			       (ctx)->remote_ip6[3]};                                                                  \
+		__u32 l6[4] = { (ctx)->local_ip6[0], (ctx)->local_ip6[1], (ctx)->local_ip6[2], (ctx)->local_ip6[3] };  \
+		__u32 r6[4] = { (ctx)->remote_ip6[0], (ctx)->remote_ip6[1], (ctx)->remote_ip6[2],                      \
+				(ctx)->remote_ip6[3] };                                                                \
 		barrier_var(l4);                                                                                       \
 		barrier_var(r4);                                                                                       \
 		for (int i = 0; i < 4; i++) {                                                                          \

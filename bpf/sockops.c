@@ -7,10 +7,7 @@
  * takes it (and deletes it) when its own completes. Flow sockets alone get
  * state callbacks; their opening and closing go to the flow_events ring
  * buffer, with the kernel's own counters for bytes, RTT and retransmits. */
-#include "sluice.h"
-
-#define ETIMEDOUT 110
-#define ECONNREFUSED 111
+#include "splice.h"
 
 /* is_flow: neither end on loopback, and not the pod talking to itself
  * (the sidecar's hop to the app uses the pod's own address). */
@@ -60,7 +57,8 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct sock_st
 			 * tcp_fin() alone sets SOCK_DONE: close() (which shuts
 			 * receiving down with no FIN), an abort or a reset do
 			 * not, so only an arrived FIN is taken off. */
-			if ((tp->inet_conn.icsk_inet.sk.__sk_common.skc_flags & (1UL << SOCK_DONE)) && ev.bytes_received)
+			if ((tp->inet_conn.icsk_inet.sk.__sk_common.skc_flags & (1UL << SOCK_DONE)) &&
+			    ev.bytes_received)
 				ev.bytes_received--;
 		}
 		ev.retrans = skops->total_retrans;
@@ -72,7 +70,7 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct sock_st
 	 * otherwise drains it on its own every 100 ms: a wake-up per event
 	 * would cost every connection two context switches. */
 	__u64 wake = bpf_ringbuf_query(&flow_events, BPF_RB_AVAIL_DATA) > FLOW_RING_SIZE / 4 ? BPF_RB_FORCE_WAKEUP
-											   : BPF_RB_NO_WAKEUP;
+											     : BPF_RB_NO_WAKEUP;
 	if (!bpf_ringbuf_output(&flow_events, &ev, sizeof(ev), wake))
 		return;
 	count(COUNT_FLOW_EVENT_LOST);
@@ -280,7 +278,8 @@ int sluice_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	__u32 op = skops->op;
 	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
-	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB && op != BPF_SOCK_OPS_TCP_LISTEN_CB)
+	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB &&
+	    op != BPF_SOCK_OPS_TCP_LISTEN_CB)
 		return 1;
 	/* Read once, here: reads in every branch would let the compiler pick
 	 * between context fields by pointer arithmetic, which the verifier

@@ -18,28 +18,12 @@
  * the reader drains the redirected queue before the TCP one, so bytes stay
  * in order only if nothing is redirected after the first byte sent by TCP
  * (the same holds for a message sent before the peer joined). */
-#include "sluice.h"
+#include "splice.h"
 #include <bpf/bpf_core_read.h>
 
 /* Unread bytes allowed at the peer: TCP's own default receive buffer is
  * about this size too. */
 #define SPLICE_QUEUE_MAX (1 << 20)
-
-static __always_inline bool splice_on(const struct policy *pol)
-{
-	return pol && (pol->flags & CONFIG_SPLICE);
-}
-
-static __always_inline void splice_join(struct bpf_sock_ops *skops, struct tuple_key *key)
-{
-	/* An offload a sidecar never took back (it was killed) must not
-	 * send a new connection with the same tuple elsewhere. */
-	bpf_map_delete_elem(&offload_peers, key);
-	if (bpf_sock_hash_update(skops, &splice_socks, key, BPF_NOEXIST))
-		count(COUNT_SPLICE_FULL);
-	else
-		count(COUNT_SPLICE_JOINED);
-}
 
 /* The sk_user_data bits that are flags, not the pointer (SK_USER_DATA_*). */
 #define SK_USER_DATA_PSOCK 4UL

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building, testing and the demo need on Debian, as root:
 #   clang, llvm, libbpf-dev  make generate (bpf2go compiles bpf/ with clang)
+#   clang-format             make test checks bpf/ against bpf/.clang-format
 #   bpftool                  tests check what is loaded and attached
 #   haproxy                  the third-party SO_ORIGINAL_DST proxy test
 #   iptables, nftables       tests check the pod has no rules; the benchmark's baseline
@@ -17,7 +18,7 @@ if [[ $(id -u) -ne 0 ]]; then
 	exit 1
 fi
 
-pkgs=(clang llvm libbpf-dev bpftool haproxy iptables nftables iproute2 util-linux prometheus make
+pkgs=(clang clang-format llvm libbpf-dev bpftool haproxy iptables nftables iproute2 util-linux prometheus make
 	etcd-server containerd runc containernetworking-plugins busybox-static)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,0 +1,23 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Joining the splice table, shared by sockops (which adds a connection's
+ * local ends as they are established) and splice.c (the sk_msg program that
+ * passes their bytes). */
+#pragma once
+
+#include "sluice.h"
+
+static __always_inline bool splice_on(const struct policy *pol)
+{
+	return pol && (pol->flags & CONFIG_SPLICE);
+}
+
+static __always_inline void splice_join(struct bpf_sock_ops *skops, struct tuple_key *key)
+{
+	/* An offload a sidecar never took back (it was killed) must not
+	 * send a new connection with the same tuple elsewhere. */
+	bpf_map_delete_elem(&offload_peers, key);
+	if (bpf_sock_hash_update(skops, &splice_socks, key, BPF_NOEXIST))
+		count(COUNT_SPLICE_FULL);
+	else
+		count(COUNT_SPLICE_JOINED);
+}
