@@ -39,8 +39,8 @@ func demoCommand() command {
 
 Creates a pod (network namespace + veth + cgroup v2) and a remote host in its
 own namespace (addresses from 198.18.0.0/15 and 2001:2::/48), installs
-capture on the pod's cgroup (outbound, port 9090 excluded) and on its eth0
-(inbound), starts the sidecar in the pod, sends 1 MiB from the app to the
+capture on the pod's cgroup (outbound, port 9090 excluded) and on its network
+namespace (inbound), starts the sidecar in the pod, sends 1 MiB from the app to the
 host and from the host to the app over IPv4 and IPv6, and prints the original
 destination the sidecar saw for each connection, then the flows the kernel
 measured and the metrics the sidecar exports, then shifts a canary route
@@ -128,7 +128,7 @@ func demo(w io.Writer) (err error) {
 		return err
 	}
 	defer func() { err = errors.Join(err, loader.Uninstall(target, log)) }()
-	fmt.Fprintf(w, "2. installed capture on the pod's cgroup (outbound) and %s ingress (inbound), pinned at %s; no iptables\n", pod.Iface, target.PinDir)
+	fmt.Fprintf(w, "2. installed capture on the pod's cgroup (outbound) and its network namespace (inbound), pinned at %s; no iptables\n", target.PinDir)
 
 	sidecar, err := pod.StartLogged(exec.Command(exe, "run", "--cgroup", pod.Cgroup, "--log-format", "json", "--log-level", "debug"))
 	if err != nil {
