@@ -1,7 +1,6 @@
 package loader
 
 import (
-	"net"
 	"net/netip"
 	"testing"
 
@@ -281,6 +280,3 @@ func FuzzInboundLookup(f *testing.F) {
 		}
 	})
 }
-
-// hostIP is net.IP of a, for the tests' sockets.
-func hostIP(a netip.Addr) net.IP { return net.IP(a.AsSlice()) }
