@@ -1,0 +1,150 @@
+package agent
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/sluicemesh/sluice/internal/testbed"
+	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/redirect"
+)
+
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+// node is a node with pods installed under a pin root of its own (on the
+// host's bpffs, removed when the test ends).
+type node struct {
+	root string
+	pods map[string]*testbed.Pod
+	tgts map[string]loader.Target
+}
+
+func newNode(t *testing.T, names ...string) *node {
+	t.Helper()
+	testbed.RequirePrivileged(t)
+	bed := testbed.Must(t)
+	n := &node{root: filepath.Join(loader.DefaultPinRoot+"-agent-test", fmt.Sprint(os.Getpid())), pods: map[string]*testbed.Pod{}, tgts: map[string]loader.Target{}}
+	t.Cleanup(func() { os.RemoveAll(filepath.Dir(n.root)) })
+	plan, err := redirect.DefaultPolicy().Plan()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range names {
+		pod, err := bed.AddPod(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tgt, err := loader.ResolveTarget(pod.Cgroup, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		tgt.PinDir = filepath.Join(n.root, fmt.Sprint(tgt.CgroupID))
+		if _, err := loader.Install(tgt, plan, nil, quiet); err != nil {
+			t.Fatal(err)
+		}
+		// Registered after the bed: runs before the bed removes the pod.
+		t.Cleanup(func() {
+			if err := loader.Uninstall(tgt, quiet); err != nil && !errors.Is(err, loader.ErrNotInstalled) {
+				t.Error(err)
+			}
+		})
+		n.pods[name], n.tgts[name] = pod, tgt
+	}
+	return n
+}
+
+func (n *node) agent() *Agent { return New(Options{PinRoot: n.root, Logger: quiet}) }
+
+// Pods reports each install with its state: complete while its cgroup
+// lives, gone once the cgroup is deleted with the pins left behind.
+func TestPodsReportsEachInstall(t *testing.T) {
+	n := newNode(t, "live", "deleted")
+	if err := n.pods["deleted"].Delete(); err != nil {
+		t.Fatal(err)
+	}
+	pods, err := n.agent().Pods()
+	if err != nil {
+		t.Fatal(err)
+	}
+	states := map[string]string{}
+	for _, p := range pods {
+		states[p.Cgroup] = p.State()
+		if p.Cgroup == n.pods["live"].Cgroup && (len(p.Counters) == 0 || p.Error != "") {
+			t.Errorf("live pod: counters %v, error %q", p.Counters, p.Error)
+		}
+	}
+	want := map[string]string{n.pods["live"].Cgroup: "complete", n.pods["deleted"].Cgroup: "gone"}
+	for cg, state := range want {
+		if states[cg] != state {
+			t.Errorf("%s: state %q, want %q (all: %v)", cg, states[cg], state, states)
+		}
+	}
+}
+
+// Collect uninstalls exactly the pods whose cgroup is gone: their pins go,
+// the live pod's install stays complete, and the count is exported.
+func TestCollectRemovesOnlyGonePods(t *testing.T) {
+	n := newNode(t, "live", "deleted")
+	if err := n.pods["deleted"].Delete(); err != nil {
+		t.Fatal(err)
+	}
+	a := n.agent()
+	done, err := a.Collect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(done) != 1 || done[0] != n.pods["deleted"].Cgroup {
+		t.Errorf("collected %v, want only %s", done, n.pods["deleted"].Cgroup)
+	}
+	if _, err := os.Stat(n.tgts["deleted"].PinDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the gone pod's pins are still at %s (%v)", n.tgts["deleted"].PinDir, err)
+	}
+	if s, err := loader.Status(n.tgts["live"]); err != nil || !s.Complete {
+		t.Errorf("the live pod after collection: complete %v, missing %v, %v", s.Complete, s.Missing, err)
+	}
+	if again, err := a.Collect(); err != nil || len(again) != 0 {
+		t.Errorf("a second collection took %v (%v), want nothing", again, err)
+	}
+	body := get(t, a.Handler(), "/metrics")
+	for _, want := range []string{
+		"sluice_agent_collected_pods_total 1",
+		`sluice_agent_pods{state="complete"} 1`,
+		`sluice_agent_pods{state="gone"} 0`,
+		fmt.Sprintf(`sluice_kernel_events_total{event="inbound_steered",pod_cgroup=%q,pod_uid=""} 0`, n.pods["live"].Cgroup),
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/metrics lacks %s:\n%s", want, body)
+		}
+	}
+}
+
+// /pods serves Pods as JSON.
+func TestPodsEndpoint(t *testing.T) {
+	n := newNode(t, "live")
+	var pods []Pod
+	if err := json.Unmarshal([]byte(get(t, n.agent().Handler(), "/pods")), &pods); err != nil {
+		t.Fatal(err)
+	}
+	if len(pods) != 1 || pods[0].Cgroup != n.pods["live"].Cgroup || !pods[0].Complete {
+		t.Errorf("/pods: %+v", pods)
+	}
+}
+
+func get(t *testing.T, h http.Handler, path string) string {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
+	if rec.Code != http.StatusOK {
+		t.Fatalf("GET %s: %d %s", path, rec.Code, rec.Body.String())
+	}
+	return rec.Body.String()
+}
