@@ -44,10 +44,8 @@ static __always_inline bool from_inside(const struct bpf_sk_lookup *ctx)
 		return (bpf_ntohl(ctx->remote_ip4) >> 24) == 127 || ctx->remote_ip4 == ctx->local_ip4;
 	struct addr6 remote = { .w = { ctx->remote_ip6[0], ctx->remote_ip6[1], ctx->remote_ip6[2],
 				       ctx->remote_ip6[3] } };
-	if (addr_is_loopback(&remote))
-		return true;
-	return ctx->remote_ip6[0] == ctx->local_ip6[0] && ctx->remote_ip6[1] == ctx->local_ip6[1] &&
-	       ctx->remote_ip6[2] == ctx->local_ip6[2] && ctx->remote_ip6[3] == ctx->local_ip6[3];
+	struct addr6 local = { .w = { ctx->local_ip6[0], ctx->local_ip6[1], ctx->local_ip6[2], ctx->local_ip6[3] } };
+	return addr_is_loopback(&remote) || addr_equal(&remote, &local);
 }
 
 SEC("sk_lookup")

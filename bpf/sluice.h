@@ -640,6 +640,11 @@ static __always_inline bool addr_is_v4mapped(const struct addr6 *a)
 	return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == bpf_htonl(0xffff);
 }
 
+static __always_inline bool addr_equal(const struct addr6 *a, const struct addr6 *b)
+{
+	return a->w[0] == b->w[0] && a->w[1] == b->w[1] && a->w[2] == b->w[2] && a->w[3] == b->w[3];
+}
+
 static __always_inline bool addr_is_loopback(const struct addr6 *a)
 {
 	if (addr_is_v4mapped(a))

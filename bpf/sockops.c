@@ -14,8 +14,7 @@
 static __always_inline bool is_flow(const struct tuple_key *key)
 {
 	return !addr_is_loopback(&key->client) && !addr_is_loopback(&key->server) &&
-	       !(key->client.w[0] == key->server.w[0] && key->client.w[1] == key->server.w[1] &&
-		 key->client.w[2] == key->server.w[2] && key->client.w[3] == key->server.w[3]);
+	       !addr_equal(&key->client, &key->server);
 }
 
 static __always_inline void set_orig(struct orig_dst *orig, const struct addr6 *addr, __u16 port)
