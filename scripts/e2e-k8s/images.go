@@ -1,23 +1,21 @@
 package main
 
 import (
-	"archive/tar"
-	"bytes"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
-	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+
+	"github.com/sluicemesh/sluice/internal/layer"
 )
 
 // images are the archives ctr imports and the names pods use.
@@ -30,14 +28,6 @@ const (
 	pauseRef   = "registry.k8s.io/pause:sluice-e2e"
 	busyboxRef = "docker.io/library/sluice-e2e-busybox:v1"
 )
-
-// file is one entry of an image's only layer.
-type file struct {
-	name string
-	mode int64
-	body []byte // nil and no link: a directory
-	link string // a symbolic link to this
-}
 
 // buildImages packs the pause image (a static build of ./scripts/e2e-k8s/pause)
 // and a busybox image (/bin/busybox of busybox-static and a link per applet)
@@ -62,7 +52,7 @@ func buildImages(p plan) (images, error) {
 	if err != nil {
 		return images{}, err
 	}
-	if err := writeImage(imgs.pause, pauseRef, []string{"/pause"}, []file{{name: "pause", mode: 0o755, body: pause}}); err != nil {
+	if err := writeImage(imgs.pause, pauseRef, []string{"/pause"}, []layer.File{{Name: "pause", Mode: 0o755, Body: pause}}); err != nil {
 		return images{}, fmt.Errorf("pause: %w", err)
 	}
 	bb, err := os.ReadFile("/bin/busybox")
@@ -73,16 +63,16 @@ func buildImages(p plan) (images, error) {
 	if err != nil {
 		return images{}, fmt.Errorf("busybox --list: %w", err)
 	}
-	files := []file{
-		{name: "bin/", mode: 0o755}, {name: "bin/busybox", mode: 0o755, body: bb},
-		{name: "etc/", mode: 0o755},
-		{name: "etc/passwd", mode: 0o644, body: []byte("root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")},
-		{name: "etc/group", mode: 0o644, body: []byte("root:x:0:\nnogroup:x:65534:\n")},
-		{name: "tmp/", mode: 0o1777},
+	files := []layer.File{
+		{Name: "bin/", Mode: 0o755}, {Name: "bin/busybox", Mode: 0o755, Body: bb},
+		{Name: "etc/", Mode: 0o755},
+		{Name: "etc/passwd", Mode: 0o644, Body: []byte("root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")},
+		{Name: "etc/group", Mode: 0o644, Body: []byte("root:x:0:\nnogroup:x:65534:\n")},
+		{Name: "tmp/", Mode: 0o1777},
 	}
 	for _, applet := range strings.Fields(string(out)) {
 		if applet != "busybox" {
-			files = append(files, file{name: "bin/" + applet, mode: 0o777, link: "busybox"})
+			files = append(files, layer.File{Name: "bin/" + applet, Mode: 0o777, Link: "busybox"})
 		}
 	}
 	if err := writeImage(imgs.busybox, busyboxRef, []string{"/bin/sh"}, files); err != nil {
@@ -93,41 +83,16 @@ func buildImages(p plan) (images, error) {
 }
 
 // writeImage writes a one-layer image of files as a docker-archive.
-func writeImage(path, ref string, entrypoint []string, files []file) error {
+func writeImage(path, ref string, entrypoint []string, files []layer.File) error {
 	tag, err := name.NewTag(ref)
 	if err != nil {
 		return err
 	}
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	epoch := time.Unix(0, 0).UTC()
-	for _, f := range files {
-		h := &tar.Header{Name: f.name, Mode: f.mode, ModTime: epoch, Format: tar.FormatPAX}
-		switch {
-		case f.link != "":
-			h.Typeflag, h.Linkname = tar.TypeSymlink, f.link
-		case f.body == nil:
-			h.Typeflag = tar.TypeDir
-		default:
-			h.Typeflag, h.Size = tar.TypeReg, int64(len(f.body))
-		}
-		if err := tw.WriteHeader(h); err != nil {
-			return fmt.Errorf("layer %s: %w", f.name, err)
-		}
-		if _, err := tw.Write(f.body); err != nil {
-			return fmt.Errorf("layer %s: %w", f.name, err)
-		}
-	}
-	if err := tw.Close(); err != nil {
-		return err
-	}
-	layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) {
-		return io.NopCloser(bytes.NewReader(buf.Bytes())), nil
-	})
+	lay, err := layer.New(files)
 	if err != nil {
 		return err
 	}
-	img, err := mutate.AppendLayers(empty.Image, layer)
+	img, err := mutate.AppendLayers(empty.Image, lay)
 	if err != nil {
 		return err
 	}
@@ -137,7 +102,7 @@ func writeImage(path, ref string, entrypoint []string, files []file) error {
 	}
 	cfg = cfg.DeepCopy()
 	cfg.OS, cfg.Architecture = "linux", runtime.GOARCH
-	cfg.Created = v1.Time{Time: epoch}
+	cfg.Created = v1.Time{Time: layer.Epoch}
 	cfg.Config = v1.Config{Entrypoint: entrypoint}
 	if img, err = mutate.ConfigFile(img, cfg); err != nil {
 		return err

@@ -16,6 +16,8 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+
+	"github.com/sluicemesh/sluice/internal/layer"
 )
 
 // staticBinary builds a tiny Go program with CGO_ENABLED=0 into a temporary
@@ -155,8 +157,8 @@ func TestImage(t *testing.T) {
 		if got := h.FileInfo().Mode(); got != mode {
 			t.Errorf("%s: mode %v, want %v", path, got, mode)
 		}
-		if h.Uid != 0 || h.Gid != 0 || !h.ModTime.Equal(epoch) {
-			t.Errorf("%s: owner %d:%d mtime %v, want 0:0 %v", path, h.Uid, h.Gid, h.ModTime, epoch)
+		if h.Uid != 0 || h.Gid != 0 || !h.ModTime.Equal(layer.Epoch) {
+			t.Errorf("%s: owner %d:%d mtime %v, want 0:0 %v", path, h.Uid, h.Gid, h.ModTime, layer.Epoch)
 		}
 	}
 	for _, tool := range []string{"istio-iptables", "proxy-init"} {

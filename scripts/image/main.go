@@ -12,16 +12,13 @@
 package main
 
 import (
-	"archive/tar"
 	"bytes"
 	"debug/elf"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"runtime"
-	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -30,6 +27,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/partial"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+
+	"github.com/sluicemesh/sluice/internal/layer"
 )
 
 const (
@@ -38,9 +37,6 @@ const (
 	proxyID   = 1337
 	proxyName = "sluice-proxy"
 )
-
-// epoch is every timestamp in the image, for reproducible digests.
-var epoch = time.Unix(0, 0).UTC()
 
 // elfMachine is the ELF machine a binary must be built for, per GOARCH.
 var elfMachine = map[string]elf.Machine{
@@ -130,20 +126,14 @@ func build(o options) (v1.Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	layerTar, err := rootfs(bin)
-	if err != nil {
-		return nil, err
-	}
-	layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) {
-		return io.NopCloser(bytes.NewReader(layerTar)), nil
-	})
+	root, err := layer.New(rootfs(bin))
 	if err != nil {
 		return nil, fmt.Errorf("layer: %w", err)
 	}
 	img, err := mutate.Append(empty.Image, mutate.Addendum{
-		Layer: layer,
+		Layer: root,
 		History: v1.History{
-			Created:   v1.Time{Time: epoch},
+			Created:   v1.Time{Time: layer.Epoch},
 			CreatedBy: "scripts/image",
 			Comment:   "sluice " + o.version,
 		},
@@ -158,7 +148,7 @@ func build(o options) (v1.Image, error) {
 	cfg = cfg.DeepCopy()
 	cfg.OS = "linux"
 	cfg.Architecture = o.arch
-	cfg.Created = v1.Time{Time: epoch}
+	cfg.Created = v1.Time{Time: layer.Epoch}
 	// User stays empty (root): install runs as root and the pod spec sets
 	// runAsUser 1337 on the sidecar container.
 	cfg.Config = v1.Config{
@@ -197,54 +187,25 @@ func readStatic(path, arch string) ([]byte, error) {
 	return bin, nil
 }
 
-// rootfs is the layer's tar: the binary, the users a pod may run it as, /tmp.
-func rootfs(bin []byte) ([]byte, error) {
+// rootfs is the layer's files: the binary, the users a pod may run it as, /tmp.
+func rootfs(bin []byte) []layer.File {
 	passwd := fmt.Sprintf("root:x:0:0:root:/:/sbin/nologin\n%[1]s:x:%[2]d:%[2]d:%[1]s:/:/sbin/nologin\n", proxyName, proxyID)
 	group := fmt.Sprintf("root:x:0:\n%s:x:%d:\n", proxyName, proxyID)
-	entries := []struct {
-		name string
-		mode int64
-		body []byte // nil: a directory
-		link string // a symbolic link to this
-	}{
-		{name: "etc/", mode: 0o755},
-		{name: "etc/group", mode: 0o644, body: []byte(group)},
-		{name: "etc/passwd", mode: 0o644, body: []byte(passwd)},
-		{name: "sluice", mode: 0o755, body: bin},
-		{name: "tmp/", mode: 0o1777},
+	return []layer.File{
+		{Name: "etc/", Mode: 0o755},
+		{Name: "etc/group", Mode: 0o644, Body: []byte(group)},
+		{Name: "etc/passwd", Mode: 0o644, Body: []byte(passwd)},
+		{Name: "sluice", Mode: 0o755, Body: bin},
+		{Name: "tmp/", Mode: 0o1777},
 		// The meshes' init-container tools, by the names sluice answers
 		// to as argv[0]: an injection template that runs the tool as its
 		// command works with only the image swapped.
-		{name: "usr/", mode: 0o755},
-		{name: "usr/local/", mode: 0o755},
-		{name: "usr/local/bin/", mode: 0o755},
-		{name: "usr/local/bin/istio-iptables", mode: 0o777, link: "/sluice"},
-		{name: "usr/local/bin/proxy-init", mode: 0o777, link: "/sluice"},
+		{Name: "usr/", Mode: 0o755},
+		{Name: "usr/local/", Mode: 0o755},
+		{Name: "usr/local/bin/", Mode: 0o755},
+		{Name: "usr/local/bin/istio-iptables", Mode: 0o777, Link: "/sluice"},
+		{Name: "usr/local/bin/proxy-init", Mode: 0o777, Link: "/sluice"},
 	}
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	for _, e := range entries {
-		h := &tar.Header{Name: e.name, Mode: e.mode, ModTime: epoch, Format: tar.FormatPAX}
-		switch {
-		case e.link != "":
-			h.Typeflag, h.Linkname = tar.TypeSymlink, e.link
-		case e.body == nil:
-			h.Typeflag = tar.TypeDir
-		default:
-			h.Typeflag = tar.TypeReg
-			h.Size = int64(len(e.body))
-		}
-		if err := tw.WriteHeader(h); err != nil {
-			return nil, fmt.Errorf("layer %s: %w", e.name, err)
-		}
-		if _, err := tw.Write(e.body); err != nil {
-			return nil, fmt.Errorf("layer %s: %w", e.name, err)
-		}
-	}
-	if err := tw.Close(); err != nil {
-		return nil, err
-	}
-	return buf.Bytes(), nil
 }
 
 // writeLayout writes an OCI image layout holding the one image, named as
