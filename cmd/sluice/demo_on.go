@@ -23,6 +23,7 @@ import (
 	"github.com/sluicemesh/sluice/internal/testbed"
 	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/redirect"
+	"github.com/sluicemesh/sluice/sidecar"
 	"github.com/sluicemesh/sluice/telemetry"
 )
 
@@ -260,12 +261,12 @@ func demoKernelOnly(w io.Writer, pod *testbed.Pod, addr netip.AddrPort, target l
 // demoOffload offloads the echo's port with a rerun of install: the sidecar
 // still accepts and dials (the server sees its socket), and the app's bytes
 // then go straight out on the sidecar's upstream socket. The sidecar picks
-// the new ports up within offloadRefresh.
+// the new ports up within sidecar.OffloadRefresh.
 func demoOffload(w io.Writer, pod *testbed.Pod, addr netip.AddrPort, target loader.Target, plan redirect.Plan, args []string, exe string, log *slog.Logger) error {
 	if _, err := loader.Install(target, plan, args, log); err != nil {
 		return err
 	}
-	time.Sleep(2 * offloadRefresh)
+	time.Sleep(2 * sidecar.OffloadRefresh)
 	res, gained, err := demoRerun(pod, addr, target, plan, args, exe, log)
 	if err != nil {
 		return err
