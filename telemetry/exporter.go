@@ -19,11 +19,12 @@ import (
 	"github.com/sluicemesh/sluice/loader"
 )
 
-// The per-destination series a rollout reads (cmd's rollout plant parses
-// them from the sidecar's /metrics): named once, here.
+// The per-destination series a rollout reads (rollout/plant parses them
+// from the sidecar's /metrics) and their label: named once, here.
 const (
 	MetricDestinationConnectDuration = "sluice_tcp_destination_connect_duration_seconds"
 	MetricDestinationConnectFailures = "sluice_tcp_destination_connect_failures_total"
+	LabelDestinationService          = "destination_service"
 )
 
 // Source is where flow events come from: a pod's pins (loader.FlowSource)
@@ -161,11 +162,11 @@ func NewExporter(source Source, opts Options) *Exporter {
 		destConnect: prometheus.NewSummaryVec(prometheus.SummaryOpts{
 			Name: MetricDestinationConnectDuration,
 			Help: "Connect latency of outbound flows that were established, by original destination (sum and count).",
-		}, []string{"destination_service"}),
+		}, []string{LabelDestinationService}),
 		destFailed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: MetricDestinationConnectFailures,
 			Help: "Outbound connects never established, by original destination.",
-		}, []string{"destination_service"}),
+		}, []string{LabelDestinationService}),
 		followLost: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sluice_flow_follow_dropped_total",
 			Help: "Closed flows not sent to a `sluice flows --follow` client that was too slow to take them.",

@@ -15,11 +15,7 @@ import (
 	"github.com/sluicemesh/sluice/loader"
 )
 
-func agentCommand() command {
-	c := command{
-		name:    "agent",
-		summary: "node agent: every pod's metrics on one endpoint, collect pods whose cgroup is gone",
-		help: `Usage: sluice agent [--pin-root DIR] [--metrics-addr :9102] [--gc-interval 30s] [--once]
+const agentHelp = `Usage: sluice agent [--pin-root DIR] [--metrics-addr :9102] [--gc-interval 30s] [--once]
 
 Runs once per node (a DaemonSet). It follows every pod installed under
 --pin-root and serves, on --metrics-addr, /metrics (each pod's kernel
@@ -36,7 +32,13 @@ in the agent's container (PATTERN matches cgroup paths, * for any text).
 
 Examples:
   sluice agent
-  sluice agent --once --pin-root /sys/fs/bpf/sluice`,
+  sluice agent --once --pin-root /sys/fs/bpf/sluice`
+
+func agentCommand() command {
+	c := command{
+		name:    "agent",
+		summary: "node agent: every pod's metrics on one endpoint, collect pods whose cgroup is gone",
+		help:    agentHelp,
 	}
 	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
 		fs := flag.NewFlagSet("agent", flag.ContinueOnError)

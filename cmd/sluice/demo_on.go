@@ -23,6 +23,7 @@ import (
 	"github.com/sluicemesh/sluice/internal/testbed"
 	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/redirect"
+	"github.com/sluicemesh/sluice/sidecar"
 	"github.com/sluicemesh/sluice/telemetry"
 )
 
@@ -83,13 +84,58 @@ func demo(w io.Writer) (err error) {
 		return fmt.Errorf("build test bed: %w", err)
 	}
 	defer func() { err = errors.Join(err, bed.Close()) }()
-	pod, err := bed.AddPod("app")
+	pod, host, cases, err := demoBed(w, bed)
 	if err != nil {
 		return err
 	}
-	host, err := bed.AddHost("web")
+	in, err := demoInstall(w, pod)
 	if err != nil {
 		return err
+	}
+	defer func() { err = errors.Join(err, loader.Uninstall(in.target, in.log)) }()
+	sidecar, err := pod.StartLogged(exec.Command(exe, "run", "--cgroup", pod.Cgroup, "--log-format", "json", "--log-level", "debug"))
+	if err != nil {
+		return err
+	}
+	ready, err := sidecar.WaitFor("listening", nil, 10*time.Second)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "3. sidecar `sluice run` in the pod: pid %d, listening on %s as uid %d\n", sidecar.Cmd.Process.Pid, ready.Str("addrs"), ready.Num("uid"))
+	follow, err := followInPod(pod)
+	if err != nil {
+		return err
+	}
+	defer follow.Close()
+	if err := demoConnections(w, pod, host, sidecar, exe, cases); err != nil {
+		return err
+	}
+	if err := demoFlows(w, follow, len(cases)); err != nil {
+		return err
+	}
+	if err := demoMetrics(w, pod); err != nil {
+		return err
+	}
+	if err := demoCanary(w, bed, pod, in.target, exe); err != nil {
+		return err
+	}
+	if err := demoRerunSteps(w, pod, netip.AddrPortFrom(host.Addr4, 8080), in, exe); err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "\n11. removing the capture, the sidecar, the pod and the hosts\n")
+	return nil
+}
+
+// demoBed adds the demo's pod and remote host, each with its echo servers,
+// and the connections the demo makes between them.
+func demoBed(w io.Writer, bed *testbed.Bed) (*testbed.Pod, *testbed.Host, []demoCase, error) {
+	pod, err := bed.AddPod("app")
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	host, err := bed.AddHost("web")
+	if err != nil {
+		return nil, nil, nil, err
 	}
 	cases := []demoCase{
 		{false, netip.AddrPortFrom(host.Addr4, 8080), true, "outbound, captured"},
@@ -100,52 +146,53 @@ func demo(w io.Writer) (err error) {
 	}
 	for _, c := range cases[:3] {
 		if _, err := host.ListenEcho(c.addr.String()); err != nil {
-			return err
+			return nil, nil, nil, err
 		}
 	}
 	if _, err := pod.ListenEcho("[::]:8080"); err != nil {
-		return err
+		return nil, nil, nil, err
 	}
 	fmt.Fprintf(w, "1. pod %q: netns %s, cgroup %s, address %s / %s, app echo server on port 8080\n", pod.Name, pod.Netns, pod.Cgroup, pod.Addr4, pod.Addr6)
 	fmt.Fprintf(w, "   remote host %q: echo servers on %s and %s, ports 8080 and 9090\n", host.Name, host.Addr4, host.Addr6)
+	return pod, host, cases, nil
+}
 
+// demoInstalled is the demo pod's install: what later steps rerun with
+// other flags.
+type demoInstalled struct {
+	target loader.Target
+	plan   redirect.Plan
+	args   []string
+	log    *slog.Logger
+}
+
+// demoInstall installs capture on the pod, port 9090 excluded. The caller
+// uninstalls it.
+func demoInstall(w io.Writer, pod *testbed.Pod) (demoInstalled, error) {
 	policy := redirect.DefaultPolicy()
 	if err := policy.ExcludeOutboundPorts.Set("9090"); err != nil {
-		return err
+		return demoInstalled{}, err
 	}
 	plan, err := policy.Plan()
 	if err != nil {
-		return err
+		return demoInstalled{}, err
 	}
 	target, err := loader.ResolveTarget(pod.Cgroup, "")
 	if err != nil {
-		return err
+		return demoInstalled{}, err
 	}
 	target.Netns, target.Interface = pod.Netns, pod.Iface
 	log, _ := newLogger(os.Stderr, "text", "warn")
 	args := []string{"--cgroup", pod.Cgroup, "--netns", pod.Netns, "-o", "9090"}
 	if _, err := loader.Install(target, plan, args, log); err != nil {
-		return err
+		return demoInstalled{}, err
 	}
-	defer func() { err = errors.Join(err, loader.Uninstall(target, log)) }()
 	fmt.Fprintf(w, "2. installed capture on the pod's cgroup (outbound) and its network namespace (inbound), pinned at %s; no iptables\n", target.PinDir)
+	return demoInstalled{target, plan, args, log}, nil
+}
 
-	sidecar, err := pod.StartLogged(exec.Command(exe, "run", "--cgroup", pod.Cgroup, "--log-format", "json", "--log-level", "debug"))
-	if err != nil {
-		return err
-	}
-	ready, err := sidecar.WaitFor("listening", nil, 10*time.Second)
-	if err != nil {
-		return err
-	}
-	fmt.Fprintf(w, "3. sidecar `sluice run` in the pod: pid %d, listening on %s as uid %d\n", sidecar.Cmd.Process.Pid, ready.Str("addrs"), ready.Num("uid"))
-
-	follow, err := followInPod(pod)
-	if err != nil {
-		return err
-	}
-	defer follow.Close()
-
+// demoConnections makes each case's connection and shows what each end saw.
+func demoConnections(w io.Writer, pod *testbed.Pod, host *testbed.Host, sidecar *testbed.Logged, exe string, cases []demoCase) error {
 	fmt.Fprintf(w, "4. each client sends 1 MiB and reads the echo:\n\n")
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "FROM\tCONNECTS TO\tCLIENT'S PEER (getpeername)\tSIDECAR SAW ORIGINAL DST\tECHO\tPATH")
@@ -162,25 +209,30 @@ func demo(w io.Writer) (err error) {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", from, c.addr, saw.peer, saw.origDst, echo, c.note)
 	}
 	tw.Flush()
-	if err := errors.Join(failures...); err != nil {
-		return err
-	}
+	return errors.Join(failures...)
+}
 
-	// One flow per connection, seen from the socket on the wire: the
-	// sidecar's upstream or accepted socket, or the app's own.
-	flows, err := follow.closed(len(cases), 10*time.Second)
+// demoFlows shows the n flows closing: one per connection, seen from the
+// socket on the wire (the sidecar's upstream or accepted socket, or the
+// app's own).
+func demoFlows(w io.Writer, follow *flowFollower, n int) error {
+	flows, err := follow.closed(n, 10*time.Second)
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(w, "\n5. the flows, measured in the kernel, as 'sluice flows --follow' shows them closing:\n\n")
-	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "DIRECTION\tSOURCE\tDESTINATION\tVIA SIDECAR\tCONNECT\tSRTT\tSENT\tRECEIVED\tEND")
 	for _, f := range flows {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", f.Direction, f.Source, f.Destination, via(f),
 			seconds(f.ConnectLatency), seconds(f.SRTT), bytesOf(f.BytesSent), bytesOf(f.BytesReceived), f.End)
 	}
 	tw.Flush()
+	return nil
+}
 
+// demoMetrics shows a few of the sidecar's metrics.
+func demoMetrics(w io.Writer, pod *testbed.Pod) error {
 	metrics, err := getInPod(pod, "http://127.0.0.1:15090/metrics")
 	if err != nil {
 		return err
@@ -191,24 +243,24 @@ func demo(w io.Writer) (err error) {
 			fmt.Fprintln(w, "   "+shortLabels(line))
 		}
 	}
-	if err := demoCanary(w, bed, pod, target, exe); err != nil {
-		return err
-	}
+	return nil
+}
+
+// demoRerunSteps reruns install as a user would: splice on, then offload
+// of the echo's port, then the port kernel-only.
+func demoRerunSteps(w io.Writer, pod *testbed.Pod, addr netip.AddrPort, in demoInstalled, exe string) error {
+	plan := in.plan
 	plan.Splice = true
-	if err := demoSplice(w, pod, netip.AddrPortFrom(host.Addr4, 8080), target, plan, append(args, "--splice"), exe, log); err != nil {
+	if err := demoSplice(w, pod, addr, in.target, plan, append(in.args, "--splice"), exe, in.log); err != nil {
 		return err
 	}
 	plan.OffloadPorts = []uint16{8080}
-	if err := demoOffload(w, pod, netip.AddrPortFrom(host.Addr4, 8080), target, plan, append(args, "--splice", "--offload-ports", "8080"), exe, log); err != nil {
+	if err := demoOffload(w, pod, addr, in.target, plan, append(in.args, "--splice", "--offload-ports", "8080"), exe, in.log); err != nil {
 		return err
 	}
 	plan.OffloadPorts = nil
 	plan.KernelOnlyPorts = []uint16{8080}
-	if err := demoKernelOnly(w, pod, netip.AddrPortFrom(host.Addr4, 8080), target, plan, append(args, "--splice", "--kernel-only-ports", "8080"), exe, log); err != nil {
-		return err
-	}
-	fmt.Fprintf(w, "\n11. removing the capture, the sidecar, the pod and the hosts\n")
-	return nil
+	return demoKernelOnly(w, pod, addr, in.target, plan, append(in.args, "--splice", "--kernel-only-ports", "8080"), exe, in.log)
 }
 
 // demoRerun reinstalls with plan, as a user reruns install with new flags,
@@ -260,12 +312,12 @@ func demoKernelOnly(w io.Writer, pod *testbed.Pod, addr netip.AddrPort, target l
 // demoOffload offloads the echo's port with a rerun of install: the sidecar
 // still accepts and dials (the server sees its socket), and the app's bytes
 // then go straight out on the sidecar's upstream socket. The sidecar picks
-// the new ports up within offloadRefresh.
+// the new ports up within sidecar.OffloadRefresh.
 func demoOffload(w io.Writer, pod *testbed.Pod, addr netip.AddrPort, target loader.Target, plan redirect.Plan, args []string, exe string, log *slog.Logger) error {
 	if _, err := loader.Install(target, plan, args, log); err != nil {
 		return err
 	}
-	time.Sleep(2 * offloadRefresh)
+	time.Sleep(2 * sidecar.OffloadRefresh)
 	res, gained, err := demoRerun(pod, addr, target, plan, args, exe, log)
 	if err != nil {
 		return err

@@ -1,15 +1,11 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
-	"net/url"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -72,32 +68,17 @@ Examples:
 }
 
 func getFlows(ctx context.Context, addr string) ([]telemetry.Flow, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, addr+"/flows", nil)
-	if err != nil {
-		return nil, badAddr(addr, err)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("ask the sidecar at %s for its flows (is 'sluice run --cgroup' running there? see --addr): %w", addr, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("the sidecar at %s answered %s: is it a Sluice sidecar started with --cgroup?", addr, resp.Status)
-	}
-	var flows []telemetry.Flow
-	if err := json.NewDecoder(resp.Body).Decode(&flows); err != nil {
-		return nil, fmt.Errorf("read flows from %s: %w", addr, err)
-	}
-	return flows, nil
+	flows, err := telemetry.FetchFlows(ctx, addr)
+	return flows, badAddr(err)
 }
 
-// badAddr names the problem with --addr, without the /flows path that
-// net/url's error quotes.
-func badAddr(addr string, err error) error {
-	if ue := new(url.Error); errors.As(err, &ue) {
-		err = ue.Err
+// badAddr makes an --addr no request can be made to a usage error; other
+// errors stay as they are.
+func badAddr(err error) error {
+	if ae := new(telemetry.AddrError); errors.As(err, &ae) {
+		return usageError{fmt.Sprintf("--addr %q: %v: want the sidecar's metrics address, e.g. http://127.0.0.1:15090", ae.Addr, ae.Err)}
 	}
-	return usageError{fmt.Sprintf("--addr %q: %v: want the sidecar's metrics address, e.g. http://127.0.0.1:15090", addr, err)}
+	return err
 }
 
 func printFlows(w io.Writer, flows []telemetry.Flow) {
@@ -111,43 +92,28 @@ func printFlows(w io.Writer, flows []telemetry.Flow) {
 }
 
 func followFlows(ctx context.Context, addr string, asJSON bool, w io.Writer) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, addr+"/flows?follow=true", nil)
+	stream, err := telemetry.FollowFlows(ctx, addr)
 	if err != nil {
-		return badAddr(addr, err)
+		return badAddr(err)
 	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return fmt.Errorf("follow the sidecar's flows at %s (is 'sluice run --cgroup' running there? see --addr): %w", addr, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return fmt.Errorf("follow the sidecar's flows at %s: %s: %s", addr, resp.Status, strings.TrimSpace(string(body)))
-	}
+	defer stream.Close()
 	if !asJSON {
 		fmt.Fprintln(w, "TIME          EVENT   DIRECTION  SOURCE -> DESTINATION (ORIGINAL DST)  VIA  DURATION  SRTT  SENT  RECEIVED  END")
 	}
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
+	for stream.Next() {
 		if asJSON {
-			fmt.Fprintln(w, sc.Text())
+			fmt.Fprintln(w, string(stream.Bytes()))
 			continue
 		}
-		var f telemetry.Flow
-		if err := json.Unmarshal(sc.Bytes(), &f); err != nil {
-			return fmt.Errorf("read flow from %s: %w", addr, err)
+		f, err := stream.Flow()
+		if err != nil {
+			return err
 		}
 		fmt.Fprintf(w, "%s  %-6s  %-9s  %s -> %s (%s)  %s  %s  %s  %s  %s  %s\n", time.Now().Format("15:04:05.000"), f.State, f.Direction,
 			f.Source, f.Destination, f.OriginalDst, via(f), seconds(f.Duration), seconds(f.SRTT),
 			bytesOf(f.BytesSent), bytesOf(f.BytesReceived), orDash(f.End))
 	}
-	if ctx.Err() != nil {
-		return nil
-	}
-	if err := sc.Err(); err != nil {
-		return fmt.Errorf("follow the sidecar's flows at %s: %w", addr, err)
-	}
-	return fmt.Errorf("the sidecar at %s ended the flows stream: it stopped, or dropped this follower for reading too slowly", addr)
+	return stream.Err()
 }
 
 func watchFlows(ctx context.Context, addr string, every time.Duration, w io.Writer) error {

@@ -16,11 +16,7 @@ import (
 	"github.com/sluicemesh/sluice/redirect"
 )
 
-func installCommand() command {
-	c := command{
-		name:    "install",
-		summary: "attach capture to a pod's cgroup and pin it (init container)",
-		help: `Usage: sluice install [--cgroup PATH] [--netns PATH | --interface NAME] [--pin-dir DIR] [--dry-run] [--validate] [capture flags]
+const installHelp = `Usage: sluice install [--cgroup PATH] [--netns PATH | --interface NAME] [--pin-dir DIR] [--dry-run] [--validate] [capture flags]
 
 Loads the capture programs, attaches them to the pod's cgroup v2 directory
 (outbound capture) and, with --netns or --interface, to the pod's network
@@ -50,7 +46,13 @@ Examples:
   sluice install --cgroup /sys/fs/cgroup/unified/mypod --interface eth0 -b 8080 -d 15020
   sluice install --cgroup /sys/fs/cgroup/unified/mypod -u 1337 -x 198.18.0.0/24 -o 22,3306
   sluice install --cgroup /sys/fs/cgroup/unified/kubepods.slice/kubepods-pod1.slice --dry-run
-  sluice install --validate                  # in a pod's init container`,
+  sluice install --validate                  # in a pod's init container`
+
+func installCommand() command {
+	c := command{
+		name:    "install",
+		summary: "attach capture to a pod's cgroup and pin it (init container)",
+		help:    installHelp,
 	}
 	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
 		fs := flag.NewFlagSet("install", flag.ContinueOnError)
@@ -140,29 +142,9 @@ func installPod(ctx context.Context, req installRequest, stdout io.Writer) error
 	if err != nil {
 		return usageError{err.Error()}
 	}
-	inPod := req.cgroup == ""
-	if inPod {
-		if req.cgroup, err = loader.OwnPod(os.Getenv); err != nil {
-			return usageError{err.Error()}
-		}
-	}
-	target, err := loader.ResolveTarget(req.cgroup, req.pinDir)
+	target, err := installTarget(&req)
 	if err != nil {
 		return err
-	}
-	if inPod && !req.dryRun {
-		// A bpffs install mounted itself here would die with the
-		// container, and every pin and link with it.
-		if err := loader.HostBPFFS(target.PinDir); err != nil {
-			return err
-		}
-	}
-	// Inbound capture is asked for explicitly, or implied by running inside
-	// the pod: defaulting to eth0 of whatever namespace install runs in
-	// could capture a node's traffic.
-	target.Netns, target.Interface = req.netns, req.iface
-	if target.Interface == "" && (target.Netns != "" || inPod) {
-		target.Interface = "eth0"
 	}
 	if req.dryRun {
 		return writeJSON(stdout, struct {
@@ -174,13 +156,8 @@ func installPod(ctx context.Context, req installRequest, stdout io.Writer) error
 		return err
 	}
 	if req.validate {
-		// The probe connects from this process: it must be one of the pod's.
-		own, err := loader.OwnCgroup()
-		if err != nil {
+		if err := probesFromPod(req, target); err != nil {
 			return err
-		}
-		if req.netns != "" || (own != target.Cgroup && !strings.HasPrefix(own, target.Cgroup+"/")) {
-			return usageError{"validation probes from this process, which is not in the pod: run install inside the pod (its init container), or leave --validate out"}
 		}
 	}
 	switch {
@@ -193,19 +170,76 @@ func installPod(ctx context.Context, req installRequest, stdout io.Writer) error
 	case req.skipApply:
 		req.log.Info("not installing (--skip-rule-apply)", "cgroup", target.Cgroup)
 	default:
-		res, err := loader.Install(target, plan, req.cmdline, req.log)
-		if err != nil {
+		if err := applyInstall(req, target, plan, stdout); err != nil {
 			return err
-		}
-		if len(res.Changes) == 0 {
-			fmt.Fprintf(stdout, "already installed on %s (pins at %s): nothing changed\n", target.Cgroup, target.PinDir)
-		} else {
-			fmt.Fprintf(stdout, "installed on %s (pins at %s): %s\n", target.Cgroup, target.PinDir, strings.Join(res.Changes, ", "))
 		}
 	}
 	if !req.validate {
 		return nil
 	}
+	return validateInstall(ctx, req, plan, stdout)
+}
+
+// installTarget is the pod req names, or the one this process runs in (then
+// req.cgroup is set to it), with the interface inbound capture attaches to.
+func installTarget(req *installRequest) (loader.Target, error) {
+	var err error
+	inPod := req.cgroup == ""
+	if inPod {
+		if req.cgroup, err = loader.OwnPod(os.Getenv); err != nil {
+			return loader.Target{}, usageError{err.Error()}
+		}
+	}
+	target, err := loader.ResolveTarget(req.cgroup, req.pinDir)
+	if err != nil {
+		return loader.Target{}, err
+	}
+	if inPod && !req.dryRun {
+		// A bpffs install mounted itself here would die with the
+		// container, and every pin and link with it.
+		if err := loader.HostBPFFS(target.PinDir); err != nil {
+			return loader.Target{}, err
+		}
+	}
+	// Inbound capture is asked for explicitly, or implied by running inside
+	// the pod: defaulting to eth0 of whatever namespace install runs in
+	// could capture a node's traffic.
+	target.Netns, target.Interface = req.netns, req.iface
+	if target.Interface == "" && (target.Netns != "" || inPod) {
+		target.Interface = "eth0"
+	}
+	return target, nil
+}
+
+// probesFromPod checks that the validation probe may run here: it
+// connects from this process, which must be one of the pod's.
+func probesFromPod(req installRequest, target loader.Target) error {
+	own, err := loader.OwnCgroup()
+	if err != nil {
+		return err
+	}
+	if req.netns != "" || (own != target.Cgroup && !strings.HasPrefix(own, target.Cgroup+"/")) {
+		return usageError{"validation probes from this process, which is not in the pod: run install inside the pod (its init container), or leave --validate out"}
+	}
+	return nil
+}
+
+// applyInstall installs plan on target and says what changed.
+func applyInstall(req installRequest, target loader.Target, plan redirect.Plan, stdout io.Writer) error {
+	res, err := loader.Install(target, plan, req.cmdline, req.log)
+	if err != nil {
+		return err
+	}
+	if len(res.Changes) == 0 {
+		fmt.Fprintf(stdout, "already installed on %s (pins at %s): nothing changed\n", target.Cgroup, target.PinDir)
+	} else {
+		fmt.Fprintf(stdout, "installed on %s (pins at %s): %s\n", target.Cgroup, target.PinDir, strings.Join(res.Changes, ", "))
+	}
+	return nil
+}
+
+// validateInstall probes the installed capture with one connection.
+func validateInstall(ctx context.Context, req installRequest, plan redirect.Plan, stdout io.Writer) error {
 	res, err := probe.Run(ctx, plan, req.probePort, req.probeTimeout)
 	if err != nil {
 		return fmt.Errorf("validation failed: %w", err)

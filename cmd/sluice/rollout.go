@@ -7,19 +7,14 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"net/http"
 	"net/netip"
 	"os"
 	"strings"
 	"time"
 
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
-
 	"github.com/sluicemesh/sluice/loader"
-	"github.com/sluicemesh/sluice/redirect"
 	"github.com/sluicemesh/sluice/rollout"
-	"github.com/sluicemesh/sluice/telemetry"
+	"github.com/sluicemesh/sluice/rollout/plant"
 )
 
 func rolloutCommand(ctx context.Context, fs *flag.FlagSet, c command, args []string, target func() (loader.Target, error), stdout io.Writer) error {
@@ -56,7 +51,7 @@ func rolloutCommand(ctx context.Context, fs *flag.FlagSet, c command, args []str
 		*metrics = "http://" + *metrics
 	}
 	log, _ := newLogger(os.Stderr, "text", "info")
-	err = rollout.Run(ctx, cfg, &routePlant{target: t, service: svc, canary: cfg.Canary, metrics: *metrics}, log)
+	err = rollout.Run(ctx, cfg, plant.New(t, svc, cfg.Canary, *metrics), log)
 	if errors.Is(err, context.Canceled) {
 		return fmt.Errorf("rollout of %s interrupted: the weights stay where they were (see 'sluice route list')", svc)
 	}
@@ -65,82 +60,4 @@ func rolloutCommand(ctx context.Context, fs *flag.FlagSet, c command, args []str
 	}
 	fmt.Fprintf(stdout, "rollout of %s to %s done: the canary takes every new connection\n", svc, cfg.Canary)
 	return nil
-}
-
-// routePlant is a pod's route and its sidecar's measurements.
-type routePlant struct {
-	target  loader.Target
-	service netip.AddrPort
-	canary  netip.AddrPort
-	metrics string
-	mode    string
-}
-
-func (p *routePlant) Backends() (map[netip.AddrPort]uint32, error) {
-	routes, err := loader.Routes(p.target)
-	if err != nil {
-		return nil, err
-	}
-	for _, r := range routes {
-		if r.Service != p.service {
-			continue
-		}
-		p.mode = r.Mode
-		out := map[netip.AddrPort]uint32{p.canary: 0}
-		for _, b := range r.Backends {
-			out[b.AddrPort()] = b.Weight
-		}
-		return out, nil
-	}
-	return nil, fmt.Errorf("%w for %s: set one first ('sluice route set')", loader.ErrNoRoute, p.service)
-}
-
-func (p *routePlant) SetWeights(stable, canary netip.AddrPort, sw, cw, step uint32, rollback string) error {
-	r := redirect.Route{Service: p.service, Mode: p.mode, Backends: []redirect.Backend{
-		{Address: stable.Addr(), Port: stable.Port(), Weight: sw},
-		{Address: canary.Addr(), Port: canary.Port(), Weight: cw},
-	}}
-	return loader.ChangeRoutes(p.target, loader.RouteChange{Set: []redirect.Route{r},
-		Rollout: &loader.RolloutRecord{Service: p.service, Step: step, Rollback: rollback}})
-}
-
-// Measure reads the sidecar's per-destination connect metrics.
-func (p *routePlant) Measure() (map[netip.AddrPort]rollout.Sample, error) {
-	resp, err := http.Get(p.metrics + "/metrics")
-	if err != nil {
-		return nil, fmt.Errorf("read the sidecar's metrics at %s (is 'sluice run --cgroup' running there? see --metrics): %w", p.metrics, err)
-	}
-	defer resp.Body.Close()
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	fams, err := parser.TextToMetricFamilies(resp.Body)
-	if err != nil {
-		return nil, fmt.Errorf("parse the sidecar's metrics: %w", err)
-	}
-	out := map[netip.AddrPort]rollout.Sample{}
-	each := func(name string, fn func(s *rollout.Sample, v float64, count uint64)) {
-		for _, m := range fams[name].GetMetric() {
-			for _, l := range m.Label {
-				if l.GetName() != "destination_service" {
-					continue
-				}
-				ap, err := netip.ParseAddrPort(l.GetValue())
-				if err != nil {
-					continue // "other", "unknown"
-				}
-				s := out[ap]
-				fn(&s, m.GetCounter().GetValue(), 0)
-				if sum := m.GetSummary(); sum != nil {
-					fn(&s, sum.GetSampleSum(), sum.GetSampleCount())
-				}
-				out[ap] = s
-			}
-		}
-	}
-	each(telemetry.MetricDestinationConnectDuration, func(s *rollout.Sample, v float64, n uint64) {
-		if n > 0 {
-			s.LatencySum, s.Established = v, n
-		}
-	})
-	each(telemetry.MetricDestinationConnectFailures, func(s *rollout.Sample, v float64, _ uint64) { s.Failed = uint64(v) })
-	return out, nil
 }

@@ -15,11 +15,7 @@ import (
 	"github.com/sluicemesh/sluice/redirect"
 )
 
-func routeCommand() command {
-	c := command{
-		name:    "route",
-		summary: "canary routes: split a service's new connections over weighted backends",
-		help: `Usage: sluice route set     --cgroup PATH [--mode random|round-robin] [--allow-zero] VIP:PORT BACKEND=WEIGHT ...
+const routeHelp = `Usage: sluice route set     --cgroup PATH [--mode random|round-robin] [--allow-zero] VIP:PORT BACKEND=WEIGHT ...
        sluice route list    --cgroup PATH [--json]
        sluice route delete  --cgroup PATH VIP:PORT
        sluice route apply   --cgroup PATH -f FILE [--allow-zero]
@@ -63,133 +59,200 @@ Examples:
   sluice route list --cgroup /sys/fs/cgroup/unified/mypod
   sluice route apply --cgroup /sys/fs/cgroup/unified/mypod -f routes.yaml
   sluice route apply --pods '*kubepods*' -f routes.yaml       # every pod on the node
-  sluice route rollout --cgroup /sys/fs/cgroup/unified/mypod 198.19.0.10:80 --to 198.18.3.2:8080 --step 10 --interval 30s`,
+  sluice route rollout --cgroup /sys/fs/cgroup/unified/mypod 198.19.0.10:80 --to 198.18.3.2:8080 --step 10 --interval 30s`
+
+func routeCommand() command {
+	c := command{
+		name:    "route",
+		summary: "canary routes: split a service's new connections over weighted backends",
+		help:    routeHelp,
 	}
 	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
+		subs := routeSubcommands()
 		if len(args) == 0 || strings.HasPrefix(args[0], "-") {
 			if len(args) > 0 && (args[0] == "-h" || args[0] == "--help") {
 				fmt.Fprintln(stdout, strings.TrimSpace(c.help))
 				return flag.ErrHelp
 			}
-			return usageError{"want a subcommand: set, list, delete, apply or rollout (run 'sluice route --help')"}
+			return usageError{fmt.Sprintf("want a subcommand: %s (run 'sluice route --help')", subs)}
 		}
-		sub, args := args[0], args[1:]
-		fs := flag.NewFlagSet("route "+sub, flag.ContinueOnError)
-		cgroup := fs.String("cgroup", "", "the pod's cgroup v2 directory (required unless --pods)")
-		pinDir := fs.String("pin-dir", "", "where the pins are (default /sys/fs/bpf/sluice/<cgroup id>)")
-		pods := fs.String("pods", "", "set, delete, apply: every installed pod whose cgroup path matches this pattern (* for any text), instead of --cgroup")
-		target := func() (loader.Target, error) {
-			if *pods != "" {
-				return loader.Target{}, usageError{"--pods is for set, delete and apply: " + sub + " takes one pod, with --cgroup"}
+		r := newRouteCall(c, args[0], stdout)
+		for _, sub := range subs {
+			if sub.name == r.sub {
+				return sub.run(ctx, r, args[1:])
 			}
-			if *cgroup == "" {
-				return loader.Target{}, usageError{"--cgroup is required: pass the pod's cgroup v2 directory"}
-			}
-			return loader.ResolveTarget(*cgroup, *pinDir)
 		}
-		// change applies one change to the pod, or to every pod --pods
-		// matches (the node agent's way to route many pods), and says so.
-		change := func(ch loader.RouteChange, done string) error {
-			if *pods == "" {
-				t, err := target()
-				if err != nil {
-					return err
-				}
-				if err := loader.ChangeRoutes(t, ch); err != nil {
-					return err
-				}
-				fmt.Fprintln(stdout, done)
-				return nil
-			}
-			if *cgroup != "" {
-				return usageError{"--cgroup and --pods both given: pick one pod, or every pod the pattern matches"}
-			}
-			installs, err := loader.Match(loader.DefaultPinRoot, *pods)
-			if err != nil {
-				return err
-			}
-			for _, in := range installs {
-				if err := loader.ChangeRoutes(in.Target(), ch); err != nil {
-					return fmt.Errorf("%s: %w", in.Cgroup, err)
-				}
-				fmt.Fprintf(stdout, "%s: %s\n", in.Cgroup, done)
-			}
-			return nil
-		}
-		switch sub {
-		case "set":
-			mode := fs.String("mode", redirect.ModeRandom, "random or round-robin")
-			allowZero := fs.Bool("allow-zero", false, "accept every weight 0 (the service then refuses new connections)")
-			if err := parseInterspersed(fs, c, args, stdout); err != nil {
-				return err
-			}
-			if fs.NArg() < 2 {
-				return usageError{"want VIP:PORT and at least one BACKEND=WEIGHT (run 'sluice route --help')"}
-			}
-			svc, err := redirect.ParseService(fs.Arg(0))
-			if err != nil {
-				return usageError{err.Error()}
-			}
-			backends, err := redirect.ParseBackends(fs.Args()[1:])
-			if err != nil {
-				return usageError{err.Error()}
-			}
-			r := redirect.Route{Service: svc, Mode: *mode, Backends: backends}
-			if err := r.Validate(*allowZero); err != nil {
-				return usageError{err.Error()}
-			}
-			return change(loader.RouteChange{Set: []redirect.Route{r}}, fmt.Sprintf("route %s set: %s", r.Service, describe(r)))
-		case "delete":
-			if err := parseInterspersed(fs, c, args, stdout); err != nil {
-				return err
-			}
-			svc, err := serviceArg(fs)
-			if err != nil {
-				return err
-			}
-			return change(loader.RouteChange{Delete: []netip.AddrPort{svc}}, fmt.Sprintf("route %s deleted", svc))
-		case "apply":
-			file := fs.String("f", "", "the route file (YAML or JSON; - for stdin)")
-			allowZero := fs.Bool("allow-zero", false, "accept routes whose every weight is 0")
-			if err := parseFlags(fs, c, args, stdout); err != nil {
-				return err
-			}
-			if *file == "" {
-				return usageError{"-f FILE is required: the routes to apply (run 'sluice route --help' for the format)"}
-			}
-			data, err := readFileOrStdin(*file)
-			if err != nil {
-				return err
-			}
-			routes, err := redirect.ParseRouteFile(data, *allowZero)
-			if err != nil {
-				return usageError{fmt.Sprintf("%s: %v", *file, err)}
-			}
-			return change(loader.RouteChange{Set: routes}, fmt.Sprintf("%d routes applied", len(routes)))
-		case "list":
-			asJSON := fs.Bool("json", false, "print JSON")
-			if err := parseFlags(fs, c, args, stdout); err != nil {
-				return err
-			}
-			t, err := target()
-			if err != nil {
-				return err
-			}
-			routes, err := loader.Routes(t)
-			if err != nil {
-				return err
-			}
-			if *asJSON {
-				return writeJSON(stdout, routes)
-			}
-			printRoutes(stdout, routes)
-			return nil
-		case "rollout":
-			return rolloutCommand(ctx, fs, c, args, target, stdout)
-		}
-		return usageError{fmt.Sprintf("unknown route subcommand %q: want set, list, delete, apply or rollout", sub)}
+		return usageError{fmt.Sprintf("unknown route subcommand %q: want %s", r.sub, subs)}
 	}
 	return c
+}
+
+// routeSubcommand is one of route's subcommands: it defines its own flags
+// on r.fs, parses args and runs.
+type routeSubcommand struct {
+	name string
+	run  func(ctx context.Context, r *routeCall, args []string) error
+}
+
+type routeTable []routeSubcommand
+
+func routeSubcommands() routeTable {
+	return []routeSubcommand{
+		{"set", routeSet},
+		{"list", routeList},
+		{"delete", routeDelete},
+		{"apply", routeApply},
+		{"rollout", routeRollout},
+	}
+}
+
+// String is the names as a list: "set, list, ... or rollout".
+func (subs routeTable) String() string {
+	names := make([]string, len(subs))
+	for i, sub := range subs {
+		names[i] = sub.name
+	}
+	return strings.Join(names[:len(names)-1], ", ") + " or " + names[len(names)-1]
+}
+
+// routeCall is one run of a route subcommand, with the flags every
+// subcommand shares: which pod or pods it is for.
+type routeCall struct {
+	c      command
+	sub    string
+	fs     *flag.FlagSet
+	stdout io.Writer
+
+	cgroup, pinDir, pods *string
+}
+
+func newRouteCall(c command, sub string, stdout io.Writer) *routeCall {
+	fs := flag.NewFlagSet("route "+sub, flag.ContinueOnError)
+	return &routeCall{c: c, sub: sub, fs: fs, stdout: stdout,
+		cgroup: fs.String("cgroup", "", "the pod's cgroup v2 directory (required unless --pods)"),
+		pinDir: fs.String("pin-dir", "", "where the pins are (default /sys/fs/bpf/sluice/<cgroup id>)"),
+		pods:   fs.String("pods", "", "set, delete, apply: every installed pod whose cgroup path matches this pattern (* for any text), instead of --cgroup"),
+	}
+}
+
+// target is the one pod --cgroup names.
+func (r *routeCall) target() (loader.Target, error) {
+	if *r.pods != "" {
+		return loader.Target{}, usageError{"--pods is for set, delete and apply: " + r.sub + " takes one pod, with --cgroup"}
+	}
+	if *r.cgroup == "" {
+		return loader.Target{}, usageError{"--cgroup is required: pass the pod's cgroup v2 directory"}
+	}
+	return loader.ResolveTarget(*r.cgroup, *r.pinDir)
+}
+
+// change applies one change to the pod, or to every pod --pods matches
+// (the node agent's way to route many pods), and says so.
+func (r *routeCall) change(ch loader.RouteChange, done string) error {
+	if *r.pods == "" {
+		t, err := r.target()
+		if err != nil {
+			return err
+		}
+		if err := loader.ChangeRoutes(t, ch); err != nil {
+			return err
+		}
+		fmt.Fprintln(r.stdout, done)
+		return nil
+	}
+	if *r.cgroup != "" {
+		return usageError{"--cgroup and --pods both given: pick one pod, or every pod the pattern matches"}
+	}
+	installs, err := loader.Match(loader.DefaultPinRoot, *r.pods)
+	if err != nil {
+		return err
+	}
+	for _, in := range installs {
+		if err := loader.ChangeRoutes(in.Target(), ch); err != nil {
+			return fmt.Errorf("%s: %w", in.Cgroup, err)
+		}
+		fmt.Fprintf(r.stdout, "%s: %s\n", in.Cgroup, done)
+	}
+	return nil
+}
+
+func routeSet(_ context.Context, r *routeCall, args []string) error {
+	mode := r.fs.String("mode", redirect.ModeRandom, "random or round-robin")
+	allowZero := r.fs.Bool("allow-zero", false, "accept every weight 0 (the service then refuses new connections)")
+	if err := parseInterspersed(r.fs, r.c, args, r.stdout); err != nil {
+		return err
+	}
+	if r.fs.NArg() < 2 {
+		return usageError{"want VIP:PORT and at least one BACKEND=WEIGHT (run 'sluice route --help')"}
+	}
+	svc, err := redirect.ParseService(r.fs.Arg(0))
+	if err != nil {
+		return usageError{err.Error()}
+	}
+	backends, err := redirect.ParseBackends(r.fs.Args()[1:])
+	if err != nil {
+		return usageError{err.Error()}
+	}
+	route := redirect.Route{Service: svc, Mode: *mode, Backends: backends}
+	if err := route.Validate(*allowZero); err != nil {
+		return usageError{err.Error()}
+	}
+	return r.change(loader.RouteChange{Set: []redirect.Route{route}}, fmt.Sprintf("route %s set: %s", route.Service, describe(route)))
+}
+
+func routeDelete(_ context.Context, r *routeCall, args []string) error {
+	if err := parseInterspersed(r.fs, r.c, args, r.stdout); err != nil {
+		return err
+	}
+	svc, err := serviceArg(r.fs)
+	if err != nil {
+		return err
+	}
+	return r.change(loader.RouteChange{Delete: []netip.AddrPort{svc}}, fmt.Sprintf("route %s deleted", svc))
+}
+
+func routeApply(_ context.Context, r *routeCall, args []string) error {
+	file := r.fs.String("f", "", "the route file (YAML or JSON; - for stdin)")
+	allowZero := r.fs.Bool("allow-zero", false, "accept routes whose every weight is 0")
+	if err := parseFlags(r.fs, r.c, args, r.stdout); err != nil {
+		return err
+	}
+	if *file == "" {
+		return usageError{"-f FILE is required: the routes to apply (run 'sluice route --help' for the format)"}
+	}
+	data, err := readFileOrStdin(*file)
+	if err != nil {
+		return err
+	}
+	routes, err := redirect.ParseRouteFile(data, *allowZero)
+	if err != nil {
+		return usageError{fmt.Sprintf("%s: %v", *file, err)}
+	}
+	return r.change(loader.RouteChange{Set: routes}, fmt.Sprintf("%d routes applied", len(routes)))
+}
+
+func routeList(_ context.Context, r *routeCall, args []string) error {
+	asJSON := r.fs.Bool("json", false, "print JSON")
+	if err := parseFlags(r.fs, r.c, args, r.stdout); err != nil {
+		return err
+	}
+	t, err := r.target()
+	if err != nil {
+		return err
+	}
+	routes, err := loader.Routes(t)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return writeJSON(r.stdout, routes)
+	}
+	printRoutes(r.stdout, routes)
+	return nil
+}
+
+func routeRollout(ctx context.Context, r *routeCall, args []string) error {
+	return rolloutCommand(ctx, r.fs, r.c, args, r.target, r.stdout)
 }
 
 // parseInterspersed parses flags that may come after the positional

@@ -17,11 +17,7 @@ import (
 	"github.com/sluicemesh/sluice/loader"
 )
 
-func statusCommand() command {
-	c := command{
-		name:    "status",
-		summary: "show what is attached and pinned for a pod, and the policy in force",
-		help: `Usage: sluice status --cgroup PATH [--pin-dir DIR] [--json]
+const statusHelp = `Usage: sluice status --cgroup PATH [--pin-dir DIR] [--json]
        sluice status --all [--json]
 
 Reads the pod's pins: each program link (attached or not) and the capture
@@ -35,7 +31,13 @@ or 'sluice uninstall' to collect).
 Examples:
   sluice status --all
   sluice status --cgroup /sys/fs/cgroup/unified/mypod
-  sluice status --cgroup /sys/fs/cgroup/unified/mypod --json | jq .plan`,
+  sluice status --cgroup /sys/fs/cgroup/unified/mypod --json | jq .plan`
+
+func statusCommand() command {
+	c := command{
+		name:    "status",
+		summary: "show what is attached and pinned for a pod, and the policy in force",
+		help:    statusHelp,
 	}
 	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
 		fs := flag.NewFlagSet("status", flag.ContinueOnError)
@@ -95,10 +97,19 @@ func printStatus(w io.Writer, s loader.State) {
 		fmt.Fprintf(w, "state    complete\n")
 	}
 	fmt.Fprintf(w, "memory   %s locked in the kernel (maps %s, programs %s); %d handshakes pending\n\n", kib(s.Memory.Total()), kib(s.Memory.Maps), kib(s.Memory.Programs), s.Handshakes)
+	inbound := printLinks(w, s.Links)
+	printPolicy(w, s, inbound)
+	if len(s.Counters) > 0 {
+		printCounters(w, s.Counters)
+	}
+}
+
+// printLinks is status's table of links; it says whether one of them
+// captures inbound connections.
+func printLinks(w io.Writer, links []loader.LinkState) (inbound bool) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "LINK\tLINK ID\tPROGRAM\tPROG ID\tATTACHED TO")
-	inbound := false
-	for _, l := range s.Links {
+	for _, l := range links {
 		to := fmt.Sprintf("cgroup %d", l.CgroupID)
 		if l.NetnsInode != 0 {
 			to, inbound = fmt.Sprintf("netns %d (sk_lookup)", l.NetnsInode), true
@@ -109,9 +120,14 @@ func printStatus(w io.Writer, s loader.State) {
 		fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%s\n", l.Pin[strings.LastIndex(l.Pin, "/")+1:], l.LinkID, l.Program, l.ProgramID, to)
 	}
 	tw.Flush()
+	return inbound
+}
+
+// printPolicy is status's policy: what the install captures and how.
+func printPolicy(w io.Writer, s loader.State, inbound bool) {
 	c := s.Plan
 	fmt.Fprintf(w, "\npolicy\n")
-	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "  outbound listener\t127.0.0.1:%d, [::1]:%d\n", c.OutboundPort, c.OutboundPort)
 	fmt.Fprintf(tw, "  inbound listener\t%d\n", c.InboundPort)
 	fmt.Fprintf(tw, "  proxy uid/gid (never captured)\t%d/%d\n", c.ProxyUID, c.ProxyGID)
@@ -137,15 +153,15 @@ func printStatus(w io.Writer, s loader.State) {
 	fmt.Fprintf(tw, "  offload (sidecar decides, kernel sends)\toutbound ports %s; inbound ports %s; %d connections offloaded now\n",
 		ports(false, c.OffloadPorts), ports(false, c.OffloadInboundPorts), s.OffloadConnections)
 	tw.Flush()
-	if len(s.Counters) > 0 {
-		names := slices.Sorted(maps.Keys(s.Counters))
-		fmt.Fprintf(w, "\ncounters (since install)\n")
-		tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-		for _, name := range names {
-			fmt.Fprintf(tw, "  %s\t%d\n", name, s.Counters[name])
-		}
-		tw.Flush()
+}
+
+func printCounters(w io.Writer, counters map[string]uint64) {
+	fmt.Fprintf(w, "\ncounters (since install)\n")
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	for _, name := range slices.Sorted(maps.Keys(counters)) {
+		fmt.Fprintf(tw, "  %s\t%d\n", name, counters[name])
 	}
+	tw.Flush()
 }
 
 func kib(n uint64) string { return fmt.Sprintf("%d KiB", (n+1023)/1024) }

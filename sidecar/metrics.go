@@ -1,7 +1,8 @@
-package main
+package sidecar
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -21,20 +22,20 @@ const (
 	metricsRetryMax = 30 * time.Second
 )
 
-// metricsPort is the port of a --metrics-addr (0 for none), checked before
+// MetricsPort is the port of a --metrics-addr (0 for none), checked before
 // anything starts so that a typo is a usage error, not a port retried
 // forever.
-func metricsPort(addr string) (uint16, error) {
+func MetricsPort(addr string) (uint16, error) {
 	if addr == "" {
 		return 0, nil
 	}
 	_, port, err := net.SplitHostPort(addr)
 	if err != nil {
-		return 0, usageError{fmt.Sprintf("--metrics-addr %q: want HOST:PORT or :PORT, e.g. 127.0.0.1:15090", addr)}
+		return 0, fmt.Errorf("--metrics-addr %q: want HOST:PORT or :PORT, e.g. 127.0.0.1:15090", addr)
 	}
 	n, err := strconv.ParseUint(port, 10, 16)
 	if err != nil {
-		return 0, usageError{fmt.Sprintf("--metrics-addr %q: %q is not a port number", addr, port)}
+		return 0, fmt.Errorf("--metrics-addr %q: %q is not a port number", addr, port)
 	}
 	return uint16(n), nil
 }
@@ -107,5 +108,17 @@ func (m *metricsServer) run(ln net.Listener) runner {
 			m.log.Error("metrics server failed; proxying goes on, retrying", "metrics_addr", m.addr, "err", err)
 			ln = nil
 		}
+	}
+}
+
+// serveHTTP serves srv on ln until ctx ends.
+func serveHTTP(srv *http.Server, ln net.Listener) runner {
+	return func(ctx context.Context) error {
+		stop := context.AfterFunc(ctx, func() { srv.Close() })
+		defer stop()
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("serve metrics on %s: %w", ln.Addr(), err)
+		}
+		return nil
 	}
 }

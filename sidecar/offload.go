@@ -1,4 +1,4 @@
-package main
+package sidecar
 
 import (
 	"context"
@@ -24,15 +24,17 @@ type offloader struct {
 	log    *slog.Logger
 	warned atomic.Bool
 	handed atomic.Int64 // connections offloaded
+	// hand is (*loader.Offload).Hand; a test gives the offloader another.
+	hand func(maps *loader.Offload, app, sidecar netip.AddrPort, far int) (func() error, error)
 }
 
 type offloadPorts struct{ outbound, inbound []uint16 }
 
-// offloadRefresh is how often the offloader rereads the install's ports.
-const offloadRefresh = time.Second
+// OffloadRefresh is how often the offloader rereads the install's ports.
+const OffloadRefresh = time.Second
 
 func newOffloader(maps *loader.Offload, plan redirect.Plan, log *slog.Logger) *offloader {
-	o := &offloader{log: log}
+	o := &offloader{log: log, hand: (*loader.Offload).Hand}
 	o.maps.Store(maps)
 	o.ports.Store(&offloadPorts{plan.OffloadPorts, plan.OffloadInboundPorts})
 	return o
@@ -42,7 +44,7 @@ func newOffloader(maps *loader.Offload, plan redirect.Plan, log *slog.Logger) *o
 // of install replaced them, until ctx ends.
 func (o *offloader) follow(target loader.Target) runner {
 	return func(ctx context.Context) error {
-		t := time.NewTicker(offloadRefresh)
+		t := time.NewTicker(OffloadRefresh)
 		defer t.Stop()
 		for {
 			select {
@@ -80,7 +82,7 @@ func (o *offloader) Offload(dir proxy.Direction, dst, app, sidecar netip.AddrPor
 	if !slices.Contains(ports, dst.Port()) {
 		return nil
 	}
-	release, err := o.maps.Load().Hand(app, sidecar, far)
+	release, err := o.hand(o.maps.Load(), app, sidecar, far)
 	if err != nil {
 		// Once: every connection would fail alike. It stays proxied.
 		if !o.warned.Swap(true) {

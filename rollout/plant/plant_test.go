@@ -1,0 +1,107 @@
+package plant
+
+import (
+	"context"
+	"net/http/httptest"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/rollout"
+	"github.com/sluicemesh/sluice/telemetry"
+)
+
+// events is a Source of hand-made flow events.
+type events []bpf.SluiceFlowEvent
+
+func (e *events) Next(time.Duration) (bpf.SluiceFlowEvent, error) {
+	if len(*e) == 0 {
+		return bpf.SluiceFlowEvent{}, loader.ErrClosed
+	}
+	ev := (*e)[0]
+	*e = (*e)[1:]
+	return ev, nil
+}
+
+func (e *events) Counters() (map[string]uint64, error) { return nil, nil }
+
+// outbound is an event of the pod's outbound flow to dst.
+func outbound(cookie uint64, kind bpf.SluiceFlowKind, dst string, connectUs uint32) bpf.SluiceFlowEvent {
+	d := netip.MustParseAddrPort(dst)
+	return bpf.SluiceFlowEvent{
+		Cookie: cookie, Kind: uint8(kind), Flow: uint32(bpf.SluiceFlowFlagFLOW_OUTBOUND | bpf.SluiceFlowFlagFLOW_VIA_SIDECAR),
+		Local: loader.Addr6(netip.MustParseAddr("198.18.1.2")), LocalPort: 40000 + uint16(cookie),
+		Remote: loader.Addr6(d.Addr()), RemotePort: d.Port(),
+		Orig:      bpf.SluiceOrigDst{Addr: loader.Addr6(d.Addr()), Port: d.Port(), Family: 2},
+		ConnectUs: connectUs, StartNs: 1, EndNs: 2, End: uint8(bpf.SluiceFlowEndEND_REFUSED),
+	}
+}
+
+// Measure reads what a real exporter serves on /metrics: the two backends'
+// established connects and latency, and their failed connects; the
+// destinations folded into "other" are no backend.
+func TestMeasureReadsTheExportersMetrics(t *testing.T) {
+	stable, canary := "198.18.2.2:8080", "198.18.3.2:8080"
+	src := events{
+		outbound(1, bpf.SluiceFlowKindFLOW_OPEN, stable, 1000),
+		outbound(2, bpf.SluiceFlowKindFLOW_OPEN, stable, 3000),
+		outbound(3, bpf.SluiceFlowKindFLOW_OPEN, canary, 5000),
+		outbound(4, bpf.SluiceFlowKindFLOW_CONNECT_FAILED, canary, 0),
+		outbound(5, bpf.SluiceFlowKindFLOW_CONNECT_FAILED, canary, 0),
+		outbound(6, bpf.SluiceFlowKindFLOW_OPEN, "198.18.9.9:80", 7000), // folds into "other"
+	}
+	e := telemetry.NewExporter(&src, telemetry.Options{MaxDestinations: 2})
+	if err := e.Run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(e.Handler())
+	defer srv.Close()
+
+	got, err := New(loader.Target{}, netip.AddrPort{}, netip.AddrPort{}, srv.URL).Measure()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[netip.AddrPort]rollout.Sample{
+		netip.MustParseAddrPort(stable): {Established: 2, LatencySum: 0.004},
+		netip.MustParseAddrPort(canary): {Established: 1, LatencySum: 0.005, Failed: 2},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("Measure = %v, want %v", got, want)
+	}
+	for ap, w := range want {
+		g := got[ap]
+		if g.Established != w.Established || g.Failed != w.Failed || abs(g.LatencySum-w.LatencySum) > 1e-9 {
+			t.Errorf("%s: %+v, want %+v", ap, g, w)
+		}
+	}
+}
+
+func TestMeasureSaysWhereTheSidecarIsNot(t *testing.T) {
+	srv := httptest.NewServer(nil)
+	url := srv.URL
+	srv.Close()
+	_, err := New(loader.Target{}, netip.AddrPort{}, netip.AddrPort{}, url).Measure()
+	if err == nil || !strings.Contains(err.Error(), "is 'sluice run --cgroup' running there?") {
+		t.Fatalf("Measure with no sidecar = %v, want the hint", err)
+	}
+}
+
+func TestParseSamplesRefusesWhatIsNoMetricsPage(t *testing.T) {
+	if _, err := parseSamples(strings.NewReader("<html>not metrics</html>\n")); err == nil {
+		t.Fatal("parsed an HTML page as metrics")
+	}
+	got, err := parseSamples(strings.NewReader(""))
+	if err != nil || len(got) != 0 {
+		t.Fatalf("an empty page = %v, %v; want no samples", got, err)
+	}
+}
+
+func abs(f float64) float64 {
+	if f < 0 {
+		return -f
+	}
+	return f
+}

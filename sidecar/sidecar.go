@@ -1,0 +1,265 @@
+// Package sidecar runs the pod's sidecar: the transparent proxy for the
+// connections the install captures, the exporter of the flows the kernel
+// measures, and the offload of the connections the install names. It
+// follows the pod's install when it has one, and works the same behind
+// iptables REDIRECT when it has none.
+package sidecar
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"runtime"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/proxy"
+	"github.com/sluicemesh/sluice/redirect"
+	"github.com/sluicemesh/sluice/telemetry"
+)
+
+// Config is what 'sluice run' was told: one field per flag.
+type Config struct {
+	Cgroup string // the pod's cgroup v2 directory; empty: the pod this runs in, if any
+	PinDir string // where the pins are; empty: the default for Cgroup
+
+	OutboundPort uint16 // -p
+	InboundPort  uint16 // -z
+	ProxyUID     uint32 // -u
+	ProxyGID     uint32 // -g
+	// Which of -p, -z, -u and -g were given: the others come from the
+	// pod's install when there is one.
+	OutboundPortSet, InboundPortSet, ProxyUIDSet, ProxyGIDSet bool
+
+	IdleTimeout     time.Duration // close a connection with no bytes either way for this long
+	Drain           time.Duration // on ctx's end, how long open connections may take to finish
+	MetricsAddr     string        // where to serve /metrics and /flows (with a pod); empty: nowhere
+	MaxFollowers    int
+	IstioMetrics    bool // name the layer-4 counters istio_tcp_*
+	MaxDestinations int
+
+	Identity telemetry.Identity // this pod's Istio labels
+	Logger   *slog.Logger       // nil: slog.Default()
+}
+
+// Run serves until ctx ends (then it drains for cfg.Drain and returns nil)
+// or a part of the sidecar fails.
+func Run(ctx context.Context, cfg Config) error {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	port, err := MetricsPort(cfg.MetricsAddr)
+	if err != nil {
+		return err
+	}
+	s := &sidecar{cfg: cfg, log: cfg.Logger}
+	defer s.close()
+	if s.cfg.Cgroup == "" {
+		s.findPod()
+	}
+	if s.cfg.Cgroup != "" {
+		if err := s.useInstall(port); err != nil {
+			return err
+		}
+	}
+	if err := becomeProxy(s.cfg.ProxyUID, s.cfg.ProxyGID, s.log); err != nil {
+		return err
+	}
+	listeners, err := listen(s.cfg.OutboundPort, s.cfg.InboundPort, s.log)
+	if err != nil {
+		return err
+	}
+	p := s.newProxy()
+	for _, ln := range listeners {
+		s.runners = append(s.runners, func(ctx context.Context) error { return p.Serve(ctx, ln.Listener, ln.dir) })
+	}
+	served := addrs(listeners)
+	if s.exporter != nil {
+		metrics := newMetricsServer(s.cfg.MetricsAddr, s.exporter.Handler(), s.exporter.Registry(), s.log)
+		// The first attempt before "listening", so a scraper may come
+		// at once; later ones in the background.
+		s.runners = append(s.runners, metrics.run(metrics.listen()))
+		served += ",metrics " + s.cfg.MetricsAddr
+	}
+	err = serve(ctx, s.runners, p, s.cfg.Drain, served, s.log)
+	if s.offload != nil {
+		s.offload.Close()
+		s.log.Info("offload", "connections_offloaded", s.offload.handed.Load())
+	}
+	return err
+}
+
+// sidecar is one Run's parts, gathered step by step before they start.
+type sidecar struct {
+	cfg      Config
+	log      *slog.Logger
+	runners  []runner
+	exporter *telemetry.Exporter
+	offload  *offloader
+	undo     []func() // run in reverse when Run returns
+}
+
+func (s *sidecar) close() {
+	for i := len(s.undo) - 1; i >= 0; i-- {
+		s.undo[i]()
+	}
+}
+
+// findPod finds the pod this sidecar runs in, as the init container did.
+func (s *sidecar) findPod() {
+	if pod, err := loader.OwnPod(os.Getenv); err == nil {
+		s.cfg.Cgroup = pod
+		s.log.Info("serving the pod this sidecar runs in", "cgroup", pod)
+	} else {
+		s.log.Debug("no pod found: serving without its install", "reason", err)
+	}
+}
+
+// useInstall reads the pod's install: its flows to export, its offload
+// ports to follow, and the ports and proxy identity not given as flags.
+func (s *sidecar) useInstall(metricsPort uint16) error {
+	target, err := loader.ResolveTarget(s.cfg.Cgroup, s.cfg.PinDir)
+	if err != nil {
+		return err
+	}
+	installed, err := loader.ReadPlan(target)
+	if err != nil {
+		return err
+	}
+	if s.cfg.MetricsAddr != "" {
+		if err := s.exportFlows(target); err != nil {
+			return err
+		}
+	}
+	if err := s.followOffload(target, installed); err != nil {
+		return err
+	}
+	s.cfg.fillFrom(installed)
+	warnIfOutside(s.log, target.Cgroup)
+	if s.exporter != nil {
+		warnIfUnreserved(s.log, metricsPort, installed.SidecarPorts)
+	}
+	return nil
+}
+
+// exportFlows opens the pod's flows and the exporter that serves them.
+func (s *sidecar) exportFlows(target loader.Target) error {
+	source, err := loader.OpenFlows(target)
+	if err != nil {
+		return err
+	}
+	s.undo = append(s.undo, func() { source.Close() })
+	s.exporter = telemetry.NewExporter(source, telemetry.Options{Identity: s.cfg.Identity, IstioNames: s.cfg.IstioMetrics,
+		MaxDestinations: s.cfg.MaxDestinations, MaxFollowers: s.cfg.MaxFollowers, Logger: s.log,
+		Routes: source.Routes, RoutesVersion: source.Version})
+	s.runners = append(s.runners, s.exporter.Run, closeOnDone(source))
+	return nil
+}
+
+// followOffload opens the pod's offload maps and follows its install.
+// Every install made since offload exists has its maps, offload ports or
+// not: a later rerun of install may add them.
+func (s *sidecar) followOffload(target loader.Target, installed redirect.Plan) error {
+	maps, err := loader.OpenOffload(target)
+	if err != nil {
+		if len(installed.OffloadPorts) > 0 || len(installed.OffloadInboundPorts) > 0 {
+			return err
+		}
+		s.log.Debug("no offload: its maps cannot be opened", "err", err)
+		return nil
+	}
+	s.offload = newOffloader(maps, installed, s.log)
+	// Root is dropped before listening, and the pins' path may cross
+	// directories only root may pass (the host's /sys/fs/bpf): a
+	// descriptor of their directory keeps them in reach for rereading
+	// the policy.
+	dir, err := unix.Open(target.PinDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", target.PinDir, err)
+	}
+	s.undo = append(s.undo, func() { unix.Close(dir) })
+	follow := target
+	follow.PinDir = fmt.Sprintf("/proc/self/fd/%d", dir)
+	s.runners = append(s.runners, s.offload.follow(follow))
+	return nil
+}
+
+// fillFrom takes the ports and proxy identity that were not given from
+// the pod's install.
+func (c *Config) fillFrom(installed redirect.Plan) {
+	if !c.OutboundPortSet {
+		c.OutboundPort = installed.OutboundPort
+	}
+	if !c.InboundPortSet {
+		c.InboundPort = installed.InboundPort
+	}
+	if !c.ProxyUIDSet {
+		c.ProxyUID = installed.ProxyUID
+	}
+	if !c.ProxyGIDSet {
+		c.ProxyGID = installed.ProxyGID
+	}
+}
+
+// newProxy sizes the proxy to the machine: one event loop per CPU, each
+// holding a P, and one P more for the rest (listeners' setup, the
+// exporter, /metrics).
+func (s *sidecar) newProxy() *proxy.Proxy {
+	loops := runtime.GOMAXPROCS(0)
+	runtime.GOMAXPROCS(loops + 1)
+	opts := proxy.Options{IdleTimeout: s.cfg.IdleTimeout, Logger: s.log, Loops: loops}
+	if s.offload != nil {
+		opts.Offload = s.offload
+	}
+	return proxy.New(opts)
+}
+
+// runner is one part of the sidecar: it runs until ctx ends (returning nil)
+// or it fails.
+type runner func(ctx context.Context) error
+
+// drainer is what serve drains once every part has stopped: the proxy.
+type drainer interface{ Shutdown(drain time.Duration) }
+
+// serve runs every part until ctx ends (a signal: drain, then exit 0) or
+// one part fails (the others stop too, and the error makes the process exit
+// non-zero, so the pod restarts the sidecar).
+func serve(ctx context.Context, runners []runner, p drainer, drain time.Duration, addrs string, log *slog.Logger) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make([]error, len(runners))
+	for i, run := range runners {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if errs[i] = run(ctx); errs[i] != nil {
+				cancel()
+			}
+		}()
+	}
+	log.Info("listening", "addrs", addrs, "uid", os.Getuid(), "gid", os.Getgid())
+	<-ctx.Done()
+	wg.Wait()
+	err := errors.Join(errs...)
+	if err == nil {
+		log.Info("stopping: no new connections; draining open ones", "drain", drain)
+	}
+	p.Shutdown(drain)
+	return err
+}
+
+// closeOnDone closes c when ctx ends, which ends the exporter's Run.
+func closeOnDone(c io.Closer) runner {
+	return func(ctx context.Context) error {
+		<-ctx.Done()
+		c.Close()
+		return nil
+	}
+}
