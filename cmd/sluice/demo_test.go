@@ -5,11 +5,13 @@ package main
 import (
 	"strings"
 	"testing"
+
+	"github.com/sluicemesh/sluice/internal/testbed"
 )
 
 func TestDemo(t *testing.T) {
 	privileged(t)
-	out := mustCLI(t, "demo")
+	out := testbed.MustRun(t, sluice(t, "demo"))
 	for _, want := range []string{
 		"app   198.18.2.2:8080       198.18.2.2:8080             198.18.2.2:8080           1 MiB intact  outbound, captured",
 		"app   [2001:2:0:2::2]:8080  [2001:2:0:2::2]:8080        [2001:2:0:2::2]:8080      1 MiB intact  outbound, captured (IPv6)",

@@ -1,4 +1,4 @@
-package main
+package e2e
 
 // Lifecycle: what a pod sees while its sidecar is down (fail policy), and
 // that capture resumes when the sidecar comes back, with no reinstall.
@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluicemesh/sluice/internal/testbed"
 	"github.com/sluicemesh/sluice/loader"
 )
 
@@ -191,14 +192,14 @@ func TestInstallThousandsOfCIDRs(t *testing.T) {
 	v4[0] = netip.PrefixFrom(c.host.Extra4, 32).String()
 	install := func() string {
 		t.Helper()
-		res := runCLI(t, sluice(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "-x", strings.Join(append(v4, v6...), ",")))
-		if res.code != 0 {
-			t.Fatalf("install with 2,000 IPv4 and 2,000 IPv6 exclude CIDRs: exit %d: %s", res.code, res.stderr)
+		res := testbed.Run(t, sluice(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "-x", strings.Join(append(v4, v6...), ",")))
+		if res.Code != 0 {
+			t.Fatalf("install with 2,000 IPv4 and 2,000 IPv6 exclude CIDRs: exit %d: %s", res.Code, res.Stderr)
 		}
-		return res.stdout
+		return res.Stdout
 	}
 	install()
-	t.Cleanup(func() { runCLI(t, sluice(t, "uninstall", "--cgroup", c.cgroup)) })
+	t.Cleanup(func() { testbed.Run(t, sluice(t, "uninstall", "--cgroup", c.cgroup)) })
 	c.startSidecar(t)
 
 	excluded := c.client(t, netip.AddrPortFrom(c.host.Extra4, 8080).String())
@@ -222,7 +223,7 @@ func TestInstallThousandsOfCIDRs(t *testing.T) {
 	v4, v6 = manyCIDRs(4097)
 	file := filepath.Join(t.TempDir(), "annotations")
 	os.WriteFile(file, []byte(`sluice.dev/kernel-only-cidrs="`+strings.Join(append(v4, v6...), ",")+"\"\n"), 0o644)
-	res := runCLI(t, sluice(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "--annotations", file))
+	res := testbed.Run(t, sluice(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "--annotations", file))
 	expectOneLineError(t, res, 2, "8194 CIDRs", "at most 8192")
 	expectNothingInstalled(t, target)
 }

@@ -1,4 +1,4 @@
-package main
+package e2e
 
 // The init container's view: install run inside the pod with no --cgroup,
 // and as a drop-in for istio-iptables and Linkerd's proxy-init with their
@@ -7,7 +7,6 @@ package main
 import (
 	"bytes"
 	"net/netip"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -54,12 +53,12 @@ func newInitPod(t *testing.T) *initPod {
 
 // run runs the CLI as the pod's init container would: in its container's
 // cgroup and its network namespace, as root.
-func (p *initPod) run(t *testing.T, args ...string) cliResult {
+func (p *initPod) run(t *testing.T, args ...string) testbed.Result {
 	t.Helper()
 	return p.runCmd(t, sluice(t, args...))
 }
 
-func (p *initPod) runCmd(t *testing.T, cmd *exec.Cmd) cliResult {
+func (p *initPod) runCmd(t *testing.T, cmd *exec.Cmd) testbed.Result {
 	t.Helper()
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
@@ -67,9 +66,9 @@ func (p *initPod) runCmd(t *testing.T, cmd *exec.Cmd) cliResult {
 		t.Fatal(err)
 	}
 	err := cmd.Wait()
-	res := cliResult{stdout: stdout.String(), stderr: stderr.String()}
+	res := testbed.Result{Stdout: stdout.String(), Stderr: stderr.String()}
 	if err != nil {
-		res.code = cmd.ProcessState.ExitCode()
+		res.Code = cmd.ProcessState.ExitCode()
 	}
 	return res
 }
@@ -77,10 +76,10 @@ func (p *initPod) runCmd(t *testing.T, cmd *exec.Cmd) cliResult {
 func (p *initPod) mustRun(t *testing.T, args ...string) string {
 	t.Helper()
 	res := p.run(t, args...)
-	if res.code != 0 {
-		t.Fatalf("in the pod, sluice %s: exit %d\n%s%s", strings.Join(args, " "), res.code, res.stdout, res.stderr)
+	if res.Code != 0 {
+		t.Fatalf("in the pod, sluice %s: exit %d\n%s%s", strings.Join(args, " "), res.Code, res.Stdout, res.Stderr)
 	}
-	return res.stdout
+	return res.Stdout
 }
 
 func TestInPodInstallWithNoArguments(t *testing.T) {
@@ -149,10 +148,9 @@ func TestInPodInstallWithNoArguments(t *testing.T) {
 	// In a private cgroup namespace, as runtimes start containers on cgroup
 	// v2 hosts, /proc/self/cgroup says only "0::/": install finds its
 	// cgroup in the host's hierarchy all the same.
-	unshared := exec.Command("unshare", "--cgroup", self(t), "install", "--validate")
-	unshared.Env = append(os.Environ(), mainEnv+"=1")
-	if res := p.runCmd(t, unshared); res.code != 0 || !strings.Contains(res.stdout, "nothing changed") || !strings.Contains(res.stdout, "validated") {
-		t.Errorf("install --validate in a private cgroup namespace: exit %d\n%s%s", res.code, res.stdout, res.stderr)
+	unshared := exec.Command("unshare", "--cgroup", sluiceBin, "install", "--validate")
+	if res := p.runCmd(t, unshared); res.Code != 0 || !strings.Contains(res.Stdout, "nothing changed") || !strings.Contains(res.Stdout, "validated") {
+		t.Errorf("install --validate in a private cgroup namespace: exit %d\n%s%s", res.Code, res.Stdout, res.Stderr)
 	}
 }
 
@@ -201,28 +199,27 @@ func TestMeshRefusalsInstallNothing(t *testing.T) {
 		{"proxy-init", "-p", "4143", "-o", "4140", "-u", "2102", "--subnets-to-ignore", "198.18.0.0/16"},
 	} {
 		res := p.run(t, args...)
-		if res.code != 2 || strings.Count(strings.TrimSpace(res.stderr), "\n") != 0 || !strings.Contains(res.stderr, "not supported") {
-			t.Errorf("%v: exit %d, stderr %q", args, res.code, res.stderr)
+		if res.Code != 2 || strings.Count(strings.TrimSpace(res.Stderr), "\n") != 0 || !strings.Contains(res.Stderr, "not supported") {
+			t.Errorf("%v: exit %d, stderr %q", args, res.Code, res.Stderr)
 		}
-		if s := runCLI(t, sluice(t, "status", "--cgroup", p.cgroup)); !strings.Contains(s.stdout+s.stderr, "not installed") {
-			t.Errorf("%v left something: %s%s", args, s.stdout, s.stderr)
+		if s := testbed.Run(t, sluice(t, "status", "--cgroup", p.cgroup)); !strings.Contains(s.Stdout+s.Stderr, "not installed") {
+			t.Errorf("%v left something: %s%s", args, s.Stdout, s.Stderr)
 		}
 	}
 	// A container without the host's bpffs: install refuses rather than
 	// mount one that would die with the container.
-	nobpffs := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c", `mount -t tmpfs none /sys/fs/bpf && exec "$0" install`, self(t))
-	nobpffs.Env = append(os.Environ(), mainEnv+"=1")
-	if res := p.runCmd(t, nobpffs); res.code != 1 || !strings.Contains(res.stderr, "is not on a bpf filesystem in this container") {
-		t.Errorf("install with no bpffs: exit %d, %s", res.code, res.stderr)
+	nobpffs := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c", `mount -t tmpfs none /sys/fs/bpf && exec "$0" install`, sluiceBin)
+	if res := p.runCmd(t, nobpffs); res.Code != 1 || !strings.Contains(res.Stderr, "is not on a bpf filesystem in this container") {
+		t.Errorf("install with no bpffs: exit %d, %s", res.Code, res.Stderr)
 	}
-	if s := runCLI(t, sluice(t, "status", "--cgroup", p.cgroup)); !strings.Contains(s.stdout+s.stderr, "not installed") {
-		t.Errorf("install with no bpffs left something: %s%s", s.stdout, s.stderr)
+	if s := testbed.Run(t, sluice(t, "status", "--cgroup", p.cgroup)); !strings.Contains(s.Stdout+s.Stderr, "not installed") {
+		t.Errorf("install with no bpffs left something: %s%s", s.Stdout, s.Stderr)
 	}
 
 	// Outside a pod (the test's own cgroup is no pod's container) install
 	// with no --cgroup refuses rather than capture the caller's parent.
-	res := runCLI(t, sluice(t, "install"))
-	if res.code != 2 || !strings.Contains(res.stderr, "no --cgroup given") {
-		t.Errorf("install outside a pod: exit %d, %s", res.code, res.stderr)
+	res := testbed.Run(t, sluice(t, "install"))
+	if res.Code != 2 || !strings.Contains(res.Stderr, "no --cgroup given") {
+		t.Errorf("install outside a pod: exit %d, %s", res.Code, res.Stderr)
 	}
 }

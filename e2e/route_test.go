@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"encoding/json"
@@ -166,8 +166,8 @@ func TestRouteChangesFromManyProcesses(t *testing.T) {
 					append([]string{"route", "set", "--cgroup", pod.Cgroup, "198.19.0.1:80"}, set...),
 					{"route", "set", "--cgroup", pod.Cgroup, fmt.Sprintf("198.19.1.%d:80", w+1), fmt.Sprintf("198.18.12.%d:80=%d", i+1, i+1)},
 				} {
-					if res := runCLI(t, sluice(t, args...)); res.code != 0 {
-						t.Errorf("%v: %s", args, res.stderr)
+					if res := testbed.Run(t, sluice(t, args...)); res.Code != 0 {
+						t.Errorf("%v: %s", args, res.Stderr)
 					}
 				}
 			}
@@ -220,9 +220,9 @@ func TestRouteBadInput(t *testing.T) {
 		{append([]string{"route", "apply", "-f", file}, cg...), 2, "listed twice"},
 		{append([]string{"route", "bogus"}, cg...), 2, "unknown route subcommand"},
 	} {
-		res := runCLI(t, sluice(t, tt.args...))
-		if res.code != tt.code || strings.Count(res.stderr, "\n") != 1 || !strings.Contains(res.stderr, tt.want) {
-			t.Errorf("%v: exit %d, stderr %q; want exit %d and %q", tt.args, res.code, res.stderr, tt.code, tt.want)
+		res := testbed.Run(t, sluice(t, tt.args...))
+		if res.Code != tt.code || strings.Count(res.Stderr, "\n") != 1 || !strings.Contains(res.Stderr, tt.want) {
+			t.Errorf("%v: exit %d, stderr %q; want exit %d and %q", tt.args, res.Code, res.Stderr, tt.code, tt.want)
 		}
 	}
 	if after := mustCLI(t, "route", "list", "--cgroup", c.cgroup, "--json"); after != before {

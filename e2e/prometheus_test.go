@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"bytes"
@@ -39,7 +39,7 @@ func startPrometheus(t *testing.T, host *testbed.Host, target netip.AddrPort) *p
 	if err != nil {
 		t.Fatalf("prometheus not installed (scripts/deps.sh installs Debian's): %v", err)
 	}
-	rules, err := filepath.Abs("../../deploy/prometheus/recording-rules.yaml")
+	rules, err := filepath.Abs("../deploy/prometheus/recording-rules.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,11 +207,11 @@ func TestPrometheusScrapesTheSidecar(t *testing.T) {
 	if out, err := check.CombinedOutput(); err != nil || len(bytes.TrimSpace(out)) != 0 {
 		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
-	if out, err := exec.Command(promtool, "check", "rules", "../../deploy/prometheus/recording-rules.yaml").CombinedOutput(); err != nil {
+	if out, err := exec.Command(promtool, "check", "rules", "../deploy/prometheus/recording-rules.yaml").CombinedOutput(); err != nil {
 		t.Errorf("promtool check rules: %v\n%s", err, out)
 	}
 
-	dash, err := os.ReadFile("../../deploy/grafana/sluice.json")
+	dash, err := os.ReadFile("../deploy/grafana/sluice.json")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"bytes"
@@ -356,4 +356,56 @@ func expectNoFirewallRules(t *testing.T, pod *testbed.Pod) {
 			}
 		}
 	}
+}
+
+// istio-iptables applies IPv6 ranges to ip6tables only: -x ::/0 leaves IPv4
+// captured, and -i with only an IPv6 range captures no IPv4.
+func TestIPv6RangesLeaveIPv4Alone(t *testing.T) {
+	t.Run("exclude ::/0", func(t *testing.T) {
+		c := newCapturedPod(t, "-x", "::/0")
+		c.startSidecar(t)
+		v4, v6 := netip.AddrPortFrom(c.host.Addr4, 8080).String(), netip.AddrPortFrom(c.host.Addr6, 8080).String()
+		expectDirect(t, c.client(t, v6), v6)
+		c.expectProxied(t, c.client(t, v4), v4)
+	})
+	t.Run("include an IPv6 range only", func(t *testing.T) {
+		c := newCapturedPod(t, "-i", "2001:2::/48")
+		c.startSidecar(t)
+		v4, v6 := netip.AddrPortFrom(c.host.Addr4, 8080).String(), netip.AddrPortFrom(c.host.Addr6, 8080).String()
+		expectDirect(t, c.client(t, v4), v4)
+		c.expectProxied(t, c.client(t, v6), v6)
+	})
+}
+
+// An app using MPTCP is captured like any other: bytes intact, its peer the
+// original destination, which the sidecar saw.
+func TestMPTCPIsCaptured(t *testing.T) {
+	c := newCapturedPod(t)
+	c.startSidecar(t)
+	for _, a := range []netip.Addr{c.host.Addr4, c.host.Addr6} {
+		addr := netip.AddrPortFrom(a, 8080).String()
+		cmd := testbed.ClientCommand(self(t), addr, payload)
+		cmd.Env = append(cmd.Env, testbed.MPTCPEnv+"=1")
+		res, err := c.pod.RunClientCommand(cmd)
+		if err != nil {
+			t.Fatalf("MPTCP client to %s: %v", addr, err)
+		}
+		if !res.MPTCP {
+			t.Fatalf("the app's connection to %s fell back to plain TCP", addr)
+		}
+		checkIntact(t, res, addr)
+		c.expectProxied(t, res, addr)
+	}
+}
+
+// The loop guard compares the address too: a captured connection to a
+// remote server that listens on the sidecar's port goes through.
+func TestCapturedConnectionToRemotePort15001(t *testing.T) {
+	c := newCapturedPod(t)
+	c.startSidecar(t)
+	addr := netip.AddrPortFrom(c.host.Addr4, 15001).String()
+	if _, err := c.host.ListenEcho(addr); err != nil {
+		t.Fatal(err)
+	}
+	c.expectProxied(t, c.client(t, addr), addr)
 }

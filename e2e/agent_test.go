@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"bufio"
@@ -92,7 +92,7 @@ func TestAgentCollectsGonePods(t *testing.T) {
 	mustCLI(t, "install", "--cgroup", keptCgroup, "--pin-dir", keptPins, "--netns", kept.Netns)
 	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", keptCgroup, "--pin-dir", keptPins) })
 	mustCLI(t, "install", "--cgroup", gone.Cgroup, "--pin-dir", gonePins, "--netns", gone.Netns)
-	t.Cleanup(func() { runCLI(t, sluice(t, "uninstall", "--cgroup", gone.Cgroup, "--pin-dir", gonePins)) })
+	t.Cleanup(func() { testbed.Run(t, sluice(t, "uninstall", "--cgroup", gone.Cgroup, "--pin-dir", gonePins)) })
 
 	url := startAgent(t, "--pin-root", root)
 	var pods []agent.Pod
@@ -193,9 +193,9 @@ func TestRouteForManyPods(t *testing.T) {
 	if out := mustCLI(t, "route", "list", "--cgroup", cgroups[0]); !strings.Contains(out, "198.19.0.10:80") {
 		t.Errorf("%s lost its route to a delete --pods that did not match it:\n%s", cgroups[0], out)
 	}
-	res := runCLI(t, sluice(t, "route", "set", "--pods", "*no-such-pod*", "198.19.0.10:80", "198.18.2.2:8080=1"))
-	if res.code != 1 || !strings.Contains(res.stderr, "no installed pod's cgroup matches") {
-		t.Errorf("route set --pods matching nothing: exit %d, %s", res.code, res.stderr)
+	res := testbed.Run(t, sluice(t, "route", "set", "--pods", "*no-such-pod*", "198.19.0.10:80", "198.18.2.2:8080=1"))
+	if res.Code != 1 || !strings.Contains(res.Stderr, "no installed pod's cgroup matches") {
+		t.Errorf("route set --pods matching nothing: exit %d, %s", res.Code, res.Stderr)
 	}
 }
 
@@ -240,7 +240,7 @@ func TestAgentRestartKeepsCapture(t *testing.T) {
 	if res.Failed != 0 || res.OK == 0 {
 		t.Errorf("connections while the agent was killed and restarted: %+v; want none failed or escaped", res)
 	}
-	if res := runCLI(t, sluice(t, "status", "--cgroup", c.cgroup, "--pin-dir", pins)); res.code != 0 {
-		t.Errorf("install after the agent's restart: %s%s", res.stdout, res.stderr)
+	if res := testbed.Run(t, sluice(t, "status", "--cgroup", c.cgroup, "--pin-dir", pins)); res.Code != 0 {
+		t.Errorf("install after the agent's restart: %s%s", res.Stdout, res.Stderr)
 	}
 }

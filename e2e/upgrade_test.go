@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"net/netip"
@@ -36,10 +36,8 @@ func buildAt(t *testing.T, commit string) string {
 	git("worktree", "add", "--detach", src, commit)
 	t.Cleanup(func() { git("worktree", "remove", "--force", src) })
 	bin := filepath.Join(dir, "sluice-old")
-	build := exec.Command("go", "build", "-o", bin, "./cmd/sluice")
-	build.Dir = src
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build %s: %v\n%s", commit, err, out)
+	if err := buildSluice(bin, src, ""); err != nil {
+		t.Fatalf("build %s: %v", commit, err)
 	}
 	return bin
 }

@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"bufio"
@@ -556,4 +556,77 @@ func sendPattern(w io.Writer, size int64) (int64, string, error) {
 	h := sha256.New()
 	n, err := io.Copy(io.MultiWriter(w, h), io.LimitReader(rand.NewChaCha8([32]byte{byte(size)}), size))
 	return n, hex.EncodeToString(h.Sum(nil)), err
+}
+
+// holder is the "hold" helper running in a pod: connections kept open, each
+// exchange proving they still carry bytes.
+type holder struct {
+	cmd   *exec.Cmd
+	in    io.WriteCloser
+	out   *bufio.Scanner
+	state holdState
+}
+
+func startHold(t *testing.T, pod *testbed.Pod, addr string, count int) *holder {
+	t.Helper()
+	cmd := helper(t, "hold", addr, fmt.Sprint(count))
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := pod.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	h := &holder{cmd: cmd, in: in, out: bufio.NewScanner(stdout)}
+	t.Cleanup(func() { in.Close() })
+	h.exchange(t, "hello")
+	return h
+}
+
+// exchange sends msg on every held connection and checks the echo.
+func (h *holder) exchange(t *testing.T, msg string) holdState {
+	t.Helper()
+	if err := h.try(msg); err != nil {
+		t.Fatal(err)
+	}
+	return h.state
+}
+
+func (h *holder) try(msg string) error {
+	if _, err := fmt.Fprintln(h.in, msg); err != nil {
+		return fmt.Errorf("hold helper: %w", err)
+	}
+	if !h.out.Scan() {
+		return fmt.Errorf("hold helper ended: %v", h.out.Err())
+	}
+	var line struct {
+		Result holdState `json:"result"`
+		Error  string    `json:"error"`
+	}
+	if err := json.Unmarshal(h.out.Bytes(), &line); err != nil || line.Error != "" {
+		return fmt.Errorf("hold helper: %s (%v)", h.out.Text(), err)
+	}
+	h.state = line.Result
+	return nil
+}
+
+// reuseTimeWait lets one pod make 100,000 short connections: each leaves a
+// TIME_WAIT socket on the sidecar's side of its upstream.
+func reuseTimeWait(t *testing.T, pod *testbed.Pod) {
+	t.Helper()
+	if err := pod.Do(func() error {
+		for file, value := range map[string]string{"ipv4/tcp_tw_reuse": "1", "ipv4/ip_local_port_range": "1024 65000"} {
+			if err := os.WriteFile("/proc/sys/net/"+file, []byte(value), 0o644); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
 }
