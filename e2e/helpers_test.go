@@ -223,7 +223,17 @@ func oneShortVia(addr string, captured bool) error {
 		return fmt.Errorf("peer line: %w", err)
 	}
 	if captured && strings.TrimSpace(line) == "peer="+c.LocalAddr().String() {
-		return fmt.Errorf("escaped capture: the server saw the app's own socket %s", c.LocalAddr())
+		// The sidecar's dial may get the app's port: both sockets are
+		// bound to the pod's address with the port chosen at connect, and
+		// their destinations differ. Only the kernel's own tuple of the
+		// app's socket tells an escape from that.
+		escaped, err := connectedTo(c.(*net.TCPConn), addr)
+		if err != nil {
+			return err
+		}
+		if escaped {
+			return fmt.Errorf("escaped capture: the server saw the app's own socket %s", c.LocalAddr())
+		}
 	}
 	if _, err := c.Write([]byte{'x'}); err != nil {
 		return err
@@ -237,6 +247,43 @@ func oneShortVia(addr string, captured bool) error {
 		return fmt.Errorf("echo %q, want \"x\"", echo)
 	}
 	return nil
+}
+
+// connectedTo says whether the kernel connected c to addr's port (an
+// escape) rather than to the sidecar: getpeername is answered with the
+// original destination for captured sockets, /proc/net/tcp is not.
+func connectedTo(c *net.TCPConn, addr string) (bool, error) {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false, err
+	}
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return false, err
+	}
+	var st syscall.Stat_t
+	var statErr error
+	raw.Control(func(fd uintptr) { statErr = syscall.Fstat(int(fd), &st) })
+	if statErr != nil {
+		return false, statErr
+	}
+	for _, table := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		data, err := os.ReadFile(table)
+		if err != nil {
+			return false, err
+		}
+		// sl local_address rem_address st ... uid timeout inode
+		for _, line := range strings.Split(string(data), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) < 10 || f[9] != strconv.FormatUint(st.Ino, 10) {
+				continue
+			}
+			_, hexPort, _ := strings.Cut(f[2], ":")
+			p, err := strconv.ParseUint(hexPort, 16, 16)
+			return err == nil && strconv.FormatUint(p, 10) == port, err
+		}
+	}
+	return false, fmt.Errorf("socket %s (inode %d) is in no /proc/net/tcp table", c.LocalAddr(), st.Ino)
 }
 
 // holdState is what hold reports after each exchange.
