@@ -171,7 +171,7 @@ func (in *installer) inspect(args []string) error {
 		}
 	}
 	in.want = record{Format: recordFormat, Cgroup: t.Cgroup, CgroupID: t.CgroupID, Netns: t.Netns, NetnsInode: in.netnsIno,
-		Interface: t.Interface, Ifindex: ifindex, Args: args}
+		Interface: t.Interface, Ifindex: ifindex, Args: args, Offload: offloadOf(in.plan)}
 	cur, err := readPins(t.PinDir)
 	if err != nil {
 		return err
@@ -267,7 +267,7 @@ func (in *installer) rewritePolicy() error {
 	if err != nil {
 		return err
 	}
-	if changed {
+	if changed || in.offloadChanged() {
 		in.res.Changes = append(in.res.Changes, "policy written")
 	}
 	// The proxy group may be what changed: the sidecar's pins follow it.
@@ -276,6 +276,12 @@ func (in *installer) rewritePolicy() error {
 	}
 	in.want.Object = in.cur.rec.Object
 	return writeRecord(meta, in.want)
+}
+
+// offloadChanged reports whether the plan's offload ports, which the record
+// keeps, differ from those of the install there: a change of policy too.
+func (in *installer) offloadChanged() bool {
+	return in.cur.rec != nil && (in.cur.rec.Offload == nil || *in.cur.rec.Offload != *in.want.Offload)
 }
 
 // load loads the embedded object, keeping the pinned maps it can.
@@ -409,7 +415,7 @@ func (in *installer) attach() error {
 	}
 	if changed, err := policyMapsOf(coll.Maps).write(in.plan); err != nil {
 		return err
-	} else if changed {
+	} else if changed || in.offloadChanged() {
 		in.change("policy written")
 	}
 	hooks := cgroupHooks

@@ -29,6 +29,7 @@ func OpenOffload(t Target) (*Offload, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Both are open: Map returns them as they are.
 	o := &Offload{pins: p}
 	o.socks, _ = p.Map(bpf.SluiceMapOffloadSocks)
 	o.peers, _ = p.Map(bpf.SluiceMapOffloadPeers)

@@ -1,7 +1,6 @@
 package loader
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -96,15 +95,6 @@ func (p *Pins) open(name string, access Access) (*ebpf.Map, error) {
 	return m, nil
 }
 
-// Has reports whether the pins hold map name, opening it if so.
-func (p *Pins) Has(name string) bool {
-	_, err := p.Map(name)
-	return err == nil
-}
-
-// Target is the pod the pins belong to.
-func (p *Pins) Target() Target { return p.target }
-
 // Close closes every map the handle opened.
 func (p *Pins) Close() error {
 	p.mu.Lock()
@@ -151,18 +141,50 @@ func (p *Pins) routeMaps() (routeMaps, error) {
 	return m, err
 }
 
-// Plan reads the plan in force. errOlderLayout means the policy maps are
-// another Sluice version's.
+// Plan reads the plan in force: from the policy maps, and the offload ports
+// from the record. An install from before the record kept them has them
+// in its policy maps, in their older layout, and reads as well; any other
+// layout is errOlderLayout.
 func (p *Pins) Plan() (redirect.Plan, error) {
 	m, err := p.policy()
 	if err != nil {
 		return redirect.Plan{}, err
 	}
-	if m.policies.ValueSize() != uint32(binary.Size(bpf.SluicePolicy{})) {
+	switch int(m.policies.ValueSize()) {
+	case legacyPolicySize:
+		return m.readLegacy()
+	case policySize:
+	default:
 		return redirect.Plan{}, errOlderLayout
 	}
 	plan, _, err := m.read()
-	return plan, err
+	if err != nil {
+		return plan, err
+	}
+	plan.OffloadPorts, plan.OffloadInboundPorts, err = p.rec.offloadPorts()
+	return plan.Normalize(), err
+}
+
+// OffloadPorts returns the install's offload ports, outbound and inbound:
+// from the record, which the handle read as it opened, or, for an install
+// whose record predates them, from its policy maps.
+func (p *Pins) OffloadPorts() (out, in []uint16, err error) {
+	if p.rec.Offload != nil {
+		return p.rec.offloadPorts()
+	}
+	plan, err := p.Plan()
+	return plan.OffloadPorts, plan.OffloadInboundPorts, err
+}
+
+// OffloadPorts reads t's offload ports, outbound and inbound: one lookup of
+// the install record, cheap enough for the sidecar to poll.
+func OffloadPorts(t Target) (out, in []uint16, err error) {
+	p, err := Open(t, ReadOnly)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer p.Close()
+	return p.OffloadPorts()
 }
 
 // Counters reads the hooks' counters (see counterNames).
