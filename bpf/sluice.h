@@ -47,7 +47,8 @@ enum config_flag {
 	CONFIG_FAIL_OPEN = 1 << 4,
 };
 
-/* Port sets, one bit per port each. */
+/* Port sets, one bit per port each. The offload ports are no set here: no
+ * program reads them, and the sidecar reads them from the install record. */
 enum port_set {
 	PORT_OUT_EXCLUDE,     /* -o */
 	PORT_OUT_INCLUDE,     /* -q */
@@ -55,8 +56,6 @@ enum port_set {
 	PORT_IN_INCLUDE,      /* -b, enforced by the inbound hook */
 	PORT_OUT_KERNEL_ONLY, /* --kernel-only-ports: captured, but no sidecar */
 	PORT_IN_KERNEL_ONLY,  /* --kernel-only-inbound-ports */
-	PORT_OUT_OFFLOAD,     /* --offload-ports: the sidecar hands the app's bytes to the kernel */
-	PORT_IN_OFFLOAD,      /* --offload-inbound-ports */
 	PORT_SETS,
 };
 

@@ -168,7 +168,7 @@ type SluicePolicy struct {
 	InboundPort  uint16
 	Flags        uint32
 	SidecarPorts [8]uint16
-	Ports        [8][1024]uint64
+	Ports        [6][1024]uint64
 }
 
 type SluicePortSet uint32
@@ -180,9 +180,7 @@ const (
 	SluicePortSetPORT_IN_INCLUDE      SluicePortSet = 3
 	SluicePortSetPORT_OUT_KERNEL_ONLY SluicePortSet = 4
 	SluicePortSetPORT_IN_KERNEL_ONLY  SluicePortSet = 5
-	SluicePortSetPORT_OUT_OFFLOAD     SluicePortSet = 6
-	SluicePortSetPORT_IN_OFFLOAD      SluicePortSet = 7
-	SluicePortSetPORT_SETS            SluicePortSet = 8
+	SluicePortSetPORT_SETS            SluicePortSet = 6
 )
 
 type SluiceRollbackReason uint32

@@ -62,7 +62,7 @@ func Check() []Probe {
 	mount, err := Cgroup2Mount()
 	add("cgroup v2 mounted", err)
 
-	coll, err := load(true, false, nil)
+	coll, err := loadFresh(true, false)
 	add("load programs (verifier)", err)
 	if err == nil {
 		defer coll.Close()

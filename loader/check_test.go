@@ -25,7 +25,7 @@ func TestCheck(t *testing.T) {
 // from 122 to 147 ms.
 func TestVerifierBudget(t *testing.T) {
 	testbed.RequirePrivileged(t)
-	coll, err := load(true, true, nil)
+	coll, err := loadFresh(true, true)
 	if err != nil {
 		t.Fatal(err)
 	}

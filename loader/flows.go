@@ -5,14 +5,15 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"path/filepath"
+	"io"
+	"net/netip"
 	"sync"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/podstate"
 )
 
 // FlowSource is a pod's flow events and counters, opened from its pins with
@@ -21,72 +22,98 @@ import (
 type FlowSource struct {
 	*RouteReader
 	events   *ringbuf.Reader
-	counters *ebpf.Map
 	close    sync.Once
 	closeErr error
 }
 
-// OpenFlows opens t's flow ring buffer and counters; the pins must belong to
-// t's cgroup.
+// OpenFlows opens t's flow ring buffer, counters and routes; the pins must
+// belong to t's cgroup.
 func OpenFlows(t Target) (*FlowSource, error) {
-	rec, err := readRecord(t.PinDir)
+	p, err := Open(t, ReadOnly, bpf.SluiceMapCounters, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive)
 	if err != nil {
 		return nil, err
 	}
-	if err := checkOwner(t, rec); err != nil {
+	// A consumer moves the ring's read position: it writes.
+	ring, err := p.open(bpf.SluiceMapFlowEvents, ReadWrite)
+	if err != nil {
+		p.Close()
 		return nil, err
 	}
-	ring, err := ebpf.LoadPinnedMap(filepath.Join(t.PinDir, bpf.SluiceMapFlowEvents), nil)
-	if err != nil {
-		return nil, pinsError(t.PinDir, err)
-	}
-	defer ring.Close()
 	events, err := ringbuf.NewReader(ring)
 	if err != nil {
+		p.Close()
 		return nil, fmt.Errorf("read flow events: %w", err)
 	}
-	counters, err := ebpf.LoadPinnedMap(filepath.Join(t.PinDir, bpf.SluiceMapCounters), &ebpf.LoadPinOptions{ReadOnly: true})
-	if err != nil {
-		events.Close()
-		return nil, pinsError(t.PinDir, err)
-	}
-	routes, err := OpenRoutes(t)
-	if err != nil {
-		events.Close()
-		counters.Close()
-		return nil, err
-	}
-	return &FlowSource{RouteReader: routes, events: events, counters: counters}, nil
+	return &FlowSource{RouteReader: &RouteReader{p}, events: events}, nil
 }
 
-// ErrClosed is what Next returns once the source is closed.
-var ErrClosed = errors.New("flow source closed")
-
 // Next waits up to timeout for the next flow event. It returns
-// os.ErrDeadlineExceeded when none came.
-func (s *FlowSource) Next(timeout time.Duration) (bpf.SluiceFlowEvent, error) {
-	var ev bpf.SluiceFlowEvent
+// os.ErrDeadlineExceeded when none came, and io.EOF once the source is
+// closed.
+func (s *FlowSource) Next(timeout time.Duration) (podstate.FlowEvent, error) {
 	s.events.SetDeadline(time.Now().Add(timeout))
 	rec, err := s.events.Read()
 	if errors.Is(err, ringbuf.ErrClosed) {
-		return ev, ErrClosed
+		return podstate.FlowEvent{}, io.EOF
 	}
 	if err != nil {
-		return ev, err
+		return podstate.FlowEvent{}, err
 	}
-	if err := binary.Read(bytes.NewReader(rec.RawSample), binary.NativeEndian, &ev); err != nil {
-		return ev, fmt.Errorf("decode flow event of %d bytes: %w", len(rec.RawSample), err)
+	return decodeFlowEvent(rec.RawSample)
+}
+
+// decodeFlowEvent turns the kernel's struct flow_event into its Go value:
+// the one place that knows its layout and enums.
+func decodeFlowEvent(raw []byte) (podstate.FlowEvent, error) {
+	var ev bpf.SluiceFlowEvent
+	if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &ev); err != nil {
+		return podstate.FlowEvent{}, fmt.Errorf("decode flow event of %d bytes: %w", len(raw), err)
 	}
-	return ev, nil
+	us := func(n uint32) time.Duration { return time.Duration(n) * time.Microsecond }
+	flag := func(f bpf.SluiceFlowFlag) bool { return ev.Flow&uint32(f) != 0 }
+	return podstate.FlowEvent{
+		Cookie:         ev.Cookie,
+		Kind:           flowKinds[bpf.SluiceFlowKind(ev.Kind)],
+		Inbound:        flag(bpf.SluiceFlowFlagFLOW_INBOUND),
+		ViaSidecar:     flag(bpf.SluiceFlowFlagFLOW_VIA_SIDECAR),
+		KernelOnly:     flag(bpf.SluiceFlowFlagFLOW_KERNEL_ONLY),
+		Local:          netip.AddrPortFrom(AddrFrom6(ev.Local), ev.LocalPort),
+		Remote:         netip.AddrPortFrom(AddrFrom6(ev.Remote), ev.RemotePort),
+		OriginalDst:    netip.AddrPortFrom(AddrFrom6(ev.Orig.Addr), ev.Orig.Port),
+		StartNs:        ev.StartNs,
+		EndNs:          ev.EndNs,
+		ConnectLatency: us(ev.ConnectUs),
+		SRTT:           us(ev.SrttUs),
+		MinRTT:         us(ev.MinRttUs),
+		BytesSent:      ev.BytesSent,
+		BytesReceived:  ev.BytesReceived,
+		Retransmits:    ev.Retrans,
+		End:            flowEnds[bpf.SluiceFlowEnd(ev.End)],
+	}, nil
+}
+
+// An unknown kind decodes as 0, which readers take for a failure, as they
+// did any kind but open and close.
+var flowKinds = map[bpf.SluiceFlowKind]podstate.FlowKind{
+	bpf.SluiceFlowKindFLOW_OPEN:           podstate.FlowOpened,
+	bpf.SluiceFlowKindFLOW_CLOSE:          podstate.FlowClosed,
+	bpf.SluiceFlowKindFLOW_CONNECT_FAILED: podstate.FlowConnectFailed,
+}
+
+var flowEnds = map[bpf.SluiceFlowEnd]string{
+	bpf.SluiceFlowEndEND_FIN:     podstate.EndFin,
+	bpf.SluiceFlowEndEND_RST:     podstate.EndRst,
+	bpf.SluiceFlowEndEND_TIMEOUT: podstate.EndTimeout,
+	bpf.SluiceFlowEndEND_REFUSED: podstate.EndRefused,
 }
 
 // Counters reads the hooks' counters (see counterNames).
-func (s *FlowSource) Counters() (map[string]uint64, error) { return sumCounters(s.counters) }
+func (s *FlowSource) Counters() (map[string]uint64, error) { return s.pins.Counters() }
 
-// Close makes a waiting Next return ErrClosed; closing again does nothing.
+// Close makes a waiting Next return io.EOF; closing again does nothing.
 func (s *FlowSource) Close() error {
 	s.close.Do(func() {
-		s.closeErr = errors.Join(s.events.Close(), s.counters.Close(), s.RouteReader.Close())
+		s.closeErr = errors.Join(s.events.Close(), s.RouteReader.Close())
 	})
 	return s.closeErr
 }

@@ -301,7 +301,7 @@ func TestConstantsReachTheKernel(t *testing.T) {
 		t.Errorf("page_size in the kernel is %d, want the %d set before load", got, odd)
 	}
 
-	loaded, err := load(false, false, nil)
+	loaded, err := loadFresh(false, false)
 	if err != nil {
 		t.Fatal(err)
 	}

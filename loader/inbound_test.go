@@ -60,7 +60,7 @@ type lookupFixture struct {
 func newLookupFixture(t testing.TB, plan redirect.Plan, listeners ...string) *lookupFixture {
 	t.Helper()
 	testbed.RequirePrivileged(t)
-	coll, err := load(true, false, nil)
+	coll, err := loadFresh(true, false)
 	if err != nil {
 		t.Fatal(err)
 	}

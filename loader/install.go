@@ -50,378 +50,460 @@ type Result struct {
 // that repairs a half install. Install refuses pins that belong to another
 // cgroup, a pin directory holding files Sluice did not make, and a second
 // Sluice already capturing the pod through other pins.
+//
+// The steps, each a method of installer below: prepare (bpffs, the pin
+// root, its lock), inspect (what the pins hold, whose they are, who else
+// captures the pod), decide (nothing to do, the policy only, or the full
+// path), and on the full path load (the embedded object, parsed once, with
+// the pinned maps it can keep), pin (the record first, marked unfinished,
+// then every map), attach (splice, policy, hooks, stale links gone) and
+// finish (the record names the object). A failure undoes, in reverse, what
+// a fresh install did.
 func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res Result, err error) {
-	var steps undo
-	unlock := func() {}
-	defer func() {
-		// Undone while still holding the lock: no other install may find a
-		// directory that is about to go.
-		if err != nil {
-			if uerr := steps.run(); uerr != nil {
-				err = errors.Join(err, fmt.Errorf("undo install: %w", uerr))
-			}
+	in := &installer{t: t, plan: plan, log: log, unlock: func() {}}
+	defer func() { err = in.end(err) }()
+	if err := in.prepare(); err != nil {
+		return in.res, err
+	}
+	if err := in.inspect(args); err != nil {
+		return in.res, err
+	}
+	switch path, err := in.decide(); {
+	case err != nil:
+		return in.res, err
+	case path == pathNothing:
+		return in.res, nil
+	case path == pathPolicy:
+		return in.res, in.rewritePolicy()
+	}
+	for _, step := range []func() error{in.load, in.pin, in.attach, in.removeStale, in.finish} {
+		if err := step(); err != nil {
+			return in.res, err
 		}
-		unlock()
-	}()
-	unmount, err := ensureBPFFS(t.PinDir)
+	}
+	return in.res, nil
+}
+
+// installer is one run of Install, step by step.
+type installer struct {
+	t      Target
+	plan   redirect.Plan
+	log    *slog.Logger
+	res    Result
+	steps  undo   // what a failure undoes
+	unlock func() // the pin root's lock
+
+	inbound  bool
+	netnsIno uint64
+	want     record
+	cur      pinState // what the pins held before
+	fresh    bool     // no install record there
+
+	old     *Pins                // the pinned maps found, kept open
+	reuse   map[string]*ebpf.Map // those the load keeps
+	replace map[string]bool      // those it replaces
+	coll    *ebpf.Collection
+	keepTC  bool // the older install's tcx program stays for a running sidecar
+}
+
+// end undoes a failed install while still holding the lock (no other
+// install may find a directory that is about to go), then lets go of it.
+func (in *installer) end(err error) error {
 	if err != nil {
-		return res, err
+		if uerr := in.steps.run(); uerr != nil {
+			err = errors.Join(err, fmt.Errorf("undo install: %w", uerr))
+		}
+	}
+	if in.coll != nil {
+		in.coll.Close()
+	}
+	if in.old != nil {
+		in.old.Close()
+	}
+	in.unlock()
+	return err
+}
+
+func (in *installer) change(what string, args ...any) {
+	in.res.Changes = append(in.res.Changes, fmt.Sprintf(what, args...))
+	in.log.Debug(in.res.Changes[len(in.res.Changes)-1], "cgroup", in.t.Cgroup)
+}
+
+// prepare mounts bpffs if needed, creates the pin root and locks it.
+func (in *installer) prepare() error {
+	unmount, err := ensureBPFFS(in.t.PinDir)
+	if err != nil {
+		return err
 	}
 	if unmount != nil {
-		steps.push(unmount)
+		in.steps.push(unmount)
 	}
-	root := filepath.Dir(t.PinDir)
+	root := filepath.Dir(in.t.PinDir)
 	created, err := mkdirs(root, pinRootMode)
 	for _, d := range created {
-		steps.push(func() error { return os.Remove(d) })
+		in.steps.push(func() error { return os.Remove(d) })
 	}
 	if err != nil {
-		return res, err
+		return err
 	}
 	held, err := lock(root)
 	if err != nil {
-		return res, err
+		return err
 	}
-	unlock = held
+	in.unlock = held
+	return nil
+}
 
-	inbound := t.Interface != ""
-	ifindex, netnsIno := 0, uint64(0)
-	if inbound {
+// inspect reads what the pins hold and refuses pins that are not this
+// pod's Sluice's, or a pod another Sluice captures; for inbound capture it
+// reserves the sidecar's ports.
+func (in *installer) inspect(args []string) error {
+	t := in.t
+	in.inbound = t.Interface != ""
+	ifindex := 0
+	if in.inbound {
+		var err error
 		if ifindex, err = interfaceIndex(t); err != nil {
-			return res, err
+			return err
 		}
-		if netnsIno, err = netnsInode(t); err != nil {
-			return res, err
+		if in.netnsIno, err = netnsInode(t); err != nil {
+			return err
 		}
 	}
-	want := record{Format: recordFormat, Cgroup: t.Cgroup, CgroupID: t.CgroupID, Netns: t.Netns, NetnsInode: netnsIno,
-		Interface: t.Interface, Ifindex: ifindex, Args: args}
-
+	in.want = record{Format: recordFormat, Cgroup: t.Cgroup, CgroupID: t.CgroupID, Netns: t.Netns, NetnsInode: in.netnsIno,
+		Interface: t.Interface, Ifindex: ifindex, Args: args, Offload: offloadOf(in.plan)}
 	cur, err := readPins(t.PinDir)
 	if err != nil {
-		return res, err
+		return err
 	}
 	if cur.rec != nil {
 		if err := checkOwner(t, *cur.rec); err != nil {
-			return res, err
+			return err
 		}
 	} else if len(cur.names) > 0 {
-		return res, fmt.Errorf("pin dir %s holds files Sluice did not create (%v): pick another --pin-dir", t.PinDir, cur.names)
+		return fmt.Errorf("pin dir %s holds files Sluice did not create (%v): pick another --pin-dir", t.PinDir, cur.names)
 	}
-	fresh := cur.rec == nil
-
+	in.cur, in.fresh = cur, cur.rec == nil
 	ours, err := pinnedPrograms(t.PinDir)
 	if err != nil {
-		return res, err
+		return err
 	}
-	if err := otherSluice(t, inbound, ours); err != nil {
-		return res, err
+	if err := otherSluice(t, in.inbound, ours); err != nil {
+		return err
 	}
-	if inbound {
-		// Not being able to tell (no /proc/sys) does not stop the install:
-		// the bind hook and sockops' owner check still guard the ports.
-		reserved, unreserved, err := reserveSidecarPorts(t, plan)
-		if err != nil {
-			log.Warn("cannot reserve the sidecar's ports in the pod's local port range", "err", err)
-		}
-		if len(reserved) > 0 {
-			res.Changes = append(res.Changes, fmt.Sprintf("sidecar ports %v reserved in the pod's local port range", reserved))
-		}
-		if len(unreserved) > 0 {
-			log.Warn("the pod's local port range holds sidecar ports, which the kernel may hand to any process of the pod (a listen or connect with no bind meets no bind hook), and its sysctls are read-only here",
-				"ports", unreserved, "fix", "add them to net.ipv4.ip_local_reserved_ports in the pod's securityContext.sysctls, or move net.ipv4.ip_local_port_range")
-		}
+	if in.inbound {
+		in.reservePorts()
 	}
-	if !fresh {
-		// An older install's tcx program, left for a sidecar since
-		// restarted, is removed on the full path.
-		legacy := slices.Contains(cur.names, legacyTCPin)
-		done, err := finished(t, *cur.rec, want, plan)
-		if err != nil || done && !legacy {
-			return res, err
-		}
-		if !legacy {
-			if ok, changed, err := rewritePolicy(t, *cur.rec, want, plan); err != nil || ok {
-				if changed {
-					res.Changes = append(res.Changes, "policy written")
-				}
-				return res, err
-			}
-		}
-	}
+	return nil
+}
 
-	reuse, err := pinnedMapsIn(t.PinDir)
+// reservePorts keeps the sidecar's ports out of the pod's local port range.
+// Not being able to tell (no /proc/sys) does not stop the install: the bind
+// hook and sockops' owner check still guard the ports.
+func (in *installer) reservePorts() {
+	reserved, unreserved, err := reserveSidecarPorts(in.t, in.plan)
 	if err != nil {
-		return res, err
+		in.log.Warn("cannot reserve the sidecar's ports in the pod's local port range", "err", err)
 	}
-	defer func() {
-		for _, m := range reuse {
-			m.Close()
+	if len(reserved) > 0 {
+		in.res.Changes = append(in.res.Changes, fmt.Sprintf("sidecar ports %v reserved in the pod's local port range", reserved))
+	}
+	if len(unreserved) > 0 {
+		in.log.Warn("the pod's local port range holds sidecar ports, which the kernel may hand to any process of the pod (a listen or connect with no bind meets no bind hook), and its sysctls are read-only here",
+			"ports", unreserved, "fix", "add them to net.ipv4.ip_local_reserved_ports in the pod's securityContext.sysctls, or move net.ipv4.ip_local_port_range")
+	}
+}
+
+// installPath is what a run of Install has to do.
+type installPath int
+
+const (
+	pathFull    installPath = iota // load, pin, attach, finish
+	pathNothing                    // exactly this install is there, complete
+	pathPolicy                     // only the policy (or the flags) changed
+)
+
+// decide picks the path. Only an install complete with this build, on the
+// same target, takes a short one: nothing when the flags and the plan are
+// the same, the policy only when its splice table is big enough for the
+// plan. An older install's tcx program, left for a sidecar since
+// restarted, is removed on the full path.
+func (in *installer) decide() (installPath, error) {
+	if in.fresh || slices.Contains(in.cur.names, legacyTCPin) {
+		return pathFull, nil
+	}
+	rec := *in.cur.rec
+	if rec.Object != bpf.ObjectHash() || !rec.sameTarget(in.want) {
+		return pathFull, nil
+	}
+	s, err := Status(in.t)
+	if err != nil || !s.Complete {
+		return pathFull, nil
+	}
+	if rec.argsDigest() == in.want.argsDigest() && s.Plan.Equal(in.plan) {
+		return pathNothing, nil
+	}
+	if s.SpliceCapacity < int(spliceTableSize(in.plan.Splice)) {
+		return pathFull, nil
+	}
+	return pathPolicy, nil
+}
+
+// rewritePolicy is the policy-only path: it writes the plan into the
+// pinned maps (the idle slot, then the switch) and the record's new flags,
+// without loading a program.
+func (in *installer) rewritePolicy() error {
+	p := pinsOf(in.t, *in.cur.rec, ReadWrite)
+	defer p.Close()
+	m, err := p.policy()
+	if err != nil {
+		return err
+	}
+	meta, err := p.Map(bpf.SluiceMapMeta)
+	if err != nil {
+		return err
+	}
+	changed, err := m.write(in.plan)
+	if err != nil {
+		return err
+	}
+	if changed || in.offloadChanged() {
+		in.res.Changes = append(in.res.Changes, "policy written")
+	}
+	// The proxy group may be what changed: the sidecar's pins follow it.
+	if err := setModes(in.t.PinDir, in.plan.ProxyGID); err != nil {
+		return err
+	}
+	in.want.Object = in.cur.rec.Object
+	return writeRecord(meta, in.want)
+}
+
+// offloadChanged reports whether the plan's offload ports, which the record
+// keeps, differ from those of the install there: a change of policy too.
+func (in *installer) offloadChanged() bool {
+	return in.cur.rec != nil && (in.cur.rec.Offload == nil || *in.cur.rec.Offload != *in.want.Offload)
+}
+
+// load loads the embedded object, keeping the pinned maps it can.
+func (in *installer) load() error {
+	in.old = pinsOf(in.t, record{}, ReadWrite)
+	in.reuse, in.replace = map[string]*ebpf.Map{}, map[string]bool{}
+	for _, name := range pinnedMaps {
+		m, err := in.old.Map(name)
+		if errors.Is(err, ErrMissingMap) {
+			continue
 		}
-	}()
+		if err != nil {
+			return err
+		}
+		in.reuse[name] = m
+	}
+	spec, err := bpf.LoadSluice()
+	if err != nil {
+		return fmt.Errorf("read embedded BPF object: %w", err)
+	}
+	oldCounters := in.chooseReplaced(spec)
+	if err := fault("load"); err != nil {
+		return err
+	}
+	if in.coll, err = load(spec, in.inbound, in.plan.Splice, in.reuse); err != nil {
+		return err
+	}
+	if oldCounters != nil {
+		return copyCounters(oldCounters, in.coll.Maps[bpf.SluiceMapCounters])
+	}
+	return nil
+}
+
+// chooseReplaced moves from reuse to replace the pinned maps the load must
+// not keep, and returns the old counters when they are replaced, to carry
+// over.
+func (in *installer) chooseReplaced(spec *ebpf.CollectionSpec) (oldCounters *ebpf.Map) {
 	// A splice table (or offload's) too small for the plan is replaced:
 	// it can hold nothing, since no socket joins while splice is off. The
 	// programs that use it are then updated even where their instructions
 	// are the same.
-	replace := map[string]bool{}
 	for _, name := range spliceMaps {
-		if m := reuse[name]; m != nil && m.MaxEntries() < spliceTableSize(plan.Splice) {
-			m.Close()
-			delete(reuse, name)
-			replace[name] = true
+		if m := in.reuse[name]; m != nil && m.MaxEntries() < spliceTableSize(in.plan.Splice) {
+			delete(in.reuse, name)
+			in.replace[name] = true
 		}
 	}
-	spec, err := bpf.LoadSluice()
-	if err != nil {
-		return res, fmt.Errorf("read embedded BPF object: %w", err)
-	}
 	// A map whose layout an upgrade changed is replaced where that loses
-	// nothing: the plan's maps are written again below, and the counters
-	// are carried over. Maps of live state must stay compatible. The
-	// plan's maps go together: programs still attached read the active
-	// index and the policy slots as one, so a new policies map behind an
-	// old index (or the reverse) would show them an empty slot.
+	// nothing: the plan's maps are written again, and the counters are
+	// carried over. Maps of live state must stay compatible. The plan's
+	// maps go together: programs still attached read the active index and
+	// the policy slots as one, so a new policies map behind an old index
+	// (or the reverse) would show them an empty slot.
 	incompatible := func(name string) bool {
-		m := reuse[name]
+		m := in.reuse[name]
 		return m != nil && spec.Maps[name].Compatible(m) != nil
 	}
 	planChanged := slices.ContainsFunc(policyMapNames, incompatible)
-	var oldCounters *ebpf.Map
 	for _, name := range replaceableMaps {
-		m := reuse[name]
+		m := in.reuse[name]
 		if m == nil || !incompatible(name) && !(planChanged && slices.Contains(policyMapNames, name)) {
 			continue
 		}
-		delete(reuse, name)
-		replace[name] = true
+		delete(in.reuse, name)
+		in.replace[name] = true
 		if name == bpf.SluiceMapCounters {
 			oldCounters = m
 		}
-		defer m.Close()
 	}
-	if err := fault("load"); err != nil {
-		return res, err
-	}
-	coll, err := load(inbound, plan.Splice, reuse)
-	if err != nil {
-		return res, err
-	}
-	defer coll.Close()
-	if oldCounters != nil {
-		if err := copyCounters(oldCounters, coll.Maps[bpf.SluiceMapCounters]); err != nil {
-			return res, err
-		}
-	}
-	change := func(what string, args ...any) {
-		res.Changes = append(res.Changes, fmt.Sprintf(what, args...))
-		log.Debug(res.Changes[len(res.Changes)-1], "cgroup", t.Cgroup)
-	}
+	return oldCounters
+}
 
-	// The record goes first, marked unfinished: from here on the directory
-	// is provably Sluice's, and a rerun after a crash knows what to finish.
-	meta := coll.Maps[bpf.SluiceMapMeta]
+// pin writes the record, marked unfinished, and pins every map the load
+// made. From the record on the directory is provably Sluice's, and a rerun
+// after a crash knows what to finish.
+func (in *installer) pin() error {
 	if err := fault("write record"); err != nil {
-		return res, err
+		return err
 	}
-	if err := writeRecord(meta, want); err != nil {
-		return res, err
+	if err := writeRecord(in.coll.Maps[bpf.SluiceMapMeta], in.want); err != nil {
+		return err
 	}
-	if fresh {
-		dirs, err := mkdirs(t.PinDir, pinDirMode)
+	if in.fresh {
+		dirs, err := mkdirs(in.t.PinDir, pinDirMode)
 		for _, d := range dirs {
-			steps.push(func() error { return os.Remove(d) })
+			in.steps.push(func() error { return os.Remove(d) })
 		}
 		if err != nil {
-			return res, err
+			return err
 		}
 	}
 	for _, name := range pinnedMaps {
-		if reuse[name] != nil {
+		if in.reuse[name] != nil {
 			continue
 		}
-		m := coll.Maps[name]
-		pin := filepath.Join(t.PinDir, name)
-		if replace[name] {
+		m := in.coll.Maps[name]
+		pin := filepath.Join(in.t.PinDir, name)
+		if in.replace[name] {
 			if err := os.Remove(pin); err != nil {
-				return res, fmt.Errorf("replace map %s: %w", name, err)
+				return fmt.Errorf("replace map %s: %w", name, err)
 			}
-			change("%s replaced", name)
+			in.change("%s replaced", name)
 		}
 		if err := fault("pin " + name); err != nil {
-			return res, err
+			return err
 		}
 		if err := m.Pin(pin); err != nil {
-			return res, fmt.Errorf("pin map %s: %w", name, err)
+			return fmt.Errorf("pin map %s: %w", name, err)
 		}
-		if fresh {
-			steps.push(m.Unpin)
+		if in.fresh {
+			in.steps.push(m.Unpin)
 		}
 	}
-	if err := setModes(t.PinDir, plan.ProxyGID); err != nil {
-		return res, err
-	}
-	// Before the policy can let a socket join the table.
+	return setModes(in.t.PinDir, in.plan.ProxyGID)
+}
+
+// attach attaches the splice program (before the policy can let a socket
+// join its table), writes the policy, and attaches every hook.
+func (in *installer) attach() error {
+	coll := in.coll
 	if err := fault("attach " + bpf.SluiceProgSluiceSplice); err != nil {
-		return res, err
+		return err
 	}
 	if action, err := ensureSplice(coll.Maps[bpf.SluiceMapSpliceSocks], coll.Programs[bpf.SluiceProgSluiceSplice]); err != nil {
-		return res, err
+		return err
 	} else if action != linkKept {
-		change("%s %s", bpf.SluiceProgSluiceSplice, action)
+		in.change("%s %s", bpf.SluiceProgSluiceSplice, action)
 	}
 	if err := fault("write policy"); err != nil {
-		return res, err
+		return err
 	}
-	if changed, err := policyMapsOf(coll.Maps).write(plan); err != nil {
-		return res, err
-	} else if changed {
-		change("policy written")
+	if changed, err := policyMapsOf(coll.Maps).write(in.plan); err != nil {
+		return err
+	} else if changed || in.offloadChanged() {
+		in.change("policy written")
 	}
-
 	hooks := cgroupHooks
-	keepTC := false
-	if inbound {
-		if err := writePodAddrs(t, coll.Maps[bpf.SluiceMapPodAddrs]); err != nil {
-			return res, err
-		}
-		// A sidecar already listening (an upgrade under it, or a
-		// reinstall) is found before inbound capture can need it.
-		missed, err := registerListeners(t, plan, coll.Maps[bpf.SluiceMapInboundListeners])
-		if err != nil {
-			return res, err
-		}
-		// A running sidecar's listener sk_lookup cannot hand connections
-		// to (an older sidecar's MPTCP one): the older install's tcx
-		// program keeps steering to it until the sidecar restarts and
-		// install runs again.
-		keepTC = missed > 0 && slices.Contains(cur.names, legacyTCPin)
-		if missed > 0 {
-			log.Warn("the running sidecar's inbound listener cannot be registered for inbound capture (MPTCP, as sidecars older than this install listen, or held by a process install may not copy descriptors from, without CAP_SYS_PTRACE): restart the sidecar, then rerun install",
-				"cgroup", t.Cgroup, "listeners", missed, "older_capture_kept", keepTC)
+	if in.inbound {
+		if err := in.prepareInbound(); err != nil {
+			return err
 		}
 		hooks = append(hooks[:len(hooks):len(hooks)], inboundHook)
 	}
 	for _, h := range hooks {
 		if err := fault("attach " + h.pin); err != nil {
-			return res, err
+			return err
 		}
-		action, err := ensureLink(h, t, netnsIno, coll.Programs[h.prog], t.PinDir, len(replace) > 0)
+		action, err := ensureLink(h, in.t, in.netnsIno, coll.Programs[h.prog], in.t.PinDir, len(in.replace) > 0)
 		if err != nil {
-			return res, err
+			return err
 		}
-		if action == linkAttached && fresh {
-			pin := filepath.Join(t.PinDir, h.pin)
-			steps.push(func() error { return removeLink(pin) })
+		if action == linkAttached && in.fresh {
+			pin := filepath.Join(in.t.PinDir, h.pin)
+			in.steps.push(func() error { return removeLink(pin) })
 		}
 		if action != linkKept {
-			change("%s %s", h.pin, action)
+			in.change("%s %s", h.pin, action)
 		}
 	}
-	// An older install's tcx program goes once sk_lookup captures in its
-	// place; inbound capture no longer asked for goes too.
+	return nil
+}
+
+// prepareInbound writes the pod's addresses and registers a sidecar
+// listener already open, before inbound capture can need it (an upgrade
+// under a running sidecar, or a reinstall).
+func (in *installer) prepareInbound() error {
+	if err := writePodAddrs(in.t, in.coll.Maps[bpf.SluiceMapPodAddrs]); err != nil {
+		return err
+	}
+	missed, err := registerListeners(in.t, in.plan, in.coll.Maps[bpf.SluiceMapInboundListeners])
+	if err != nil {
+		return err
+	}
+	// A running sidecar's listener sk_lookup cannot hand connections to
+	// (an older sidecar's MPTCP one): the older install's tcx program
+	// keeps steering to it until the sidecar restarts and install runs
+	// again.
+	in.keepTC = missed > 0 && slices.Contains(in.cur.names, legacyTCPin)
+	if missed > 0 {
+		in.log.Warn("the running sidecar's inbound listener cannot be registered for inbound capture (MPTCP, as sidecars older than this install listen, or held by a process install may not copy descriptors from, without CAP_SYS_PTRACE): restart the sidecar, then rerun install",
+			"cgroup", in.t.Cgroup, "listeners", missed, "older_capture_kept", in.keepTC)
+	}
+	return nil
+}
+
+// removeStale removes an older install's tcx program once sk_lookup
+// captures in its place, and inbound capture no longer asked for.
+func (in *installer) removeStale() error {
 	var stale []string
-	if !keepTC {
+	if !in.keepTC {
 		stale = append(stale, legacyTCPin)
 	} else {
-		change("%s kept for the running sidecar", legacyTCPin)
+		in.change("%s kept for the running sidecar", legacyTCPin)
 	}
-	if !inbound {
+	if !in.inbound {
 		stale = append(stale, inboundHook.pin)
 	}
 	for _, pin := range stale {
-		if !slices.Contains(cur.names, pin) {
+		if !slices.Contains(in.cur.names, pin) {
 			continue
 		}
-		if err := removeLink(filepath.Join(t.PinDir, pin)); err != nil {
-			return res, err
+		if err := removeLink(filepath.Join(in.t.PinDir, pin)); err != nil {
+			return err
 		}
-		change("%s removed", pin)
+		in.change("%s removed", pin)
 	}
+	return nil
+}
 
-	want.Object = bpf.ObjectHash()
+// finish marks the record finished with the object it runs.
+func (in *installer) finish() error {
+	in.want.Object = bpf.ObjectHash()
 	if err := fault("finish record"); err != nil {
-		return res, err
+		return err
 	}
-	if err := writeRecord(meta, want); err != nil {
-		return res, err
+	if err := writeRecord(in.coll.Maps[bpf.SluiceMapMeta], in.want); err != nil {
+		return err
 	}
-	if cur.rec == nil || cur.rec.Object != want.Object {
-		change("install finished")
+	if in.cur.rec == nil || in.cur.rec.Object != in.want.Object {
+		in.change("install finished")
 	}
-	return res, nil
-}
-
-// finished reports whether the install in t's pins is already exactly what
-// is asked for: finished by this build, with the same target and plan, and
-// every link attached where it belongs. A rerun then changes nothing.
-func finished(t Target, rec, want record, plan redirect.Plan) (bool, error) {
-	if rec.Object != bpf.ObjectHash() || !rec.sameTarget(want) || rec.argsDigest() != want.argsDigest() {
-		return false, nil
-	}
-	s, err := Status(t)
-	if err != nil || !s.Complete {
-		return false, nil
-	}
-	return s.Plan.Equal(plan), nil
-}
-
-// rewritePolicy is the fast path of a rerun that changes the policy only:
-// an install complete with this build, on the same target, whose splice
-// table is big enough for the plan. It writes the plan into the pinned
-// maps (the idle slot, then the switch) and the record's new flags,
-// without loading a program; ok is false when the full path is needed, and
-// changed says whether the policy in force changed.
-func rewritePolicy(t Target, rec, want record, plan redirect.Plan) (ok, changed bool, err error) {
-	if rec.Object != bpf.ObjectHash() || !rec.sameTarget(want) {
-		return false, false, nil
-	}
-	s, err := Status(t)
-	if err != nil || !s.Complete || s.SpliceCapacity < int(spliceTableSize(plan.Splice)) {
-		return false, false, nil
-	}
-	maps := map[string]*ebpf.Map{}
-	defer func() {
-		for _, m := range maps {
-			m.Close()
-		}
-	}()
-	for _, name := range append(policyMapNames, bpf.SluiceMapMeta) {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(t.PinDir, name), nil)
-		if err != nil {
-			return false, false, fmt.Errorf("open pinned map %s: %w", name, err)
-		}
-		maps[name] = m
-	}
-	changed, err = policyMapsOf(maps).write(plan)
-	if err != nil {
-		return false, false, err
-	}
-	// The proxy group may be what changed: the sidecar's pins follow it.
-	if err := setModes(t.PinDir, plan.ProxyGID); err != nil {
-		return false, false, err
-	}
-	want.Object = rec.Object
-	return true, changed, writeRecord(maps[bpf.SluiceMapMeta], want)
-}
-
-// pinnedMapsIn opens every map already pinned in dir, for the new load to
-// reuse.
-func pinnedMapsIn(dir string) (map[string]*ebpf.Map, error) {
-	maps := map[string]*ebpf.Map{}
-	for _, name := range pinnedMaps {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
-		if errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			for _, m := range maps {
-				m.Close()
-			}
-			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
-		}
-		maps[name] = m
-	}
-	return maps, nil
+	return nil
 }
 
 // pinnedPrograms returns the programs the links pinned in dir run.

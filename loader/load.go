@@ -27,15 +27,12 @@ func spliceTableSize(splice bool) uint32 {
 	return 1
 }
 
-// load loads Sluice's maps and programs. Programs an install does not need
+// load loads Sluice's maps and programs from spec (bpf.LoadSluice's, which
+// it changes). Programs an install does not need
 // are left out (the inbound one unless inbound); maps named in reuse are the
 // existing pinned maps of an install being completed or updated, so its
 // state carries over. New spliceMaps get spliceTableSize(splice) entries.
-func load(inbound, splice bool, reuse map[string]*ebpf.Map) (*ebpf.Collection, error) {
-	spec, err := bpf.LoadSluice()
-	if err != nil {
-		return nil, fmt.Errorf("read embedded BPF object: %w", err)
-	}
+func load(spec *ebpf.CollectionSpec, inbound, splice bool, reuse map[string]*ebpf.Map) (*ebpf.Collection, error) {
 	if !inbound {
 		delete(spec.Programs, bpf.SluiceProgSluiceSkLookup)
 	}
@@ -61,6 +58,16 @@ func load(inbound, splice bool, reuse map[string]*ebpf.Map) (*ebpf.Collection, e
 		return nil, fmt.Errorf("load BPF programs: %w", err)
 	}
 	return coll, nil
+}
+
+// loadFresh parses the embedded object and loads it with no pinned maps to
+// keep, as Check's probe does.
+func loadFresh(inbound, splice bool) (*ebpf.Collection, error) {
+	spec, err := bpf.LoadSluice()
+	if err != nil {
+		return nil, fmt.Errorf("read embedded BPF object: %w", err)
+	}
+	return load(spec, inbound, splice, nil)
 }
 
 // setConstants writes values into the constants' data sections themselves

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"path/filepath"
 	"sync/atomic"
 
 	"github.com/cilium/ebpf"
@@ -17,6 +16,7 @@ import (
 // the app's messages on a connection go straight out on the sidecar's far
 // socket (the splice program's offload, bpf/splice.c), and takes that back.
 type Offload struct {
+	pins         *Pins
 	socks, peers *ebpf.Map
 	ids          [2]ebpf.MapID
 	closed       atomic.Bool
@@ -25,24 +25,15 @@ type Offload struct {
 // OpenOffload opens t's offload maps for writing. It needs only read and
 // write access to those two pins (the proxy group has it).
 func OpenOffload(t Target) (*Offload, error) {
-	rec, err := readRecord(t.PinDir)
+	p, err := Open(t, ReadWrite, bpf.SluiceMapOffloadSocks, bpf.SluiceMapOffloadPeers)
 	if err != nil {
 		return nil, err
 	}
-	if err := checkOwner(t, rec); err != nil {
-		return nil, err
-	}
-	socks, err := ebpf.LoadPinnedMap(filepath.Join(t.PinDir, bpf.SluiceMapOffloadSocks), nil)
-	if err != nil {
-		return nil, pinsError(t.PinDir, err)
-	}
-	peers, err := ebpf.LoadPinnedMap(filepath.Join(t.PinDir, bpf.SluiceMapOffloadPeers), nil)
-	if err != nil {
-		socks.Close()
-		return nil, pinsError(t.PinDir, err)
-	}
-	o := &Offload{socks: socks, peers: peers}
-	for i, m := range []*ebpf.Map{socks, peers} {
+	// Both are open: Map returns them as they are.
+	o := &Offload{pins: p}
+	o.socks, _ = p.Map(bpf.SluiceMapOffloadSocks)
+	o.peers, _ = p.Map(bpf.SluiceMapOffloadPeers)
+	for i, m := range []*ebpf.Map{o.socks, o.peers} {
 		if info, err := m.Info(); err == nil {
 			o.ids[i], _ = info.ID()
 		}
@@ -60,7 +51,7 @@ func (o *Offload) Same(other *Offload) bool {
 // after: once replaced, no program reads them.
 func (o *Offload) Close() error {
 	o.closed.Store(true)
-	return errors.Join(o.socks.Close(), o.peers.Close())
+	return o.pins.Close()
 }
 
 // Hand hands a proxied connection's app-to-far direction to the kernel, and

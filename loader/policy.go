@@ -34,17 +34,62 @@ func policyMapsOf(maps map[string]*ebpf.Map) policyMaps {
 	}
 }
 
-// read returns the plan in force and its slot.
+// read returns the plan in force and its slot. The plan lacks the offload
+// ports, which the install record keeps.
 func (m policyMaps) read() (redirect.Plan, uint8, error) {
-	var active uint32
-	if err := m.active.Lookup(uint32(0), &active); err != nil {
-		return redirect.Plan{}, 0, fmt.Errorf("read active policy slot: %w", err)
+	slot, err := m.slot()
+	if err != nil {
+		return redirect.Plan{}, 0, err
 	}
-	slot := uint8(active & 1)
 	var pol bpf.SluicePolicy
 	if err := m.policies.Lookup(uint32(slot), &pol); err != nil {
 		return redirect.Plan{}, 0, fmt.Errorf("read policy: %w", err)
 	}
+	p, err := m.planOf(slot, pol)
+	return p, slot, err
+}
+
+// The policy layout of installs whose policy held the offload ports: two
+// more port sets after the others.
+var (
+	policySize       = binary.Size(bpf.SluicePolicy{})
+	legacyPolicySize = policySize + 2*binary.Size(bpf.SluicePolicy{}.Ports[0])
+)
+
+// readLegacy returns the plan in force in the layout of legacyPolicySize,
+// offload ports included.
+func (m policyMaps) readLegacy() (redirect.Plan, error) {
+	slot, err := m.slot()
+	if err != nil {
+		return redirect.Plan{}, err
+	}
+	raw := make([]byte, legacyPolicySize)
+	if err := m.policies.Lookup(uint32(slot), raw); err != nil {
+		return redirect.Plan{}, fmt.Errorf("read policy: %w", err)
+	}
+	var pol bpf.SluicePolicy
+	var offload [2][len(pol.Ports[0])]uint64
+	if _, err := binary.Decode(raw, binary.NativeEndian, &pol); err != nil {
+		return redirect.Plan{}, fmt.Errorf("decode policy: %w", err)
+	}
+	if _, err := binary.Decode(raw[policySize:], binary.NativeEndian, &offload); err != nil {
+		return redirect.Plan{}, fmt.Errorf("decode policy: %w", err)
+	}
+	p, err := m.planOf(slot, pol)
+	p.OffloadPorts, p.OffloadInboundPorts = portsIn(offload[0][:]), portsIn(offload[1][:])
+	return p.Normalize(), err
+}
+
+func (m policyMaps) slot() (uint8, error) {
+	var active uint32
+	if err := m.active.Lookup(uint32(0), &active); err != nil {
+		return 0, fmt.Errorf("read active policy slot: %w", err)
+	}
+	return uint8(active & 1), nil
+}
+
+// planOf is the plan of pol and slot's CIDRs.
+func (m policyMaps) planOf(slot uint8, pol bpf.SluicePolicy) (redirect.Plan, error) {
 	e := slotEntries{policy: pol}
 	for _, trie := range []struct {
 		m   *ebpf.Map
@@ -55,23 +100,25 @@ func (m policyMaps) read() (redirect.Plan, uint8, error) {
 		}
 		keys, err := cidrKeys(trie.m, slot)
 		if err != nil {
-			return redirect.Plan{}, 0, err
+			return redirect.Plan{}, err
 		}
 		*trie.dst = keys
 	}
-	return e.plan(), slot, nil
+	return e.plan(), nil
 }
 
 // write puts p in force as one visible step: it fills the slot not in force,
 // then flips the active index, so a hook sees either the whole old plan or
 // the whole new one. The old slot is left as it was until the next write, so
 // a hook that read the old index a moment before the flip still finds a
-// complete plan. It reports whether anything changed.
+// complete plan. It reports whether anything changed. p's offload ports are
+// not the maps' (the record keeps them).
 func (m policyMaps) write(p redirect.Plan) (bool, error) {
 	cur, slot, err := m.read()
 	if err != nil {
 		return false, err
 	}
+	p.OffloadPorts, p.OffloadInboundPorts = nil, nil
 	if cur.Equal(p) {
 		return false, nil
 	}
@@ -152,8 +199,6 @@ func portSets(p *redirect.Plan) []struct {
 		{&p.InboundPorts, bpf.SluicePortSetPORT_IN_INCLUDE},
 		{&p.KernelOnlyPorts, bpf.SluicePortSetPORT_OUT_KERNEL_ONLY},
 		{&p.KernelOnlyInboundPorts, bpf.SluicePortSetPORT_IN_KERNEL_ONLY},
-		{&p.OffloadPorts, bpf.SluicePortSetPORT_OUT_OFFLOAD},
-		{&p.OffloadInboundPorts, bpf.SluicePortSetPORT_IN_OFFLOAD},
 	}
 }
 
@@ -218,14 +263,7 @@ func (e slotEntries) plan() redirect.Plan {
 		}
 	}
 	for _, ps := range portSets(&p) {
-		for w, word := range pol.Ports[ps.set] {
-			for bit := 0; word != 0; bit++ {
-				if word&1 != 0 {
-					*ps.ports = append(*ps.ports, uint16(w*64+bit))
-				}
-				word >>= 1
-			}
-		}
+		*ps.ports = portsIn(pol.Ports[ps.set][:])
 	}
 	for _, k := range e.include {
 		p.IncludeCIDRs = append(p.IncludeCIDRs, prefixFromKey(k))
@@ -237,6 +275,20 @@ func (e slotEntries) plan() redirect.Plan {
 		p.KernelOnlyCIDRs = append(p.KernelOnlyCIDRs, prefixFromKey(k))
 	}
 	return p.Normalize()
+}
+
+// portsIn lists the ports of a port set, one bit per port.
+func portsIn(set []uint64) []uint16 {
+	var ports []uint16
+	for w, word := range set {
+		for bit := 0; word != 0; bit++ {
+			if word&1 != 0 {
+				ports = append(ports, uint16(w*64+bit))
+			}
+			word >>= 1
+		}
+	}
+	return ports
 }
 
 // cidrKeyBits is the slot and family bytes that lead every CIDR key.

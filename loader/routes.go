@@ -11,22 +11,12 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/podstate"
 	"github.com/sluicemesh/sluice/redirect"
 )
 
 // RouteState is a route in force, with what the kernel counted for it.
-type RouteState struct {
-	redirect.Route
-	// Picks are the connections each backend was picked for, in the
-	// order of Backends; they survive rewrites of the route.
-	Picks      []uint64 `json:"picks"`
-	Generation uint32   `json:"generation"`
-	// Rollout is what `sluice route rollout` recorded: the canary's weight
-	// in percent while one runs, rollbacks so far and the last one's reason.
-	RolloutStep  uint32 `json:"rollout_step,omitempty"`
-	Rollbacks    uint32 `json:"rollbacks,omitempty"`
-	LastRollback string `json:"last_rollback,omitempty"`
-}
+type RouteState = podstate.RouteState
 
 // ErrNoRoute marks a change naming a service that has no route.
 var ErrNoRoute = errors.New("no route")
@@ -47,36 +37,6 @@ var rollbackReasons = map[uint32]string{
 // routeMaps are the maps the routes live in; rr (round-robin state) is
 // opened for writers only.
 type routeMaps struct{ routes, active, rr *ebpf.Map }
-
-func openRouteMaps(t Target, write bool) (routeMaps, func(), error) {
-	rec, err := readRecord(t.PinDir)
-	if err != nil {
-		return routeMaps{}, nil, err
-	}
-	if err := checkOwner(t, rec); err != nil {
-		return routeMaps{}, nil, err
-	}
-	opts := &ebpf.LoadPinOptions{ReadOnly: !write}
-	routes, err := ebpf.LoadPinnedMap(filepath.Join(t.PinDir, bpf.SluiceMapRoutes), opts)
-	if err != nil {
-		return routeMaps{}, nil, pinsError(t.PinDir, err)
-	}
-	active, err := ebpf.LoadPinnedMap(filepath.Join(t.PinDir, bpf.SluiceMapRoutesActive), opts)
-	if err != nil {
-		routes.Close()
-		return routeMaps{}, nil, pinsError(t.PinDir, err)
-	}
-	if !write {
-		return routeMaps{routes: routes, active: active}, func() { routes.Close(); active.Close() }, nil
-	}
-	rr, err := ebpf.LoadPinnedMap(filepath.Join(t.PinDir, bpf.SluiceMapRrStates), opts)
-	if err != nil {
-		routes.Close()
-		active.Close()
-		return routeMaps{}, nil, pinsError(t.PinDir, err)
-	}
-	return routeMaps{routes, active, rr}, func() { routes.Close(); active.Close(); rr.Close() }, nil
-}
 
 // forgetRoundRobin deletes the round-robin state of svcs: a route deleted
 // or set anew must start its sequence over, and the state of routes that
@@ -117,42 +77,36 @@ func (m routeMaps) read() (map[netip.AddrPort]bpf.SluiceRoute, uint8, error) {
 // Routes returns t's routes in force. It needs read access to the pins
 // (the proxy group has it).
 func Routes(t Target) ([]RouteState, error) {
-	r, err := OpenRoutes(t)
+	p, err := Open(t, ReadOnly)
 	if err != nil {
 		return nil, err
 	}
-	defer r.Close()
-	return r.Routes()
+	defer p.Close()
+	return p.Routes()
 }
 
 // RouteReader reads a pod's routes through maps it keeps open: a sidecar
 // that dropped root may not reach the pins again, and a reader asked often
 // saves opening them each time.
-type RouteReader struct{ maps routeMaps }
+type RouteReader struct{ pins *Pins }
 
 // OpenRoutes opens t's route maps for reading.
 func OpenRoutes(t Target) (*RouteReader, error) {
-	m, _, err := openRouteMaps(t, false)
+	p, err := Open(t, ReadOnly, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive)
 	if err != nil {
 		return nil, err
 	}
-	return &RouteReader{m}, nil
+	return &RouteReader{p}, nil
 }
 
 // Routes returns the routes in force.
-func (r *RouteReader) Routes() ([]RouteState, error) { return r.maps.states() }
+func (r *RouteReader) Routes() ([]RouteState, error) { return r.pins.Routes() }
 
 // Version changes whenever the routes do, and costs one map lookup: a
 // reader that caches Routes rereads them only when it changed.
-func (r *RouteReader) Version() (uint32, error) {
-	var active uint32
-	if err := r.maps.active.Lookup(uint32(0), &active); err != nil {
-		return 0, fmt.Errorf("read active route slot: %w", err)
-	}
-	return active, nil
-}
+func (r *RouteReader) Version() (uint32, error) { return r.pins.RoutesVersion() }
 
-func (r *RouteReader) Close() error { return errors.Join(r.maps.routes.Close(), r.maps.active.Close()) }
+func (r *RouteReader) Close() error { return r.pins.Close() }
 
 func (m routeMaps) states() ([]RouteState, error) {
 	cur, _, err := m.read()
@@ -216,46 +170,22 @@ func ChangeRoutes(t Target, change RouteChange) error {
 		return err
 	}
 	defer unlock()
-	m, done, err := openRouteMaps(t, true)
+	p, err := Open(t, ReadWrite)
 	if err != nil {
 		return err
 	}
-	defer done()
+	defer p.Close()
+	m, err := p.routeMaps()
+	if err != nil {
+		return err
+	}
 	cur, slot, err := m.read()
 	if err != nil {
 		return err
 	}
-	next := maps.Clone(cur)
-	var added, deleted []netip.AddrPort
-	for _, svc := range change.Delete {
-		svc = unmapped(svc)
-		if _, ok := next[svc]; !ok {
-			return fmt.Errorf("%w for %s: nothing deleted (see 'sluice route list')", ErrNoRoute, svc)
-		}
-		delete(next, svc)
-		deleted = append(deleted, svc)
-	}
-	for _, r := range change.Set {
-		r = r.Normalize()
-		if _, ok := cur[r.Service]; !ok {
-			added = append(added, r.Service)
-		}
-		next[r.Service] = routeValue(r, cur[r.Service])
-	}
-	if rec := change.Rollout; rec != nil {
-		svc := unmapped(rec.Service)
-		v, ok := next[svc]
-		if !ok {
-			return fmt.Errorf("%w for %s", ErrNoRoute, svc)
-		}
-		v.RolloutStep = rec.Step
-		for code, name := range rollbackReasons {
-			if name == rec.Rollback {
-				v.Rollbacks++
-				v.LastRollback = code
-			}
-		}
-		next[svc] = v
+	next, added, deleted, err := change.apply(cur)
+	if err != nil {
+		return err
 	}
 	if len(next) > int(m.routes.MaxEntries()/2) {
 		return fmt.Errorf("%d routes: a pod holds at most %d", len(next), m.routes.MaxEntries()/2)
@@ -271,6 +201,43 @@ func ChangeRoutes(t Target, change RouteChange) error {
 	}
 	// ...a deleted route's after it, once no new connect can pick it.
 	return m.forgetRoundRobin(deleted)
+}
+
+// apply returns the routes after the change, and the services it adds and
+// deletes; cur is not changed.
+func (change RouteChange) apply(cur map[netip.AddrPort]bpf.SluiceRoute) (next map[netip.AddrPort]bpf.SluiceRoute, added, deleted []netip.AddrPort, err error) {
+	next = maps.Clone(cur)
+	for _, svc := range change.Delete {
+		svc = unmapped(svc)
+		if _, ok := next[svc]; !ok {
+			return nil, nil, nil, fmt.Errorf("%w for %s: nothing deleted (see 'sluice route list')", ErrNoRoute, svc)
+		}
+		delete(next, svc)
+		deleted = append(deleted, svc)
+	}
+	for _, r := range change.Set {
+		r = r.Normalize()
+		if _, ok := cur[r.Service]; !ok {
+			added = append(added, r.Service)
+		}
+		next[r.Service] = routeValue(r, cur[r.Service])
+	}
+	if rec := change.Rollout; rec != nil {
+		svc := unmapped(rec.Service)
+		v, ok := next[svc]
+		if !ok {
+			return nil, nil, nil, fmt.Errorf("%w for %s", ErrNoRoute, svc)
+		}
+		v.RolloutStep = rec.Step
+		for code, name := range rollbackReasons {
+			if name == rec.Rollback {
+				v.Rollbacks++
+				v.LastRollback = code
+			}
+		}
+		next[svc] = v
+	}
+	return next, added, deleted, nil
 }
 
 // writeSlot fills the slot not in force with next, then puts it in force.

@@ -2,7 +2,6 @@ package loader
 
 import (
 	"fmt"
-	"path/filepath"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -61,14 +60,13 @@ type splice struct {
 	capacity int
 }
 
-// spliceState reads dir's splice table.
-func spliceState(dir string) (splice, error) {
+// spliceState reads the pod's splice table.
+func spliceState(p *Pins) (splice, error) {
 	var sp splice
-	socks, err := ebpf.LoadPinnedMap(filepath.Join(dir, bpf.SluiceMapSpliceSocks), &ebpf.LoadPinOptions{ReadOnly: true})
+	socks, err := p.Map(bpf.SluiceMapSpliceSocks)
 	if err != nil {
-		return sp, pinsError(dir, err)
+		return sp, err
 	}
-	defer socks.Close()
 	sp.capacity = int(socks.MaxEntries())
 	if sp.sockets, err = entries(socks); err != nil {
 		return sp, fmt.Errorf("read %s: %w", bpf.SluiceMapSpliceSocks, err)

@@ -1,7 +1,6 @@
 package loader
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -100,9 +99,27 @@ func Status(t Target) (State, error) {
 	if rec.Object == "" {
 		s.Missing = append(s.Missing, "the install did not finish")
 	}
+	p := pinsOf(t, rec, ReadOnly)
+	defer p.Close()
+	s.readMaps(p)
+	if err := s.readLinks(t, rec); err != nil {
+		return s, err
+	}
+	if err := s.readContents(p, cur.names); err != nil {
+		return s, err
+	}
+	s.Complete = len(s.Missing) == 0
+	if !s.Complete {
+		s.Repair = repairCommand(rec)
+	}
+	return s, nil
+}
 
+// readMaps notes the maps missing from the pins and adds up the memory of
+// the others.
+func (s *State) readMaps(p *Pins) {
 	for _, name := range pinnedMaps {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(t.PinDir, name), &ebpf.LoadPinOptions{ReadOnly: true})
+		m, err := p.Map(name)
 		if err != nil {
 			s.Missing = append(s.Missing, "map "+name)
 			continue
@@ -111,9 +128,12 @@ func Status(t Target) (State, error) {
 			memlock, _ := info.Memlock()
 			s.Memory.Maps += memlock
 		}
-		m.Close()
 	}
+}
 
+// readLinks reads every hook's link, noting those missing or detached from
+// t's cgroup (or, with no id given, any) and the recorded namespace.
+func (s *State) readLinks(t Target, rec record) error {
 	hooks := cgroupHooks
 	if rec.Interface != "" {
 		hooks = append(hooks[:len(hooks):len(hooks)], inboundHook)
@@ -125,18 +145,24 @@ func Status(t Target) (State, error) {
 			s.Missing = append(s.Missing, h.pin+" (not attached)")
 			continue
 		case err != nil:
-			return s, err
+			return err
 		case !ls.Attached:
 			s.Missing = append(s.Missing, h.pin+" (detached: its cgroup or network namespace is gone)")
 		}
 		s.Memory.Programs += memlock
 		s.Links = append(s.Links, ls)
 	}
+	return nil
+}
 
-	if slices.Contains(cur.names, bpf.SluiceMapSpliceSocks) {
-		sp, err := spliceState(t.PinDir)
+// readContents reads what the maps pinned (names) hold: the splice table,
+// the plan, offload's and the handshakes' entries, the counters.
+func (s *State) readContents(p *Pins, names []string) error {
+	var err error
+	if slices.Contains(names, bpf.SluiceMapSpliceSocks) {
+		sp, err := spliceState(p)
 		if err != nil {
-			return s, err
+			return err
 		}
 		if sp.program == "" {
 			s.Missing = append(s.Missing, bpf.SluiceProgSluiceSplice+" (not attached to "+bpf.SluiceMapSpliceSocks+")")
@@ -144,38 +170,29 @@ func Status(t Target) (State, error) {
 		s.Memory.Programs += sp.memlock
 		s.SpliceSockets, s.SpliceCapacity = sp.sockets, sp.capacity
 	}
-	if slices.Contains(cur.names, bpf.SluiceMapPolicies) && slices.Contains(cur.names, bpf.SluiceMapPolicyActive) {
+	if slices.Contains(names, bpf.SluiceMapPolicies) && slices.Contains(names, bpf.SluiceMapPolicyActive) {
 		// An older build's policy layout is unreadable here: the install
 		// still runs, and status offers the upgrade.
-		if s.Plan, err = readPlan(t.PinDir); err != nil && !(s.Upgrade && errors.Is(err, errOlderLayout)) {
-			return s, err
+		if s.Plan, err = p.Plan(); err != nil && !(s.Upgrade && errors.Is(err, errOlderLayout)) {
+			return err
 		}
 	}
 	for _, m := range []struct {
 		name string
 		n    *int
-	}{{bpf.SluiceMapOffloadPeers, &s.OffloadConnections}, {bpf.SluiceMapOffloadSocks, &s.OffloadSockets}} {
-		if slices.Contains(cur.names, m.name) {
-			if *m.n, err = countEntries(t.PinDir, m.name); err != nil {
-				return s, err
+	}{{bpf.SluiceMapOffloadPeers, &s.OffloadConnections}, {bpf.SluiceMapOffloadSocks, &s.OffloadSockets}, {bpf.SluiceMapHandshakes, &s.Handshakes}} {
+		if slices.Contains(names, m.name) {
+			if *m.n, err = p.count(m.name); err != nil {
+				return err
 			}
 		}
 	}
-	if slices.Contains(cur.names, bpf.SluiceMapHandshakes) {
-		if s.Handshakes, err = countEntries(t.PinDir, bpf.SluiceMapHandshakes); err != nil {
-			return s, err
+	if slices.Contains(names, bpf.SluiceMapCounters) {
+		if s.Counters, err = p.Counters(); err != nil {
+			return err
 		}
 	}
-	if slices.Contains(cur.names, bpf.SluiceMapCounters) {
-		if s.Counters, err = readCounters(t.PinDir); err != nil {
-			return s, err
-		}
-	}
-	s.Complete = len(s.Missing) == 0
-	if !s.Complete {
-		s.Repair = repairCommand(rec)
-	}
-	return s, nil
+	return nil
 }
 
 func linkState(pin string, cgroupID, netnsIno uint64) (LinkState, uint64, error) {
@@ -215,41 +232,12 @@ func linkState(pin string, cgroupID, netnsIno uint64) (LinkState, uint64, error)
 // that must belong to t's cgroup. It needs only read access to the
 // sidecar's pins (the proxy group's), not root.
 func ReadPlan(t Target) (redirect.Plan, error) {
-	rec, err := readRecord(t.PinDir)
+	p, err := Open(t, ReadOnly)
 	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return redirect.Plan{}, fmt.Errorf("%w on %s: no pins at %s: run 'sluice install --cgroup %s' first", ErrNotInstalled, t.Cgroup, t.PinDir, t.Cgroup)
-		}
 		return redirect.Plan{}, err
 	}
-	if err := checkOwner(t, rec); err != nil {
-		return redirect.Plan{}, err
-	}
-	return readPlan(t.PinDir)
-}
-
-func readPlan(dir string) (redirect.Plan, error) {
-	maps := map[string]*ebpf.Map{}
-	defer func() {
-		for _, m := range maps {
-			m.Close()
-		}
-	}()
-	for _, name := range policyMapNames {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), &ebpf.LoadPinOptions{ReadOnly: true})
-		if errors.Is(err, os.ErrNotExist) && name == bpf.SluiceMapKernelOnlyCidrs {
-			continue // an install from before kernel-only paths
-		}
-		if err != nil {
-			return redirect.Plan{}, pinsError(dir, err)
-		}
-		maps[name] = m
-	}
-	if maps[bpf.SluiceMapPolicies].ValueSize() != uint32(binary.Size(bpf.SluicePolicy{})) {
-		return redirect.Plan{}, errOlderLayout
-	}
-	p, _, err := policyMapsOf(maps).read()
-	return p, err
+	defer p.Close()
+	return p.Plan()
 }
 
 // errOlderLayout is a policy this build cannot read: installed by another
@@ -288,15 +276,6 @@ var counterNames = map[bpf.SluiceCounter]string{
 	bpf.SluiceCounterCOUNT_RR_FALLBACK:             "route_round_robin_fallback",
 }
 
-func readCounters(dir string) (map[string]uint64, error) {
-	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, bpf.SluiceMapCounters), &ebpf.LoadPinOptions{ReadOnly: true})
-	if err != nil {
-		return nil, pinsError(dir, err)
-	}
-	defer m.Close()
-	return sumCounters(m)
-}
-
 // sumCounters adds up the per-CPU values of every counter.
 func sumCounters(m *ebpf.Map) (map[string]uint64, error) {
 	out := map[string]uint64{}
@@ -313,19 +292,6 @@ func sumCounters(m *ebpf.Map) (map[string]uint64, error) {
 		}
 	}
 	return out, nil
-}
-
-func countEntries(dir, name string) (int, error) {
-	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), &ebpf.LoadPinOptions{ReadOnly: true})
-	if err != nil {
-		return 0, pinsError(dir, err)
-	}
-	defer m.Close()
-	n, err := entries(m)
-	if err != nil {
-		return 0, fmt.Errorf("read %s: %w", name, err)
-	}
-	return n, nil
 }
 
 func entries(m *ebpf.Map) (int, error) {

@@ -94,7 +94,12 @@ func newWirePod(t *testing.T, failOpen, sidecar bool) *wirePod {
 
 func (w *wirePod) counters(t *testing.T) map[string]uint64 {
 	t.Helper()
-	counts, err := readCounters(w.target.PinDir)
+	p, err := Open(w.target, ReadOnly)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	counts, err := p.Counters()
 	if err != nil {
 		t.Fatal(err)
 	}

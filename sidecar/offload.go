@@ -53,7 +53,7 @@ func (o *offloader) follow(target loader.Target) runner {
 			case <-t.C:
 			}
 			// An install being replaced fails these: keep the last.
-			plan, err := loader.ReadPlan(target)
+			out, in, err := loader.OffloadPorts(target)
 			if err != nil {
 				o.log.Debug("offload: reread the install's ports", "err", err)
 				continue
@@ -68,7 +68,7 @@ func (o *offloader) follow(target loader.Target) runner {
 			} else {
 				o.maps.Swap(maps).Close()
 			}
-			o.ports.Store(&offloadPorts{plan.OffloadPorts, plan.OffloadInboundPorts})
+			o.ports.Store(&offloadPorts{out, in})
 		}
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -15,8 +16,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/sluicemesh/sluice/bpf"
-	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/podstate"
 )
 
 // The per-destination series a rollout reads (rollout/plant parses them
@@ -28,9 +28,11 @@ const (
 )
 
 // Source is where flow events come from: a pod's pins (loader.FlowSource)
-// or, in tests, anything that yields them.
+// or, in tests, anything that yields them. Next returns
+// os.ErrDeadlineExceeded when no event came in time, and io.EOF once the
+// source is closed.
 type Source interface {
-	Next(timeout time.Duration) (bpf.SluiceFlowEvent, error)
+	Next(timeout time.Duration) (podstate.FlowEvent, error)
 	Counters() (map[string]uint64, error)
 }
 
@@ -45,7 +47,7 @@ type Options struct {
 	MaxDestinations int
 	// Routes, when set, gives the pod's canary routes, exported with their
 	// weights, picks and rollout progress.
-	Routes func() ([]loader.RouteState, error)
+	Routes func() ([]podstate.RouteState, error)
 	// MaxFollowers bounds the clients following the flows at once; more
 	// are refused. Default 16.
 	MaxFollowers int
@@ -201,7 +203,7 @@ func (e *Exporter) Run(ctx context.Context) error {
 		switch {
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			continue
-		case errors.Is(err, loader.ErrClosed):
+		case errors.Is(err, io.EOF):
 			return nil
 		case err != nil:
 			return err

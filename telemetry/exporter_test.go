@@ -2,26 +2,26 @@ package telemetry
 
 import (
 	"fmt"
+	"io"
 	"net/netip"
 	"testing"
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/sluicemesh/sluice/bpf"
-	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/podstate"
 	"github.com/sluicemesh/sluice/redirect"
 )
 
 // events is a Source of hand-made events and kernel counters.
 type events struct {
-	queue []bpf.SluiceFlowEvent
+	queue []podstate.FlowEvent
 	lost  map[string]uint64
 }
 
-func (e *events) Next(time.Duration) (bpf.SluiceFlowEvent, error) {
+func (e *events) Next(time.Duration) (podstate.FlowEvent, error) {
 	if len(e.queue) == 0 {
-		return bpf.SluiceFlowEvent{}, loader.ErrClosed
+		return podstate.FlowEvent{}, io.EOF
 	}
 	ev := e.queue[0]
 	e.queue = e.queue[1:]
@@ -31,14 +31,12 @@ func (e *events) Next(time.Duration) (bpf.SluiceFlowEvent, error) {
 func (e *events) Counters() (map[string]uint64, error) { return e.lost, nil }
 
 // event makes a flow event of an outbound flow from the pod to dst.
-func event(cookie uint64, kind bpf.SluiceFlowKind, dst string, sent, received uint64) bpf.SluiceFlowEvent {
+func event(cookie uint64, kind podstate.FlowKind, dst string, sent, received uint64) podstate.FlowEvent {
 	d := netip.MustParseAddrPort(dst)
-	return bpf.SluiceFlowEvent{
-		Cookie: cookie, Kind: uint8(kind), Flow: uint32(bpf.SluiceFlowFlagFLOW_OUTBOUND | bpf.SluiceFlowFlagFLOW_VIA_SIDECAR),
-		Local: loader.Addr6(netip.MustParseAddr("198.18.1.2")), LocalPort: 40000,
-		Remote: loader.Addr6(d.Addr()), RemotePort: d.Port(),
-		Orig:      bpf.SluiceOrigDst{Addr: loader.Addr6(d.Addr()), Port: d.Port(), Family: 2},
-		BytesSent: sent, BytesReceived: received, StartNs: 1, EndNs: 2, End: uint8(bpf.SluiceFlowEndEND_FIN),
+	return podstate.FlowEvent{
+		Cookie: cookie, Kind: kind, ViaSidecar: true,
+		Local: netip.MustParseAddrPort("198.18.1.2:40000"), Remote: d, OriginalDst: d,
+		BytesSent: sent, BytesReceived: received, StartNs: 1, EndNs: 2, End: podstate.EndFin,
 	}
 }
 
@@ -81,13 +79,13 @@ func run(t *testing.T, e *Exporter) {
 
 func TestExporterCountsFlows(t *testing.T) {
 	const a = "198.18.2.2:8080"
-	src := &events{queue: []bpf.SluiceFlowEvent{
-		event(1, bpf.SluiceFlowKindFLOW_OPEN, a, 0, 0),
-		event(1, bpf.SluiceFlowKindFLOW_CLOSE, a, 100, 200),
+	src := &events{queue: []podstate.FlowEvent{
+		event(1, podstate.FlowOpened, a, 0, 0),
+		event(1, podstate.FlowClosed, a, 100, 200),
 		// Opened before the exporter started: its close still counts
 		// as one opened and one closed.
-		event(2, bpf.SluiceFlowKindFLOW_CLOSE, a, 10, 20),
-		event(3, bpf.SluiceFlowKindFLOW_CONNECT_FAILED, a, 0, 0),
+		event(2, podstate.FlowClosed, a, 10, 20),
+		event(3, podstate.FlowConnectFailed, a, 0, 0),
 	}}
 	e := NewExporter(src, Options{})
 	run(t, e)
@@ -111,7 +109,7 @@ func TestExporterCountsFlows(t *testing.T) {
 // lost-close counters count it closed, under destination "unknown".
 func TestExporterReapsFlowsWhoseCloseWasLost(t *testing.T) {
 	const a = "198.18.2.2:8080"
-	src := &events{queue: []bpf.SluiceFlowEvent{event(7, bpf.SluiceFlowKindFLOW_OPEN, a, 0, 0)}}
+	src := &events{queue: []podstate.FlowEvent{event(7, podstate.FlowOpened, a, 0, 0)}}
 	e := NewExporter(src, Options{})
 	e.reapAfter = 0
 	run(t, e)
@@ -138,7 +136,7 @@ func TestExporterReapsFlowsWhoseCloseWasLost(t *testing.T) {
 func TestDestinationsFoldIntoOther(t *testing.T) {
 	src := &events{}
 	for i, dst := range []string{"198.18.2.2:80", "198.18.2.3:80", "198.18.2.4:80", "198.18.2.2:80"} {
-		src.queue = append(src.queue, event(uint64(i), bpf.SluiceFlowKindFLOW_CLOSE, dst, 1, 1))
+		src.queue = append(src.queue, event(uint64(i), podstate.FlowClosed, dst, 1, 1))
 	}
 	e := NewExporter(src, Options{MaxDestinations: 2})
 	run(t, e)
@@ -152,7 +150,7 @@ func TestDestinationsFoldIntoOther(t *testing.T) {
 // Istio's metric names when asked for; every Istio label is set, unknown
 // ones to "unknown".
 func TestIstioNamesAndLabels(t *testing.T) {
-	src := &events{queue: []bpf.SluiceFlowEvent{event(1, bpf.SluiceFlowKindFLOW_CLOSE, "198.18.2.2:80", 1, 1)}}
+	src := &events{queue: []podstate.FlowEvent{event(1, podstate.FlowClosed, "198.18.2.2:80", 1, 1)}}
 	e := NewExporter(src, Options{IstioNames: true, Identity: Identity{Workload: "w", Namespace: "ns"}})
 	run(t, e)
 	fams, err := e.Registry().Gather()
@@ -188,22 +186,21 @@ func TestRouteBackendsKeepTheirSeries(t *testing.T) {
 	svc, stable, canary := "198.19.0.10:80", "198.18.2.2:8080", "198.18.3.2:8080"
 	src := &events{}
 	for i := range 120 {
-		src.queue = append(src.queue, event(uint64(i+1), bpf.SluiceFlowKindFLOW_CONNECT_FAILED, fmt.Sprintf("198.18.9.9:%d", 1000+i), 0, 0))
+		src.queue = append(src.queue, event(uint64(i+1), podstate.FlowConnectFailed, fmt.Sprintf("198.18.9.9:%d", 1000+i), 0, 0))
 	}
 	// Kernel-only: remote is the pick, orig the service.
-	viaKernel := func(cookie uint64, kind bpf.SluiceFlowKind, backend string) bpf.SluiceFlowEvent {
+	viaKernel := func(cookie uint64, kind podstate.FlowKind, backend string) podstate.FlowEvent {
 		ev := event(cookie, kind, backend, 0, 0)
-		s := netip.MustParseAddrPort(svc)
-		ev.Flow = uint32(bpf.SluiceFlowFlagFLOW_OUTBOUND | bpf.SluiceFlowFlagFLOW_KERNEL_ONLY)
-		ev.Orig = bpf.SluiceOrigDst{Addr: loader.Addr6(s.Addr()), Port: s.Port(), Family: 2}
+		ev.ViaSidecar, ev.KernelOnly = false, true
+		ev.OriginalDst = netip.MustParseAddrPort(svc)
 		return ev
 	}
-	src.queue = append(src.queue, viaKernel(1001, bpf.SluiceFlowKindFLOW_OPEN, stable),
-		viaKernel(1002, bpf.SluiceFlowKindFLOW_CONNECT_FAILED, canary), viaKernel(1003, bpf.SluiceFlowKindFLOW_CONNECT_FAILED, canary))
-	route := loader.RouteState{Route: redirect.Route{Service: netip.MustParseAddrPort(svc), Backends: []redirect.Backend{
+	src.queue = append(src.queue, viaKernel(1001, podstate.FlowOpened, stable),
+		viaKernel(1002, podstate.FlowConnectFailed, canary), viaKernel(1003, podstate.FlowConnectFailed, canary))
+	route := podstate.RouteState{Route: redirect.Route{Service: netip.MustParseAddrPort(svc), Backends: []redirect.Backend{
 		{Address: netip.MustParseAddr("198.18.2.2"), Port: 8080, Weight: 50}, {Address: netip.MustParseAddr("198.18.3.2"), Port: 8080, Weight: 50}}},
 		Picks: []uint64{1, 2}}
-	e := NewExporter(src, Options{Routes: func() ([]loader.RouteState, error) { return []loader.RouteState{route}, nil }})
+	e := NewExporter(src, Options{Routes: func() ([]podstate.RouteState, error) { return []podstate.RouteState{route}, nil }})
 	run(t, e)
 	if got := counter(t, e, "sluice_tcp_destination_connect_failures_total", canary); got != 2 {
 		t.Errorf("connect failures of the canary %s: %v, want 2", canary, got)

@@ -10,8 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/sluicemesh/sluice/bpf"
-	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/podstate"
 )
 
 // Flow is one connection of the pod to or from the outside, seen from the
@@ -59,13 +58,6 @@ const (
 	Inbound  = "inbound"
 )
 
-var endNames = map[uint8]string{
-	uint8(bpf.SluiceFlowEndEND_FIN):     "fin",
-	uint8(bpf.SluiceFlowEndEND_RST):     "rst",
-	uint8(bpf.SluiceFlowEndEND_TIMEOUT): "timeout",
-	uint8(bpf.SluiceFlowEndEND_REFUSED): "refused",
-}
-
 // clock turns the kernel's boot-time nanoseconds into wall-clock time.
 type clock struct{ boot time.Time }
 
@@ -79,33 +71,31 @@ func newClock() clock {
 
 func (c clock) at(ns uint64) time.Time { return c.boot.Add(time.Duration(ns)) }
 
-// flowOf decodes one kernel event.
-func flowOf(ev bpf.SluiceFlowEvent, c clock) Flow {
-	local := netip.AddrPortFrom(loader.AddrFrom6(ev.Local), ev.LocalPort)
-	remote := netip.AddrPortFrom(loader.AddrFrom6(ev.Remote), ev.RemotePort)
+// flowOf is the flow one event reports.
+func flowOf(ev podstate.FlowEvent, c clock) Flow {
 	f := Flow{
 		Cookie:         ev.Cookie,
-		ViaSidecar:     ev.Flow&uint32(bpf.SluiceFlowFlagFLOW_VIA_SIDECAR) != 0,
-		KernelOnly:     ev.Flow&uint32(bpf.SluiceFlowFlagFLOW_KERNEL_ONLY) != 0,
-		OriginalDst:    netip.AddrPortFrom(loader.AddrFrom6(ev.Orig.Addr), ev.Orig.Port),
+		ViaSidecar:     ev.ViaSidecar,
+		KernelOnly:     ev.KernelOnly,
+		OriginalDst:    ev.OriginalDst,
 		Start:          c.at(ev.StartNs),
-		ConnectLatency: micros(ev.ConnectUs),
-		SRTT:           micros(ev.SrttUs),
-		MinRTT:         micros(ev.MinRttUs),
+		ConnectLatency: seconds(ev.ConnectLatency),
+		SRTT:           seconds(ev.SRTT),
+		MinRTT:         seconds(ev.MinRTT),
 		BytesSent:      ev.BytesSent,
 		BytesReceived:  ev.BytesReceived,
-		Retransmits:    ev.Retrans,
-		End:            endNames[ev.End],
+		Retransmits:    ev.Retransmits,
+		End:            ev.End,
 	}
-	if ev.Flow&uint32(bpf.SluiceFlowFlagFLOW_INBOUND) != 0 {
-		f.Direction, f.Source, f.Destination = Inbound, remote, local
+	if ev.Inbound {
+		f.Direction, f.Source, f.Destination = Inbound, ev.Remote, ev.Local
 	} else {
-		f.Direction, f.Source, f.Destination = Outbound, local, remote
+		f.Direction, f.Source, f.Destination = Outbound, ev.Local, ev.Remote
 	}
-	switch bpf.SluiceFlowKind(ev.Kind) {
-	case bpf.SluiceFlowKindFLOW_OPEN:
+	switch ev.Kind {
+	case podstate.FlowOpened:
 		f.State = StateOpen
-	case bpf.SluiceFlowKindFLOW_CLOSE:
+	case podstate.FlowClosed:
 		f.State = StateClosed
 	default:
 		f.State = StateFailed
@@ -115,5 +105,8 @@ func flowOf(ev bpf.SluiceFlowEvent, c clock) Flow {
 	}
 	return f
 }
+
+// seconds is d, of the kernel's microsecond grain, in seconds.
+func seconds(d time.Duration) float64 { return float64(d.Microseconds()) / 1e6 }
 
 func micros(us uint32) float64 { return float64(us) / 1e6 }

@@ -1,0 +1,232 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/redirect"
+)
+
+// Access is what a handle on a pod's pins may do with the maps it opens.
+type Access int
+
+const (
+	// ReadOnly opens maps for lookups only: what status and the sidecar's
+	// readers need, and all the proxy group may do with most pins.
+	ReadOnly Access = iota
+	// ReadWrite opens maps for updates too.
+	ReadWrite
+)
+
+// ErrMissingMap marks a map a handle was asked for that the pins lack: an
+// install that did not finish, or one made by a Sluice without that map.
+var ErrMissingMap = errors.New("missing map")
+
+// Pins is one handle on a pod's pins: whose they are is checked once, as it
+// opens, and the maps it opens stay open until Close, so a sidecar that
+// dropped root keeps what it opened before. Every reader and writer of a
+// pod's maps (routes, flows, offload, status, the plan) is built on one.
+// A Pins is safe for concurrent use.
+type Pins struct {
+	target Target
+	rec    record
+	access Access
+
+	mu   sync.Mutex
+	maps map[string]*ebpf.Map
+}
+
+// Open opens t's pins with access: it reads the install record, refuses
+// pins that belong to another cgroup, and opens the maps named (bpf.SluiceMap*
+// names). A map missing from the pins fails with ErrMissingMap, naming it.
+func Open(t Target, access Access, maps ...string) (*Pins, error) {
+	rec, err := readRecord(t.PinDir)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("%w on %s: no pins at %s: run 'sluice install --cgroup %s' first", ErrNotInstalled, t.Cgroup, t.PinDir, t.Cgroup)
+		}
+		return nil, err
+	}
+	if err := checkOwner(t, rec); err != nil {
+		return nil, err
+	}
+	p := pinsOf(t, rec, access)
+	for _, name := range maps {
+		if _, err := p.Map(name); err != nil {
+			p.Close()
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+// pinsOf is a handle on pins whose record was read, and owner checked, by
+// the caller.
+func pinsOf(t Target, rec record, access Access) *Pins {
+	return &Pins{target: t, rec: rec, access: access, maps: map[string]*ebpf.Map{}}
+}
+
+// Map returns the pinned map name, opening it with the handle's access on
+// first use.
+func (p *Pins) Map(name string) (*ebpf.Map, error) { return p.open(name, p.access) }
+
+// open returns the pinned map name opened with access; a map already open
+// is returned as it is.
+func (p *Pins) open(name string, access Access) (*ebpf.Map, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if m := p.maps[name]; m != nil {
+		return m, nil
+	}
+	m, err := ebpf.LoadPinnedMap(filepath.Join(p.target.PinDir, name), &ebpf.LoadPinOptions{ReadOnly: access == ReadOnly})
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%w %s in the pins at %s: the install did not finish or is another Sluice version's: rerun 'sluice install' on the pod", ErrMissingMap, name, p.target.PinDir)
+	}
+	if err != nil {
+		return nil, pinsError(p.target.PinDir, err)
+	}
+	p.maps[name] = m
+	return m, nil
+}
+
+// Close closes every map the handle opened.
+func (p *Pins) Close() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var errs []error
+	for name, m := range p.maps {
+		errs = append(errs, m.Close())
+		delete(p.maps, name)
+	}
+	return errors.Join(errs...)
+}
+
+// policy returns the plan's maps. kernel_only_cidrs is absent from an
+// install made before kernel-only paths existed, and reads as empty.
+func (p *Pins) policy() (policyMaps, error) {
+	maps := map[string]*ebpf.Map{}
+	for _, name := range policyMapNames {
+		m, err := p.Map(name)
+		if errors.Is(err, ErrMissingMap) && name == bpf.SluiceMapKernelOnlyCidrs {
+			continue
+		}
+		if err != nil {
+			return policyMaps{}, err
+		}
+		maps[name] = m
+	}
+	return policyMapsOf(maps), nil
+}
+
+// routeMaps returns the maps the routes live in; the round-robin state only
+// for a writable handle, the one that needs it.
+func (p *Pins) routeMaps() (routeMaps, error) {
+	var m routeMaps
+	var err error
+	if m.routes, err = p.Map(bpf.SluiceMapRoutes); err != nil {
+		return m, err
+	}
+	if m.active, err = p.Map(bpf.SluiceMapRoutesActive); err != nil {
+		return m, err
+	}
+	if p.access == ReadWrite {
+		m.rr, err = p.Map(bpf.SluiceMapRrStates)
+	}
+	return m, err
+}
+
+// Plan reads the plan in force: from the policy maps, and the offload ports
+// from the record. An install from before the record kept them has them
+// in its policy maps, in their older layout, and reads as well; any other
+// layout is errOlderLayout.
+func (p *Pins) Plan() (redirect.Plan, error) {
+	m, err := p.policy()
+	if err != nil {
+		return redirect.Plan{}, err
+	}
+	switch int(m.policies.ValueSize()) {
+	case legacyPolicySize:
+		return m.readLegacy()
+	case policySize:
+	default:
+		return redirect.Plan{}, errOlderLayout
+	}
+	plan, _, err := m.read()
+	if err != nil {
+		return plan, err
+	}
+	plan.OffloadPorts, plan.OffloadInboundPorts, err = p.rec.offloadPorts()
+	return plan.Normalize(), err
+}
+
+// OffloadPorts returns the install's offload ports, outbound and inbound:
+// from the record, which the handle read as it opened, or, for an install
+// whose record predates them, from its policy maps.
+func (p *Pins) OffloadPorts() (out, in []uint16, err error) {
+	if p.rec.Offload != nil {
+		return p.rec.offloadPorts()
+	}
+	plan, err := p.Plan()
+	return plan.OffloadPorts, plan.OffloadInboundPorts, err
+}
+
+// OffloadPorts reads t's offload ports, outbound and inbound: one lookup of
+// the install record, cheap enough for the sidecar to poll.
+func OffloadPorts(t Target) (out, in []uint16, err error) {
+	p, err := Open(t, ReadOnly)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer p.Close()
+	return p.OffloadPorts()
+}
+
+// Counters reads the hooks' counters (see counterNames).
+func (p *Pins) Counters() (map[string]uint64, error) {
+	m, err := p.Map(bpf.SluiceMapCounters)
+	if err != nil {
+		return nil, err
+	}
+	return sumCounters(m)
+}
+
+// Routes reads the routes in force.
+func (p *Pins) Routes() ([]RouteState, error) {
+	m, err := p.routeMaps()
+	if err != nil {
+		return nil, err
+	}
+	return m.states()
+}
+
+// count returns how many entries map name holds.
+func (p *Pins) count(name string) (int, error) {
+	m, err := p.Map(name)
+	if err != nil {
+		return 0, err
+	}
+	n, err := entries(m)
+	if err != nil {
+		return 0, fmt.Errorf("read %s: %w", name, err)
+	}
+	return n, nil
+}
+
+// RoutesVersion changes whenever the routes do, and costs one map lookup.
+func (p *Pins) RoutesVersion() (uint32, error) {
+	m, err := p.Map(bpf.SluiceMapRoutesActive)
+	if err != nil {
+		return 0, err
+	}
+	var active uint32
+	if err := m.Lookup(uint32(0), &active); err != nil {
+		return 0, fmt.Errorf("read active route slot: %w", err)
+	}
+	return active, nil
+}

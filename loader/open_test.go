@@ -1,0 +1,255 @@
+package loader
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/internal/testbed"
+	"github.com/sluicemesh/sluice/podstate"
+	"github.com/sluicemesh/sluice/redirect"
+)
+
+// installedPod is a fresh pod of bed with plan installed, outbound only,
+// uninstalled at cleanup.
+func installedPod(t *testing.T, bed *testbed.Bed, name string, plan redirect.Plan) Target {
+	t.Helper()
+	pod, err := bed.AddPod(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target, err := ResolveTarget(pod.Cgroup, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Install(target, plan, nil, quiet); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := Uninstall(target, quiet); err != nil && !errors.Is(err, ErrNotInstalled) {
+			t.Error(err)
+		}
+	})
+	return target
+}
+
+// Open refuses another pod's pins, a read-only handle cannot write, and a
+// map missing from the pins is one error that names it.
+func TestOpen(t *testing.T) {
+	privileged(t)
+	bed := testbed.Must(t)
+	target := installedPod(t, bed, "app", testPlan())
+
+	other, err := bed.AddPod("other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stranger, err := ResolveTarget(other.Cgroup, target.PinDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p, err := Open(stranger, ReadOnly); err == nil || !strings.Contains(err.Error(), "belong to cgroup") {
+		if p != nil {
+			p.Close()
+		}
+		t.Errorf("another pod opened the pins: %v, want a refusal", err)
+	}
+
+	ro, err := Open(target, ReadOnly, bpf.SluiceMapRoutesActive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	m, err := ro.Map(bpf.SluiceMapRoutesActive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Put(uint32(0), uint32(1)); err == nil {
+		t.Error("a read-only handle wrote routes_active")
+	}
+	if _, err := ro.Plan(); err != nil {
+		t.Errorf("read the plan: %v", err)
+	}
+
+	if err := os.Remove(filepath.Join(target.PinDir, bpf.SluiceMapRrStates)); err != nil {
+		t.Fatal(err)
+	}
+	_, err = Open(target, ReadWrite, bpf.SluiceMapRoutes, bpf.SluiceMapRrStates)
+	if !errors.Is(err, ErrMissingMap) || !strings.Contains(err.Error(), bpf.SluiceMapRrStates) {
+		t.Errorf("open with %s unpinned: %v, want ErrMissingMap naming it", bpf.SluiceMapRrStates, err)
+	}
+	if err := ChangeRoutes(target, RouteChange{}); !errors.Is(err, ErrMissingMap) {
+		t.Errorf("change routes with %s unpinned: %v, want ErrMissingMap", bpf.SluiceMapRrStates, err)
+	}
+}
+
+// ChangeRoutes sets, records rollouts on and deletes routes as Routes and
+// a RouteReader read them; a delete of a service without a route changes
+// nothing.
+func TestChangeRoutes(t *testing.T) {
+	privileged(t)
+	target := installedPod(t, testbed.Must(t), "app", testPlan())
+	svc := netip.MustParseAddrPort("198.19.0.10:80")
+	route := redirect.Route{Service: svc, Backends: []redirect.Backend{
+		{Address: netip.MustParseAddr("198.18.2.2"), Port: 8080, Weight: 90},
+		{Address: netip.MustParseAddr("198.18.3.2"), Port: 8080, Weight: 10}}}
+	if err := ChangeRoutes(target, RouteChange{Set: []redirect.Route{route}}); err != nil {
+		t.Fatal(err)
+	}
+	reader, err := OpenRoutes(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reader.Close()
+	routes, err := reader.Routes()
+	if err != nil || len(routes) != 1 || routes[0].Service != svc || len(routes[0].Backends) != 2 || routes[0].Backends[0].Weight != 90 {
+		t.Fatalf("routes after set: %+v, %v", routes, err)
+	}
+	before, err := reader.Version()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	err = ChangeRoutes(target, RouteChange{Rollout: &RolloutRecord{Service: svc, Step: 10, Rollback: RollbackLatency}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	routes, err = Routes(target)
+	if err != nil || len(routes) != 1 || routes[0].RolloutStep != 10 || routes[0].Rollbacks != 1 || routes[0].LastRollback != RollbackLatency {
+		t.Fatalf("routes after a rollback: %+v, %v", routes, err)
+	}
+	after, err := reader.Version()
+	if err != nil || after == before {
+		t.Errorf("version %d after a change, %d before (%v): want another", after, before, err)
+	}
+
+	err = ChangeRoutes(target, RouteChange{Set: []redirect.Route{route}, Delete: []netip.AddrPort{netip.MustParseAddrPort("198.19.0.11:80")}})
+	if !errors.Is(err, ErrNoRoute) {
+		t.Errorf("delete of a service without a route: %v, want ErrNoRoute", err)
+	}
+	if v, _ := reader.Version(); v != after {
+		t.Errorf("a failed change changed the routes (version %d, was %d)", v, after)
+	}
+	if err := ChangeRoutes(target, RouteChange{Delete: []netip.AddrPort{svc}}); err != nil {
+		t.Fatal(err)
+	}
+	if routes, err := reader.Routes(); err != nil || len(routes) != 0 {
+		t.Errorf("routes after delete: %+v, %v", routes, err)
+	}
+}
+
+// OpenOffload hands a connection to the kernel and takes it back; two
+// handles on the same install are the Same.
+func TestOpenOffload(t *testing.T) {
+	privileged(t)
+	target := installedPod(t, testbed.Must(t), "app", splicePlan(t))
+	o, err := OpenOffload(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.Close()
+	again, err := OpenOffload(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !o.Same(again) {
+		t.Error("two handles on one install's offload maps are not the Same")
+	}
+	again.Close()
+
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	conn, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	far, err := conn.(*net.TCPConn).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer far.Close()
+	release, err := o.Hand(netip.MustParseAddrPort("127.0.0.1:40000"), netip.MustParseAddrPort("127.0.0.1:15001"), int(far.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s, err := Status(target); err != nil || s.OffloadConnections != 1 || s.OffloadSockets != 1 {
+		t.Errorf("after Hand: %d connections, %d sockets offloaded (%v), want 1 and 1", s.OffloadConnections, s.OffloadSockets, err)
+	}
+	if err := release(); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := Status(target); err != nil || s.OffloadConnections != 0 {
+		t.Errorf("after release: %d connections offloaded (%v), want 0", s.OffloadConnections, err)
+	}
+}
+
+// OpenFlows waits for events with a deadline, reads the counters and the
+// routes, and once closed says io.EOF.
+func TestOpenFlows(t *testing.T) {
+	privileged(t)
+	target := installedPod(t, testbed.Must(t), "app", testPlan())
+	src, err := OpenFlows(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := src.Next(10 * time.Millisecond); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("Next with no event: %v, want os.ErrDeadlineExceeded", err)
+	}
+	if counts, err := src.Counters(); err != nil || len(counts) != len(counterNames) {
+		t.Errorf("counters: %d of %d (%v)", len(counts), len(counterNames), err)
+	}
+	if routes, err := src.Routes(); err != nil || len(routes) != 0 {
+		t.Errorf("routes: %v, %v", routes, err)
+	}
+	if err := src.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := src.Next(time.Second); !errors.Is(err, io.EOF) {
+		t.Errorf("Next after Close: %v, want io.EOF", err)
+	}
+	if err := src.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+}
+
+// The kernel's struct flow_event decodes into podstate's Go value.
+func TestDecodeFlowEvent(t *testing.T) {
+	local, remote := netip.MustParseAddrPort("198.18.1.2:40000"), netip.MustParseAddrPort("[2001:db8::2]:8080")
+	raw := bpf.SluiceFlowEvent{Cookie: 7, Kind: uint8(bpf.SluiceFlowKindFLOW_CLOSE),
+		Flow:  uint32(bpf.SluiceFlowFlagFLOW_INBOUND | bpf.SluiceFlowFlagFLOW_VIA_SIDECAR),
+		Local: Addr6(local.Addr()), LocalPort: local.Port(), Remote: Addr6(remote.Addr()), RemotePort: remote.Port(),
+		Orig:    bpf.SluiceOrigDst{Addr: Addr6(local.Addr()), Port: local.Port(), Family: afInet},
+		StartNs: 10, EndNs: 20, ConnectUs: 1500, SrttUs: 250, MinRttUs: 100,
+		BytesSent: 3, BytesReceived: 4, Retrans: 5, End: uint8(bpf.SluiceFlowEndEND_RST)}
+	var buf bytes.Buffer
+	if err := binary.Write(&buf, binary.NativeEndian, &raw); err != nil {
+		t.Fatal(err)
+	}
+	got, err := decodeFlowEvent(buf.Bytes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := podstate.FlowEvent{Cookie: 7, Kind: podstate.FlowClosed, Inbound: true, ViaSidecar: true,
+		Local: local, Remote: remote, OriginalDst: local, StartNs: 10, EndNs: 20,
+		ConnectLatency: 1500 * time.Microsecond, SRTT: 250 * time.Microsecond, MinRTT: 100 * time.Microsecond,
+		BytesSent: 3, BytesReceived: 4, Retransmits: 5, End: podstate.EndRst}
+	if got != want {
+		t.Errorf("decoded\n%+v, want\n%+v", got, want)
+	}
+	if _, err := decodeFlowEvent(buf.Bytes()[:8]); err == nil {
+		t.Error("a short event decoded")
+	}
+}
