@@ -2,24 +2,25 @@ package plant
 
 import (
 	"context"
+	"io"
 	"net/http/httptest"
 	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/podstate"
 	"github.com/sluicemesh/sluice/rollout"
 	"github.com/sluicemesh/sluice/telemetry"
 )
 
 // events is a Source of hand-made flow events.
-type events []bpf.SluiceFlowEvent
+type events []podstate.FlowEvent
 
-func (e *events) Next(time.Duration) (bpf.SluiceFlowEvent, error) {
+func (e *events) Next(time.Duration) (podstate.FlowEvent, error) {
 	if len(*e) == 0 {
-		return bpf.SluiceFlowEvent{}, loader.ErrClosed
+		return podstate.FlowEvent{}, io.EOF
 	}
 	ev := (*e)[0]
 	*e = (*e)[1:]
@@ -29,14 +30,13 @@ func (e *events) Next(time.Duration) (bpf.SluiceFlowEvent, error) {
 func (e *events) Counters() (map[string]uint64, error) { return nil, nil }
 
 // outbound is an event of the pod's outbound flow to dst.
-func outbound(cookie uint64, kind bpf.SluiceFlowKind, dst string, connectUs uint32) bpf.SluiceFlowEvent {
+func outbound(cookie uint64, kind podstate.FlowKind, dst string, connectUs uint32) podstate.FlowEvent {
 	d := netip.MustParseAddrPort(dst)
-	return bpf.SluiceFlowEvent{
-		Cookie: cookie, Kind: uint8(kind), Flow: uint32(bpf.SluiceFlowFlagFLOW_OUTBOUND | bpf.SluiceFlowFlagFLOW_VIA_SIDECAR),
-		Local: loader.Addr6(netip.MustParseAddr("198.18.1.2")), LocalPort: 40000 + uint16(cookie),
-		Remote: loader.Addr6(d.Addr()), RemotePort: d.Port(),
-		Orig:      bpf.SluiceOrigDst{Addr: loader.Addr6(d.Addr()), Port: d.Port(), Family: 2},
-		ConnectUs: connectUs, StartNs: 1, EndNs: 2, End: uint8(bpf.SluiceFlowEndEND_REFUSED),
+	return podstate.FlowEvent{
+		Cookie: cookie, Kind: kind, ViaSidecar: true,
+		Local:  netip.AddrPortFrom(netip.MustParseAddr("198.18.1.2"), 40000+uint16(cookie)),
+		Remote: d, OriginalDst: d,
+		ConnectLatency: time.Duration(connectUs) * time.Microsecond, StartNs: 1, EndNs: 2, End: podstate.EndRefused,
 	}
 }
 
@@ -46,12 +46,12 @@ func outbound(cookie uint64, kind bpf.SluiceFlowKind, dst string, connectUs uint
 func TestMeasureReadsTheExportersMetrics(t *testing.T) {
 	stable, canary := "198.18.2.2:8080", "198.18.3.2:8080"
 	src := events{
-		outbound(1, bpf.SluiceFlowKindFLOW_OPEN, stable, 1000),
-		outbound(2, bpf.SluiceFlowKindFLOW_OPEN, stable, 3000),
-		outbound(3, bpf.SluiceFlowKindFLOW_OPEN, canary, 5000),
-		outbound(4, bpf.SluiceFlowKindFLOW_CONNECT_FAILED, canary, 0),
-		outbound(5, bpf.SluiceFlowKindFLOW_CONNECT_FAILED, canary, 0),
-		outbound(6, bpf.SluiceFlowKindFLOW_OPEN, "198.18.9.9:80", 7000), // folds into "other"
+		outbound(1, podstate.FlowOpened, stable, 1000),
+		outbound(2, podstate.FlowOpened, stable, 3000),
+		outbound(3, podstate.FlowOpened, canary, 5000),
+		outbound(4, podstate.FlowConnectFailed, canary, 0),
+		outbound(5, podstate.FlowConnectFailed, canary, 0),
+		outbound(6, podstate.FlowOpened, "198.18.9.9:80", 7000), // folds into "other"
 	}
 	e := telemetry.NewExporter(&src, telemetry.Options{MaxDestinations: 2})
 	if err := e.Run(context.Background()); err != nil {
