@@ -114,20 +114,8 @@ var (
 
 // NewExporter makes an Exporter for source; Run feeds it.
 func NewExporter(source Source, opts Options) *Exporter {
-	if opts.MaxDestinations == 0 {
-		opts.MaxDestinations = 100
-	}
-	if opts.MaxFollowers == 0 {
-		opts.MaxFollowers = 16
-	}
-	if opts.FollowerTimeout == 0 {
-		opts.FollowerTimeout = 5 * time.Second
-	}
-	if opts.Logger == nil {
-		opts.Logger = slog.New(slog.DiscardHandler)
-	}
 	e := &Exporter{
-		opts:         opts,
+		opts:         opts.withDefaults(),
 		source:       source,
 		clock:        newClock(),
 		reg:          prometheus.NewRegistry(),
@@ -137,49 +125,72 @@ func NewExporter(source Source, opts Options) *Exporter {
 		totals:       map[labelKey]*tcpTotals{},
 		destinations: map[string]bool{},
 		followers:    map[*Follower]struct{}{},
-		connect: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "sluice_tcp_connect_duration_seconds", Buckets: latencyBuckets,
-			Help: "Time from SYN sent to established (outbound), or from SYN-ACK sent to its ACK (inbound), per flow.",
-		}, []string{"direction"}),
-		rtt: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "sluice_tcp_rtt_seconds", Buckets: latencyBuckets,
-			Help: "Smoothed round-trip time of each flow when it closed.",
-		}, []string{"direction"}),
-		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "sluice_tcp_flow_duration_seconds", Buckets: durationBuckets,
-			Help: "How long each flow was open.",
-		}, []string{"direction"}),
-		ended: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "sluice_tcp_connections_ended_total",
-			Help: "Flows closed, by how they ended: fin, rst or timeout.",
-		}, []string{"direction", "end"}),
-		failed: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "sluice_tcp_connect_failures_total",
-			Help: "Outbound connects that never were established, by reason: refused, timeout or rst.",
-		}, []string{"direction", "reason"}),
-		retrans: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "sluice_tcp_retransmitted_segments_total",
-			Help: "Segments the pod retransmitted, counted when each flow closes.",
-		}, []string{"direction"}),
-		destConnect: prometheus.NewSummaryVec(prometheus.SummaryOpts{
-			Name: MetricDestinationConnectDuration,
-			Help: "Connect latency of outbound flows that were established, by original destination (sum and count).",
-		}, []string{LabelDestinationService}),
-		destFailed: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: MetricDestinationConnectFailures,
-			Help: "Outbound connects never established, by original destination.",
-		}, []string{LabelDestinationService}),
-		followLost: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "sluice_flow_follow_dropped_total",
-			Help: "Closed flows not sent to a `sluice flows --follow` client that was too slow to take them.",
-		}),
-		evicted: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "sluice_flow_followers_evicted_total",
-			Help: "`sluice flows --follow` clients disconnected for taking no flows for the follower timeout.",
-		}),
 	}
+	e.newMetrics()
 	e.reg.MustRegister(e.connect, e.rtt, e.duration, e.ended, e.failed, e.retrans, e.followLost, e.evicted, e.destConnect, e.destFailed, collector{e}, routeCollector{e})
 	return e
+}
+
+// withDefaults fills what o leaves zero.
+func (o Options) withDefaults() Options {
+	if o.MaxDestinations == 0 {
+		o.MaxDestinations = 100
+	}
+	if o.MaxFollowers == 0 {
+		o.MaxFollowers = 16
+	}
+	if o.FollowerTimeout == 0 {
+		o.FollowerTimeout = 5 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	return o
+}
+
+// newMetrics makes the metrics the exporter updates as events come; the
+// collectors compute the rest at each scrape.
+func (e *Exporter) newMetrics() {
+	e.connect = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "sluice_tcp_connect_duration_seconds", Buckets: latencyBuckets,
+		Help: "Time from SYN sent to established (outbound), or from SYN-ACK sent to its ACK (inbound), per flow.",
+	}, []string{"direction"})
+	e.rtt = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "sluice_tcp_rtt_seconds", Buckets: latencyBuckets,
+		Help: "Smoothed round-trip time of each flow when it closed.",
+	}, []string{"direction"})
+	e.duration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "sluice_tcp_flow_duration_seconds", Buckets: durationBuckets,
+		Help: "How long each flow was open.",
+	}, []string{"direction"})
+	e.ended = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_tcp_connections_ended_total",
+		Help: "Flows closed, by how they ended: fin, rst or timeout.",
+	}, []string{"direction", "end"})
+	e.failed = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_tcp_connect_failures_total",
+		Help: "Outbound connects that never were established, by reason: refused, timeout or rst.",
+	}, []string{"direction", "reason"})
+	e.retrans = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sluice_tcp_retransmitted_segments_total",
+		Help: "Segments the pod retransmitted, counted when each flow closes.",
+	}, []string{"direction"})
+	e.destConnect = prometheus.NewSummaryVec(prometheus.SummaryOpts{
+		Name: MetricDestinationConnectDuration,
+		Help: "Connect latency of outbound flows that were established, by original destination (sum and count).",
+	}, []string{LabelDestinationService})
+	e.destFailed = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: MetricDestinationConnectFailures,
+		Help: "Outbound connects never established, by original destination.",
+	}, []string{LabelDestinationService})
+	e.followLost = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "sluice_flow_follow_dropped_total",
+		Help: "Closed flows not sent to a `sluice flows --follow` client that was too slow to take them.",
+	})
+	e.evicted = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "sluice_flow_followers_evicted_total",
+		Help: "`sluice flows --follow` clients disconnected for taking no flows for the follower timeout.",
+	})
 }
 
 // Registry is what /metrics serves.
