@@ -104,6 +104,23 @@ func (c *capturedPod) client(t *testing.T, addr string) testbed.ClientResult {
 	return res
 }
 
+// way is one direction and family a connection of the pod may take.
+type way struct {
+	name    string
+	addr    netip.Addr // the server's: the host's outbound, the pod's inbound
+	inbound bool
+}
+
+// everyWay is outbound and inbound, each over IPv4 and IPv6.
+func (c *capturedPod) everyWay() []way {
+	return []way{
+		{"outbound IPv4", c.host.Addr4, false},
+		{"outbound IPv6", c.host.Addr6, false},
+		{"inbound IPv4", c.pod.Addr4, true},
+		{"inbound IPv6", c.pod.Addr6, true},
+	}
+}
+
 func checkIntact(t *testing.T, res testbed.ClientResult, addr string) {
 	t.Helper()
 	if res.Sent != payload || res.Received != payload || res.SentSHA != res.RecvSHA {

@@ -29,16 +29,7 @@ func TestOffloadIntact(t *testing.T) {
 	if err := c.pod.StartEcho(self(t), "[::]:8080"); err != nil {
 		t.Fatal(err)
 	}
-	for _, tc := range []struct {
-		name    string
-		addr    netip.Addr
-		inbound bool
-	}{
-		{"outbound IPv4", c.host.Addr4, false},
-		{"outbound IPv6", c.host.Addr6, false},
-		{"inbound IPv4", c.pod.Addr4, true},
-		{"inbound IPv6", c.pod.Addr6, true},
-	} {
+	for _, tc := range c.everyWay() {
 		before := statusJSON(t, c.cgroup).Counters
 		addr := netip.AddrPortFrom(tc.addr, 8080).String()
 		var res testbed.ClientResult
