@@ -77,6 +77,9 @@ func main() {
 	from := flag.String("from", "", "redraw the plot and tables from an earlier run's bench.json, without measuring")
 	flag.Parse()
 	if *from != "" {
+		if err := os.MkdirAll(*out, 0o755); err != nil {
+			fatal("%v", err)
+		}
 		replot(*from, *out)
 		return
 	}
@@ -101,13 +104,13 @@ func main() {
 		fatal("%v", err)
 	}
 	cleanUpOnSignal()
-	h := harness{sluice: exe, seconds: *seconds, idle: *idle, haproxyThreads: haproxyThreads()}
+	h := harness{sluice: exe, seconds: *seconds, idle: *idle, haproxyThreads: haproxyThreads(), haproxyMaxPipes: haproxyMaxPipes(*idle)}
 	if h.self, err = os.Executable(); err != nil {
 		fatal("%v", err)
 	}
 	rep := report{Machine: machine(), Started: time.Now().UTC().Format(time.RFC3339), Seconds: *seconds, Idle: *idle, Long: *long,
 		Rounds: *runs, CPUAccounting: cpuAccounting, MemoryAccounting: memoryAccounting,
-		HAProxyConfig: haproxyConfig(h.haproxyThreads, haproxyMaxConn(*idle))}
+		HAProxyConfig: haproxyConfig(h.haproxyThreads, haproxyMaxConn(*idle), h.haproxyMaxPipes)}
 	// The machine's CPU is the measure: anything else running skews it.
 	if rep.BackgroundCPUPct, err = backgroundCPU(time.Second); err != nil {
 		fatal("%v", err)
@@ -177,6 +180,11 @@ func replot(path, dir string) {
 	}
 	// The figures of every run are there: the summary and the paired
 	// ratios are recomputed, so an older bench.json gets them too.
+	if rep.Rounds == 0 { // older runs did not say
+		for _, f := range rep.Runs {
+			rep.Rounds = max(rep.Rounds, f.Run+1)
+		}
+	}
 	rep.summarize(configs)
 	rep.judge()
 	rep.output(configs, dir)
@@ -289,6 +297,10 @@ type harness struct {
 	idle           int
 	long           float64 // seconds of long bulk in this measurement; 0 for none
 	haproxyThreads int
+	// HAProxy's pipes for splice: two descriptors each, on top of two per
+	// connection, under the open file limit it inherits (it runs as uid
+	// 1337 and cannot raise it).
+	haproxyMaxPipes int
 }
 
 // client runs one workload of the bench helper against the server and
@@ -530,9 +542,10 @@ const freeMemoryEnv = "SLUICE_FREE_MEMORY_ON_SIGUSR1"
 // stand in for ours: one thread per event loop of the built-in proxy
 // (GOMAXPROCS-1), 64 KiB buffers like its reads, and splice-auto, since
 // it stands for the built-in proxy with splice off.
-func haproxyConfig(threads, maxconn int) string {
+func haproxyConfig(threads, maxconn, maxpipes int) string {
 	return fmt.Sprintf(`global
   maxconn %d
+  maxpipes %d
   nbthread %d
   tune.bufsize 65536
 defaults
@@ -546,12 +559,23 @@ frontend outbound
   default_backend original_dst
 backend original_dst
   server x 0.0.0.0:0
-`, maxconn, threads)
+`, maxconn, maxpipes, threads)
 }
 
 // haproxyThreads matches the built-in proxy's event loops: GOMAXPROCS-1,
 // at least 1 (proxy.Options.Loops).
 func haproxyThreads() int { return max(1, runtime.GOMAXPROCS(0)-1) }
+
+// haproxyMaxPipes is what the open file limit leaves for pipes, once
+// HAProxy has two descriptors per connection and some to spare: a few
+// hundred are plenty, pipes being held only while bytes are in them.
+func haproxyMaxPipes(idle int) int {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 64
+	}
+	return max(64, min(haproxyMaxConn(idle)/4, (int(min(lim.Max, 1<<20))-2*haproxyMaxConn(idle)-256)/2))
+}
 
 // haproxyMaxConn leaves room for the idle connections and the workloads.
 func haproxyMaxConn(idle int) int { return max(9500, idle+500) }
@@ -569,7 +593,7 @@ func (h harness) startHAProxy(pod *testbed.Pod) (int, error) {
 	}
 	os.Chmod(dir, 0o755)
 	cfg := filepath.Join(dir, "haproxy.cfg")
-	if err := os.WriteFile(cfg, []byte(haproxyConfig(h.haproxyThreads, haproxyMaxConn(h.idle))), 0o644); err != nil {
+	if err := os.WriteFile(cfg, []byte(haproxyConfig(h.haproxyThreads, haproxyMaxConn(h.idle), h.haproxyMaxPipes)), 0o644); err != nil {
 		return 0, err
 	}
 	cmd := exec.Command(bin, "-db", "-f", cfg)

@@ -250,7 +250,7 @@ func pairedRatios(runs []Figures, c, base string) map[string]RatioStat {
 // print writes the medians (with their spread) and the main ratios as
 // Markdown tables.
 func (r report) print(w io.Writer, configs []string) {
-	fmt.Fprintf(w, "\nMedians over the runs (min-max), %s, %s CPUs, kernel %s:\n\n", r.Machine["cpu"], r.Machine["cpus"], r.Machine["kernel"])
+	fmt.Fprintf(w, "\nMedians over the rounds (min-max), %s, %s CPUs, kernel %s:\n\n", r.Machine["cpu"], r.Machine["cpus"], r.Machine["kernel"])
 	fmt.Fprintf(w, "| metric |")
 	for _, c := range configs {
 		fmt.Fprintf(w, " %s |", c)
@@ -296,6 +296,9 @@ func (r report) print(w io.Writer, configs []string) {
 	fmt.Fprintf(w, "\n\nGoals on the paired ratios' medians (reported, not enforced; rr1 latency is bimodal on a VM, so reported, never judged):\n\n| goal | ratio | metric | target | got (min-max) | |\n| --- | --- | --- | --- | --- | --- |\n")
 	for _, g := range r.Goals {
 		fmt.Fprintf(w, "| %s | %s | %s | %s %s | %s (%s-%s) | %s |\n", g.Name, g.Ratio, g.Metric, g.op(), ratio(g.Target), ratio(g.Got), ratio(g.Min), ratio(g.Max), g.verdict())
+	}
+	if !slices.ContainsFunc(r.Runs, func(f Figures) bool { return f.ConnCount > 0 }) {
+		return // an older run: no counts, no accounting
 	}
 	fmt.Fprintf(w, "\nEach workload ran %gs a round, %d rounds, configurations in an order rotated by one each round. Operations per workload (median over the rounds):\n\n| config | connections | rr1 round trips | rr16 round trips | bulk MB | machine busy %% (rr16) |\n| --- | --- | --- | --- | --- | --- |\n", r.Seconds, r.Rounds)
 	for _, c := range configs {

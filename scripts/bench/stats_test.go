@@ -184,8 +184,8 @@ func TestParseProcStat(t *testing.T) {
 }
 
 func TestHAProxyConfigIsTuned(t *testing.T) {
-	cfg := haproxyConfig(3, 9500)
-	for _, want := range []string{"nbthread 3\n", "tune.bufsize 65536\n", "option splice-auto\n", "maxconn 9500\n", "bind 127.0.0.1:15001\n"} {
+	cfg := haproxyConfig(3, 9500, 372)
+	for _, want := range []string{"nbthread 3\n", "tune.bufsize 65536\n", "option splice-auto\n", "maxconn 9500\n", "maxpipes 372\n", "bind 127.0.0.1:15001\n"} {
 		if !strings.Contains(cfg, want) {
 			t.Errorf("config lacks %q:\n%s", want, cfg)
 		}
