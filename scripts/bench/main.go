@@ -541,7 +541,7 @@ const freeMemoryEnv = "SLUICE_FREE_MEMORY_ON_SIGUSR1"
 // haproxyConfig is HAProxy tuned as a sidecar's users would tune it to
 // stand in for ours: one thread per event loop of the built-in proxy
 // (GOMAXPROCS-1), 64 KiB buffers like its reads, and splice-auto, since
-// it stands for the built-in proxy with splice off.
+// it stands for the built-in proxy with splice off, with maxpipes pipes.
 func haproxyConfig(threads, maxconn, maxpipes int) string {
 	return fmt.Sprintf(`global
   maxconn %d
