@@ -67,8 +67,10 @@ demo: deps
 	$(GO) build -tags demo -o bin/sluice-demo ./cmd/sluice
 	./bin/sluice-demo demo
 
-# Every way of putting a sidecar in a pod's path, in one run: results/bench.json
-# and results/bench.png. BENCH_CPUS=0 pins everything to CPU 0.
+# Every way of putting a sidecar in a pod's path, outbound and inbound, in
+# rounds (docs/bench-method.md): results/bench.json, results/bench.png and
+# results/haproxy.cfg. Run it alone: CPU/req counts the whole machine.
+# BENCH_CPUS=0 pins everything to CPU 0; BENCH_FLAGS='-runs 7 -seconds 5'.
 bench: deps build
 	$(GO) build -o bin/bench ./scripts/bench
 	$(if $(BENCH_CPUS),taskset -c $(BENCH_CPUS)) ./bin/bench -sluice bin/sluice $(BENCH_FLAGS)

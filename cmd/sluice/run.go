@@ -101,6 +101,7 @@ func runCommand() command {
 			return err
 		}
 		cfg.Logger = log
+		defer freeMemoryOnSignal()()
 		return sidecar.Run(ctx, *cfg)
 	}
 	return c
