@@ -540,7 +540,7 @@ const freeMemoryEnv = "SLUICE_FREE_MEMORY_ON_SIGUSR1"
 
 // haproxyConfig is HAProxy tuned as a sidecar's users would tune it to
 // stand in for ours: one thread per event loop of the built-in proxy
-// (GOMAXPROCS-1), 64 KiB buffers like its reads, and splice-auto, since
+// (GOMAXPROCS), 64 KiB buffers like its reads, and splice-auto, since
 // it stands for the built-in proxy with splice off, with maxpipes pipes.
 func haproxyConfig(threads, maxconn, maxpipes int) string {
 	return fmt.Sprintf(`global
@@ -562,9 +562,10 @@ backend original_dst
 `, maxconn, maxpipes, threads)
 }
 
-// haproxyThreads matches the built-in proxy's event loops: GOMAXPROCS-1,
-// at least 1 (proxy.Options.Loops).
-func haproxyThreads() int { return max(1, runtime.GOMAXPROCS(0)-1) }
+// haproxyThreads matches the built-in proxy's event loops: one per P it
+// starts with (sidecar.Run gives them proxy.Options.Loops, then adds a P
+// for the rest).
+func haproxyThreads() int { return runtime.GOMAXPROCS(0) }
 
 // haproxyMaxPipes is what the open file limit leaves for pipes, once
 // HAProxy has two descriptors per connection and some to spare: a few
