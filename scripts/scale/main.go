@@ -4,6 +4,13 @@
 // captured connections, then after they close.
 //
 //	go run ./scripts/scale -sluice bin/sluice [-pods 1000] [-conns 10000] [-json FILE]
+//	go run ./scripts/scale -quick -max-install-ratio 14 -max-idle-kib 300
+//
+// -quick installs 20 pods and skips the open connections; with
+// -max-install-ratio and -max-idle-kib it exits 1, naming the figure and
+// the limit, when install time per pod (median, as a ratio to the
+// iptables-restore baseline) or kernel memory per idle pod passes its limit
+// (make bench-quick, which make test runs).
 //
 // It needs root and builds everything it measures itself (cgroups below the
 // cgroup2 mount, a test bed pod, network namespaces), then removes it.
@@ -49,7 +56,24 @@ func main() {
 	conns := flag.Int("conns", 10000, "open connections in one pod")
 	rounds := flag.Int("iptables-rounds", 50, "iptables-restore runs for the baseline")
 	jsonOut := flag.String("json", "", "also write every figure as JSON to this file")
+	quick := flag.Bool("quick", false, "20 pods and 20 iptables-restore runs unless -pods or -iptables-rounds say otherwise; no open connections")
+	maxRatio := flag.Float64("max-install-ratio", 0, "fail when install time per pod over iptables-restore's (medians) passes this (0: no limit)")
+	maxIdle := flag.Float64("max-idle-kib", 0, "fail when kernel memory per idle pod passes this many KiB (0: no limit)")
+	limitsFrom := flag.String("limits-from", "", "where the limits are set, named when one is passed (e.g. Makefile)")
 	flag.Parse()
+	if *quick {
+		set := map[string]bool{}
+		flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
+		if !set["pods"] {
+			*pods = 20
+		}
+		if !set["iptables-rounds"] {
+			*rounds = 20
+		}
+		if !set["conns"] {
+			*conns = 0
+		}
+	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "scale: needs root (cgroups, BPF, network namespaces): run it as root")
 		os.Exit(1)
@@ -75,6 +99,32 @@ func main() {
 			os.Exit(1)
 		}
 	}
+	if msgs := r.overLimits(*maxRatio, *maxIdle, *limitsFrom); len(msgs) > 0 {
+		for _, m := range msgs {
+			fmt.Fprintln(os.Stderr, m)
+		}
+		os.Exit(1)
+	}
+}
+
+// overLimits says, one line each, which figure passed its limit (0: none).
+func (r report) overLimits(maxRatio, maxIdleKiB float64, from string) []string {
+	where := func(flag, variable string, limit float64) string {
+		if from == "" {
+			return fmt.Sprintf("-%s %g", flag, limit)
+		}
+		return fmt.Sprintf("%s=%g, set in %s", variable, limit, from)
+	}
+	var msgs []string
+	if ratio := r.InstallMedianMs / r.IPTablesMs; maxRatio > 0 && ratio > maxRatio {
+		msgs = append(msgs, fmt.Sprintf("scale: FAIL install time per pod is %.2fx iptables-restore of Istio's rules (sluice %.1f ms / iptables %.1f ms, medians over %d pods), above the limit %s",
+			ratio, r.InstallMedianMs, r.IPTablesMs, r.Pods, where("max-install-ratio", "MAX_INSTALL_RATIO", maxRatio)))
+	}
+	if maxIdleKiB > 0 && r.IdlePodKiB > maxIdleKiB {
+		msgs = append(msgs, fmt.Sprintf("scale: FAIL kernel memory per idle pod is %.0f KiB (%d pods), above the limit %s",
+			r.IdlePodKiB, r.Pods, where("max-idle-kib", "MAX_IDLE_KIB", maxIdleKiB)))
+	}
+	return msgs
 }
 
 func exitOn(err error) {
@@ -114,6 +164,9 @@ func (r report) print(w io.Writer) {
 	fmt.Fprintf(w, "| uninstall, median | %.1f |\n", r.UninstallMedMs)
 	fmt.Fprintf(w, "\n| kernel memory (memlock of maps and programs) | |\n| --- | --- |\n")
 	fmt.Fprintf(w, "| one idle pod | %.0f KiB |\n| %d idle pods | %.1f MiB (%.0f KiB per pod) |\n", r.FirstPodKiB, r.Pods, r.NodeMiB, r.IdlePodKiB)
+	if r.Conns == 0 {
+		return
+	}
 	fmt.Fprintf(w, "| one pod, %d open captured connections: maps and programs | %.0f KiB |\n", r.Conns, r.ConnPodKiB)
 	fmt.Fprintf(w, "| ... their socket storage (ss -m optmem, app and sidecar sockets) | %.0f KiB (%.0f bytes per connection) |\n", r.ConnSocketKiB, r.ConnSocketKiB*1024/float64(max(r.Conns, 1)))
 	fmt.Fprintf(w, "| ... handshake table entries | %d |\n", r.ConnHandshakes)
@@ -122,13 +175,36 @@ func (r report) print(w io.Writer) {
 }
 
 func run(exe string, pods, conns, rounds int, r *report) error {
-	ipt, err := iptablesBaseline(rounds)
+	// The baseline's runs alternate with the installs, so a busy moment
+	// of the machine weighs on both sides of the ratio.
+	ipt, err := newIstioRestore()
 	if err != nil {
 		return fmt.Errorf("iptables baseline: %w", err)
 	}
-	r.IPTablesMs = ipt
-	if err := idlePods(exe, pods, r); err != nil {
+	defer ipt.Close()
+	var took []time.Duration
+	restore := func(int) error {
+		if len(took) >= rounds {
+			return nil
+		}
+		d, err := ipt.once()
+		if err != nil {
+			return fmt.Errorf("iptables baseline: %w", err)
+		}
+		took = append(took, d)
+		return nil
+	}
+	if err := idlePods(exe, pods, restore, r); err != nil {
 		return fmt.Errorf("idle pods: %w", err)
+	}
+	for len(took) < rounds {
+		if err := restore(0); err != nil {
+			return err
+		}
+	}
+	r.IPTablesMs = ms(percentile(took, 50))
+	if conns == 0 {
+		return nil
 	}
 	if err := openConns(exe, conns, r); err != nil {
 		return fmt.Errorf("open connections: %w", err)
@@ -170,52 +246,67 @@ const istioRules = `*nat
 COMMIT
 `
 
-// iptablesBaseline times what Istio's init container does in a pod: both
-// rule sets restored in a fresh network namespace, each a process of its
-// own as istio-iptables runs them.
-func iptablesBaseline(rounds int) (float64, error) {
+// istioRestore does what Istio's init container does in a pod: both rule
+// sets restored in a fresh network namespace, each a process of its own as
+// istio-iptables runs them.
+type istioRestore struct{ dir, v4, v6 string }
+
+func newIstioRestore() (*istioRestore, error) {
 	dir, err := os.MkdirTemp("", "sluice-scale-")
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
-	defer os.RemoveAll(dir)
-	v4, v6 := filepath.Join(dir, "v4"), filepath.Join(dir, "v6")
-	if err := os.WriteFile(v4, fmt.Appendf(nil, istioRules, "127.0.0.1/32", "127.0.0.6/32"), 0o644); err != nil {
-		return 0, err
+	x := &istioRestore{dir: dir, v4: filepath.Join(dir, "v4"), v6: filepath.Join(dir, "v6")}
+	err = os.WriteFile(x.v4, fmt.Appendf(nil, istioRules, "127.0.0.1/32", "127.0.0.6/32"), 0o644)
+	if err == nil {
+		err = os.WriteFile(x.v6, fmt.Appendf(nil, istioRules, "::1/128", "::6/128"), 0o644)
 	}
-	if err := os.WriteFile(v6, fmt.Appendf(nil, istioRules, "::1/128", "::6/128"), 0o644); err != nil {
-		return 0, err
+	if err != nil {
+		x.Close()
+		return nil, err
 	}
-	var took []time.Duration
-	for range rounds {
-		err := nsenter.DoNew(func() error {
-			start := time.Now()
-			for _, step := range [][2]string{{"iptables-restore", v4}, {"ip6tables-restore", v6}} {
-				in, err := os.Open(step[1])
-				if err != nil {
-					return err
-				}
-				cmd := exec.Command(step[0])
-				cmd.Stdin = in
-				out, err := cmd.CombinedOutput()
-				in.Close()
-				if err != nil {
-					return fmt.Errorf("%s: %v: %s", step[0], err, out)
-				}
-			}
-			took = append(took, time.Since(start))
-			return nil
-		})
+	return x, nil
+}
+
+func (x *istioRestore) Close() { os.RemoveAll(x.dir) }
+
+// once restores both rule sets in a fresh network namespace and says how
+// long the two processes took.
+func (x *istioRestore) once() (took time.Duration, err error) {
+	err = nsenter.DoNew(func() error {
+		start := time.Now()
+		if err := x.restoreHere(); err != nil {
+			return err
+		}
+		took = time.Since(start)
+		return nil
+	})
+	return took, err
+}
+
+// restoreHere runs both restores in the calling thread's network namespace
+// (the caller holds its OS thread).
+func (x *istioRestore) restoreHere() error {
+	for _, step := range [][2]string{{"iptables-restore", x.v4}, {"ip6tables-restore", x.v6}} {
+		in, err := os.Open(step[1])
 		if err != nil {
-			return 0, err
+			return err
+		}
+		cmd := exec.Command(step[0])
+		cmd.Stdin = in
+		out, err := cmd.CombinedOutput()
+		in.Close()
+		if err != nil {
+			return fmt.Errorf("%s: %v: %s", step[0], err, out)
 		}
 	}
-	return ms(percentile(took, 50)), nil
+	return nil
 }
 
 // idlePods installs pods cgroups (no process, no traffic) one sluice
-// install each, as init containers would, and sums their kernel memory.
-func idlePods(exe string, pods int, r *report) (err error) {
+// install each, as init containers would, and sums their kernel memory;
+// before(i) runs before the i-th install, untimed.
+func idlePods(exe string, pods int, before func(int) error, r *report) (err error) {
 	mount, err := loader.Cgroup2Mount()
 	if err != nil {
 		return err
@@ -245,6 +336,9 @@ func idlePods(exe string, pods int, r *report) (err error) {
 			return err
 		}
 		made = append(made, cg)
+		if err := before(i); err != nil {
+			return err
+		}
 		start := time.Now()
 		if out, err := exec.Command(exe, "install", "--cgroup", cg).CombinedOutput(); err != nil {
 			return fmt.Errorf("install %s: %v: %s", cg, err, out)
