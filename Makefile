@@ -94,9 +94,15 @@ bench-quick: build
 		-max-install-ratio $(MAX_INSTALL_RATIO) -max-idle-kib $(MAX_IDLE_KIB) -limits-from "the Makefile"
 
 # Install time per pod against iptables-restore of Istio's rules, kernel
-# memory of 1,000 idle pods and of a pod holding 10,000 connections.
+# memory of 1,000 idle pods and of a pod holding 10,000 connections, then
+# how each cost grows, iptables (as istio-iptables writes it) beside Sluice
+# in the same run: pods on the node (1-1,000), excluded CIDRs (0-2,000),
+# held connections (1k-50k), canary routes (0-128). Every figure goes to
+# results/scale.json, the series' plots to results/scale-*.png. A quick look:
+# SCALE_FLAGS='-pods 20 -conns 100 -pod-points 1,10 -cidr-points 0,100 -held-points 1000 -route-points 0,1 -seconds 1' make scale
 scale: deps build
-	$(GO) run ./scripts/scale -sluice bin/sluice
+	mkdir -p results
+	$(GO) run ./scripts/scale -sluice bin/sluice -series all -json results/scale.json $(SCALE_FLAGS)
 
 # The OCI image, built without Docker: results/sluice-image.tar (docker-archive),
 # for `ctr -n k8s.io images import`. The binary is static: the image has no libc.

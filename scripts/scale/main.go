@@ -18,6 +18,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -33,6 +34,8 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/sluicemesh/sluice/internal/nsenter"
 	"github.com/sluicemesh/sluice/internal/testbed"
@@ -50,6 +53,8 @@ func main() {
 	switch os.Getenv(roleEnv) {
 	case "acceptor":
 		exitOn(acceptor(os.Args[1:]))
+	case "connlat":
+		exitOn(connLat(os.Args[1:]))
 	}
 	sluice := flag.String("sluice", "bin/sluice", "the sluice binary to install with")
 	pods := flag.Int("pods", 1000, "idle pods to install")
@@ -60,6 +65,14 @@ func main() {
 	maxRatio := flag.Float64("max-install-ratio", 0, "fail when install time per pod over iptables-restore's (medians) passes this (0: no limit)")
 	maxIdle := flag.Float64("max-idle-kib", 0, "fail when kernel memory per idle pod passes this many KiB (0: no limit)")
 	limitsFrom := flag.String("limits-from", "", "where the limits are set, named when one is passed (e.g. Makefile)")
+	series := flag.String("series", "", "also run these series, comma-separated: pods, cidrs, held, routes, or all")
+	podPoints := flag.String("pod-points", "1,10,100,1000", "series pods: pods on the node at each point")
+	cidrPoints := flag.String("cidr-points", "0,100,1000,2000", "series cidrs: excluded CIDRs at each point")
+	heldPoints := flag.String("held-points", "1000,10000,50000", "series held: connections held at each point")
+	routePoints := flag.String("route-points", "0,1,64,128", "series routes: canary routes at each point")
+	seconds := flag.Float64("seconds", 2, "series: seconds of each connection-rate run")
+	connects := flag.Int("connects", 500, "series routes: connects timed at each point")
+	plots := flag.String("plots", "", "series: write results/scale-<series>.png here (default: the -json file's directory)")
 	flag.Parse()
 	if *quick {
 		set := map[string]bool{}
@@ -92,6 +105,23 @@ func main() {
 		os.Exit(1)
 	}
 	r.print(os.Stdout)
+	if *series != "" {
+		if err := r.runSeries(exe, *series, *podPoints, *cidrPoints, *heldPoints, *routePoints, *seconds, *connects); err != nil {
+			fmt.Fprintf(os.Stderr, "scale: %v\n", err)
+			os.Exit(1)
+		}
+		r.Series.print(os.Stdout)
+		dir := *plots
+		if dir == "" && *jsonOut != "" {
+			dir = filepath.Dir(*jsonOut)
+		}
+		if dir != "" {
+			if err := r.Series.plot(dir); err != nil {
+				fmt.Fprintf(os.Stderr, "scale: plot: %v\n", err)
+				os.Exit(1)
+			}
+		}
+	}
 	if *jsonOut != "" {
 		data, _ := json.MarshalIndent(r, "", "  ")
 		if err := os.WriteFile(*jsonOut, data, 0o644); err != nil {
@@ -154,6 +184,8 @@ type report struct {
 	AfterSocketKiB  float64 `json:"socket_storage_after_close_kib"`
 	AfterHandshakes int     `json:"handshake_entries_after_close"`
 	ConnsAnswered   int     `json:"conns_answered_original_dst"`
+
+	Series *Series `json:"series,omitempty"`
 }
 
 func (r report) print(w io.Writer) {
@@ -307,75 +339,34 @@ func (x *istioRestore) restoreHere() error {
 // install each, as init containers would, and sums their kernel memory;
 // before(i) runs before the i-th install, untimed.
 func idlePods(exe string, pods int, before func(int) error, r *report) (err error) {
-	mount, err := loader.Cgroup2Mount()
+	n, err := newNode(exe, "sluice-scale")
 	if err != nil {
 		return err
 	}
-	parent := filepath.Join(mount, fmt.Sprintf("sluice-scale-%d", os.Getpid()))
-	if err := os.Mkdir(parent, 0o755); err != nil {
-		return err
-	}
-	var made []string
-	defer func() {
-		var errs []error
-		// Uninstall is part of the measurement; here it only catches
-		// what an error left installed ("nothing installed" otherwise).
-		for _, cg := range made {
-			if out, uerr := exec.Command(exe, "uninstall", "--cgroup", cg).CombinedOutput(); uerr != nil {
-				errs = append(errs, fmt.Errorf("uninstall %s: %v: %s", cg, uerr, out))
-			}
-			errs = append(errs, os.Remove(cg))
-		}
-		err = errors.Join(err, errors.Join(errs...), os.Remove(parent))
-	}()
-
+	defer func() { err = errors.Join(err, n.close()) }()
 	var installs []time.Duration
 	for i := range pods {
-		cg := filepath.Join(parent, fmt.Sprintf("kubepods-besteffort-pod%04d.slice", i))
-		if err := os.Mkdir(cg, 0o755); err != nil {
-			return err
-		}
-		made = append(made, cg)
 		if err := before(i); err != nil {
 			return err
 		}
-		start := time.Now()
-		if out, err := exec.Command(exe, "install", "--cgroup", cg).CombinedOutput(); err != nil {
-			return fmt.Errorf("install %s: %v: %s", cg, err, out)
+		took, err := n.add()
+		if err != nil {
+			return err
 		}
-		installs = append(installs, time.Since(start))
+		installs = append(installs, took)
 	}
 	r.Pods = pods
 	r.InstallMedianMs, r.InstallP90Ms, r.InstallMaxMs = ms(percentile(installs, 50)), ms(percentile(installs, 90)), ms(percentile(installs, 100))
-
-	var total uint64
-	for i, cg := range made {
-		t, err := loader.ResolveTarget(cg, "")
-		if err != nil {
-			return err
-		}
-		s, err := loader.Status(t)
-		if err != nil {
-			return err
-		}
-		if !s.Complete {
-			return fmt.Errorf("%s: incomplete: %v", cg, s.Missing)
-		}
-		if i == 0 {
-			r.FirstPodKiB = float64(s.Memory.Total()) / 1024
-		}
-		total += s.Memory.Total()
+	total, first, err := n.memory()
+	if err != nil {
+		return err
 	}
+	r.FirstPodKiB = float64(first) / 1024
 	r.NodeMiB = float64(total) / (1 << 20)
 	r.IdlePodKiB = float64(total) / 1024 / float64(pods)
-
-	var uninstalls []time.Duration
-	for _, cg := range made {
-		start := time.Now()
-		if out, err := exec.Command(exe, "uninstall", "--cgroup", cg).CombinedOutput(); err != nil {
-			return fmt.Errorf("uninstall %s: %v: %s", cg, err, out)
-		}
-		uninstalls = append(uninstalls, time.Since(start))
+	uninstalls, err := n.uninstall()
+	if err != nil {
+		return err
 	}
 	r.UninstallMedMs = ms(percentile(uninstalls, 50))
 	return nil
@@ -388,23 +379,17 @@ func idlePods(exe string, pods int, before func(int) error, r *report) (err erro
 // limit is no bound on the count.
 func openConns(exe string, conns int, r *report) (err error) {
 	r.Conns = conns
-	bed, err := testbed.New(fmt.Sprintf("sluice-scale-%d", os.Getpid()))
+	return inBed(func(pod *testbed.Pod, _ string) (err error) {
+		return holdOpen(exe, pod, conns, r)
+	})
+}
+
+func holdOpen(exe string, pod *testbed.Pod, conns int, r *report) (err error) {
+	undo, err := installIn(exe, pod)
 	if err != nil {
 		return err
 	}
-	defer func() { err = errors.Join(err, bed.Close()) }()
-	pod, err := bed.AddPod("app")
-	if err != nil {
-		return err
-	}
-	if out, err := exec.Command(exe, "install", "--cgroup", pod.Cgroup).CombinedOutput(); err != nil {
-		return fmt.Errorf("install: %v: %s", err, out)
-	}
-	defer func() {
-		if out, uerr := exec.Command(exe, "uninstall", "--cgroup", pod.Cgroup).CombinedOutput(); uerr != nil {
-			err = errors.Join(err, fmt.Errorf("uninstall: %v: %s", uerr, out))
-		}
-	}()
+	defer func() { err = errors.Join(err, undo()) }()
 	target, err := loader.ResolveTarget(pod.Cgroup, "")
 	if err != nil {
 		return err
@@ -415,18 +400,8 @@ func openConns(exe string, conns int, r *report) (err error) {
 	}
 	defer cleanup()
 
-	acc := exec.Command(self, "127.0.0.1:15001")
-	acc.Env = append(os.Environ(), roleEnv+"=acceptor")
-	acc.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1337, Gid: 1337}}
-	accOut, err := acc.StdoutPipe()
+	acc, accOut, err := startAcceptor(pod, self)
 	if err != nil {
-		return err
-	}
-	acc.Stderr = os.Stderr
-	if err := pod.Start(acc); err != nil {
-		return err
-	}
-	if err := pod.WaitListening(15001, 10*time.Second); err != nil {
 		return err
 	}
 	// The destination is never dialed: the acceptor holds the app's side.
@@ -454,19 +429,9 @@ func openConns(exe string, conns int, r *report) (err error) {
 		}
 	}
 
-	measure := func(podKiB, sockKiB *float64, handshakes *int) error {
-		s, err := loader.Status(target)
-		if err != nil {
-			return err
-		}
-		*podKiB = float64(s.Memory.Total()) / 1024
-		opt, err := optmem(pod)
-		if err != nil {
-			return err
-		}
-		*sockKiB = float64(opt) / 1024
-		*handshakes = s.Handshakes
-		return nil
+	measure := func(podKiB, sockKiB *float64, handshakes *int) (err error) {
+		*podKiB, *sockKiB, *handshakes, err = podMemory(pod, target)
+		return err
 	}
 	if err := measure(&r.ConnPodKiB, &r.ConnSocketKiB, &r.ConnHandshakes); err != nil {
 		return err
@@ -487,6 +452,42 @@ func openConns(exe string, conns int, r *report) (err error) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// startAcceptor runs the acceptor (its arguments after the address) as
+// the pod's sidecar, uid 1337 on 127.0.0.1:15001, and returns its stdout.
+func startAcceptor(pod *testbed.Pod, self string, args ...string) (*exec.Cmd, io.Reader, error) {
+	acc := exec.Command(self, append([]string{"127.0.0.1:15001"}, args...)...)
+	acc.Env = append(os.Environ(), roleEnv+"=acceptor")
+	acc.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1337, Gid: 1337}}
+	accOut, err := acc.StdoutPipe()
+	if err != nil {
+		return nil, nil, err
+	}
+	acc.Stderr = os.Stderr
+	if err := pod.Start(acc); err != nil {
+		return nil, nil, err
+	}
+	if err := pod.WaitListening(15001, 10*time.Second); err != nil {
+		acc.Process.Kill()
+		acc.Wait()
+		return nil, nil, err
+	}
+	return acc, accOut, nil
+}
+
+// podMemory reads an installed pod's kernel memory: its maps and programs,
+// the socket storage of its connections, its handshake entries.
+func podMemory(pod *testbed.Pod, t loader.Target) (mapsKiB, socketKiB float64, handshakes int, err error) {
+	s, err := loader.Status(t)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	opt, err := optmem(pod)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	return float64(s.Memory.Total()) / 1024, float64(opt) / 1024, s.Handshakes, nil
 }
 
 var optmemRE = regexp.MustCompile(`skmem:\([^)]*\bo(\d+)`)
@@ -512,11 +513,27 @@ func optmem(pod *testbed.Pod) (uint64, error) {
 }
 
 // acceptor accepts on addr, prints each connection's original destination
-// (or the error) on a line, and holds the connections until killed.
+// (or the error) on a line, and holds the connections until killed. With a
+// second argument, a port, connections to that port are answered as the
+// testbed's echo server answers (a "peer=" line) and closed instead, so the
+// testbed's connection-rate client runs against it.
 func acceptor(args []string) error {
-	ln, err := net.Listen("tcp", args[0])
+	// Several acceptors may share the address (SO_REUSEPORT), each within
+	// its own descriptor limit.
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, unix.SO_REUSEPORT, 1) })
+		return errors.Join(err, serr)
+	}}
+	ln, err := lc.Listen(context.Background(), "tcp", args[0])
 	if err != nil {
 		return err
+	}
+	answer := -1
+	if len(args) > 1 {
+		if answer, err = strconv.Atoi(args[1]); err != nil {
+			return err
+		}
 	}
 	var held []net.Conn
 	w := bufio.NewWriter(os.Stdout)
@@ -525,8 +542,13 @@ func acceptor(args []string) error {
 		if err != nil {
 			return err
 		}
-		held = append(held, c)
 		dst, err := proxy.OriginalDst(c.(*net.TCPConn))
+		if err == nil && int(dst.Port()) == answer {
+			io.WriteString(c, "peer=acceptor\n")
+			c.Close()
+			continue
+		}
+		held = append(held, c)
 		if err != nil {
 			fmt.Fprintln(w, err)
 		} else {
