@@ -6,7 +6,7 @@
 //	go run ./scripts/scale -sluice bin/sluice [-pods 1000] [-conns 10000] [-json FILE]
 //	go run ./scripts/scale -quick -max-install-ratio 14 -max-idle-kib 300
 //
-// -quick installs 20 pods and skips the open connections; with
+// -quick installs 40 pods and skips the open connections; with
 // -max-install-ratio and -max-idle-kib it exits 1, naming the figure and
 // the limit, when install time per pod (median, as a ratio to the
 // iptables-restore baseline) or kernel memory per idle pod passes its limit
@@ -61,7 +61,7 @@ func main() {
 	conns := flag.Int("conns", 10000, "open connections in one pod")
 	rounds := flag.Int("iptables-rounds", 50, "iptables-restore runs for the baseline")
 	jsonOut := flag.String("json", "", "also write every figure as JSON to this file")
-	quick := flag.Bool("quick", false, "20 pods and 20 iptables-restore runs unless -pods or -iptables-rounds say otherwise; no open connections")
+	quick := flag.Bool("quick", false, "40 pods and 40 iptables-restore runs unless -pods or -iptables-rounds say otherwise; no open connections")
 	maxRatio := flag.Float64("max-install-ratio", 0, "fail when install time per pod over iptables-restore's (medians) passes this (0: no limit)")
 	maxIdle := flag.Float64("max-idle-kib", 0, "fail when kernel memory per idle pod passes this many KiB (0: no limit)")
 	limitsFrom := flag.String("limits-from", "", "where the limits are set, named when one is passed (e.g. Makefile)")
@@ -78,10 +78,10 @@ func main() {
 		set := map[string]bool{}
 		flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
 		if !set["pods"] {
-			*pods = 20
+			*pods = 40
 		}
 		if !set["iptables-rounds"] {
-			*rounds = 20
+			*rounds = 40
 		}
 		if !set["conns"] {
 			*conns = 0
