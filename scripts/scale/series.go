@@ -91,6 +91,7 @@ type seriesConfig struct {
 	latConnects               int
 	keepNetns                 []netns.NsHandle
 	which                     map[string]bool
+	atEnd                     []func() error // cleanups that may wait
 	progress                  func(string, ...any)
 }
 
@@ -110,7 +111,12 @@ func parsePoints(s string) ([]int, error) {
 	return out, nil
 }
 
-func runSeries(c *seriesConfig, s *Series) error {
+func runSeries(c *seriesConfig, s *Series) (err error) {
+	defer func() {
+		for _, f := range c.atEnd {
+			err = errors.Join(err, f())
+		}
+	}()
 	raiseNoFile(s)
 	steps := []struct {
 		name string
@@ -217,14 +223,16 @@ func podsSeries(c *seriesConfig, s *Series) (err error) {
 		}
 		err = errors.Join(err, n.close())
 		if memcg != "" {
-			// Empty once the restores' threads have ended; the charges
-			// left go to the parent.
-			rmErr := os.Remove(memcg)
-			for i := 0; i < 100 && rmErr != nil; i++ {
-				time.Sleep(100 * time.Millisecond)
-				rmErr = os.Remove(memcg)
-			}
-			err = errors.Join(err, rmErr)
+			// After 1,000 pods it stayed busy for more than 10 s once
+			// everything in it had ended: removed after the other series.
+			c.atEnd = append(c.atEnd, func() error {
+				rmErr := os.Remove(memcg)
+				for i := 0; i < 1200 && rmErr != nil; i++ {
+					time.Sleep(100 * time.Millisecond)
+					rmErr = os.Remove(memcg)
+				}
+				return rmErr
+			})
 		}
 	}()
 	var installs, restores []time.Duration
