@@ -91,7 +91,6 @@ type seriesConfig struct {
 	latConnects               int
 	keepNetns                 []netns.NsHandle
 	which                     map[string]bool
-	atEnd                     []func() error // cleanups that may wait
 	progress                  func(string, ...any)
 }
 
@@ -111,12 +110,7 @@ func parsePoints(s string) ([]int, error) {
 	return out, nil
 }
 
-func runSeries(c *seriesConfig, s *Series) (err error) {
-	defer func() {
-		for _, f := range c.atEnd {
-			err = errors.Join(err, f())
-		}
-	}()
+func runSeries(c *seriesConfig, s *Series) error {
 	raiseNoFile(s)
 	steps := []struct {
 		name string
@@ -133,6 +127,10 @@ func runSeries(c *seriesConfig, s *Series) (err error) {
 	}
 	return nil
 }
+
+// The main goroutine keeps the main thread, so a goroutine that ends locked
+// (restoreKept) never wedges it in a namespace and memory cgroup of its own.
+func init() { runtime.LockOSThread() }
 
 // raiseNoFile lifts the descriptor limit (inherited by the helpers) as far
 // as the kernel lets root.
@@ -167,7 +165,8 @@ func (x *istioRestore) restoreKept(memcg string) (took time.Duration, ns netns.N
 	go func() {
 		defer close(done)
 		// Never unlocked: the thread, in a namespace (and memory cgroup)
-		// of its own, ends with the goroutine.
+		// of its own, ends with the goroutine (never the main thread:
+		// init locks it to the main goroutine).
 		runtime.LockOSThread()
 		h, e := netns.New()
 		if e != nil {
@@ -211,6 +210,17 @@ func podsSeries(c *seriesConfig, s *Series) (err error) {
 	if _, statErr := os.Stat(filepath.Join(filepath.Dir(memcg), "memory.kmem.usage_in_bytes")); statErr != nil || os.Mkdir(memcg, 0o755) != nil {
 		memcg = ""
 		s.Notes = append(s.Notes, "pods: no cgroup v1 memory controller here: iptables kernel memory per netns not measured")
+	} else {
+		// Runs last, once the namespaces are closed (their charges go to
+		// the parent) and the restores' threads have ended.
+		defer func() {
+			rmErr := os.Remove(memcg)
+			for i := 0; i < 100 && rmErr != nil; i++ {
+				time.Sleep(100 * time.Millisecond)
+				rmErr = os.Remove(memcg)
+			}
+			err = errors.Join(err, rmErr)
+		}()
 	}
 	n, err := newNode(c.exe, "sluice-scale-series")
 	if err != nil {
@@ -222,18 +232,6 @@ func podsSeries(c *seriesConfig, s *Series) (err error) {
 			h.Close()
 		}
 		err = errors.Join(err, n.close())
-		if memcg != "" {
-			// After 1,000 pods it stayed busy for more than 10 s once
-			// everything in it had ended: removed after the other series.
-			c.atEnd = append(c.atEnd, func() error {
-				rmErr := os.Remove(memcg)
-				for i := 0; i < 1200 && rmErr != nil; i++ {
-					time.Sleep(100 * time.Millisecond)
-					rmErr = os.Remove(memcg)
-				}
-				return rmErr
-			})
-		}
 	}()
 	var installs, restores []time.Duration
 	for _, point := range c.pods {
