@@ -4,6 +4,13 @@
 // captured connections, then after they close.
 //
 //	go run ./scripts/scale -sluice bin/sluice [-pods 1000] [-conns 10000] [-json FILE]
+//	go run ./scripts/scale -quick -max-install-ratio 14 -max-idle-kib 300
+//
+// -quick installs 40 pods and skips the open connections; with
+// -max-install-ratio and -max-idle-kib it exits 1, naming the figure and
+// the limit, when install time per pod (median, as a ratio to the
+// iptables-restore baseline) or kernel memory per idle pod passes its limit
+// (make bench-quick, which make test runs).
 //
 // It needs root and builds everything it measures itself (cgroups below the
 // cgroup2 mount, a test bed pod, network namespaces), then removes it.
@@ -11,6 +18,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -26,6 +34,8 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/sluicemesh/sluice/internal/nsenter"
 	"github.com/sluicemesh/sluice/internal/testbed"
@@ -43,13 +53,40 @@ func main() {
 	switch os.Getenv(roleEnv) {
 	case "acceptor":
 		exitOn(acceptor(os.Args[1:]))
+	case "connlat":
+		exitOn(connLat(os.Args[1:]))
 	}
 	sluice := flag.String("sluice", "bin/sluice", "the sluice binary to install with")
 	pods := flag.Int("pods", 1000, "idle pods to install")
 	conns := flag.Int("conns", 10000, "open connections in one pod")
 	rounds := flag.Int("iptables-rounds", 50, "iptables-restore runs for the baseline")
 	jsonOut := flag.String("json", "", "also write every figure as JSON to this file")
+	quick := flag.Bool("quick", false, "40 pods and 40 iptables-restore runs unless -pods or -iptables-rounds say otherwise; no open connections")
+	maxRatio := flag.Float64("max-install-ratio", 0, "fail when install time per pod over iptables-restore's (medians) passes this (0: no limit)")
+	maxIdle := flag.Float64("max-idle-kib", 0, "fail when kernel memory per idle pod passes this many KiB (0: no limit)")
+	limitsFrom := flag.String("limits-from", "", "where the limits are set, named when one is passed (e.g. Makefile)")
+	series := flag.String("series", "", "also run these series, comma-separated: pods, cidrs, held, routes, or all")
+	podPoints := flag.String("pod-points", "1,10,100,1000", "series pods: pods on the node at each point")
+	cidrPoints := flag.String("cidr-points", "0,100,1000,2000", "series cidrs: excluded CIDRs at each point")
+	heldPoints := flag.String("held-points", "1000,10000,50000", "series held: connections held at each point")
+	routePoints := flag.String("route-points", "0,1,64,128", "series routes: canary routes at each point")
+	seconds := flag.Float64("seconds", 2, "series: seconds of each connection-rate run")
+	connects := flag.Int("connects", 500, "series routes: connects timed at each point")
+	plots := flag.String("plots", "", "series: write results/scale-<series>.png here (default: the -json file's directory)")
 	flag.Parse()
+	if *quick {
+		set := map[string]bool{}
+		flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
+		if !set["pods"] {
+			*pods = 40
+		}
+		if !set["iptables-rounds"] {
+			*rounds = 40
+		}
+		if !set["conns"] {
+			*conns = 0
+		}
+	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "scale: needs root (cgroups, BPF, network namespaces): run it as root")
 		os.Exit(1)
@@ -68,6 +105,23 @@ func main() {
 		os.Exit(1)
 	}
 	r.print(os.Stdout)
+	if *series != "" {
+		if err := r.runSeries(exe, *series, *podPoints, *cidrPoints, *heldPoints, *routePoints, *seconds, *connects); err != nil {
+			fmt.Fprintf(os.Stderr, "scale: %v\n", err)
+			os.Exit(1)
+		}
+		r.Series.print(os.Stdout)
+		dir := *plots
+		if dir == "" && *jsonOut != "" {
+			dir = filepath.Dir(*jsonOut)
+		}
+		if dir != "" {
+			if err := r.Series.plot(dir); err != nil {
+				fmt.Fprintf(os.Stderr, "scale: plot: %v\n", err)
+				os.Exit(1)
+			}
+		}
+	}
 	if *jsonOut != "" {
 		data, _ := json.MarshalIndent(r, "", "  ")
 		if err := os.WriteFile(*jsonOut, data, 0o644); err != nil {
@@ -75,6 +129,32 @@ func main() {
 			os.Exit(1)
 		}
 	}
+	if msgs := r.overLimits(*maxRatio, *maxIdle, *limitsFrom); len(msgs) > 0 {
+		for _, m := range msgs {
+			fmt.Fprintln(os.Stderr, m)
+		}
+		os.Exit(1)
+	}
+}
+
+// overLimits says, one line each, which figure passed its limit (0: none).
+func (r report) overLimits(maxRatio, maxIdleKiB float64, from string) []string {
+	where := func(flag, variable string, limit float64) string {
+		if from == "" {
+			return fmt.Sprintf("-%s %g", flag, limit)
+		}
+		return fmt.Sprintf("%s=%g, set in %s", variable, limit, from)
+	}
+	var msgs []string
+	if ratio := r.InstallMedianMs / r.IPTablesMs; maxRatio > 0 && ratio > maxRatio {
+		msgs = append(msgs, fmt.Sprintf("scale: FAIL install time per pod is %.2fx iptables-restore of Istio's rules (sluice %.1f ms / iptables %.1f ms, medians over %d pods), above the limit %s",
+			ratio, r.InstallMedianMs, r.IPTablesMs, r.Pods, where("max-install-ratio", "MAX_INSTALL_RATIO", maxRatio)))
+	}
+	if maxIdleKiB > 0 && r.IdlePodKiB > maxIdleKiB {
+		msgs = append(msgs, fmt.Sprintf("scale: FAIL kernel memory per idle pod is %.0f KiB (%d pods), above the limit %s",
+			r.IdlePodKiB, r.Pods, where("max-idle-kib", "MAX_IDLE_KIB", maxIdleKiB)))
+	}
+	return msgs
 }
 
 func exitOn(err error) {
@@ -104,6 +184,8 @@ type report struct {
 	AfterSocketKiB  float64 `json:"socket_storage_after_close_kib"`
 	AfterHandshakes int     `json:"handshake_entries_after_close"`
 	ConnsAnswered   int     `json:"conns_answered_original_dst"`
+
+	Series *Series `json:"series,omitempty"`
 }
 
 func (r report) print(w io.Writer) {
@@ -114,6 +196,9 @@ func (r report) print(w io.Writer) {
 	fmt.Fprintf(w, "| uninstall, median | %.1f |\n", r.UninstallMedMs)
 	fmt.Fprintf(w, "\n| kernel memory (memlock of maps and programs) | |\n| --- | --- |\n")
 	fmt.Fprintf(w, "| one idle pod | %.0f KiB |\n| %d idle pods | %.1f MiB (%.0f KiB per pod) |\n", r.FirstPodKiB, r.Pods, r.NodeMiB, r.IdlePodKiB)
+	if r.Conns == 0 {
+		return
+	}
 	fmt.Fprintf(w, "| one pod, %d open captured connections: maps and programs | %.0f KiB |\n", r.Conns, r.ConnPodKiB)
 	fmt.Fprintf(w, "| ... their socket storage (ss -m optmem, app and sidecar sockets) | %.0f KiB (%.0f bytes per connection) |\n", r.ConnSocketKiB, r.ConnSocketKiB*1024/float64(max(r.Conns, 1)))
 	fmt.Fprintf(w, "| ... handshake table entries | %d |\n", r.ConnHandshakes)
@@ -122,13 +207,36 @@ func (r report) print(w io.Writer) {
 }
 
 func run(exe string, pods, conns, rounds int, r *report) error {
-	ipt, err := iptablesBaseline(rounds)
+	// The baseline's runs alternate with the installs, so a busy moment
+	// of the machine weighs on both sides of the ratio.
+	ipt, err := newIstioRestore()
 	if err != nil {
 		return fmt.Errorf("iptables baseline: %w", err)
 	}
-	r.IPTablesMs = ipt
-	if err := idlePods(exe, pods, r); err != nil {
+	defer ipt.Close()
+	var took []time.Duration
+	restore := func(int) error {
+		if len(took) >= rounds {
+			return nil
+		}
+		d, err := ipt.once()
+		if err != nil {
+			return fmt.Errorf("iptables baseline: %w", err)
+		}
+		took = append(took, d)
+		return nil
+	}
+	if err := idlePods(exe, pods, restore, r); err != nil {
 		return fmt.Errorf("idle pods: %w", err)
+	}
+	for len(took) < rounds {
+		if err := restore(0); err != nil {
+			return err
+		}
+	}
+	r.IPTablesMs = ms(percentile(took, 50))
+	if conns == 0 {
+		return nil
 	}
 	if err := openConns(exe, conns, r); err != nil {
 		return fmt.Errorf("open connections: %w", err)
@@ -170,118 +278,95 @@ const istioRules = `*nat
 COMMIT
 `
 
-// iptablesBaseline times what Istio's init container does in a pod: both
-// rule sets restored in a fresh network namespace, each a process of its
-// own as istio-iptables runs them.
-func iptablesBaseline(rounds int) (float64, error) {
+// istioRestore does what Istio's init container does in a pod: both rule
+// sets restored in a fresh network namespace, each a process of its own as
+// istio-iptables runs them.
+type istioRestore struct{ dir, v4, v6 string }
+
+func newIstioRestore() (*istioRestore, error) {
 	dir, err := os.MkdirTemp("", "sluice-scale-")
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
-	defer os.RemoveAll(dir)
-	v4, v6 := filepath.Join(dir, "v4"), filepath.Join(dir, "v6")
-	if err := os.WriteFile(v4, fmt.Appendf(nil, istioRules, "127.0.0.1/32", "127.0.0.6/32"), 0o644); err != nil {
-		return 0, err
+	x := &istioRestore{dir: dir, v4: filepath.Join(dir, "v4"), v6: filepath.Join(dir, "v6")}
+	err = os.WriteFile(x.v4, fmt.Appendf(nil, istioRules, "127.0.0.1/32", "127.0.0.6/32"), 0o644)
+	if err == nil {
+		err = os.WriteFile(x.v6, fmt.Appendf(nil, istioRules, "::1/128", "::6/128"), 0o644)
 	}
-	if err := os.WriteFile(v6, fmt.Appendf(nil, istioRules, "::1/128", "::6/128"), 0o644); err != nil {
-		return 0, err
+	if err != nil {
+		x.Close()
+		return nil, err
 	}
-	var took []time.Duration
-	for range rounds {
-		err := nsenter.DoNew(func() error {
-			start := time.Now()
-			for _, step := range [][2]string{{"iptables-restore", v4}, {"ip6tables-restore", v6}} {
-				in, err := os.Open(step[1])
-				if err != nil {
-					return err
-				}
-				cmd := exec.Command(step[0])
-				cmd.Stdin = in
-				out, err := cmd.CombinedOutput()
-				in.Close()
-				if err != nil {
-					return fmt.Errorf("%s: %v: %s", step[0], err, out)
-				}
-			}
-			took = append(took, time.Since(start))
-			return nil
-		})
+	return x, nil
+}
+
+func (x *istioRestore) Close() { os.RemoveAll(x.dir) }
+
+// once restores both rule sets in a fresh network namespace and says how
+// long the two processes took.
+func (x *istioRestore) once() (took time.Duration, err error) {
+	err = nsenter.DoNew(func() error {
+		start := time.Now()
+		if err := x.restoreHere(); err != nil {
+			return err
+		}
+		took = time.Since(start)
+		return nil
+	})
+	return took, err
+}
+
+// restoreHere runs both restores in the calling thread's network namespace
+// (the caller holds its OS thread).
+func (x *istioRestore) restoreHere() error {
+	for _, step := range [][2]string{{"iptables-restore", x.v4}, {"ip6tables-restore", x.v6}} {
+		in, err := os.Open(step[1])
 		if err != nil {
-			return 0, err
+			return err
+		}
+		cmd := exec.Command(step[0])
+		cmd.Stdin = in
+		out, err := cmd.CombinedOutput()
+		in.Close()
+		if err != nil {
+			return fmt.Errorf("%s: %v: %s", step[0], err, out)
 		}
 	}
-	return ms(percentile(took, 50)), nil
+	return nil
 }
 
 // idlePods installs pods cgroups (no process, no traffic) one sluice
-// install each, as init containers would, and sums their kernel memory.
-func idlePods(exe string, pods int, r *report) (err error) {
-	mount, err := loader.Cgroup2Mount()
+// install each, as init containers would, and sums their kernel memory;
+// before(i) runs before the i-th install, untimed.
+func idlePods(exe string, pods int, before func(int) error, r *report) (err error) {
+	n, err := newNode(exe, "sluice-scale")
 	if err != nil {
 		return err
 	}
-	parent := filepath.Join(mount, fmt.Sprintf("sluice-scale-%d", os.Getpid()))
-	if err := os.Mkdir(parent, 0o755); err != nil {
-		return err
-	}
-	var made []string
-	defer func() {
-		var errs []error
-		// Uninstall is part of the measurement; here it only catches
-		// what an error left installed ("nothing installed" otherwise).
-		for _, cg := range made {
-			if out, uerr := exec.Command(exe, "uninstall", "--cgroup", cg).CombinedOutput(); uerr != nil {
-				errs = append(errs, fmt.Errorf("uninstall %s: %v: %s", cg, uerr, out))
-			}
-			errs = append(errs, os.Remove(cg))
-		}
-		err = errors.Join(err, errors.Join(errs...), os.Remove(parent))
-	}()
-
+	defer func() { err = errors.Join(err, n.close()) }()
 	var installs []time.Duration
 	for i := range pods {
-		cg := filepath.Join(parent, fmt.Sprintf("kubepods-besteffort-pod%04d.slice", i))
-		if err := os.Mkdir(cg, 0o755); err != nil {
+		if err := before(i); err != nil {
 			return err
 		}
-		made = append(made, cg)
-		start := time.Now()
-		if out, err := exec.Command(exe, "install", "--cgroup", cg).CombinedOutput(); err != nil {
-			return fmt.Errorf("install %s: %v: %s", cg, err, out)
+		took, err := n.add()
+		if err != nil {
+			return err
 		}
-		installs = append(installs, time.Since(start))
+		installs = append(installs, took)
 	}
 	r.Pods = pods
 	r.InstallMedianMs, r.InstallP90Ms, r.InstallMaxMs = ms(percentile(installs, 50)), ms(percentile(installs, 90)), ms(percentile(installs, 100))
-
-	var total uint64
-	for i, cg := range made {
-		t, err := loader.ResolveTarget(cg, "")
-		if err != nil {
-			return err
-		}
-		s, err := loader.Status(t)
-		if err != nil {
-			return err
-		}
-		if !s.Complete {
-			return fmt.Errorf("%s: incomplete: %v", cg, s.Missing)
-		}
-		if i == 0 {
-			r.FirstPodKiB = float64(s.Memory.Total()) / 1024
-		}
-		total += s.Memory.Total()
+	total, first, err := n.memory()
+	if err != nil {
+		return err
 	}
+	r.FirstPodKiB = float64(first) / 1024
 	r.NodeMiB = float64(total) / (1 << 20)
 	r.IdlePodKiB = float64(total) / 1024 / float64(pods)
-
-	var uninstalls []time.Duration
-	for _, cg := range made {
-		start := time.Now()
-		if out, err := exec.Command(exe, "uninstall", "--cgroup", cg).CombinedOutput(); err != nil {
-			return fmt.Errorf("uninstall %s: %v: %s", cg, err, out)
-		}
-		uninstalls = append(uninstalls, time.Since(start))
+	uninstalls, err := n.uninstall()
+	if err != nil {
+		return err
 	}
 	r.UninstallMedMs = ms(percentile(uninstalls, 50))
 	return nil
@@ -294,23 +379,17 @@ func idlePods(exe string, pods int, r *report) (err error) {
 // limit is no bound on the count.
 func openConns(exe string, conns int, r *report) (err error) {
 	r.Conns = conns
-	bed, err := testbed.New(fmt.Sprintf("sluice-scale-%d", os.Getpid()))
+	return inBed(func(pod *testbed.Pod, _ string) (err error) {
+		return holdOpen(exe, pod, conns, r)
+	})
+}
+
+func holdOpen(exe string, pod *testbed.Pod, conns int, r *report) (err error) {
+	undo, err := installIn(exe, pod)
 	if err != nil {
 		return err
 	}
-	defer func() { err = errors.Join(err, bed.Close()) }()
-	pod, err := bed.AddPod("app")
-	if err != nil {
-		return err
-	}
-	if out, err := exec.Command(exe, "install", "--cgroup", pod.Cgroup).CombinedOutput(); err != nil {
-		return fmt.Errorf("install: %v: %s", err, out)
-	}
-	defer func() {
-		if out, uerr := exec.Command(exe, "uninstall", "--cgroup", pod.Cgroup).CombinedOutput(); uerr != nil {
-			err = errors.Join(err, fmt.Errorf("uninstall: %v: %s", uerr, out))
-		}
-	}()
+	defer func() { err = errors.Join(err, undo()) }()
 	target, err := loader.ResolveTarget(pod.Cgroup, "")
 	if err != nil {
 		return err
@@ -321,18 +400,8 @@ func openConns(exe string, conns int, r *report) (err error) {
 	}
 	defer cleanup()
 
-	acc := exec.Command(self, "127.0.0.1:15001")
-	acc.Env = append(os.Environ(), roleEnv+"=acceptor")
-	acc.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1337, Gid: 1337}}
-	accOut, err := acc.StdoutPipe()
+	acc, accOut, err := startAcceptor(pod, self)
 	if err != nil {
-		return err
-	}
-	acc.Stderr = os.Stderr
-	if err := pod.Start(acc); err != nil {
-		return err
-	}
-	if err := pod.WaitListening(15001, 10*time.Second); err != nil {
 		return err
 	}
 	// The destination is never dialed: the acceptor holds the app's side.
@@ -360,19 +429,9 @@ func openConns(exe string, conns int, r *report) (err error) {
 		}
 	}
 
-	measure := func(podKiB, sockKiB *float64, handshakes *int) error {
-		s, err := loader.Status(target)
-		if err != nil {
-			return err
-		}
-		*podKiB = float64(s.Memory.Total()) / 1024
-		opt, err := optmem(pod)
-		if err != nil {
-			return err
-		}
-		*sockKiB = float64(opt) / 1024
-		*handshakes = s.Handshakes
-		return nil
+	measure := func(podKiB, sockKiB *float64, handshakes *int) (err error) {
+		*podKiB, *sockKiB, *handshakes, err = podMemory(pod, target)
+		return err
 	}
 	if err := measure(&r.ConnPodKiB, &r.ConnSocketKiB, &r.ConnHandshakes); err != nil {
 		return err
@@ -393,6 +452,42 @@ func openConns(exe string, conns int, r *report) (err error) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// startAcceptor runs the acceptor (its arguments after the address) as
+// the pod's sidecar, uid 1337 on 127.0.0.1:15001, and returns its stdout.
+func startAcceptor(pod *testbed.Pod, self string, args ...string) (*exec.Cmd, io.Reader, error) {
+	acc := exec.Command(self, append([]string{"127.0.0.1:15001"}, args...)...)
+	acc.Env = append(os.Environ(), roleEnv+"=acceptor")
+	acc.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 1337, Gid: 1337}}
+	accOut, err := acc.StdoutPipe()
+	if err != nil {
+		return nil, nil, err
+	}
+	acc.Stderr = os.Stderr
+	if err := pod.Start(acc); err != nil {
+		return nil, nil, err
+	}
+	if err := pod.WaitListening(15001, 10*time.Second); err != nil {
+		acc.Process.Kill()
+		acc.Wait()
+		return nil, nil, err
+	}
+	return acc, accOut, nil
+}
+
+// podMemory reads an installed pod's kernel memory: its maps and programs,
+// the socket storage of its connections, its handshake entries.
+func podMemory(pod *testbed.Pod, t loader.Target) (mapsKiB, socketKiB float64, handshakes int, err error) {
+	s, err := loader.Status(t)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	opt, err := optmem(pod)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	return float64(s.Memory.Total()) / 1024, float64(opt) / 1024, s.Handshakes, nil
 }
 
 var optmemRE = regexp.MustCompile(`skmem:\([^)]*\bo(\d+)`)
@@ -418,11 +513,27 @@ func optmem(pod *testbed.Pod) (uint64, error) {
 }
 
 // acceptor accepts on addr, prints each connection's original destination
-// (or the error) on a line, and holds the connections until killed.
+// (or the error) on a line, and holds the connections until killed. With a
+// second argument, a port, connections to that port are answered as the
+// testbed's echo server answers (a "peer=" line) and closed instead, so the
+// testbed's connection-rate client runs against it.
 func acceptor(args []string) error {
-	ln, err := net.Listen("tcp", args[0])
+	// Several acceptors may share the address (SO_REUSEPORT), each within
+	// its own descriptor limit.
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, unix.SO_REUSEPORT, 1) })
+		return errors.Join(err, serr)
+	}}
+	ln, err := lc.Listen(context.Background(), "tcp", args[0])
 	if err != nil {
 		return err
+	}
+	answer := -1
+	if len(args) > 1 {
+		if answer, err = strconv.Atoi(args[1]); err != nil {
+			return err
+		}
 	}
 	var held []net.Conn
 	w := bufio.NewWriter(os.Stdout)
@@ -431,8 +542,13 @@ func acceptor(args []string) error {
 		if err != nil {
 			return err
 		}
-		held = append(held, c)
 		dst, err := proxy.OriginalDst(c.(*net.TCPConn))
+		if err == nil && int(dst.Port()) == answer {
+			io.WriteString(c, "peer=acceptor\n")
+			c.Close()
+			continue
+		}
+		held = append(held, c)
 		if err != nil {
 			fmt.Fprintln(w, err)
 		} else {
