@@ -38,7 +38,7 @@
 // through sluice and splice, recording the kernel's peak TCP memory
 // (/proc/net/sockstat) meanwhile. Ratios are paired: each configuration
 // against its baseline in the same round, then the median (min, max) over
-// the rounds. docs/bench-method.md says why and how.
+// the rounds. docs/benchmarks.md (Method) says why and how.
 //
 // It needs root: it builds its own pods (network namespaces, cgroups) and
 // removes them; all traffic stays in them, on 198.18.0.0/15.
