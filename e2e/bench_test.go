@@ -90,7 +90,7 @@ func BenchmarkRoutes(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer func() { load.Process.Kill(); load.Wait() }()
-	routes, err := loader.OpenRoutes(target)
+	routes, err := loader.Open(target, loader.ReadOnly)
 	if err != nil {
 		b.Fatal(err)
 	}

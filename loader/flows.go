@@ -20,7 +20,7 @@ import (
 // the access the sidecar has (the proxy group's). Only one FlowSource should
 // read a pod's events: each event is read once.
 type FlowSource struct {
-	*RouteReader
+	pins     *Pins
 	events   *ringbuf.Reader
 	close    sync.Once
 	closeErr error
@@ -44,7 +44,7 @@ func OpenFlows(t Target) (*FlowSource, error) {
 		p.Close()
 		return nil, fmt.Errorf("read flow events: %w", err)
 	}
-	return &FlowSource{RouteReader: &RouteReader{p}, events: events}, nil
+	return &FlowSource{pins: p, events: events}, nil
 }
 
 // Next waits up to timeout for the next flow event. It returns
@@ -107,13 +107,21 @@ var flowEnds = map[bpf.SluiceFlowEnd]string{
 	bpf.SluiceFlowEndEND_REFUSED: podstate.EndRefused,
 }
 
+// Routes returns the routes in force, through maps kept open: the sidecar
+// that reads them has dropped root and may not reach the pins again.
+func (s *FlowSource) Routes() ([]RouteState, error) { return s.pins.Routes() }
+
+// Version changes whenever the routes do, for one map lookup: a reader
+// that caches Routes rereads them only when it changed.
+func (s *FlowSource) Version() (uint32, error) { return s.pins.RoutesVersion() }
+
 // Counters reads the hooks' counters (see counterNames).
 func (s *FlowSource) Counters() (map[string]uint64, error) { return s.pins.Counters() }
 
 // Close makes a waiting Next return io.EOF; closing again does nothing.
 func (s *FlowSource) Close() error {
 	s.close.Do(func() {
-		s.closeErr = errors.Join(s.events.Close(), s.RouteReader.Close())
+		s.closeErr = errors.Join(s.events.Close(), s.pins.Close())
 	})
 	return s.closeErr
 }

@@ -93,7 +93,7 @@ func TestOpen(t *testing.T) {
 }
 
 // ChangeRoutes sets, records rollouts on and deletes routes as Routes and
-// a RouteReader read them; a delete of a service without a route changes
+// a read-only handle reads them; a delete of a service without a route changes
 // nothing.
 func TestChangeRoutes(t *testing.T) {
 	privileged(t)
@@ -105,7 +105,7 @@ func TestChangeRoutes(t *testing.T) {
 	if err := ChangeRoutes(target, RouteChange{Set: []redirect.Route{route}}); err != nil {
 		t.Fatal(err)
 	}
-	reader, err := OpenRoutes(target)
+	reader, err := Open(target, ReadOnly)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +114,7 @@ func TestChangeRoutes(t *testing.T) {
 	if err != nil || len(routes) != 1 || routes[0].Service != svc || len(routes[0].Backends) != 2 || routes[0].Backends[0].Weight != 90 {
 		t.Fatalf("routes after set: %+v, %v", routes, err)
 	}
-	before, err := reader.Version()
+	before, err := reader.RoutesVersion()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -127,7 +127,7 @@ func TestChangeRoutes(t *testing.T) {
 	if err != nil || len(routes) != 1 || routes[0].RolloutStep != 10 || routes[0].Rollbacks != 1 || routes[0].LastRollback != RollbackLatency {
 		t.Fatalf("routes after a rollback: %+v, %v", routes, err)
 	}
-	after, err := reader.Version()
+	after, err := reader.RoutesVersion()
 	if err != nil || after == before {
 		t.Errorf("version %d after a change, %d before (%v): want another", after, before, err)
 	}
@@ -136,7 +136,7 @@ func TestChangeRoutes(t *testing.T) {
 	if !errors.Is(err, ErrNoRoute) {
 		t.Errorf("delete of a service without a route: %v, want ErrNoRoute", err)
 	}
-	if v, _ := reader.Version(); v != after {
+	if v, _ := reader.RoutesVersion(); v != after {
 		t.Errorf("a failed change changed the routes (version %d, was %d)", v, after)
 	}
 	if err := ChangeRoutes(target, RouteChange{Delete: []netip.AddrPort{svc}}); err != nil {

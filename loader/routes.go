@@ -85,29 +85,6 @@ func Routes(t Target) ([]RouteState, error) {
 	return p.Routes()
 }
 
-// RouteReader reads a pod's routes through maps it keeps open: a sidecar
-// that dropped root may not reach the pins again, and a reader asked often
-// saves opening them each time.
-type RouteReader struct{ pins *Pins }
-
-// OpenRoutes opens t's route maps for reading.
-func OpenRoutes(t Target) (*RouteReader, error) {
-	p, err := Open(t, ReadOnly, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive)
-	if err != nil {
-		return nil, err
-	}
-	return &RouteReader{p}, nil
-}
-
-// Routes returns the routes in force.
-func (r *RouteReader) Routes() ([]RouteState, error) { return r.pins.Routes() }
-
-// Version changes whenever the routes do, and costs one map lookup: a
-// reader that caches Routes rereads them only when it changed.
-func (r *RouteReader) Version() (uint32, error) { return r.pins.RoutesVersion() }
-
-func (r *RouteReader) Close() error { return r.pins.Close() }
-
 func (m routeMaps) states() ([]RouteState, error) {
 	cur, _, err := m.read()
 	if err != nil {
