@@ -94,7 +94,6 @@ type Proxy struct {
 	start     sync.Once
 	startErr  error
 	loops     []*loop
-	nextLoop  atomic.Uint32
 	open      atomic.Int64 // connections open, in every loop
 	loopsDone sync.WaitGroup
 }

@@ -89,7 +89,6 @@ type seriesConfig struct {
 	pods, cidrs, held, routes []int
 	seconds                   float64
 	latConnects               int
-	keepNetns                 []netns.NsHandle
 	which                     map[string]bool
 	progress                  func(string, ...any)
 }
