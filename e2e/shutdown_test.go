@@ -61,21 +61,39 @@ func TestSidecarExitsWhenAListenerFails(t *testing.T) {
 	c := newCapturedPod(t)
 	c.startSidecar(t)
 	pid := c.sidecar.Cmd.Process.Pid
-	fd := listenerFD(t, pid, 15006)
 	pidfd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer unix.Close(pidfd)
-	sock, err := unix.PidfdGetfd(pidfd, fd, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	sock := listenerCopy(t, pidfd, pid, 15006)
 	defer unix.Close(sock)
 	if err := unix.Shutdown(sock, unix.SHUT_RDWR); err != nil {
 		t.Fatal(err)
 	}
 	expectExit(t, c.sidecar.Cmd, 1, 10*time.Second, c.sidecar.Output, "accept on 0.0.0.0:15006")
+}
+
+// listenerCopy returns a copy of the sidecar's IPv4 listener on port. The
+// sidecar logs "listening" before its loops take the listeners over, which
+// closes each one's first descriptor for a copy: a number read meanwhile
+// may already be another socket's, so the copy is checked and taken again.
+func listenerCopy(t *testing.T, pidfd, pid int, port uint16) int {
+	t.Helper()
+	for range 50 {
+		sock, err := unix.PidfdGetfd(pidfd, listenerFD(t, pid, port), 0)
+		if err == nil {
+			if sa, err := unix.Getsockname(sock); err == nil {
+				if in4, ok := sa.(*unix.SockaddrInet4); ok && in4.Port == int(port) {
+					return sock
+				}
+			}
+			unix.Close(sock)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("no stable descriptor of pid %d listens on port %d", pid, port)
+	return -1
 }
 
 // listenerFD finds the descriptor of process pid that listens on port over
