@@ -67,7 +67,7 @@ func (r Route) Validate(allowZero bool) error {
 		return fmt.Errorf("route service %q: want VIP:PORT, e.g. 198.19.0.10:80 or [2001:db8::10]:80", r.Service)
 	}
 	if r.Service.Addr().Zone() != "" {
-		return fmt.Errorf("route service %s: %s", r.Service, noZone)
+		return fmt.Errorf("route service %q: %s", r.Service, noZone)
 	}
 	if r.Mode != "" && r.Mode != ModeRandom && r.Mode != ModeRoundRobin {
 		return fmt.Errorf("route %s: mode %q: want %s or %s", r.Service, r.Mode, ModeRandom, ModeRoundRobin)
@@ -83,10 +83,11 @@ func (r Route) Validate(allowZero bool) error {
 		// Unmapped, as the BPF side holds it: [::ffff:1.2.3.4]:80 is 1.2.3.4:80.
 		ap := netip.AddrPortFrom(b.Address.Unmap(), b.Port)
 		switch {
+		case b.Address.Zone() != "":
+			// Quoted: a zone is any text, a line break too.
+			return fmt.Errorf("route %s: backend %q: %s", r.Service, ap, noZone)
 		case !b.Address.IsValid() || b.Port == 0:
 			return fmt.Errorf("route %s: backend %s: want ADDRESS:PORT", r.Service, ap)
-		case b.Address.Zone() != "":
-			return fmt.Errorf("route %s: backend %s: %s", r.Service, ap, noZone)
 		case b.Address.Unmap().Is4() != r.Service.Addr().Unmap().Is4():
 			// SO_ORIGINAL_DST answers in the family the app connected with.
 			return fmt.Errorf("route %s: backend %s is of another IP family than the service: give %s backends", r.Service, ap, family(r.Service.Addr()))
