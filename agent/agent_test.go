@@ -48,6 +48,7 @@ func newNode(t *testing.T, names ...string) *node {
 			t.Fatal(err)
 		}
 		tgt.PinDir = filepath.Join(n.root, fmt.Sprint(tgt.CgroupID))
+		tgt.Netns = pod.Netns
 		if _, err := loader.Install(tgt, plan, nil, quiet); err != nil {
 			t.Fatal(err)
 		}

@@ -13,7 +13,7 @@ static __always_inline int bind_allowed(struct bpf_sock_addr *ctx)
 	if (ctx->type != SOCK_STREAM)
 		return 1;
 	__u32 slot;
-	const struct policy *pol = active_policy(&slot);
+	const struct policy *pol = active_policy(pod_of(bpf_get_netns_cookie(ctx)), &slot);
 	if (!pol)
 		return 1;
 	__u16 port = bpf_ntohs(ctx->user_port);

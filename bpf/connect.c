@@ -22,20 +22,22 @@ static __always_inline bool cidr_match(void *trie, __u32 slot, const struct addr
 
 /* The order follows istio-iptables: port exclusions, CIDR exclusions, then
  * included ports (-q) or included CIDRs (-i); exclusions always win. */
-static __always_inline bool should_capture(const struct policy *pol, __u32 slot, const struct addr6 *dst, __u16 port,
-					   __u16 family)
+static __always_inline bool should_capture(__u32 pod, const struct policy *pol, __u32 slot, const struct addr6 *dst,
+					   __u16 port, __u16 family)
 {
 	if (addr_is_loopback(dst))
 		return false;
 	if (port_in(pol, PORT_OUT_EXCLUDE, port))
 		return false;
-	if (cidr_match(&exclude_cidrs, slot, dst, family))
+	void *exclude = pod_map(&exclude_cidrs, pod);
+	if (exclude && cidr_match(exclude, slot, dst, family))
 		return false;
 	if (port_in(pol, PORT_OUT_INCLUDE, port))
 		return true;
 	if (pol->flags & CONFIG_INCLUDE_ALL_CIDRS)
 		return true;
-	return cidr_match(&include_cidrs, slot, dst, family);
+	void *include = pod_map(&include_cidrs, pod);
+	return include && cidr_match(include, slot, dst, family);
 }
 
 /* uniform returns a number in [0, n) with every value equally likely, n > 0
@@ -73,9 +75,9 @@ static __always_inline int pick_random(const struct route *rt)
 /* pick_round_robin is smooth weighted round-robin (as nginx does it): every
  * backend gains its weight, the one with the most goes next and pays the
  * total back. Over any `total` picks each backend gets exactly its weight. */
-static __always_inline int pick_round_robin(const struct route_key *key, const struct route *rt)
+static __always_inline int pick_round_robin(__u32 pod, const struct route_key *key, const struct route *rt)
 {
-	struct rr_key rk = { .vip = key->vip, .port = key->port };
+	struct rr_key rk = { .vip = key->vip, .port = key->port, .pod = pod };
 	struct rr_state *rs = bpf_map_lookup_elem(&rr_states, &rk);
 	if (!rs) {
 		struct rr_state fresh = { .generation = rt->generation };
@@ -84,7 +86,7 @@ static __always_inline int pick_round_robin(const struct route_key *key, const s
 		if (!rs) {
 			/* The table is full: still a pick in proportion, but
 			 * not an exact split, so it is counted. */
-			count(COUNT_RR_FALLBACK);
+			count(pod, COUNT_RR_FALLBACK);
 			return pick_random(rt);
 		}
 	}
@@ -114,19 +116,23 @@ static __always_inline int pick_round_robin(const struct route_key *key, const s
 /* route_pick sets dial to the backend the service's route picks (dial is
  * left alone when dst has no route). It returns false when the route has
  * no backend to give: every weight is 0. */
-static __always_inline bool route_pick(const struct addr6 *dst, __u16 port, struct orig_dst *dial)
+static __always_inline bool route_pick(__u32 pod, const struct addr6 *dst, __u16 port, struct orig_dst *dial)
 {
+	void *active_map = pod_map(&routes_active, pod);
+	void *routes_map = pod_map(&routes, pod);
+	if (!active_map || !routes_map)
+		return true;
 	__u32 zero = 0;
-	__u32 *active = bpf_map_lookup_elem(&routes_active, &zero);
+	__u32 *active = bpf_map_lookup_elem(active_map, &zero);
 	if (!active)
 		return true;
 	struct route_key key = { .vip = *dst, .port = port, .slot = *active & 1 };
-	struct route *rt = bpf_map_lookup_elem(&routes, &key);
+	struct route *rt = bpf_map_lookup_elem(routes_map, &key);
 	if (!rt)
 		return true;
 	if (rt->total == 0)
 		return false;
-	int i = rt->mode == ROUTE_ROUND_ROBIN ? pick_round_robin(&key, rt) : pick_random(rt);
+	int i = rt->mode == ROUTE_ROUND_ROBIN ? pick_round_robin(pod, &key, rt) : pick_random(rt);
 	if (i < 0 || i >= MAX_BACKENDS)
 		return false;
 	struct backend *b = &rt->backends[i];
@@ -170,11 +176,11 @@ static __always_inline bool sidecar_listening(struct bpf_sock_addr *ctx, const s
  * recorded. A socket may connect again, after a connect that failed or that
  * AF_UNSPEC undid: nothing of the first (a destination getpeername would
  * answer, a role splice would act on) may outlive it. */
-__attribute__((noinline)) int forget_earlier_connect(struct bpf_sock_addr *ctx)
+__attribute__((noinline)) int forget_earlier_connect(struct bpf_sock_addr *ctx, __u32 pod)
 {
 	if (!ctx)
 		return 0;
-	struct sock_state *st = subflow_state(ctx->sk, 0);
+	struct sock_state *st = subflow_state(pod, ctx->sk, 0);
 	if (st)
 		__builtin_memset(st, 0, sizeof(*st));
 	return 0;
@@ -185,7 +191,7 @@ __attribute__((noinline)) int forget_earlier_connect(struct bpf_sock_addr *ctx)
  * backend picked for it). It returns 1 to redirect to the sidecar, 2 to send
  * it straight to the dial address (kernel-only), 0 to leave the connect alone
  * and -1 to refuse it. */
-static __always_inline int capture(struct bpf_sock_addr *ctx, const struct policy *pol, __u32 slot,
+static __always_inline int capture(struct bpf_sock_addr *ctx, __u32 pod, const struct policy *pol, __u32 slot,
 				   const struct addr6 *dst, __u16 port, __u16 family)
 {
 	if (ctx->type != SOCK_STREAM || (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_MPTCP))
@@ -198,7 +204,7 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, const struct polic
 		bool flow = !(pol->flags & CONFIG_NO_FLOWS) && !addr_is_loopback(dst);
 		bool splice = pol->flags & CONFIG_SPLICE;
 		if (flow || splice) {
-			struct sock_state *st = subflow_state(ctx->sk, BPF_SK_STORAGE_GET_F_CREATE);
+			struct sock_state *st = subflow_state(pod, ctx->sk, BPF_SK_STORAGE_GET_F_CREATE);
 			if (st && flow)
 				st->flow |= FLOW_VIA_SIDECAR;
 			if (st && splice)
@@ -206,36 +212,37 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, const struct polic
 		}
 		return 0;
 	}
-	forget_earlier_connect(ctx);
-	if (!should_capture(pol, slot, dst, port, family))
+	forget_earlier_connect(ctx, pod);
+	if (!should_capture(pod, pol, slot, dst, port, family))
 		return 0;
-	bool kernel_only =
-		port_in(pol, PORT_OUT_KERNEL_ONLY, port) || cidr_match(&kernel_only_cidrs, slot, dst, family);
+	void *kernel_only_trie = pod_map(&kernel_only_cidrs, pod);
+	bool kernel_only = port_in(pol, PORT_OUT_KERNEL_ONLY, port) ||
+			   (kernel_only_trie && cidr_match(kernel_only_trie, slot, dst, family));
 	if (!kernel_only && (pol->flags & CONFIG_FAIL_OPEN) && !sidecar_listening(ctx, pol, family)) {
-		count(COUNT_FAIL_OPEN_OUTBOUND);
+		count(pod, COUNT_FAIL_OPEN_OUTBOUND);
 		return 0;
 	}
 
 	struct orig_dst orig = { .addr = *dst, .port = port, .family = family };
 	struct orig_dst dial = orig;
-	if (!route_pick(dst, port, &dial)) {
+	if (!route_pick(pod, dst, port, &dial)) {
 		/* Refused at once, as a closed port would be: never a hang. */
-		count(COUNT_ROUTE_REFUSED);
+		count(pod, COUNT_ROUTE_REFUSED);
 		bpf_set_retval(-ECONNREFUSED);
 		return -1;
 	}
-	struct sock_state *st = subflow_state(ctx->sk, BPF_SK_STORAGE_GET_F_CREATE);
+	struct sock_state *st = subflow_state(pod, ctx->sk, BPF_SK_STORAGE_GET_F_CREATE);
 	/* Without the record the proxy could not learn the destination:
 	 * refuse the connect rather than let it bypass the sidecar. */
 	if (!st) {
-		count(COUNT_CONNECT_NO_STATE);
+		count(pod, COUNT_CONNECT_NO_STATE);
 		return -1;
 	}
 	st->orig = orig;
 	st->dial = dial;
 	if (kernel_only) {
 		/* No sidecar: on to the destination, or the route's pick. */
-		count(COUNT_KERNEL_ONLY_OUTBOUND);
+		count(pod, COUNT_KERNEL_ONLY_OUTBOUND);
 		st->role = ROLE_KERNEL_ONLY;
 		return 2;
 	}
@@ -245,9 +252,12 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, const struct polic
 
 /* pod_addr returns the pod's own address of a family (IPv4 v4-mapped), or
  * NULL when the install recorded none. */
-static __always_inline const struct addr6 *pod_addr(__u32 which)
+static __always_inline const struct addr6 *pod_addr(__u32 pod, __u32 which)
 {
-	const struct addr6 *a = bpf_map_lookup_elem(&pod_addrs, &which);
+	void *m = pod_map(&pod_addrs, pod);
+	if (!m)
+		return NULL;
+	const struct addr6 *a = bpf_map_lookup_elem(m, &which);
 	if (!a || (a->w[0] | a->w[1] | a->w[2] | a->w[3]) == 0)
 		return NULL;
 	return a;
@@ -260,11 +270,11 @@ static __always_inline const struct addr6 *pod_addr(__u32 which)
  * with getsockname and advertise. The port is still picked at connect
  * (bpf_bind binds as IP_BIND_ADDRESS_NO_PORT does). A socket the app bound
  * itself keeps its own address: bpf_bind fails, and nothing else changes. */
-__attribute__((noinline)) int bind_pod_addr(struct bpf_sock_addr *ctx, __u32 which, __u32 v6)
+__attribute__((noinline)) int bind_pod_addr(struct bpf_sock_addr *ctx, __u32 pod, __u32 which, __u32 v6)
 {
 	if (!ctx)
 		return 0;
-	const struct addr6 *a = pod_addr(which);
+	const struct addr6 *a = pod_addr(pod, which);
 	if (!a)
 		return 0;
 	if (!v6) {
@@ -279,22 +289,22 @@ __attribute__((noinline)) int bind_pod_addr(struct bpf_sock_addr *ctx, __u32 whi
 SEC("cgroup/connect4")
 int sluice_connect4(struct bpf_sock_addr *ctx)
 {
-	__u32 slot;
-	const struct policy *pol = active_policy(&slot);
+	__u32 pod = pod_of(bpf_get_netns_cookie(ctx)), slot;
+	const struct policy *pol = active_policy(pod, &slot);
 	if (!pol)
 		return 1;
 
 	struct addr6 dst;
 	addr_from_v4(&dst, ctx->user_ip4);
-	int verdict = capture(ctx, pol, slot, &dst, bpf_ntohs(ctx->user_port), AF_INET);
+	int verdict = capture(ctx, pod, pol, slot, &dst, bpf_ntohs(ctx->user_port), AF_INET);
 	if (verdict < 0)
 		return 0;
 	if (verdict == 1) {
-		bind_pod_addr(ctx, POD_ADDR_IPV4, 0);
+		bind_pod_addr(ctx, pod, POD_ADDR_IPV4, 0);
 		ctx->user_ip4 = bpf_htonl(0x7f000001);
 		ctx->user_port = bpf_htons(pol->outbound_port);
 	} else if (verdict == 2) {
-		struct sock_state *st = subflow_state(ctx->sk, 0);
+		struct sock_state *st = subflow_state(pod, ctx->sk, 0);
 		if (!st)
 			return 0;
 		ctx->user_ip4 = st->dial.addr.w[3];
@@ -306,8 +316,8 @@ int sluice_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int sluice_connect6(struct bpf_sock_addr *ctx)
 {
-	__u32 slot;
-	const struct policy *pol = active_policy(&slot);
+	__u32 pod = pod_of(bpf_get_netns_cookie(ctx)), slot;
+	const struct policy *pol = active_policy(pod, &slot);
 	if (!pol)
 		return 1;
 
@@ -316,11 +326,11 @@ int sluice_connect6(struct bpf_sock_addr *ctx)
 	 * IPv4 rules apply, and it goes to the IPv4 listener, whose getsockopt
 	 * answers SOL_IP. */
 	bool mapped = addr_is_v4mapped(&dst);
-	int verdict = capture(ctx, pol, slot, &dst, bpf_ntohs(ctx->user_port), mapped ? AF_INET : AF_INET6);
+	int verdict = capture(ctx, pod, pol, slot, &dst, bpf_ntohs(ctx->user_port), mapped ? AF_INET : AF_INET6);
 	if (verdict < 0)
 		return 0;
 	if (verdict == 2) {
-		struct sock_state *st = subflow_state(ctx->sk, 0);
+		struct sock_state *st = subflow_state(pod, ctx->sk, 0);
 		if (!st)
 			return 0;
 		ctx->user_ip6[0] = st->dial.addr.w[0];
@@ -329,7 +339,7 @@ int sluice_connect6(struct bpf_sock_addr *ctx)
 		ctx->user_ip6[3] = st->dial.addr.w[3];
 		ctx->user_port = bpf_htons(st->dial.port);
 	} else if (verdict == 1) {
-		bind_pod_addr(ctx, mapped ? POD_ADDR_IPV4 : POD_ADDR_IPV6, 1);
+		bind_pod_addr(ctx, pod, mapped ? POD_ADDR_IPV4 : POD_ADDR_IPV6, 1);
 		ctx->user_ip6[0] = 0;
 		ctx->user_ip6[1] = 0;
 		ctx->user_ip6[2] = mapped ? bpf_htonl(0xffff) : 0;

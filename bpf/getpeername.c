@@ -6,7 +6,7 @@
 
 static __always_inline const struct orig_dst *app_orig(struct bpf_sock_addr *ctx)
 {
-	struct sock_state *st = held_state(ctx->sk);
+	struct sock_state *st = held_state(pod_of(bpf_get_netns_cookie(ctx)), ctx->sk);
 	if (!st || (st->role != ROLE_APP && st->role != ROLE_KERNEL_ONLY))
 		return NULL;
 	return &st->orig;

@@ -75,14 +75,14 @@ int sluice_getsockopt(struct bpf_sockopt *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk || (sk->protocol != IPPROTO_TCP && sk->protocol != IPPROTO_MPTCP))
 		goto pass;
-	__u32 slot;
-	const struct policy *pol = active_policy(&slot);
+	__u32 pod = pod_of(bpf_get_netns_cookie(ctx)), slot;
+	const struct policy *pol = active_policy(pod, &slot);
 	if (!pol || !is_proxy(pol))
 		goto pass;
 
 	struct orig_dst inbound = {};
 	const struct orig_dst *orig = &inbound;
-	struct sock_state *st = held_state(sk);
+	struct sock_state *st = held_state(pod, sk);
 	if (st && st->role == ROLE_ACCEPTED)
 		orig = &st->orig;
 	else if (!inbound_orig(pol, sk, &inbound))

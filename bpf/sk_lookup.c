@@ -17,14 +17,14 @@
 #define LOOPBACK_IFINDEX 1
 
 /* no_sidecar decides for a captured lookup with no sidecar listening. */
-static __always_inline int no_sidecar(const struct policy *pol)
+static __always_inline int no_sidecar(__u32 pod, const struct policy *pol)
 {
-	count(COUNT_INBOUND_NO_LISTENER);
+	count(pod, COUNT_INBOUND_NO_LISTENER);
 	if (pol->flags & CONFIG_FAIL_OPEN) {
-		count(COUNT_FAIL_OPEN_INBOUND);
+		count(pod, COUNT_FAIL_OPEN_INBOUND);
 		return SK_PASS;
 	}
-	count(COUNT_FAIL_CLOSED_INBOUND);
+	count(pod, COUNT_FAIL_CLOSED_INBOUND);
 	return SK_DROP;
 }
 
@@ -36,7 +36,7 @@ static __always_inline int no_sidecar(const struct policy *pol)
  * kernel drops packets from the network with a loopback source; one forged
  * with the pod's own address gets its SYN-ACK sent to the pod itself, so it
  * never completes a handshake. */
-static __always_inline bool from_inside(const struct bpf_sk_lookup *ctx)
+static __always_inline bool from_inside(const struct bpf_sk_lookup *ctx, const struct addr6 *local)
 {
 	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
 		return true;
@@ -44,39 +44,62 @@ static __always_inline bool from_inside(const struct bpf_sk_lookup *ctx)
 		return (bpf_ntohl(ctx->remote_ip4) >> 24) == 127 || ctx->remote_ip4 == ctx->local_ip4;
 	struct addr6 remote = { .w = { ctx->remote_ip6[0], ctx->remote_ip6[1], ctx->remote_ip6[2],
 				       ctx->remote_ip6[3] } };
-	struct addr6 local = { .w = { ctx->local_ip6[0], ctx->local_ip6[1], ctx->local_ip6[2], ctx->local_ip6[3] } };
-	return addr_is_loopback(&remote) || addr_equal(&remote, &local);
+	return addr_is_loopback(&remote) || addr_equal(&remote, local);
+}
+
+/* local_addr is the address the lookup is for: the pod's own. Both
+ * families' fields are read before the family picks one (see CTX_TUPLE). */
+static __always_inline void local_addr(const struct bpf_sk_lookup *ctx, struct addr6 *local)
+{
+	__u32 l4 = ctx->local_ip4;
+	__u32 l6[4] = { ctx->local_ip6[0], ctx->local_ip6[1], ctx->local_ip6[2], ctx->local_ip6[3] };
+	barrier_var(l4);
+	for (int i = 0; i < 4; i++)
+		barrier_var(l6[i]);
+	if (ctx->family == AF_INET)
+		addr_from_v4(local, l4);
+	else
+		addr_from_v6(local, l6);
 }
 
 SEC("sk_lookup")
 int sluice_sk_lookup(struct bpf_sk_lookup *ctx)
 {
-	if (ctx->protocol != IPPROTO_TCP || from_inside(ctx))
+	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
-	__u32 slot;
-	const struct policy *pol = active_policy(&slot);
-	if (!pol || !inbound_port_captured(pol, ctx->local_port))
+	struct addr6 local;
+	local_addr(ctx, &local);
+	if (from_inside(ctx, &local))
+		return SK_PASS;
+	/* A packet for an address of no captured pod is none of ours. */
+	__u32 *at = bpf_map_lookup_elem(&pod_ips, &local);
+	if (!at)
+		return SK_PASS;
+	__u32 pod = *at, slot;
+	const struct policy *pol = active_policy(pod, &slot);
+	void *listeners = pod_map(&inbound_listeners, pod);
+	if (!pol || !listeners || !inbound_port_captured(pol, ctx->local_port))
 		return SK_PASS;
 	if (inbound_kernel_only(pol, ctx->local_port)) {
-		count(COUNT_KERNEL_ONLY_INBOUND);
+		count(pod, COUNT_KERNEL_ONLY_INBOUND);
 		return SK_PASS;
 	}
 	__u32 key = ctx->family == AF_INET6 ? LISTENER_IPV6 : LISTENER_IPV4;
-	struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_listeners, &key);
+	struct bpf_sock *sk = bpf_map_lookup_elem(listeners, &key);
 	if (!sk && key == LISTENER_IPV4) {
 		/* A dual-stack IPv6 listener takes IPv4 too. */
 		key = LISTENER_IPV6;
-		sk = bpf_map_lookup_elem(&inbound_listeners, &key);
+		sk = bpf_map_lookup_elem(listeners, &key);
 	}
 	if (!sk)
-		return no_sidecar(pol);
+		return no_sidecar(pod, pol);
 	long err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
 	if (err) {
 		/* An IPv6-only listener for an IPv4 connection, or one closing. */
-		count(COUNT_INBOUND_ASSIGN_FAILED);
-		return no_sidecar(pol);
+		count(pod, COUNT_INBOUND_ASSIGN_FAILED);
+		return no_sidecar(pod, pol);
 	}
-	count(COUNT_INBOUND_STEERED);
+	count(pod, COUNT_INBOUND_STEERED);
 	return SK_PASS;
 }

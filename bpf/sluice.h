@@ -211,7 +211,8 @@ enum rollback_reason {
 	ROLLBACK_NO_TRAFFIC = 3, /* no connects to the canary measured within the step's bound */
 };
 
-/* Round-robin state per service (no slot: it follows the route's
+/* Round-robin state per pod and service, node-wide (a value with a spin
+ * lock cannot be an inner map on 6.1) (no slot: it follows the route's
  * generation, and starts over when the route changes). The loader deletes a
  * service's entry when its route is deleted or set anew, so a route never
  * inherits an old sequence and entries never outlive their routes. */
@@ -219,6 +220,7 @@ struct rr_key {
 	struct addr6 vip;
 	__u16 port;
 	__u16 pad;
+	__u32 pod;
 };
 
 struct rr_state {
@@ -264,19 +266,74 @@ struct install_meta {
 	char json[4096];
 };
 
+/* Node-owned state. The programs are loaded once per node and attached to
+ * every captured pod; a pod's own maps are the inner maps of the arrays
+ * below, at the pod's index. A hook finds its pod from the network namespace
+ * of the socket it runs for (one pod, one network namespace), which is right
+ * even in softirq, where sockops runs for the passive end of a connection;
+ * sk_lookup, which has no namespace to ask, from the address a packet goes
+ * to. Index 0 is no pod: hooks leave such sockets alone. */
+#define MAX_PODS 2048
+
+#define POD_MAP_OF(name, inner)                                                                                        \
+	struct {                                                                                                       \
+		__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);                                                              \
+		__uint(max_entries, MAX_PODS);                                                                         \
+		__type(key, __u32);                                                                                    \
+		__array(values, struct inner);                                                                         \
+	} name SEC(".maps")
+
+/* The pod's map called name, whose layout is struct name_map; the loader
+ * pins it in the pod's directory under that name. */
+#define POD_MAP(name) POD_MAP_OF(name, name##_map)
+
+/* The pods of the node by network namespace cookie. */
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_PODS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, __u32);
+} pods SEC(".maps");
+
+/* The pods of the node by their addresses (IPv4 v4-mapped), for sk_lookup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2 * MAX_PODS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct addr6);
+	__type(value, __u32);
+} pod_ips SEC(".maps");
+
+/* pod_map returns the pod's map from the array outer. */
+static __always_inline void *pod_map(void *outer, __u32 pod)
+{
+	return bpf_map_lookup_elem(outer, &pod);
+}
+
+/* pod_of returns the index of the pod whose network namespace has cookie,
+ * or 0. */
+static __always_inline __u32 pod_of(__u64 cookie)
+{
+	__u32 *pod = bpf_map_lookup_elem(&pods, &cookie);
+	return pod ? *pod : 0;
+}
+
+struct policies_map {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, struct policy);
-} policies SEC(".maps");
+};
+POD_MAP(policies);
 
-struct {
+struct policy_active_map {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u32);
-} policy_active SEC(".maps");
+};
+POD_MAP(policy_active);
 
 /* The CIDR lists of the policy (-i, -x, --kernel-only-cidrs), each one
  * trie holding both slots and both families. */
@@ -288,19 +345,20 @@ struct cidr_trie {
 	__type(value, __u8);
 };
 
-struct cidr_trie include_cidrs SEC(".maps");
-struct cidr_trie exclude_cidrs SEC(".maps");
+POD_MAP_OF(include_cidrs, cidr_trie);
+POD_MAP_OF(exclude_cidrs, cidr_trie);
 
 /* --kernel-only-cidrs: captured destinations the sidecar has nothing to add
  * to, sent straight there (or to the route's pick) by connect. */
-struct cidr_trie kernel_only_cidrs SEC(".maps");
+POD_MAP_OF(kernel_only_cidrs, cidr_trie);
 
-struct {
+struct sock_states_map {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
 	__type(value, struct sock_state);
-} sock_states SEC(".maps");
+};
+POD_MAP(sock_states);
 
 /* Notes from the active end of a connection inside the pod to its passive
  * end, from the active end's handshake until the passive end's: the only
@@ -309,20 +367,22 @@ struct {
  * (splice on) leaves family 0, for the passive end to join the splice
  * table. Entries are deleted when taken, or when the active end closes
  * first. */
-struct {
+struct handshakes_map {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 2048);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct tuple_key);
 	__type(value, struct orig_dst);
-} handshakes SEC(".maps");
+};
+POD_MAP(handshakes);
 
-struct {
+struct meta_map {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct install_meta);
-} meta SEC(".maps");
+};
+POD_MAP(meta);
 
 /* What the hooks did that a user must be able to count: every connection the
  * inbound hook considered, and every one a full table or a failed
@@ -376,32 +436,35 @@ enum counter {
 #define COUNTER_SLOTS 64
 _Static_assert(COUNTERS <= COUNTER_SLOTS, "more counters than slots");
 
-struct {
+struct counters_map {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, COUNTER_SLOTS);
 	__type(key, __u32);
 	__type(value, __u64);
-} counters SEC(".maps");
+};
+POD_MAP(counters);
 
 /* 256 entries: 128 routes, in two slots. */
-struct {
+struct routes_map {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 256);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct route_key);
 	__type(value, struct route);
-} routes SEC(".maps");
+};
+POD_MAP(routes);
 
-struct {
+struct routes_active_map {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u32);
-} routes_active SEC(".maps");
+};
+POD_MAP(routes_active);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 128);
+	__uint(max_entries, 128 * MAX_PODS);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct rr_key);
 	__type(value, struct rr_state);
@@ -412,12 +475,13 @@ struct {
  * An end's peer is the entry under the swapped tuple. The loader sizes it
  * (spliceSockets with splice on, 1 without: its buckets are allocated
  * whole). */
-struct {
+struct splice_socks_map {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 1);
 	__type(key, struct tuple_key);
 	__type(value, __u64);
-} splice_socks SEC(".maps");
+};
+POD_MAP(splice_socks);
 
 /* Offload: the sidecar's sockets on the far side of connections it handed
  * to the kernel (its upstream, or its accepted socket for inbound), keyed by
@@ -426,20 +490,22 @@ struct {
  * as splice_socks is), which of them its messages go out on. The sidecar
  * writes and deletes those; sockops deletes one left behind when a new
  * socket joins the splice table with its tuple. Sized as splice_socks. */
-struct {
+struct offload_socks_map {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 1);
 	__type(key, __u64);
 	__type(value, __u64);
-} offload_socks SEC(".maps");
+};
+POD_MAP(offload_socks);
 
-struct {
+struct offload_peers_map {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct tuple_key);
 	__type(value, __u64);
-} offload_peers SEC(".maps");
+};
+POD_MAP(offload_peers);
 
 /* Inbound capture: the sidecar's inbound listeners, one an address family,
  * which sk_lookup hands captured connections to. sockops puts a listener
@@ -452,12 +518,13 @@ enum listener_slot {
 	LISTENER_SLOTS,
 };
 
-struct {
+struct inbound_listeners_map {
 	__uint(type, BPF_MAP_TYPE_SOCKMAP);
 	__uint(max_entries, LISTENER_SLOTS);
 	__type(key, __u32);
 	__type(value, __u64);
-} inbound_listeners SEC(".maps");
+};
+POD_MAP(inbound_listeners);
 
 /* The pod's own addresses, IPv4 (v4-mapped) and IPv6, as the interface had
  * them at install: the source a captured connect gets (connect.c). Zero:
@@ -468,21 +535,33 @@ enum pod_addr_slot {
 	POD_ADDR_SLOTS,
 };
 
-struct {
+struct pod_addrs_map {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, POD_ADDR_SLOTS);
 	__type(key, __u32);
 	__type(value, struct addr6);
-} pod_addrs SEC(".maps");
+};
+POD_MAP(pod_addrs);
 
 /* Flow events for the exporter in the sidecar, which drains it. */
 #define FLOW_RING_SIZE (64 * 1024)
-struct {
+struct flow_events_map {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, FLOW_RING_SIZE);
-} flow_events SEC(".maps");
+};
+POD_MAP(flow_events);
 
-/* Referenced so their BTF is emitted and bpf2go can generate Go types. */
+/* Referenced so their BTF is emitted and bpf2go can generate Go types. The
+ * key and value types of inner maps need it too: clang emits only a forward
+ * declaration for a type that the __array of an outer map alone names. */
+const struct policy *unused_policy __attribute__((unused));
+const struct cidr_key *unused_cidr_key __attribute__((unused));
+const struct tuple_key *unused_tuple_key __attribute__((unused));
+const struct sock_state *unused_sock_state __attribute__((unused));
+const struct orig_dst *unused_orig_dst __attribute__((unused));
+const struct install_meta *unused_install_meta __attribute__((unused));
+const struct route_key *unused_route_key __attribute__((unused));
+const struct route *unused_route __attribute__((unused));
 const enum config_flag *unused_config_flag __attribute__((unused));
 const enum port_set *unused_port_set __attribute__((unused));
 const enum sock_role *unused_sock_role __attribute__((unused));
@@ -497,29 +576,38 @@ const enum splice_flag *unused_splice_flag __attribute__((unused));
 const enum listener_slot *unused_listener_slot __attribute__((unused));
 const enum pod_addr_slot *unused_pod_addr_slot __attribute__((unused));
 
-static __always_inline void count_n(enum counter c, __u64 delta)
+/* count_n is a global function, verified once on its own rather than on
+ * every path of every hook that counts. */
+__attribute__((noinline)) int count_n(__u32 pod, __u32 c, __u64 delta)
 {
-	__u32 key = c;
-	__u64 *n = bpf_map_lookup_elem(&counters, &key);
+	void *m = pod_map(&counters, pod);
+	if (!m)
+		return 0;
+	__u64 *n = bpf_map_lookup_elem(m, &c);
 	if (n)
 		*n += delta;
+	return 0;
 }
 
-static __always_inline void count(enum counter c)
+static __always_inline void count(__u32 pod, enum counter c)
 {
-	count_n(c, 1);
+	count_n(pod, c, 1);
 }
 
-/* active_policy returns the policy in force and its slot. */
-static __always_inline const struct policy *active_policy(__u32 *slot)
+/* active_policy returns the pod's policy in force and its slot. */
+static __always_inline const struct policy *active_policy(__u32 pod, __u32 *slot)
 {
+	void *active_map = pod_map(&policy_active, pod);
+	void *policies_map = pod_map(&policies, pod);
+	if (!active_map || !policies_map)
+		return NULL;
 	__u32 zero = 0;
-	__u32 *active = bpf_map_lookup_elem(&policy_active, &zero);
+	__u32 *active = bpf_map_lookup_elem(active_map, &zero);
 	if (!active)
 		return NULL;
 	__u32 s = *active & 1;
 	*slot = s;
-	return bpf_map_lookup_elem(&policies, &s);
+	return bpf_map_lookup_elem(policies_map, &s);
 }
 
 static __always_inline bool port_in(const struct policy *pol, enum port_set set, __u16 port)
@@ -563,17 +651,23 @@ static __always_inline bool inbound_port_captured(const struct policy *pol, __u1
  * proxy hold, and what getpeername and getsockopt see) and as a TCP subflow
  * (what connect and sockops see): subflow_state finds the MPTCP socket's
  * storage from a subflow, and is the plain socket's own otherwise. */
-static __always_inline struct sock_state *subflow_state(void *sk, __u64 flags)
+static __always_inline struct sock_state *subflow_state(__u32 pod, void *sk, __u64 flags)
 {
+	void *m = pod_map(&sock_states, pod);
+	if (!m)
+		return NULL;
 	struct mptcp_sock *msk = bpf_skc_to_mptcp_sock(sk);
 	if (msk)
-		return bpf_sk_storage_get(&sock_states, msk, 0, flags);
-	return bpf_sk_storage_get(&sock_states, sk, 0, flags);
+		return bpf_sk_storage_get(m, msk, 0, flags);
+	return bpf_sk_storage_get(m, sk, 0, flags);
 }
 
-static __always_inline struct sock_state *held_state(void *sk)
+static __always_inline struct sock_state *held_state(__u32 pod, void *sk)
 {
-	return bpf_sk_storage_get(&sock_states, sk, 0, 0);
+	void *m = pod_map(&sock_states, pod);
+	if (!m)
+		return NULL;
+	return bpf_sk_storage_get(m, sk, 0, 0);
 }
 
 static __always_inline void addr_from_v4(struct addr6 *a, __u32 ip4)

@@ -225,6 +225,7 @@ type SluiceRrKey struct {
 	Vip  SluiceAddr6
 	Port uint16
 	Pad  uint16
+	Pod  uint32
 }
 
 type SluiceRrState struct {
@@ -287,6 +288,8 @@ const (
 	SluiceMapOffloadPeers         = "offload_peers"
 	SluiceMapOffloadSocks         = "offload_socks"
 	SluiceMapPodAddrs             = "pod_addrs"
+	SluiceMapPodIps               = "pod_ips"
+	SluiceMapPods                 = "pods"
 	SluiceMapPolicies             = "policies"
 	SluiceMapPolicyActive         = "policy_active"
 	SluiceMapRoutes               = "routes"
@@ -305,19 +308,27 @@ const (
 	SluiceProgSluiceSockops       = "sluice_sockops"
 	SluiceProgSluiceSplice        = "sluice_splice"
 	SluiceVarPageSize             = "page_size"
+	SluiceVarUnusedCidrKey        = "unused_cidr_key"
 	SluiceVarUnusedConfigFlag     = "unused_config_flag"
 	SluiceVarUnusedCounter        = "unused_counter"
 	SluiceVarUnusedFlowEnd        = "unused_flow_end"
 	SluiceVarUnusedFlowEvent      = "unused_flow_event"
 	SluiceVarUnusedFlowFlag       = "unused_flow_flag"
 	SluiceVarUnusedFlowKind       = "unused_flow_kind"
+	SluiceVarUnusedInstallMeta    = "unused_install_meta"
 	SluiceVarUnusedListenerSlot   = "unused_listener_slot"
+	SluiceVarUnusedOrigDst        = "unused_orig_dst"
 	SluiceVarUnusedPodAddrSlot    = "unused_pod_addr_slot"
+	SluiceVarUnusedPolicy         = "unused_policy"
 	SluiceVarUnusedPortSet        = "unused_port_set"
 	SluiceVarUnusedRollbackReason = "unused_rollback_reason"
+	SluiceVarUnusedRoute          = "unused_route"
+	SluiceVarUnusedRouteKey       = "unused_route_key"
 	SluiceVarUnusedRouteMode      = "unused_route_mode"
 	SluiceVarUnusedSockRole       = "unused_sock_role"
+	SluiceVarUnusedSockState      = "unused_sock_state"
 	SluiceVarUnusedSpliceFlag     = "unused_splice_flag"
+	SluiceVarUnusedTupleKey       = "unused_tuple_key"
 )
 
 // LoadSluice returns the embedded CollectionSpec for Sluice.
@@ -389,6 +400,8 @@ type SluiceMapSpecs struct {
 	OffloadPeers     *ebpf.MapSpec `ebpf:"offload_peers"`
 	OffloadSocks     *ebpf.MapSpec `ebpf:"offload_socks"`
 	PodAddrs         *ebpf.MapSpec `ebpf:"pod_addrs"`
+	PodIps           *ebpf.MapSpec `ebpf:"pod_ips"`
+	Pods             *ebpf.MapSpec `ebpf:"pods"`
 	Policies         *ebpf.MapSpec `ebpf:"policies"`
 	PolicyActive     *ebpf.MapSpec `ebpf:"policy_active"`
 	Routes           *ebpf.MapSpec `ebpf:"routes"`
@@ -403,19 +416,27 @@ type SluiceMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SluiceVariableSpecs struct {
 	PageSize             *ebpf.VariableSpec `ebpf:"page_size"`
+	UnusedCidrKey        *ebpf.VariableSpec `ebpf:"unused_cidr_key"`
 	UnusedConfigFlag     *ebpf.VariableSpec `ebpf:"unused_config_flag"`
 	UnusedCounter        *ebpf.VariableSpec `ebpf:"unused_counter"`
 	UnusedFlowEnd        *ebpf.VariableSpec `ebpf:"unused_flow_end"`
 	UnusedFlowEvent      *ebpf.VariableSpec `ebpf:"unused_flow_event"`
 	UnusedFlowFlag       *ebpf.VariableSpec `ebpf:"unused_flow_flag"`
 	UnusedFlowKind       *ebpf.VariableSpec `ebpf:"unused_flow_kind"`
+	UnusedInstallMeta    *ebpf.VariableSpec `ebpf:"unused_install_meta"`
 	UnusedListenerSlot   *ebpf.VariableSpec `ebpf:"unused_listener_slot"`
+	UnusedOrigDst        *ebpf.VariableSpec `ebpf:"unused_orig_dst"`
 	UnusedPodAddrSlot    *ebpf.VariableSpec `ebpf:"unused_pod_addr_slot"`
+	UnusedPolicy         *ebpf.VariableSpec `ebpf:"unused_policy"`
 	UnusedPortSet        *ebpf.VariableSpec `ebpf:"unused_port_set"`
 	UnusedRollbackReason *ebpf.VariableSpec `ebpf:"unused_rollback_reason"`
+	UnusedRoute          *ebpf.VariableSpec `ebpf:"unused_route"`
+	UnusedRouteKey       *ebpf.VariableSpec `ebpf:"unused_route_key"`
 	UnusedRouteMode      *ebpf.VariableSpec `ebpf:"unused_route_mode"`
 	UnusedSockRole       *ebpf.VariableSpec `ebpf:"unused_sock_role"`
+	UnusedSockState      *ebpf.VariableSpec `ebpf:"unused_sock_state"`
 	UnusedSpliceFlag     *ebpf.VariableSpec `ebpf:"unused_splice_flag"`
+	UnusedTupleKey       *ebpf.VariableSpec `ebpf:"unused_tuple_key"`
 }
 
 // SluiceObjects contains all objects after they have been loaded into the kernel.
@@ -449,6 +470,8 @@ type SluiceMaps struct {
 	OffloadPeers     *ebpf.Map `ebpf:"offload_peers"`
 	OffloadSocks     *ebpf.Map `ebpf:"offload_socks"`
 	PodAddrs         *ebpf.Map `ebpf:"pod_addrs"`
+	PodIps           *ebpf.Map `ebpf:"pod_ips"`
+	Pods             *ebpf.Map `ebpf:"pods"`
 	Policies         *ebpf.Map `ebpf:"policies"`
 	PolicyActive     *ebpf.Map `ebpf:"policy_active"`
 	Routes           *ebpf.Map `ebpf:"routes"`
@@ -471,6 +494,8 @@ func (m *SluiceMaps) Close() error {
 		m.OffloadPeers,
 		m.OffloadSocks,
 		m.PodAddrs,
+		m.PodIps,
+		m.Pods,
 		m.Policies,
 		m.PolicyActive,
 		m.Routes,
@@ -486,19 +511,27 @@ func (m *SluiceMaps) Close() error {
 // It can be passed to LoadSluiceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SluiceVariables struct {
 	PageSize             *ebpf.Variable `ebpf:"page_size"`
+	UnusedCidrKey        *ebpf.Variable `ebpf:"unused_cidr_key"`
 	UnusedConfigFlag     *ebpf.Variable `ebpf:"unused_config_flag"`
 	UnusedCounter        *ebpf.Variable `ebpf:"unused_counter"`
 	UnusedFlowEnd        *ebpf.Variable `ebpf:"unused_flow_end"`
 	UnusedFlowEvent      *ebpf.Variable `ebpf:"unused_flow_event"`
 	UnusedFlowFlag       *ebpf.Variable `ebpf:"unused_flow_flag"`
 	UnusedFlowKind       *ebpf.Variable `ebpf:"unused_flow_kind"`
+	UnusedInstallMeta    *ebpf.Variable `ebpf:"unused_install_meta"`
 	UnusedListenerSlot   *ebpf.Variable `ebpf:"unused_listener_slot"`
+	UnusedOrigDst        *ebpf.Variable `ebpf:"unused_orig_dst"`
 	UnusedPodAddrSlot    *ebpf.Variable `ebpf:"unused_pod_addr_slot"`
+	UnusedPolicy         *ebpf.Variable `ebpf:"unused_policy"`
 	UnusedPortSet        *ebpf.Variable `ebpf:"unused_port_set"`
 	UnusedRollbackReason *ebpf.Variable `ebpf:"unused_rollback_reason"`
+	UnusedRoute          *ebpf.Variable `ebpf:"unused_route"`
+	UnusedRouteKey       *ebpf.Variable `ebpf:"unused_route_key"`
 	UnusedRouteMode      *ebpf.Variable `ebpf:"unused_route_mode"`
 	UnusedSockRole       *ebpf.Variable `ebpf:"unused_sock_role"`
+	UnusedSockState      *ebpf.Variable `ebpf:"unused_sock_state"`
 	UnusedSpliceFlag     *ebpf.Variable `ebpf:"unused_splice_flag"`
+	UnusedTupleKey       *ebpf.Variable `ebpf:"unused_tuple_key"`
 }
 
 // SluicePrograms contains all programs after they have been loaded into the kernel.

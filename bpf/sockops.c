@@ -30,8 +30,8 @@ static __always_inline void set_orig(struct orig_dst *orig, const struct addr6 *
  * bytes_received include, and without retransmissions: data only. An event that does
  * not fit in the ring buffer is counted, by what user space needs to keep
  * its counts exact. */
-static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct sock_state *st, const struct tuple_key *key,
-				      __u8 kind, __u8 end, struct tcp_sock *tp)
+static __always_inline void flow_emit(struct bpf_sock_ops *skops, __u32 pod, struct sock_state *st,
+				      const struct tuple_key *key, __u8 kind, __u8 end, struct tcp_sock *tp)
 {
 	struct flow_event ev = {
 		.cookie = bpf_get_socket_cookie(skops),
@@ -68,18 +68,21 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct sock_st
 	/* The exporter is woken only once a quarter of the ring is used, and
 	 * otherwise drains it on its own every 100 ms: a wake-up per event
 	 * would cost every connection two context switches. */
-	__u64 wake = bpf_ringbuf_query(&flow_events, BPF_RB_AVAIL_DATA) > FLOW_RING_SIZE / 4 ? BPF_RB_FORCE_WAKEUP
+	void *ring = pod_map(&flow_events, pod);
+	if (ring) {
+		__u64 wake = bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA) > FLOW_RING_SIZE / 4 ? BPF_RB_FORCE_WAKEUP
 											     : BPF_RB_NO_WAKEUP;
-	if (!bpf_ringbuf_output(&flow_events, &ev, sizeof(ev), wake))
-		return;
-	count(COUNT_FLOW_EVENT_LOST);
+		if (!bpf_ringbuf_output(ring, &ev, sizeof(ev), wake))
+			return;
+	}
+	count(pod, COUNT_FLOW_EVENT_LOST);
 	bool out = st->flow & FLOW_OUTBOUND;
 	if (kind == FLOW_OPEN) {
 		st->flow |= FLOW_OPEN_LOST;
 	} else if (kind == FLOW_CLOSE) {
-		count(out ? COUNT_CLOSE_LOST_OUTBOUND : COUNT_CLOSE_LOST_INBOUND);
+		count(pod, out ? COUNT_CLOSE_LOST_OUTBOUND : COUNT_CLOSE_LOST_INBOUND);
 		if (st->flow & FLOW_OPEN_LOST)
-			count(out ? COUNT_BOTH_LOST_OUTBOUND : COUNT_BOTH_LOST_INBOUND);
+			count(pod, out ? COUNT_BOTH_LOST_OUTBOUND : COUNT_BOTH_LOST_INBOUND);
 	}
 }
 
@@ -90,19 +93,19 @@ static __always_inline void want_state_cb(struct bpf_sock_ops *skops)
 
 /* An outbound connect is under way (its destination already rewritten for
  * captured ones, whose hop to the sidecar is no flow). */
-static __always_inline void flow_connect(struct bpf_sock_ops *skops, const struct tuple_key *k)
+static __always_inline void flow_connect(struct bpf_sock_ops *skops, __u32 pod, const struct tuple_key *k)
 {
 	struct tuple_key key = *k;
 	struct bpf_sock *sk = skops->sk;
 	if (!sk || !is_flow(&key))
 		return;
 	__u32 slot;
-	const struct policy *pol = active_policy(&slot);
+	const struct policy *pol = active_policy(pod, &slot);
 	if (pol && (pol->flags & CONFIG_NO_FLOWS))
 		return;
-	struct sock_state *st = subflow_state(sk, BPF_SK_STORAGE_GET_F_CREATE);
+	struct sock_state *st = subflow_state(pod, sk, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st) {
-		count(COUNT_FLOW_NO_STATE);
+		count(pod, COUNT_FLOW_NO_STATE);
 		return;
 	}
 	st->flow = FLOW_OUTBOUND | (st->flow & FLOW_VIA_SIDECAR);
@@ -121,34 +124,35 @@ static __always_inline void flow_connect(struct bpf_sock_ops *skops, const struc
  * leaves the destination for the proxy, and with splice on, the app's
  * captured socket and the sidecar's dials into the pod join the splice table
  * and their note tells the passive end to follow. */
-static __always_inline void active_established(struct bpf_sock_ops *skops, const struct tuple_key *k)
+static __always_inline void active_established(struct bpf_sock_ops *skops, __u32 pod, const struct tuple_key *k)
 {
 	struct bpf_sock *sk = skops->sk;
 	if (!sk)
 		return;
-	struct sock_state *st = subflow_state(sk, 0);
+	struct sock_state *st = subflow_state(pod, sk, 0);
 	if (!st)
 		return;
 	struct tuple_key key = *k;
 	if (st->flow & FLOW_OUTBOUND) {
 		st->connect_us = (bpf_ktime_get_boot_ns() - st->start_ns) / 1000;
-		flow_emit(skops, st, &key, FLOW_OPEN, 0, NULL);
+		flow_emit(skops, pod, st, &key, FLOW_OPEN, 0, NULL);
 		return;
 	}
 	if (st->role != ROLE_APP && st->role != ROLE_SIDECAR)
 		return;
 	__u32 slot;
-	bool splice = splice_on(active_policy(&slot)) && !is_flow(&key) && !bpf_skc_to_mptcp_sock(sk);
+	bool splice = splice_on(active_policy(pod, &slot)) && !is_flow(&key) && !bpf_skc_to_mptcp_sock(sk);
 	if (splice)
-		splice_join(skops, &key);
+		splice_join(skops, pod, &key);
 	if (st->role != ROLE_APP && !splice)
 		return;
 	/* The sidecar's dial has no destination to pass on: family 0. */
 	struct orig_dst note = {};
 	if (st->role == ROLE_APP)
 		note = st->dial;
-	if (bpf_map_update_elem(&handshakes, &key, &note, BPF_ANY))
-		count(COUNT_HANDSHAKE_TABLE_FULL);
+	void *notes = pod_map(&handshakes, pod);
+	if (!notes || bpf_map_update_elem(notes, &key, &note, BPF_ANY))
+		count(pod, COUNT_HANDSHAKE_TABLE_FULL);
 	/* Told when this socket closes, to drop a note never taken. */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
@@ -159,18 +163,18 @@ static __always_inline void active_established(struct bpf_sock_ops *skops, const
  * is its own local address (inbound steering rewrites nothing). With splice
  * on, the passive end of a connection whose active end joined the splice
  * table joins it too. */
-static __always_inline void passive_established(struct bpf_sock_ops *skops, const struct tuple_key *k)
+static __always_inline void passive_established(struct bpf_sock_ops *skops, __u32 pod, const struct tuple_key *k)
 {
 	struct bpf_sock *sk = skops->sk;
 	struct tuple_key key = *k;
 	if (is_flow(&key)) {
 		__u32 slot;
-		const struct policy *pol = active_policy(&slot);
+		const struct policy *pol = active_policy(pod, &slot);
 		if (!sk || (pol && ((pol->flags & CONFIG_NO_FLOWS) || is_sidecar_port(pol, key.client_port))))
 			return;
-		struct sock_state *st = subflow_state(sk, BPF_SK_STORAGE_GET_F_CREATE);
+		struct sock_state *st = subflow_state(pod, sk, BPF_SK_STORAGE_GET_F_CREATE);
 		if (!st) {
-			count(COUNT_FLOW_NO_STATE);
+			count(pod, COUNT_FLOW_NO_STATE);
 			return;
 		}
 		bool captured = pol && inbound_port_captured(pol, key.client_port);
@@ -180,26 +184,29 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops, cons
 		/* The handshake's RTT sample: SYN-ACK sent to ACK received. */
 		st->connect_us = skops->srtt_us >> 3;
 		set_orig(&st->orig, &key.client, key.client_port);
-		flow_emit(skops, st, &key, FLOW_OPEN, 0, NULL);
+		flow_emit(skops, pod, st, &key, FLOW_OPEN, 0, NULL);
 		want_state_cb(skops);
 		return;
 	}
 	swap_ends(&key);
-	struct orig_dst *note = bpf_map_lookup_elem(&handshakes, &key);
+	void *notes = pod_map(&handshakes, pod);
+	if (!notes)
+		return;
+	struct orig_dst *note = bpf_map_lookup_elem(notes, &key);
 	if (!note)
 		return;
 	struct orig_dst orig = *note;
-	bpf_map_delete_elem(&handshakes, &key);
+	bpf_map_delete_elem(notes, &key);
 	if (!sk)
 		return;
 	__u32 slot;
-	if (splice_on(active_policy(&slot)) && !bpf_skc_to_mptcp_sock(sk)) {
+	if (splice_on(active_policy(pod, &slot)) && !bpf_skc_to_mptcp_sock(sk)) {
 		struct tuple_key own = *k;
-		splice_join(skops, &own);
+		splice_join(skops, pod, &own);
 	}
 	if (orig.family == 0)
 		return;
-	struct sock_state *st = subflow_state(sk, BPF_SK_STORAGE_GET_F_CREATE);
+	struct sock_state *st = subflow_state(pod, sk, BPF_SK_STORAGE_GET_F_CREATE);
 	if (st) {
 		st->orig = orig;
 		st->role = ROLE_ACCEPTED;
@@ -222,19 +229,20 @@ static __always_inline __u8 end_reason(struct tcp_sock *tp, const struct sock_st
 	return END_RST;
 }
 
-static __always_inline void state_changed(struct bpf_sock_ops *skops, const struct tuple_key *k)
+static __always_inline void state_changed(struct bpf_sock_ops *skops, __u32 pod, const struct tuple_key *k)
 {
 	__u32 old_state = skops->args[0], new_state = skops->args[1];
 	struct tuple_key key = *k;
 	struct bpf_sock *sk = skops->sk;
 	if (!sk)
 		return;
-	struct sock_state *st = subflow_state(sk, 0);
+	struct sock_state *st = subflow_state(pod, sk, 0);
 	if (!st || !(st->flow & (FLOW_OUTBOUND | FLOW_INBOUND))) {
 		/* The app's captured socket or the sidecar's dial: drop a
 		 * note never taken. */
-		if (new_state == BPF_TCP_CLOSE)
-			bpf_map_delete_elem(&handshakes, &key);
+		void *notes = pod_map(&handshakes, pod);
+		if (new_state == BPF_TCP_CLOSE && notes)
+			bpf_map_delete_elem(notes, &key);
 		return;
 	}
 	if (new_state == BPF_TCP_FIN_WAIT1 || new_state == BPF_TCP_CLOSE_WAIT)
@@ -243,16 +251,16 @@ static __always_inline void state_changed(struct bpf_sock_ops *skops, const stru
 		return;
 	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
 	__u8 end = end_reason(tp, st, old_state);
-	flow_emit(skops, st, &key, old_state == BPF_TCP_SYN_SENT ? FLOW_CONNECT_FAILED : FLOW_CLOSE, end, tp);
+	flow_emit(skops, pod, st, &key, old_state == BPF_TCP_SYN_SENT ? FLOW_CONNECT_FAILED : FLOW_CLOSE, end, tp);
 }
 
 /* A socket in the pod starts listening: the sidecar's inbound listener is
  * put where sk_lookup finds it. The bind hook lets only the proxy identity
  * bind the inbound port, so a listener there is the sidecar's. */
-static __always_inline void listening(struct bpf_sock_ops *skops, const struct tuple_key *key)
+static __always_inline void listening(struct bpf_sock_ops *skops, __u32 pod, const struct tuple_key *key)
 {
 	__u32 slot;
-	const struct policy *pol = active_policy(&slot);
+	const struct policy *pol = active_policy(pod, &slot);
 	if (!pol || key->client_port != pol->inbound_port)
 		return;
 	/* A port the kernel picked (listen() with no bind, in a pod whose
@@ -262,12 +270,13 @@ static __always_inline void listening(struct bpf_sock_ops *skops, const struct t
 	struct bpf_sock *sk = skops->sk;
 	struct tcp_sock *tp = sk ? bpf_skc_to_tcp_sock(sk) : NULL;
 	if (!tp || tp->inet_conn.icsk_inet.sk.sk_uid.val != pol->proxy_uid) {
-		count(COUNT_INBOUND_LISTENER_FAILED);
+		count(pod, COUNT_INBOUND_LISTENER_FAILED);
 		return;
 	}
 	__u32 at = skops->family == AF_INET6 ? LISTENER_IPV6 : LISTENER_IPV4;
-	if (bpf_sock_map_update(skops, &inbound_listeners, &at, BPF_ANY))
-		count(COUNT_INBOUND_LISTENER_FAILED);
+	void *listeners = pod_map(&inbound_listeners, pod);
+	if (!listeners || bpf_sock_map_update(skops, listeners, &at, BPF_ANY))
+		count(pod, COUNT_INBOUND_LISTENER_FAILED);
 }
 
 SEC("sockops")
@@ -283,23 +292,26 @@ int sluice_sockops(struct bpf_sock_ops *skops)
 	/* Read once, here: reads in every branch would let the compiler pick
 	 * between context fields by pointer arithmetic, which the verifier
 	 * refuses. */
+	__u32 pod = pod_of(bpf_get_netns_cookie(skops));
+	if (!pod)
+		return 1;
 	struct tuple_key key = {};
 	CTX_TUPLE(skops, &key);
 	switch (op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		flow_connect(skops, &key);
+		flow_connect(skops, pod, &key);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		active_established(skops, &key);
+		active_established(skops, pod, &key);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		passive_established(skops, &key);
+		passive_established(skops, pod, &key);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		state_changed(skops, &key);
+		state_changed(skops, pod, &key);
 		break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
-		listening(skops, &key);
+		listening(skops, pod, &key);
 		break;
 	}
 	return 1;

@@ -64,12 +64,14 @@ static __always_inline __u32 peer_backlog(__u64 peer)
  *   the app meanwhile.
  * It returns 1 when msg goes straight on, 0 when it still goes to the peer,
  * and -1 when the peer left meanwhile (msg is then dropped). */
-static __always_inline int offload(struct sk_msg_md *msg, struct sock_state *st, const __u64 *far,
+static __always_inline int offload(struct sk_msg_md *msg, __u32 pod, struct sock_state *st, const __u64 *far,
 				   struct tuple_key *peer, __u32 size)
 {
-	if (peer_backlog(st->splice_peer))
+	void *far_socks = pod_map(&offload_socks, pod);
+	void *socks = pod_map(&splice_socks, pod);
+	if (!far_socks || !socks || peer_backlog(st->splice_peer))
 		goto via_proxy;
-	if (bpf_msg_redirect_hash(msg, &offload_socks, (void *)far, 0) != SK_PASS)
+	if (bpf_msg_redirect_hash(msg, far_socks, (void *)far, 0) != SK_PASS)
 		goto via_proxy; /* the far socket closed: the sidecar is ending it */
 	struct sock *sk = (struct sock *)BPF_CORE_READ((struct sk_msg *)msg, sk_redir);
 	/* A message larger than the room is taken in part: the app's send
@@ -81,15 +83,15 @@ static __always_inline int offload(struct sk_msg_md *msg, struct sock_state *st,
 	 * connections at once. The bytes counted are those that fit. */
 	int room = BPF_CORE_READ(sk, sk_sndbuf) - BPF_CORE_READ(sk, sk_wmem_queued);
 	if (room > 0) {
-		count(COUNT_OFFLOAD_MSGS);
-		count_n(COUNT_OFFLOAD_BYTES, (__u32)room < size ? (__u32)room : size);
+		count(pod, COUNT_OFFLOAD_MSGS);
+		count_n(pod, COUNT_OFFLOAD_BYTES, (__u32)room < size ? (__u32)room : size);
 		return 1;
 	}
 	/* Back to the peer, which the call before this one found. */
-	if (bpf_msg_redirect_hash(msg, &splice_socks, peer, BPF_F_INGRESS) != SK_PASS)
+	if (bpf_msg_redirect_hash(msg, socks, peer, BPF_F_INGRESS) != SK_PASS)
 		return -1;
 via_proxy:
-	count(COUNT_OFFLOAD_VIA_PROXY);
+	count(pod, COUNT_OFFLOAD_VIA_PROXY);
 	return 0;
 }
 
@@ -102,10 +104,10 @@ static __always_inline int tcp_for_good(struct sk_msg_md *msg)
 }
 
 /* splice_stop sends this end's bytes by TCP from now on. */
-static __always_inline int splice_stop(struct sk_msg_md *msg, struct sock_state *st, enum counter why)
+static __always_inline int splice_stop(struct sk_msg_md *msg, __u32 pod, struct sock_state *st, enum counter why)
 {
 	st->splice |= SPLICE_STOPPED;
-	count(why);
+	count(pod, why);
 	return tcp_for_good(msg);
 }
 
@@ -115,13 +117,18 @@ int sluice_splice(struct sk_msg_md *msg)
 	struct bpf_sock *sk = msg->sk;
 	if (!sk)
 		return SK_PASS;
-	struct sock_state *st = bpf_sk_storage_get(&sock_states, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	__u32 pod = pod_of(bpf_get_netns_cookie(msg));
+	void *states = pod_map(&sock_states, pod);
+	void *socks = pod_map(&splice_socks, pod);
+	if (!states || !socks)
+		return SK_PASS;
+	struct sock_state *st = bpf_sk_storage_get(states, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st)
 		return SK_PASS;
 	if (st->splice & SPLICE_STOPPED)
 		return tcp_for_good(msg);
 	if (peer_backlog(st->splice_peer) > SPLICE_QUEUE_MAX)
-		return splice_stop(msg, st, COUNT_SPLICE_STOPPED);
+		return splice_stop(msg, pod, st, COUNT_SPLICE_STOPPED);
 	struct tuple_key peer = {};
 	CTX_TUPLE(msg, &peer);
 	swap_ends(&peer);
@@ -130,22 +137,23 @@ int sluice_splice(struct sk_msg_md *msg)
 	 * the handshake is still on its way). bpf_msg_redirect_hash would
 	 * have the message dropped; it goes by TCP instead, and so does the
 	 * rest of this direction, to keep the bytes in order. */
-	if (bpf_msg_redirect_hash(msg, &splice_socks, &peer, BPF_F_INGRESS) != SK_PASS)
-		return splice_stop(msg, st, COUNT_SPLICE_NO_PEER);
+	if (bpf_msg_redirect_hash(msg, socks, &peer, BPF_F_INGRESS) != SK_PASS)
+		return splice_stop(msg, pod, st, COUNT_SPLICE_NO_PEER);
 	/* The context is the kernel's struct sk_msg, whose sk_redir the
 	 * redirect just set to the peer. */
 	st->splice_peer = (__u64)BPF_CORE_READ((struct sk_msg *)msg, sk_redir);
 	struct tuple_key own = peer;
 	swap_ends(&own);
-	__u64 *far = bpf_map_lookup_elem(&offload_peers, &own);
+	void *peers = pod_map(&offload_peers, pod);
+	__u64 *far = peers ? bpf_map_lookup_elem(peers, &own) : NULL;
 	if (far) {
-		int done = offload(msg, st, far, &peer, size);
+		int done = offload(msg, pod, st, far, &peer, size);
 		if (done > 0)
 			return SK_PASS;
 		if (done < 0)
 			return SK_DROP;
 	}
-	count(COUNT_SPLICE_MSGS);
-	count_n(COUNT_SPLICE_BYTES, size);
+	count(pod, COUNT_SPLICE_MSGS);
+	count_n(pod, COUNT_SPLICE_BYTES, size);
 	return SK_PASS;
 }

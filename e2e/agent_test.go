@@ -171,7 +171,7 @@ func TestRouteForManyPods(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		mustCLI(t, "install", "--cgroup", pod.Cgroup)
+		mustCLI(t, "install", "--cgroup", pod.Cgroup, "--netns", pod.Netns)
 		t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", pod.Cgroup) })
 		cgroups = append(cgroups, pod.Cgroup)
 	}

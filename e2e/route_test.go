@@ -439,15 +439,26 @@ func TestRoundRobinFallbackCounted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := ebpf.LoadPinnedMap(filepath.Join(target.PinDir, bpf.SluiceMapRrStates), nil)
+	// The table is the node's: the filling is under pod index 0, which is
+	// no pod's, and goes when the test ends.
+	pin := filepath.Join(filepath.Dir(target.PinDir), "node", bpf.ObjectHash(), bpf.SluiceMapRrStates)
+	m, err := ebpf.LoadPinnedMap(pin, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer m.Close()
-	for i := range m.MaxEntries() {
-		k := bpf.SluiceRrKey{Vip: loader.Addr6(netip.AddrFrom4([4]byte{198, 19, 9, byte(i)})), Port: uint16(i >> 8)}
-		if err := m.Put(k, &bpf.SluiceRrState{}); err != nil {
-			t.Fatalf("fill rr_states entry %d of %d: %v", i, m.MaxEntries(), err)
+	key := func(i uint32) bpf.SluiceRrKey {
+		return bpf.SluiceRrKey{Vip: loader.Addr6(netip.AddrFrom4([4]byte{198, 19, byte(i >> 8), byte(i)})), Port: uint16(i >> 16)}
+	}
+	var filled uint32
+	t.Cleanup(func() {
+		for i := range filled {
+			m.Delete(key(i))
+		}
+		m.Close()
+	})
+	for ; filled < m.MaxEntries(); filled++ {
+		if err := m.Put(key(filled), &bpf.SluiceRrState{}); err != nil {
+			t.Fatalf("fill rr_states entry %d of %d: %v", filled, m.MaxEntries(), err)
 		}
 	}
 	c.route(t, "--mode", "round-robin", c.v1a+"=9", c.v2a+"=1")

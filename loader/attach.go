@@ -53,6 +53,14 @@ var inboundHook = hook{bpf.SluiceProgSluiceSkLookup, ebpf.AttachSkLookup, "link_
 // uninstall removes it.
 const legacyTCPin = "link_tc_ingress"
 
+// legacyRRPin is where installs before programs were the node's pinned
+// their round-robin state, now the node's: an upgrade and uninstall remove
+// it.
+const legacyRRPin = "rr_states"
+
+// legacyPins are what older installs pinned and this one does not.
+var legacyPins = []string{legacyTCPin, legacyRRPin}
+
 var allHooks = append(cgroupHooks[:len(cgroupHooks):len(cgroupHooks)], inboundHook)
 
 // linkAction says what ensureLink did.

@@ -62,7 +62,7 @@ func Check() []Probe {
 	mount, err := Cgroup2Mount()
 	add("cgroup v2 mounted", err)
 
-	coll, err := loadFresh(true, false)
+	coll, err := loadFresh()
 	add("load programs (verifier)", err)
 	if err == nil {
 		defer coll.Close()

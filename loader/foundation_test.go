@@ -5,9 +5,11 @@ package loader
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -51,12 +53,21 @@ func podCgroups(t testing.TB, rel ...string) []string {
 	return paths
 }
 
+var nsCount atomic.Int32
+
+// install installs on cgroup, in a network namespace of its own: Sluice
+// captures one pod per namespace.
 func install(t testing.TB, cgroup, pinDir string) Target {
 	t.Helper()
 	target, err := ResolveTarget(cgroup, pinDir)
 	if err != nil {
 		t.Fatal(err)
 	}
+	ns, err := testbed.Must(t).AddHost(fmt.Sprintf("ns%d", nsCount.Add(1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	target.Netns = ns.Netns
 	if _, err := Install(target, testPlan(), nil, quiet); err != nil {
 		t.Fatal(err)
 	}
@@ -302,7 +313,7 @@ func TestConstantsReachTheKernel(t *testing.T) {
 		t.Errorf("page_size in the kernel is %d, want the %d set before load", got, odd)
 	}
 
-	loaded, err := loadFresh(false, false)
+	loaded, err := loadFresh()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -53,6 +53,7 @@ func newLookup(proto uint32, remote, local netip.AddrPort) lookupCtx {
 // listener's socket cookie.
 type lookupFixture struct {
 	coll    *ebpf.Collection
+	maps    map[string]*ebpf.Map // the pod's
 	pod     *testbed.Pod
 	cookies map[string]uint64
 }
@@ -60,26 +61,43 @@ type lookupFixture struct {
 func newLookupFixture(t testing.TB, plan redirect.Plan, listeners ...string) *lookupFixture {
 	t.Helper()
 	testbed.RequirePrivileged(t)
-	coll, err := loadFresh(true, false)
+	spec, err := bpf.LoadSluice()
+	if err != nil {
+		t.Fatal(err)
+	}
+	coll, err := load(spec.Copy())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { coll.Close() })
-	if _, err := policyMapsOf(coll.Maps).write(plan.Normalize()); err != nil {
+	maps, err := makePodMaps(spec, pinnedMaps, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, m := range maps {
+			m.Close()
+		}
+	})
+	if _, err := policyMapsOf(maps).write(plan.Normalize()); err != nil {
 		t.Fatal(err)
 	}
 	pod, err := testbed.Must(t).AddPod("app")
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &lookupFixture{coll: coll, pod: pod, cookies: map[string]uint64{}}
+	n := &node{progs: coll.Programs, maps: coll.Maps}
+	if err := n.register(1, 1, maps, []netip.Addr{pod.Addr4, pod.Addr6}, func(uint32) string { return "" }); err != nil {
+		t.Fatal(err)
+	}
+	f := &lookupFixture{coll: coll, maps: maps, pod: pod, cookies: map[string]uint64{}}
 	for _, kind := range listeners {
 		fd := listenIn(t, pod, kind, plan.InboundPort, 0)
 		slot := bpf.SluiceListenerSlotLISTENER_IPV4
 		if kind != "tcp4" {
 			slot = bpf.SluiceListenerSlotLISTENER_IPV6
 		}
-		if err := coll.Maps[bpf.SluiceMapInboundListeners].Update(uint32(slot), uint64(fd), ebpf.UpdateAny); err != nil {
+		if err := maps[bpf.SluiceMapInboundListeners].Update(uint32(slot), uint64(fd), ebpf.UpdateAny); err != nil {
 			t.Fatal(err)
 		}
 		cookie, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE)
@@ -158,7 +176,7 @@ func (f *lookupFixture) run(t testing.TB, in lookupCtx) (uint32, uint64) {
 
 func (f *lookupFixture) counters(t testing.TB) map[string]uint64 {
 	t.Helper()
-	counts, err := sumCounters(f.coll.Maps[bpf.SluiceMapCounters])
+	counts, err := sumCounters(f.maps[bpf.SluiceMapCounters])
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -102,8 +103,27 @@ type installer struct {
 	old     *Pins                // the pinned maps found, kept open
 	reuse   map[string]*ebpf.Map // those the load keeps
 	replace map[string]bool      // those it replaces
-	coll    *ebpf.Collection
-	keepTC  bool // the older install's tcx program stays for a running sidecar
+	made    map[string]*ebpf.Map // the pod maps made anew
+	node    *node                // this build's programs and node maps
+	cookie  uint64               // the pod's network namespace
+	keepTC  bool                 // the older install's tcx program stays for a running sidecar
+}
+
+// podMap is the pod's map name, kept or made anew.
+func (in *installer) podMap(name string) *ebpf.Map {
+	if m := in.made[name]; m != nil {
+		return m
+	}
+	return in.reuse[name]
+}
+
+// podMaps are the pod's maps, kept or made anew.
+func (in *installer) podMaps() map[string]*ebpf.Map {
+	out := map[string]*ebpf.Map{}
+	for _, name := range pinnedMaps {
+		out[name] = in.podMap(name)
+	}
+	return out
 }
 
 // end undoes a failed install while still holding the lock (no other
@@ -114,8 +134,11 @@ func (in *installer) end(err error) error {
 			err = errors.Join(err, fmt.Errorf("undo install: %w", uerr))
 		}
 	}
-	if in.coll != nil {
-		in.coll.Close()
+	for _, m := range in.made {
+		m.Close()
+	}
+	if in.node != nil {
+		in.node.Close()
 	}
 	if in.old != nil {
 		in.old.Close()
@@ -184,6 +207,10 @@ func (in *installer) inspect(args []string) error {
 		return fmt.Errorf("pin dir %s holds files Sluice did not create (%v): pick another --pin-dir", t.PinDir, cur.names)
 	}
 	in.cur, in.fresh = cur, cur.rec == nil
+	if cur.rec != nil && cur.rec.Object == bpf.ObjectHash() {
+		// The short paths keep the pod where it is in the node's maps.
+		in.want.Index, in.want.NetnsCookie = cur.rec.Index, cur.rec.NetnsCookie
+	}
 	ours, err := pinnedPrograms(t.PinDir)
 	if err != nil {
 		return err
@@ -284,10 +311,12 @@ func (in *installer) offloadChanged() bool {
 	return in.cur.rec != nil && (in.cur.rec.Offload == nil || *in.cur.rec.Offload != *in.want.Offload)
 }
 
-// load loads the embedded object, keeping the pinned maps it can.
+// load opens this build's programs on the node (loading them if no pod
+// runs them yet) and the pod's maps: those pinned that fit this build, and
+// new ones for the rest.
 func (in *installer) load() error {
 	in.old = pinsOf(in.t, record{}, ReadWrite)
-	in.reuse, in.replace = map[string]*ebpf.Map{}, map[string]bool{}
+	in.reuse, in.replace, in.made = map[string]*ebpf.Map{}, map[string]bool{}, map[string]*ebpf.Map{}
 	for _, name := range pinnedMaps {
 		m, err := in.old.Map(name)
 		if errors.Is(err, ErrMissingMap) {
@@ -302,27 +331,44 @@ func (in *installer) load() error {
 	if err != nil {
 		return fmt.Errorf("read embedded BPF object: %w", err)
 	}
-	oldCounters := in.chooseReplaced(spec)
-	if err := fault("load"); err != nil {
+	oldCounters, err := in.chooseReplaced(spec)
+	if err != nil {
 		return err
 	}
-	if in.coll, err = load(spec, in.inbound, in.plan.Splice, in.reuse); err != nil {
+	node, loaded, err := openNode(filepath.Dir(in.t.PinDir), spec)
+	if err != nil {
+		return err
+	}
+	in.node = node
+	if loaded {
+		in.change("programs loaded on the node")
+	}
+	if in.cookie, err = netnsCookie(in.t); err != nil {
+		return err
+	}
+	var missing []string
+	for _, name := range pinnedMaps {
+		if in.reuse[name] == nil {
+			missing = append(missing, name)
+		}
+	}
+	if in.made, err = makePodMaps(spec, missing, in.plan.Splice); err != nil {
 		return err
 	}
 	if oldCounters != nil {
-		return copyCounters(oldCounters, in.coll.Maps[bpf.SluiceMapCounters])
+		return copyCounters(oldCounters, in.made[bpf.SluiceMapCounters])
 	}
 	return nil
 }
 
 // chooseReplaced moves from reuse to replace the pinned maps the load must
 // not keep, and returns the old counters when they are replaced, to carry
-// over.
-func (in *installer) chooseReplaced(spec *ebpf.CollectionSpec) (oldCounters *ebpf.Map) {
+// over. A pinned map of live state whose layout this build changed cannot
+// be replaced without losing connections: the install stops.
+func (in *installer) chooseReplaced(spec *ebpf.CollectionSpec) (oldCounters *ebpf.Map, err error) {
+	inner := func(name string) *ebpf.MapSpec { return spec.Maps[name].InnerMap }
 	// A splice table (or offload's) too small for the plan is replaced:
-	// it can hold nothing, since no socket joins while splice is off. The
-	// programs that use it are then updated even where their instructions
-	// are the same.
+	// it can hold nothing, since no socket joins while splice is off.
 	for _, name := range spliceMaps {
 		if m := in.reuse[name]; m != nil && m.MaxEntries() < spliceTableSize(in.plan.Splice) {
 			delete(in.reuse, name)
@@ -331,19 +377,22 @@ func (in *installer) chooseReplaced(spec *ebpf.CollectionSpec) (oldCounters *ebp
 	}
 	// A map whose layout an upgrade changed is replaced where that loses
 	// nothing: the plan's maps are written again, and the counters are
-	// carried over. Maps of live state must stay compatible. The plan's
-	// maps go together: programs still attached read the active index and
-	// the policy slots as one, so a new policies map behind an old index
-	// (or the reverse) would show them an empty slot.
+	// carried over. The plan's maps go together: programs still attached
+	// read the active index and the policy slots as one, so a new
+	// policies map behind an old index (or the reverse) would show them an
+	// empty slot.
 	incompatible := func(name string) bool {
 		m := in.reuse[name]
-		return m != nil && spec.Maps[name].Compatible(m) != nil
+		return m != nil && inner(name).Compatible(m) != nil
 	}
 	planChanged := slices.ContainsFunc(policyMapNames, incompatible)
-	for _, name := range replaceableMaps {
+	for _, name := range pinnedMaps {
 		m := in.reuse[name]
 		if m == nil || !incompatible(name) && !(planChanged && slices.Contains(policyMapNames, name)) {
 			continue
+		}
+		if !slices.Contains(replaceableMaps, name) {
+			return nil, fmt.Errorf("the pinned map %s is from an incompatible Sluice version (%w): run 'sluice uninstall' for this pod, then install again", name, inner(name).Compatible(m))
 		}
 		delete(in.reuse, name)
 		in.replace[name] = true
@@ -351,7 +400,7 @@ func (in *installer) chooseReplaced(spec *ebpf.CollectionSpec) (oldCounters *ebp
 			oldCounters = m
 		}
 	}
-	return oldCounters
+	return oldCounters, nil
 }
 
 // pin writes the record, marked unfinished, and pins every map the load
@@ -361,7 +410,7 @@ func (in *installer) pin() error {
 	if err := fault("write record"); err != nil {
 		return err
 	}
-	if err := writeRecord(in.coll.Maps[bpf.SluiceMapMeta], in.want); err != nil {
+	if err := writeRecord(in.podMap(bpf.SluiceMapMeta), in.want); err != nil {
 		return err
 	}
 	if in.fresh {
@@ -377,7 +426,7 @@ func (in *installer) pin() error {
 		if in.reuse[name] != nil {
 			continue
 		}
-		m := in.coll.Maps[name]
+		m := in.made[name]
 		pin := filepath.Join(in.t.PinDir, name)
 		if in.replace[name] {
 			if err := os.Remove(pin); err != nil {
@@ -399,13 +448,14 @@ func (in *installer) pin() error {
 }
 
 // attach attaches the splice program (before the policy can let a socket
-// join its table), writes the policy, and attaches every hook.
+// join its table), writes the policy, registers the pod with the node's
+// programs and attaches every hook.
 func (in *installer) attach() error {
-	coll := in.coll
+	progs := in.node.progs
 	if err := fault("attach " + bpf.SluiceProgSluiceSplice); err != nil {
 		return err
 	}
-	if action, err := ensureSplice(coll.Maps[bpf.SluiceMapSpliceSocks], coll.Programs[bpf.SluiceProgSluiceSplice]); err != nil {
+	if action, err := ensureSplice(in.podMap(bpf.SluiceMapSpliceSocks), progs[bpf.SluiceProgSluiceSplice]); err != nil {
 		return err
 	} else if action != linkKept {
 		in.change("%s %s", bpf.SluiceProgSluiceSplice, action)
@@ -413,23 +463,31 @@ func (in *installer) attach() error {
 	if err := fault("write policy"); err != nil {
 		return err
 	}
-	if changed, err := policyMapsOf(coll.Maps).write(in.plan); err != nil {
+	if changed, err := policyMapsOf(in.podMaps()).write(in.plan); err != nil {
 		return err
 	} else if changed || in.offloadChanged() {
 		in.change("policy written")
 	}
 	hooks := cgroupHooks
+	var addrs []netip.Addr
 	if in.inbound {
 		if err := in.prepareInbound(); err != nil {
 			return err
 		}
+		var err error
+		if addrs, err = podAddrs(in.t); err != nil {
+			return err
+		}
 		hooks = append(hooks[:len(hooks):len(hooks)], inboundHook)
+	}
+	if err := in.register(addrs); err != nil {
+		return err
 	}
 	for _, h := range hooks {
 		if err := fault("attach " + h.pin); err != nil {
 			return err
 		}
-		action, err := ensureLink(h, in.t, in.netnsIno, coll.Programs[h.prog], in.t.PinDir, len(in.replace) > 0)
+		action, err := ensureLink(h, in.t, in.netnsIno, progs[h.prog], in.t.PinDir, len(in.replace) > 0)
 		if err != nil {
 			return err
 		}
@@ -444,14 +502,62 @@ func (in *installer) attach() error {
 	return nil
 }
 
+// register gives the pod its index in the node's maps and makes the node's
+// programs find it there: by its network namespace, and by addrs (inbound
+// capture).
+func (in *installer) register(addrs []netip.Addr) error {
+	if err := fault("register"); err != nil {
+		return err
+	}
+	idx, err := in.node.podIndex(in.cookie, in.t.Cgroup, func(idx uint32) string {
+		if in.cur.rec != nil && in.cur.rec.Index == idx && in.cur.rec.Object == bpf.ObjectHash() {
+			return ""
+		}
+		return in.podOf(idx)
+	})
+	if err != nil {
+		return err
+	}
+	fresh := in.cur.rec == nil || in.cur.rec.Index != idx || in.cur.rec.Object != bpf.ObjectHash()
+	if err := in.node.register(idx, in.cookie, in.podMaps(), addrs, in.livePodOf); err != nil {
+		return err
+	}
+	if fresh {
+		in.steps.push(func() error { return unregister(in.node.maps, idx) })
+		in.change("pod registered with the node's programs (index %d)", idx)
+	}
+	in.want.Index, in.want.NetnsCookie = idx, in.cookie
+	return nil
+}
+
+// podOf names the other pod (its cgroup) at idx in this build's node
+// state, or "" when no other install record claims it.
+func (in *installer) podOf(idx uint32) string { return in.claims(idx, false) }
+
+// livePodOf is podOf for pods whose cgroup still exists.
+func (in *installer) livePodOf(idx uint32) string { return in.claims(idx, true) }
+
+func (in *installer) claims(idx uint32, liveOnly bool) string {
+	pods, _ := List(filepath.Dir(in.t.PinDir))
+	for _, p := range pods {
+		if p.CgroupID == in.t.CgroupID || liveOnly && p.Gone() {
+			continue
+		}
+		if rec, err := readRecord(p.PinDir); err == nil && rec.Index == idx && rec.Object == bpf.ObjectHash() {
+			return p.Cgroup
+		}
+	}
+	return ""
+}
+
 // prepareInbound writes the pod's addresses and registers a sidecar
 // listener already open, before inbound capture can need it (an upgrade
 // under a running sidecar, or a reinstall).
 func (in *installer) prepareInbound() error {
-	if err := writePodAddrs(in.t, in.coll.Maps[bpf.SluiceMapPodAddrs]); err != nil {
+	if err := writePodAddrs(in.t, in.podMap(bpf.SluiceMapPodAddrs)); err != nil {
 		return err
 	}
-	missed, err := registerListeners(in.t, in.plan, in.coll.Maps[bpf.SluiceMapInboundListeners])
+	missed, err := registerListeners(in.t, in.plan, in.podMap(bpf.SluiceMapInboundListeners))
 	if err != nil {
 		return err
 	}
@@ -479,6 +585,12 @@ func (in *installer) removeStale() error {
 	if !in.inbound {
 		stale = append(stale, inboundHook.pin)
 	}
+	if slices.Contains(in.cur.names, legacyRRPin) {
+		if err := os.Remove(filepath.Join(in.t.PinDir, legacyRRPin)); err != nil {
+			return fmt.Errorf("remove the older install's %s: %w", legacyRRPin, err)
+		}
+		in.change("%s moved to the node", legacyRRPin)
+	}
 	for _, pin := range stale {
 		if !slices.Contains(in.cur.names, pin) {
 			continue
@@ -497,8 +609,15 @@ func (in *installer) finish() error {
 	if err := fault("finish record"); err != nil {
 		return err
 	}
-	if err := writeRecord(in.coll.Maps[bpf.SluiceMapMeta], in.want); err != nil {
+	if err := writeRecord(in.podMap(bpf.SluiceMapMeta), in.want); err != nil {
 		return err
+	}
+	// The build the pod ran before lets go of it, and goes once no pod
+	// runs it.
+	if old := in.cur.rec; old != nil && old.Object != "" && old.Object != in.want.Object {
+		if err := leaveNode(filepath.Dir(in.t.PinDir), old.Object, old.Index); err != nil {
+			return err
+		}
 	}
 	if in.cur.rec == nil || in.cur.rec.Object != in.want.Object {
 		in.change("install finished")

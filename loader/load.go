@@ -27,47 +27,47 @@ func spliceTableSize(splice bool) uint32 {
 	return 1
 }
 
-// load loads Sluice's maps and programs from spec (bpf.LoadSluice's, which
-// it changes). Programs an install does not need
-// are left out (the inbound one unless inbound); maps named in reuse are the
-// existing pinned maps of an install being completed or updated, so its
-// state carries over. New spliceMaps get spliceTableSize(splice) entries.
-func load(spec *ebpf.CollectionSpec, inbound, splice bool, reuse map[string]*ebpf.Map) (*ebpf.Collection, error) {
-	if !inbound {
-		delete(spec.Programs, bpf.SluiceProgSluiceSkLookup)
-	}
-	for _, name := range spliceMaps {
-		spec.Maps[name].MaxEntries = spliceTableSize(splice)
-		if m := reuse[name]; m != nil {
-			spec.Maps[name].MaxEntries = m.MaxEntries()
-		}
-	}
+// load loads the node's programs and maps from spec (bpf.LoadSluice's,
+// which it changes).
+func load(spec *ebpf.CollectionSpec) (*ebpf.Collection, error) {
 	if err := setConstants(spec, map[string]any{bpf.SluiceVarPageSize: uint32(os.Getpagesize())}); err != nil {
 		return nil, err
 	}
-	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: reuse})
+	coll, err := ebpf.NewCollection(spec)
 	if err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			// The full log is what a kernel developer needs to see.
 			return nil, fmt.Errorf("load BPF programs: %+v", ve)
 		}
-		if errors.Is(err, ebpf.ErrMapIncompatible) {
-			return nil, fmt.Errorf("the pinned maps are from an incompatible Sluice version (%w): run 'sluice uninstall' for this pod, then install again", err)
-		}
 		return nil, fmt.Errorf("load BPF programs: %w", err)
 	}
 	return coll, nil
 }
 
-// loadFresh parses the embedded object and loads it with no pinned maps to
-// keep, as Check's probe does.
-func loadFresh(inbound, splice bool) (*ebpf.Collection, error) {
+// loadFresh parses the embedded object and loads it, as Check's probe
+// does.
+func loadFresh() (*ebpf.Collection, error) {
 	spec, err := bpf.LoadSluice()
 	if err != nil {
 		return nil, fmt.Errorf("read embedded BPF object: %w", err)
 	}
-	return load(spec, inbound, splice, nil)
+	return load(spec)
+}
+
+// podMapSpec is the layout of the pod's map name: the inner map of the
+// node's array of that name, sized for the plan.
+func podMapSpec(spec *ebpf.CollectionSpec, name string, splice bool) (*ebpf.MapSpec, error) {
+	outer := spec.Maps[name]
+	if outer == nil || outer.InnerMap == nil {
+		return nil, fmt.Errorf("the BPF object has no pod map %s", name)
+	}
+	ms := outer.InnerMap.Copy()
+	ms.Name = name
+	if slices.Contains(spliceMaps, name) {
+		ms.MaxEntries = spliceTableSize(splice)
+	}
+	return ms, nil
 }
 
 // setConstants writes values into the constants' data sections themselves
@@ -102,4 +102,23 @@ func setConstants(spec *ebpf.CollectionSpec, values map[string]any) error {
 	}
 	clear(spec.Variables)
 	return nil
+}
+
+// makePodMaps creates the pod maps names for spec's programs, sized for
+// splice. On failure it closes what it made.
+func makePodMaps(spec *ebpf.CollectionSpec, names []string, splice bool) (map[string]*ebpf.Map, error) {
+	out := map[string]*ebpf.Map{}
+	for _, name := range names {
+		ms, err := podMapSpec(spec, name, splice)
+		if err == nil {
+			out[name], err = ebpf.NewMap(ms)
+		}
+		if err != nil {
+			for _, m := range out {
+				m.Close()
+			}
+			return nil, fmt.Errorf("create map %s: %w", name, err)
+		}
+	}
+	return out, nil
 }

@@ -96,6 +96,25 @@ func (p *Pins) open(name string, access Access) (*ebpf.Map, error) {
 }
 
 // Close closes every map the handle opened.
+// nodeMap opens the node map name of the build the pod runs.
+func (p *Pins) nodeMap(name string) (*ebpf.Map, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	key := "node/" + name
+	if m := p.maps[key]; m != nil {
+		return m, nil
+	}
+	if p.rec.Index == 0 {
+		return nil, fmt.Errorf("%w %s: the install at %s is older than node-owned programs: rerun 'sluice install' on the pod", ErrMissingMap, name, p.target.PinDir)
+	}
+	maps, err := openNodeMaps(filepath.Dir(p.target.PinDir), p.rec.Object, name)
+	if err != nil {
+		return nil, err
+	}
+	p.maps[key] = maps[name]
+	return maps[name], nil
+}
+
 func (p *Pins) Close() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -136,7 +155,8 @@ func (p *Pins) routeMaps() (routeMaps, error) {
 		return m, err
 	}
 	if p.access == ReadWrite {
-		m.rr, err = p.Map(bpf.SluiceMapRrStates)
+		m.rr, err = p.nodeMap(bpf.SluiceMapRrStates)
+		m.pod = p.rec.Index
 	}
 	return m, err
 }

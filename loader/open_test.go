@@ -80,15 +80,15 @@ func TestOpen(t *testing.T) {
 		t.Errorf("read the plan: %v", err)
 	}
 
-	if err := os.Remove(filepath.Join(target.PinDir, bpf.SluiceMapRrStates)); err != nil {
+	if err := os.Remove(filepath.Join(target.PinDir, bpf.SluiceMapRoutesActive)); err != nil {
 		t.Fatal(err)
 	}
-	_, err = Open(target, ReadWrite, bpf.SluiceMapRoutes, bpf.SluiceMapRrStates)
-	if !errors.Is(err, ErrMissingMap) || !strings.Contains(err.Error(), bpf.SluiceMapRrStates) {
-		t.Errorf("open with %s unpinned: %v, want ErrMissingMap naming it", bpf.SluiceMapRrStates, err)
+	_, err = Open(target, ReadWrite, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive)
+	if !errors.Is(err, ErrMissingMap) || !strings.Contains(err.Error(), bpf.SluiceMapRoutesActive) {
+		t.Errorf("open with %s unpinned: %v, want ErrMissingMap naming it", bpf.SluiceMapRoutesActive, err)
 	}
 	if err := ChangeRoutes(target, RouteChange{}); !errors.Is(err, ErrMissingMap) {
-		t.Errorf("change routes with %s unpinned: %v, want ErrMissingMap", bpf.SluiceMapRrStates, err)
+		t.Errorf("change routes with %s unpinned: %v, want ErrMissingMap", bpf.SluiceMapRoutesActive, err)
 	}
 }
 

@@ -36,7 +36,6 @@ var pinnedMaps = []string{
 	bpf.SluiceMapFlowEvents,
 	bpf.SluiceMapRoutes,
 	bpf.SluiceMapRoutesActive,
-	bpf.SluiceMapRrStates,
 	bpf.SluiceMapSpliceSocks,
 	bpf.SluiceMapOffloadSocks,
 	bpf.SluiceMapOffloadPeers,
@@ -85,8 +84,14 @@ type record struct {
 	Args       []string `json:"args,omitempty"`
 	ArgsSHA256 string   `json:"args_sha256,omitempty"`
 	// Object is the BPF object a finished install runs; empty while an
-	// install is under way (or was killed).
+	// install is under way (or was killed). Its programs and node maps
+	// are under <pin root>/node/<Object>.
 	Object string `json:"object,omitempty"`
+	// Index is the pod's place in the node maps of its build, and
+	// NetnsCookie the network namespace the hooks find it by; 0 in the
+	// record of an install from before programs were the node's.
+	Index       uint32 `json:"index,omitempty"`
+	NetnsCookie uint64 `json:"netns_cookie,omitempty"`
 	// Offload is the plan's offload ports: no BPF program reads them, the
 	// sidecar does, from here. nil in the record of an install from before,
 	// whose policy maps hold them.
@@ -279,7 +284,7 @@ func readRecord(dir string) (record, error) {
 func (s pinState) unknown() []string {
 	var out []string
 	for _, n := range s.names {
-		if !slices.Contains(pinnedMaps, n) && n != legacyTCPin && !slices.ContainsFunc(allHooks, func(h hook) bool { return h.pin == n }) {
+		if !slices.Contains(pinnedMaps, n) && !slices.Contains(legacyPins, n) && !slices.ContainsFunc(allHooks, func(h hook) bool { return h.pin == n }) {
 			out = append(out, n)
 		}
 	}

@@ -36,7 +36,10 @@ var rollbackReasons = map[uint32]string{
 
 // routeMaps are the maps the routes live in; rr (round-robin state) is
 // opened for writers only.
-type routeMaps struct{ routes, active, rr *ebpf.Map }
+type routeMaps struct {
+	routes, active, rr *ebpf.Map
+	pod                uint32 // the pod's index in rr, a node map
+}
 
 // forgetRoundRobin deletes the round-robin state of svcs: a route deleted
 // or set anew must start its sequence over, and the state of routes that
@@ -44,7 +47,7 @@ type routeMaps struct{ routes, active, rr *ebpf.Map }
 // random).
 func (m routeMaps) forgetRoundRobin(svcs []netip.AddrPort) error {
 	for _, svc := range svcs {
-		k := bpf.SluiceRrKey{Vip: Addr6(svc.Addr()), Port: svc.Port()}
+		k := bpf.SluiceRrKey{Vip: Addr6(svc.Addr()), Port: svc.Port(), Pod: m.pod}
 		if err := m.rr.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("free round-robin state of %s: %w", svc, err)
 		}

@@ -63,7 +63,8 @@ type LinkState struct {
 
 // Memory is the kernel memory the install's maps and programs hold, as the
 // kernel accounts it (memlock). Per-connection socket storage is charged to
-// the sockets and not counted here.
+// the sockets and not counted here; nor are the programs of an install on
+// the node's programs, which every pod shares (Programs is then 0).
 type Memory struct {
 	Maps     uint64 `json:"maps_bytes"`
 	Programs uint64 `json:"programs_bytes"`
@@ -105,6 +106,7 @@ func Status(t Target) (State, error) {
 	if err := s.readLinks(t, rec); err != nil {
 		return s, err
 	}
+	s.readNode(t, rec)
 	if err := s.readContents(p, cur.names); err != nil {
 		return s, err
 	}
@@ -131,6 +133,24 @@ func (s *State) readMaps(p *Pins) {
 	}
 }
 
+// readNode notes a pod the node's programs do not find: its build's node
+// state gone, or the pod not registered there.
+func (s *State) readNode(t Target, rec record) {
+	if rec.Object == "" || rec.Index == 0 {
+		return
+	}
+	maps, err := openNodeMaps(filepath.Dir(t.PinDir), rec.Object, bpf.SluiceMapPods)
+	if err != nil {
+		s.Missing = append(s.Missing, "the node's programs ("+nodeDir(filepath.Dir(t.PinDir), rec.Object)+")")
+		return
+	}
+	defer maps[bpf.SluiceMapPods].Close()
+	var idx uint32
+	if err := maps[bpf.SluiceMapPods].Lookup(rec.NetnsCookie, &idx); err != nil || idx != rec.Index {
+		s.Missing = append(s.Missing, "the pod's registration with the node's programs")
+	}
+}
+
 // readLinks reads every hook's link, noting those missing or detached from
 // t's cgroup (or, with no id given, any) and the recorded namespace.
 func (s *State) readLinks(t Target, rec record) error {
@@ -149,7 +169,9 @@ func (s *State) readLinks(t Target, rec record) error {
 		case !ls.Attached:
 			s.Missing = append(s.Missing, h.pin+" (detached: its cgroup or network namespace is gone)")
 		}
-		s.Memory.Programs += memlock
+		if rec.Index == 0 {
+			s.Memory.Programs += memlock
+		}
 		s.Links = append(s.Links, ls)
 	}
 	return nil
@@ -167,7 +189,9 @@ func (s *State) readContents(p *Pins, names []string) error {
 		if sp.program == "" {
 			s.Missing = append(s.Missing, bpf.SluiceProgSluiceSplice+" (not attached to "+bpf.SluiceMapSpliceSocks+")")
 		}
-		s.Memory.Programs += sp.memlock
+		if p.rec.Index == 0 {
+			s.Memory.Programs += sp.memlock
+		}
 		s.SpliceSockets, s.SpliceCapacity = sp.sockets, sp.capacity
 	}
 	if slices.Contains(names, bpf.SluiceMapPolicies) && slices.Contains(names, bpf.SluiceMapPolicyActive) {

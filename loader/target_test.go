@@ -51,7 +51,7 @@ func TestCounterSlots(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := spec.Maps[bpf.SluiceMapCounters].MaxEntries; got != counterSlots {
+	if got := spec.Maps[bpf.SluiceMapCounters].InnerMap.MaxEntries; got != counterSlots {
 		t.Errorf("counters map has %d entries, loader expects %d", got, counterSlots)
 	}
 }
@@ -83,7 +83,7 @@ func TestCIDRTriesHoldTwoSlots(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, name := range []string{bpf.SluiceMapIncludeCidrs, bpf.SluiceMapExcludeCidrs, bpf.SluiceMapKernelOnlyCidrs} {
-		if got := spec.Maps[name].MaxEntries; got != 2*redirect.MaxCIDRs {
+		if got := spec.Maps[name].InnerMap.MaxEntries; got != 2*redirect.MaxCIDRs {
 			t.Errorf("%s holds %d entries, want 2 slots of %d", name, got, redirect.MaxCIDRs)
 		}
 	}

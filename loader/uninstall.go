@@ -49,9 +49,18 @@ func Uninstall(t Target, log *slog.Logger) error {
 	for i := len(allHooks) - 1; i >= 0; i-- {
 		errs = append(errs, removeLink(filepath.Join(t.PinDir, allHooks[i].pin)))
 	}
+	// The node's programs find the pod no more; its build goes with the
+	// last pod that runs it.
+	if rec := cur.rec; rec.Object != "" {
+		errs = append(errs, leaveNode(root, rec.Object, rec.Index))
+	}
+	unpin := []string{legacyRRPin}
 	for i := len(pinnedMaps) - 1; i >= 0; i-- {
-		if err := os.Remove(filepath.Join(t.PinDir, pinnedMaps[i])); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("unpin map %s: %w", pinnedMaps[i], err))
+		unpin = append(unpin, pinnedMaps[i])
+	}
+	for _, name := range unpin {
+		if err := os.Remove(filepath.Join(t.PinDir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("unpin map %s: %w", name, err))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {

@@ -18,11 +18,14 @@ import (
 
 const installHelp = `Usage: sluice install [--cgroup PATH] [--netns PATH | --interface NAME] [--pin-dir DIR] [--dry-run] [--validate] [capture flags]
 
-Loads the capture programs, attaches them to the pod's cgroup v2 directory
-(outbound capture) and, with --netns or --interface, to the pod's network
-namespace (inbound capture: every connection arriving from outside, on any
-interface but loopback; the interface must exist there), pins them under
-/sys/fs/bpf/sluice/<cgroup id>/, then exits. Flags follow istio-iptables
+Attaches the capture programs (loaded once per node, by the first install,
+under /sys/fs/bpf/sluice/node/) to the pod's cgroup v2 directory (outbound
+capture) and, with --netns or --interface, to the pod's network namespace
+(inbound capture: every connection arriving from outside, on any interface
+but loopback; the interface must exist there), pins the pod's maps and
+links under /sys/fs/bpf/sluice/<cgroup id>/, then exits. One pod per
+network namespace: without --netns, the namespace of a process in the
+cgroup, or this one's. Flags follow istio-iptables
 (-p -z -u -g -m -i -x -b -d -q -o), and Linkerd proxy-init's long names
 (--outgoing-proxy-port, --incoming-proxy-port, --proxy-uid,
 --outbound-ports-to-ignore, --inbound-ports-to-ignore) are accepted too;

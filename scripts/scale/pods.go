@@ -31,15 +31,31 @@ func newNode(exe, name string) (*node, error) {
 	return &node{exe: exe, parent: parent}, nil
 }
 
-// add makes the next pod's cgroup and times sluice install into it.
+// netnsName is the network namespace of pod i (with an interface eth0,
+// so install attaches inbound capture as in a real pod): Sluice captures
+// one pod per namespace, and a pod's exists before its init container
+// runs.
+func (n *node) netnsName(i int) string {
+	return fmt.Sprintf("%s-%05d", filepath.Base(n.parent), i)
+}
+
+// add makes the next pod's cgroup and network namespace and times sluice
+// install into them.
 func (n *node) add() (time.Duration, error) {
-	cg := filepath.Join(n.parent, fmt.Sprintf("kubepods-besteffort-pod%05d.slice", len(n.pods)))
+	i := len(n.pods)
+	cg := filepath.Join(n.parent, fmt.Sprintf("kubepods-besteffort-pod%05d.slice", i))
 	if err := os.Mkdir(cg, 0o755); err != nil {
 		return 0, err
 	}
 	n.pods = append(n.pods, cg)
+	ns := n.netnsName(i)
+	for _, args := range [][]string{{"netns", "add", ns}, {"-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0"}, {"-n", ns, "link", "set", "eth0", "up"}} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			return 0, fmt.Errorf("ip %v: %v: %s", args, err, out)
+		}
+	}
 	start := time.Now()
-	if out, err := exec.Command(n.exe, "install", "--cgroup", cg).CombinedOutput(); err != nil {
+	if out, err := exec.Command(n.exe, "install", "--cgroup", cg, "--netns", "/run/netns/"+n.netnsName(i)).CombinedOutput(); err != nil {
 		return 0, fmt.Errorf("install %s: %v: %s", cg, err, out)
 	}
 	return time.Since(start), nil
@@ -85,11 +101,14 @@ func (n *node) uninstall() ([]time.Duration, error) {
 // installed") and removes every cgroup.
 func (n *node) close() error {
 	var errs []error
-	for _, cg := range n.pods {
+	for i, cg := range n.pods {
 		if out, err := exec.Command(n.exe, "uninstall", "--cgroup", cg).CombinedOutput(); err != nil {
 			errs = append(errs, fmt.Errorf("uninstall %s: %v: %s", cg, err, out))
 		}
 		errs = append(errs, os.Remove(cg))
+		if out, err := exec.Command("ip", "netns", "del", n.netnsName(i)).CombinedOutput(); err != nil {
+			errs = append(errs, fmt.Errorf("ip netns del: %v: %s", err, out))
+		}
 	}
 	return errors.Join(errors.Join(errs...), os.Remove(n.parent))
 }

@@ -339,7 +339,7 @@ func inBed(fn func(pod *testbed.Pod, addr string) error) (err error) {
 
 // installIn installs Sluice in the pod with extra flags; undo uninstalls.
 func installIn(exe string, pod *testbed.Pod, extra ...string) (undo func() error, err error) {
-	args := append([]string{"install", "--cgroup", pod.Cgroup}, extra...)
+	args := append([]string{"install", "--cgroup", pod.Cgroup, "--netns", pod.Netns}, extra...)
 	if out, err := exec.Command(exe, args...).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("sluice install: %v: %s", err, out)
 	}

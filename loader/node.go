@@ -1,0 +1,404 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/internal/nsenter"
+)
+
+// A node runs one copy of each build's programs, loaded and verified once
+// and pinned under <pin root>/node/<object hash>/ with the maps every pod
+// shares: the arrays of the pods' own maps (bpf/sluice.h: POD_MAP), the
+// pods by network namespace and by address, and the round-robin state.
+// A pod is its own maps (pinned in its directory, as before), an index in
+// those arrays, and its links to the node's programs.
+
+// maxPods is MAX_PODS: pod indexes run from 1 to maxPods-1.
+const maxPods = 2048
+
+const nodeDirMode = 0o700
+
+// nodeDir is where the build object pins its node state under root.
+func nodeDir(root, object string) string { return filepath.Join(root, "node", object) }
+
+// node is a build's node state, open.
+type node struct {
+	dir   string
+	progs map[string]*ebpf.Program
+	maps  map[string]*ebpf.Map
+}
+
+func (n *node) Close() {
+	for _, p := range n.progs {
+		p.Close()
+	}
+	for _, m := range n.maps {
+		m.Close()
+	}
+}
+
+// nodePins are the names a complete node directory holds for spec.
+func nodePins(spec *ebpf.CollectionSpec) (progs, maps []string) {
+	for name := range spec.Programs {
+		progs = append(progs, name)
+	}
+	for name := range spec.Maps {
+		if !strings.HasPrefix(name, ".") {
+			maps = append(maps, name)
+		}
+	}
+	slices.Sort(progs)
+	slices.Sort(maps)
+	return progs, maps
+}
+
+// openNode opens this build's node state under root, loading the programs
+// and pinning them and the node maps first if no complete copy is there
+// (none, or one a killed install left half made: no pod uses that yet, since
+// a pod registers only once its node is complete). The caller holds root's
+// lock. loaded says whether this call loaded the programs.
+func openNode(root string, spec *ebpf.CollectionSpec) (n *node, loaded bool, err error) {
+	dir := nodeDir(root, bpf.ObjectHash())
+	progs, maps := nodePins(spec)
+	if n, err := loadNode(dir, progs, maps); err == nil {
+		return n, false, nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, false, err
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return nil, false, fmt.Errorf("remove half-made node state %s: %w", dir, err)
+	}
+	if _, err := mkdirs(dir, nodeDirMode); err != nil {
+		return nil, false, err
+	}
+	if err := fault("load"); err != nil {
+		return nil, false, err
+	}
+	coll, err := load(spec.Copy())
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, false, err
+	}
+	n = &node{dir: dir, progs: coll.Programs, maps: map[string]*ebpf.Map{}}
+	coll.Programs = nil
+	for _, name := range maps {
+		n.maps[name] = coll.Maps[name]
+		delete(coll.Maps, name)
+	}
+	coll.Close() // what is left: the constants' maps, which the programs hold
+	// The programs are pinned last: a directory holding them all is
+	// complete.
+	for _, name := range maps {
+		if err := n.maps[name].Pin(filepath.Join(dir, name)); err != nil {
+			n.Close()
+			os.RemoveAll(dir)
+			return nil, false, fmt.Errorf("pin node map %s: %w", name, err)
+		}
+	}
+	for _, name := range progs {
+		if err := n.progs[name].Pin(filepath.Join(dir, name)); err != nil {
+			n.Close()
+			os.RemoveAll(dir)
+			return nil, false, fmt.Errorf("pin program %s: %w", name, err)
+		}
+	}
+	return n, true, nil
+}
+
+// loadNode opens a complete node directory; os.ErrNotExist when it is
+// missing or incomplete.
+func loadNode(dir string, progs, maps []string) (*node, error) {
+	n := &node{dir: dir, progs: map[string]*ebpf.Program{}, maps: map[string]*ebpf.Map{}}
+	for _, name := range progs {
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(dir, name), nil)
+		if err != nil {
+			n.Close()
+			if errors.Is(err, os.ErrNotExist) {
+				return nil, err
+			}
+			return nil, fmt.Errorf("open program %s: %w", filepath.Join(dir, name), err)
+		}
+		n.progs[name] = p
+	}
+	for _, name := range maps {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if err != nil {
+			n.Close()
+			if errors.Is(err, os.ErrNotExist) {
+				return nil, err
+			}
+			return nil, fmt.Errorf("open node map %s: %w", filepath.Join(dir, name), err)
+		}
+		n.maps[name] = m
+	}
+	return n, nil
+}
+
+// openNodeMaps opens the node maps of the build object under root.
+func openNodeMaps(root, object string, names ...string) (map[string]*ebpf.Map, error) {
+	out := map[string]*ebpf.Map{}
+	for _, name := range names {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(nodeDir(root, object), name), nil)
+		if err != nil {
+			for _, m := range out {
+				m.Close()
+			}
+			return nil, fmt.Errorf("open node map %s: %w", name, err)
+		}
+		out[name] = m
+	}
+	return out, nil
+}
+
+// podIndex returns the index the pod whose network namespace has cookie
+// holds in n, or a free one for it. A namespace already holding another
+// pod (another cgroup) is refused: the hooks find their pod by namespace.
+func (n *node) podIndex(cookie uint64, cgroup string, others func(idx uint32) string) (uint32, error) {
+	var idx uint32
+	if err := n.maps[bpf.SluiceMapPods].Lookup(cookie, &idx); err == nil {
+		if owner := others(idx); owner != "" {
+			return 0, fmt.Errorf("the network namespace of %s already holds a Sluice pod (cgroup %s): Sluice captures one pod per network namespace; uninstall that one first", cgroup, owner)
+		}
+		return idx, nil
+	} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return 0, fmt.Errorf("read pods: %w", err)
+	}
+	used := map[uint32]bool{}
+	var c uint64
+	it := n.maps[bpf.SluiceMapPods].Iterate()
+	for it.Next(&c, &idx) {
+		used[idx] = true
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("read pods: %w", err)
+	}
+	for i := uint32(1); i < maxPods; i++ {
+		if !used[i] {
+			return i, nil
+		}
+	}
+	return 0, fmt.Errorf("this node already has %d Sluice pods, the most one build holds", maxPods-1)
+}
+
+// register makes the node's programs find the pod: its maps at idx in every
+// array, then its addresses and, last, its network namespace, which the
+// hooks look up first.
+// An address another pod holds is taken over only when live says that pod
+// is gone (Kubernetes hands a deleted pod's address to the next one before
+// the agent collects what the deleted one left).
+func (n *node) register(idx uint32, cookie uint64, podMaps map[string]*ebpf.Map, addrs []netip.Addr, live func(idx uint32) string) error {
+	for name, m := range podMaps {
+		outer := n.maps[name]
+		if outer == nil || outer.Type() != ebpf.ArrayOfMaps {
+			continue
+		}
+		if err := outer.Put(idx, m); err != nil {
+			return fmt.Errorf("register the pod's %s: %w", name, err)
+		}
+	}
+	for _, a := range addrs {
+		var owner uint32
+		err := n.maps[bpf.SluiceMapPodIps].Lookup(Addr6(a), &owner)
+		if err == nil && owner != idx {
+			if other := live(owner); other != "" {
+				return fmt.Errorf("address %s already belongs to another Sluice pod of this node (cgroup %s): pods of a node must not share addresses", a, other)
+			}
+		}
+		if err := n.maps[bpf.SluiceMapPodIps].Put(Addr6(a), idx); err != nil {
+			return fmt.Errorf("register address %s: %w", a, err)
+		}
+	}
+	if err := n.maps[bpf.SluiceMapPods].Put(cookie, idx); err != nil {
+		return fmt.Errorf("register the pod: %w", err)
+	}
+	return nil
+}
+
+// unregister removes every trace of the pod at idx from the node maps m
+// (a build's, open): the node's programs find it no more.
+func unregister(m map[string]*ebpf.Map, idx uint32) error {
+	errs := []error{
+		deleteWhere(m[bpf.SluiceMapPods], func(_ uint64, v uint32) bool { return v == idx }),
+		deleteWhere(m[bpf.SluiceMapPodIps], func(_ bpf.SluiceAddr6, v uint32) bool { return v == idx }),
+		deleteWhere(m[bpf.SluiceMapRrStates], func(k bpf.SluiceRrKey, _ []byte) bool { return k.Pod == idx }),
+	}
+	for name, outer := range m {
+		if outer.Type() != ebpf.ArrayOfMaps {
+			continue
+		}
+		if err := outer.Delete(idx); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, fmt.Errorf("unregister from %s: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// deleteWhere deletes the entries of m that match; a nil m has none.
+func deleteWhere[K, V any](m *ebpf.Map, match func(K, V) bool) error {
+	if m == nil {
+		return nil
+	}
+	var keys []K
+	var k K
+	var v V
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		if match(k, v) {
+			keys = append(keys, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read %s: %w", m.String(), err)
+	}
+	for _, k := range keys {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete from %s: %w", m.String(), err)
+		}
+	}
+	return nil
+}
+
+// leaveNode unregisters the pod at idx from the build object's node state
+// under root and removes that state once no pod uses it. The caller holds
+// root's lock.
+func leaveNode(root, object string, idx uint32) error {
+	dir := nodeDir(root, object)
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read node state %s: %w", dir, err)
+	}
+	m := map[string]*ebpf.Map{}
+	defer func() {
+		for _, mp := range m {
+			mp.Close()
+		}
+	}()
+	for _, e := range entries {
+		mp, err := ebpf.LoadPinnedMap(filepath.Join(dir, e.Name()), nil)
+		if err != nil {
+			continue // a program
+		}
+		m[e.Name()] = mp
+	}
+	if idx != 0 {
+		if err := unregister(m, idx); err != nil {
+			return err
+		}
+	}
+	pods := m[bpf.SluiceMapPods]
+	if pods == nil {
+		return nil
+	}
+	var c uint64
+	var i uint32
+	if pods.Iterate().Next(&c, &i) {
+		return nil // other pods still run this build
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("remove node state %s: %w", dir, err)
+	}
+	os.Remove(filepath.Dir(dir)) // the node directory, once empty
+	return nil
+}
+
+// soNetnsCookie is SO_NETNS_COOKIE (Linux 5.14).
+const soNetnsCookie = 71
+
+// netnsCookie returns the cookie of the pod's network namespace, the key
+// the hooks find the pod by: t.Netns, or with none given the namespace of
+// a process in the pod's cgroup (an install from the host names the
+// cgroup alone), or with none there yet the caller's (the init container's,
+// which is the pod's).
+func netnsCookie(t Target) (uint64, error) {
+	ns := t.Netns
+	if ns == "" {
+		ns = netnsOfCgroup(t.Cgroup)
+	}
+	var cookie uint64
+	err := nsenter.Do(ns, func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, soNetnsCookie)
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("network namespace cookie of the pod: %w", err)
+	}
+	return cookie, nil
+}
+
+// podAddrs returns every unicast address of the pod's interfaces but
+// loopback's: where inbound capture expects the pod's connections.
+func podAddrs(t Target) ([]netip.Addr, error) {
+	var out []netip.Addr
+	err := nsenter.Do(t.Netns, func() error {
+		ifaces, err := net.Interfaces()
+		if err != nil {
+			return err
+		}
+		for _, iface := range ifaces {
+			if iface.Flags&net.FlagLoopback != 0 {
+				continue
+			}
+			addrs, err := iface.Addrs()
+			if err != nil {
+				return err
+			}
+			for _, a := range addrs {
+				n, ok := a.(*net.IPNet)
+				if !ok {
+					continue
+				}
+				if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.IsGlobalUnicast() {
+					out = append(out, ip.Unmap())
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("addresses of the pod: %w", err)
+	}
+	return out, nil
+}
+
+// netnsOfCgroup returns the network namespace of the first process found in
+// cgroup or below it, or "" when it holds none.
+func netnsOfCgroup(cgroup string) string {
+	var found string
+	filepath.WalkDir(cgroup, func(path string, d os.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return nil
+		}
+		procs, err := os.ReadFile(filepath.Join(path, "cgroup.procs"))
+		if err != nil {
+			return nil
+		}
+		for _, pid := range strings.Fields(string(procs)) {
+			ns := filepath.Join("/proc", pid, "ns", "net")
+			if _, err := os.Stat(ns); err == nil {
+				found = ns
+				return filepath.SkipAll
+			}
+		}
+		return nil
+	})
+	return found
+}

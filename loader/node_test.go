@@ -1,0 +1,146 @@
+package loader
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/internal/testbed"
+)
+
+// linkPrograms returns the program each pinned link of t runs, by pin.
+func linkPrograms(t *testing.T, target Target) map[string]ebpf.ProgramID {
+	t.Helper()
+	out := map[string]ebpf.ProgramID{}
+	for _, h := range allHooks {
+		l, err := link.LoadPinnedLink(filepath.Join(target.PinDir, h.pin), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[h.pin] = info.Program
+	}
+	return out
+}
+
+// The first install on a node loads the programs; the next pod's install
+// attaches the same ones and loads none. Each pod has its own maps and
+// index. The node's programs stay while a pod runs them and go with the
+// last.
+func TestPodsShareTheNodesPrograms(t *testing.T) {
+	privileged(t)
+	// A pin root of its own: other tests' pods (the e2e package runs at
+	// the same time) share the default root's node state.
+	root, err := os.MkdirTemp("/sys/fs/bpf", "sluice-node-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(root) })
+	var targets []Target
+	var said []string
+	bed := testbed.Must(t) // one bed: the pods' addresses differ
+	for _, name := range []string{"one", "two"} {
+		pod, err := bed.AddPod(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		target, err := ResolveTarget(pod.Cgroup, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		target.Netns, target.Interface = pod.Netns, "eth0"
+		target.PinDir = filepath.Join(root, filepath.Base(target.PinDir))
+		t.Cleanup(func() { Uninstall(target, quiet) })
+		res, err := Install(target, testPlan(), nil, quiet)
+		if err != nil {
+			t.Fatal(err)
+		}
+		said = append(said, strings.Join(res.Changes, "; "))
+		targets = append(targets, target)
+	}
+	if !strings.Contains(said[0], "programs loaded on the node") {
+		t.Errorf("the first install loaded no programs: %q", said[0])
+	}
+	if strings.Contains(said[1], "programs loaded on the node") {
+		t.Errorf("the second pod's install loaded programs again: %q", said[1])
+	}
+	one, two := linkPrograms(t, targets[0]), linkPrograms(t, targets[1])
+	if len(one) != len(allHooks) {
+		t.Fatalf("first pod's links: %v, want one per hook", one)
+	}
+	for pin, id := range one {
+		if two[pin] != id {
+			t.Errorf("%s: the pods run programs %d and %d, want the node's one", pin, id, two[pin])
+		}
+	}
+	var recs []record
+	for _, tg := range targets {
+		rec, err := readRecord(tg.PinDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rec.Index == 0 || rec.NetnsCookie == 0 {
+			t.Errorf("record %+v: no index or network namespace", rec)
+		}
+		recs = append(recs, rec)
+	}
+	if recs[0].Index == recs[1].Index {
+		t.Errorf("both pods have index %d", recs[0].Index)
+	}
+
+	dir := nodeDir(filepath.Dir(targets[0].PinDir), bpf.ObjectHash())
+	if err := Uninstall(targets[0], quiet); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := Status(targets[1]); err != nil || !s.Complete {
+		t.Errorf("the other pod after one uninstall: complete %v, missing %v, err %v", s.Complete, s.Missing, err)
+	}
+	if _, err := os.Stat(dir); err != nil {
+		t.Errorf("the node's programs went with the first pod: %v", err)
+	}
+	if err := Uninstall(targets[1], quiet); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("node state %s is still there after the last pod: %v", dir, err)
+	}
+}
+
+// The hooks find their pod by network namespace: a second pod (another
+// cgroup) in a namespace that already has one is refused, and nothing of
+// it is left.
+func TestOnePodPerNetworkNamespace(t *testing.T) {
+	first := podTarget(t)
+	if _, err := Install(first, testPlan(), nil, quiet); err != nil {
+		t.Fatal(err)
+	}
+	cgs := podCgroups(t, "other")
+	second, err := ResolveTarget(cgs[0], "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	second.Netns = first.Netns
+	_, err = Install(second, testPlan(), nil, quiet)
+	if err == nil || !strings.Contains(err.Error(), "one pod per network namespace") {
+		t.Fatalf("a second pod in the same network namespace: %v, want it refused", err)
+	}
+	if _, err := os.Stat(second.PinDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the refused install left %s: %v", second.PinDir, err)
+	}
+	if s, err := Status(first); err != nil || !s.Complete {
+		t.Errorf("the first pod after the refusal: complete %v, missing %v, err %v", s.Complete, s.Missing, err)
+	}
+}
