@@ -83,13 +83,10 @@ bench: deps build
 # of Istio's rules in a fresh netns (the baseline, in the same run). It
 # fails when the median install time over the baseline's median passes
 # MAX_INSTALL_RATIO or kernel memory per idle pod passes MAX_IDLE_KIB.
-# Today (2-core VM, 13 quick runs, 20 and 40 pods, quiet or beside another
-# benchmark): ratio 5.3-7.5 (median install 130-195 ms, restore 20-35 ms;
-# restores between installs run slower than in a burst, so this is below
-# the 9.6-9.9 of a burst of restores first), 283 KiB per idle pod in every
-# run. The ratio's limit is the highest plus ~30% for noise; the memory does
-# not move between runs, so its limit is the loader's idle-pod budget
-# (loader/foundation_test.go). Raise either only on purpose, saying why in
+# Today (2-core VM, programs loaded once per node since issue 28): ratio
+# 2.36 (median install 41 ms, restore 17.5 ms), 220 KiB per idle pod. Before
+# that (13 runs): ratio 5.3-7.5, 283 KiB. The limits are today's plus room
+# for noise. Raise either only on purpose, saying why in
 # the commit. To see it fail: make bench-quick MAX_IDLE_KIB=200.
 MAX_INSTALL_RATIO ?= 4
 MAX_IDLE_KIB ?= 240
