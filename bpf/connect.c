@@ -7,9 +7,9 @@
 
 /* cidr_match looks dst up in one of the CIDR tries, in the policy's slot and
  * the destination's own family. */
-static __always_inline bool cidr_match(void *trie, __u32 slot, const struct addr6 *dst, __u16 family)
+static __always_inline bool cidr_match(void *trie, __u32 pod, __u32 slot, const struct addr6 *dst, __u16 family)
 {
-	struct cidr_key key = { .slot = slot, .family = family };
+	struct cidr_key key = { .pod = pod, .slot = slot, .family = family };
 	if (family == AF_INET) {
 		key.prefixlen = CIDR_KEY_BITS + 32;
 		__builtin_memcpy(key.addr, &dst->w[3], 4);
@@ -27,17 +27,15 @@ static __always_inline bool should_capture(__u32 pod, const struct policy *pol, 
 {
 	if (addr_is_loopback(dst))
 		return false;
-	if (port_in(pol, PORT_OUT_EXCLUDE, port))
+	if (port_in(pod, slot, PORT_OUT_EXCLUDE, port))
 		return false;
-	void *exclude = pod_map(&exclude_cidrs, pod);
-	if (exclude && cidr_match(exclude, slot, dst, family))
+	if (cidr_match(&exclude_cidrs, pod, slot, dst, family))
 		return false;
-	if (port_in(pol, PORT_OUT_INCLUDE, port))
+	if (port_in(pod, slot, PORT_OUT_INCLUDE, port))
 		return true;
 	if (pol->flags & CONFIG_INCLUDE_ALL_CIDRS)
 		return true;
-	void *include = pod_map(&include_cidrs, pod);
-	return include && cidr_match(include, slot, dst, family);
+	return cidr_match(&include_cidrs, pod, slot, dst, family);
 }
 
 /* uniform returns a number in [0, n) with every value equally likely, n > 0
@@ -215,9 +213,8 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, __u32 pod, const s
 	forget_earlier_connect(ctx, pod);
 	if (!should_capture(pod, pol, slot, dst, port, family))
 		return 0;
-	void *kernel_only_trie = pod_map(&kernel_only_cidrs, pod);
-	bool kernel_only = port_in(pol, PORT_OUT_KERNEL_ONLY, port) ||
-			   (kernel_only_trie && cidr_match(kernel_only_trie, slot, dst, family));
+	bool kernel_only = port_in(pod, slot, PORT_OUT_KERNEL_ONLY, port) ||
+			   cidr_match(&kernel_only_cidrs, pod, slot, dst, family);
 	if (!kernel_only && (pol->flags & CONFIG_FAIL_OPEN) && !sidecar_listening(ctx, pol, family)) {
 		count(pod, COUNT_FAIL_OPEN_OUTBOUND);
 		return 0;

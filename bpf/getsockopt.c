@@ -9,10 +9,11 @@
  * steered: bpf_sk_assign keeps the SYN's destination, so it is the socket's
  * own local address. A connection made straight to the inbound listener has
  * the listener's port and gets no answer, as with conntrack. */
-static __always_inline bool inbound_orig(const struct policy *pol, const struct bpf_sock *sk, struct orig_dst *orig)
+static __always_inline bool inbound_orig(__u32 pod, __u32 slot, const struct policy *pol, const struct bpf_sock *sk,
+					 struct orig_dst *orig)
 {
 	__u16 port = sk->src_port;
-	if (port == pol->inbound_port || port == pol->outbound_port || !inbound_port_captured(pol, port))
+	if (port == pol->inbound_port || port == pol->outbound_port || !inbound_port_captured(pod, slot, pol, port))
 		return false;
 	/* Every field is read, at its fixed offset, before the family picks
 	 * one; the barriers keep the compiler from sinking the reads into the
@@ -85,7 +86,7 @@ int sluice_getsockopt(struct bpf_sockopt *ctx)
 	struct sock_state *st = held_state(pod, sk);
 	if (st && st->role == ROLE_ACCEPTED)
 		orig = &st->orig;
-	else if (!inbound_orig(pol, sk, &inbound))
+	else if (!inbound_orig(pod, slot, pol, sk, &inbound))
 		goto pass;
 
 	/* Like conntrack, each level answers only for its own family. */

@@ -78,9 +78,9 @@ int sluice_sk_lookup(struct bpf_sk_lookup *ctx)
 	__u32 pod = *at, slot;
 	const struct policy *pol = active_policy(pod, &slot);
 	void *listeners = pod_map(&inbound_listeners, pod);
-	if (!pol || !listeners || !inbound_port_captured(pol, ctx->local_port))
+	if (!pol || !listeners || !inbound_port_captured(pod, slot, pol, ctx->local_port))
 		return SK_PASS;
-	if (inbound_kernel_only(pol, ctx->local_port)) {
+	if (inbound_kernel_only(pod, slot, ctx->local_port)) {
 		count(pod, COUNT_KERNEL_ONLY_INBOUND);
 		return SK_PASS;
 	}

@@ -59,11 +59,19 @@ enum port_set {
 	PORT_SETS,
 };
 
-#define PORT_WORDS (65536 / 64)
+/* A port set is 1024 words of 64 ports; only words with a port in them
+ * are stored (ports), so a policy costs what it lists. */
+struct port_key {
+	__u32 pod;
+	__u8 slot;
+	__u8 set; /* enum port_set */
+	__u16 word;
+};
 
-/* One complete capture policy. Two of them exist (slots 0 and 1): the loader
- * writes the one not in force, then flips policy_active, so a hook sees
- * either the whole old policy or the whole new one. */
+/* One complete capture policy of a pod. Each pod has two (slots 0 and 1):
+ * the loader writes the one not in force, its port sets and CIDRs, then
+ * flips the pod's policy_active, so a hook sees either the whole old policy
+ * or the whole new one. */
 struct policy {
 	__u32 proxy_uid;
 	__u32 proxy_gid;
@@ -75,28 +83,30 @@ struct policy {
 	 * identity may bind them (bind.c). All 8 are in use with Linkerd's
 	 * flags: a further port needs the array grown. */
 	__u16 sidecar_ports[8];
-	__u64 ports[PORT_SETS][PORT_WORDS];
 };
 
-/* A CIDR in one policy slot. The slot and the family lead the key, so a
- * lookup only ever matches prefixes of its own slot and family: an IPv6
- * ::/0 never covers IPv4, as ip6tables rules never see IPv4. prefixlen
- * counts the 16 bits of slot and family too. */
+/* A CIDR of a pod's policy slot. The pod, the slot and the family lead the
+ * key, so a lookup only ever matches prefixes of its own pod, slot and
+ * family: an IPv6 ::/0 never covers IPv4, as ip6tables rules never see
+ * IPv4. prefixlen counts the 48 bits of pod, slot and family too. */
 struct cidr_key {
 	__u32 prefixlen;
+	__u32 pod;
 	__u8 slot;
 	__u8 family; /* AF_INET or AF_INET6 */
 	__u8 addr[16];
 };
 
-#define CIDR_KEY_BITS 16
+#define CIDR_KEY_BITS 48
 
-/* How many CIDRs one list (-i, -x, --kernel-only-cidrs) holds, IPv4 and IPv6
- * together: each trie holds two policy slots of them, the one in force and
- * the one an update fills. Entries are allocated as they are written
- * (BPF_F_NO_PREALLOC), so room costs nothing until used. Cloud provider
- * ranges and Istio's exclusion lists run to thousands. */
+/* How many CIDRs one list (-i, -x, --kernel-only-cidrs) of a pod holds, IPv4
+ * and IPv6 together (the loader enforces it): two policy slots of them, the
+ * one in force and the one an update fills. Entries are allocated as they
+ * are written (BPF_F_NO_PREALLOC), so room costs nothing until used. Cloud
+ * provider ranges and Istio's exclusion lists run to thousands. A node's
+ * trie holds 16 pods' worth of full lists. */
 #define CIDR_SLOT_ENTRIES 8192
+#define CIDR_NODE_ENTRIES (16 * 2 * CIDR_SLOT_ENTRIES)
 
 struct orig_dst {
 	struct addr6 addr;
@@ -319,38 +329,48 @@ static __always_inline __u32 pod_of(__u64 cookie)
 	return pod ? *pod : 0;
 }
 
-struct policies_map {
+/* The pods' policies, node-wide: pod p's slots are 2p and 2p+1, and
+ * policy_active[p] says which is in force. */
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 2 * MAX_PODS);
 	__type(key, __u32);
 	__type(value, struct policy);
-};
-POD_MAP(policies);
+} policies SEC(".maps");
 
-struct policy_active_map {
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, MAX_PODS);
 	__type(key, __u32);
 	__type(value, __u32);
-};
-POD_MAP(policy_active);
+} policy_active SEC(".maps");
 
-/* The CIDR lists of the policy (-i, -x, --kernel-only-cidrs), each one
- * trie holding both slots and both families. */
+/* The port sets' words with a port in them. A pod's full sets in both
+ * slots would be 12,288 words; a default pod has a handful. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct port_key);
+	__type(value, __u64);
+} ports SEC(".maps");
+
+/* The CIDR lists of the policies (-i, -x, --kernel-only-cidrs), each one
+ * trie holding every pod's slots and both families. */
 struct cidr_trie {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 2 * CIDR_SLOT_ENTRIES);
+	__uint(max_entries, CIDR_NODE_ENTRIES);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct cidr_key);
 	__type(value, __u8);
 };
 
-POD_MAP_OF(include_cidrs, cidr_trie);
-POD_MAP_OF(exclude_cidrs, cidr_trie);
+struct cidr_trie include_cidrs SEC(".maps");
+struct cidr_trie exclude_cidrs SEC(".maps");
 
 /* --kernel-only-cidrs: captured destinations the sidecar has nothing to add
  * to, sent straight there (or to the route's pick) by connect. */
-POD_MAP_OF(kernel_only_cidrs, cidr_trie);
+struct cidr_trie kernel_only_cidrs SEC(".maps");
 
 struct sock_states_map {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
@@ -554,8 +574,6 @@ POD_MAP(flow_events);
 /* Referenced so their BTF is emitted and bpf2go can generate Go types. The
  * key and value types of inner maps need it too: clang emits only a forward
  * declaration for a type that the __array of an outer map alone names. */
-const struct policy *unused_policy __attribute__((unused));
-const struct cidr_key *unused_cidr_key __attribute__((unused));
 const struct tuple_key *unused_tuple_key __attribute__((unused));
 const struct sock_state *unused_sock_state __attribute__((unused));
 const struct orig_dst *unused_orig_dst __attribute__((unused));
@@ -594,25 +612,26 @@ static __always_inline void count(__u32 pod, enum counter c)
 	count_n(pod, c, 1);
 }
 
-/* active_policy returns the pod's policy in force and its slot. */
+/* active_policy returns the pod's policy in force and its slot; NULL for
+ * no pod (index 0, whose policy the loader never writes). */
 static __always_inline const struct policy *active_policy(__u32 pod, __u32 *slot)
 {
-	void *active_map = pod_map(&policy_active, pod);
-	void *policies_map = pod_map(&policies, pod);
-	if (!active_map || !policies_map)
+	if (!pod)
 		return NULL;
-	__u32 zero = 0;
-	__u32 *active = bpf_map_lookup_elem(active_map, &zero);
+	__u32 *active = bpf_map_lookup_elem(&policy_active, &pod);
 	if (!active)
 		return NULL;
 	__u32 s = *active & 1;
 	*slot = s;
-	return bpf_map_lookup_elem(policies_map, &s);
+	__u32 at = 2 * pod + s;
+	return bpf_map_lookup_elem(&policies, &at);
 }
 
-static __always_inline bool port_in(const struct policy *pol, enum port_set set, __u16 port)
+static __always_inline bool port_in(__u32 pod, __u32 slot, enum port_set set, __u16 port)
 {
-	return (pol->ports[set][port >> 6] >> (port & 63)) & 1;
+	struct port_key key = { .pod = pod, .slot = slot, .set = set, .word = port >> 6 };
+	__u64 *word = bpf_map_lookup_elem(&ports, &key);
+	return word && ((*word >> (port & 63)) & 1);
 }
 
 /* The proxy's own sockets are never captured and only they get
@@ -634,16 +653,16 @@ static __always_inline bool is_sidecar_port(const struct policy *pol, __u16 port
 	return false;
 }
 
-static __always_inline bool inbound_kernel_only(const struct policy *pol, __u16 port)
+static __always_inline bool inbound_kernel_only(__u32 pod, __u32 slot, __u16 port)
 {
-	return port_in(pol, PORT_IN_KERNEL_ONLY, port);
+	return port_in(pod, slot, PORT_IN_KERNEL_ONLY, port);
 }
 
-static __always_inline bool inbound_port_captured(const struct policy *pol, __u16 port)
+static __always_inline bool inbound_port_captured(__u32 pod, __u32 slot, const struct policy *pol, __u16 port)
 {
-	if (port_in(pol, PORT_IN_EXCLUDE, port))
+	if (port_in(pod, slot, PORT_IN_EXCLUDE, port))
 		return false;
-	return (pol->flags & CONFIG_INBOUND_ALL_PORTS) || port_in(pol, PORT_IN_INCLUDE, port);
+	return (pol->flags & CONFIG_INBOUND_ALL_PORTS) || port_in(pod, slot, PORT_IN_INCLUDE, port);
 }
 
 /* A connection's state lives on the socket its owner holds. An MPTCP

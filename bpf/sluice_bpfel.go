@@ -30,6 +30,7 @@ type SluiceBackend struct {
 type SluiceCidrKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
+	Pod       uint32
 	Slot      uint8
 	Family    uint8
 	Addr      [16]uint8
@@ -168,7 +169,14 @@ type SluicePolicy struct {
 	InboundPort  uint16
 	Flags        uint32
 	SidecarPorts [8]uint16
-	Ports        [6][1024]uint64
+}
+
+type SluicePortKey struct {
+	_    structs.HostLayout
+	Pod  uint32
+	Slot uint8
+	Set  uint8
+	Word uint16
 }
 
 type SluicePortSet uint32
@@ -292,6 +300,7 @@ const (
 	SluiceMapPods                 = "pods"
 	SluiceMapPolicies             = "policies"
 	SluiceMapPolicyActive         = "policy_active"
+	SluiceMapPorts                = "ports"
 	SluiceMapRoutes               = "routes"
 	SluiceMapRoutesActive         = "routes_active"
 	SluiceMapRrStates             = "rr_states"
@@ -308,7 +317,6 @@ const (
 	SluiceProgSluiceSockops       = "sluice_sockops"
 	SluiceProgSluiceSplice        = "sluice_splice"
 	SluiceVarPageSize             = "page_size"
-	SluiceVarUnusedCidrKey        = "unused_cidr_key"
 	SluiceVarUnusedConfigFlag     = "unused_config_flag"
 	SluiceVarUnusedCounter        = "unused_counter"
 	SluiceVarUnusedFlowEnd        = "unused_flow_end"
@@ -319,7 +327,6 @@ const (
 	SluiceVarUnusedListenerSlot   = "unused_listener_slot"
 	SluiceVarUnusedOrigDst        = "unused_orig_dst"
 	SluiceVarUnusedPodAddrSlot    = "unused_pod_addr_slot"
-	SluiceVarUnusedPolicy         = "unused_policy"
 	SluiceVarUnusedPortSet        = "unused_port_set"
 	SluiceVarUnusedRollbackReason = "unused_rollback_reason"
 	SluiceVarUnusedRoute          = "unused_route"
@@ -404,6 +411,7 @@ type SluiceMapSpecs struct {
 	Pods             *ebpf.MapSpec `ebpf:"pods"`
 	Policies         *ebpf.MapSpec `ebpf:"policies"`
 	PolicyActive     *ebpf.MapSpec `ebpf:"policy_active"`
+	Ports            *ebpf.MapSpec `ebpf:"ports"`
 	Routes           *ebpf.MapSpec `ebpf:"routes"`
 	RoutesActive     *ebpf.MapSpec `ebpf:"routes_active"`
 	RrStates         *ebpf.MapSpec `ebpf:"rr_states"`
@@ -416,7 +424,6 @@ type SluiceMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SluiceVariableSpecs struct {
 	PageSize             *ebpf.VariableSpec `ebpf:"page_size"`
-	UnusedCidrKey        *ebpf.VariableSpec `ebpf:"unused_cidr_key"`
 	UnusedConfigFlag     *ebpf.VariableSpec `ebpf:"unused_config_flag"`
 	UnusedCounter        *ebpf.VariableSpec `ebpf:"unused_counter"`
 	UnusedFlowEnd        *ebpf.VariableSpec `ebpf:"unused_flow_end"`
@@ -427,7 +434,6 @@ type SluiceVariableSpecs struct {
 	UnusedListenerSlot   *ebpf.VariableSpec `ebpf:"unused_listener_slot"`
 	UnusedOrigDst        *ebpf.VariableSpec `ebpf:"unused_orig_dst"`
 	UnusedPodAddrSlot    *ebpf.VariableSpec `ebpf:"unused_pod_addr_slot"`
-	UnusedPolicy         *ebpf.VariableSpec `ebpf:"unused_policy"`
 	UnusedPortSet        *ebpf.VariableSpec `ebpf:"unused_port_set"`
 	UnusedRollbackReason *ebpf.VariableSpec `ebpf:"unused_rollback_reason"`
 	UnusedRoute          *ebpf.VariableSpec `ebpf:"unused_route"`
@@ -474,6 +480,7 @@ type SluiceMaps struct {
 	Pods             *ebpf.Map `ebpf:"pods"`
 	Policies         *ebpf.Map `ebpf:"policies"`
 	PolicyActive     *ebpf.Map `ebpf:"policy_active"`
+	Ports            *ebpf.Map `ebpf:"ports"`
 	Routes           *ebpf.Map `ebpf:"routes"`
 	RoutesActive     *ebpf.Map `ebpf:"routes_active"`
 	RrStates         *ebpf.Map `ebpf:"rr_states"`
@@ -498,6 +505,7 @@ func (m *SluiceMaps) Close() error {
 		m.Pods,
 		m.Policies,
 		m.PolicyActive,
+		m.Ports,
 		m.Routes,
 		m.RoutesActive,
 		m.RrStates,
@@ -511,7 +519,6 @@ func (m *SluiceMaps) Close() error {
 // It can be passed to LoadSluiceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SluiceVariables struct {
 	PageSize             *ebpf.Variable `ebpf:"page_size"`
-	UnusedCidrKey        *ebpf.Variable `ebpf:"unused_cidr_key"`
 	UnusedConfigFlag     *ebpf.Variable `ebpf:"unused_config_flag"`
 	UnusedCounter        *ebpf.Variable `ebpf:"unused_counter"`
 	UnusedFlowEnd        *ebpf.Variable `ebpf:"unused_flow_end"`
@@ -522,7 +529,6 @@ type SluiceVariables struct {
 	UnusedListenerSlot   *ebpf.Variable `ebpf:"unused_listener_slot"`
 	UnusedOrigDst        *ebpf.Variable `ebpf:"unused_orig_dst"`
 	UnusedPodAddrSlot    *ebpf.Variable `ebpf:"unused_pod_addr_slot"`
-	UnusedPolicy         *ebpf.Variable `ebpf:"unused_policy"`
 	UnusedPortSet        *ebpf.Variable `ebpf:"unused_port_set"`
 	UnusedRollbackReason *ebpf.Variable `ebpf:"unused_rollback_reason"`
 	UnusedRoute          *ebpf.Variable `ebpf:"unused_route"`

@@ -177,8 +177,8 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops, __u3
 			count(pod, COUNT_FLOW_NO_STATE);
 			return;
 		}
-		bool captured = pol && inbound_port_captured(pol, key.client_port);
-		bool kernel_only = captured && inbound_kernel_only(pol, key.client_port);
+		bool captured = pol && inbound_port_captured(pod, slot, pol, key.client_port);
+		bool kernel_only = captured && inbound_kernel_only(pod, slot, key.client_port);
 		st->flow = FLOW_INBOUND | (kernel_only ? FLOW_KERNEL_ONLY : captured ? FLOW_VIA_SIDECAR : 0);
 		st->start_ns = bpf_ktime_get_boot_ns();
 		/* The handshake's RTT sample: SYN-ACK sent to ACK received. */

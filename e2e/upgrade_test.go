@@ -87,7 +87,7 @@ func TestUpgradeUnderTraffic(t *testing.T) {
 	if res.Failed != 0 || res.OK == 0 {
 		t.Errorf("connections across the upgrade: %+v; want none failed or escaped", res)
 	}
-	for _, want := range []string{"link_connect4 updated", "link_sk_lookup attached", "link_tc_ingress kept for the running sidecar", "counters replaced", "policies replaced", "install finished"} {
+	for _, want := range []string{"link_connect4 updated", "link_sk_lookup attached", "link_tc_ingress kept for the running sidecar", "counters replaced", "policies moved to the node", "install finished"} {
 		if !strings.Contains(upgraded, want) {
 			t.Errorf("upgrade said %q, which lacks %q", upgraded, want)
 		}

@@ -58,8 +58,12 @@ const legacyTCPin = "link_tc_ingress"
 // it.
 const legacyRRPin = "rr_states"
 
+// legacyPolicyPins are where installs before the node's maps held the
+// policy pinned the pod's: an upgrade and uninstall remove them.
+var legacyPolicyPins = []string{"policies", "policy_active", "include_cidrs", "exclude_cidrs", "kernel_only_cidrs"}
+
 // legacyPins are what older installs pinned and this one does not.
-var legacyPins = []string{legacyTCPin, legacyRRPin}
+var legacyPins = append([]string{legacyTCPin, legacyRRPin}, legacyPolicyPins...)
 
 var allHooks = append(cgroupHooks[:len(cgroupHooks):len(cgroupHooks)], inboundHook)
 

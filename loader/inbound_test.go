@@ -70,7 +70,7 @@ func newLookupFixture(t testing.TB, plan redirect.Plan, listeners ...string) *lo
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { coll.Close() })
-	maps, err := makePodMaps(spec, pinnedMaps, false)
+	maps, err := makePodMaps(pinnedMaps, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,7 +79,7 @@ func newLookupFixture(t testing.TB, plan redirect.Plan, listeners ...string) *lo
 			m.Close()
 		}
 	})
-	if _, err := policyMapsOf(maps).write(plan.Normalize()); err != nil {
+	if _, err := policyMapsOf(coll.Maps, 1).write(plan.Normalize()); err != nil {
 		t.Fatal(err)
 	}
 	pod, err := testbed.Must(t).AddPod("app")

@@ -194,7 +194,7 @@ func (in *installer) inspect(args []string) error {
 		}
 	}
 	in.want = record{Format: recordFormat, Cgroup: t.Cgroup, CgroupID: t.CgroupID, Netns: t.Netns, NetnsInode: in.netnsIno,
-		Interface: t.Interface, Ifindex: ifindex, Args: args, Offload: offloadOf(in.plan)}
+		Interface: t.Interface, Ifindex: ifindex, Args: args, Offload: offloadOf(in.plan), Sidecar: sidecarOf(in.plan.Normalize())}
 	cur, err := readPins(t.PinDir)
 	if err != nil {
 		return err
@@ -327,15 +327,11 @@ func (in *installer) load() error {
 		}
 		in.reuse[name] = m
 	}
-	spec, err := bpf.LoadSluice()
-	if err != nil {
-		return fmt.Errorf("read embedded BPF object: %w", err)
-	}
-	oldCounters, err := in.chooseReplaced(spec)
+	oldCounters, err := in.chooseReplaced()
 	if err != nil {
 		return err
 	}
-	node, loaded, err := openNode(filepath.Dir(in.t.PinDir), spec)
+	node, loaded, err := openNode(filepath.Dir(in.t.PinDir))
 	if err != nil {
 		return err
 	}
@@ -352,7 +348,7 @@ func (in *installer) load() error {
 			missing = append(missing, name)
 		}
 	}
-	if in.made, err = makePodMaps(spec, missing, in.plan.Splice); err != nil {
+	if in.made, err = makePodMaps(missing, in.plan.Splice); err != nil {
 		return err
 	}
 	if oldCounters != nil {
@@ -365,8 +361,7 @@ func (in *installer) load() error {
 // not keep, and returns the old counters when they are replaced, to carry
 // over. A pinned map of live state whose layout this build changed cannot
 // be replaced without losing connections: the install stops.
-func (in *installer) chooseReplaced(spec *ebpf.CollectionSpec) (oldCounters *ebpf.Map, err error) {
-	inner := func(name string) *ebpf.MapSpec { return spec.Maps[name].InnerMap }
+func (in *installer) chooseReplaced() (oldCounters *ebpf.Map, err error) {
 	// A splice table (or offload's) too small for the plan is replaced:
 	// it can hold nothing, since no socket joins while splice is off.
 	for _, name := range spliceMaps {
@@ -375,30 +370,22 @@ func (in *installer) chooseReplaced(spec *ebpf.CollectionSpec) (oldCounters *ebp
 			in.replace[name] = true
 		}
 	}
-	// A map whose layout an upgrade changed is replaced where that loses
-	// nothing: the plan's maps are written again, and the counters are
-	// carried over. The plan's maps go together: programs still attached
-	// read the active index and the policy slots as one, so a new
-	// policies map behind an old index (or the reverse) would show them an
-	// empty slot.
-	incompatible := func(name string) bool {
-		m := in.reuse[name]
-		return m != nil && inner(name).Compatible(m) != nil
-	}
-	planChanged := slices.ContainsFunc(policyMapNames, incompatible)
 	for _, name := range pinnedMaps {
 		m := in.reuse[name]
-		if m == nil || !incompatible(name) && !(planChanged && slices.Contains(policyMapNames, name)) {
+		if m == nil {
 			continue
 		}
-		if !slices.Contains(replaceableMaps, name) {
-			return nil, fmt.Errorf("the pinned map %s is from an incompatible Sluice version (%w): run 'sluice uninstall' for this pod, then install again", name, inner(name).Compatible(m))
+		incompatible := fitsPodMap(name, m)
+		if incompatible == nil {
+			continue
+		}
+		// The counters are carried over into a map of the new layout.
+		if name != bpf.SluiceMapCounters {
+			return nil, fmt.Errorf("the pinned map %s is from an incompatible Sluice version (%w): run 'sluice uninstall' for this pod, then install again", name, incompatible)
 		}
 		delete(in.reuse, name)
 		in.replace[name] = true
-		if name == bpf.SluiceMapCounters {
-			oldCounters = m
-		}
+		oldCounters = m
 	}
 	return oldCounters, nil
 }
@@ -463,7 +450,10 @@ func (in *installer) attach() error {
 	if err := fault("write policy"); err != nil {
 		return err
 	}
-	if changed, err := policyMapsOf(in.podMaps()).write(in.plan); err != nil {
+	if err := in.allocate(); err != nil {
+		return err
+	}
+	if changed, err := policyMapsOf(in.node.maps, in.want.Index).write(in.plan); err != nil {
 		return err
 	} else if changed || in.offloadChanged() {
 		in.change("policy written")
@@ -502,10 +492,9 @@ func (in *installer) attach() error {
 	return nil
 }
 
-// register gives the pod its index in the node's maps and makes the node's
-// programs find it there: by its network namespace, and by addrs (inbound
-// capture).
-func (in *installer) register(addrs []netip.Addr) error {
+// allocate gives the pod its index in the node's maps: the one it has, or
+// a free one. A failure from here on takes the pod out of them again.
+func (in *installer) allocate() error {
 	if err := fault("register"); err != nil {
 		return err
 	}
@@ -518,16 +507,18 @@ func (in *installer) register(addrs []netip.Addr) error {
 	if err != nil {
 		return err
 	}
-	fresh := in.cur.rec == nil || in.cur.rec.Index != idx || in.cur.rec.Object != bpf.ObjectHash()
-	if err := in.node.register(idx, in.cookie, in.podMaps(), addrs, in.livePodOf); err != nil {
-		return err
-	}
-	if fresh {
+	if in.cur.rec == nil || in.cur.rec.Index != idx || in.cur.rec.Object != bpf.ObjectHash() {
 		in.steps.push(func() error { return unregister(in.node.maps, idx) })
 		in.change("pod registered with the node's programs (index %d)", idx)
 	}
 	in.want.Index, in.want.NetnsCookie = idx, in.cookie
 	return nil
+}
+
+// register makes the node's programs find the pod at its index: by its
+// network namespace, and by addrs (inbound capture).
+func (in *installer) register(addrs []netip.Addr) error {
+	return in.node.register(in.want.Index, in.cookie, in.podMaps(), addrs, in.livePodOf)
 }
 
 // podOf names the other pod (its cgroup) at idx in this build's node
@@ -585,11 +576,14 @@ func (in *installer) removeStale() error {
 	if !in.inbound {
 		stale = append(stale, inboundHook.pin)
 	}
-	if slices.Contains(in.cur.names, legacyRRPin) {
-		if err := os.Remove(filepath.Join(in.t.PinDir, legacyRRPin)); err != nil {
-			return fmt.Errorf("remove the older install's %s: %w", legacyRRPin, err)
+	for _, pin := range legacyPins[1:] {
+		if !slices.Contains(in.cur.names, pin) {
+			continue
 		}
-		in.change("%s moved to the node", legacyRRPin)
+		if err := os.Remove(filepath.Join(in.t.PinDir, pin)); err != nil {
+			return fmt.Errorf("remove the older install's %s: %w", pin, err)
+		}
+		in.change("%s moved to the node", pin)
 	}
 	for _, pin := range stale {
 		if !slices.Contains(in.cur.names, pin) {
@@ -645,10 +639,6 @@ func pinnedPrograms(dir string) (map[ebpf.ProgramID]bool, error) {
 	}
 	return ids, nil
 }
-
-// replaceableMaps are the maps an upgrade may replace when their layout
-// changed: install rewrites the plan's, and carries the counters over.
-var replaceableMaps = append(slices.Clone(policyMapNames), bpf.SluiceMapCounters)
 
 // copyCounters carries every per-CPU count of from into to.
 func copyCounters(from, to *ebpf.Map) error {

@@ -55,21 +55,6 @@ func loadFresh() (*ebpf.Collection, error) {
 	return load(spec)
 }
 
-// podMapSpec is the layout of the pod's map name: the inner map of the
-// node's array of that name, sized for the plan.
-func podMapSpec(spec *ebpf.CollectionSpec, name string, splice bool) (*ebpf.MapSpec, error) {
-	outer := spec.Maps[name]
-	if outer == nil || outer.InnerMap == nil {
-		return nil, fmt.Errorf("the BPF object has no pod map %s", name)
-	}
-	ms := outer.InnerMap.Copy()
-	ms.Name = name
-	if slices.Contains(spliceMaps, name) {
-		ms.MaxEntries = spliceTableSize(splice)
-	}
-	return ms, nil
-}
-
 // setConstants writes values into the constants' data sections themselves
 // and then drops the variables from the spec. Loading with variables would
 // make cilium/ebpf mmap .rodata for the Collection, and that mapping keeps
@@ -104,12 +89,12 @@ func setConstants(spec *ebpf.CollectionSpec, values map[string]any) error {
 	return nil
 }
 
-// makePodMaps creates the pod maps names for spec's programs, sized for
-// splice. On failure it closes what it made.
-func makePodMaps(spec *ebpf.CollectionSpec, names []string, splice bool) (map[string]*ebpf.Map, error) {
+// makePodMaps creates the pod maps names, sized for splice. On failure it
+// closes what it made.
+func makePodMaps(names []string, splice bool) (map[string]*ebpf.Map, error) {
 	out := map[string]*ebpf.Map{}
 	for _, name := range names {
-		ms, err := podMapSpec(spec, name, splice)
+		ms, err := podMapSpec(name, splice)
 		if err == nil {
 			out[name], err = ebpf.NewMap(ms)
 		}

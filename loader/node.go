@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -48,29 +47,14 @@ func (n *node) Close() {
 	}
 }
 
-// nodePins are the names a complete node directory holds for spec.
-func nodePins(spec *ebpf.CollectionSpec) (progs, maps []string) {
-	for name := range spec.Programs {
-		progs = append(progs, name)
-	}
-	for name := range spec.Maps {
-		if !strings.HasPrefix(name, ".") {
-			maps = append(maps, name)
-		}
-	}
-	slices.Sort(progs)
-	slices.Sort(maps)
-	return progs, maps
-}
-
 // openNode opens this build's node state under root, loading the programs
 // and pinning them and the node maps first if no complete copy is there
 // (none, or one a killed install left half made: no pod uses that yet, since
 // a pod registers only once its node is complete). The caller holds root's
 // lock. loaded says whether this call loaded the programs.
-func openNode(root string, spec *ebpf.CollectionSpec) (n *node, loaded bool, err error) {
+func openNode(root string) (n *node, loaded bool, err error) {
 	dir := nodeDir(root, bpf.ObjectHash())
-	progs, maps := nodePins(spec)
+	progs, maps := objectNames()
 	if n, err := loadNode(dir, progs, maps); err == nil {
 		return n, false, nil
 	} else if !errors.Is(err, os.ErrNotExist) {
@@ -85,7 +69,12 @@ func openNode(root string, spec *ebpf.CollectionSpec) (n *node, loaded bool, err
 	if err := fault("load"); err != nil {
 		return nil, false, err
 	}
-	coll, err := load(spec.Copy())
+	spec, err := bpf.LoadSluice()
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, false, fmt.Errorf("read embedded BPF object: %w", err)
+	}
+	coll, err := load(spec)
 	if err != nil {
 		os.RemoveAll(dir)
 		return nil, false, err
@@ -233,6 +222,9 @@ func unregister(m map[string]*ebpf.Map, idx uint32) error {
 		deleteWhere(m[bpf.SluiceMapPodIps], func(_ bpf.SluiceAddr6, v uint32) bool { return v == idx }),
 		deleteWhere(m[bpf.SluiceMapRrStates], func(k bpf.SluiceRrKey, _ []byte) bool { return k.Pod == idx }),
 	}
+	if m[bpf.SluiceMapPorts] != nil {
+		errs = append(errs, policyMapsOf(m, idx).forget())
+	}
 	for name, outer := range m {
 		if outer.Type() != ebpf.ArrayOfMaps {
 			continue
@@ -249,16 +241,8 @@ func deleteWhere[K, V any](m *ebpf.Map, match func(K, V) bool) error {
 	if m == nil {
 		return nil
 	}
-	var keys []K
-	var k K
-	var v V
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		if match(k, v) {
-			keys = append(keys, k)
-		}
-	}
-	if err := it.Err(); err != nil {
+	keys, err := keysWhere(m, match)
+	if err != nil {
 		return fmt.Errorf("read %s: %w", m.String(), err)
 	}
 	for _, k := range keys {

@@ -126,21 +126,20 @@ func (p *Pins) Close() error {
 	return errors.Join(errs...)
 }
 
-// policy returns the plan's maps. kernel_only_cidrs is absent from an
-// install made before kernel-only paths existed, and reads as empty.
+// policy returns the node maps of the pod's plan.
 func (p *Pins) policy() (policyMaps, error) {
+	if p.rec.Index == 0 || p.rec.Object != bpf.ObjectHash() {
+		return policyMaps{}, errOlderLayout
+	}
 	maps := map[string]*ebpf.Map{}
 	for _, name := range policyMapNames {
-		m, err := p.Map(name)
-		if errors.Is(err, ErrMissingMap) && name == bpf.SluiceMapKernelOnlyCidrs {
-			continue
-		}
+		m, err := p.nodeMap(name)
 		if err != nil {
 			return policyMaps{}, err
 		}
 		maps[name] = m
 	}
-	return policyMapsOf(maps), nil
+	return policyMapsOf(maps, p.rec.Index), nil
 }
 
 // routeMaps returns the maps the routes live in; the round-robin state only
@@ -161,21 +160,13 @@ func (p *Pins) routeMaps() (routeMaps, error) {
 	return m, err
 }
 
-// Plan reads the plan in force: from the policy maps, and the offload ports
-// from the record. An install from before the record kept them has them
-// in its policy maps, in their older layout, and reads as well; any other
-// layout is errOlderLayout.
+// Plan reads the plan in force: from the node's policy maps, and the
+// offload ports from the record. An install from before the node's maps
+// held the policy is errOlderLayout.
 func (p *Pins) Plan() (redirect.Plan, error) {
 	m, err := p.policy()
 	if err != nil {
 		return redirect.Plan{}, err
-	}
-	switch int(m.policies.ValueSize()) {
-	case legacyPolicySize:
-		return m.readLegacy()
-	case policySize:
-	default:
-		return redirect.Plan{}, errOlderLayout
 	}
 	plan, _, err := m.read()
 	if err != nil {

@@ -25,11 +25,6 @@ import (
 // directory without it holds nothing an install or uninstall finished.
 var pinnedMaps = []string{
 	bpf.SluiceMapMeta,
-	bpf.SluiceMapPolicies,
-	bpf.SluiceMapPolicyActive,
-	bpf.SluiceMapIncludeCidrs,
-	bpf.SluiceMapExcludeCidrs,
-	bpf.SluiceMapKernelOnlyCidrs,
 	bpf.SluiceMapSockStates,
 	bpf.SluiceMapHandshakes,
 	bpf.SluiceMapCounters,
@@ -46,7 +41,7 @@ var pinnedMaps = []string{
 // sidecarPins are what `sluice run` reads as the proxy identity: whose pins
 // these are, the policy in force and the hooks' counters. They are readable
 // by the proxy's group; every other pin stays root's alone.
-var sidecarPins = append([]string{bpf.SluiceMapMeta, bpf.SluiceMapCounters, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive}, policyMapNames...)
+var sidecarPins = []string{bpf.SluiceMapMeta, bpf.SluiceMapCounters, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive}
 
 // sidecarWritable are the pins the sidecar must also write: it consumes the
 // flow ring buffer, and a consumer moves the ring's read position; it hands
@@ -92,10 +87,26 @@ type record struct {
 	// record of an install from before programs were the node's.
 	Index       uint32 `json:"index,omitempty"`
 	NetnsCookie uint64 `json:"netns_cookie,omitempty"`
+	// Sidecar is what the sidecar needs of the plan, which it reads here
+	// and not in the node's policy maps (root's alone).
+	Sidecar *sidecarRecord `json:"sidecar,omitempty"`
 	// Offload is the plan's offload ports: no BPF program reads them, the
 	// sidecar does, from here. nil in the record of an install from before,
 	// whose policy maps hold them.
 	Offload *offloadRecord `json:"offload,omitempty"`
+}
+
+// sidecarRecord is the sidecar's part of a plan.
+type sidecarRecord struct {
+	OutboundPort uint16   `json:"outbound_port"`
+	InboundPort  uint16   `json:"inbound_port"`
+	ProxyUID     uint32   `json:"proxy_uid"`
+	ProxyGID     uint32   `json:"proxy_gid"`
+	Ports        []uint16 `json:"ports,omitempty"`
+}
+
+func sidecarOf(p redirect.Plan) *sidecarRecord {
+	return &sidecarRecord{OutboundPort: p.OutboundPort, InboundPort: p.InboundPort, ProxyUID: p.ProxyUID, ProxyGID: p.ProxyGID, Ports: p.SidecarPorts}
 }
 
 // offloadRecord is the offload ports as port ranges: "80,8080-8090".

@@ -12,25 +12,27 @@ import (
 	"github.com/sluicemesh/sluice/redirect"
 )
 
-// policyMaps are the maps a capture plan lives in: two policy slots, the
-// index of the one in force, and the CIDR tries keyed by slot.
+// policyMaps are the node maps a pod's capture plan lives in: its two
+// policy slots, the index of the one in force, the port sets' words and the
+// CIDR tries, all keyed by pod and slot.
 type policyMaps struct {
-	policies, active, include, exclude, kernelOnly *ebpf.Map
+	policies, active, ports, include, exclude, kernelOnly *ebpf.Map
+	pod                                                   uint32
 }
 
 // policyMapNames are the maps policyMapsOf takes.
-var policyMapNames = []string{bpf.SluiceMapPolicies, bpf.SluiceMapPolicyActive, bpf.SluiceMapIncludeCidrs,
-	bpf.SluiceMapExcludeCidrs, bpf.SluiceMapKernelOnlyCidrs}
+var policyMapNames = []string{bpf.SluiceMapPolicies, bpf.SluiceMapPolicyActive, bpf.SluiceMapPorts,
+	bpf.SluiceMapIncludeCidrs, bpf.SluiceMapExcludeCidrs, bpf.SluiceMapKernelOnlyCidrs}
 
-func policyMapsOf(maps map[string]*ebpf.Map) policyMaps {
+func policyMapsOf(maps map[string]*ebpf.Map, pod uint32) policyMaps {
 	return policyMaps{
-		policies: maps[bpf.SluiceMapPolicies],
-		active:   maps[bpf.SluiceMapPolicyActive],
-		include:  maps[bpf.SluiceMapIncludeCidrs],
-		exclude:  maps[bpf.SluiceMapExcludeCidrs],
-		// Absent from the pins of an install made before kernel-only
-		// paths existed: read as empty.
+		policies:   maps[bpf.SluiceMapPolicies],
+		active:     maps[bpf.SluiceMapPolicyActive],
+		ports:      maps[bpf.SluiceMapPorts],
+		include:    maps[bpf.SluiceMapIncludeCidrs],
+		exclude:    maps[bpf.SluiceMapExcludeCidrs],
 		kernelOnly: maps[bpf.SluiceMapKernelOnlyCidrs],
+		pod:        pod,
 	}
 }
 
@@ -42,67 +44,45 @@ func (m policyMaps) read() (redirect.Plan, uint8, error) {
 		return redirect.Plan{}, 0, err
 	}
 	var pol bpf.SluicePolicy
-	if err := m.policies.Lookup(uint32(slot), &pol); err != nil {
+	if err := m.policies.Lookup(2*m.pod+uint32(slot), &pol); err != nil {
 		return redirect.Plan{}, 0, fmt.Errorf("read policy: %w", err)
 	}
 	p, err := m.planOf(slot, pol)
 	return p, slot, err
 }
 
-// The policy layout of installs whose policy held the offload ports: two
-// more port sets after the others.
-var (
-	policySize       = binary.Size(bpf.SluicePolicy{})
-	legacyPolicySize = policySize + 2*binary.Size(bpf.SluicePolicy{}.Ports[0])
-)
-
-// readLegacy returns the plan in force in the layout of legacyPolicySize,
-// offload ports included.
-func (m policyMaps) readLegacy() (redirect.Plan, error) {
-	slot, err := m.slot()
-	if err != nil {
-		return redirect.Plan{}, err
-	}
-	raw := make([]byte, legacyPolicySize)
-	if err := m.policies.Lookup(uint32(slot), raw); err != nil {
-		return redirect.Plan{}, fmt.Errorf("read policy: %w", err)
-	}
-	var pol bpf.SluicePolicy
-	var offload [2][len(pol.Ports[0])]uint64
-	if _, err := binary.Decode(raw, binary.NativeEndian, &pol); err != nil {
-		return redirect.Plan{}, fmt.Errorf("decode policy: %w", err)
-	}
-	if _, err := binary.Decode(raw[policySize:], binary.NativeEndian, &offload); err != nil {
-		return redirect.Plan{}, fmt.Errorf("decode policy: %w", err)
-	}
-	p, err := m.planOf(slot, pol)
-	p.OffloadPorts, p.OffloadInboundPorts = portsIn(offload[0][:]), portsIn(offload[1][:])
-	return p.Normalize(), err
-}
-
 func (m policyMaps) slot() (uint8, error) {
 	var active uint32
-	if err := m.active.Lookup(uint32(0), &active); err != nil {
+	if err := m.active.Lookup(m.pod, &active); err != nil {
 		return 0, fmt.Errorf("read active policy slot: %w", err)
 	}
 	return uint8(active & 1), nil
 }
 
-// planOf is the plan of pol and slot's CIDRs.
+// planOf is the plan of pol and slot's port sets and CIDRs.
 func (m policyMaps) planOf(slot uint8, pol bpf.SluicePolicy) (redirect.Plan, error) {
 	e := slotEntries{policy: pol}
 	for _, trie := range []struct {
 		m   *ebpf.Map
 		dst *[]bpf.SluiceCidrKey
 	}{{m.include, &e.include}, {m.exclude, &e.exclude}, {m.kernelOnly, &e.kernelOnly}} {
-		if trie.m == nil {
-			continue
-		}
-		keys, err := cidrKeys(trie.m, slot)
+		keys, err := cidrKeys(trie.m, m.pod, slot)
 		if err != nil {
 			return redirect.Plan{}, err
 		}
 		*trie.dst = keys
+	}
+	words, err := portWords(m.ports, m.pod, slot)
+	if err != nil {
+		return redirect.Plan{}, err
+	}
+	e.ports = map[bpf.SluicePortKey]uint64{}
+	for _, k := range words {
+		var w uint64
+		if err := m.ports.Lookup(k, &w); err != nil {
+			return redirect.Plan{}, fmt.Errorf("read ports: %w", err)
+		}
+		e.ports[k] = w
 	}
 	return e.plan(), nil
 }
@@ -112,73 +92,124 @@ func (m policyMaps) planOf(slot uint8, pol bpf.SluicePolicy) (redirect.Plan, err
 // the whole new one. The old slot is left as it was until the next write, so
 // a hook that read the old index a moment before the flip still finds a
 // complete plan. It reports whether anything changed. p's offload ports are
-// not the maps' (the record keeps them).
+// not the maps' (the record keeps them). A pod never written reads as slot
+// 0 with nothing in it, and gets slot 1.
 func (m policyMaps) write(p redirect.Plan) (bool, error) {
 	cur, slot, err := m.read()
 	if err != nil {
 		return false, err
 	}
 	p.OffloadPorts, p.OffloadInboundPorts = nil, nil
-	if cur.Equal(p) {
+	var never bpf.SluicePolicy
+	if err := m.policies.Lookup(2*m.pod+uint32(slot), &never); err == nil && never != (bpf.SluicePolicy{}) && cur.Equal(p) {
 		return false, nil
 	}
 	next := slot ^ 1
-	for _, trie := range []*ebpf.Map{m.include, m.exclude, m.kernelOnly} {
-		stale, err := cidrKeys(trie, next)
-		if err != nil {
-			return false, err
-		}
-		for _, k := range stale {
-			if err := trie.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				return false, fmt.Errorf("clear CIDR %s: %w", prefixFromKey(k), err)
+	if err := m.clear(next); err != nil {
+		return false, err
+	}
+	e := entriesOf(p, m.pod, next)
+	one := uint8(1)
+	for _, list := range []struct {
+		trie *ebpf.Map
+		keys []bpf.SluiceCidrKey
+		what string
+	}{{m.include, e.include, "include"}, {m.exclude, e.exclude, "exclude"}, {m.kernelOnly, e.kernelOnly, "kernel-only"}} {
+		for _, k := range list.keys {
+			if err := list.trie.Put(k, one); err != nil {
+				return false, fmt.Errorf("write %s CIDR %s: %w", list.what, prefixFromKey(k), err)
 			}
 		}
 	}
-	e := entriesOf(p, next)
-	one := uint8(1)
-	for _, k := range e.include {
-		if err := m.include.Put(k, one); err != nil {
-			return false, fmt.Errorf("write include CIDR %s: %w", prefixFromKey(k), err)
+	for k, w := range e.ports {
+		if err := m.ports.Put(k, w); err != nil {
+			return false, fmt.Errorf("write ports: %w", err)
 		}
 	}
-	for _, k := range e.exclude {
-		if err := m.exclude.Put(k, one); err != nil {
-			return false, fmt.Errorf("write exclude CIDR %s: %w", prefixFromKey(k), err)
-		}
-	}
-	for _, k := range e.kernelOnly {
-		if err := m.kernelOnly.Put(k, one); err != nil {
-			return false, fmt.Errorf("write kernel-only CIDR %s: %w", prefixFromKey(k), err)
-		}
-	}
-	if err := m.policies.Put(uint32(next), &e.policy); err != nil {
+	if err := m.policies.Put(2*m.pod+uint32(next), &e.policy); err != nil {
 		return false, fmt.Errorf("write policy: %w", err)
 	}
-	if err := m.active.Put(uint32(0), uint32(next)); err != nil {
+	if err := m.active.Put(m.pod, uint32(next)); err != nil {
 		return false, fmt.Errorf("switch to the new policy: %w", err)
 	}
 	return true, nil
 }
 
-func cidrKeys(trie *ebpf.Map, slot uint8) ([]bpf.SluiceCidrKey, error) {
-	var keys []bpf.SluiceCidrKey
-	var k bpf.SluiceCidrKey
-	var v uint8
-	it := trie.Iterate()
-	for it.Next(&k, &v) {
-		if k.Slot == slot {
-			keys = append(keys, k)
+// clear empties the pod's slot: its CIDRs and its port words.
+func (m policyMaps) clear(slot uint8) error {
+	for _, trie := range []*ebpf.Map{m.include, m.exclude, m.kernelOnly} {
+		stale, err := cidrKeys(trie, m.pod, slot)
+		if err != nil {
+			return err
+		}
+		for _, k := range stale {
+			if err := trie.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("clear CIDR %s: %w", prefixFromKey(k), err)
+			}
 		}
 	}
-	if err := it.Err(); err != nil {
+	stale, err := portWords(m.ports, m.pod, slot)
+	if err != nil {
+		return err
+	}
+	for _, k := range stale {
+		if err := m.ports.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("clear ports: %w", err)
+		}
+	}
+	return nil
+}
+
+// forget removes the pod's policy from the node maps: both slots, and its
+// index back to 0.
+func (m policyMaps) forget() error {
+	var errs []error
+	for slot := range uint8(2) {
+		errs = append(errs, m.clear(slot))
+		if err := m.policies.Put(2*m.pod+uint32(slot), &bpf.SluicePolicy{}); err != nil {
+			errs = append(errs, fmt.Errorf("clear policy: %w", err))
+		}
+	}
+	if err := m.active.Put(m.pod, uint32(0)); err != nil {
+		errs = append(errs, fmt.Errorf("clear policy index: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+func cidrKeys(trie *ebpf.Map, pod uint32, slot uint8) ([]bpf.SluiceCidrKey, error) {
+	keys, err := keysWhere(trie, func(k bpf.SluiceCidrKey, _ uint8) bool { return k.Pod == pod && k.Slot == slot })
+	if err != nil {
 		return nil, fmt.Errorf("read CIDRs: %w", err)
 	}
 	return keys, nil
 }
 
+func portWords(m *ebpf.Map, pod uint32, slot uint8) ([]bpf.SluicePortKey, error) {
+	keys, err := keysWhere(m, func(k bpf.SluicePortKey, _ uint64) bool { return k.Pod == pod && k.Slot == slot })
+	if err != nil {
+		return nil, fmt.Errorf("read ports: %w", err)
+	}
+	return keys, nil
+}
+
+// keysWhere returns the keys of m's entries that match.
+func keysWhere[K, V any](m *ebpf.Map, match func(K, V) bool) ([]K, error) {
+	var keys []K
+	var k K
+	var v V
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		if match(k, v) {
+			keys = append(keys, k)
+		}
+	}
+	return keys, it.Err()
+}
+
 // slotEntries is a Plan as one policy slot holds it.
 type slotEntries struct {
 	policy     bpf.SluicePolicy
+	ports      map[bpf.SluicePortKey]uint64 // the words with a port in them
 	include    []bpf.SluiceCidrKey
 	exclude    []bpf.SluiceCidrKey
 	kernelOnly []bpf.SluiceCidrKey
@@ -202,8 +233,8 @@ func portSets(p *redirect.Plan) []struct {
 	}
 }
 
-func entriesOf(p redirect.Plan, slot uint8) slotEntries {
-	e := slotEntries{policy: bpf.SluicePolicy{
+func entriesOf(p redirect.Plan, pod uint32, slot uint8) slotEntries {
+	e := slotEntries{ports: map[bpf.SluicePortKey]uint64{}, policy: bpf.SluicePolicy{
 		ProxyUid:     p.ProxyUID,
 		ProxyGid:     p.ProxyGID,
 		OutboundPort: p.OutboundPort,
@@ -227,17 +258,17 @@ func entriesOf(p redirect.Plan, slot uint8) slotEntries {
 	copy(e.policy.SidecarPorts[:], p.SidecarPorts)
 	for _, ps := range portSets(&p) {
 		for _, port := range *ps.ports {
-			e.policy.Ports[ps.set][port>>6] |= 1 << (port & 63)
+			e.ports[bpf.SluicePortKey{Pod: pod, Slot: slot, Set: uint8(ps.set), Word: port >> 6}] |= 1 << (port & 63)
 		}
 	}
 	for _, c := range p.IncludeCIDRs {
-		e.include = append(e.include, cidrKey(c, slot))
+		e.include = append(e.include, cidrKey(c, pod, slot))
 	}
 	for _, c := range p.ExcludeCIDRs {
-		e.exclude = append(e.exclude, cidrKey(c, slot))
+		e.exclude = append(e.exclude, cidrKey(c, pod, slot))
 	}
 	for _, c := range p.KernelOnlyCIDRs {
-		e.kernelOnly = append(e.kernelOnly, cidrKey(c, slot))
+		e.kernelOnly = append(e.kernelOnly, cidrKey(c, pod, slot))
 	}
 	return e
 }
@@ -263,7 +294,13 @@ func (e slotEntries) plan() redirect.Plan {
 		}
 	}
 	for _, ps := range portSets(&p) {
-		*ps.ports = portsIn(pol.Ports[ps.set][:])
+		set := make([]uint64, 1024)
+		for k, w := range e.ports {
+			if k.Set == uint8(ps.set) {
+				set[k.Word] = w
+			}
+		}
+		*ps.ports = portsIn(set)
 	}
 	for _, k := range e.include {
 		p.IncludeCIDRs = append(p.IncludeCIDRs, prefixFromKey(k))
@@ -291,12 +328,12 @@ func portsIn(set []uint64) []uint16 {
 	return ports
 }
 
-// cidrKeyBits is the slot and family bytes that lead every CIDR key.
-const cidrKeyBits = 16
+// cidrKeyBits is the pod, slot and family bytes that lead every CIDR key.
+const cidrKeyBits = 48
 
-func cidrKey(p netip.Prefix, slot uint8) bpf.SluiceCidrKey {
+func cidrKey(p netip.Prefix, pod uint32, slot uint8) bpf.SluiceCidrKey {
 	p = p.Masked()
-	k := bpf.SluiceCidrKey{Prefixlen: uint32(cidrKeyBits + p.Bits()), Slot: slot, Family: afInet6}
+	k := bpf.SluiceCidrKey{Prefixlen: uint32(cidrKeyBits + p.Bits()), Pod: pod, Slot: slot, Family: afInet6}
 	if p.Addr().Is4() {
 		k.Family = afInet
 	}

@@ -39,15 +39,21 @@ func TestPlanEntriesRoundTrip(t *testing.T) {
 		ExcludeInboundPorts:  []uint16{15001, 15006},
 		SidecarPorts:         []uint16{15001, 15006, 15090},
 	}.Normalize()
-	e := entriesOf(p, 1)
-	if k := e.include[0]; k.Prefixlen != 16 || k.Family != afInet || k.Slot != 1 {
-		t.Errorf("0.0.0.0/0 is key %+v, want prefixlen 16 (slot and family only), IPv4, slot 1", k)
+	e := entriesOf(p, 7, 1)
+	if k := e.include[0]; k.Prefixlen != 48 || k.Family != afInet || k.Slot != 1 || k.Pod != 7 {
+		t.Errorf("0.0.0.0/0 is key %+v, want prefixlen 48 (pod, slot and family only), IPv4, slot 1, pod 7", k)
 	}
-	if k := e.exclude[1]; k.Prefixlen != 16 || k.Family != afInet6 {
-		t.Errorf("::/0 is key %+v, want prefixlen 16 and family IPv6: it must never cover IPv4", k)
+	if k := e.exclude[1]; k.Prefixlen != 48 || k.Family != afInet6 {
+		t.Errorf("::/0 is key %+v, want prefixlen 48 and family IPv6: it must never cover IPv4", k)
 	}
-	if got := e.policy.Ports[bpf.SluicePortSetPORT_OUT_EXCLUDE][0]; got != 1|1<<22|1<<63 {
+	first := bpf.SluicePortKey{Pod: 7, Slot: 1, Set: uint8(bpf.SluicePortSetPORT_OUT_EXCLUDE), Word: 0}
+	if got := e.ports[first]; got != 1|1<<22|1<<63 {
 		t.Errorf("first word of excluded ports = %#x, want bits 0, 22 and 63", got)
+	}
+	// Only words with a port in them are stored: 0-63, 64, 9090, 65535
+	// (excluded), 9090 (included), 15001 and 15006 (inbound, excluded).
+	if len(e.ports) != 6 {
+		t.Errorf("%d port words stored, want 6: %v", len(e.ports), e.ports)
 	}
 	if got := e.plan(); !reflect.DeepEqual(got, p) {
 		t.Errorf("round trip\n got %+v\nwant %+v", got, p)

@@ -194,7 +194,7 @@ func (s *State) readContents(p *Pins, names []string) error {
 		}
 		s.SpliceSockets, s.SpliceCapacity = sp.sockets, sp.capacity
 	}
-	if slices.Contains(names, bpf.SluiceMapPolicies) && slices.Contains(names, bpf.SluiceMapPolicyActive) {
+	if p.rec.Index != 0 || slices.Contains(names, legacyPolicyPins[0]) {
 		// An older build's policy layout is unreadable here: the install
 		// still runs, and status offers the upgrade.
 		if s.Plan, err = p.Plan(); err != nil && !(s.Upgrade && errors.Is(err, errOlderLayout)) {
@@ -252,16 +252,23 @@ func linkState(pin string, cgroupID, netnsIno uint64) (LinkState, uint64, error)
 	return ls, memlock, nil
 }
 
-// ReadPlan is what the sidecar reads: the plan in force for t, from pins
-// that must belong to t's cgroup. It needs only read access to the
-// sidecar's pins (the proxy group's), not root.
+// ReadPlan is what the sidecar reads: its part of the plan in force for t
+// (ports, proxy identity, offload ports), from the install record, which
+// must belong to t's cgroup. It needs only read access to the sidecar's
+// pins (the proxy group's), not root, and no node map.
 func ReadPlan(t Target) (redirect.Plan, error) {
 	p, err := Open(t, ReadOnly)
 	if err != nil {
 		return redirect.Plan{}, err
 	}
 	defer p.Close()
-	return p.Plan()
+	sc := p.rec.Sidecar
+	if sc == nil {
+		return p.Plan() // an install before the record kept it: root reads it
+	}
+	plan := redirect.Plan{OutboundPort: sc.OutboundPort, InboundPort: sc.InboundPort, ProxyUID: sc.ProxyUID, ProxyGID: sc.ProxyGID, SidecarPorts: sc.Ports}
+	plan.OffloadPorts, plan.OffloadInboundPorts, err = p.rec.offloadPorts()
+	return plan, err
 }
 
 // errOlderLayout is a policy this build cannot read: installed by another

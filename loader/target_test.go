@@ -75,16 +75,56 @@ func TestMatchStar(t *testing.T) {
 	}
 }
 
-// Each CIDR trie holds two policy slots of redirect.MaxCIDRs: the limit
-// install checks is the room the kernel has.
+// Each CIDR trie, the node's, holds at least a pod's two policy slots of
+// redirect.MaxCIDRs, the limit install checks.
 func TestCIDRTriesHoldTwoSlots(t *testing.T) {
 	spec, err := bpf.LoadSluice()
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, name := range []string{bpf.SluiceMapIncludeCidrs, bpf.SluiceMapExcludeCidrs, bpf.SluiceMapKernelOnlyCidrs} {
-		if got := spec.Maps[name].InnerMap.MaxEntries; got != 2*redirect.MaxCIDRs {
-			t.Errorf("%s holds %d entries, want 2 slots of %d", name, got, redirect.MaxCIDRs)
+		if got := spec.Maps[name].MaxEntries; got < 2*redirect.MaxCIDRs {
+			t.Errorf("%s holds %d entries, want at least 2 slots of %d", name, got, redirect.MaxCIDRs)
 		}
+	}
+}
+
+// The pod maps install makes without parsing the object are laid out as
+// the object's programs expect (the kernel checks every inner map against
+// the first), and the names it opens on the node are the object's.
+func TestPodMapSpecs(t *testing.T) {
+	spec, err := bpf.LoadSluice()
+	if err != nil {
+		t.Fatal(err)
+	}
+	specs := podMapSpecs()
+	for _, name := range pinnedMaps {
+		want := spec.Maps[name].InnerMap
+		got := specs[name]
+		if want == nil || got == nil {
+			t.Errorf("%s: object's inner map %v, loader's %v", name, want, got)
+			continue
+		}
+		if got.Type != want.Type || got.KeySize != want.KeySize || got.ValueSize != want.ValueSize ||
+			got.MaxEntries != want.MaxEntries || got.Flags != want.Flags {
+			t.Errorf("%s: loader makes %+v, the object declares %+v", name, got, want)
+		}
+	}
+	if len(specs) != len(pinnedMaps) {
+		t.Errorf("the loader knows %d pod maps, pins %d", len(specs), len(pinnedMaps))
+	}
+	progs, maps := objectNames()
+	for _, name := range progs {
+		if spec.Programs[name] == nil {
+			t.Errorf("program %s is not in the object", name)
+		}
+	}
+	for _, name := range maps {
+		if spec.Maps[name] == nil {
+			t.Errorf("map %s is not in the object", name)
+		}
+	}
+	if len(progs) != len(spec.Programs) {
+		t.Errorf("%d programs named, the object has %d", len(progs), len(spec.Programs))
 	}
 }

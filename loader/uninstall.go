@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 )
 
 // Uninstall detaches every program of t's install and removes its pins and
@@ -54,7 +55,7 @@ func Uninstall(t Target, log *slog.Logger) error {
 	if rec := cur.rec; rec.Object != "" {
 		errs = append(errs, leaveNode(root, rec.Object, rec.Index))
 	}
-	unpin := []string{legacyRRPin}
+	unpin := slices.Clone(legacyPins[1:])
 	for i := len(pinnedMaps) - 1; i >= 0; i-- {
 		unpin = append(unpin, pinnedMaps[i])
 	}
