@@ -339,6 +339,8 @@ func (in *installer) load() error {
 	if loaded {
 		in.change("programs loaded on the node")
 	}
+	// Undone last: a failed install leaves no node state that no pod runs.
+	in.steps.push(func() error { return leaveNode(filepath.Dir(in.t.PinDir), bpf.ObjectHash(), 0) })
 	if in.cookie, err = netnsCookie(in.t); err != nil {
 		return err
 	}

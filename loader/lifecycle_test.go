@@ -14,6 +14,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
+	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/internal/testbed"
 	"github.com/sluicemesh/sluice/redirect"
 )
@@ -62,6 +63,16 @@ func expectNothingLeft(t *testing.T, target Target, after string) {
 	if err := otherSluice(target, target.Interface != "", nil); err != nil {
 		t.Errorf("%s: %v", after, err)
 	}
+	// The pod was the node's only one here: its programs went with it.
+	if dir := nodeDir(filepath.Dir(target.PinDir), bpf.ObjectHash()); dirExists(dir) {
+		entries, _ := os.ReadDir(dir)
+		t.Errorf("%s: node state %s is still there (%d entries)", after, dir, len(entries))
+	}
+}
+
+func dirExists(dir string) bool {
+	_, err := os.Stat(dir)
+	return err == nil
 }
 
 // An injected failure at every step of a fresh install (load, each pin,

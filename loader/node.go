@@ -63,7 +63,16 @@ func openNode(root string) (n *node, loaded bool, err error) {
 	if err := os.RemoveAll(dir); err != nil {
 		return nil, false, fmt.Errorf("remove half-made node state %s: %w", dir, err)
 	}
-	if _, err := mkdirs(dir, nodeDirMode); err != nil {
+	made, err := mkdirs(dir, nodeDirMode)
+	defer func() {
+		if err != nil {
+			os.RemoveAll(dir)
+			for i := len(made) - 1; i >= 0; i-- {
+				os.Remove(made[i])
+			}
+		}
+	}()
+	if err != nil {
 		return nil, false, err
 	}
 	if err := fault("load"); err != nil {
@@ -71,12 +80,10 @@ func openNode(root string) (n *node, loaded bool, err error) {
 	}
 	spec, err := bpf.LoadSluice()
 	if err != nil {
-		os.RemoveAll(dir)
 		return nil, false, fmt.Errorf("read embedded BPF object: %w", err)
 	}
 	coll, err := load(spec)
 	if err != nil {
-		os.RemoveAll(dir)
 		return nil, false, err
 	}
 	n = &node{dir: dir, progs: coll.Programs, maps: map[string]*ebpf.Map{}}
@@ -91,14 +98,12 @@ func openNode(root string) (n *node, loaded bool, err error) {
 	for _, name := range maps {
 		if err := n.maps[name].Pin(filepath.Join(dir, name)); err != nil {
 			n.Close()
-			os.RemoveAll(dir)
 			return nil, false, fmt.Errorf("pin node map %s: %w", name, err)
 		}
 	}
 	for _, name := range progs {
 		if err := n.progs[name].Pin(filepath.Join(dir, name)); err != nil {
 			n.Close()
-			os.RemoveAll(dir)
 			return nil, false, fmt.Errorf("pin program %s: %w", name, err)
 		}
 	}
@@ -385,4 +390,41 @@ func netnsOfCgroup(cgroup string) string {
 		return nil
 	})
 	return found
+}
+
+// UninstallNode removes what the node holds for every build under root:
+// programs and node maps no pod runs. It refuses while a pod still runs
+// them, naming it: uninstall the pods first (or let the agent collect the
+// ones that are gone). ErrNotInstalled means there was nothing.
+func UninstallNode(root string) error {
+	if _, err := os.Stat(root); err != nil {
+		return fmt.Errorf("%w: no pins at %s", ErrNotInstalled, root)
+	}
+	unlock, err := lock(root)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	builds, err := os.ReadDir(filepath.Join(root, "node"))
+	if errors.Is(err, os.ErrNotExist) || err == nil && len(builds) == 0 {
+		return fmt.Errorf("%w: no node state at %s", ErrNotInstalled, filepath.Join(root, "node"))
+	}
+	if err != nil {
+		return fmt.Errorf("read node state: %w", err)
+	}
+	pods, err := List(root)
+	if err != nil {
+		return err
+	}
+	for _, p := range pods {
+		if rec, err := readRecord(p.PinDir); err == nil && rec.Index != 0 {
+			return fmt.Errorf("pod %s still runs on the node's programs: run 'sluice uninstall --cgroup %s' first (or, for a pod that is gone, let 'sluice agent' collect it)", p.Cgroup, p.Cgroup)
+		}
+	}
+	var errs []error
+	for _, b := range builds {
+		errs = append(errs, os.RemoveAll(filepath.Join(root, "node", b.Name())))
+	}
+	errs = append(errs, os.Remove(filepath.Join(root, "node")))
+	return errors.Join(errs...)
 }

@@ -102,6 +102,9 @@ func TestPodsShareTheNodesPrograms(t *testing.T) {
 	}
 
 	dir := nodeDir(filepath.Dir(targets[0].PinDir), bpf.ObjectHash())
+	if err := UninstallNode(root); err == nil || !strings.Contains(err.Error(), "still runs on the node's programs") {
+		t.Errorf("uninstall --node with pods on the node: %v, want it refused", err)
+	}
 	if err := Uninstall(targets[0], quiet); err != nil {
 		t.Fatal(err)
 	}
@@ -116,6 +119,20 @@ func TestPodsShareTheNodesPrograms(t *testing.T) {
 	}
 	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("node state %s is still there after the last pod: %v", dir, err)
+	}
+	// What a first install killed while loading leaves: uninstall --node
+	// removes it.
+	if err := os.MkdirAll(nodeDir(root, "0123456789abcdef"), nodeDirMode); err != nil {
+		t.Fatal(err)
+	}
+	if err := UninstallNode(root); err != nil {
+		t.Errorf("uninstall --node: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "node")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("uninstall --node left %s: %v", filepath.Join(root, "node"), err)
+	}
+	if err := UninstallNode(root); !errors.Is(err, ErrNotInstalled) {
+		t.Errorf("uninstall --node again: %v, want ErrNotInstalled", err)
 	}
 }
 

@@ -94,6 +94,7 @@ func TestCLIBadInput(t *testing.T) {
 		{"uninstall unknown flag", with("uninstall", "-p", "15001"), 2, []string{"unknown flag -p", "run 'sluice uninstall --help'"}},
 		{"uninstall extra argument", with("uninstall", "mypod"), 2, []string{`unexpected argument "mypod"`, "every option is a flag"}},
 		{"uninstall no cgroup", []string{"uninstall"}, 2, []string{"--cgroup is required", "pass the pod's cgroup v2 directory"}},
+		{"uninstall node and cgroup", []string{"uninstall", "--node", "--cgroup", "/sys/fs/cgroup/x"}, 2, []string{"--node and --cgroup exclude each other", "uninstall the pod, then the node"}},
 
 		{"run port 0", []string{"run", "-p", "0"}, 2, []string{"port 0 is out of range", "want 1-65535"}},
 		{"run port 70000", []string{"run", "-z", "70000"}, 2, []string{"port 70000 is out of range", "want 1-65535"}},

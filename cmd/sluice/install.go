@@ -260,27 +260,50 @@ func uninstallCommand() command {
 		name:    "uninstall",
 		summary: "detach capture from a pod's cgroup and remove its pins",
 		help: `Usage: sluice uninstall --cgroup PATH [--pin-dir DIR]
+       sluice uninstall --node [--pin-root DIR]
 
 Detaches every program of the pod's install and removes its pins, and
-nothing Sluice did not create. Works after the pod's cgroup is gone (the pins
-record its path), and when run again after being killed. Exits 0 with a note
-when nothing is installed.
+nothing Sluice did not create. The node's programs stay for the other pods,
+and go with the last pod that runs them. Works after the pod's cgroup is
+gone (the pins record its path), and when run again after being killed.
+Exits 0 with a note when nothing is installed.
 
-Example:
-  sluice uninstall --cgroup /sys/fs/cgroup/unified/mypod`,
+With --node, removes the node's programs and maps (what a killed first
+install can leave), and refuses while a pod still runs on them.
+
+Examples:
+  sluice uninstall --cgroup /sys/fs/cgroup/unified/mypod
+  sluice uninstall --node`,
 	}
 	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
 		fs := flag.NewFlagSet("uninstall", flag.ContinueOnError)
 		cgroup := fs.String("cgroup", "", "the pod's cgroup v2 directory (required)")
 		pinDir := fs.String("pin-dir", "", "where the pins are (default /sys/fs/bpf/sluice/<cgroup id>)")
+		node := fs.Bool("node", false, "remove the node's programs and maps, once no pod runs on them")
+		pinRoot := fs.String("pin-root", loader.DefaultPinRoot, "with --node: the root of every pod's pins")
 		if err := parseFlags(fs, c, args, stdout); err != nil {
 			return err
 		}
-		if *cgroup == "" {
-			return usageError{"--cgroup is required: pass the pod's cgroup v2 directory"}
+		if *node && *cgroup != "" {
+			return usageError{"--node and --cgroup exclude each other: uninstall the pod, then the node"}
+		}
+		if *cgroup == "" && !*node {
+			return usageError{"--cgroup is required: pass the pod's cgroup v2 directory (or --node for the node's programs)"}
 		}
 		if err := requireRoot(); err != nil {
 			return err
+		}
+		if *node {
+			err := loader.UninstallNode(*pinRoot)
+			if errors.Is(err, loader.ErrNotInstalled) {
+				fmt.Fprintf(stdout, "nothing of the node's installed under %s\n", *pinRoot)
+				return nil
+			}
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "removed the node's programs and maps under %s\n", *pinRoot)
+			return nil
 		}
 		target, err := loader.FindTarget(*cgroup, *pinDir)
 		if errors.Is(err, loader.ErrNotInstalled) {
