@@ -340,7 +340,7 @@ func (in *installer) load() error {
 		in.change("programs loaded on the node")
 	}
 	// Undone last: a failed install leaves no node state that no pod runs.
-	in.steps.push(func() error { return leaveNode(filepath.Dir(in.t.PinDir), bpf.ObjectHash(), 0) })
+	in.steps.push(func() error { return leaveNode(filepath.Dir(in.t.PinDir), bpf.ObjectHash(), 0, in.t.PinDir) })
 	if in.cookie, err = netnsCookie(in.t); err != nil {
 		return err
 	}
@@ -611,7 +611,7 @@ func (in *installer) finish() error {
 	// The build the pod ran before lets go of it, and goes once no pod
 	// runs it.
 	if old := in.cur.rec; old != nil && old.Object != "" && old.Object != in.want.Object {
-		if err := leaveNode(filepath.Dir(in.t.PinDir), old.Object, old.Index); err != nil {
+		if err := leaveNode(filepath.Dir(in.t.PinDir), old.Object, old.Index, in.t.PinDir); err != nil {
 			return err
 		}
 	}

@@ -24,12 +24,18 @@ import (
 // program was attached (an upgrade or a reinstall under a running sidecar)
 // is found here: a listening socket on the inbound port, owned by the proxy
 // uid, held by a process in the pod's cgroup. A pod with none (the sidecar
-// not started yet) costs one read of the namespace's socket table. It
+// not started yet) costs a read of its cgroup's processes. It
 // returns how many such listeners it found but could not register: an
 // MPTCP one (a sockmap takes none; sidecars of releases before sk_lookup
 // listen so, as Go does by default), or one this process may not take a
 // copy of (pidfd_getfd of another uid's descriptor needs CAP_SYS_PTRACE).
 func registerListeners(t Target, plan redirect.Plan, m *ebpf.Map) (missed int, err error) {
+	// A pod whose cgroup holds no process but this one (the init
+	// container's install, a fresh pod) has no sidecar yet: its socket
+	// table, which the kernel reads out of the whole node's, is not read.
+	if !othersIn(t.Cgroup) {
+		return 0, nil
+	}
 	want, err := listenerInodes(t, plan)
 	if err != nil || len(want) == 0 {
 		return 0, err
@@ -187,4 +193,33 @@ func socketInode(link string) (uint64, bool) {
 	}
 	ino, err := strconv.ParseUint(strings.TrimSuffix(rest, "]"), 10, 64)
 	return ino, err == nil
+}
+
+// othersIn reports whether cgroup or a cgroup below it holds a process
+// other than this one.
+func othersIn(cgroup string) bool {
+	return firstProcess(cgroup, strconv.Itoa(os.Getpid())) != ""
+}
+
+// firstProcess returns the first process found in cgroup or below it but
+// skip, or "".
+func firstProcess(cgroup, skip string) string {
+	var found string
+	filepath.WalkDir(cgroup, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return nil
+		}
+		procs, err := os.ReadFile(filepath.Join(path, "cgroup.procs"))
+		if err != nil {
+			return nil
+		}
+		for _, pid := range strings.Fields(string(procs)) {
+			if pid != skip {
+				found = pid
+				return filepath.SkipAll
+			}
+		}
+		return nil
+	})
+	return found
 }

@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -258,10 +257,10 @@ func deleteWhere[K, V any](m *ebpf.Map, match func(K, V) bool) error {
 	return nil
 }
 
-// leaveNode unregisters the pod at idx from the build object's node state
-// under root and removes that state once no pod uses it. The caller holds
-// root's lock.
-func leaveNode(root, object string, idx uint32) error {
+// leaveNode unregisters the pod at idx (whose pins are at self) from the
+// build object's node state under root and removes that state once no
+// other pod runs it. The caller holds root's lock.
+func leaveNode(root, object string, idx uint32, self string) error {
 	dir := nodeDir(root, object)
 	entries, err := os.ReadDir(dir)
 	if errors.Is(err, os.ErrNotExist) {
@@ -288,20 +287,32 @@ func leaveNode(root, object string, idx uint32) error {
 			return err
 		}
 	}
-	pods := m[bpf.SluiceMapPods]
-	if pods == nil {
+	// Other pods still run this build while an install record says so:
+	// registrations with no record (pins removed behind Sluice's back)
+	// keep nothing alive.
+	if runsOn(root, object, self) {
 		return nil
-	}
-	var c uint64
-	var i uint32
-	if pods.Iterate().Next(&c, &i) {
-		return nil // other pods still run this build
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("remove node state %s: %w", dir, err)
 	}
 	os.Remove(filepath.Dir(dir)) // the node directory, once empty
 	return nil
+}
+
+// runsOn reports whether the install record of a pod under root, other
+// than the one pinned at self, says it runs on the build object.
+func runsOn(root, object, self string) bool {
+	pods, _ := List(root)
+	for _, p := range pods {
+		if p.PinDir == self {
+			continue
+		}
+		if rec, err := readRecord(p.PinDir); err == nil && rec.Object == object && rec.Index != 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // soNetnsCookie is SO_NETNS_COOKIE (Linux 5.14).
@@ -368,28 +379,13 @@ func podAddrs(t Target) ([]netip.Addr, error) {
 	return out, nil
 }
 
-// netnsOfCgroup returns the network namespace of the first process found in
-// cgroup or below it, or "" when it holds none.
+// netnsOfCgroup returns the network namespace of the first process found
+// in cgroup or below it, or "" when it holds none.
 func netnsOfCgroup(cgroup string) string {
-	var found string
-	filepath.WalkDir(cgroup, func(path string, d os.DirEntry, err error) error {
-		if err != nil || !d.IsDir() {
-			return nil
-		}
-		procs, err := os.ReadFile(filepath.Join(path, "cgroup.procs"))
-		if err != nil {
-			return nil
-		}
-		for _, pid := range strings.Fields(string(procs)) {
-			ns := filepath.Join("/proc", pid, "ns", "net")
-			if _, err := os.Stat(ns); err == nil {
-				found = ns
-				return filepath.SkipAll
-			}
-		}
-		return nil
-	})
-	return found
+	if pid := firstProcess(cgroup, ""); pid != "" {
+		return filepath.Join("/proc", pid, "ns", "net")
+	}
+	return ""
 }
 
 // UninstallNode removes what the node holds for every build under root:

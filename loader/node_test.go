@@ -114,6 +114,15 @@ func TestPodsShareTheNodesPrograms(t *testing.T) {
 	if _, err := os.Stat(dir); err != nil {
 		t.Errorf("the node's programs went with the first pod: %v", err)
 	}
+	// A third pod whose pins are removed behind Sluice's back stays
+	// registered in the node's maps, and keeps nothing alive.
+	third := targets[0]
+	if _, err := Install(third, testPlan(), nil, quiet); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(third.PinDir); err != nil {
+		t.Fatal(err)
+	}
 	if err := Uninstall(targets[1], quiet); err != nil {
 		t.Fatal(err)
 	}

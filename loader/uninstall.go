@@ -53,7 +53,7 @@ func Uninstall(t Target, log *slog.Logger) error {
 	// The node's programs find the pod no more; its build goes with the
 	// last pod that runs it.
 	if rec := cur.rec; rec.Object != "" {
-		errs = append(errs, leaveNode(root, rec.Object, rec.Index))
+		errs = append(errs, leaveNode(root, rec.Object, rec.Index, t.PinDir))
 	}
 	unpin := slices.Clone(legacyPins[1:])
 	for i := len(pinnedMaps) - 1; i >= 0; i-- {

@@ -16,6 +16,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/sluicemesh/sluice/loader"
 )
 
 // hostPaths are written by the kubelet, containerd, runc or the CNI plugins
@@ -280,19 +282,33 @@ func podCgroupIDs() []uint64 {
 	return ids
 }
 
-// removeBPFPins removes the pins Sluice made for this run's pods,
-// /sys/fs/bpf/sluice/<cgroup id>, and fails if one stays. Other runs' pins
-// (other cgroup ids) stay.
+// removeBPFPins uninstalls what Sluice still holds for this run's pods
+// (/sys/fs/bpf/sluice/<cgroup id>: their pins, and their places in the
+// node's maps), then the node's programs once no pod runs them, and fails
+// if a pod's pins stay. Other runs' pods (other cgroup ids) stay.
 func (c *cluster) removeBPFPins(ids []uint64) error {
+	root := filepath.Join(bpffs, "sluice")
+	installed, _ := loader.List(root)
 	var errs []error
-	for _, id := range ids {
-		pin := filepath.Join(bpffs, "sluice", strconv.FormatUint(id, 10))
-		if _, err := os.Stat(pin); err == nil {
-			slog.Info("removing the pins sluice left for a pod of this run", "dir", pin)
-			if err := os.RemoveAll(pin); err != nil {
-				errs = append(errs, fmt.Errorf("remove sluice pins %s: %w", pin, err))
-			}
+	for _, in := range installed {
+		if !slices.Contains(ids, in.CgroupID) {
+			continue
 		}
+		slog.Info("uninstalling what sluice left for a pod of this run", "dir", in.PinDir)
+		if err := loader.Uninstall(in.Target(), slog.Default()); err != nil && !errors.Is(err, loader.ErrNotInstalled) {
+			errs = append(errs, fmt.Errorf("uninstall %s: %w", in.PinDir, err))
+		}
+	}
+	for _, id := range ids {
+		pin := filepath.Join(root, strconv.FormatUint(id, 10))
+		if _, err := os.Stat(pin); err == nil {
+			errs = append(errs, fmt.Errorf("sluice pins %s stayed after uninstall", pin))
+			os.RemoveAll(pin)
+		}
+	}
+	// Refused while another run's pod runs on them, which is right.
+	if err := loader.UninstallNode(root); err == nil {
+		slog.Info("removed the node's programs, which no pod runs any more", "dir", filepath.Join(root, "node"))
 	}
 	if !c.base.paths[bpffs+"/sluice"] {
 		_ = os.Remove(bpffs + "/sluice") // only if empty: another run may use it
