@@ -202,7 +202,8 @@ func othersIn(cgroup string) bool {
 }
 
 // firstProcess returns the first process found in cgroup or below it but
-// skip, or "".
+// skip, or "". A process outside this one's PID namespace (another
+// container's, read from inside a pod) is listed as 0, and returned so.
 func firstProcess(cgroup, skip string) string {
 	var found string
 	filepath.WalkDir(cgroup, func(path string, d fs.DirEntry, err error) error {

@@ -379,13 +379,20 @@ func podAddrs(t Target) ([]netip.Addr, error) {
 	return out, nil
 }
 
-// netnsOfCgroup returns the network namespace of the first process found
-// in cgroup or below it, or "" when it holds none.
+// netnsOfCgroup returns the network namespace of the first process in
+// cgroup or below it that this one can see, or "" when there is none. An
+// init container sees only itself (the pod's other processes are listed as
+// 0, outside its PID namespace): its own namespace is the pod's.
 func netnsOfCgroup(cgroup string) string {
-	if pid := firstProcess(cgroup, ""); pid != "" {
-		return filepath.Join("/proc", pid, "ns", "net")
+	pid := firstProcess(cgroup, "0")
+	if pid == "" {
+		return ""
 	}
-	return ""
+	ns := filepath.Join("/proc", pid, "ns", "net")
+	if _, err := os.Stat(ns); err != nil {
+		return ""
+	}
+	return ns
 }
 
 // UninstallNode removes what the node holds for every build under root:

@@ -1,6 +1,9 @@
 package loader
 
 import (
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -126,5 +129,30 @@ func TestPodMapSpecs(t *testing.T) {
 	}
 	if len(progs) != len(spec.Programs) {
 		t.Errorf("%d programs named, the object has %d", len(progs), len(spec.Programs))
+	}
+}
+
+// From inside a pod, cgroup.procs lists the pod's other containers'
+// processes as 0 (outside the reader's PID namespace): install takes the
+// network namespace of the first process it can see, never /proc/0.
+func TestNetnsOfCgroupSkipsInvisibleProcesses(t *testing.T) {
+	root := t.TempDir()
+	for dir, procs := range map[string]string{"a-pause": "0\n0\n", "b-init": strconv.Itoa(os.Getpid()) + "\n"} {
+		if err := os.Mkdir(filepath.Join(root, dir), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(root, dir, "cgroup.procs"), []byte(procs), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := filepath.Join("/proc", strconv.Itoa(os.Getpid()), "ns", "net")
+	if got := netnsOfCgroup(root); got != want {
+		t.Errorf("netnsOfCgroup = %q, want %q", got, want)
+	}
+	if got := netnsOfCgroup(filepath.Join(root, "a-pause")); got != "" {
+		t.Errorf("netnsOfCgroup of a cgroup of invisible processes = %q, want \"\" (the caller's)", got)
+	}
+	if !othersIn(filepath.Join(root, "a-pause")) || othersIn(filepath.Join(root, "b-init")) {
+		t.Error("othersIn: invisible processes are others, this one is not")
 	}
 }

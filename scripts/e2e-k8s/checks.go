@@ -147,7 +147,13 @@ func (k *checker) podOf(ns, selector string) (string, error) {
 	}
 	if _, err := k.c.kubectl(k.ctx, "wait", "-n", ns, "--for=condition=Ready", "pod/"+name, "--timeout", k.c.timeout.String()); err != nil {
 		desc, _ := k.c.kubectl(k.ctx, "describe", "pod", "-n", ns, name)
-		return "", fmt.Errorf("%w\n%s", err, desc)
+		// What a crash-looping container said last (kubectl's own
+		// error when none has restarted).
+		logs, lerr := k.c.kubectl(k.ctx, "logs", "-n", ns, name, "--all-containers", "--previous", "--tail", "20")
+		if lerr != nil {
+			logs = []byte(lerr.Error())
+		}
+		return "", fmt.Errorf("%w\n%s\nprevious containers' last lines:\n%s", err, desc, logs)
 	}
 	k.c.seenIDs = append(k.c.seenIDs, podCgroupIDs()...)
 	return name, nil
