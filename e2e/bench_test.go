@@ -134,7 +134,7 @@ func BenchmarkRoutes(b *testing.B) {
 // with the install's settings, as a pod would.
 func captureWithSluice(b *testing.B, pod *testbed.Pod) {
 	b.Helper()
-	mustCLI(b, "install", "--cgroup", pod.Cgroup)
+	mustCLI(b, "install", "--cgroup", pod.Cgroup, "--netns", pod.Netns)
 	// Registered after the bed, so it runs before the bed removes the cgroup.
 	b.Cleanup(func() { mustCLI(b, "uninstall", "--cgroup", pod.Cgroup) })
 	l, err := pod.StartLogged(sluice(b, "run", "--cgroup", pod.Cgroup, "--log-format", "json"))

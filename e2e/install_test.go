@@ -175,14 +175,14 @@ func TestStatusNamesTheRepair(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mustCLI(t, "install", "--cgroup", pod.Cgroup, "-o", "9090")
+	mustCLI(t, "install", "--cgroup", pod.Cgroup, "--netns", pod.Netns, "-o", "9090")
 	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", pod.Cgroup) })
 	s := statusJSON(t, pod.Cgroup)
 	if err := os.Remove(filepath.Join(s.Target.PinDir, "link_connect6")); err != nil {
 		t.Fatal(err)
 	}
 	res := testbed.Run(t, sluice(t, "status", "--cgroup", pod.Cgroup))
-	wantRepair := "sluice install --cgroup " + pod.Cgroup + " -o 9090"
+	wantRepair := "sluice install --cgroup " + pod.Cgroup + " --netns " + pod.Netns + " -o 9090"
 	if res.Code != 1 || !strings.Contains(res.Stdout, "INCOMPLETE: link_connect6") || !strings.Contains(res.Stderr, "repair it with: "+wantRepair) {
 		t.Fatalf("status of a half install: exit %d\n%s%s", res.Code, res.Stdout, res.Stderr)
 	}
@@ -211,7 +211,7 @@ func TestInstallBadInput(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cg := []string{"install", "--cgroup", pod.Cgroup}
+	cg := []string{"install", "--cgroup", pod.Cgroup, "--netns", pod.Netns}
 	tests := []struct {
 		name string
 		args []string

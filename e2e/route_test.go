@@ -153,7 +153,7 @@ func TestRouteChangesFromManyProcesses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mustCLI(t, "install", "--cgroup", pod.Cgroup)
+	mustCLI(t, "install", "--cgroup", pod.Cgroup, "--netns", pod.Netns)
 	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", pod.Cgroup) })
 	sets := map[string]string{}
 	var wg sync.WaitGroup

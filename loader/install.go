@@ -41,7 +41,9 @@ type Result struct {
 
 // Install makes t's install match plan, and is safe to rerun, as Kubernetes
 // reruns init containers:
-//   - nothing installed: load, write the plan, pin, attach; all or nothing;
+//   - nothing installed: make the pod's maps, write the plan, pin, attach
+//     the node's programs (loading them first if no pod runs this build);
+//     all or nothing;
 //   - the same install, complete: change nothing;
 //   - a half install (a killed earlier run): keep what is there and finish it;
 //   - another plan or a newer build: switch the plan in one step and update
@@ -55,11 +57,13 @@ type Result struct {
 // The steps, each a method of installer below: prepare (bpffs, the pin
 // root, its lock), inspect (what the pins hold, whose they are, who else
 // captures the pod), decide (nothing to do, the policy only, or the full
-// path), and on the full path load (the embedded object, parsed once, with
-// the pinned maps it can keep), pin (the record first, marked unfinished,
-// then every map), attach (splice, policy, hooks, stale links gone) and
-// finish (the record names the object). A failure undoes, in reverse, what
-// a fresh install did.
+// path), and on the full path load (the node's programs, loaded if absent,
+// and the pod's maps: the pinned ones that fit, new ones for the rest), pin
+// (the record first, marked unfinished, then every map), attach (splice,
+// the pod's index and policy in the node's maps, its registration, hooks),
+// removeStale (what older installs pinned) and finish (the record names
+// the build; the build the pod ran before lets go of it). A failure undoes,
+// in reverse, what a fresh install did.
 func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res Result, err error) {
 	in := &installer{t: t, plan: plan, log: log, unlock: func() {}}
 	defer func() { err = in.end(err) }()

@@ -109,6 +109,7 @@ func TestInstallUninstall(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	target.Netns = pod.Netns
 	if _, err := Install(target, testPlan(), nil, quiet); err != nil {
 		t.Fatal(err)
 	}

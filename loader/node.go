@@ -320,13 +320,16 @@ const soNetnsCookie = 71
 
 // netnsCookie returns the cookie of the pod's network namespace, the key
 // the hooks find the pod by: t.Netns, or with none given the namespace of
-// a process in the pod's cgroup (an install from the host names the
-// cgroup alone), or with none there yet the caller's (the init container's,
-// which is the pod's).
+// a process in the pod's cgroup (the init container itself, or the pod's
+// processes for an install from the host). A cgroup with no process to
+// ask is refused: the caller's own namespace would be a guess, and a wrong
+// one captures nothing.
 func netnsCookie(t Target) (uint64, error) {
 	ns := t.Netns
 	if ns == "" {
-		ns = netnsOfCgroup(t.Cgroup)
+		if ns = netnsOfCgroup(t.Cgroup); ns == "" {
+			return 0, fmt.Errorf("cannot tell the network namespace of the pod in %s: its cgroup holds no process yet; pass --netns with the pod's (e.g. /run/netns/NAME or /proc/PID/ns/net)", t.Cgroup)
+		}
 	}
 	var cookie uint64
 	err := nsenter.Do(ns, func() error {

@@ -170,3 +170,21 @@ func TestOnePodPerNetworkNamespace(t *testing.T) {
 		t.Errorf("the first pod after the refusal: complete %v, missing %v, err %v", s.Complete, s.Missing, err)
 	}
 }
+
+// Install from outside a pod whose cgroup holds no process cannot tell the
+// pod's network namespace: it is refused, saying to pass it, and nothing
+// is left.
+func TestInstallNeedsTheNetworkNamespace(t *testing.T) {
+	cgs := podCgroups(t, "empty")
+	target, err := ResolveTarget(cgs[0], "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = Install(target, testPlan(), nil, quiet)
+	if err == nil || !strings.Contains(err.Error(), "pass --netns") {
+		t.Fatalf("install on an empty cgroup with no network namespace: %v, want it refused", err)
+	}
+	if _, err := os.Stat(target.PinDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the refused install left %s: %v", target.PinDir, err)
+	}
+}

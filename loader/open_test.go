@@ -31,6 +31,7 @@ func installedPod(t *testing.T, bed *testbed.Bed, name string, plan redirect.Pla
 	if err != nil {
 		t.Fatal(err)
 	}
+	target.Netns = pod.Netns
 	if _, err := Install(target, plan, nil, quiet); err != nil {
 		t.Fatal(err)
 	}

@@ -25,7 +25,8 @@ capture) and, with --netns or --interface, to the pod's network namespace
 but loopback; the interface must exist there), pins the pod's maps and
 links under /sys/fs/bpf/sluice/<cgroup id>/, then exits. One pod per
 network namespace: without --netns, the namespace of a process in the
-cgroup, or this one's. Flags follow istio-iptables
+cgroup (install itself, in an init container); a cgroup with none needs
+--netns. Flags follow istio-iptables
 (-p -z -u -g -m -i -x -b -d -q -o), and Linkerd proxy-init's long names
 (--outgoing-proxy-port, --incoming-proxy-port, --proxy-uid,
 --outbound-ports-to-ignore, --inbound-ports-to-ignore) are accepted too;

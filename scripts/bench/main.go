@@ -474,7 +474,9 @@ func (h harness) setup(config string, pod *testbed.Pod) (int, func() error, erro
 		pid, err := h.startSidecar(pod, run(), 15006)
 		return pid, nil, err
 	}
-	install := []string{"install", "--cgroup", pod.Cgroup}
+	// The pod's network namespace, which also attaches inbound capture:
+	// idle here, as no connection comes into the pod.
+	install := []string{"install", "--cgroup", pod.Cgroup, "--netns", pod.Netns}
 	switch config {
 	case "kernel-only":
 		install = append(install, "--kernel-only-ports", "8080")
@@ -483,7 +485,7 @@ func (h harness) setup(config string, pod *testbed.Pod) (int, func() error, erro
 	case "offload":
 		install = append(install, "--flows=false", "--splice", "--offload-ports", "8080")
 	case "in-sluice":
-		install = append(install, "--netns", pod.Netns, "--flows=false")
+		install = append(install, "--flows=false")
 	case "splice-telemetry":
 	default:
 		install = append(install, "--flows=false")
