@@ -38,6 +38,7 @@ func installedPod(t *testing.T) loader.Target {
 		t.Fatal(err)
 	}
 	tgt.PinDir = filepath.Join(root, fmt.Sprint(tgt.CgroupID))
+	tgt.Netns = pod.Netns
 	if _, err := loader.Install(tgt, plan, nil, quiet); err != nil {
 		t.Fatal(err)
 	}
