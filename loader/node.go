@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -301,14 +302,17 @@ func leaveNode(root, object string, idx uint32, self string) error {
 }
 
 // runsOn reports whether the install record of a pod under root, other
-// than the one pinned at self, says it runs on the build object.
+// than the one pinned at self, says it runs on the build object. It stops
+// at the first: with many pods on the node, uninstall reads one or two
+// records, not all of them.
 func runsOn(root, object, self string) bool {
-	pods, _ := List(root)
-	for _, p := range pods {
-		if p.PinDir == self {
+	entries, _ := os.ReadDir(root)
+	for _, e := range entries {
+		dir := filepath.Join(root, e.Name())
+		if _, err := strconv.ParseUint(e.Name(), 10, 64); err != nil || !e.IsDir() || dir == self {
 			continue
 		}
-		if rec, err := readRecord(p.PinDir); err == nil && rec.Object == object && rec.Index != 0 {
+		if rec, err := readRecord(dir); err == nil && rec.Object == object && rec.Index != 0 {
 			return true
 		}
 	}
