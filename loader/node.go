@@ -364,19 +364,11 @@ func podAddrs(t Target) ([]netip.Addr, error) {
 			if iface.Flags&net.FlagLoopback != 0 {
 				continue
 			}
-			addrs, err := iface.Addrs()
+			addrs, err := unicastAddrs(iface)
 			if err != nil {
 				return err
 			}
-			for _, a := range addrs {
-				n, ok := a.(*net.IPNet)
-				if !ok {
-					continue
-				}
-				if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.IsGlobalUnicast() {
-					out = append(out, ip.Unmap())
-				}
-			}
+			out = append(out, addrs...)
 		}
 		return nil
 	})

@@ -22,27 +22,16 @@ func writePodAddrs(t Target, m *ebpf.Map) error {
 		if err != nil {
 			return err
 		}
-		addrs, err := iface.Addrs()
-		if err != nil {
-			return err
-		}
-		for _, a := range addrs {
-			n, ok := a.(*net.IPNet)
-			if !ok {
-				continue
-			}
-			ip, ok := netip.AddrFromSlice(n.IP)
-			if !ok || !ip.IsGlobalUnicast() {
-				continue
-			}
-			switch ip = ip.Unmap(); {
+		addrs, err := unicastAddrs(*iface)
+		for _, ip := range addrs {
+			switch {
 			case ip.Is4() && !v4.IsValid():
 				v4 = ip
 			case ip.Is6() && !v6.IsValid():
 				v6 = ip
 			}
 		}
-		return nil
+		return err
 	})
 	if err != nil {
 		return fmt.Errorf("addresses of %s: %w", t.Interface, err)
@@ -57,4 +46,21 @@ func writePodAddrs(t Target, m *ebpf.Map) error {
 		}
 	}
 	return nil
+}
+
+// unicastAddrs returns iface's global unicast addresses, IPv4 unmapped.
+func unicastAddrs(iface net.Interface) ([]netip.Addr, error) {
+	addrs, err := iface.Addrs()
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.Addr
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok {
+			if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.IsGlobalUnicast() {
+				out = append(out, ip.Unmap())
+			}
+		}
+	}
+	return out, nil
 }
