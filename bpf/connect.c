@@ -197,7 +197,8 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, __u32 pod, const s
 	/* The proxy's own connections must go out untouched, or it would loop
 	 * back into itself. Those leaving the pod are flows the sidecar
 	 * carries: sockops tracks them from here. Those into the pod (the
-	 * sidecar's end of an inbound connection) may be spliced. */
+	 * sidecar's end of an inbound connection) may be spliced, and those to
+	 * an offload port may be handed the app's direction. */
 	if (is_proxy(pol)) {
 		bool flow = !(pol->flags & CONFIG_NO_FLOWS) && !addr_is_loopback(dst);
 		bool splice = pol->flags & CONFIG_SPLICE;
@@ -207,6 +208,8 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, __u32 pod, const s
 				st->flow |= FLOW_VIA_SIDECAR;
 			if (st && splice)
 				st->role = ROLE_SIDECAR;
+			if (st && splice && port_in(pod, slot, PORT_OUT_OFFLOAD, port))
+				st->splice |= SPLICE_OFFLOAD_DIAL;
 		}
 		return 0;
 	}

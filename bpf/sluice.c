@@ -7,6 +7,7 @@
 #include "connect.c"
 #include "getpeername.c"
 #include "getsockopt.c"
+#include "setsockopt.c"
 #include "splice.c"
 #include "sockops.c"
 #include "sk_lookup.c"

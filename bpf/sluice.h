@@ -18,6 +18,11 @@
 #define AF_INET6 10
 #define SOL_IP 0
 #define SOL_IPV6 41
+#define EPERM 1
+#define ENOENT 2
+#define EINVAL 22
+#define ENOSPC 28
+#define ENOPROTOOPT 92
 #define ETIMEDOUT 110
 #define ECONNREFUSED 111
 #define SO_ORIGINAL_DST 80      /* linux/netfilter_ipv4.h */
@@ -47,8 +52,7 @@ enum config_flag {
 	CONFIG_FAIL_OPEN = 1 << 4,
 };
 
-/* Port sets, one bit per port each. The offload ports are no set here: no
- * program reads them, and the sidecar reads them from the install record. */
+/* Port sets, one bit per port each. */
 enum port_set {
 	PORT_OUT_EXCLUDE,     /* -o */
 	PORT_OUT_INCLUDE,     /* -q */
@@ -56,6 +60,8 @@ enum port_set {
 	PORT_IN_INCLUDE,      /* -b, enforced by the inbound hook */
 	PORT_OUT_KERNEL_ONLY, /* --kernel-only-ports: captured, but no sidecar */
 	PORT_IN_KERNEL_ONLY,  /* --kernel-only-inbound-ports */
+	PORT_OUT_OFFLOAD,     /* --offload-ports: the sidecar may hand them to the kernel */
+	PORT_IN_OFFLOAD,      /* --offload-inbound-ports */
 	PORT_SETS,
 };
 
@@ -131,6 +137,24 @@ enum sock_role {
 
 enum splice_flag {
 	SPLICE_STOPPED = 1 << 0, /* the peer fell behind: bytes go over TCP for good */
+	/* The sidecar's dial to an offload port: it joins offload_socks as it
+	 * is established. */
+	SPLICE_OFFLOAD_DIAL = 1 << 1,
+	/* In offload_socks, under far_cookie: the sidecar may hand it a
+	 * connection (setsockopt.c). */
+	SPLICE_OFFLOAD_READY = 1 << 2,
+};
+
+/* The sidecar hands a proxied connection to the kernel, and takes it back,
+ * with setsockopt on its far socket at this level; the value is the app's
+ * end of the hop (struct tuple_key, as splice_socks keys it). Only the
+ * proxy identity may, only on a socket of its own pod that joined
+ * offload_socks, and the kernel writes the pod's offload_peers: the sidecar
+ * needs no access to any map. */
+enum sluice_sockopt {
+	SOL_SLUICE = 0x51ce,
+	SLUICE_OFFLOAD_HAND = 1,
+	SLUICE_OFFLOAD_RELEASE = 2,
 };
 
 /* A flow is a connection of the pod to or from the outside, seen from the
@@ -167,9 +191,16 @@ struct sock_state {
 	__u32 connect_us;     /* SYN sent to established (outbound), SYN-ACK to ACK (inbound) */
 	__u32 splice;         /* enum splice_flag */
 	__u64 start_ns;       /* boot-time ns: connect (outbound) or established (inbound) */
-	/* The socket this end last spliced to, as a kernel address: read
-	 * only with bpf_probe_read_kernel, for the bytes waiting there. */
-	__u64 splice_peer;
+	union {
+		/* A hop's end: the socket it last spliced to, as a kernel
+		 * address, read only with bpf_probe_read_kernel for the bytes
+		 * waiting there. */
+		__u64 splice_peer;
+		/* A far socket (never a hop's end): its cookie, once in
+		 * offload_socks. One field for both keeps the layout of older
+		 * installs, whose live sockets' storage an upgrade keeps. */
+		__u64 far_cookie;
+	};
 };
 
 /* Canary routes: a service (VIP and port) to weighted backends, picked at
@@ -448,6 +479,8 @@ enum counter {
 	 * in rr_states (its entries are freed with their routes, so this
 	 * stays 0 unless something else fills the table). */
 	COUNT_RR_FALLBACK,
+	COUNT_OFFLOAD_FULL,   /* the sidecar's far sockets offload_socks had no room for */
+	COUNT_OFFLOAD_HANDED, /* connections the sidecar handed to the kernel */
 	COUNTERS,
 };
 
@@ -505,10 +538,11 @@ POD_MAP(splice_socks);
 
 /* Offload: the sidecar's sockets on the far side of connections it handed
  * to the kernel (its upstream, or its accepted socket for inbound), keyed by
- * socket cookie; the sidecar adds them, the kernel removes them as they
- * close. offload_peers says, for the app's end of such a connection (keyed
- * as splice_socks is), which of them its messages go out on. The sidecar
- * writes and deletes those; sockops deletes one left behind when a new
+ * socket cookie: sockops adds the sidecar's sockets on offload ports as
+ * they are established, the kernel removes them as they close. offload_peers
+ * says, for the app's end of such a connection (keyed as splice_socks is),
+ * which of them its messages go out on: the sidecar's setsockopt writes and
+ * deletes those (setsockopt.c); sockops deletes one left behind when a new
  * socket joins the splice table with its tuple. Sized as splice_socks. */
 struct offload_socks_map {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
@@ -591,6 +625,7 @@ const struct flow_event *unused_flow_event __attribute__((unused));
 const enum route_mode *unused_route_mode __attribute__((unused));
 const enum rollback_reason *unused_rollback_reason __attribute__((unused));
 const enum splice_flag *unused_splice_flag __attribute__((unused));
+const enum sluice_sockopt *unused_sluice_sockopt __attribute__((unused));
 const enum listener_slot *unused_listener_slot __attribute__((unused));
 const enum pod_addr_slot *unused_pod_addr_slot __attribute__((unused));
 

@@ -79,7 +79,9 @@ const (
 	SluiceCounterCOUNT_OFFLOAD_VIA_PROXY       SluiceCounter = 26
 	SluiceCounterCOUNT_INBOUND_LISTENER_FAILED SluiceCounter = 27
 	SluiceCounterCOUNT_RR_FALLBACK             SluiceCounter = 28
-	SluiceCounterCOUNTERS                      SluiceCounter = 29
+	SluiceCounterCOUNT_OFFLOAD_FULL            SluiceCounter = 29
+	SluiceCounterCOUNT_OFFLOAD_HANDED          SluiceCounter = 30
+	SluiceCounterCOUNTERS                      SluiceCounter = 31
 )
 
 type SluiceFlowEnd uint32
@@ -188,7 +190,9 @@ const (
 	SluicePortSetPORT_IN_INCLUDE      SluicePortSet = 3
 	SluicePortSetPORT_OUT_KERNEL_ONLY SluicePortSet = 4
 	SluicePortSetPORT_IN_KERNEL_ONLY  SluicePortSet = 5
-	SluicePortSetPORT_SETS            SluicePortSet = 6
+	SluicePortSetPORT_OUT_OFFLOAD     SluicePortSet = 6
+	SluicePortSetPORT_IN_OFFLOAD      SluicePortSet = 7
+	SluicePortSetPORT_SETS            SluicePortSet = 8
 )
 
 type SluiceRollbackReason uint32
@@ -246,6 +250,14 @@ type SluiceRrState struct {
 	Current    [16]int32
 }
 
+type SluiceSluiceSockopt uint32
+
+const (
+	SluiceSluiceSockoptSOL_SLUICE             SluiceSluiceSockopt = 20942
+	SluiceSluiceSockoptSLUICE_OFFLOAD_HAND    SluiceSluiceSockopt = 1
+	SluiceSluiceSockoptSLUICE_OFFLOAD_RELEASE SluiceSluiceSockopt = 2
+)
+
 type SluiceSockRole uint32
 
 const (
@@ -270,7 +282,9 @@ type SluiceSockState struct {
 type SluiceSpliceFlag uint32
 
 const (
-	SluiceSpliceFlagSPLICE_STOPPED SluiceSpliceFlag = 1
+	SluiceSpliceFlagSPLICE_STOPPED       SluiceSpliceFlag = 1
+	SluiceSpliceFlagSPLICE_OFFLOAD_DIAL  SluiceSpliceFlag = 2
+	SluiceSpliceFlagSPLICE_OFFLOAD_READY SluiceSpliceFlag = 4
 )
 
 type SluiceTupleKey struct {
@@ -313,6 +327,7 @@ const (
 	SluiceProgSluiceGetpeername4  = "sluice_getpeername4"
 	SluiceProgSluiceGetpeername6  = "sluice_getpeername6"
 	SluiceProgSluiceGetsockopt    = "sluice_getsockopt"
+	SluiceProgSluiceSetsockopt    = "sluice_setsockopt"
 	SluiceProgSluiceSkLookup      = "sluice_sk_lookup"
 	SluiceProgSluiceSockops       = "sluice_sockops"
 	SluiceProgSluiceSplice        = "sluice_splice"
@@ -332,6 +347,7 @@ const (
 	SluiceVarUnusedRoute          = "unused_route"
 	SluiceVarUnusedRouteKey       = "unused_route_key"
 	SluiceVarUnusedRouteMode      = "unused_route_mode"
+	SluiceVarUnusedSluiceSockopt  = "unused_sluice_sockopt"
 	SluiceVarUnusedSockRole       = "unused_sock_role"
 	SluiceVarUnusedSockState      = "unused_sock_state"
 	SluiceVarUnusedSpliceFlag     = "unused_splice_flag"
@@ -387,6 +403,7 @@ type SluiceProgramSpecs struct {
 	SluiceGetpeername4 *ebpf.ProgramSpec `ebpf:"sluice_getpeername4"`
 	SluiceGetpeername6 *ebpf.ProgramSpec `ebpf:"sluice_getpeername6"`
 	SluiceGetsockopt   *ebpf.ProgramSpec `ebpf:"sluice_getsockopt"`
+	SluiceSetsockopt   *ebpf.ProgramSpec `ebpf:"sluice_setsockopt"`
 	SluiceSkLookup     *ebpf.ProgramSpec `ebpf:"sluice_sk_lookup"`
 	SluiceSockops      *ebpf.ProgramSpec `ebpf:"sluice_sockops"`
 	SluiceSplice       *ebpf.ProgramSpec `ebpf:"sluice_splice"`
@@ -439,6 +456,7 @@ type SluiceVariableSpecs struct {
 	UnusedRoute          *ebpf.VariableSpec `ebpf:"unused_route"`
 	UnusedRouteKey       *ebpf.VariableSpec `ebpf:"unused_route_key"`
 	UnusedRouteMode      *ebpf.VariableSpec `ebpf:"unused_route_mode"`
+	UnusedSluiceSockopt  *ebpf.VariableSpec `ebpf:"unused_sluice_sockopt"`
 	UnusedSockRole       *ebpf.VariableSpec `ebpf:"unused_sock_role"`
 	UnusedSockState      *ebpf.VariableSpec `ebpf:"unused_sock_state"`
 	UnusedSpliceFlag     *ebpf.VariableSpec `ebpf:"unused_splice_flag"`
@@ -534,6 +552,7 @@ type SluiceVariables struct {
 	UnusedRoute          *ebpf.Variable `ebpf:"unused_route"`
 	UnusedRouteKey       *ebpf.Variable `ebpf:"unused_route_key"`
 	UnusedRouteMode      *ebpf.Variable `ebpf:"unused_route_mode"`
+	UnusedSluiceSockopt  *ebpf.Variable `ebpf:"unused_sluice_sockopt"`
 	UnusedSockRole       *ebpf.Variable `ebpf:"unused_sock_role"`
 	UnusedSockState      *ebpf.Variable `ebpf:"unused_sock_state"`
 	UnusedSpliceFlag     *ebpf.Variable `ebpf:"unused_splice_flag"`
@@ -551,6 +570,7 @@ type SluicePrograms struct {
 	SluiceGetpeername4 *ebpf.Program `ebpf:"sluice_getpeername4"`
 	SluiceGetpeername6 *ebpf.Program `ebpf:"sluice_getpeername6"`
 	SluiceGetsockopt   *ebpf.Program `ebpf:"sluice_getsockopt"`
+	SluiceSetsockopt   *ebpf.Program `ebpf:"sluice_setsockopt"`
 	SluiceSkLookup     *ebpf.Program `ebpf:"sluice_sk_lookup"`
 	SluiceSockops      *ebpf.Program `ebpf:"sluice_sockops"`
 	SluiceSplice       *ebpf.Program `ebpf:"sluice_splice"`
@@ -565,6 +585,7 @@ func (p *SluicePrograms) Close() error {
 		p.SluiceGetpeername4,
 		p.SluiceGetpeername6,
 		p.SluiceGetsockopt,
+		p.SluiceSetsockopt,
 		p.SluiceSkLookup,
 		p.SluiceSockops,
 		p.SluiceSplice,

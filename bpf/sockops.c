@@ -133,6 +133,8 @@ static __always_inline void active_established(struct bpf_sock_ops *skops, __u32
 	if (!st)
 		return;
 	struct tuple_key key = *k;
+	if ((st->splice & SPLICE_OFFLOAD_DIAL) && is_flow(&key))
+		offload_ready(skops, pod, st);
 	if (st->flow & FLOW_OUTBOUND) {
 		st->connect_us = (bpf_ktime_get_boot_ns() - st->start_ns) / 1000;
 		flow_emit(skops, pod, st, &key, FLOW_OPEN, 0, NULL);
@@ -157,6 +159,25 @@ static __always_inline void active_established(struct bpf_sock_ops *skops, __u32
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
+/* inbound_offload readies the sidecar's accepted socket of a connection
+ * from outside to an inbound offload port for the sidecar to hand to the
+ * kernel. The inbound hook kept the app's port as the socket's own, and the
+ * socket is the sidecar's if its owner (its listener's) is the proxy uid:
+ * a connection left to the app (fail-open) is not. */
+static __always_inline void inbound_offload(struct bpf_sock_ops *skops, __u32 pod, __u32 slot, const struct policy *pol,
+					    struct bpf_sock *sk, __u16 port)
+{
+	if (!splice_on(pol) || !port_in(pod, slot, PORT_IN_OFFLOAD, port) ||
+	    !inbound_port_captured(pod, slot, pol, port))
+		return;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp || tp->inet_conn.icsk_inet.sk.sk_uid.val != pol->proxy_uid)
+		return;
+	struct sock_state *st = subflow_state(pod, sk, BPF_SK_STORAGE_GET_F_CREATE);
+	if (st)
+		offload_ready(skops, pod, st);
+}
+
 /* A connection to a listener in the pod is established: if it is a captured
  * one arriving at the proxy, its socket takes the original destination; if
  * it comes from outside, it is an inbound flow, whose original destination
@@ -170,6 +191,8 @@ static __always_inline void passive_established(struct bpf_sock_ops *skops, __u3
 	if (is_flow(&key)) {
 		__u32 slot;
 		const struct policy *pol = active_policy(pod, &slot);
+		if (sk && pol)
+			inbound_offload(skops, pod, slot, pol, sk, key.client_port);
 		if (!sk || (pol && ((pol->flags & CONFIG_NO_FLOWS) || is_sidecar_port(pol, key.client_port))))
 			return;
 		struct sock_state *st = subflow_state(pod, sk, BPF_SK_STORAGE_GET_F_CREATE);

@@ -24,3 +24,20 @@ static __always_inline void splice_join(struct bpf_sock_ops *skops, __u32 pod, s
 	else
 		count(pod, COUNT_SPLICE_JOINED);
 }
+
+/* offload_ready puts the sidecar's far socket of a connection it may hand
+ * to the kernel (its dial to an offload port, or its accepted socket on an
+ * inbound one) into offload_socks, where the splice program's offload sends
+ * to it once the sidecar names the app's end (setsockopt.c). Only sockops
+ * may add a socket to a sockhash, and only as it is established. */
+static __always_inline void offload_ready(struct bpf_sock_ops *skops, __u32 pod, struct sock_state *st)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	void *far_socks = pod_map(&offload_socks, pod);
+	if (!far_socks || bpf_sock_hash_update(skops, far_socks, &cookie, BPF_ANY)) {
+		count(pod, COUNT_OFFLOAD_FULL);
+		return;
+	}
+	st->far_cookie = cookie;
+	st->splice |= SPLICE_OFFLOAD_READY;
+}

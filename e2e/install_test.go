@@ -120,8 +120,8 @@ func TestKilledInstallIsFinishedByRerun(t *testing.T) {
 		if s := statusJSON(t, pod.Cgroup); !s.Complete {
 			t.Fatalf("%s: status says incomplete: %v", when, s.Missing)
 		}
-		if cg, ns := attachedCount(t, pod); cg != 8 || ns != 1 {
-			t.Fatalf("%s: %d programs on the cgroup and %d on the netns, want 8 and 1 (one install)", when, cg, ns)
+		if cg, ns := attachedCount(t, pod); cg != 9 || ns != 1 {
+			t.Fatalf("%s: %d programs on the cgroup and %d on the netns, want 9 and 1 (one install)", when, cg, ns)
 		}
 	}
 	target, err := loader.ResolveTarget(pod.Cgroup, "")

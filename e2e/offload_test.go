@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/internal/testbed"
 )
 
@@ -281,5 +283,52 @@ func TestOffloadFollowsInstall(t *testing.T) {
 			t.Fatalf("connections still not offloaded 10 s after install turned offload on: %v\n%s", d, c.sidecar.Output())
 		}
 		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// The handoff is the kernel's: the sidecar names the app's end with a
+// setsockopt on its far socket, and the pod's hook takes it only from the
+// proxy identity, only on the proxy's own socket to an offload port, and
+// only a value of the app's end's size. Nothing else needs, or gets, a map.
+func TestOffloadHandoffIsTheKernels(t *testing.T) {
+	c := newCapturedPod(t, offloadArgs...)
+	if err := c.pod.StartEcho(self(t), "127.0.0.1:7070"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.pod.WaitListening(7070, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	const proxyUID = 1337 // install's default
+	hand := int(bpf.SluiceSluiceSockoptSLUICE_OFFLOAD_HAND)
+	level := int(bpf.SluiceSluiceSockoptSOL_SLUICE)
+	app := make([]byte, binary.Size(bpf.SluiceTupleKey{}))
+	offloadPort := netip.AddrPortFrom(c.host.Addr4, 8080).String()
+	otherPort := netip.AddrPortFrom(c.host.Addr4, 9090).String()
+	exe := testbed.WorldExecutable(t)
+	for _, tc := range []struct {
+		name      string
+		addr      string
+		uid       uint32
+		value     []byte
+		wantErrno string
+	}{
+		{"the proxy's dial to an offload port", offloadPort, proxyUID, app, ""},
+		{"the proxy's dial to another port", otherPort, proxyUID, app, "ENOENT"},
+		{"a value that is no app end", offloadPort, proxyUID, app[:8], "EINVAL"},
+		{"another identity of the pod", "127.0.0.1:7070", 1000, app, "EPERM"},
+	} {
+		before := statusJSON(t, c.cgroup).Counters
+		res, err := c.pod.SetsockoptAs(exe, tc.addr, tc.uid, tc.uid, level, hand, tc.value)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		handed := diff(before, statusJSON(t, c.cgroup).Counters)["offload_handed"]
+		t.Logf("%s (from %s): %q, %d handed", tc.name, res.Local, res.Errno, handed)
+		if res.Errno != tc.wantErrno {
+			t.Errorf("%s: setsockopt answered %q, want %q", tc.name, res.Errno, tc.wantErrno)
+		}
+		if want := map[bool]uint64{true: 1}[tc.wantErrno == ""]; handed != want {
+			t.Errorf("%s: %d connections handed to the kernel", tc.name, handed)
+		}
 	}
 }

@@ -36,6 +36,7 @@ func (h hook) netns() bool { return h.attach == ebpf.AttachSkLookup }
 var cgroupHooks = []hook{
 	{bpf.SluiceProgSluiceSockops, ebpf.AttachCGroupSockOps, "link_sockops"},
 	{bpf.SluiceProgSluiceGetsockopt, ebpf.AttachCGroupGetsockopt, "link_getsockopt"},
+	{bpf.SluiceProgSluiceSetsockopt, ebpf.AttachCGroupSetsockopt, "link_setsockopt"},
 	{bpf.SluiceProgSluiceGetpeername4, ebpf.AttachCgroupInet4GetPeername, "link_getpeername4"},
 	{bpf.SluiceProgSluiceGetpeername6, ebpf.AttachCgroupInet6GetPeername, "link_getpeername6"},
 	{bpf.SluiceProgSluiceBind4, ebpf.AttachCGroupInet4Bind, "link_bind4"},

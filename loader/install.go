@@ -298,7 +298,7 @@ func (in *installer) rewritePolicy() error {
 	if err != nil {
 		return err
 	}
-	if changed || in.offloadChanged() {
+	if changed {
 		in.res.Changes = append(in.res.Changes, "policy written")
 	}
 	// The proxy group may be what changed: the sidecar's pins follow it.
@@ -307,12 +307,6 @@ func (in *installer) rewritePolicy() error {
 	}
 	in.want.Object = in.cur.rec.Object
 	return writeRecord(meta, in.want)
-}
-
-// offloadChanged reports whether the plan's offload ports, which the record
-// keeps, differ from those of the install there: a change of policy too.
-func (in *installer) offloadChanged() bool {
-	return in.cur.rec != nil && (in.cur.rec.Offload == nil || *in.cur.rec.Offload != *in.want.Offload)
 }
 
 // load opens this build's programs on the node (loading them if no pod
@@ -461,7 +455,7 @@ func (in *installer) attach() error {
 	}
 	if changed, err := policyMapsOf(in.node.maps, in.want.Index).write(in.plan); err != nil {
 		return err
-	} else if changed || in.offloadChanged() {
+	} else if changed {
 		in.change("policy written")
 	}
 	hooks := cgroupHooks

@@ -1,88 +1,71 @@
 package loader
 
 import (
+	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
-	"sync/atomic"
 
-	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/sluicemesh/sluice/bpf"
 )
 
-// Offload is the sidecar's hand on offload's maps: it tells the kernel that
-// the app's messages on a connection go straight out on the sidecar's far
-// socket (the splice program's offload, bpf/splice.c), and takes that back.
-type Offload struct {
-	pins         *Pins
-	socks, peers *ebpf.Map
-	ids          [2]ebpf.MapID
-	closed       atomic.Bool
-}
+// Offload errors: why the kernel did not take a connection.
+var (
+	// ErrNoOffloadHook: no Sluice install runs in the pod (or one older
+	// than this handoff): nothing answers the option.
+	ErrNoOffloadHook = errors.New("no Sluice install in the pod answers the offload handoff")
+	// ErrNotOffloadable: the far socket is not on one of the install's
+	// offload ports (or splice is off), so the kernel never readied it.
+	ErrNotOffloadable = errors.New("not a connection on an offload port")
+	// ErrNotProxy: the caller is not the install's proxy identity.
+	ErrNotProxy = errors.New("only the install's proxy identity may hand connections to the kernel")
+)
 
-// OpenOffload opens t's offload maps for writing. It needs only read and
-// write access to those two pins (the proxy group has it).
-func OpenOffload(t Target) (*Offload, error) {
-	p, err := Open(t, ReadWrite, bpf.SluiceMapOffloadSocks, bpf.SluiceMapOffloadPeers)
-	if err != nil {
-		return nil, err
-	}
-	// Both are open: Map returns them as they are.
-	o := &Offload{pins: p}
-	o.socks, _ = p.Map(bpf.SluiceMapOffloadSocks)
-	o.peers, _ = p.Map(bpf.SluiceMapOffloadPeers)
-	for i, m := range []*ebpf.Map{o.socks, o.peers} {
-		if info, err := m.Info(); err == nil {
-			o.ids[i], _ = info.ID()
-		}
-	}
-	return o, nil
-}
-
-// Same reports whether o and other are the same maps: a rerun of install
-// that resizes them (splice turned on) replaces them.
-func (o *Offload) Same(other *Offload) bool {
-	return o.ids == other.ids && o.ids[0] != 0
-}
-
-// Close closes the maps. What was handed to them needs no taking back
-// after: once replaced, no program reads them.
-func (o *Offload) Close() error {
-	o.closed.Store(true)
-	return o.pins.Close()
-}
-
-// Hand hands a proxied connection's app-to-far direction to the kernel, and
-// returns what takes it back (before the sockets close; the far socket
-// leaves the sockhash by itself as it closes). app and sidecar are the two
-// ends of the hop to the app (the app's socket and the sidecar's), far the
-// sidecar's socket on the other side, connected. From the call on, the
-// sidecar must leave every byte it reads on its end of the hop until it has
-// written it to far (peek, write, then read), since the kernel sends the
-// app's next message straight on only when that queue is empty.
-func (o *Offload) Hand(app, sidecar netip.AddrPort, far int) (release func() error, err error) {
+// HandOffload hands a proxied connection's app-to-far direction to the
+// kernel, and returns what takes it back (before the sockets close; the far
+// socket leaves the kernel's table by itself as it closes). app and sidecar
+// are the two ends of the hop to the app (the app's socket and the
+// sidecar's), far the sidecar's socket on the other side, connected. From
+// the call on, the sidecar must leave every byte it reads on its end of the
+// hop until it has written it to far (peek, write, then read), since the
+// kernel sends the app's next message straight on only when that queue is
+// empty.
+//
+// It is a setsockopt on far that the pod's setsockopt program answers
+// (bpf/setsockopt.c): the kernel checks that the caller is the proxy
+// identity and far is its own socket on an offload port, and writes the
+// pod's maps itself. The caller needs no BPF access at all.
+func HandOffload(app, sidecar netip.AddrPort, far int) (release func() error, err error) {
 	// The splice table's key of the app's end: the hop as the app sees it.
 	key := bpf.SluiceTupleKey{Client: Addr6(app.Addr()), ClientPort: app.Port(), Server: Addr6(sidecar.Addr()), ServerPort: sidecar.Port()}
-	cookie, err := unix.GetsockoptUint64(far, unix.SOL_SOCKET, unix.SO_COOKIE)
-	if err != nil {
-		return nil, fmt.Errorf("offload: socket cookie: %w", err)
+	var buf bytes.Buffer
+	if err := binary.Write(&buf, binary.NativeEndian, key); err != nil {
+		return nil, err
 	}
-	if err := o.socks.Update(cookie, uint64(far), ebpf.UpdateAny); err != nil {
-		return nil, fmt.Errorf("offload: add the far socket to %s: %w", bpf.SluiceMapOffloadSocks, err)
-	}
-	if err := o.peers.Update(key, cookie, ebpf.UpdateAny); err != nil {
-		o.socks.Delete(cookie)
-		return nil, fmt.Errorf("offload: write %s: %w", bpf.SluiceMapOffloadPeers, err)
+	value := buf.String()
+	if err := offloadOpt(far, bpf.SluiceSluiceSockoptSLUICE_OFFLOAD_HAND, value); err != nil {
+		return nil, err
 	}
 	return func() error {
-		if o.closed.Load() {
-			return nil
-		}
-		if err := o.peers.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("offload: delete from %s: %w", bpf.SluiceMapOffloadPeers, err)
-		}
-		return nil
+		return offloadOpt(far, bpf.SluiceSluiceSockoptSLUICE_OFFLOAD_RELEASE, value)
 	}, nil
+}
+
+func offloadOpt(fd int, opt bpf.SluiceSluiceSockopt, value string) error {
+	err := unix.SetsockoptString(fd, int(bpf.SluiceSluiceSockoptSOL_SLUICE), int(opt), value)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.ENOPROTOOPT), errors.Is(err, unix.EOPNOTSUPP):
+		return ErrNoOffloadHook
+	case errors.Is(err, unix.ENOENT):
+		return ErrNotOffloadable
+	case errors.Is(err, unix.EPERM):
+		return ErrNotProxy
+	default:
+		return fmt.Errorf("offload: %w", err)
+	}
 }

@@ -160,19 +160,14 @@ func (p *Pins) routeMaps() (routeMaps, error) {
 	return m, err
 }
 
-// Plan reads the plan in force: from the node's policy maps, and the
-// offload ports from the record. An install from before the node's maps
-// held the policy is errOlderLayout.
+// Plan reads the plan in force, from the node's policy maps. An install
+// from before the node's maps held the policy is errOlderLayout.
 func (p *Pins) Plan() (redirect.Plan, error) {
 	m, err := p.policy()
 	if err != nil {
 		return redirect.Plan{}, err
 	}
 	plan, _, err := m.read()
-	if err != nil {
-		return plan, err
-	}
-	plan.OffloadPorts, plan.OffloadInboundPorts, err = p.rec.offloadPorts()
 	return plan.Normalize(), err
 }
 

@@ -44,9 +44,8 @@ var pinnedMaps = []string{
 var sidecarPins = []string{bpf.SluiceMapMeta, bpf.SluiceMapCounters, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive}
 
 // sidecarWritable are the pins the sidecar must also write: it consumes the
-// flow ring buffer, and a consumer moves the ring's read position; it hands
-// connections to the kernel in offload's maps.
-var sidecarWritable = []string{bpf.SluiceMapFlowEvents, bpf.SluiceMapOffloadSocks, bpf.SluiceMapOffloadPeers}
+// flow ring buffer, and a consumer moves the ring's read position.
+var sidecarWritable = []string{bpf.SluiceMapFlowEvents}
 
 const (
 	pinRootMode   = 0o711 // anyone may pass through, nobody but root may list pods
@@ -90,9 +89,9 @@ type record struct {
 	// Sidecar is what the sidecar needs of the plan, which it reads here
 	// and not in the node's policy maps (root's alone).
 	Sidecar *sidecarRecord `json:"sidecar,omitempty"`
-	// Offload is the plan's offload ports: no BPF program reads them, the
-	// sidecar does, from here. nil in the record of an install from before,
-	// whose policy maps hold them.
+	// Offload is the plan's offload ports, for the sidecar, which reads
+	// no node map (the node's port sets hold them for the kernel). nil in
+	// the record of an install from before, whose policy maps hold them.
 	Offload *offloadRecord `json:"offload,omitempty"`
 }
 

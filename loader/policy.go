@@ -36,8 +36,7 @@ func policyMapsOf(maps map[string]*ebpf.Map, pod uint32) policyMaps {
 	}
 }
 
-// read returns the plan in force and its slot. The plan lacks the offload
-// ports, which the install record keeps.
+// read returns the plan in force and its slot.
 func (m policyMaps) read() (redirect.Plan, uint8, error) {
 	slot, err := m.slot()
 	if err != nil {
@@ -91,15 +90,13 @@ func (m policyMaps) planOf(slot uint8, pol bpf.SluicePolicy) (redirect.Plan, err
 // then flips the active index, so a hook sees either the whole old plan or
 // the whole new one. The old slot is left as it was until the next write, so
 // a hook that read the old index a moment before the flip still finds a
-// complete plan. It reports whether anything changed. p's offload ports are
-// not the maps' (the record keeps them). A pod never written reads as slot
-// 0 with nothing in it, and gets slot 1.
+// complete plan. It reports whether anything changed. A pod never written
+// reads as slot 0 with nothing in it, and gets slot 1.
 func (m policyMaps) write(p redirect.Plan) (bool, error) {
 	cur, slot, err := m.read()
 	if err != nil {
 		return false, err
 	}
-	p.OffloadPorts, p.OffloadInboundPorts = nil, nil
 	var never bpf.SluicePolicy
 	if err := m.policies.Lookup(2*m.pod+uint32(slot), &never); err == nil && never != (bpf.SluicePolicy{}) && cur.Equal(p) {
 		return false, nil
@@ -230,6 +227,8 @@ func portSets(p *redirect.Plan) []struct {
 		{&p.InboundPorts, bpf.SluicePortSetPORT_IN_INCLUDE},
 		{&p.KernelOnlyPorts, bpf.SluicePortSetPORT_OUT_KERNEL_ONLY},
 		{&p.KernelOnlyInboundPorts, bpf.SluicePortSetPORT_IN_KERNEL_ONLY},
+		{&p.OffloadPorts, bpf.SluicePortSetPORT_OUT_OFFLOAD},
+		{&p.OffloadInboundPorts, bpf.SluicePortSetPORT_IN_OFFLOAD},
 	}
 }
 

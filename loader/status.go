@@ -44,8 +44,8 @@ type State struct {
 	// on.
 	SpliceCapacity int `json:"splice_capacity"`
 	// OffloadConnections is how many connections the sidecar has handed to
-	// the kernel now, and OffloadSockets how many of its far sockets are in
-	// offload's table: both 0 at rest.
+	// the kernel now, and OffloadSockets how many of its open sockets on
+	// offload ports are in offload's table (handed or not): both 0 at rest.
 	OffloadConnections int `json:"offload_connections"`
 	OffloadSockets     int `json:"offload_sockets"`
 }
@@ -305,6 +305,8 @@ var counterNames = map[bpf.SluiceCounter]string{
 	bpf.SluiceCounterCOUNT_OFFLOAD_VIA_PROXY:       "offload_via_sidecar",
 	bpf.SluiceCounterCOUNT_INBOUND_LISTENER_FAILED: "inbound_listener_unregistered",
 	bpf.SluiceCounterCOUNT_RR_FALLBACK:             "route_round_robin_fallback",
+	bpf.SluiceCounterCOUNT_OFFLOAD_FULL:            "offload_table_full",
+	bpf.SluiceCounterCOUNT_OFFLOAD_HANDED:          "offload_handed",
 }
 
 // sumCounters adds up the per-CPU values of every counter.

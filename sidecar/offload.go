@@ -17,15 +17,15 @@ import (
 // offload ports: outbound by original destination port, inbound by the
 // app's port. It follows the install: a rerun of install with other
 // offload ports applies to the next connections, as the rest of the policy
-// does.
+// does. The handoff is a setsockopt the pod's hooks answer
+// (loader.HandOffload): the sidecar holds no map.
 type offloader struct {
-	maps   atomic.Pointer[loader.Offload]
 	ports  atomic.Pointer[offloadPorts]
 	log    *slog.Logger
 	warned atomic.Bool
 	handed atomic.Int64 // connections offloaded
-	// hand is (*loader.Offload).Hand; a test gives the offloader another.
-	hand func(maps *loader.Offload, app, sidecar netip.AddrPort, far int) (func() error, error)
+	// hand is loader.HandOffload; a test gives the offloader another.
+	hand func(app, sidecar netip.AddrPort, far int) (func() error, error)
 }
 
 type offloadPorts struct{ outbound, inbound []uint16 }
@@ -33,15 +33,13 @@ type offloadPorts struct{ outbound, inbound []uint16 }
 // OffloadRefresh is how often the offloader rereads the install's ports.
 const OffloadRefresh = time.Second
 
-func newOffloader(maps *loader.Offload, plan redirect.Plan, log *slog.Logger) *offloader {
-	o := &offloader{log: log, hand: (*loader.Offload).Hand}
-	o.maps.Store(maps)
+func newOffloader(plan redirect.Plan, log *slog.Logger) *offloader {
+	o := &offloader{log: log, hand: loader.HandOffload}
 	o.ports.Store(&offloadPorts{plan.OffloadPorts, plan.OffloadInboundPorts})
 	return o
 }
 
-// follow rereads target's offload ports, and reopens its maps when a rerun
-// of install replaced them, until ctx ends.
+// follow rereads target's offload ports until ctx ends.
 func (o *offloader) follow(target loader.Target) runner {
 	return func(ctx context.Context) error {
 		t := time.NewTicker(OffloadRefresh)
@@ -52,21 +50,11 @@ func (o *offloader) follow(target loader.Target) runner {
 				return nil
 			case <-t.C:
 			}
-			// An install being replaced fails these: keep the last.
+			// An install being replaced fails this: keep the last.
 			out, in, err := loader.OffloadPorts(target)
 			if err != nil {
 				o.log.Debug("offload: reread the install's ports", "err", err)
 				continue
-			}
-			maps, err := loader.OpenOffload(target)
-			if err != nil {
-				o.log.Debug("offload: reopen the install's maps", "err", err)
-				continue
-			}
-			if maps.Same(o.maps.Load()) {
-				maps.Close()
-			} else {
-				o.maps.Swap(maps).Close()
 			}
 			o.ports.Store(&offloadPorts{out, in})
 		}
@@ -82,7 +70,7 @@ func (o *offloader) Offload(dir proxy.Direction, dst, app, sidecar netip.AddrPor
 	if !slices.Contains(ports, dst.Port()) {
 		return nil
 	}
-	release, err := o.hand(o.maps.Load(), app, sidecar, far)
+	release, err := o.hand(app, sidecar, far)
 	if err != nil {
 		// Once: every connection would fail alike. It stays proxied.
 		if !o.warned.Swap(true) {
@@ -97,6 +85,3 @@ func (o *offloader) Offload(dir proxy.Direction, dst, app, sidecar netip.AddrPor
 		}
 	}
 }
-
-// Close closes the maps, once the proxy has closed every connection.
-func (o *offloader) Close() error { return o.maps.Load().Close() }

@@ -6,16 +6,15 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/proxy"
 	"github.com/sluicemesh/sluice/redirect"
 )
 
 func TestOffloaderMatchesPortsByDirection(t *testing.T) {
 	log, _ := testLogger(t)
-	o := newOffloader(nil, redirect.Plan{OffloadPorts: []uint16{80, 443}, OffloadInboundPorts: []uint16{8080}}, log)
+	o := newOffloader(redirect.Plan{OffloadPorts: []uint16{80, 443}, OffloadInboundPorts: []uint16{8080}}, log)
 	var handed []netip.AddrPort
-	o.hand = func(_ *loader.Offload, app, _ netip.AddrPort, _ int) (func() error, error) {
+	o.hand = func(app, _ netip.AddrPort, _ int) (func() error, error) {
 		handed = append(handed, app)
 		return func() error { return nil }, nil
 	}
@@ -47,8 +46,8 @@ func TestOffloaderMatchesPortsByDirection(t *testing.T) {
 
 func TestOffloaderFailureProxiesAndWarnsOnce(t *testing.T) {
 	log, logs := testLogger(t)
-	o := newOffloader(nil, redirect.Plan{OffloadPorts: []uint16{80}}, log)
-	o.hand = func(*loader.Offload, netip.AddrPort, netip.AddrPort, int) (func() error, error) {
+	o := newOffloader(redirect.Plan{OffloadPorts: []uint16{80}}, log)
+	o.hand = func(netip.AddrPort, netip.AddrPort, int) (func() error, error) {
 		return nil, errors.New("socket gone")
 	}
 	dst := netip.MustParseAddrPort("198.18.2.2:80")

@@ -89,7 +89,6 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	err = serve(ctx, s.runners, p, s.cfg.Drain, served, s.log)
 	if s.offload != nil {
-		s.offload.Close()
 		s.log.Info("offload", "connections_offloaded", s.offload.handed.Load())
 	}
 	return err
@@ -162,23 +161,13 @@ func (s *sidecar) exportFlows(target loader.Target) error {
 	return nil
 }
 
-// followOffload opens the pod's offload maps and follows its install.
-// Every install made since offload exists has its maps, offload ports or
-// not: a later rerun of install may add them.
+// followOffload hands connections on the install's offload ports to the
+// kernel, and follows the install: a later rerun of install may add them.
 func (s *sidecar) followOffload(target loader.Target, installed redirect.Plan) error {
-	maps, err := loader.OpenOffload(target)
-	if err != nil {
-		if len(installed.OffloadPorts) > 0 || len(installed.OffloadInboundPorts) > 0 {
-			return err
-		}
-		s.log.Debug("no offload: its maps cannot be opened", "err", err)
-		return nil
-	}
-	s.offload = newOffloader(maps, installed, s.log)
+	s.offload = newOffloader(installed, s.log)
 	// Root is dropped before listening, and the pins' path may cross
 	// directories only root may pass (the host's /sys/fs/bpf): a
-	// descriptor of their directory keeps them in reach for rereading
-	// the policy.
+	// descriptor of their directory keeps the install record in reach.
 	dir, err := unix.Open(target.PinDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return fmt.Errorf("open %s: %w", target.PinDir, err)

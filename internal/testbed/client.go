@@ -73,6 +73,12 @@ func RunHelperIfRequested() {
 		runRelay(os.Getenv(addrEnv), os.Getenv(targetEnv))
 	case "echo":
 		runEcho(os.Getenv(addrEnv))
+	case "pins":
+		res := runPins(os.Getenv(addrEnv))
+		exitWithResult(&res, &res.Err, nil)
+	case "sockopt":
+		res, err := runSockopt(os.Getenv(addrEnv), os.Getenv(sockoptEnv))
+		exitWithResult(&res, &res.Err, err)
 	case "hold":
 		if err := runHold(); err != nil {
 			fmt.Fprintf(os.Stderr, "testbed hold: %v\n", err)
