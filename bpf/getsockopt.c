@@ -2,7 +2,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* cgroup/getsockopt: answer SO_ORIGINAL_DST on the proxy's accepted socket
  * exactly as conntrack would, so Envoy, HAProxy and the built-in proxy need no
- * Sluice-specific API. Every other getsockopt passes through untouched. */
+ * Sluice-specific API; and answer the built-in sidecar's SLUICE_PLAN. Every
+ * other getsockopt passes through untouched. */
 #include "sluice.h"
 
 /* inbound_orig is the original destination of a connection the inbound hook
@@ -67,9 +68,27 @@ static __always_inline int answer6(struct bpf_sockopt *ctx, const struct orig_ds
 	return 1;
 }
 
+/* answer_plan answers SLUICE_PLAN with the pod's policy in force, to any
+ * process of the pod (it is no secret there): the sidecar learns its ports,
+ * identity and flags from the kernel, not from pins. */
+static __always_inline int answer_plan(struct bpf_sockopt *ctx)
+{
+	__u32 pod = pod_of(bpf_get_netns_cookie(ctx)), slot;
+	const struct policy *pol = active_policy(pod, &slot);
+	struct policy *out = ctx->optval;
+	if (!pol || ctx->optname != SLUICE_PLAN || (void *)(out + 1) > ctx->optval_end)
+		return 0;
+	*out = *pol;
+	ctx->optlen = sizeof(*out);
+	ctx->retval = 0;
+	return 1;
+}
+
 SEC("cgroup/getsockopt")
 int sluice_getsockopt(struct bpf_sockopt *ctx)
 {
+	if (ctx->level == SOL_SLUICE && answer_plan(ctx))
+		return 1;
 	if (ctx->optname != SO_ORIGINAL_DST || (ctx->level != SOL_IP && ctx->level != SOL_IPV6))
 		goto pass;
 

@@ -50,6 +50,10 @@ enum config_flag {
 	/* --fail-open: with no sidecar listening, captured connections go
 	 * direct (counted) instead of being refused. */
 	CONFIG_FAIL_OPEN = 1 << 4,
+	/* --offload-ports or --offload-inbound-ports: the sidecar offers its
+	 * connections to the kernel (setsockopt.c), which takes those on the
+	 * port sets' ports. */
+	CONFIG_OFFLOAD = 1 << 5,
 };
 
 /* Port sets, one bit per port each. */
@@ -145,16 +149,22 @@ enum splice_flag {
 	SPLICE_OFFLOAD_READY = 1 << 2,
 };
 
-/* The sidecar hands a proxied connection to the kernel, and takes it back,
- * with setsockopt on its far socket at this level; the value is the app's
- * end of the hop (struct tuple_key, as splice_socks keys it). Only the
- * proxy identity may, only on a socket of its own pod that joined
- * offload_socks, and the kernel writes the pod's offload_peers: the sidecar
- * needs no access to any map. */
+/* What the sidecar asks of the kernel, at this socket option level, so it
+ * needs no access to any map:
+ * - SLUICE_OFFLOAD_HAND and _RELEASE: setsockopt on its far socket hands a
+ *   proxied connection to the kernel and takes it back; the value is the
+ *   app's end of the hop (struct tuple_key, as splice_socks keys it). Only
+ *   the proxy identity may, only on a socket of its own pod that joined
+ *   offload_socks, and the kernel writes the pod's offload_peers
+ *   (setsockopt.c).
+ * - SLUICE_PLAN: getsockopt on any TCP socket of the pod answers the pod's
+ *   struct policy in force: the sidecar's ports, the proxy identity and the
+ *   flags (getsockopt.c). */
 enum sluice_sockopt {
 	SOL_SLUICE = 0x51ce,
 	SLUICE_OFFLOAD_HAND = 1,
 	SLUICE_OFFLOAD_RELEASE = 2,
+	SLUICE_PLAN = 3,
 };
 
 /* A flow is a connection of the pod to or from the outside, seen from the

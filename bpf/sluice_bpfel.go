@@ -45,6 +45,7 @@ const (
 	SluiceConfigFlagCONFIG_NO_FLOWS          SluiceConfigFlag = 4
 	SluiceConfigFlagCONFIG_SPLICE            SluiceConfigFlag = 8
 	SluiceConfigFlagCONFIG_FAIL_OPEN         SluiceConfigFlag = 16
+	SluiceConfigFlagCONFIG_OFFLOAD           SluiceConfigFlag = 32
 )
 
 type SluiceCounter uint32
@@ -256,6 +257,7 @@ const (
 	SluiceSluiceSockoptSOL_SLUICE             SluiceSluiceSockopt = 20942
 	SluiceSluiceSockoptSLUICE_OFFLOAD_HAND    SluiceSluiceSockopt = 1
 	SluiceSluiceSockoptSLUICE_OFFLOAD_RELEASE SluiceSluiceSockopt = 2
+	SluiceSluiceSockoptSLUICE_PLAN            SluiceSluiceSockopt = 3
 )
 
 type SluiceSockRole uint32

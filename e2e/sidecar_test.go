@@ -32,8 +32,10 @@ mount --make-rprivate /
 for ns in /run/netns/*; do umount -l "$ns" 2>/dev/null || true; done
 mount --bind /sys/fs/bpf/sluice "$STAGE"
 mount -t tmpfs -o mode=0755 sidecar-bpf /sys/fs/bpf
-mkdir /sys/fs/bpf/sluice
-mount --move "$STAGE" /sys/fs/bpf/sluice
+if [ -z "$NO_PINS" ]; then
+	mkdir /sys/fs/bpf/sluice
+	mount --move "$STAGE" /sys/fs/bpf/sluice
+fi
 exec setpriv --reuid $ID --regid $ID --clear-groups --inh-caps=-all --ambient-caps=-all --bounding-set=-all -- "$@"`
 	cmd := exec.Command("sh", append([]string{"-c", script, "sidecar", sluiceBin}, argv...)...)
 	cmd.Env = append(os.Environ(), "STAGE="+stage, fmt.Sprintf("ID=%d", uid))
@@ -74,7 +76,8 @@ func TestSidecarAsProxyUserWithNoCapabilities(t *testing.T) {
 	c.expectProxiedDir(t, c.inbound(t, in), in, "inbound")
 
 	// Offload, turned on by a rerun of install, works for this sidecar
-	// too: it opens offload's maps and rereads the policy as uid 1337.
+	// too: it asks the pod's hooks again and hands connections over as
+	// uid 1337, with no map.
 	mustCLI(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "--splice", "--offload-ports", "8080")
 	out := netip.AddrPortFrom(c.host.Addr4, 8080).String()
 	for deadline := time.Now().Add(10 * time.Second); ; {
@@ -115,7 +118,39 @@ func TestSidecarAsProxyUserWithNoCapabilities(t *testing.T) {
 	}
 }
 
-// Run without the proxy's group, the sidecar names the real cause.
+// Without /metrics, the sidecar needs no BPF at all: as uid 1337 with no
+// capability and no pin in its mount view (no bpffs of the host), it asks
+// the pod's hooks for its plan (the install's -p and -z here are not the
+// defaults), serves on those ports and offloads.
+func TestSidecarWithoutPinsServesThePlanTheKernelAnswers(t *testing.T) {
+	c := newCapturedPodIn(t, systemdPodPath, "--splice", "-p", "15011", "-z", "15016", "--offload-ports", "8080")
+	cmd := inSidecarContainer(t, 1337, "run", "--metrics-addr", "", "--log-format", "json", "--log-level", "debug")
+	cmd.Env = append(cmd.Env, "NO_PINS=1")
+	l, err := c.pod.StartLogged(cmd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.WaitFor("listening", nil, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	c.sidecar = l
+	if plan := l.Entries("plan from the pod's hooks"); len(plan) != 1 || plan[0].Num("outbound_port") != 15011 || plan[0].Num("inbound_port") != 15016 || plan[0]["offload"] != true {
+		t.Fatalf("want the sidecar to learn ports 15011/15016 and offload from the kernel:\n%s", l.Output())
+	}
+	before := statusJSON(t, c.cgroup).Counters
+	for _, a := range []netip.Addr{c.host.Addr4, c.host.Addr6} {
+		addr := netip.AddrPortFrom(a, 8080).String()
+		if e := c.proxiedEntry(t, c.client(t, addr), addr, "outbound"); e["offloaded"] != true {
+			t.Errorf("%s: not offloaded: %v", addr, e)
+		}
+	}
+	if d := diff(before, statusJSON(t, c.cgroup).Counters); d["offload_handed"] != 2 {
+		t.Errorf("%d connections handed to the kernel, want 2: %v", d["offload_handed"], d)
+	}
+}
+
+// Run without the proxy's group, the sidecar names the real cause: it
+// reads the flows it exports from the pod's pins.
 func TestSidecarWithoutProxyGroupSaysWhy(t *testing.T) {
 	c := newCapturedPod(t)
 	cmd := inSidecarContainer(t, 1000, "run", "--cgroup", c.cgroup)

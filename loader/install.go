@@ -198,7 +198,7 @@ func (in *installer) inspect(args []string) error {
 		}
 	}
 	in.want = record{Format: recordFormat, Cgroup: t.Cgroup, CgroupID: t.CgroupID, Netns: t.Netns, NetnsInode: in.netnsIno,
-		Interface: t.Interface, Ifindex: ifindex, Args: args, Offload: offloadOf(in.plan), Sidecar: sidecarOf(in.plan.Normalize())}
+		Interface: t.Interface, Ifindex: ifindex, Args: args, Sidecar: sidecarOf(in.plan.Normalize())}
 	cur, err := readPins(t.PinDir)
 	if err != nil {
 		return err

@@ -171,28 +171,6 @@ func (p *Pins) Plan() (redirect.Plan, error) {
 	return plan.Normalize(), err
 }
 
-// OffloadPorts returns the install's offload ports, outbound and inbound:
-// from the record, which the handle read as it opened, or, for an install
-// whose record predates them, from its policy maps.
-func (p *Pins) OffloadPorts() (out, in []uint16, err error) {
-	if p.rec.Offload != nil {
-		return p.rec.offloadPorts()
-	}
-	plan, err := p.Plan()
-	return plan.OffloadPorts, plan.OffloadInboundPorts, err
-}
-
-// OffloadPorts reads t's offload ports, outbound and inbound: one lookup of
-// the install record, cheap enough for the sidecar to poll.
-func OffloadPorts(t Target) (out, in []uint16, err error) {
-	p, err := Open(t, ReadOnly)
-	if err != nil {
-		return nil, nil, err
-	}
-	defer p.Close()
-	return p.OffloadPorts()
-}
-
 // Counters reads the hooks' counters (see counterNames).
 func (p *Pins) Counters() (map[string]uint64, error) {
 	m, err := p.Map(bpf.SluiceMapCounters)

@@ -168,8 +168,8 @@ func TestHandOffloadWithoutInstall(t *testing.T) {
 	}
 	defer far.Close()
 	_, err = HandOffload(netip.MustParseAddrPort("127.0.0.1:40000"), netip.MustParseAddrPort("127.0.0.1:15001"), int(far.Fd()))
-	if !errors.Is(err, ErrNoOffloadHook) {
-		t.Errorf("HandOffload outside any install: %v, want ErrNoOffloadHook", err)
+	if !errors.Is(err, ErrNoHook) {
+		t.Errorf("HandOffload outside any install: %v, want ErrNoHook", err)
 	}
 }
 

@@ -86,13 +86,11 @@ type record struct {
 	// record of an install from before programs were the node's.
 	Index       uint32 `json:"index,omitempty"`
 	NetnsCookie uint64 `json:"netns_cookie,omitempty"`
-	// Sidecar is what the sidecar needs of the plan, which it reads here
-	// and not in the node's policy maps (root's alone).
+	// Sidecar is what the sidecar needs of the plan, for a sidecar that
+	// reads it here (one of an earlier build than the install's: this
+	// build's asks the pod's hooks, AskPlan), not in the node's policy
+	// maps (root's alone).
 	Sidecar *sidecarRecord `json:"sidecar,omitempty"`
-	// Offload is the plan's offload ports, for the sidecar, which reads
-	// no node map (the node's port sets hold them for the kernel). nil in
-	// the record of an install from before, whose policy maps hold them.
-	Offload *offloadRecord `json:"offload,omitempty"`
 }
 
 // sidecarRecord is the sidecar's part of a plan.
@@ -106,72 +104,6 @@ type sidecarRecord struct {
 
 func sidecarOf(p redirect.Plan) *sidecarRecord {
 	return &sidecarRecord{OutboundPort: p.OutboundPort, InboundPort: p.InboundPort, ProxyUID: p.ProxyUID, ProxyGID: p.ProxyGID, Ports: p.SidecarPorts}
-}
-
-// offloadRecord is the offload ports as port ranges: "80,8080-8090".
-type offloadRecord struct {
-	Outbound string `json:"outbound,omitempty"`
-	Inbound  string `json:"inbound,omitempty"`
-}
-
-func offloadOf(p redirect.Plan) *offloadRecord {
-	p = p.Normalize()
-	return &offloadRecord{Outbound: portRanges(p.OffloadPorts), Inbound: portRanges(p.OffloadInboundPorts)}
-}
-
-// offloadPorts returns the record's offload ports; none without them.
-func (r record) offloadPorts() (out, in []uint16, err error) {
-	if r.Offload == nil {
-		return nil, nil, nil
-	}
-	if out, err = parsePortRanges(r.Offload.Outbound); err != nil {
-		return nil, nil, err
-	}
-	in, err = parsePortRanges(r.Offload.Inbound)
-	return out, in, err
-}
-
-// portRanges writes sorted, distinct ports as ranges.
-func portRanges(ports []uint16) string {
-	var b strings.Builder
-	for i := 0; i < len(ports); {
-		j := i
-		for j+1 < len(ports) && ports[j+1] == ports[j]+1 {
-			j++
-		}
-		if b.Len() > 0 {
-			b.WriteByte(',')
-		}
-		b.WriteString(strconv.Itoa(int(ports[i])))
-		if j > i {
-			b.WriteString("-" + strconv.Itoa(int(ports[j])))
-		}
-		i = j + 1
-	}
-	return b.String()
-}
-
-// parsePortRanges reads what portRanges wrote.
-func parsePortRanges(s string) ([]uint16, error) {
-	var ports []uint16
-	for _, item := range strings.Split(s, ",") {
-		if item == "" {
-			continue
-		}
-		lo, hi, isRange := strings.Cut(item, "-")
-		if !isRange {
-			hi = lo
-		}
-		first, err1 := strconv.ParseUint(lo, 10, 16)
-		last, err2 := strconv.ParseUint(hi, 10, 16)
-		if err1 != nil || err2 != nil || first > last {
-			return nil, fmt.Errorf("install record: bad offload ports %q", s)
-		}
-		for p := first; p <= last; p++ {
-			ports = append(ports, uint16(p))
-		}
-	}
-	return ports, nil
 }
 
 // sameTarget reports whether r and o install on the same namespace and

@@ -254,6 +254,9 @@ func entriesOf(p redirect.Plan, pod uint32, slot uint8) slotEntries {
 	if p.Splice {
 		e.policy.Flags |= uint32(bpf.SluiceConfigFlagCONFIG_SPLICE)
 	}
+	if len(p.OffloadPorts) > 0 || len(p.OffloadInboundPorts) > 0 {
+		e.policy.Flags |= uint32(bpf.SluiceConfigFlagCONFIG_OFFLOAD)
+	}
 	copy(e.policy.SidecarPorts[:], p.SidecarPorts)
 	for _, ps := range portSets(&p) {
 		for _, port := range *ps.ports {

@@ -252,23 +252,23 @@ func linkState(pin string, cgroupID, netnsIno uint64) (LinkState, uint64, error)
 	return ls, memlock, nil
 }
 
-// ReadPlan is what the sidecar reads: its part of the plan in force for t
-// (ports, proxy identity, offload ports), from the install record, which
-// must belong to t's cgroup. It needs only read access to the sidecar's
-// pins (the proxy group's), not root, and no node map.
-func ReadPlan(t Target) (redirect.Plan, error) {
+// ReadPlan is what a sidecar reads of an install whose hooks do not answer
+// AskPlan (an older Sluice's, which cannot take an offload either): its
+// ports and proxy identity, from the install record, which must belong to
+// t's cgroup. It needs only read access to the sidecar's pins (the proxy
+// group's), not root, and no node map.
+func ReadPlan(t Target) (SidecarPlan, error) {
 	p, err := Open(t, ReadOnly)
 	if err != nil {
-		return redirect.Plan{}, err
+		return SidecarPlan{}, err
 	}
 	defer p.Close()
 	sc := p.rec.Sidecar
-	if sc == nil {
-		return p.Plan() // an install before the record kept it: root reads it
+	if sc == nil { // an install before the record kept it: root reads it
+		plan, err := p.Plan()
+		return SidecarPlan{OutboundPort: plan.OutboundPort, InboundPort: plan.InboundPort, ProxyUID: plan.ProxyUID, ProxyGID: plan.ProxyGID, SidecarPorts: plan.SidecarPorts}, err
 	}
-	plan := redirect.Plan{OutboundPort: sc.OutboundPort, InboundPort: sc.InboundPort, ProxyUID: sc.ProxyUID, ProxyGID: sc.ProxyGID, SidecarPorts: sc.Ports}
-	plan.OffloadPorts, plan.OffloadInboundPorts, err = p.rec.offloadPorts()
-	return plan, err
+	return SidecarPlan{OutboundPort: sc.OutboundPort, InboundPort: sc.InboundPort, ProxyUID: sc.ProxyUID, ProxyGID: sc.ProxyGID, SidecarPorts: sc.Ports}, nil
 }
 
 // errOlderLayout is a policy this build cannot read: installed by another

@@ -2,25 +2,23 @@ package sidecar
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net/netip"
-	"slices"
 	"sync/atomic"
 	"time"
 
 	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/proxy"
-	"github.com/sluicemesh/sluice/redirect"
 )
 
-// offloader offers the proxy's connections to the kernel by the install's
-// offload ports: outbound by original destination port, inbound by the
-// app's port. It follows the install: a rerun of install with other
-// offload ports applies to the next connections, as the rest of the policy
-// does. The handoff is a setsockopt the pod's hooks answer
-// (loader.HandOffload): the sidecar holds no map.
+// offloader offers the proxy's connections to the kernel while the
+// install has offload ports: the kernel takes those on them
+// (loader.HandOffload), and the sidecar holds no map. It follows the
+// install: a rerun of install that adds or removes offload ports applies
+// to the next connections, as the rest of the policy does.
 type offloader struct {
-	ports  atomic.Pointer[offloadPorts]
+	on     atomic.Bool
 	log    *slog.Logger
 	warned atomic.Bool
 	handed atomic.Int64 // connections offloaded
@@ -28,19 +26,18 @@ type offloader struct {
 	hand func(app, sidecar netip.AddrPort, far int) (func() error, error)
 }
 
-type offloadPorts struct{ outbound, inbound []uint16 }
-
-// OffloadRefresh is how often the offloader rereads the install's ports.
+// OffloadRefresh is how often the offloader asks the install again.
 const OffloadRefresh = time.Second
 
-func newOffloader(plan redirect.Plan, log *slog.Logger) *offloader {
+func newOffloader(on bool, log *slog.Logger) *offloader {
 	o := &offloader{log: log, hand: loader.HandOffload}
-	o.ports.Store(&offloadPorts{plan.OffloadPorts, plan.OffloadInboundPorts})
+	o.on.Store(on)
 	return o
 }
 
-// follow rereads target's offload ports until ctx ends.
-func (o *offloader) follow(target loader.Target) runner {
+// follow asks the pod's hooks whether the install has offload ports, with
+// ask, until ctx ends.
+func (o *offloader) follow(ask func() (loader.SidecarPlan, error)) runner {
 	return func(ctx context.Context) error {
 		t := time.NewTicker(OffloadRefresh)
 		defer t.Stop()
@@ -50,27 +47,25 @@ func (o *offloader) follow(target loader.Target) runner {
 				return nil
 			case <-t.C:
 			}
-			// An install being replaced fails this: keep the last.
-			out, in, err := loader.OffloadPorts(target)
+			// An install being replaced may fail this: keep the last.
+			plan, err := ask()
 			if err != nil {
-				o.log.Debug("offload: reread the install's ports", "err", err)
+				o.log.Debug("offload: ask the install again", "err", err)
 				continue
 			}
-			o.ports.Store(&offloadPorts{out, in})
+			o.on.Store(plan.Offload)
 		}
 	}
 }
 
 func (o *offloader) Offload(dir proxy.Direction, dst, app, sidecar netip.AddrPort, far int) func() {
-	p := o.ports.Load()
-	ports := p.outbound
-	if dir == proxy.Inbound {
-		ports = p.inbound
-	}
-	if !slices.Contains(ports, dst.Port()) {
+	if !o.on.Load() {
 		return nil
 	}
 	release, err := o.hand(app, sidecar, far)
+	if errors.Is(err, loader.ErrNotOffloadable) {
+		return nil // not on an offload port: proxied, as asked
+	}
 	if err != nil {
 		// Once: every connection would fail alike. It stays proxied.
 		if !o.warned.Swap(true) {

@@ -6,47 +6,50 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/proxy"
-	"github.com/sluicemesh/sluice/redirect"
 )
 
-func TestOffloaderMatchesPortsByDirection(t *testing.T) {
-	log, _ := testLogger(t)
-	o := newOffloader(redirect.Plan{OffloadPorts: []uint16{80, 443}, OffloadInboundPorts: []uint16{8080}}, log)
-	var handed []netip.AddrPort
+// The offloader offers connections only while the install has offload
+// ports, follows the install, and leaves a connection the kernel declines
+// (not on an offload port) proxied without a word.
+func TestOffloaderOffersWhileTheInstallHasOffloadPorts(t *testing.T) {
+	log, logs := testLogger(t)
+	o := newOffloader(false, log)
+	kernel := map[uint16]bool{8080: true} // the install's offload ports
 	o.hand = func(app, _ netip.AddrPort, _ int) (func() error, error) {
-		handed = append(handed, app)
+		if !kernel[app.Port()] {
+			return nil, loader.ErrNotOffloadable
+		}
 		return func() error { return nil }, nil
 	}
-	app := netip.MustParseAddrPort("10.0.0.1:40000")
 	side := netip.MustParseAddrPort("127.0.0.1:15001")
-	for _, tc := range []struct {
-		dir  proxy.Direction
-		dst  string
-		want bool
-	}{
-		{proxy.Outbound, "198.18.2.2:80", true},
-		{proxy.Outbound, "198.18.2.2:443", true},
-		{proxy.Outbound, "198.18.2.2:8080", false}, // an inbound port
-		{proxy.Inbound, "10.0.0.1:8080", true},
-		{proxy.Inbound, "10.0.0.1:80", false}, // an outbound port
-	} {
-		release := o.Offload(tc.dir, netip.MustParseAddrPort(tc.dst), app, side, 3)
-		if (release != nil) != tc.want {
-			t.Errorf("Offload(%v, %s) offloaded %v, want %v", tc.dir, tc.dst, release != nil, tc.want)
-		}
+	offer := func(port uint16) bool {
+		app := netip.AddrPortFrom(netip.MustParseAddr("198.18.1.2"), port)
+		release := o.Offload(proxy.Outbound, netip.MustParseAddrPort("198.18.2.2:80"), app, side, 3)
 		if release != nil {
 			release()
 		}
+		return release != nil
 	}
-	if n := o.handed.Load(); n != 3 || len(handed) != 3 {
-		t.Errorf("handed %d (counted %d), want 3", len(handed), n)
+	if offer(8080) {
+		t.Error("offloaded with no offload ports in the install")
+	}
+	o.on.Store(true)
+	if !offer(8080) || offer(9090) {
+		t.Error("want the connection the kernel takes offloaded, and only it")
+	}
+	if n := o.handed.Load(); n != 1 {
+		t.Errorf("counted %d offloaded, want 1", n)
+	}
+	if logs.String() != "" {
+		t.Errorf("logged for a declined connection:\n%s", logs)
 	}
 }
 
 func TestOffloaderFailureProxiesAndWarnsOnce(t *testing.T) {
 	log, logs := testLogger(t)
-	o := newOffloader(redirect.Plan{OffloadPorts: []uint16{80}}, log)
+	o := newOffloader(true, log)
 	o.hand = func(netip.AddrPort, netip.AddrPort, int) (func() error, error) {
 		return nil, errors.New("socket gone")
 	}

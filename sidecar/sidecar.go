@@ -8,7 +8,6 @@ package sidecar
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -16,11 +15,8 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/proxy"
-	"github.com/sluicemesh/sluice/redirect"
 	"github.com/sluicemesh/sluice/telemetry"
 )
 
@@ -60,11 +56,14 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	s := &sidecar{cfg: cfg, log: cfg.Logger}
 	defer s.close()
+	asked := s.askPlan()
 	if s.cfg.Cgroup == "" {
 		s.findPod()
 	}
-	if s.cfg.Cgroup != "" {
-		if err := s.useInstall(port); err != nil {
+	// The pins only for what the kernel does not answer: the flows, and
+	// the plan of an older install.
+	if s.cfg.Cgroup != "" && (asked == nil || s.cfg.MetricsAddr != "") {
+		if err := s.useInstall(port, asked); err != nil {
 			return err
 		}
 	}
@@ -120,29 +119,48 @@ func (s *sidecar) findPod() {
 	}
 }
 
-// useInstall reads the pod's install: its flows to export, its offload
-// ports to follow, and the ports and proxy identity not given as flags.
-func (s *sidecar) useInstall(metricsPort uint16) error {
+// askPlan asks the hooks of the pod this sidecar runs in for its plan, and
+// takes the ports and proxy identity not given as flags from it, and
+// offload's following. It returns nil when no install answers: iptables
+// REDIRECT, or an older Sluice, whose record useInstall reads.
+func (s *sidecar) askPlan() *loader.SidecarPlan {
+	plan, err := loader.AskPlan()
+	if err != nil {
+		s.log.Debug("no install answers the sidecar's plan", "reason", err)
+		return nil
+	}
+	s.log.Debug("plan from the pod's hooks", "outbound_port", plan.OutboundPort, "inbound_port", plan.InboundPort,
+		"proxy_uid", plan.ProxyUID, "offload", plan.Offload)
+	s.cfg.fillFrom(plan)
+	s.offload = newOffloader(plan.Offload, s.log)
+	s.runners = append(s.runners, s.offload.follow(loader.AskPlan))
+	return &plan
+}
+
+// useInstall reads the pod's pins: its flows to export, and, when the
+// kernel did not answer (asked is nil), the ports and proxy identity not
+// given as flags from its record.
+func (s *sidecar) useInstall(metricsPort uint16, asked *loader.SidecarPlan) error {
 	target, err := loader.ResolveTarget(s.cfg.Cgroup, s.cfg.PinDir)
 	if err != nil {
 		return err
 	}
-	installed, err := loader.ReadPlan(target)
-	if err != nil {
-		return err
+	if asked == nil {
+		installed, err := loader.ReadPlan(target)
+		if err != nil {
+			return err
+		}
+		s.cfg.fillFrom(installed)
+		asked = &installed
 	}
 	if s.cfg.MetricsAddr != "" {
 		if err := s.exportFlows(target); err != nil {
 			return err
 		}
 	}
-	if err := s.followOffload(target, installed); err != nil {
-		return err
-	}
-	s.cfg.fillFrom(installed)
 	warnIfOutside(s.log, target.Cgroup)
 	if s.exporter != nil {
-		warnIfUnreserved(s.log, metricsPort, installed.SidecarPorts)
+		warnIfUnreserved(s.log, metricsPort, asked.SidecarPorts)
 	}
 	return nil
 }
@@ -161,27 +179,9 @@ func (s *sidecar) exportFlows(target loader.Target) error {
 	return nil
 }
 
-// followOffload hands connections on the install's offload ports to the
-// kernel, and follows the install: a later rerun of install may add them.
-func (s *sidecar) followOffload(target loader.Target, installed redirect.Plan) error {
-	s.offload = newOffloader(installed, s.log)
-	// Root is dropped before listening, and the pins' path may cross
-	// directories only root may pass (the host's /sys/fs/bpf): a
-	// descriptor of their directory keeps the install record in reach.
-	dir, err := unix.Open(target.PinDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("open %s: %w", target.PinDir, err)
-	}
-	s.undo = append(s.undo, func() { unix.Close(dir) })
-	follow := target
-	follow.PinDir = fmt.Sprintf("/proc/self/fd/%d", dir)
-	s.runners = append(s.runners, s.offload.follow(follow))
-	return nil
-}
-
 // fillFrom takes the ports and proxy identity that were not given from
 // the pod's install.
-func (c *Config) fillFrom(installed redirect.Plan) {
+func (c *Config) fillFrom(installed loader.SidecarPlan) {
 	if !c.OutboundPortSet {
 		c.OutboundPort = installed.OutboundPort
 	}

@@ -311,8 +311,9 @@ func demoKernelOnly(w io.Writer, pod *testbed.Pod, addr netip.AddrPort, target l
 
 // demoOffload offloads the echo's port with a rerun of install: the sidecar
 // still accepts and dials (the server sees its socket), and the app's bytes
-// then go straight out on the sidecar's upstream socket. The sidecar picks
-// the new ports up within sidecar.OffloadRefresh.
+// then go straight out on the sidecar's upstream socket. The sidecar learns
+// from the pod's hooks that the install now has offload ports within
+// sidecar.OffloadRefresh.
 func demoOffload(w io.Writer, pod *testbed.Pod, addr netip.AddrPort, target loader.Target, plan redirect.Plan, args []string, exe string, log *slog.Logger) error {
 	if _, err := loader.Install(target, plan, args, log); err != nil {
 		return err

@@ -20,22 +20,24 @@ captured inbound ones on port -z (all addresses, plain TCP: the kernel hands
 it inbound connections from a sockmap, which takes no MPTCP socket): asks
 the kernel for each one's original destination (SO_ORIGINAL_DST), dials it
 (inbound: from 127.0.0.6, like Istio, or ::1) and copies bytes both ways.
-With --cgroup (inside a
-pod with none given: the pod it runs in, found as install finds it) it takes
-the ports and proxy uid/gid from the pod's install, reading pins that only
-root and the proxy group may read. Run it as the proxy uid/gid (1337 by
-default; on Linux 6.5+ it needs no capability); started as root, it switches to
-them before it listens, since only the proxy may bind the capture ports and
-its own connections must not be captured.
+In a pod with Sluice installed it asks the pod's hooks for the ports and
+proxy uid/gid not given as flags (a socket option the kernel answers: no
+pin, no BPF access); an older install's it reads from that pod's pins
+(--cgroup; inside a pod with none given, the pod it runs in, found as
+install finds it), which only root and the proxy group may read. Run it as
+the proxy uid/gid (1337 by default); it needs no capability. Started as
+root, it switches to them before it listens, since only the proxy may bind
+the capture ports and its own connections must not be captured.
 It needs no Sluice programs: behind iptables REDIRECT it works the same.
 
-With --cgroup it also offloads the connections the install names
-(--offload-ports, --offload-inbound-ports, or their sluice.dev/ annotations):
-once it has dialed, the kernel sends the app's bytes straight out on its
-socket, and only the replies still pass through it. It follows a rerun of
-install within a second.
+It also offloads the connections the install names (--offload-ports,
+--offload-inbound-ports, or their sluice.dev/ annotations): once it has
+dialed, the kernel sends the app's bytes straight out on its socket, and
+only the replies still pass through it. It follows a rerun of install within
+a second.
 
-With --cgroup it also exports the pod's flows, measured in the kernel, on
+With a pod (--cgroup, or the pod it runs in) it also exports the pod's
+flows, measured in the kernel and read from the pod's pins, on
 --metrics-addr (default :15090, the port Istio's Envoy uses for its own
 stats; change it where both run): /metrics for Prometheus, /flows for the
 open flows (what 'sluice flows' shows), /flows?follow=true each flow as it
@@ -113,7 +115,8 @@ func runFlags(fs *flag.FlagSet) (cfg *sidecar.Config, logFormat, logLevel *strin
 	policy := redirect.DefaultPolicy()
 	cfg = &sidecar.Config{OutboundPort: policy.OutboundPort, InboundPort: policy.InboundPort, ProxyUID: policy.ProxyUID, ProxyGID: policy.ProxyGID,
 		Identity: telemetry.IdentityFromEnv()}
-	fs.StringVar(&cfg.Cgroup, "cgroup", "", "the pod's cgroup v2 directory: read ports and proxy uid/gid from its install")
+	fs.StringVar(&cfg.Cgroup, "cgroup", "", "the pod's cgroup v2 directory, for the flows its pins hold (default: the pod this runs in);\n"+
+		"ports, proxy uid/gid and offload come from the pod's hooks, or from the pins of an older install")
 	fs.StringVar(&cfg.PinDir, "pin-dir", "", "where the pins are (default /sys/fs/bpf/sluice/<cgroup id>)")
 	fs.Var(redirect.PortFlag(&cfg.OutboundPort), "p", "outbound listener port")
 	fs.Var(redirect.PortFlag(&cfg.InboundPort), "z", "inbound listener port")
