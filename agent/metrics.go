@@ -2,6 +2,8 @@ package agent
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sluicemesh/sluice/loader"
 )
 
 // Every pod's series carry its cgroup and, for a kubelet's pod, its uid, to
@@ -15,6 +17,8 @@ var (
 		"Pods whose pins and links the agent removed after their cgroup was gone.", nil, nil)
 	descEvents = prometheus.NewDesc("sluice_kernel_events_total",
 		"What each pod's kernel hooks counted (by event), as its sidecar also exports it.", append(podLabels, "event"), nil)
+	descNodeEvents = prometheus.NewDesc("sluice_node_kernel_events_total",
+		"What the kernel hooks counted for no pod they could name (by event), every build on the node summed.", []string{"event"}, nil)
 	descWeight = prometheus.NewDesc("sluice_route_weight",
 		"A canary route's programmed weight for each backend.", append(podLabels, "service", "backend"), nil)
 	descPicks = prometheus.NewDesc("sluice_route_picks_total",
@@ -24,13 +28,20 @@ var (
 type collector struct{ a *Agent }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPods, descCollected, descEvents, descWeight, descPicks} {
+	for _, d := range []*prometheus.Desc{descPods, descCollected, descEvents, descNodeEvents, descWeight, descPicks} {
 		ch <- d
 	}
 }
 
 func (c collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descCollected, prometheus.CounterValue, float64(c.a.collected.Load()))
+	if node, err := loader.NodeCounters(c.a.opts.PinRoot); err != nil {
+		c.a.opts.Logger.Warn("read node counters", "err", err)
+	} else {
+		for event, n := range node {
+			ch <- prometheus.MustNewConstMetric(descNodeEvents, prometheus.CounterValue, float64(n), event)
+		}
+	}
 	pods, err := c.a.Pods()
 	if err != nil {
 		c.a.opts.Logger.Warn("list pods", "err", err)

@@ -10,7 +10,8 @@
  * destination, so the accepted socket's own address is the original
  * destination and nothing is rewritten or recorded. With no sidecar it
  * drops the lookup, and the kernel answers as it answers a closed port (a
- * reset, under its own rules), or with --fail-open lets the app have it. */
+ * reset, under its own rules), or with --fail-open lets the app have it.
+ * A lookup for an address it knows no pod of is dropped alike. */
 #include "sluice.h"
 
 /* Every network namespace's loopback device has this index. */
@@ -71,10 +72,16 @@ int sluice_sk_lookup(struct bpf_sk_lookup *ctx)
 	local_addr(ctx, &local);
 	if (from_inside(ctx, &local))
 		return SK_PASS;
-	/* A packet for an address of no captured pod is none of ours. */
+	/* This program runs only in captured pods' namespaces, so an address
+	 * of no pod is one its pod got after install registered its
+	 * addresses (or a link-local one, never registered). Whose policy
+	 * applies is unknown: refused, as a closed port is, and counted,
+	 * never the app's unsteered. Rerunning install registers it. */
 	__u32 *at = bpf_map_lookup_elem(&pod_ips, &local);
-	if (!at)
-		return SK_PASS;
+	if (!at) {
+		node_count(NODE_INBOUND_UNKNOWN_ADDRESS);
+		return SK_DROP;
+	}
 	__u32 pod = *at, slot;
 	const struct policy *pol = active_policy(pod, &slot);
 	void *listeners = pod_map(&inbound_listeners, pod);

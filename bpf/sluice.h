@@ -356,6 +356,32 @@ struct {
 	__type(value, __u32);
 } pod_ips SEC(".maps");
 
+/* What the hooks count for no pod they can name: sk_lookup finds its pod by
+ * the address a connection goes to. */
+enum node_counter {
+	/* TCP from outside to an address of no pod (one a pod got after its
+	 * install, or a link-local one, which install never registers):
+	 * refused. */
+	NODE_INBOUND_UNKNOWN_ADDRESS,
+	NODE_COUNTERS,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 8);
+	__type(key, __u32);
+	__type(value, __u64);
+} node_counters SEC(".maps");
+_Static_assert(NODE_COUNTERS <= 8, "more node counters than slots");
+
+static __always_inline void node_count(enum node_counter c)
+{
+	__u32 key = c;
+	__u64 *n = bpf_map_lookup_elem(&node_counters, &key);
+	if (n)
+		*n += 1;
+}
+
 /* pod_map returns the pod's map from the array outer. */
 static __always_inline void *pod_map(void *outer, __u32 pod)
 {
@@ -636,6 +662,7 @@ const enum route_mode *unused_route_mode __attribute__((unused));
 const enum rollback_reason *unused_rollback_reason __attribute__((unused));
 const enum splice_flag *unused_splice_flag __attribute__((unused));
 const enum sluice_sockopt *unused_sluice_sockopt __attribute__((unused));
+const enum node_counter *unused_node_counter __attribute__((unused));
 const enum listener_slot *unused_listener_slot __attribute__((unused));
 const enum pod_addr_slot *unused_pod_addr_slot __attribute__((unused));
 

@@ -149,6 +149,13 @@ const (
 	SluiceListenerSlotLISTENER_SLOTS SluiceListenerSlot = 2
 )
 
+type SluiceNodeCounter uint32
+
+const (
+	SluiceNodeCounterNODE_INBOUND_UNKNOWN_ADDRESS SluiceNodeCounter = 0
+	SluiceNodeCounterNODE_COUNTERS                SluiceNodeCounter = 1
+)
+
 type SluiceOrigDst struct {
 	_      structs.HostLayout
 	Addr   SluiceAddr6
@@ -309,6 +316,7 @@ const (
 	SluiceMapIncludeCidrs         = "include_cidrs"
 	SluiceMapKernelOnlyCidrs      = "kernel_only_cidrs"
 	SluiceMapMeta                 = "meta"
+	SluiceMapNodeCounters         = "node_counters"
 	SluiceMapOffloadPeers         = "offload_peers"
 	SluiceMapOffloadSocks         = "offload_socks"
 	SluiceMapPodAddrs             = "pod_addrs"
@@ -342,6 +350,7 @@ const (
 	SluiceVarUnusedFlowKind       = "unused_flow_kind"
 	SluiceVarUnusedInstallMeta    = "unused_install_meta"
 	SluiceVarUnusedListenerSlot   = "unused_listener_slot"
+	SluiceVarUnusedNodeCounter    = "unused_node_counter"
 	SluiceVarUnusedOrigDst        = "unused_orig_dst"
 	SluiceVarUnusedPodAddrSlot    = "unused_pod_addr_slot"
 	SluiceVarUnusedPortSet        = "unused_port_set"
@@ -423,6 +432,7 @@ type SluiceMapSpecs struct {
 	IncludeCidrs     *ebpf.MapSpec `ebpf:"include_cidrs"`
 	KernelOnlyCidrs  *ebpf.MapSpec `ebpf:"kernel_only_cidrs"`
 	Meta             *ebpf.MapSpec `ebpf:"meta"`
+	NodeCounters     *ebpf.MapSpec `ebpf:"node_counters"`
 	OffloadPeers     *ebpf.MapSpec `ebpf:"offload_peers"`
 	OffloadSocks     *ebpf.MapSpec `ebpf:"offload_socks"`
 	PodAddrs         *ebpf.MapSpec `ebpf:"pod_addrs"`
@@ -451,6 +461,7 @@ type SluiceVariableSpecs struct {
 	UnusedFlowKind       *ebpf.VariableSpec `ebpf:"unused_flow_kind"`
 	UnusedInstallMeta    *ebpf.VariableSpec `ebpf:"unused_install_meta"`
 	UnusedListenerSlot   *ebpf.VariableSpec `ebpf:"unused_listener_slot"`
+	UnusedNodeCounter    *ebpf.VariableSpec `ebpf:"unused_node_counter"`
 	UnusedOrigDst        *ebpf.VariableSpec `ebpf:"unused_orig_dst"`
 	UnusedPodAddrSlot    *ebpf.VariableSpec `ebpf:"unused_pod_addr_slot"`
 	UnusedPortSet        *ebpf.VariableSpec `ebpf:"unused_port_set"`
@@ -493,6 +504,7 @@ type SluiceMaps struct {
 	IncludeCidrs     *ebpf.Map `ebpf:"include_cidrs"`
 	KernelOnlyCidrs  *ebpf.Map `ebpf:"kernel_only_cidrs"`
 	Meta             *ebpf.Map `ebpf:"meta"`
+	NodeCounters     *ebpf.Map `ebpf:"node_counters"`
 	OffloadPeers     *ebpf.Map `ebpf:"offload_peers"`
 	OffloadSocks     *ebpf.Map `ebpf:"offload_socks"`
 	PodAddrs         *ebpf.Map `ebpf:"pod_addrs"`
@@ -518,6 +530,7 @@ func (m *SluiceMaps) Close() error {
 		m.IncludeCidrs,
 		m.KernelOnlyCidrs,
 		m.Meta,
+		m.NodeCounters,
 		m.OffloadPeers,
 		m.OffloadSocks,
 		m.PodAddrs,
@@ -547,6 +560,7 @@ type SluiceVariables struct {
 	UnusedFlowKind       *ebpf.Variable `ebpf:"unused_flow_kind"`
 	UnusedInstallMeta    *ebpf.Variable `ebpf:"unused_install_meta"`
 	UnusedListenerSlot   *ebpf.Variable `ebpf:"unused_listener_slot"`
+	UnusedNodeCounter    *ebpf.Variable `ebpf:"unused_node_counter"`
 	UnusedOrigDst        *ebpf.Variable `ebpf:"unused_orig_dst"`
 	UnusedPodAddrSlot    *ebpf.Variable `ebpf:"unused_pod_addr_slot"`
 	UnusedPortSet        *ebpf.Variable `ebpf:"unused_port_set"`

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"sort"
@@ -16,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sluicemesh/sluice/internal/testbed"
+	"github.com/sluicemesh/sluice/loader"
 )
 
 // inbound connects from the remote host into the pod.
@@ -258,4 +260,45 @@ func setLocalPortRange(t *testing.T, pod *testbed.Pod, first, last int) {
 	if err != nil {
 		t.Fatalf("narrow the pod's local port range: %v", err)
 	}
+}
+
+// An address the pod gets after its install is no way around the sidecar:
+// a connection to it is refused, counted for the node (no pod is known by
+// that address), until a rerun of install registers it and captures it.
+func TestInboundToAnAddressAddedAfterInstall(t *testing.T) {
+	c := newCapturedPod(t)
+	c.startSidecar(t)
+	if _, err := c.pod.ListenEcho("[::]:8080"); err != nil {
+		t.Fatal(err)
+	}
+	added := c.pod.Addr4.Next() // 198.18.<n>.3, in the pod's subnet
+	if err := c.pod.Do(func() error {
+		eth0, err := netlink.LinkByName(c.pod.Iface)
+		if err != nil {
+			return err
+		}
+		return netlink.AddrAdd(eth0, &netlink.Addr{IPNet: &net.IPNet{IP: added.AsSlice(), Mask: net.CIDRMask(24, 32)}})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	addr := netip.AddrPortFrom(added, 8080).String()
+	before, err := loader.NodeCounters(loader.DefaultPinRoot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res, err := c.host.RunClient(self(t), addr, payload); err == nil || !strings.Contains(err.Error(), "connection refused") {
+		t.Errorf("connection to %s, added after install: %v (app saw %s), want connection refused", addr, err, res.ServerSaw)
+	}
+	after, err := loader.NodeCounters(loader.DefaultPinRoot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := after["inbound_unknown_address_refused"] - before["inbound_unknown_address_refused"]; n == 0 {
+		t.Errorf("refused connections to an unknown address not counted: %v", after)
+	}
+	out := mustCLI(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns)
+	if !strings.Contains(out, added.String()) {
+		t.Errorf("rerun of install did not say it registered %s:\n%s", added, out)
+	}
+	c.expectProxiedDir(t, c.inbound(t, addr), addr, "inbound")
 }

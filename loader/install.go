@@ -271,11 +271,24 @@ func (in *installer) decide() (installPath, error) {
 	if err != nil || !s.Complete {
 		return pathFull, nil
 	}
-	if rec.argsDigest() == in.want.argsDigest() && s.Plan.Equal(in.plan) {
-		return pathNothing, nil
-	}
 	if s.SpliceCapacity < int(spliceTableSize(in.plan.Splice)) {
 		return pathFull, nil
+	}
+	if rec.Interface != "" {
+		// An address the pod got since: inbound to it is refused until
+		// it is registered, which the full path does.
+		addrs, err := podAddrs(in.t)
+		if err != nil {
+			return 0, err
+		}
+		missing, err := unregisteredAddrs(filepath.Dir(in.t.PinDir), rec.Object, rec.Index, addrs)
+		if err != nil || len(missing) > 0 {
+			in.change("addresses %v registered for inbound capture", missing)
+			return pathFull, nil
+		}
+	}
+	if rec.argsDigest() == in.want.argsDigest() && s.Plan.Equal(in.plan) {
+		return pathNothing, nil
 	}
 	return pathPolicy, nil
 }

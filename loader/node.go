@@ -430,3 +430,60 @@ func UninstallNode(root string) error {
 	errs = append(errs, os.Remove(filepath.Join(root, "node")))
 	return errors.Join(errs...)
 }
+
+// nodeCounterNames name the node_counters map's entries.
+var nodeCounterNames = map[bpf.SluiceNodeCounter]string{
+	bpf.SluiceNodeCounterNODE_INBOUND_UNKNOWN_ADDRESS: "inbound_unknown_address_refused",
+}
+
+// NodeCounters reads what the hooks counted for no pod they could name,
+// summed over every build on the node under root: none when there is none.
+func NodeCounters(root string) (map[string]uint64, error) {
+	out := map[string]uint64{}
+	builds, err := os.ReadDir(filepath.Join(root, "node"))
+	if errors.Is(err, os.ErrNotExist) {
+		return out, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read node state: %w", err)
+	}
+	for _, b := range builds {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(root, "node", b.Name(), bpf.SluiceMapNodeCounters), &ebpf.LoadPinOptions{ReadOnly: true})
+		if errors.Is(err, os.ErrNotExist) {
+			continue // a build from before node counters, or half made
+		}
+		if err != nil {
+			return nil, fmt.Errorf("open node counters of build %s: %w", b.Name(), err)
+		}
+		for c, name := range nodeCounterNames {
+			var perCPU []uint64
+			if err := m.Lookup(uint32(c), &perCPU); err != nil {
+				m.Close()
+				return nil, fmt.Errorf("read node counter %s: %w", name, err)
+			}
+			for _, n := range perCPU {
+				out[name] += n
+			}
+		}
+		m.Close()
+	}
+	return out, nil
+}
+
+// unregisteredAddrs returns those of addrs that the build object's node
+// state under root does not give to the pod at idx.
+func unregisteredAddrs(root, object string, idx uint32, addrs []netip.Addr) ([]netip.Addr, error) {
+	maps, err := openNodeMaps(root, object, bpf.SluiceMapPodIps)
+	if err != nil {
+		return nil, err
+	}
+	defer maps[bpf.SluiceMapPodIps].Close()
+	var missing []netip.Addr
+	for _, a := range addrs {
+		var owner uint32
+		if err := maps[bpf.SluiceMapPodIps].Lookup(Addr6(a), &owner); err != nil || owner != idx {
+			missing = append(missing, a)
+		}
+	}
+	return missing, nil
+}
