@@ -1,9 +1,10 @@
 // Package agent is the node agent: it follows every pod installed on the
-// node through the pins, exports their kernel counters and canary routes on
-// one endpoint, and removes the pins and links of pods whose cgroup is gone
-// (a pod deleted without its capture being uninstalled). Capture never
-// depends on it: the programs run from their pins, so restarting the agent
-// interrupts nothing.
+// node through the pins, exports their flows (read from the node's flow
+// ring), kernel counters and canary routes on one endpoint, and removes the
+// pins and links of pods whose cgroup is gone (a pod deleted without its
+// capture being uninstalled). Capture never depends on it: the programs run
+// from their pins, so restarting the agent interrupts nothing; flows that
+// close while it is down are counted as lost by the kernel.
 package agent
 
 import (
@@ -25,17 +26,27 @@ import (
 type Options struct {
 	// PinRoot holds every pod's pins (loader.DefaultPinRoot).
 	PinRoot string
-	Logger  *slog.Logger
+	// IstioNames names the pods' layer-4 counters istio_tcp_* instead of
+	// sluice_tcp_*; MaxDestinations bounds each pod's destination_service
+	// values (telemetry.Options).
+	IstioNames      bool
+	MaxDestinations int
+	Logger          *slog.Logger
 }
 
 // Agent is one node's agent.
 type Agent struct {
 	opts      Options
 	collected atomic.Uint64
+	flows     *flowExport
 }
 
 // New returns an agent for the pods pinned under opts.PinRoot.
-func New(opts Options) *Agent { return &Agent{opts: opts} }
+func New(opts Options) *Agent {
+	a := &Agent{opts: opts}
+	a.flows = newFlowExport(a)
+	return a
+}
 
 // Pod is one install on the node, as the agent reports it.
 type Pod struct {
@@ -115,8 +126,15 @@ func (a *Agent) Collect() ([]string, error) {
 	return done, nil
 }
 
-// Run collects gone pods every interval until ctx ends.
+// Run exports every pod's flows, and collects gone pods every interval,
+// until ctx ends.
 func (a *Agent) Run(ctx context.Context, interval time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		a.flows.run(ctx)
+	}()
+	defer func() { <-done }()
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -131,13 +149,18 @@ func (a *Agent) Run(ctx context.Context, interval time.Duration) {
 	}
 }
 
-// Handler serves /metrics (every pod's kernel counters and routes, and the
-// agent's own figures) and /pods (Pods as JSON).
+// Handler serves /metrics (every pod's flows, kernel counters and routes,
+// and the agent's own figures), /flows (one pod's open flows, or with
+// follow=true its flow events, as 'sluice flows' reads them) and /pods
+// (Pods as JSON).
 func (a *Agent) Handler() http.Handler {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collector{a})
+	reg.MustRegister(collector{a}, a.flows.unmatched)
+	gather := prometheus.Gatherers{reg, prometheus.GathererFunc(a.flows.gather)}
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(a.opts.Logger.Handler(), slog.LevelWarn)}))
+	mux.Handle("/metrics", promhttp.HandlerFor(gather, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(a.opts.Logger.Handler(), slog.LevelWarn),
+		ErrorHandling: promhttp.ContinueOnError}))
+	mux.HandleFunc("/flows", a.flows.serveFlows)
 	mux.HandleFunc("/pods", func(w http.ResponseWriter, r *http.Request) {
 		pods, err := a.Pods()
 		if err != nil {

@@ -4,6 +4,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/telemetry"
 )
 
 // Every pod's series carry its cgroup and, for a kubelet's pod, its uid, to
@@ -15,8 +16,7 @@ var (
 		"Pods with Sluice installed on this node, by state: complete, incomplete, or gone (cgroup deleted, pins not yet collected).", []string{"state"}, nil)
 	descCollected = prometheus.NewDesc("sluice_agent_collected_pods_total",
 		"Pods whose pins and links the agent removed after their cgroup was gone.", nil, nil)
-	descEvents = prometheus.NewDesc("sluice_kernel_events_total",
-		"What each pod's kernel hooks counted (by event), as its sidecar also exports it.", append(podLabels, "event"), nil)
+	descEvents     = prometheus.NewDesc("sluice_kernel_events_total", telemetry.KernelEventsHelp, append(podLabels, "event"), nil)
 	descNodeEvents = prometheus.NewDesc("sluice_node_kernel_events_total",
 		"What the kernel hooks counted for no pod they could name (by event), every build on the node summed.", []string{"event"}, nil)
 	descWeight = prometheus.NewDesc("sluice_route_weight",
@@ -50,7 +50,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	states := map[string]int{"complete": 0, "incomplete": 0, "gone": 0}
 	for _, p := range pods {
 		states[p.State()]++
-		if p.Gone {
+		// A pod whose flows the agent exports has its counters and
+		// routes there, with the flows.
+		if p.Gone || c.a.flows.exports(p.Cgroup) {
 			continue
 		}
 		for event, n := range p.Counters {

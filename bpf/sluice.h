@@ -300,6 +300,10 @@ struct flow_event {
 	__u8 kind;     /* enum flow_kind */
 	__u8 end;      /* enum flow_end, for FLOW_CLOSE and FLOW_CONNECT_FAILED */
 	__u8 pad[6];
+	/* The pod's network namespace: unlike its index in the node's maps,
+	 * never another pod's, so an event read after its pod left names no
+	 * newer one. */
+	__u64 netns_cookie;
 };
 
 /* A connection as its initiator sees it; IPv4 addresses v4-mapped. */
@@ -633,13 +637,14 @@ struct pod_addrs_map {
 };
 POD_MAP(pod_addrs);
 
-/* Flow events for the exporter in the sidecar, which drains it. */
-#define FLOW_RING_SIZE (64 * 1024)
-struct flow_events_map {
+/* Flow events of every pod of the node, each with its pod's index, for the
+ * node's agent, which drains it: one ring, so an idle pod holds none, and
+ * no sidecar reads (or drains) another pod's flows. */
+#define FLOW_RING_SIZE (1024 * 1024)
+struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, FLOW_RING_SIZE);
-};
-POD_MAP(flow_events);
+} flow_events SEC(".maps");
 
 /* Referenced so their BTF is emitted and bpf2go can generate Go types. The
  * key and value types of inner maps need it too: clang emits only a forward

@@ -115,6 +115,7 @@ type SluiceFlowEvent struct {
 	End           uint8
 	Pad           [6]uint8
 	_             [4]byte
+	NetnsCookie   uint64
 }
 
 type SluiceFlowFlag uint32

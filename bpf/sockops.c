@@ -45,6 +45,7 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, __u32 pod, str
 		.connect_us = st->connect_us,
 		.kind = kind,
 		.end = end,
+		.netns_cookie = bpf_get_netns_cookie(skops),
 	};
 	if (kind != FLOW_OPEN) {
 		ev.end_ns = bpf_ktime_get_boot_ns();
@@ -65,16 +66,13 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, __u32 pod, str
 		ev.srtt_us = skops->srtt_us >> 3;
 		ev.min_rtt_us = skops->rtt_min;
 	}
-	/* The exporter is woken only once a quarter of the ring is used, and
+	/* The agent is woken only once a quarter of the ring is used, and
 	 * otherwise drains it on its own every 100 ms: a wake-up per event
 	 * would cost every connection two context switches. */
-	void *ring = pod_map(&flow_events, pod);
-	if (ring) {
-		__u64 wake = bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA) > FLOW_RING_SIZE / 4 ? BPF_RB_FORCE_WAKEUP
+	__u64 wake = bpf_ringbuf_query(&flow_events, BPF_RB_AVAIL_DATA) > FLOW_RING_SIZE / 4 ? BPF_RB_FORCE_WAKEUP
 											     : BPF_RB_NO_WAKEUP;
-		if (!bpf_ringbuf_output(ring, &ev, sizeof(ev), wake))
-			return;
-	}
+	if (!bpf_ringbuf_output(&flow_events, &ev, sizeof(ev), wake))
+		return;
 	count(pod, COUNT_FLOW_EVENT_LOST);
 	bool out = st->flow & FLOW_OUTBOUND;
 	if (kind == FLOW_OPEN) {

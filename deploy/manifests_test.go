@@ -1,9 +1,11 @@
 package deploy
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -31,8 +33,23 @@ var wantCaps = map[string][]string{
 	"istio-init":   {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "CHOWN", "FOWNER", "DAC_OVERRIDE"},
 	"linkerd-init": {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "CHOWN", "FOWNER", "DAC_OVERRIDE"},
 	"sluice-proxy": nil,
-	"agent":        {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "DAC_OVERRIDE"},
+	"agent":        {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"},
 }
+
+// identityEnv are the variables an init container records as who the pod
+// is (install's --workload, --namespace, --app, --version default to
+// them), for the node agent's metrics of the pod's flows. The sidecar reads
+// none of them: set there, they would silently do nothing.
+var identityEnv = []string{"SLUICE_WORKLOAD", "POD_NAMESPACE", "SLUICE_APP", "SLUICE_VERSION"}
+
+// initContainers are the containers that install capture, and so record
+// the pod's identity.
+var initContainers = []string{"sluice-init", "istio-init", "linkerd-init"}
+
+// hostPIDContainers may run in a pod with the host's PID namespace: the
+// agent finds a pod's process through its cgroup.procs (host pids) to read
+// its sockets in its network namespace.
+var hostPIDContainers = []string{"agent"}
 
 // wantCommands are the Sluice containers' command lines. The drop-ins' are
 // the injectors' own argument lists: that is what makes them drop-ins.
@@ -303,14 +320,35 @@ func (m manifests) podSpecs() map[string]*corev1.PodTemplateSpec {
 // Every Sluice container drops every capability and adds exactly its own,
 // is never privileged, never escalates, runs the image and command it should;
 // the pods mount no host path but /sys/fs/bpf and /sys/fs/cgroup, the cgroup
-// tree read-only, and share none of the host's namespaces.
+// tree read-only, share neither the host's network nor IPC namespace, and
+// only the agent's shares its PID namespace (which it needs); every volume
+// is mounted by some container.
 func TestPrivileges(t *testing.T) {
 	m := load(t, ".")
 	seen := map[string]bool{}
 	for name, tmpl := range m.podSpecs() {
 		spec := tmpl.Spec
-		if spec.HostPID || spec.HostNetwork || spec.HostIPC {
-			t.Errorf("%s: shares the host's PID, network or IPC namespace", name)
+		if spec.HostNetwork || spec.HostIPC {
+			t.Errorf("%s: shares the host's network or IPC namespace", name)
+		}
+		all := slices.Concat(spec.InitContainers, spec.Containers)
+		needsHostPID := slices.ContainsFunc(all, func(c corev1.Container) bool {
+			return c.Image == sluiceImage && slices.Contains(hostPIDContainers, c.Name)
+		})
+		if spec.HostPID != needsHostPID {
+			t.Errorf("%s: hostPID %t, want %t: only %v need the host's pids (a pod's cgroup.procs), and the agent does for its pods' open flows",
+				name, spec.HostPID, needsHostPID, hostPIDContainers)
+		}
+		mounted := map[string]bool{}
+		for _, c := range all {
+			for _, vm := range c.VolumeMounts {
+				mounted[vm.Name] = true
+			}
+		}
+		for _, v := range spec.Volumes {
+			if !mounted[v.Name] {
+				t.Errorf("%s: volume %s is mounted by no container", name, v.Name)
+			}
 		}
 		volumes := map[string]corev1.Volume{}
 		for _, v := range spec.Volumes {
@@ -336,7 +374,7 @@ func TestPrivileges(t *testing.T) {
 				continue
 			}
 			seen[c.Name] = true
-			checkSluiceContainer(t, name, c)
+			checkSluiceContainer(t, name, c, volumes)
 		}
 	}
 	for c := range wantCaps {
@@ -362,7 +400,7 @@ func checkMount(t *testing.T, pod string, c corev1.Container, vm corev1.VolumeMo
 	}
 }
 
-func checkSluiceContainer(t *testing.T, pod string, c corev1.Container) {
+func checkSluiceContainer(t *testing.T, pod string, c corev1.Container, volumes map[string]corev1.Volume) {
 	t.Helper()
 	where := pod + ": container " + c.Name
 	want, ok := wantCaps[c.Name]
@@ -398,14 +436,43 @@ func checkSluiceContainer(t *testing.T, pod string, c corev1.Container) {
 		t.Errorf("%s: allowPrivilegeEscalation must be set, to false", where)
 	}
 	if c.Name == "sluice-proxy" {
-		checkSidecar(t, where, c)
+		checkSidecar(t, where, c, volumes)
+	}
+	if slices.Contains(initContainers, c.Name) {
+		checkIdentityEnv(t, where, c)
+	}
+}
+
+// Each init container records who the pod is from its environment: the
+// namespace and the app and version labels through the downward API, the
+// workload by name.
+func checkIdentityEnv(t *testing.T, where string, c corev1.Container) {
+	t.Helper()
+	env := map[string]corev1.EnvVar{}
+	for _, e := range c.Env {
+		env[e.Name] = e
+	}
+	for _, name := range identityEnv {
+		if _, ok := env[name]; !ok {
+			t.Errorf("%s: no env %s: install records who the pod is from it, for the agent's metrics of its flows", where, name)
+		}
+	}
+	for name, field := range map[string]string{"POD_NAMESPACE": "metadata.namespace", "SLUICE_APP": "metadata.labels['app']", "SLUICE_VERSION": "metadata.labels['version']"} {
+		e, ok := env[name]
+		if ok && (e.ValueFrom == nil || e.ValueFrom.FieldRef == nil || e.ValueFrom.FieldRef.FieldPath != field) {
+			t.Errorf("%s: env %s is not the downward API's %s", where, name, field)
+		}
+	}
+	if e, ok := env["SLUICE_WORKLOAD"]; ok && e.Value == "" {
+		t.Errorf("%s: env SLUICE_WORKLOAD has no value", where)
 	}
 }
 
 // The sidecar runs as the proxy uid/gid 1337, non-root, on a read-only root
-// file system, as a native sidecar, and sees only /sys/fs/bpf/sluice of the
-// host, read-only (uid 1337 could not pass through the host's /sys/fs/bpf).
-func checkSidecar(t *testing.T, where string, c corev1.Container) {
+// file system, as a native sidecar, and mounts nothing of the host: it opens
+// no pin (the pod's hooks answer its questions) and the pod's flows are the
+// agent's. Nor does it carry the pod's identity, which it no longer reads.
+func checkSidecar(t *testing.T, where string, c corev1.Container, volumes map[string]corev1.Volume) {
 	t.Helper()
 	sc := c.SecurityContext
 	if ptr(sc.RunAsUser) != 1337 || ptr(sc.RunAsGroup) != 1337 || !ptr(sc.RunAsNonRoot) || !ptr(sc.ReadOnlyRootFilesystem) {
@@ -416,8 +483,13 @@ func checkSidecar(t *testing.T, where string, c corev1.Container) {
 		t.Errorf("%s: want a native sidecar (restartPolicy: Always), so it listens before the app starts", where)
 	}
 	for _, vm := range c.VolumeMounts {
-		if vm.Name == "bpffs" && (vm.SubPath != "sluice" || vm.MountPath != "/sys/fs/bpf/sluice" || !vm.ReadOnly) {
-			t.Errorf("%s: mounts bpffs subPath %q at %s (readOnly %t), want subPath sluice at /sys/fs/bpf/sluice, read-only", where, vm.SubPath, vm.MountPath, vm.ReadOnly)
+		if v := volumes[vm.Name]; v.HostPath != nil || v.EmptyDir != nil {
+			t.Errorf("%s: mounts %s at %s: the sidecar needs no host path, nor the emptyDir that held a bpffs mount point", where, vm.Name, vm.MountPath)
+		}
+	}
+	for _, e := range c.Env {
+		if slices.Contains(identityEnv, e.Name) || strings.HasPrefix(e.Name, "SLUICE_") || strings.HasPrefix(e.Name, "ISTIO_META_") {
+			t.Errorf("%s: env %s: the sidecar reads no identity; set it on the init container, which records it for the agent", where, e.Name)
 		}
 	}
 }
@@ -471,8 +543,11 @@ func TestPodTemplateOrder(t *testing.T) {
 
 // The monitoring objects find what they are meant to: the Service selects
 // the agent's pods and names its port, the ServiceMonitor selects the
-// Service, the PodMonitor and the scrape annotations the sidecar's port, and
-// the scrape config's agent job keeps the agent's endpoints.
+// Service, the PodMonitor and the scrape annotations the sidecar's port, the
+// agent's annotations its metrics port (it has every pod's flows), the
+// scrape config's agent job keeps the agent's endpoints, and its sidecars
+// job scrapes the example pod's sidecar and leaves the agent to the agent
+// job (no agent scraped twice).
 func TestMonitoringWiring(t *testing.T) {
 	m := load(t, ".")
 	if len(m.daemonSets) != 1 || len(m.services) != 1 || len(m.serviceMonitors) != 1 || len(m.podMonitors) != 1 || m.scrape == nil {
@@ -516,9 +591,26 @@ func TestMonitoringWiring(t *testing.T) {
 		t.Errorf("example pod: annotations %v, want prometheus.io/scrape true and prometheus.io/port the sidecar's http-metrics port 15090", tmpl.Annotations)
 	}
 
+	agent := ds.Spec.Template
+	if agent.Annotations["prometheus.io/scrape"] != "true" || !hasPort(agent.Spec.Containers, "http-metrics", 9102) ||
+		agent.Annotations["prometheus.io/port"] != "9102" || agent.Annotations["prometheus.io/path"] != "/metrics" {
+		t.Errorf("agent pod: annotations %v, want prometheus.io/scrape true, prometheus.io/port its http-metrics port 9102, prometheus.io/path /metrics", agent.Annotations)
+	}
+
 	jobs := map[string]bool{}
 	for _, sc := range m.scrape.ScrapeConfigs {
 		jobs[sc.JobName] = true
+		if sc.JobName == "sluice-sidecars" {
+			const ip = "198.18.0.9"
+			got, kept := relabel(sc.RelabelConfigs, podMeta(tmpl, ip))
+			if !kept || got["__address__"] != ip+":15090" || got["__metrics_path__"] != "/metrics" {
+				t.Errorf("scrape job sluice-sidecars: the example pod kept %t, address %q, path %q; want kept, %s:15090, /metrics",
+					kept, got["__address__"], got["__metrics_path__"], ip)
+			}
+			if _, kept := relabel(sc.RelabelConfigs, podMeta(agent, ip)); kept {
+				t.Error("scrape job sluice-sidecars keeps the agent's pods, which the sluice-agent job scrapes: each agent scraped twice, every flow series doubled")
+			}
+		}
 		for _, r := range sc.RelabelConfigs {
 			if _, err := regexp.Compile("^(?:" + r.Regex + ")$"); err != nil {
 				t.Errorf("scrape job %s: regex %q: %v", sc.JobName, r.Regex, err)
@@ -534,6 +626,55 @@ func TestMonitoringWiring(t *testing.T) {
 	if !jobs["sluice-sidecars"] || !jobs["sluice-agent"] {
 		t.Errorf("scrape jobs %v, want sluice-sidecars and sluice-agent", jobs)
 	}
+}
+
+// podMeta is the discovery labels Prometheus's kubernetes_sd role pod gives
+// a pod of tmpl at ip with no container port declared (what the sidecars
+// job relabels).
+func podMeta(tmpl corev1.PodTemplateSpec, ip string) map[string]string {
+	meta := map[string]string{"__address__": ip, "__metrics_path__": "/metrics"}
+	name := regexp.MustCompile(`[^a-zA-Z0-9_]`)
+	for k, v := range tmpl.Labels {
+		meta["__meta_kubernetes_pod_label_"+name.ReplaceAllString(k, "_")] = v
+	}
+	for k, v := range tmpl.Annotations {
+		meta["__meta_kubernetes_pod_annotation_"+name.ReplaceAllString(k, "_")] = v
+	}
+	return meta
+}
+
+// relabel applies rules as Prometheus does (keep, drop, replace; labelmap
+// and the rest change nothing the test looks at) and reports whether the
+// target was kept.
+func relabel(rules []promRelabel, labels map[string]string) (map[string]string, bool) {
+	out := maps.Clone(labels)
+	for _, r := range rules {
+		var vals []string
+		for _, l := range r.SourceLabels {
+			vals = append(vals, out[l])
+		}
+		regex := cmp.Or(r.Regex, "(.*)")
+		re := regexp.MustCompile("^(?:" + regex + ")$")
+		val := strings.Join(vals, ";")
+		switch cmp.Or(r.Action, "replace") {
+		case "keep":
+			if !re.MatchString(val) {
+				return out, false
+			}
+		case "drop":
+			if re.MatchString(val) {
+				return out, false
+			}
+		case "replace":
+			m := re.FindStringSubmatchIndex(val)
+			if m == nil {
+				continue
+			}
+			repl := cmp.Or(r.Replacement, "$1")
+			out[r.TargetLabel] = string(re.ExpandString(nil, repl, val, m))
+		}
+	}
+	return out, true
 }
 
 func matches(t *testing.T, sel metav1.LabelSelector, set map[string]string) bool {

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -23,12 +24,19 @@ import (
 // namespace, loopback only) and returns its base URL.
 func startAgent(t *testing.T, args ...string) string {
 	t.Helper()
+	return startAgentWith(t, func(cmd *exec.Cmd) error { return cmd.Start() }, args...)
+}
+
+// startAgentWith is startAgent with the agent started by start (in another
+// network namespace, say).
+func startAgentWith(t *testing.T, start func(*exec.Cmd) error, args ...string) string {
+	t.Helper()
 	cmd := sluice(t, append([]string{"agent", "--metrics-addr", "127.0.0.1:0", "--log-format", "json", "--gc-interval", "100ms"}, args...)...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := cmd.Start(); err != nil {
+	if err := start(cmd); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {

@@ -29,6 +29,20 @@ type capturedPod struct {
 	cgroup string
 	// echoes are the host's echo servers, by address.
 	echoes map[string]*testbed.EchoListener
+	// agentURL is the node agent's, once a test asked for the pod's flows,
+	// and agentFrom runs what reaches it (nil: the test's own namespace).
+	agentURL  string
+	agentFrom func(func() error) error
+}
+
+// agent is the URL of the node's agent, which the first call starts: the
+// node's flow ring keeps the pod's events until it reads them.
+func (c *capturedPod) agent(t *testing.T) string {
+	t.Helper()
+	if c.agentURL == "" {
+		c.agentURL = startAgent(t)
+	}
+	return c.agentURL
 }
 
 func newCapturedPod(t *testing.T, installArgs ...string) *capturedPod {

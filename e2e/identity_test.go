@@ -14,6 +14,7 @@ import (
 // shared table is empty again and nothing was refused.
 func TestLongLivedConnectionKeepsItsIdentity(t *testing.T) {
 	c := newCapturedPod(t)
+	c.agent(t) // reading the flows as they come, as on a node
 	// Info level: no log line per connection.
 	c.startSidecar(t, "--log-level", "info")
 	held := netip.AddrPortFrom(c.host.Addr4, 8080).String()
@@ -38,7 +39,7 @@ func TestLongLivedConnectionKeepsItsIdentity(t *testing.T) {
 	}
 	// Every short connection is one flow of the sidecar's upstream: each
 	// is counted closed, also one whose close event the ring buffer lost
-	// (the exporter finds its socket gone), and none stays live.
+	// (the agent finds its socket gone), and none stays live.
 	var opened, closed, live, lost float64
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(500 * time.Millisecond) {
 		fams := c.scrape(t)

@@ -1,10 +1,8 @@
 package e2e
 
 import (
-	"maps"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 
@@ -16,17 +14,12 @@ import (
 )
 
 // A process of another pod with the sidecar's identity (uid and gid 1337,
-// no capability) and the mount view deploy/ gives a sidecar (the node's
-// whole pin root) opens nothing of a pod's but what that pod's own sidecar
-// still reads: its install record, counters and routes, and its flow ring,
-// which a consumer must open for writing. No node pin (programs, links,
-// policy, the pods' index), and none of the maps that steer bytes (splice,
-// offload, listeners, handshakes, socket state) opens for it at all.
-//
-// The flow ring and the record stay open to the group until the node's
-// agent exports flows and the sidecar gets its ports from its flags (issue
-// 28): this list is then to be empty.
-func TestForeignProxyIdentityOpensOnlyTheSidecarsPins(t *testing.T) {
+// no capability) and the mount view deploy/ gave a sidecar (the node's whole
+// pin root) opens nothing: no pod's pin (maps, links, its record), no node
+// pin (programs, policy, the pods' index, the flow ring). The sidecar needs
+// none: it asks the pod's hooks for its plan and hands connections over by
+// socket options, and the node's agent, root, reads the flows.
+func TestForeignProxyIdentityOpensNoPin(t *testing.T) {
 	c := newCapturedPod(t, offloadArgs...)
 	intruder, err := c.bed.AddPod("intruder")
 	if err != nil {
@@ -53,28 +46,27 @@ func TestForeignProxyIdentityOpensOnlyTheSidecarsPins(t *testing.T) {
 	t.Cleanup(func() { unix.Unmount(view, unix.MNT_DETACH) })
 	podDir := filepath.Join(view, strings.TrimPrefix(target.PinDir, loader.DefaultPinRoot))
 	node := filepath.Join(view, "node", bpf.ObjectHash())
-	got, err := intruder.OpenPinsAs(testbed.WorldExecutable(t), []string{view, podDir, node}, 1337, 1337)
+	// Every pin by its path too: no directory may be listable, but the
+	// names are no secret.
+	paths := []string{view, podDir, node}
+	for _, dir := range []string{podDir, node} {
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range entries {
+			paths = append(paths, filepath.Join(dir, e.Name()))
+		}
+	}
+	got, err := intruder.OpenPinsAs(testbed.WorldExecutable(t), paths, 1337, 1337)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("opened %v; %d pins and directories refused", got.Opened, got.Denied)
-	want := map[string]string{
-		bpf.SluiceMapMeta:         "r",
-		bpf.SluiceMapCounters:     "r",
-		bpf.SluiceMapRoutes:       "r",
-		bpf.SluiceMapRoutesActive: "r",
-		bpf.SluiceMapFlowEvents:   "rw",
+	if len(got.Opened) != 0 {
+		t.Errorf("the proxy identity of another pod opened %v", got.Opened)
 	}
-	for pin, how := range got.Opened {
-		dir, name := filepath.Split(pin)
-		if filepath.Clean(dir) != podDir || want[name] != how {
-			t.Errorf("%s opened for %q; the sidecar's identity may open only its pod's %v", pin, how, want)
-		}
-	}
-	if len(got.Opened) != len(want) {
-		t.Errorf("opened %d pins, want the pod's %d: %v", len(got.Opened), len(want), slices.Sorted(maps.Keys(got.Opened)))
-	}
-	if got.Denied == 0 {
-		t.Error("nothing refused: the walk saw no pin it may not open")
+	if got.Denied != len(paths) {
+		t.Errorf("%d of %d pins and directories refused: the walk did not try them all", got.Denied, len(paths))
 	}
 }

@@ -3,7 +3,6 @@ package e2e
 import (
 	"bufio"
 	"encoding/json"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -15,7 +14,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/sluicemesh/sluice/internal/testbed"
 	"github.com/sluicemesh/sluice/telemetry"
 )
 
@@ -67,7 +65,7 @@ func TestMetricsPortTakenKeepsProxying(t *testing.T) {
 	} else if warn.Num("metrics_port") != 9099 || !strings.Contains(warn.Str("fix"), "--metrics-port 9099") {
 		t.Errorf("warning %v: want it to name port 9099 and install's --metrics-port", warn)
 	}
-	failed, err := c.sidecar.WaitFor("cannot listen for metrics: proxying goes on without /metrics and /flows, retrying", nil, 5*time.Second)
+	failed, err := c.sidecar.WaitFor("cannot listen for metrics: proxying goes on without /metrics, retrying", nil, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -82,26 +80,33 @@ func TestMetricsPortTakenKeepsProxying(t *testing.T) {
 	if _, err := c.sidecar.WaitFor("metrics listening", nil, 10*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if n := sample(c.scrapePort(t, 9099), "sluice_metrics_listen_failures_total", nil); n < 1 {
+	if n := sample(c.scrapeSidecar(t, 9099), "sluice_metrics_listen_failures_total", nil); n < 1 {
 		t.Errorf("sluice_metrics_listen_failures_total = %v after a failed bind, want at least 1", n)
 	}
 }
 
-// Following the flows holds the sidecar's memory, so it is bounded: at most
-// --max-followers (16) clients, each with a bounded buffer; the next gets a
-// 503 saying why, and a follower that reads nothing is disconnected and
-// counted while flows keep reaching the ones that read. Before, every
-// follower got a 256 KiB buffer and nothing bounded how many: about 1,100
-// of them OOM-killed the sidecar.
+// Following a pod's flows holds the agent's memory, so it is bounded: at
+// most 16 clients a pod, each with a bounded buffer; the next gets a 503
+// saying why, and a follower that reads nothing is disconnected and counted
+// while flows keep reaching the ones that read. Before, every follower got
+// a 256 KiB buffer and nothing bounded how many: about 1,100 of them
+// OOM-killed the sidecar that served them then.
 func TestFlowFollowersBounded(t *testing.T) {
 	c := newCapturedPod(t)
 	c.startSidecar(t)
-	url := fmt.Sprintf("http://%s/flows?follow=true", netip.AddrPortFrom(c.pod.Addr4, 15090))
+	// The agent runs in the node's namespace and the followers come from
+	// the remote host, over a link of 1,500-byte packets: on loopback the
+	// agent's send buffer takes megabytes of a follower that reads
+	// nothing before a write blocks.
+	a := c.host.Addr4.As4()
+	c.agentURL = startAgentWith(t, c.bed.StartInNode, "--metrics-addr", netip.AddrFrom4([4]byte{a[0], a[1], a[2], 1}).String()+":0")
+	c.agentFrom = c.host.Do
+	url := c.agentURL + "/flows?follow=true"
 	// A follower that never reads, with a small receive window so the
-	// sidecar's writes to it soon block.
-	stuck, _ := follow(t, c.host, url, 4096)
+	// agent's writes to it soon block.
+	stuck, _ := follow(t, c.host.Do, url, 4096)
 	// One follower that reads, and 14 more that drain what they get.
-	_, watched := follow(t, c.host, url, 0)
+	_, watched := follow(t, c.host.Do, url, 0)
 	events := make(chan telemetry.Flow, 4096)
 	go func() {
 		for sc := bufio.NewScanner(watched); sc.Scan(); {
@@ -115,21 +120,21 @@ func TestFlowFollowersBounded(t *testing.T) {
 		}
 	}()
 	for range 14 {
-		_, body := follow(t, c.host, url, 0)
+		_, body := follow(t, c.host.Do, url, 0)
 		go io.Copy(io.Discard, body)
 	}
 	waitForSample(t, c, "sluice_flow_followers", 16)
 
-	conn, resp := openFollow(t, c.host, url, 0)
+	conn, resp := openFollow(t, c.host.Do, url, 0)
 	conn.SetReadDeadline(time.Now().Add(5 * time.Second)) // a stream never ends
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "--max-followers") || strings.Count(strings.TrimSpace(string(body)), "\n") > 0 {
-		t.Errorf("a 17th follower got %s %q, want 503 and one line naming --max-followers", resp.Status, body)
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "16 clients already follow") || strings.Count(strings.TrimSpace(string(body)), "\n") > 0 {
+		t.Errorf("a 17th follower got %s %q, want 503 and one line saying 16 follow", resp.Status, body)
 	}
 
-	// Flows until the sidecar's writes to the stuck follower have blocked
+	// Flows until the agent's writes to the stuck follower have blocked
 	// for its timeout (5 s): its socket buffers and its buffer in the
-	// sidecar fill up first. 200 flow events a round, 10 rounds at most
+	// agent fill up first. 200 flow events a round, 10 rounds at most
 	// (about 2 MB of JSON), each followed by a second's wait.
 	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
 	for round := 0; !sampleWithin(t, c, "sluice_flow_followers_evicted_total", 1, time.Second); round++ {
@@ -144,7 +149,7 @@ func TestFlowFollowersBounded(t *testing.T) {
 	if n := sample(c.scrape(t), "sluice_flow_followers", nil); n != 15 {
 		t.Errorf("%v followers after the eviction, want the 15 that read", n)
 	}
-	// The sidecar closed the stuck follower's stream: what it sent ends.
+	// The agent closed the stuck follower's stream: what it sent ends.
 	stuck.SetReadDeadline(time.Now().Add(20 * time.Second))
 	if _, err := io.Copy(io.Discard, stuck); err != nil {
 		t.Errorf("the evicted follower's stream did not end: %v", err)
@@ -164,12 +169,12 @@ func TestFlowFollowersBounded(t *testing.T) {
 	}
 }
 
-// follow starts following url from the host's netns with a receive buffer
-// of rcvbuf bytes (0: the default) and returns the connection and the
-// response body (chunked, decoded).
-func follow(t *testing.T, host *testbed.Host, url string, rcvbuf int) (net.Conn, io.Reader) {
+// follow starts following url from the network namespace do runs in, with
+// a receive buffer of rcvbuf bytes (0: the default), and returns the
+// connection and the response body (chunked, decoded).
+func follow(t *testing.T, do func(func() error) error, url string, rcvbuf int) (net.Conn, io.Reader) {
 	t.Helper()
-	conn, resp := openFollow(t, host, url, rcvbuf)
+	conn, resp := openFollow(t, do, url, rcvbuf)
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("follow %s: %s", url, resp.Status)
 	}
@@ -177,7 +182,7 @@ func follow(t *testing.T, host *testbed.Host, url string, rcvbuf int) (net.Conn,
 }
 
 // openFollow asks to follow url and reads the response's header.
-func openFollow(t *testing.T, host *testbed.Host, url string, rcvbuf int) (net.Conn, *http.Response) {
+func openFollow(t *testing.T, do func(func() error) error, url string, rcvbuf int) (net.Conn, *http.Response) {
 	t.Helper()
 	req, err := http.NewRequest(http.MethodGet, url, nil)
 	if err != nil {
@@ -192,7 +197,7 @@ func openFollow(t *testing.T, host *testbed.Host, url string, rcvbuf int) (net.C
 		return serr
 	}}
 	var conn net.Conn
-	if err := host.Do(func() (err error) {
+	if err := do(func() (err error) {
 		conn, err = d.Dial("tcp", req.URL.Host)
 		return err
 	}); err != nil {
@@ -211,7 +216,7 @@ func openFollow(t *testing.T, host *testbed.Host, url string, rcvbuf int) (net.C
 	return conn, resp
 }
 
-// waitForSample waits until the sidecar's metric name (all series summed)
+// waitForSample waits until the agent's metric name (all series summed)
 // is want.
 func waitForSample(t *testing.T, c *capturedPod, name string, want float64) {
 	t.Helper()
@@ -220,7 +225,7 @@ func waitForSample(t *testing.T, c *capturedPod, name string, want float64) {
 	}
 }
 
-// sampleWithin reports whether the sidecar's metric name (all series
+// sampleWithin reports whether the agent's metric name (all series
 // summed) is want within d.
 func sampleWithin(t *testing.T, c *capturedPod, name string, want float64, d time.Duration) bool {
 	t.Helper()

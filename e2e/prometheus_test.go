@@ -14,8 +14,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/sluicemesh/sluice/internal/testbed"
 )
 
 // istioLabelNames are the labels every Istio layer-4 series carries.
@@ -25,15 +23,14 @@ var istioLabelNames = strings.Fields(`reporter source_workload source_workload_n
 	destination_service_name destination_service_namespace destination_canonical_service destination_canonical_revision
 	destination_cluster request_protocol response_flags connection_security_policy`)
 
-// promServer is Debian's Prometheus, run by the test in the remote host's
-// network namespace, scraping the sidecar every second and evaluating the
-// recording rules in deploy/.
+// promServer is Debian's Prometheus, run by the test in its own network
+// namespace (the node's, as the agent's), scraping the node's agent every
+// second and evaluating the recording rules in deploy/.
 type promServer struct {
-	host *testbed.Host
 	addr string
 }
 
-func startPrometheus(t *testing.T, host *testbed.Host, target netip.AddrPort) *promServer {
+func startPrometheus(t *testing.T, target string) *promServer {
 	t.Helper()
 	bin, err := exec.LookPath("prometheus")
 	if err != nil {
@@ -53,17 +50,21 @@ scrape_configs:
   - job_name: sluice
     static_configs:
       - targets: [%q]
-`, rules, target.String()), 0o644); err != nil {
+`, rules, target), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	p := &promServer{host: host, addr: "127.0.0.1:19090"}
+	p := &promServer{addr: "127.0.0.1:19090"}
 	cmd := exec.Command(bin, "--config.file="+cfg, "--storage.tsdb.path="+filepath.Join(dir, "data"),
 		"--web.listen-address="+p.addr, "--log.level=warn")
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := host.Start(cmd); err != nil {
+	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	})
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 		if status, _, _ := p.get("/-/ready"); status == http.StatusOK {
 			return p
@@ -74,9 +75,9 @@ scrape_configs:
 	}
 }
 
-// get asks Prometheus for path, from its own namespace.
+// get asks Prometheus for path.
 func (p *promServer) get(path string) (int, []byte, error) {
-	return nsGet(p.host.Do, "http://"+p.addr+path)
+	return nsGet(here, "http://"+p.addr+path)
 }
 
 type promSeries struct {
@@ -114,23 +115,25 @@ func value(s promSeries) float64 {
 	return v
 }
 
-// A real Prometheus scrapes the sidecar: the flow series arrive with every
-// Istio label and the pod's identity from the environment the downward API
-// sets; the recording rules publish them as istio_tcp_*; promtool finds the
-// exposition and the rules clean; and every PromQL expression of the
-// dashboard parses and returns data.
-func TestPrometheusScrapesTheSidecar(t *testing.T) {
-	c := newCapturedPod(t, "-o", "9090")
-	// As a pod spec's env with fieldRef/resource labels would set them.
+// A real Prometheus scrapes the node's agent: the pod's flow series arrive
+// with every Istio label and the pod's identity from the environment the
+// downward API set for its install; the recording rules publish them as
+// istio_tcp_*; promtool finds the exposition and the rules clean; and every
+// PromQL expression of the dashboard parses and returns data.
+func TestPrometheusScrapesTheAgent(t *testing.T) {
+	// As a pod spec's env with fieldRef/resource labels would set them
+	// for the init container.
 	t.Setenv("SLUICE_WORKLOAD", "reviews-v1")
 	t.Setenv("POD_NAMESPACE", "shop")
 	t.Setenv("SLUICE_APP", "reviews")
 	t.Setenv("SLUICE_VERSION", "v1")
+	c := newCapturedPod(t, "-o", "9090")
 	c.startSidecar(t)
 	if _, err := c.pod.ListenEcho("[::]:8080"); err != nil {
 		t.Fatal(err)
 	}
-	prom := startPrometheus(t, c.host, netip.AddrPortFrom(c.pod.Addr4, 15090))
+	agent := c.agent(t)
+	prom := startPrometheus(t, strings.TrimPrefix(agent, "http://"))
 
 	out := netip.AddrPortFrom(c.host.Addr4, 8080).String()
 	in := netip.AddrPortFrom(c.pod.Addr4, 8080).String()
@@ -203,7 +206,7 @@ func TestPrometheusScrapesTheSidecar(t *testing.T) {
 		t.Fatalf("promtool not installed: %v", err)
 	}
 	check := exec.Command(promtool, "check", "metrics")
-	check.Stdin = bytes.NewReader(httpGet(t, c.host.Do, fmt.Sprintf("http://%s/metrics", netip.AddrPortFrom(c.pod.Addr4, 15090))))
+	check.Stdin = bytes.NewReader(httpGet(t, here, agent+"/metrics"))
 	if out, err := check.CombinedOutput(); err != nil || len(bytes.TrimSpace(out)) != 0 {
 		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
@@ -219,7 +222,7 @@ func TestPrometheusScrapesTheSidecar(t *testing.T) {
 	if len(exprs) < 10 {
 		t.Fatalf("only %d expressions in the dashboard", len(exprs))
 	}
-	grafana := strings.NewReplacer("$__rate_interval", "1m", "$instance", ".*")
+	grafana := strings.NewReplacer("$__rate_interval", "1m", "$pod", ".*")
 	for _, m := range exprs {
 		var expr string
 		if err := json.Unmarshal(append(append([]byte{'"'}, m[1]...), '"'), &expr); err != nil {

@@ -304,11 +304,11 @@ func TestRollout(t *testing.T) {
 				runHelper(t, c.pod, helper(t, "load", "4s", "2", vip), -1, &res)
 			})
 			defer wg.Wait()
-			cmd := sluice(t, "route", "rollout", "--cgroup", c.cgroup, vip, "--to", canary,
+			cmd := sluice(t, "route", "rollout", "--cgroup", c.cgroup, "--metrics", c.agent(t), vip, "--to", canary,
 				"--step", "50", "--interval", "700ms", "--max-connect-failure-ratio", "0.05", "--max-connect-latency", "10ms")
 			var out, errOut strings.Builder
 			cmd.Stdout, cmd.Stderr = &out, &errOut
-			if err := c.pod.Start(cmd); err != nil {
+			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
 			}
 			expectExit(t, cmd, tt.code, 20*time.Second, func() string { return out.String() + errOut.String() })

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -62,18 +63,30 @@ func httpGet(t *testing.T, do func(func() error) error, url string) []byte {
 	return body
 }
 
-// scrape fetches the sidecar's /metrics from the host's network namespace,
+// scrape fetches the node agent's /metrics, which holds the pod's flows,
 // as Prometheus would, and parses it.
 func (c *capturedPod) scrape(t *testing.T) map[string]*dto.MetricFamily {
 	t.Helper()
-	return c.scrapePort(t, 15090)
+	from := c.agentFrom
+	if from == nil {
+		from = here
+	}
+	return parseMetrics(t, c.agent(t)+"/metrics", httpGet(t, from, c.agent(t)+"/metrics"))
 }
 
-// scrapePort is scrape for a sidecar serving metrics on port.
-func (c *capturedPod) scrapePort(t *testing.T, port uint16) map[string]*dto.MetricFamily {
+// scrapeSidecar fetches the sidecar's own /metrics on port from the host's
+// network namespace, and parses it.
+func (c *capturedPod) scrapeSidecar(t *testing.T, port uint16) map[string]*dto.MetricFamily {
 	t.Helper()
 	url := fmt.Sprintf("http://%s/metrics", netip.AddrPortFrom(c.pod.Addr4, port))
-	body := httpGet(t, c.host.Do, url)
+	return parseMetrics(t, url, httpGet(t, c.host.Do, url))
+}
+
+// here runs f in the test's own network namespace.
+func here(f func() error) error { return f() }
+
+func parseMetrics(t *testing.T, url string, body []byte) map[string]*dto.MetricFamily {
+	t.Helper()
 	parser := expfmt.NewTextParser(model.UTF8Validation)
 	families, err := parser.TextToMetricFamilies(strings.NewReader(string(body)))
 	if err != nil {
@@ -270,16 +283,20 @@ func TestLatencyLandsInTheRightBuckets(t *testing.T) {
 	}
 }
 
-// flowsCLI runs `sluice flows ARGS` inside the pod, as `kubectl exec` would.
+// flowsCmd is `sluice flows ARGS` for the pod, asking the node's agent, as
+// `kubectl exec` into the agent's pod would.
+func (c *capturedPod) flowsCmd(t *testing.T, args ...string) *exec.Cmd {
+	t.Helper()
+	return sluice(t, append([]string{"flows", "--addr", c.agent(t), "--pod", c.cgroup}, args...)...)
+}
+
+// flowsCLI runs flowsCmd and returns what it printed.
 func (c *capturedPod) flowsCLI(t *testing.T, args ...string) string {
 	t.Helper()
-	cmd := sluice(t, append([]string{"flows"}, args...)...)
+	cmd := c.flowsCmd(t, args...)
 	var out, errOut strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &errOut
-	if err := c.pod.Start(cmd); err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Wait(); err != nil {
+	if err := cmd.Run(); err != nil {
 		t.Fatalf("sluice flows %v: %v\n%s", args, err, errOut.String())
 	}
 	return out.String()
@@ -292,7 +309,7 @@ func TestFlowsShowALongLivedFlow(t *testing.T) {
 	c.startSidecar(t)
 	addr := netip.AddrPortFrom(c.host.Addr4, 8080).String()
 	h := startHold(t, c.pod, addr, 1)
-	// Events reach the exporter within 100 ms (it is not woken for each).
+	// Events reach the agent within 100 ms (it is not woken for each).
 	find := func() telemetry.Flow {
 		t.Helper()
 		var flows []telemetry.Flow
@@ -323,10 +340,10 @@ func TestFlowsShowALongLivedFlow(t *testing.T) {
 		t.Errorf("the table lacks the flow:\n%s", table)
 	}
 	// --watch redraws until interrupted, then exits 0.
-	watch := sluice(t, "flows", "--watch", "--interval", "100ms")
+	watch := c.flowsCmd(t, "--watch", "--interval", "100ms")
 	var screen strings.Builder
 	watch.Stdout = &screen
-	if err := c.pod.Start(watch); err != nil {
+	if err := watch.Start(); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(500 * time.Millisecond)
@@ -335,12 +352,12 @@ func TestFlowsShowALongLivedFlow(t *testing.T) {
 		t.Errorf("flows --watch: %v, %d redraws:\n%q", err, strings.Count(screen.String(), "\033[H\033[2J"), screen.String())
 	}
 
-	follow := sluice(t, "flows", "--follow", "--json")
+	follow := c.flowsCmd(t, "--follow", "--json")
 	stdout, err := follow.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.pod.Start(follow); err != nil {
+	if err := follow.Start(); err != nil {
 		t.Fatal(err)
 	}
 	defer follow.Process.Kill()

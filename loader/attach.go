@@ -63,8 +63,12 @@ const legacyRRPin = "rr_states"
 // policy pinned the pod's: an upgrade and uninstall remove them.
 var legacyPolicyPins = []string{"policies", "policy_active", "include_cidrs", "exclude_cidrs", "kernel_only_cidrs"}
 
+// legacyFlowsPin is where installs before the flow ring was the node's
+// pinned the pod's: an upgrade and uninstall remove it.
+const legacyFlowsPin = "flow_events"
+
 // legacyPins are what older installs pinned and this one does not.
-var legacyPins = append([]string{legacyTCPin, legacyRRPin}, legacyPolicyPins...)
+var legacyPins = append([]string{legacyTCPin, legacyRRPin, legacyFlowsPin}, legacyPolicyPins...)
 
 var allHooks = append(cgroupHooks[:len(cgroupHooks):len(cgroupHooks)], inboundHook)
 

@@ -7,71 +7,108 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/podstate"
 )
 
-// FlowSource is a pod's flow events and counters, opened from its pins with
-// the access the sidecar has (the proxy group's). Only one FlowSource should
-// read a pod's events: each event is read once.
-type FlowSource struct {
-	pins     *Pins
+// NodeFlows is the flow events of every pod on the node that runs this
+// build, from the build's ring: the node's agent reads it (one reader: each
+// event is read once).
+type NodeFlows struct {
+	root     string
+	id       ebpf.MapID
 	events   *ringbuf.Reader
 	close    sync.Once
 	closeErr error
 }
 
-// OpenFlows opens t's flow ring buffer, counters and routes; the pins must
-// belong to t's cgroup.
-func OpenFlows(t Target) (*FlowSource, error) {
-	p, err := Open(t, ReadOnly, bpf.SluiceMapCounters, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive)
-	if err != nil {
-		return nil, err
+// OpenNodeFlows opens the flow ring of this build's node state under root:
+// ErrNotInstalled while no pod on the node runs this build.
+func OpenNodeFlows(root string) (*NodeFlows, error) {
+	path := filepath.Join(nodeDir(root, bpf.ObjectHash()), bpf.SluiceMapFlowEvents)
+	ring, err := ebpf.LoadPinnedMap(path, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%w: no pod runs this build on the node (no %s)", ErrNotInstalled, path)
 	}
-	// A consumer moves the ring's read position: it writes.
-	ring, err := p.open(bpf.SluiceMapFlowEvents, ReadWrite)
 	if err != nil {
-		p.Close()
+		return nil, fmt.Errorf("open the node's flow events: %w", err)
+	}
+	defer ring.Close() // the reader holds its own
+	id, err := mapID(ring)
+	if err != nil {
 		return nil, err
 	}
 	events, err := ringbuf.NewReader(ring)
 	if err != nil {
-		p.Close()
 		return nil, fmt.Errorf("read flow events: %w", err)
 	}
-	return &FlowSource{pins: p, events: events}, nil
+	return &NodeFlows{root: root, id: id, events: events}, nil
 }
 
-// Next waits up to timeout for the next flow event. It returns
-// os.ErrDeadlineExceeded when none came, and io.EOF once the source is
-// closed.
-func (s *FlowSource) Next(timeout time.Duration) (podstate.FlowEvent, error) {
+// Replaced reports whether the ring read is no longer the build's: its
+// last pod left and took the node state with it (a later install made
+// another). Reopen then.
+func (s *NodeFlows) Replaced() bool {
+	ring, err := ebpf.LoadPinnedMap(filepath.Join(nodeDir(s.root, bpf.ObjectHash()), bpf.SluiceMapFlowEvents), &ebpf.LoadPinOptions{ReadOnly: true})
+	if err != nil {
+		return true
+	}
+	defer ring.Close()
+	id, err := mapID(ring)
+	return err != nil || id != s.id
+}
+
+func mapID(m *ebpf.Map) (ebpf.MapID, error) {
+	info, err := m.Info()
+	if err != nil {
+		return 0, fmt.Errorf("read the node's flow events: %w", err)
+	}
+	id, ok := info.ID()
+	if !ok {
+		return 0, errors.New("read the node's flow events: the kernel gives no map ID")
+	}
+	return id, nil
+}
+
+// Next waits up to timeout for the next flow event, and returns it with
+// its pod's network namespace (Installed.NetnsCookie). It returns
+// os.ErrDeadlineExceeded when none came, and io.EOF once closed.
+func (s *NodeFlows) Next(timeout time.Duration) (uint64, podstate.FlowEvent, error) {
 	s.events.SetDeadline(time.Now().Add(timeout))
 	rec, err := s.events.Read()
 	if errors.Is(err, ringbuf.ErrClosed) {
-		return podstate.FlowEvent{}, io.EOF
+		return 0, podstate.FlowEvent{}, io.EOF
 	}
 	if err != nil {
-		return podstate.FlowEvent{}, err
+		return 0, podstate.FlowEvent{}, err
 	}
 	return decodeFlowEvent(rec.RawSample)
 }
 
+// Close makes a waiting Next return io.EOF; closing again does nothing.
+func (s *NodeFlows) Close() error {
+	s.close.Do(func() { s.closeErr = s.events.Close() })
+	return s.closeErr
+}
+
 // decodeFlowEvent turns the kernel's struct flow_event into its Go value:
 // the one place that knows its layout and enums.
-func decodeFlowEvent(raw []byte) (podstate.FlowEvent, error) {
+func decodeFlowEvent(raw []byte) (uint64, podstate.FlowEvent, error) {
 	var ev bpf.SluiceFlowEvent
 	if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &ev); err != nil {
-		return podstate.FlowEvent{}, fmt.Errorf("decode flow event of %d bytes: %w", len(raw), err)
+		return 0, podstate.FlowEvent{}, fmt.Errorf("decode flow event of %d bytes: %w", len(raw), err)
 	}
 	us := func(n uint32) time.Duration { return time.Duration(n) * time.Microsecond }
 	flag := func(f bpf.SluiceFlowFlag) bool { return ev.Flow&uint32(f) != 0 }
-	return podstate.FlowEvent{
+	return ev.NetnsCookie, podstate.FlowEvent{
 		Cookie:         ev.Cookie,
 		Kind:           flowKinds[bpf.SluiceFlowKind(ev.Kind)],
 		Inbound:        flag(bpf.SluiceFlowFlagFLOW_INBOUND),
@@ -105,23 +142,4 @@ var flowEnds = map[bpf.SluiceFlowEnd]string{
 	bpf.SluiceFlowEndEND_RST:     podstate.EndRst,
 	bpf.SluiceFlowEndEND_TIMEOUT: podstate.EndTimeout,
 	bpf.SluiceFlowEndEND_REFUSED: podstate.EndRefused,
-}
-
-// Routes returns the routes in force, through maps kept open: the sidecar
-// that reads them has dropped root and may not reach the pins again.
-func (s *FlowSource) Routes() ([]RouteState, error) { return s.pins.Routes() }
-
-// Version changes whenever the routes do, for one map lookup: a reader
-// that caches Routes rereads them only when it changed.
-func (s *FlowSource) Version() (uint32, error) { return s.pins.RoutesVersion() }
-
-// Counters reads the hooks' counters (see counterNames).
-func (s *FlowSource) Counters() (map[string]uint64, error) { return s.pins.Counters() }
-
-// Close makes a waiting Next return io.EOF; closing again does nothing.
-func (s *FlowSource) Close() error {
-	s.close.Do(func() {
-		s.closeErr = errors.Join(s.events.Close(), s.pins.Close())
-	})
-	return s.closeErr
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -198,7 +199,7 @@ func (in *installer) inspect(args []string) error {
 		}
 	}
 	in.want = record{Format: recordFormat, Cgroup: t.Cgroup, CgroupID: t.CgroupID, Netns: t.Netns, NetnsInode: in.netnsIno,
-		Interface: t.Interface, Ifindex: ifindex, Args: args, Sidecar: sidecarOf(in.plan.Normalize())}
+		Interface: t.Interface, Ifindex: ifindex, Args: args, Sidecar: sidecarOf(in.plan.Normalize()), Identity: t.Identity}
 	cur, err := readPins(t.PinDir)
 	if err != nil {
 		return err
@@ -287,7 +288,7 @@ func (in *installer) decide() (installPath, error) {
 			return pathFull, nil
 		}
 	}
-	if rec.argsDigest() == in.want.argsDigest() && s.Plan.Equal(in.plan) {
+	if rec.argsDigest() == in.want.argsDigest() && s.Plan.Equal(in.plan) && maps.Equal(rec.Identity, in.want.Identity) {
 		return pathNothing, nil
 	}
 	return pathPolicy, nil
@@ -314,8 +315,8 @@ func (in *installer) rewritePolicy() error {
 	if changed {
 		in.res.Changes = append(in.res.Changes, "policy written")
 	}
-	// The proxy group may be what changed: the sidecar's pins follow it.
-	if err := setModes(in.t.PinDir, in.plan.ProxyGID); err != nil {
+	// An earlier build's install gave pins to the proxy's group.
+	if err := setModes(in.t.PinDir); err != nil {
 		return err
 	}
 	in.want.Object = in.cur.rec.Object
@@ -444,7 +445,7 @@ func (in *installer) pin() error {
 			in.steps.push(m.Unpin)
 		}
 	}
-	return setModes(in.t.PinDir, in.plan.ProxyGID)
+	return setModes(in.t.PinDir)
 }
 
 // attach attaches the splice program (before the policy can let a socket

@@ -487,3 +487,20 @@ func unregisteredAddrs(root, object string, idx uint32, addrs []netip.Addr) ([]n
 	}
 	return missing, nil
 }
+
+// PodNetns returns a path to the pod's network namespace as it is now: that
+// of a process in its cgroup, checked to be the one its hooks know.
+func PodNetns(in Installed) (string, error) {
+	ns := netnsOfCgroup(in.Cgroup)
+	if ns == "" {
+		return "", fmt.Errorf("no process in %s: its network namespace is out of reach", in.Cgroup)
+	}
+	cookie, err := netnsCookie(Target{Netns: ns})
+	if err != nil {
+		return "", err
+	}
+	if in.NetnsCookie != 0 && cookie != in.NetnsCookie {
+		return "", fmt.Errorf("the processes of %s are in another network namespace than the pod's install", in.Cgroup)
+	}
+	return ns, nil
+}

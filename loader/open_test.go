@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -173,32 +176,82 @@ func TestHandOffloadWithoutInstall(t *testing.T) {
 	}
 }
 
-// OpenFlows waits for events with a deadline, reads the counters and the
-// routes, and once closed says io.EOF.
-func TestOpenFlows(t *testing.T) {
+// The node's flow ring names each event's pod: a connection of a pod's
+// comes with the pod's network namespace. Next waits with a deadline, and once closed
+// says io.EOF.
+func TestNodeFlowsNameThePod(t *testing.T) {
 	privileged(t)
-	target := installedPod(t, testbed.Must(t), "app", testPlan())
-	src, err := OpenFlows(target)
+	bed := testbed.Must(t)
+	pod, err := bed.AddPod("app")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := src.Next(10 * time.Millisecond); !errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Errorf("Next with no event: %v, want os.ErrDeadlineExceeded", err)
-	}
-	if counts, err := src.Counters(); err != nil || len(counts) != len(counterNames) {
-		t.Errorf("counters: %d of %d (%v)", len(counts), len(counterNames), err)
-	}
-	if routes, err := src.Routes(); err != nil || len(routes) != 0 {
-		t.Errorf("routes: %v, %v", routes, err)
-	}
-	if err := src.Close(); err != nil {
+	host, err := bed.AddHost("web")
+	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := src.Next(time.Second); !errors.Is(err, io.EOF) {
-		t.Errorf("Next after Close: %v, want io.EOF", err)
+	ln, err := host.ListenEcho(netip.AddrPortFrom(host.Addr4, 9090).String())
+	if err != nil {
+		t.Fatal(err)
 	}
-	if err := src.Close(); err != nil {
-		t.Errorf("second Close: %v", err)
+	defer ln.Close()
+	target, err := ResolveTarget(pod.Cgroup, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	target.Netns = pod.Netns
+	plan := testPlan()
+	plan.ExcludeOutboundPorts = []uint16{9090} // a flow of the pod's own, uncaptured
+	if _, err := Install(target, plan, nil, quiet); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { Uninstall(target, quiet) })
+	root := filepath.Dir(target.PinDir)
+	flows, err := OpenNodeFlows(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer flows.Close()
+	for {
+		if _, _, err := flows.Next(time.Millisecond); err != nil {
+			break // what earlier tests left
+		}
+	}
+	if _, _, err := flows.Next(10 * time.Millisecond); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("Next with no event: %v, want os.ErrDeadlineExceeded", err)
+	}
+	pods, err := List(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := slices.IndexFunc(pods, func(in Installed) bool { return in.PinDir == target.PinDir })
+	if at < 0 || pods[at].Index == 0 || pods[at].NetnsCookie == 0 || !pods[at].RunsThisBuild() {
+		t.Fatalf("List: %+v, want the pod with its index and namespace in this build", pods)
+	}
+	// bash's /dev/tcp: a process of the pod connects, and closes.
+	conn := exec.Command("bash", "-c", fmt.Sprintf("exec 3<>/dev/tcp/%s/9090", host.Addr4))
+	if err := pod.Start(conn); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	// Events wake no reader (the agent polls): poll as it does.
+	var netns uint64
+	var ev podstate.FlowEvent
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
+		if netns, ev, err = flows.Next(100 * time.Millisecond); !errors.Is(err, os.ErrDeadlineExceeded) {
+			break
+		}
+	}
+	if err != nil || netns != pods[at].NetnsCookie || ev.Kind != podstate.FlowOpened || ev.Remote.Port() != 9090 {
+		t.Errorf("first event: netns %d %+v (%v), want the pod's (%d) flow to :9090 opened", netns, ev, err, pods[at].NetnsCookie)
+	}
+	if err := flows.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := flows.Next(time.Second); !errors.Is(err, io.EOF) {
+		t.Errorf("Next after Close: %v, want io.EOF", err)
 	}
 }
 
@@ -210,14 +263,14 @@ func TestDecodeFlowEvent(t *testing.T) {
 		Local: Addr6(local.Addr()), LocalPort: local.Port(), Remote: Addr6(remote.Addr()), RemotePort: remote.Port(),
 		Orig:    bpf.SluiceOrigDst{Addr: Addr6(local.Addr()), Port: local.Port(), Family: afInet},
 		StartNs: 10, EndNs: 20, ConnectUs: 1500, SrttUs: 250, MinRttUs: 100,
-		BytesSent: 3, BytesReceived: 4, Retrans: 5, End: uint8(bpf.SluiceFlowEndEND_RST)}
+		BytesSent: 3, BytesReceived: 4, Retrans: 5, End: uint8(bpf.SluiceFlowEndEND_RST), NetnsCookie: 9}
 	var buf bytes.Buffer
 	if err := binary.Write(&buf, binary.NativeEndian, &raw); err != nil {
 		t.Fatal(err)
 	}
-	got, err := decodeFlowEvent(buf.Bytes())
-	if err != nil {
-		t.Fatal(err)
+	netns, got, err := decodeFlowEvent(buf.Bytes())
+	if err != nil || netns != 9 {
+		t.Fatalf("netns %d (%v), want 9", netns, err)
 	}
 	want := podstate.FlowEvent{Cookie: 7, Kind: podstate.FlowClosed, Inbound: true, ViaSidecar: true,
 		Local: local, Remote: remote, OriginalDst: local, StartNs: 10, EndNs: 20,
@@ -226,7 +279,7 @@ func TestDecodeFlowEvent(t *testing.T) {
 	if got != want {
 		t.Errorf("decoded\n%+v, want\n%+v", got, want)
 	}
-	if _, err := decodeFlowEvent(buf.Bytes()[:8]); err == nil {
+	if _, _, err := decodeFlowEvent(buf.Bytes()[:8]); err == nil {
 		t.Error("a short event decoded")
 	}
 }

@@ -28,7 +28,6 @@ var pinnedMaps = []string{
 	bpf.SluiceMapSockStates,
 	bpf.SluiceMapHandshakes,
 	bpf.SluiceMapCounters,
-	bpf.SluiceMapFlowEvents,
 	bpf.SluiceMapRoutes,
 	bpf.SluiceMapRoutesActive,
 	bpf.SluiceMapSpliceSocks,
@@ -38,21 +37,12 @@ var pinnedMaps = []string{
 	bpf.SluiceMapPodAddrs,
 }
 
-// sidecarPins are what `sluice run` reads as the proxy identity: whose pins
-// these are, the policy in force and the hooks' counters. They are readable
-// by the proxy's group; every other pin stays root's alone.
-var sidecarPins = []string{bpf.SluiceMapMeta, bpf.SluiceMapCounters, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive}
-
-// sidecarWritable are the pins the sidecar must also write: it consumes the
-// flow ring buffer, and a consumer moves the ring's read position.
-var sidecarWritable = []string{bpf.SluiceMapFlowEvents}
-
+// Every pin is root's alone: the sidecar asks the pod's hooks for what it
+// needs (AskPlan, HandOffload), and the node's agent reads the flows.
 const (
-	pinRootMode   = 0o711 // anyone may pass through, nobody but root may list pods
-	pinDirMode    = 0o750 // root, and the pod's proxy group
-	sidecarMode   = 0o440
-	sidecarRWMode = 0o660
-	ownerMode     = 0o600
+	pinRootMode = 0o711 // anyone may pass through, nobody but root may list pods
+	pinDirMode  = 0o700
+	ownerMode   = 0o600
 )
 
 // recordFormat marks a record written by this layout of pins.
@@ -91,6 +81,9 @@ type record struct {
 	// build's asks the pod's hooks, AskPlan), not in the node's policy
 	// maps (root's alone).
 	Sidecar *sidecarRecord `json:"sidecar,omitempty"`
+	// Identity is who the pod is, for the metrics the node's agent
+	// exports of its flows: what install was given (Target.Identity).
+	Identity map[string]string `json:"identity,omitempty"`
 }
 
 // sidecarRecord is the sidecar's part of a plan.
@@ -243,8 +236,9 @@ func checkOwner(t Target, rec record) error {
 	return nil
 }
 
-// pinsError names the usual reason a pin cannot be opened: the caller is not
-// in the pod's proxy group.
+// pinsError names the usual reason a pin cannot be opened: the caller is
+// not root (or, for an install before pins were root's alone, not in the
+// pod's proxy group).
 func pinsError(dir string, err error) error {
 	if !errors.Is(err, os.ErrPermission) {
 		return fmt.Errorf("read pins at %s: %w", dir, err)
@@ -256,27 +250,20 @@ func pinsError(dir string, err error) error {
 		return fmt.Errorf("cannot open the pod's pins at %s for writing as %s: they are read-only to everyone, so root needs CAP_DAC_OVERRIDE: add it to the container", dir, who)
 	}
 	var st unix.Stat_t
-	if unix.Stat(dir, &st) == nil {
+	if unix.Stat(dir, &st) == nil && st.Gid != 0 {
 		return fmt.Errorf("cannot read the pod's pins at %s as %s: they are readable by root and group %d only: run the sidecar with the proxy gid given to install (-g %d)", dir, who, st.Gid, st.Gid)
 	}
-	return fmt.Errorf("cannot read the pod's pins at %s as %s: run as root or as the proxy gid given to install (-g)", dir, who)
+	return fmt.Errorf("cannot read the pod's pins at %s as %s: they are root's alone: run as root", dir, who)
 }
 
-// setModes gives the pin directory and the sidecar's pins to the proxy's
-// group, and keeps everything else root's alone.
-func setModes(dir string, gid uint32) error {
-	if err := chownMod(dir, gid, pinDirMode); err != nil {
+// setModes makes the pin directory and every pin in it root's alone: an
+// install by an earlier build gave some to the proxy's group.
+func setModes(dir string) error {
+	if err := chownMod(dir, 0, pinDirMode); err != nil {
 		return err
 	}
 	for _, name := range pinnedMaps {
-		mode, group := os.FileMode(ownerMode), uint32(0)
-		switch {
-		case slices.Contains(sidecarPins, name):
-			mode, group = sidecarMode, gid
-		case slices.Contains(sidecarWritable, name):
-			mode, group = sidecarRWMode, gid
-		}
-		if err := chownMod(filepath.Join(dir, name), group, mode); err != nil {
+		if err := chownMod(filepath.Join(dir, name), 0, ownerMode); err != nil {
 			return err
 		}
 	}
@@ -338,6 +325,15 @@ type Installed struct {
 	PinDir   string `json:"pin_dir"`
 	Cgroup   string `json:"cgroup"`
 	CgroupID uint64 `json:"cgroup_id"`
+	// Object is the build it runs and Index its place in that build's
+	// node maps (what flow events name it by); 0 for an install from
+	// before programs were the node's.
+	Object string `json:"object,omitempty"`
+	Index  uint32 `json:"index,omitempty"`
+	// Identity is who the pod is, for its metrics, as install recorded it.
+	Identity map[string]string `json:"identity,omitempty"`
+	// NetnsCookie is the pod's network namespace, as its hooks know it.
+	NetnsCookie uint64 `json:"netns_cookie,omitempty"`
 }
 
 // List returns the installs under root, one per directory holding a Sluice
@@ -360,7 +356,7 @@ func List(root string) ([]Installed, error) {
 		if err != nil {
 			continue
 		}
-		out = append(out, Installed{PinDir: dir, Cgroup: rec.Cgroup, CgroupID: rec.CgroupID})
+		out = append(out, Installed{PinDir: dir, Cgroup: rec.Cgroup, CgroupID: rec.CgroupID, Object: rec.Object, Index: rec.Index, Identity: rec.Identity, NetnsCookie: rec.NetnsCookie})
 	}
 	return out, nil
 }
@@ -382,6 +378,9 @@ func shellQuote(args []string) string {
 func (in Installed) Target() Target {
 	return Target{Cgroup: in.Cgroup, CgroupID: in.CgroupID, PinDir: in.PinDir}
 }
+
+// RunsThisBuild reports whether the install runs this binary's programs.
+func (in Installed) RunsThisBuild() bool { return in.Object == bpf.ObjectHash() }
 
 // Gone reports whether the install's pod is gone: its cgroup no longer
 // exists, or a new cgroup took its path. Its pins and links then serve

@@ -26,7 +26,6 @@ func podMapSpecs() map[string]*ebpf.MapSpec {
 	return map[string]*ebpf.MapSpec{
 		bpf.SluiceMapMeta:       {Type: ebpf.Array, KeySize: 4, ValueSize: size(bpf.SluiceInstallMeta{}), MaxEntries: 1},
 		bpf.SluiceMapCounters:   {Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: 64},
-		bpf.SluiceMapFlowEvents: {Type: ebpf.RingBuf, MaxEntries: 64 * 1024},
 		bpf.SluiceMapHandshakes: {Type: ebpf.Hash, KeySize: tuple, ValueSize: orig, MaxEntries: 2048, Flags: noPrealloc},
 		bpf.SluiceMapRoutes: {Type: ebpf.Hash, KeySize: size(bpf.SluiceRouteKey{}), ValueSize: size(bpf.SluiceRoute{}),
 			MaxEntries: 256, Flags: noPrealloc},

@@ -36,6 +36,10 @@ type Target struct {
 	// capture), inside Netns (empty: the caller's network namespace).
 	Interface string `json:"interface,omitempty"`
 	Netns     string `json:"netns,omitempty"`
+	// Identity is who the pod is (its workload, namespace, app...: the
+	// names are telemetry's), which install records for the node's agent
+	// to label the pod's flows with.
+	Identity map[string]string `json:"identity,omitempty"`
 }
 
 // ResolveTarget identifies the pod whose cgroup v2 directory is cgroup, which

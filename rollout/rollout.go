@@ -1,6 +1,6 @@
 // Package rollout moves a service's new connections from its stable backend
 // to a canary step by step, gated by what the kernel measures of each:
-// connect failures and connect latency of the sidecar's flows to them. It
+// connect failures and connect latency of the pod's flows to them. It
 // rolls back by itself when the canary is worse than the stable backend by
 // more than the bounds. The kernel side (weights, records) and the
 // measurements come in through Plant, so the loop is tested without either.

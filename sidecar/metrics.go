@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 // How long the sidecar waits before trying its metrics port again: soon at
@@ -51,9 +52,9 @@ func warnIfUnreserved(log *slog.Logger, port uint16, reserved []uint16) {
 		"metrics_port", port, "reserved", reserved, "fix", fmt.Sprintf("rerun install with --metrics-port %d", port))
 }
 
-// metricsServer serves the exporter's handler on addr. A port it cannot
-// bind must not take the proxy down with it: the sidecar keeps serving
-// connections while it logs why and tries again, counting each failure.
+// metricsServer serves reg's metrics on addr. A port it cannot bind must
+// not take the proxy down with it: the sidecar keeps serving connections
+// while it logs why and tries again, counting each failure.
 type metricsServer struct {
 	addr     string
 	handler  http.Handler
@@ -61,13 +62,15 @@ type metricsServer struct {
 	log      *slog.Logger
 }
 
-func newMetricsServer(addr string, handler http.Handler, reg prometheus.Registerer, log *slog.Logger) *metricsServer {
+func newMetricsServer(addr string, reg *prometheus.Registry, log *slog.Logger) *metricsServer {
 	failures := prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "sluice_metrics_listen_failures_total",
 		Help: "Times the sidecar could not listen on --metrics-addr (the port held by another process); it serves connections meanwhile and retries.",
 	})
 	reg.MustRegister(failures)
-	return &metricsServer{addr: addr, handler: handler, failures: failures, log: log}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	return &metricsServer{addr: addr, handler: mux, failures: failures, log: log}
 }
 
 // listen makes one attempt, logging and counting a failure.
@@ -75,7 +78,7 @@ func (m *metricsServer) listen() net.Listener {
 	ln, err := net.Listen("tcp", m.addr)
 	if err != nil {
 		m.failures.Inc()
-		m.log.Error("cannot listen for metrics: proxying goes on without /metrics and /flows, retrying",
+		m.log.Error("cannot listen for metrics: proxying goes on without /metrics, retrying",
 			"metrics_addr", m.addr, "err", err, "fix", "free the port, or move it with --metrics-addr (and install --metrics-port)")
 		return nil
 	}

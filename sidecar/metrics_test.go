@@ -66,8 +66,7 @@ func TestMetricsServerRetriesAHeldPort(t *testing.T) {
 	}
 	addr := held.Addr().String()
 	reg := prometheus.NewRegistry()
-	ok := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") })
-	m := newMetricsServer(addr, ok, reg, log)
+	m := newMetricsServer(addr, reg, log)
 	if ln := m.listen(); ln != nil {
 		ln.Close()
 		t.Fatal("listened on a held port")
@@ -81,12 +80,12 @@ func TestMetricsServerRetriesAHeldPort(t *testing.T) {
 	held.Close()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		resp, err := http.Get("http://" + addr + "/")
+		resp, err := http.Get("http://" + addr + "/metrics")
 		if err == nil {
 			body, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
-			if string(body) != "ok" {
-				t.Fatalf("served %q, want ok", body)
+			if !strings.Contains(string(body), "sluice_metrics_listen_failures_total 1") {
+				t.Fatalf("served %q, want the failure counted", body)
 			}
 			break
 		}

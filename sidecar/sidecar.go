@@ -1,23 +1,22 @@
 // Package sidecar runs the pod's sidecar: the transparent proxy for the
-// connections the install captures, the exporter of the flows the kernel
-// measures, and the offload of the connections the install names. It
-// follows the pod's install when it has one, and works the same behind
-// iptables REDIRECT when it has none.
+// connections the install captures, the offload of the connections the
+// install names, and /metrics of its own figures (the pod's flows are the
+// node agent's). It asks the pod's hooks for its plan when it has an
+// install, and works the same behind iptables REDIRECT when it has none.
 package sidecar
 
 import (
 	"context"
 	"errors"
-	"io"
 	"log/slog"
 	"os"
 	"runtime"
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/proxy"
-	"github.com/sluicemesh/sluice/telemetry"
 )
 
 // Config is what 'sluice run' was told: one field per flag.
@@ -33,15 +32,10 @@ type Config struct {
 	// pod's install when there is one.
 	OutboundPortSet, InboundPortSet, ProxyUIDSet, ProxyGIDSet bool
 
-	IdleTimeout     time.Duration // close a connection with no bytes either way for this long
-	Drain           time.Duration // on ctx's end, how long open connections may take to finish
-	MetricsAddr     string        // where to serve /metrics and /flows (with a pod); empty: nowhere
-	MaxFollowers    int
-	IstioMetrics    bool // name the layer-4 counters istio_tcp_*
-	MaxDestinations int
-
-	Identity telemetry.Identity // this pod's Istio labels
-	Logger   *slog.Logger       // nil: slog.Default()
+	IdleTimeout time.Duration // close a connection with no bytes either way for this long
+	Drain       time.Duration // on ctx's end, how long open connections may take to finish
+	MetricsAddr string        // where to serve the sidecar's /metrics; empty: nowhere
+	Logger      *slog.Logger  // nil: slog.Default()
 }
 
 // Run serves until ctx ends (then it drains for cfg.Drain and returns nil)
@@ -56,16 +50,17 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	s := &sidecar{cfg: cfg, log: cfg.Logger}
 	defer s.close()
-	asked := s.askPlan()
+	plan := s.askPlan()
 	if s.cfg.Cgroup == "" {
 		s.findPod()
 	}
-	// The pins only for what the kernel does not answer: the flows, and
-	// the plan of an older install.
-	if s.cfg.Cgroup != "" && (asked == nil || s.cfg.MetricsAddr != "") {
-		if err := s.useInstall(port, asked); err != nil {
+	if plan == nil && s.cfg.Cgroup != "" {
+		if plan, err = s.readInstall(); err != nil {
 			return err
 		}
+	}
+	if plan != nil {
+		warnIfUnreserved(s.log, port, plan.SidecarPorts)
 	}
 	if err := becomeProxy(s.cfg.ProxyUID, s.cfg.ProxyGID, s.log); err != nil {
 		return err
@@ -79,8 +74,8 @@ func Run(ctx context.Context, cfg Config) error {
 		s.runners = append(s.runners, func(ctx context.Context) error { return p.Serve(ctx, ln.Listener, ln.dir) })
 	}
 	served := addrs(listeners)
-	if s.exporter != nil {
-		metrics := newMetricsServer(s.cfg.MetricsAddr, s.exporter.Handler(), s.exporter.Registry(), s.log)
+	if s.cfg.MetricsAddr != "" {
+		metrics := newMetricsServer(s.cfg.MetricsAddr, s.registry(), s.log)
 		// The first attempt before "listening", so a scraper may come
 		// at once; later ones in the background.
 		s.runners = append(s.runners, metrics.run(metrics.listen()))
@@ -95,12 +90,11 @@ func Run(ctx context.Context, cfg Config) error {
 
 // sidecar is one Run's parts, gathered step by step before they start.
 type sidecar struct {
-	cfg      Config
-	log      *slog.Logger
-	runners  []runner
-	exporter *telemetry.Exporter
-	offload  *offloader
-	undo     []func() // run in reverse when Run returns
+	cfg     Config
+	log     *slog.Logger
+	runners []runner
+	offload *offloader
+	undo    []func() // run in reverse when Run returns
 }
 
 func (s *sidecar) close() {
@@ -137,46 +131,32 @@ func (s *sidecar) askPlan() *loader.SidecarPlan {
 	return &plan
 }
 
-// useInstall reads the pod's pins: its flows to export, and, when the
-// kernel did not answer (asked is nil), the ports and proxy identity not
-// given as flags from its record.
-func (s *sidecar) useInstall(metricsPort uint16, asked *loader.SidecarPlan) error {
+// readInstall reads the ports and proxy identity not given as flags from
+// the pins of an install whose hooks do not answer askPlan (an older
+// Sluice's).
+func (s *sidecar) readInstall() (*loader.SidecarPlan, error) {
 	target, err := loader.ResolveTarget(s.cfg.Cgroup, s.cfg.PinDir)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if asked == nil {
-		installed, err := loader.ReadPlan(target)
-		if err != nil {
-			return err
-		}
-		s.cfg.fillFrom(installed)
-		asked = &installed
+	installed, err := loader.ReadPlan(target)
+	if err != nil {
+		return nil, err
 	}
-	if s.cfg.MetricsAddr != "" {
-		if err := s.exportFlows(target); err != nil {
-			return err
-		}
-	}
+	s.cfg.fillFrom(installed)
 	warnIfOutside(s.log, target.Cgroup)
-	if s.exporter != nil {
-		warnIfUnreserved(s.log, metricsPort, asked.SidecarPorts)
-	}
-	return nil
+	return &installed, nil
 }
 
-// exportFlows opens the pod's flows and the exporter that serves them.
-func (s *sidecar) exportFlows(target loader.Target) error {
-	source, err := loader.OpenFlows(target)
-	if err != nil {
-		return err
+// registry is what the sidecar's /metrics serves: the proxy's own figures.
+// The pod's flows are the node agent's.
+func (s *sidecar) registry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	if o := s.offload; o != nil {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "sluice_sidecar_offloaded_connections_total",
+			Help: "Connections the sidecar handed to the kernel (offload)."}, func() float64 { return float64(o.handed.Load()) }))
 	}
-	s.undo = append(s.undo, func() { source.Close() })
-	s.exporter = telemetry.NewExporter(source, telemetry.Options{Identity: s.cfg.Identity, IstioNames: s.cfg.IstioMetrics,
-		MaxDestinations: s.cfg.MaxDestinations, MaxFollowers: s.cfg.MaxFollowers, Logger: s.log,
-		Routes: source.Routes, RoutesVersion: source.Version})
-	s.runners = append(s.runners, s.exporter.Run, closeOnDone(source))
-	return nil
+	return reg
 }
 
 // fillFrom takes the ports and proxy identity that were not given from
@@ -197,8 +177,7 @@ func (c *Config) fillFrom(installed loader.SidecarPlan) {
 }
 
 // newProxy sizes the proxy to the machine: one event loop per CPU, each
-// holding a P, and one P more for the rest (listeners' setup, the
-// exporter, /metrics).
+// holding a P, and one P more for the rest (listeners' setup, /metrics).
 func (s *sidecar) newProxy() *proxy.Proxy {
 	loops := runtime.GOMAXPROCS(0)
 	runtime.GOMAXPROCS(loops + 1)
@@ -242,13 +221,4 @@ func serve(ctx context.Context, runners []runner, p drainer, drain time.Duration
 	}
 	p.Shutdown(drain)
 	return err
-}
-
-// closeOnDone closes c when ctx ends, which ends the exporter's Run.
-func closeOnDone(c io.Closer) runner {
-	return func(ctx context.Context) error {
-		<-ctx.Done()
-		c.Close()
-		return nil
-	}
 }

@@ -92,21 +92,3 @@ func TestServeDrainsWhenCanceled(t *testing.T) {
 		}
 	}
 }
-
-type closer struct{ closed atomic.Bool }
-
-func (c *closer) Close() error { c.closed.Store(true); return nil }
-
-func TestCloseOnDone(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	c := &closer{}
-	done := make(chan error)
-	go func() { done <- closeOnDone(c)(ctx) }()
-	if c.closed.Load() {
-		t.Fatal("closed before ctx ended")
-	}
-	cancel()
-	if err := <-done; err != nil || !c.closed.Load() {
-		t.Fatalf("closeOnDone = %v, closed %v; want nil, closed", err, c.closed.Load())
-	}
-}

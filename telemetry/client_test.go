@@ -11,8 +11,8 @@ import (
 	"time"
 )
 
-// sidecar serves a real exporter's handler, as 'sluice run' does.
-func sidecar(t *testing.T, opts Options) (*Exporter, string) {
+// served serves a real exporter's handler, as the agent does for a pod.
+func served(t *testing.T, opts Options) (*Exporter, string) {
 	t.Helper()
 	e := NewExporter(&events{}, opts)
 	srv := httptest.NewServer(e.Handler())
@@ -26,10 +26,10 @@ func openFlow(cookie uint64, dst string) Flow {
 }
 
 func TestFetchFlowsReadsTheOpenFlows(t *testing.T) {
-	e, addr := sidecar(t, Options{})
+	e, addr := served(t, Options{})
 	e.handle(openFlow(1, "198.18.2.2:8080"))
 	e.handle(openFlow(2, "198.18.3.2:80"))
-	flows, err := FetchFlows(t.Context(), addr)
+	flows, err := FetchFlows(t.Context(), addr, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -39,36 +39,36 @@ func TestFetchFlowsReadsTheOpenFlows(t *testing.T) {
 }
 
 func TestFetchFlowsSaysWhatIsWrong(t *testing.T) {
-	notSidecar := httptest.NewServer(http.NotFoundHandler())
-	defer notSidecar.Close()
+	notAgent := httptest.NewServer(http.NotFoundHandler())
+	defer notAgent.Close()
 	gone := httptest.NewServer(nil)
 	gone.Close()
 	for _, tc := range []struct{ addr, want string }{
-		{notSidecar.URL, "answered 404 Not Found: is it a Sluice sidecar started with --cgroup?"},
-		{gone.URL, "is 'sluice run --cgroup' running there?"},
+		{notAgent.URL, "404 Not Found"},
+		{gone.URL, "is 'sluice agent' running there?"},
 		{"http://[::1", "address \"http://[::1\": missing ']' in host"},
 	} {
-		_, err := FetchFlows(t.Context(), tc.addr)
+		_, err := FetchFlows(t.Context(), tc.addr, "")
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("FetchFlows(%s) = %v, want %q", tc.addr, err, tc.want)
 		}
 	}
 	var ae *AddrError
-	if _, err := FetchFlows(t.Context(), "http://a b"); !errors.As(err, &ae) || ae.Addr != "http://a b" {
+	if _, err := FetchFlows(t.Context(), "http://a b", ""); !errors.As(err, &ae) || ae.Addr != "http://a b" {
 		t.Errorf("a malformed address: %v, want an AddrError", err)
 	}
-	if _, err := FetchFlows(t.Context(), gone.URL); errors.As(err, &ae) {
-		t.Errorf("a sidecar that is down: %v, want no AddrError", err)
+	if _, err := FetchFlows(t.Context(), gone.URL, ""); errors.As(err, &ae) {
+		t.Errorf("an agent that is down: %v, want no AddrError", err)
 	}
 }
 
 // FollowFlows gets each flow as the exporter handles it, as sent and
 // decoded; the stream ends without error when ctx does.
 func TestFollowFlowsGetsEachFlow(t *testing.T) {
-	e, addr := sidecar(t, Options{})
+	e, addr := served(t, Options{})
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	stream, err := FollowFlows(ctx, addr)
+	stream, err := FollowFlows(ctx, addr, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,26 +101,26 @@ func TestFollowFlowsGetsEachFlow(t *testing.T) {
 }
 
 func TestFollowFlowsRefusedWhenFull(t *testing.T) {
-	_, addr := sidecar(t, Options{MaxFollowers: 1})
-	first, err := FollowFlows(t.Context(), addr)
+	_, addr := served(t, Options{MaxFollowers: 1})
+	first, err := FollowFlows(t.Context(), addr, "")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer first.Close()
-	_, err = FollowFlows(t.Context(), addr)
+	_, err = FollowFlows(t.Context(), addr, "")
 	if err == nil || !strings.Contains(err.Error(), "503 Service Unavailable") || !strings.Contains(err.Error(), "try again later") {
 		t.Fatalf("a follower too many: %v, want 503 with the server's reason", err)
 	}
 }
 
-// A stream the sidecar ends says so, since the sidecar stopped or dropped
+// A stream the agent ends says so: it stopped, the pod went, or it dropped
 // the follower.
-func TestFollowFlowsSaysWhenTheSidecarEndsIt(t *testing.T) {
+func TestFollowFlowsSaysWhenTheAgentEndsIt(t *testing.T) {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		w.Write([]byte(`{"cookie":1,"state":"open"}` + "\n"))
 	}))
 	defer srv.Close()
-	stream, err := FollowFlows(t.Context(), srv.URL)
+	stream, err := FollowFlows(t.Context(), srv.URL, "")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,10 @@ import (
 // the kernel hooks' own counters.
 type collector struct{ e *Exporter }
 
+// KernelEventsHelp is sluice_kernel_events_total's help, the same wherever
+// it is exported.
+const KernelEventsHelp = "What the kernel hooks counted: inbound steering, splice, and every connection or flow event they could not serve (by event)."
+
 func (c collector) descs() (opened, closed, sent, received, live, kernel, up, followers *prometheus.Desc) {
 	prefix := "sluice"
 	if c.e.opts.IstioNames {
@@ -23,7 +27,7 @@ func (c collector) descs() (opened, closed, sent, received, live, kernel, up, fo
 		d(prefix+"_tcp_sent_bytes_total", "Bytes the pod sent on its connections to or from the outside, acknowledged by the peer; open connections count as they go.", istioLabels...),
 		d(prefix+"_tcp_received_bytes_total", "Bytes the pod received on its connections to or from the outside; open connections count as they go.", istioLabels...),
 		d("sluice_live_flows", "Connections of the pod to or from the outside open now.", "direction"),
-		d("sluice_kernel_events_total", "What the kernel hooks counted: inbound steering, splice, and every connection or flow event they could not serve (by event).", "event"),
+		d("sluice_kernel_events_total", KernelEventsHelp, "event"),
 		d("sluice_up", "1 while the exporter runs."),
 		d("sluice_flow_followers", "Clients following the flows ('sluice flows --follow').")
 }

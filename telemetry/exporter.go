@@ -20,15 +20,19 @@ import (
 )
 
 // The per-destination series a rollout reads (rollout/plant parses them
-// from the sidecar's /metrics) and their label: named once, here.
+// from the agent's /metrics) and their label: named once, here.
 const (
 	MetricDestinationConnectDuration = "sluice_tcp_destination_connect_duration_seconds"
 	MetricDestinationConnectFailures = "sluice_tcp_destination_connect_failures_total"
 	LabelDestinationService          = "destination_service"
+	// LabelPodCgroup tells one pod's series from another's where one
+	// process exports many: the node's agent.
+	LabelPodCgroup = "pod_cgroup"
 )
 
-// Source is where flow events come from: a pod's pins (loader.FlowSource)
-// or, in tests, anything that yields them. Next returns
+// Source is where one pod's flow events come from: the node's agent, which
+// reads every pod's from the node's ring, or, in tests, anything that
+// yields them. Next returns
 // os.ErrDeadlineExceeded when no event came in time, and io.EOF once the
 // source is closed.
 type Source interface {
@@ -58,7 +62,14 @@ type Options struct {
 	// exporter then rereads Routes only when it changed (without it, at
 	// every destination beyond MaxDestinations).
 	RoutesVersion func() (uint32, error)
-	Logger        *slog.Logger
+	// InNetns, when set, runs what reads the pod's sockets (for open
+	// flows' bytes, and to find flows whose close event was lost) in the
+	// pod's network namespace; without it they are this process's.
+	InNetns func(func() error) error
+	// ConstLabels are added to every series, to tell pods apart where one
+	// process exports many (the node's agent).
+	ConstLabels prometheus.Labels
+	Logger      *slog.Logger
 }
 
 // Exporter reads a pod's flow events, keeps its live flows, and serves them
@@ -127,7 +138,8 @@ func NewExporter(source Source, opts Options) *Exporter {
 		followers:    map[*Follower]struct{}{},
 	}
 	e.newMetrics()
-	e.reg.MustRegister(e.connect, e.rtt, e.duration, e.ended, e.failed, e.retrans, e.followLost, e.evicted, e.destConnect, e.destFailed, collector{e}, routeCollector{e})
+	prometheus.WrapRegistererWith(opts.ConstLabels, e.reg).MustRegister(e.connect, e.rtt, e.duration, e.ended, e.failed, e.retrans,
+		e.followLost, e.evicted, e.destConnect, e.destFailed, collector{e}, routeCollector{e})
 	return e
 }
 
@@ -144,6 +156,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.InNetns == nil {
+		o.InNetns = func(f func() error) error { return f() }
 	}
 	return o
 }
@@ -332,12 +347,13 @@ const (
 )
 
 // Live returns the open flows, with their bytes, RTT and retransmits as the
-// kernel has them now (sock_diag in this network namespace). A flow whose
+// kernel has them now (sock_diag in the pod's network namespace). A flow whose
 // socket has been gone for reapAfter closed without its event reaching us;
 // it is dropped, its close counted through the kernel's lost-close
 // counters and its bytes as last seen.
 func (e *Exporter) Live() ([]Flow, error) {
-	stats, err := socketStats()
+	var stats map[uint64]sockStat
+	err := e.opts.InNetns(func() (err error) { stats, err = socketStats(); return err })
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	now := time.Now()
@@ -417,7 +433,7 @@ func (e *Exporter) Follow() (*Follower, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if len(e.followers) >= e.opts.MaxFollowers {
-		return nil, fmt.Errorf("%w: %d clients already follow the flows (sluice run --max-followers)", ErrTooManyFollowers, len(e.followers))
+		return nil, fmt.Errorf("%w: %d clients already follow the pod's flows", ErrTooManyFollowers, len(e.followers))
 	}
 	f := &Follower{e: e, events: make(chan Flow, followBuffer), evicted: make(chan struct{})}
 	e.followers[f] = struct{}{}
@@ -460,7 +476,8 @@ type sockStat struct {
 	retrans        uint32
 }
 
-// socketStats reads every TCP socket of this network namespace, by cookie.
+// socketStats reads every TCP socket of the caller's network namespace, by
+// cookie.
 func socketStats() (map[uint64]sockStat, error) {
 	out := map[uint64]sockStat{}
 	var errs []error

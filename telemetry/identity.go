@@ -1,6 +1,7 @@
 package telemetry
 
 import (
+	"cmp"
 	"os"
 )
 
@@ -19,7 +20,7 @@ type Identity struct {
 }
 
 // IdentityFromEnv reads what the Kubernetes downward API (or Istio's
-// injector) puts in the sidecar's environment. SLUICE_* variables win.
+// injector) puts in the environment of the pod's install. SLUICE_* variables win.
 func IdentityFromEnv() Identity {
 	first := func(names ...string) string {
 		for _, n := range names {
@@ -39,10 +40,15 @@ func IdentityFromEnv() Identity {
 		CanonicalRevision: first("SLUICE_CANONICAL_REVISION"),
 		Cluster:           first("SLUICE_CLUSTER", "ISTIO_META_CLUSTER_ID"),
 	}
-	// Istio's own defaults: the canonical service falls back to the app
-	// (then the workload), the canonical revision to the version.
+	return id.WithDefaults()
+}
+
+// WithDefaults fills in Istio's own defaults: the canonical service falls
+// back to the app (then the workload), the canonical revision to the
+// version.
+func (id Identity) WithDefaults() Identity {
 	if id.CanonicalService == "" {
-		id.CanonicalService = first("SLUICE_APP", "SLUICE_WORKLOAD", "ISTIO_META_WORKLOAD_NAME")
+		id.CanonicalService = cmp.Or(id.App, id.Workload)
 	}
 	if id.CanonicalRevision == "" {
 		id.CanonicalRevision = id.Version
@@ -94,4 +100,34 @@ func (id Identity) labelValues(direction, service string) []string {
 	v = append(v, service, service, dst[1])
 	v = append(v, dst[5:]...) // canonical service, revision, cluster
 	return append(v, "tcp", "-", "none")
+}
+
+// identityKeys name Identity's fields in Map and IdentityFromMap.
+const (
+	keyWorkload          = "workload"
+	keyNamespace         = "namespace"
+	keyPrincipal         = "principal"
+	keyApp               = "app"
+	keyVersion           = "version"
+	keyCanonicalService  = "canonical_service"
+	keyCanonicalRevision = "canonical_revision"
+	keyCluster           = "cluster"
+)
+
+// Map is id as install records it for the node's agent: its set fields.
+func (id Identity) Map() map[string]string {
+	m := map[string]string{}
+	for k, v := range map[string]string{keyWorkload: id.Workload, keyNamespace: id.Namespace, keyPrincipal: id.Principal, keyApp: id.App,
+		keyVersion: id.Version, keyCanonicalService: id.CanonicalService, keyCanonicalRevision: id.CanonicalRevision, keyCluster: id.Cluster} {
+		if v != "" {
+			m[k] = v
+		}
+	}
+	return m
+}
+
+// IdentityFromMap reads what Map wrote.
+func IdentityFromMap(m map[string]string) Identity {
+	return Identity{Workload: m[keyWorkload], Namespace: m[keyNamespace], Principal: m[keyPrincipal], App: m[keyApp],
+		Version: m[keyVersion], CanonicalService: m[keyCanonicalService], CanonicalRevision: m[keyCanonicalRevision], Cluster: m[keyCluster]}
 }

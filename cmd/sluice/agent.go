@@ -18,9 +18,17 @@ import (
 const agentHelp = `Usage: sluice agent [--pin-root DIR] [--metrics-addr :9102] [--gc-interval 30s] [--once]
 
 Runs once per node (a DaemonSet). It follows every pod installed under
---pin-root and serves, on --metrics-addr, /metrics (each pod's kernel
-counters and canary routes, labelled with its cgroup and Kubernetes pod uid,
-and the agent's own figures) and /pods (every install and its state, JSON).
+--pin-root and serves, on --metrics-addr, /metrics (each pod's flows as the
+kernel measured them, with Istio's layer-4 names and labels and the
+identity install recorded, its kernel counters and canary routes, each
+series labelled with the pod's cgroup and Kubernetes pod uid; and the
+agent's own figures), /flows?pod=UID (a pod's open flows, or with
+follow=true each as it opens and closes: what 'sluice flows' shows) and
+/pods (every install and its state, JSON). It is the only reader of the
+node's flow ring (1 MiB): flow events of a time it is down wait there for
+the next agent, and those that do not fit are counted by the kernel, so the
+counters stay exact.
+Treat --metrics-addr as sensitive: /flows lists every peer of every pod.
 Every --gc-interval it uninstalls the pods whose cgroup is gone: a pod
 deleted without its capture being uninstalled leaves pins and links that
 only an uninstall removes. Capture runs from the pins, never through the
@@ -43,13 +51,18 @@ func agentCommand() command {
 	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
 		fs := flag.NewFlagSet("agent", flag.ContinueOnError)
 		pinRoot := fs.String("pin-root", loader.DefaultPinRoot, "where every pod's pins are")
-		metricsAddr := fs.String("metrics-addr", ":9102", "where to serve /metrics and /pods")
+		metricsAddr := fs.String("metrics-addr", ":9102", "where to serve /metrics, /flows and /pods")
+		istioMetrics := fs.Bool("istio-metrics", false, "name the pods' layer-4 counters istio_tcp_* instead of sluice_tcp_* (for pods with no other Istio proxy)")
+		maxDestinations := fs.Int("max-destinations", 100, "distinct destination_service label values of a pod before the rest count as \"other\"")
 		interval := fs.Duration("gc-interval", 30*time.Second, "how often to collect pods whose cgroup is gone")
 		once := fs.Bool("once", false, "collect once, print the pods as JSON, exit")
 		logFormat := fs.String("log-format", "text", "text or json")
 		logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 		if err := parseFlags(fs, c, args, stdout); err != nil {
 			return err
+		}
+		if *maxDestinations < 1 {
+			return usageError{fmt.Sprintf("--max-destinations %d: want at least 1", *maxDestinations)}
 		}
 		if *interval <= 0 {
 			return usageError{fmt.Sprintf("--gc-interval %v: want a positive duration, e.g. 30s", *interval)}
@@ -61,7 +74,7 @@ func agentCommand() command {
 		if err := requireRoot(); err != nil {
 			return err
 		}
-		a := agent.New(agent.Options{PinRoot: *pinRoot, Logger: log})
+		a := agent.New(agent.Options{PinRoot: *pinRoot, IstioNames: *istioMetrics, MaxDestinations: *maxDestinations, Logger: log})
 		if *once {
 			_, cerr := a.Collect()
 			pods, err := a.Pods()

@@ -101,8 +101,8 @@ func TestCLIBadInput(t *testing.T) {
 		{"run gid name", []string{"run", "-g", "istio-proxy"}, 2, []string{`"istio-proxy" is not a numeric gid`, "give the number"}},
 		{"run duration without unit", []string{"run", "--drain", "5"}, 2, []string{`invalid value "5" for flag -drain`, "want a duration such as 30s"}},
 		{"run bad duration", []string{"run", "--idle-timeout", "forever"}, 2, []string{`invalid value "forever" for flag -idle-timeout`, "want a duration"}},
-		{"run bad number", []string{"run", "--max-destinations", "many"}, 2, []string{`invalid value "many" for flag -max-destinations`, "want a whole number"}},
-		{"run max destinations 0", []string{"run", "--max-destinations", "0"}, 2, []string{"--max-destinations 0", "want at least 1"}},
+		{"agent bad number", []string{"agent", "--max-destinations", "many"}, 2, []string{`invalid value "many" for flag -max-destinations`, "want a whole number"}},
+		{"agent max destinations 0", []string{"agent", "--max-destinations", "0"}, 2, []string{"--max-destinations 0", "want at least 1"}},
 		{"run log level", []string{"run", "--log-level", "loud"}, 2, []string{`log level "loud"`, "want debug, info, warn or error"}},
 		{"run log format", []string{"run", "--log-format", "xml"}, 2, []string{`log format "xml"`, "want text or json"}},
 		{"run capture flag", []string{"run", "-x", "10.0.0.0/8"}, 2, []string{"unknown flag -x", "run 'sluice run --help'"}},
@@ -115,8 +115,8 @@ func TestCLIBadInput(t *testing.T) {
 
 		{"flows interval 0", []string{"flows", "--watch", "--interval", "0"}, 2, []string{"--interval 0s", "want a positive duration"}},
 		{"flows bad interval", []string{"flows", "--interval", "1"}, 2, []string{`invalid value "1" for flag -interval`, "want a duration"}},
-		{"flows bad address", []string{"flows", "--addr", "http://[::1"}, 2, []string{`--addr "http://[::1"`, "missing ']' in host", "want the sidecar's metrics address"}},
-		{"flows bad address follow", []string{"flows", "--follow", "--addr", "http://[::1"}, 2, []string{`--addr "http://[::1"`, "want the sidecar's metrics address"}},
+		{"flows bad address", []string{"flows", "--addr", "http://[::1"}, 2, []string{`--addr "http://[::1"`, "missing ']' in host", "want the agent's address"}},
+		{"flows bad address follow", []string{"flows", "--follow", "--addr", "http://[::1"}, 2, []string{`--addr "http://[::1"`, "want the agent's address"}},
 		{"flows extra argument", []string{"flows", "pod"}, 2, []string{`unexpected argument "pod"`, "every option is a flag"}},
 
 		{"route no subcommand", []string{"route"}, 2, []string{"want a subcommand", "run 'sluice route --help'"}},

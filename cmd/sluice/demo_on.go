@@ -14,12 +14,14 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"os/exec"
 	"strings"
 	"text/tabwriter"
 	"time"
 
+	"github.com/sluicemesh/sluice/agent"
 	"github.com/sluicemesh/sluice/internal/testbed"
 	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/redirect"
@@ -41,10 +43,10 @@ func demoCommand() command {
 Creates a pod (network namespace + veth + cgroup v2) and a remote host in its
 own namespace (addresses from 198.18.0.0/15 and 2001:2::/48), installs
 capture on the pod's cgroup (outbound, port 9090 excluded) and on its network
-namespace (inbound), starts the sidecar in the pod, sends 1 MiB from the app to the
-host and from the host to the app over IPv4 and IPv6, and prints the original
-destination the sidecar saw for each connection, then the flows the kernel
-measured and the metrics the sidecar exports, then shifts a canary route
+namespace (inbound), starts the sidecar in the pod and the node's agent, sends 1 MiB
+from the app to the host and from the host to the app over IPv4 and IPv6, and
+prints the original destination the sidecar saw for each connection, then the
+flows the kernel measured and the metrics the agent exports, then shifts a canary route
 from 100/0 to 90/10 to 0/100 while the app connects and shows where its
 connections landed. Removes everything at the end, also on failure. Exits 1
 if any check fails.
@@ -102,7 +104,13 @@ func demo(w io.Writer) (err error) {
 		return err
 	}
 	fmt.Fprintf(w, "3. sidecar `sluice run` in the pod: pid %d, listening on %s as uid %d\n", sidecar.Cmd.Process.Pid, ready.Str("addrs"), ready.Num("uid"))
-	follow, err := followInPod(pod)
+	agentAddr, stopAgent, err := demoAgent(in.log)
+	if err != nil {
+		return err
+	}
+	defer stopAgent()
+	fmt.Fprintf(w, "   node agent (`sluice agent`, here in this process): every pod's flows on http://%s\n", agentAddr)
+	follow, err := followAgent(agentAddr, pod.Cgroup)
 	if err != nil {
 		return err
 	}
@@ -113,7 +121,7 @@ func demo(w io.Writer) (err error) {
 	if err := demoFlows(w, follow, len(cases)); err != nil {
 		return err
 	}
-	if err := demoMetrics(w, pod); err != nil {
+	if err := demoMetrics(w, agentAddr); err != nil {
 		return err
 	}
 	if err := demoCanary(w, bed, pod, in.target, exe); err != nil {
@@ -231,13 +239,13 @@ func demoFlows(w io.Writer, follow *flowFollower, n int) error {
 	return nil
 }
 
-// demoMetrics shows a few of the sidecar's metrics.
-func demoMetrics(w io.Writer, pod *testbed.Pod) error {
-	metrics, err := getInPod(pod, "http://127.0.0.1:15090/metrics")
+// demoMetrics shows a few of the pod's metrics the agent exports.
+func demoMetrics(w io.Writer, agentAddr string) error {
+	metrics, err := get(agentAddr, "/metrics")
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(w, "\n6. a few of the metrics Prometheus scrapes from the sidecar (:15090/metrics):\n\n")
+	fmt.Fprintf(w, "\n6. a few of the pod's metrics Prometheus scrapes from the node's agent (:9102/metrics in a cluster):\n\n")
 	for _, line := range strings.Split(string(metrics), "\n") {
 		if strings.HasPrefix(line, "sluice_tcp_connections_closed_total{") || strings.HasPrefix(line, "sluice_tcp_sent_bytes_total{") {
 			fmt.Fprintln(w, "   "+shortLabels(line))
@@ -411,52 +419,53 @@ func shortLabels(line string) string {
 	return fmt.Sprintf("%s{%s,...} %s", name, strings.Join(keep, ","), value)
 }
 
-// inPod dials addr from inside the pod's network namespace (the socket
-// stays there; the goroutines of an http.Client would dial from anywhere).
-func inPod(pod *testbed.Pod, addr string) (net.Conn, error) {
-	var c net.Conn
-	err := pod.Do(func() (err error) {
-		c, err = net.DialTimeout("tcp", addr, 5*time.Second)
-		return err
-	})
-	return c, err
-}
-
-func getInPod(pod *testbed.Pod, url string) ([]byte, error) {
-	req, err := http.NewRequest(http.MethodGet, url, nil)
+// get fetches path from the agent at addr.
+func get(addr, path string) ([]byte, error) {
+	cl := http.Client{Timeout: 10 * time.Second}
+	resp, err := cl.Get("http://" + addr + path)
 	if err != nil {
-		return nil, err
-	}
-	c, err := inPod(pod, req.URL.Host)
-	if err != nil {
-		return nil, fmt.Errorf("reach the sidecar: %w", err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	req.Close = true
-	if err := req.Write(c); err != nil {
-		return nil, err
-	}
-	resp, err := http.ReadResponse(bufio.NewReader(c), req)
-	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("reach the agent: %w", err)
 	}
 	defer resp.Body.Close()
 	return io.ReadAll(resp.Body)
 }
 
-// flowFollower reads the sidecar's stream of flow events.
+// flowFollower reads the agent's stream of a pod's flow events.
 type flowFollower struct {
 	conn  net.Conn
 	lines *bufio.Scanner
 }
 
-func followInPod(pod *testbed.Pod) (*flowFollower, error) {
-	c, err := inPod(pod, "127.0.0.1:15090")
+// demoAgent runs the node's agent in this process, serving on loopback,
+// until stop.
+func demoAgent(log *slog.Logger) (addr string, stop func(), err error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return nil, fmt.Errorf("reach the sidecar: %w", err)
+		return "", nil, err
 	}
-	req, _ := http.NewRequest(http.MethodGet, "http://127.0.0.1:15090/flows?follow=true", nil)
+	a := agent.New(agent.Options{PinRoot: loader.DefaultPinRoot, MaxDestinations: 100, Logger: log})
+	srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		a.Run(ctx, time.Minute)
+	}()
+	return ln.Addr().String(), func() {
+		cancel()
+		<-done
+		srv.Close()
+	}, nil
+}
+
+// followAgent follows the flows of the pod in cgroup at the agent.
+func followAgent(addr, cgroup string) (*flowFollower, error) {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("reach the agent: %w", err)
+	}
+	req, _ := http.NewRequest(http.MethodGet, "http://"+addr+"/flows?follow=true&pod="+url.QueryEscape(cgroup), nil)
 	if err := req.Write(c); err != nil {
 		c.Close()
 		return nil, err
@@ -484,7 +493,7 @@ func (f *flowFollower) closed(n int, timeout time.Duration) ([]telemetry.Flow, e
 		}
 	}
 	if len(out) < n {
-		return out, fmt.Errorf("the sidecar reported %d closed flows within %s, want %d: %v", len(out), timeout, n, f.lines.Err())
+		return out, fmt.Errorf("the agent reported %d closed flows within %s, want %d: %v", len(out), timeout, n, f.lines.Err())
 	}
 	return out, nil
 }

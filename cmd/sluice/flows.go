@@ -17,24 +17,26 @@ func flowsCommand() command {
 	c := command{
 		name:    "flows",
 		summary: "show a pod's flows: open ones, or each as it opens and closes",
-		help: `Usage: sluice flows [--addr URL] [--json | --follow | --watch]
+		help: `Usage: sluice flows [--addr URL] [--pod UID|CGROUP] [--json | --follow | --watch]
 
-Asks the pod's sidecar ('sluice run --cgroup ...', which exports the flows
-the kernel measures) for its flows: by default the open ones as a table
-(direction, source, destination, original destination, whether the sidecar
-carries it, state, age, smoothed RTT, bytes each way). Run it where the
-sidecar's metrics port is reachable, e.g. inside the pod
-('kubectl exec POD -c sidecar -- sluice flows').
+Asks the node's agent ('sluice agent', which exports the flows the kernel
+measures for every pod of the node) for one pod's flows: by default the
+open ones as a table (direction, source, destination, original
+destination, whether the sidecar carries it, state, age, smoothed RTT,
+bytes each way). Run it where the agent's port is reachable, e.g. in the
+agent's pod ('kubectl exec -n sluice-system AGENT -- sluice flows --pod UID').
+--pod may be left out on a node with one pod.
 
 Examples:
-  sluice flows
-  sluice flows --json | jq '.[] | select(.direction == "inbound")'
+  sluice flows --pod 3f2a8c1e-5b7d-4e0a-9c6f-1d2e3f4a5b6c
+  sluice flows --pod /sys/fs/cgroup/kubepods/pod3f2a8c1e... --json | jq '.[] | select(.direction == "inbound")'
   sluice flows --follow            # every flow as it opens and closes, like 'hubble observe'
   sluice flows --watch             # a top-like view, redrawn every second`,
 	}
 	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
 		fs := flag.NewFlagSet("flows", flag.ContinueOnError)
-		addr := fs.String("addr", "http://127.0.0.1:15090", "the sidecar's metrics address (sluice run --metrics-addr)")
+		addr := fs.String("addr", "http://127.0.0.1:9102", "the agent's address (sluice agent --metrics-addr)")
+		pod := fs.String("pod", "", "the pod: its Kubernetes uid, cgroup path or cgroup id (default: the node's only pod)")
 		asJSON := fs.Bool("json", false, "print the open flows as JSON")
 		follow := fs.Bool("follow", false, "print each flow as it opens, closes or fails, until interrupted")
 		watch := fs.Bool("watch", false, "redraw the open flows every --interval, until interrupted")
@@ -50,11 +52,11 @@ Examples:
 		}
 		switch {
 		case *follow:
-			return followFlows(ctx, *addr, *asJSON, stdout)
+			return followFlows(ctx, *addr, *pod, *asJSON, stdout)
 		case *watch:
-			return watchFlows(ctx, *addr, *interval, stdout)
+			return watchFlows(ctx, *addr, *pod, *interval, stdout)
 		}
-		flows, err := getFlows(ctx, *addr)
+		flows, err := getFlows(ctx, *addr, *pod)
 		if err != nil {
 			return err
 		}
@@ -67,8 +69,8 @@ Examples:
 	return c
 }
 
-func getFlows(ctx context.Context, addr string) ([]telemetry.Flow, error) {
-	flows, err := telemetry.FetchFlows(ctx, addr)
+func getFlows(ctx context.Context, addr, pod string) ([]telemetry.Flow, error) {
+	flows, err := telemetry.FetchFlows(ctx, addr, pod)
 	return flows, badAddr(err)
 }
 
@@ -76,7 +78,7 @@ func getFlows(ctx context.Context, addr string) ([]telemetry.Flow, error) {
 // errors stay as they are.
 func badAddr(err error) error {
 	if ae := new(telemetry.AddrError); errors.As(err, &ae) {
-		return usageError{fmt.Sprintf("--addr %q: %v: want the sidecar's metrics address, e.g. http://127.0.0.1:15090", ae.Addr, ae.Err)}
+		return usageError{fmt.Sprintf("--addr %q: %v: want the agent's address, e.g. http://127.0.0.1:9102", ae.Addr, ae.Err)}
 	}
 	return err
 }
@@ -91,8 +93,8 @@ func printFlows(w io.Writer, flows []telemetry.Flow) {
 	tw.Flush()
 }
 
-func followFlows(ctx context.Context, addr string, asJSON bool, w io.Writer) error {
-	stream, err := telemetry.FollowFlows(ctx, addr)
+func followFlows(ctx context.Context, addr, pod string, asJSON bool, w io.Writer) error {
+	stream, err := telemetry.FollowFlows(ctx, addr, pod)
 	if err != nil {
 		return badAddr(err)
 	}
@@ -116,11 +118,11 @@ func followFlows(ctx context.Context, addr string, asJSON bool, w io.Writer) err
 	return stream.Err()
 }
 
-func watchFlows(ctx context.Context, addr string, every time.Duration, w io.Writer) error {
+func watchFlows(ctx context.Context, addr, pod string, every time.Duration, w io.Writer) error {
 	tick := time.NewTicker(every)
 	defer tick.Stop()
 	for {
-		flows, err := getFlows(ctx, addr)
+		flows, err := getFlows(ctx, addr, pod)
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil

@@ -14,6 +14,7 @@ import (
 	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/probe"
 	"github.com/sluicemesh/sluice/redirect"
+	"github.com/sluicemesh/sluice/telemetry"
 )
 
 const installHelp = `Usage: sluice install [--cgroup PATH] [--netns PATH | --interface NAME] [--pin-dir DIR] [--dry-run] [--validate] [capture flags]
@@ -76,6 +77,7 @@ func installCommand() command {
 			strings.Join(redirect.AnnotatedFlags, ", ")+" (flags given here win)")
 		req.policy = redirect.DefaultPolicy()
 		req.policy.RegisterFlags(fs)
+		req.identity = identityFlags(fs)
 		if err := parseFlags(fs, c, args, stdout); err != nil {
 			return err
 		}
@@ -128,11 +130,14 @@ func applyAnnotations(fs *flag.FlagSet, file string) error {
 type installRequest struct {
 	cgroup, pinDir, netns, iface string
 	policy                       redirect.Policy
-	dryRun, validate, skipApply  bool
-	cleanup                      bool
-	probePort                    uint16
-	probeTimeout                 time.Duration
-	log                          *slog.Logger
+	// identity is who the pod is, recorded for the agent's metrics of its
+	// flows; nil: the environment's (telemetry.IdentityFromEnv).
+	identity                    *telemetry.Identity
+	dryRun, validate, skipApply bool
+	cleanup                     bool
+	probePort                   uint16
+	probeTimeout                time.Duration
+	log                         *slog.Logger
 	// cmdline is what the install records for its repair command: install's
 	// flags, or a personality's whole command line.
 	cmdline []string
@@ -209,6 +214,11 @@ func installTarget(req *installRequest) (loader.Target, error) {
 	// the pod: defaulting to eth0 of whatever namespace install runs in
 	// could capture a node's traffic.
 	target.Netns, target.Interface = req.netns, req.iface
+	id := telemetry.IdentityFromEnv()
+	if req.identity != nil {
+		id = *req.identity
+	}
+	target.Identity = id.WithDefaults().Map()
 	if target.Interface == "" && (target.Netns != "" || inPod) {
 		target.Interface = "eth0"
 	}
@@ -327,4 +337,27 @@ Examples:
 		return nil
 	}
 	return c
+}
+
+// identityFlags defines install's flags for who the pod is, each defaulting
+// to what the Kubernetes downward API (or Istio's injector) puts in the
+// environment.
+func identityFlags(fs *flag.FlagSet) *telemetry.Identity {
+	id := telemetry.IdentityFromEnv()
+	for _, f := range []struct {
+		name, usage string
+		p           *string
+	}{
+		{"workload", "the pod's workload (source_workload outbound, destination_workload inbound)", &id.Workload},
+		{"namespace", "the pod's namespace", &id.Namespace},
+		{"app", "the pod's app label", &id.App},
+		{"version", "the pod's version label", &id.Version},
+		{"canonical-service", "the pod's canonical service (default: app, then workload)", &id.CanonicalService},
+		{"canonical-revision", "the pod's canonical revision (default: version)", &id.CanonicalRevision},
+		{"principal", "the pod's principal", &id.Principal},
+		{"cluster", "the pod's cluster", &id.Cluster},
+	} {
+		fs.StringVar(f.p, f.name, *f.p, f.usage+"; recorded for the agent's metrics of its flows")
+	}
+	return &id
 }

@@ -25,7 +25,7 @@ func rolloutCommand(ctx context.Context, fs *flag.FlagSet, c command, args []str
 	maxLat := fs.Duration("max-connect-latency", 50*time.Millisecond, "how much slower the canary's mean connect latency may be than the stable backend's")
 	minConnects := fs.Uint64("min-connects", 1, "connects to the canary a step needs before it is judged")
 	maxWait := fs.Duration("max-wait", 0, "how long a step may run on waiting for --min-connects before the rollout rolls back (default 5 intervals)")
-	metrics := fs.String("metrics", "http://127.0.0.1:15090", "the sidecar's metrics address, where the measurements come from")
+	metrics := fs.String("metrics", "http://127.0.0.1:9102", "the node agent's address (sluice agent --metrics-addr), where the pod's measurements come from")
 	if err := parseInterspersed(fs, c, args, stdout); err != nil {
 		return err
 	}

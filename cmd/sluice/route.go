@@ -47,7 +47,7 @@ backendRefs and sets every route in it at once:
 
 rollout moves a service from its current backend to --to step by step,
 checking after each --interval the canary's connect failures and connect
-latency (from the flows the sidecar exports, see --metrics) against the
+latency (from the pod's flows the node agent exports, see --metrics) against the
 stable backend's; it rolls back by itself when the canary is worse by more
 than the bounds, and exits 1. A step in which fewer than --min-connects
 connects to the canary were measured is never passed: it runs on, judged

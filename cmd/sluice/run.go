@@ -3,14 +3,12 @@ package main
 import (
 	"context"
 	"flag"
-	"fmt"
 	"io"
 	"os"
 	"time"
 
 	"github.com/sluicemesh/sluice/redirect"
 	"github.com/sluicemesh/sluice/sidecar"
-	"github.com/sluicemesh/sluice/telemetry"
 )
 
 const runHelp = `Usage: sluice run [--cgroup PATH] [-p PORT] [-z PORT] [-u UID -g GID] [--drain 5s] [--log-format json]
@@ -36,33 +34,23 @@ dialed, the kernel sends the app's bytes straight out on its socket, and
 only the replies still pass through it. It follows a rerun of install within
 a second.
 
-With a pod (--cgroup, or the pod it runs in) it also exports the pod's
-flows, measured in the kernel and read from the pod's pins, on
---metrics-addr (default :15090, the port Istio's Envoy uses for its own
-stats; change it where both run): /metrics for Prometheus, /flows for the
-open flows (what 'sluice flows' shows), /flows?follow=true each flow as it
-opens and closes (at most --max-followers clients at once; one that takes
-nothing for 5s is dropped). Treat --metrics-addr as sensitive: /flows lists
-every peer of the pod. Bind it where only its readers reach it:
-127.0.0.1:15090 when only a reader inside the pod scrapes it (a
-metrics-merging agent, 'sluice flows' run in the pod), the pod's address
-behind a NetworkPolicy for a cluster Prometheus.
-
-In the pod only the proxy may bind the port install reserved for metrics
-(install --metrics-port, default 15090); on another port the sidecar says so
-at start. If it cannot bind it (another process holds it), it goes on
-proxying, logs an error and tries again (1s, doubling to 30s), counting
-sluice_metrics_listen_failures_total. The Istio labels of this pod come
-from the flags below or the environment the Kubernetes downward API sets
-(SLUICE_WORKLOAD, SLUICE_NAMESPACE or POD_NAMESPACE, SLUICE_APP, ...).
+On --metrics-addr (default :15090, the port Istio's Envoy uses for its own
+stats; change it where both run) it serves /metrics of its own figures:
+connections offloaded, and sluice_metrics_listen_failures_total. The pod's
+flows, measured in the kernel, are the node's: 'sluice agent' exports every
+pod's, labelled with the identity install recorded. In the pod only the
+proxy may bind the port install reserved for metrics (install
+--metrics-port, default 15090); on another port the sidecar says so at
+start. If it cannot bind it (another process holds it), it goes on
+proxying, logs an error and tries again (1s, doubling to 30s).
 
 On SIGTERM it stops accepting at once, lets open connections finish for
 --drain, then closes them and exits 0; a second signal ends it at once. If
 a proxy listener fails, it exits 1 so the pod restarts it.
 
 Examples:
-  sluice run --cgroup /sys/fs/cgroup/unified/mypod
-  sluice run --cgroup /sys/fs/cgroup/unified/mypod --workload reviews-v1 --namespace shop --app reviews --version v1
+  sluice run
+  sluice run --metrics-addr ""
   sluice run -p 15001 -z 15006 -u 1337 -g 1337 --log-format json`
 
 func runCommand() command {
@@ -76,12 +64,6 @@ func runCommand() command {
 		cfg, logFormat, logLevel := runFlags(fs)
 		if err := parseFlags(fs, c, args, stdout); err != nil {
 			return err
-		}
-		if cfg.MaxDestinations < 1 {
-			return usageError{fmt.Sprintf("--max-destinations %d: want at least 1", cfg.MaxDestinations)}
-		}
-		if cfg.MaxFollowers < 1 {
-			return usageError{fmt.Sprintf("--max-followers %d: want at least 1", cfg.MaxFollowers)}
 		}
 		if _, err := sidecar.MetricsPort(cfg.MetricsAddr); err != nil {
 			return usageError{err.Error()}
@@ -113,10 +95,8 @@ func runCommand() command {
 // it returns (or one of the log settings).
 func runFlags(fs *flag.FlagSet) (cfg *sidecar.Config, logFormat, logLevel *string) {
 	policy := redirect.DefaultPolicy()
-	cfg = &sidecar.Config{OutboundPort: policy.OutboundPort, InboundPort: policy.InboundPort, ProxyUID: policy.ProxyUID, ProxyGID: policy.ProxyGID,
-		Identity: telemetry.IdentityFromEnv()}
-	fs.StringVar(&cfg.Cgroup, "cgroup", "", "the pod's cgroup v2 directory, for the flows its pins hold (default: the pod this runs in);\n"+
-		"ports, proxy uid/gid and offload come from the pod's hooks, or from the pins of an older install")
+	cfg = &sidecar.Config{OutboundPort: policy.OutboundPort, InboundPort: policy.InboundPort, ProxyUID: policy.ProxyUID, ProxyGID: policy.ProxyGID}
+	fs.StringVar(&cfg.Cgroup, "cgroup", "", "the pod's cgroup v2 directory, for the plan of an older install whose hooks do not answer (default: the pod this runs in)")
 	fs.StringVar(&cfg.PinDir, "pin-dir", "", "where the pins are (default /sys/fs/bpf/sluice/<cgroup id>)")
 	fs.Var(redirect.PortFlag(&cfg.OutboundPort), "p", "outbound listener port")
 	fs.Var(redirect.PortFlag(&cfg.InboundPort), "z", "inbound listener port")
@@ -126,26 +106,6 @@ func runFlags(fs *flag.FlagSet) (cfg *sidecar.Config, logFormat, logLevel *strin
 	logLevel = fs.String("log-level", "info", "debug, info, warn or error")
 	fs.DurationVar(&cfg.IdleTimeout, "idle-timeout", time.Hour, "close a connection after this long with no bytes either way")
 	fs.DurationVar(&cfg.Drain, "drain", 5*time.Second, "on SIGTERM, how long open connections may take to finish")
-	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", ":15090", "where to serve /metrics and /flows (with --cgroup); empty: nowhere. Sensitive: /flows lists\n"+
-		"every peer of the pod, so bind it where only its readers reach it (127.0.0.1:15090 when they run in the pod)")
-	fs.IntVar(&cfg.MaxFollowers, "max-followers", 16, "clients that may follow the flows at once (/flows?follow=true, 'sluice flows --follow'); more get 503")
-	fs.BoolVar(&cfg.IstioMetrics, "istio-metrics", false, "name the layer-4 counters istio_tcp_* instead of sluice_tcp_* (for pods with no other Istio proxy)")
-	fs.IntVar(&cfg.MaxDestinations, "max-destinations", 100, "distinct destination_service label values before the rest count as \"other\"")
-	id := &cfg.Identity
-	for _, f := range []struct {
-		name, usage string
-		p           *string
-	}{
-		{"workload", "this pod's workload (source_workload outbound, destination_workload inbound)", &id.Workload},
-		{"namespace", "this pod's namespace", &id.Namespace},
-		{"app", "this pod's app label", &id.App},
-		{"version", "this pod's version label", &id.Version},
-		{"canonical-service", "this pod's canonical service (default: app, then workload)", &id.CanonicalService},
-		{"canonical-revision", "this pod's canonical revision (default: version)", &id.CanonicalRevision},
-		{"principal", "this pod's principal", &id.Principal},
-		{"cluster", "this pod's cluster", &id.Cluster},
-	} {
-		fs.StringVar(f.p, f.name, *f.p, f.usage)
-	}
+	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", ":15090", "where to serve the sidecar's /metrics; empty: nowhere")
 	return cfg, logFormat, logLevel
 }

@@ -309,6 +309,16 @@ func (h *Host) Start(cmd *exec.Cmd) error {
 	return nil
 }
 
+// StartInNode starts cmd inside the node's netns, where the pods' and
+// hosts' links end (as a node's agent runs there); the Bed kills it at
+// Close if it is still running.
+func (b *Bed) StartInNode(cmd *exec.Cmd) error {
+	if err := b.start(netnsPath(b.nodeNetns), cmd); err != nil {
+		return fmt.Errorf("start in the node: %w", err)
+	}
+	return nil
+}
+
 // start forks cmd from a thread inside the netns at nsPath: the child
 // inherits the network namespace of the thread that forked it.
 func (b *Bed) start(nsPath string, cmd *exec.Cmd) error {

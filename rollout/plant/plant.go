@@ -1,6 +1,6 @@
 // Package plant is the rollout's plant in a real pod: the pod's canary
-// route in the kernel, and the measurements its sidecar exports on
-// /metrics. It keeps rollout/ itself pure: only this package touches the
+// route in the kernel, and the measurements of its flows the node's agent
+// exports on /metrics. It keeps rollout/ itself pure: only this package touches the
 // loader and the network.
 package plant
 
@@ -9,7 +9,9 @@ import (
 	"io"
 	"net/http"
 	"net/netip"
+	"slices"
 
+	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
@@ -20,7 +22,7 @@ import (
 )
 
 // Route is a pod's route to service, rolled out to canary, measured by the
-// sidecar whose metrics are at metrics (a URL without /metrics).
+// node agent whose metrics are at metrics (a URL without /metrics).
 type Route struct {
 	target  loader.Target
 	service netip.AddrPort
@@ -68,27 +70,34 @@ func (p *Route) SetWeights(stable, canary netip.AddrPort, sw, cw, step uint32, r
 		Rollout: &loader.RolloutRecord{Service: p.service, Step: step, Rollback: rollback}})
 }
 
-// Measure reads the sidecar's per-destination connect metrics.
+// Measure reads the pod's per-destination connect metrics from the node's
+// agent.
 func (p *Route) Measure() (map[netip.AddrPort]rollout.Sample, error) {
 	resp, err := http.Get(p.metrics + "/metrics")
 	if err != nil {
-		return nil, fmt.Errorf("read the sidecar's metrics at %s (is 'sluice run --cgroup' running there? see --metrics): %w", p.metrics, err)
+		return nil, fmt.Errorf("read the node agent's metrics at %s (is 'sluice agent' running there? see --metrics): %w", p.metrics, err)
 	}
 	defer resp.Body.Close()
-	return parseSamples(resp.Body)
+	return parseSamples(resp.Body, p.target.Cgroup)
 }
 
-// parseSamples reads the per-destination connect series of a /metrics
-// page. Destinations that are no address ("other", "unknown") are left out.
-func parseSamples(r io.Reader) (map[netip.AddrPort]rollout.Sample, error) {
+// parseSamples reads the per-destination connect series of the pod in
+// cgroup from a /metrics page of the agent. Destinations that are no
+// address ("other", "unknown") are left out.
+func parseSamples(r io.Reader, cgroup string) (map[netip.AddrPort]rollout.Sample, error) {
 	parser := expfmt.NewTextParser(model.UTF8Validation)
 	fams, err := parser.TextToMetricFamilies(r)
 	if err != nil {
-		return nil, fmt.Errorf("parse the sidecar's metrics: %w", err)
+		return nil, fmt.Errorf("parse the node agent's metrics: %w", err)
 	}
 	out := map[netip.AddrPort]rollout.Sample{}
 	each := func(name string, fn func(s *rollout.Sample, v float64, count uint64)) {
 		for _, m := range fams[name].GetMetric() {
+			if !slices.ContainsFunc(m.Label, func(l *dto.LabelPair) bool {
+				return l.GetName() == telemetry.LabelPodCgroup && l.GetValue() == cgroup
+			}) {
+				continue // another pod's
+			}
 			for _, l := range m.Label {
 				if l.GetName() != telemetry.LabelDestinationService {
 					continue

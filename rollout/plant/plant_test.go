@@ -3,11 +3,15 @@ package plant
 import (
 	"context"
 	"io"
+	"net/http"
 	"net/http/httptest"
 	"net/netip"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/podstate"
@@ -40,10 +44,11 @@ func outbound(cookie uint64, kind podstate.FlowKind, dst string, connectUs uint3
 	}
 }
 
-// Measure reads what a real exporter serves on /metrics: the two backends'
-// established connects and latency, and their failed connects; the
-// destinations folded into "other" are no backend.
-func TestMeasureReadsTheExportersMetrics(t *testing.T) {
+// Measure reads what the agent serves on /metrics for the pod: the two
+// backends' established connects and latency, and their failed connects;
+// the destinations folded into "other" are no backend, and another pod's
+// series, to the same destinations, are not the pod's.
+func TestMeasureReadsThePodsMetrics(t *testing.T) {
 	stable, canary := "198.18.2.2:8080", "198.18.3.2:8080"
 	src := events{
 		outbound(1, podstate.FlowOpened, stable, 1000),
@@ -53,14 +58,20 @@ func TestMeasureReadsTheExportersMetrics(t *testing.T) {
 		outbound(5, podstate.FlowConnectFailed, canary, 0),
 		outbound(6, podstate.FlowOpened, "198.18.9.9:80", 7000), // folds into "other"
 	}
-	e := telemetry.NewExporter(&src, telemetry.Options{MaxDestinations: 2})
-	if err := e.Run(context.Background()); err != nil {
-		t.Fatal(err)
+	pod := telemetry.NewExporter(&src, telemetry.Options{MaxDestinations: 2, ConstLabels: prometheus.Labels{telemetry.LabelPodCgroup: "/pod-a"}})
+	other := events{outbound(1, podstate.FlowOpened, canary, 9000), outbound(2, podstate.FlowConnectFailed, stable, 0)}
+	otherPod := telemetry.NewExporter(&other, telemetry.Options{ConstLabels: prometheus.Labels{telemetry.LabelPodCgroup: "/pod-b"}})
+	for _, e := range []*telemetry.Exporter{pod, otherPod} {
+		if err := e.Run(context.Background()); err != nil {
+			t.Fatal(err)
+		}
 	}
-	srv := httptest.NewServer(e.Handler())
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(prometheus.Gatherers{pod.Registry(), otherPod.Registry()}, promhttp.HandlerOpts{}))
+	srv := httptest.NewServer(mux)
 	defer srv.Close()
 
-	got, err := New(loader.Target{}, netip.AddrPort{}, netip.AddrPort{}, srv.URL).Measure()
+	got, err := New(loader.Target{Cgroup: "/pod-a"}, netip.AddrPort{}, netip.AddrPort{}, srv.URL).Measure()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,21 +90,21 @@ func TestMeasureReadsTheExportersMetrics(t *testing.T) {
 	}
 }
 
-func TestMeasureSaysWhereTheSidecarIsNot(t *testing.T) {
+func TestMeasureSaysWhereTheAgentIsNot(t *testing.T) {
 	srv := httptest.NewServer(nil)
 	url := srv.URL
 	srv.Close()
 	_, err := New(loader.Target{}, netip.AddrPort{}, netip.AddrPort{}, url).Measure()
-	if err == nil || !strings.Contains(err.Error(), "is 'sluice run --cgroup' running there?") {
-		t.Fatalf("Measure with no sidecar = %v, want the hint", err)
+	if err == nil || !strings.Contains(err.Error(), "is 'sluice agent' running there?") {
+		t.Fatalf("Measure with no agent = %v, want the hint", err)
 	}
 }
 
 func TestParseSamplesRefusesWhatIsNoMetricsPage(t *testing.T) {
-	if _, err := parseSamples(strings.NewReader("<html>not metrics</html>\n")); err == nil {
+	if _, err := parseSamples(strings.NewReader("<html>not metrics</html>\n"), "/pod"); err == nil {
 		t.Fatal("parsed an HTML page as metrics")
 	}
-	got, err := parseSamples(strings.NewReader(""))
+	got, err := parseSamples(strings.NewReader(""), "/pod")
 	if err != nil || len(got) != 0 {
 		t.Fatalf("an empty page = %v, %v; want no samples", got, err)
 	}

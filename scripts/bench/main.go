@@ -502,6 +502,16 @@ func (h harness) setup(config string, pod *testbed.Pod) (int, func() error, erro
 		}
 		return nil
 	}
+	if config == "splice-telemetry" || config == "kernel-only" {
+		// The node's agent reads and exports the flows: its CPU is in
+		// the machine's, which the figures count.
+		stop, err := h.startAgent()
+		if err != nil {
+			return 0, nil, errors.Join(err, undo())
+		}
+		uninstall := undo
+		undo = func() error { return errors.Join(stop(), uninstall()) }
+	}
 	switch config {
 	case "haproxy":
 		pid, err := h.startHAProxy(pod)
@@ -510,8 +520,8 @@ func (h harness) setup(config string, pod *testbed.Pod) (int, func() error, erro
 		pid, err := h.startSidecar(pod, run("--cgroup", pod.Cgroup), 15001)
 		return pid, undo, err
 	case "kernel-only":
-		// The sidecar exports the flows but carries none of them: no
-		// idle memory to measure in it.
+		// The sidecar carries none of the flows: no idle memory to
+		// measure in it.
 		_, err := h.startSidecar(pod, run("--cgroup", pod.Cgroup), 15001)
 		return 0, undo, err
 	case "kernel-only-bare":
@@ -522,6 +532,21 @@ func (h harness) setup(config string, pod *testbed.Pod) (int, func() error, erro
 	}
 	pid, err := h.startSidecar(pod, run("--cgroup", pod.Cgroup, "--metrics-addr", ""), 15001)
 	return pid, undo, err
+}
+
+// startAgent runs the node's agent, which reads every pod's flows, until
+// the function it returns stops it.
+func (h harness) startAgent() (func() error, error) {
+	cmd := exec.Command(h.sluice, "agent", "--metrics-addr", "127.0.0.1:0", "--gc-interval", "1h", "--log-level", "warn")
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start the agent: %w", err)
+	}
+	return func() error {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		return nil
+	}, nil
 }
 
 // startSidecar starts cmd in the pod, able to collect its garbage and

@@ -2,7 +2,9 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -12,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -33,7 +36,7 @@ type checker struct {
 	ctx     context.Context
 	imgs    images
 	results []result
-	ip      map[string]string // pod name -> IP
+	ip      map[string]string // pod key -> IP; key+"/pod" its pod's name, key+"/uid" its uid ("agent": the agent's)
 	sum     map[string]string // pod name -> sha256 of its /www/file
 }
 
@@ -72,9 +75,11 @@ func www(id string) string {
 }
 
 // sluiceChecks are the checks with the Sluice image: plain servers untouched,
-// the template pod's outbound and inbound capture, the Istio and Linkerd
-// drop-ins, the agent's collection and a canary route set through it. The
-// first failure stops them (later ones build on earlier ones).
+// the agent (the only reader of the node's flow ring: every pod's flow
+// series are its), the template pod's outbound and inbound capture, the
+// Istio and Linkerd drop-ins, the agent's collection and a canary route set
+// through it, restarts, a real Prometheus and offload. The first failure
+// stops them (later ones build on earlier ones).
 func (c *cluster) sluiceChecks(ctx context.Context, imgs images, t *timings) (*checker, error) {
 	k := &checker{c: c, ctx: ctx, imgs: imgs, ip: map[string]string{}, sum: map[string]string{}}
 	if _, err := c.ctr("images", "import", c.sluiceImage); err != nil {
@@ -87,24 +92,27 @@ func (c *cluster) sluiceChecks(ctx context.Context, imgs images, t *timings) (*c
 		{"1. two server pods without Sluice Ready", func() (string, error) { return k.servers(t) }},
 		{"1. server pods untouched: no pins, no install", k.untouched},
 		{"1. server1 <-> server2 traffic intact", k.plainTraffic},
+		{"2. agent DaemonSet Ready (the pods' flows are its)", func() (string, error) { return k.agent(t) }},
 		{"2. Sluice pod (pod-template.yaml) Ready", func() (string, error) { return k.templatePod(t) }},
-		{"2. outbound app -> server1 through the sidecar", func() (string, error) { return k.outbound("app", 15090) }},
-		{"2. inbound server1 -> app through the sidecar", func() (string, error) { return k.inbound("app", 15090) }},
+		{"2. outbound app -> server1 through the sidecar", func() (string, error) { return k.outbound("app") }},
+		{"2. inbound server1 -> app through the sidecar", func() (string, error) { return k.inbound("app") }},
+		{"2. sidecar's :15090 proxy figures only, no flow series", func() (string, error) { return k.sidecarMetrics("app") }},
+		{"2. agent /flows?pod=uid: open flow's bytes from pod netns", k.liveFlow},
 		{"3. Istio drop-in + sidecar Ready", func() (string, error) { return k.dropIn(t, "istio") }},
-		{"3. Istio drop-in outbound app -> server1", func() (string, error) { return k.outbound("app-istio", 15090) }},
-		{"3. Istio drop-in inbound server1 -> app", func() (string, error) { return k.inbound("app-istio", 15090) }},
+		{"3. Istio drop-in outbound app -> server1", func() (string, error) { return k.outbound("app-istio") }},
+		{"3. Istio drop-in inbound server1 -> app", func() (string, error) { return k.inbound("app-istio") }},
 		{"3. Linkerd drop-in + sidecar Ready", func() (string, error) { return k.dropIn(t, "linkerd") }},
-		{"3. Linkerd drop-in outbound app -> server1", func() (string, error) { return k.outbound("app-linkerd", 4191) }},
-		{"3. Linkerd drop-in inbound server1 -> app", func() (string, error) { return k.inbound("app-linkerd", 4191) }},
-		{"4. agent DaemonSet Ready", func() (string, error) { return k.agent(t) }},
+		{"3. Linkerd drop-in outbound app -> server1", func() (string, error) { return k.outbound("app-linkerd") }},
+		{"3. Linkerd drop-in inbound server1 -> app", func() (string, error) { return k.inbound("app-linkerd") }},
 		{"4. agent collects a deleted Sluice pod's pins", func() (string, error) { return k.collect(t) }},
 		{"5. canary route through the agent: 20 conns reach both", k.canary},
 		{"6. sidecar killed: restarted, pod up, captured again", k.sidecarCrash},
 		{"6. agent pod deleted: capture untouched, agent back", k.agentRestart},
+		{"6. no agent: captured; its flow waits in the node's ring", k.agentAbsent},
 		{"6. sandbox killed: init reruns, Ready, captured both ways", k.sandboxRestart},
-		{"7. Prometheus scrapes sidecar and agent; workload labels", k.prometheusScrapes},
+		{"7. Prometheus, deploy/'s scrape jobs: flows via the agent", k.prometheusScrapes},
 		{"8. offload by annotation: pod-template + sluice.dev/* Ready", func() (string, error) { return k.offloadPod(t) }},
-		{"8. offloaded outbound app -> server1", func() (string, error) { return k.outbound("app-offload", 15090) }},
+		{"8. offloaded outbound app -> server1", func() (string, error) { return k.outbound("app-offload") }},
 		{"8. offloaded inbound server1 -> app, app's bytes by kernel", k.offloadedInbound},
 	}
 	for _, s := range steps {
@@ -397,7 +405,12 @@ func (k *checker) describeSluicePod(pod, key string, took time.Duration) (string
 	if k.sum[key], err = k.sha(pod, "app"); err != nil {
 		return "", err
 	}
-	_, id, err := k.cgroupOf("default", pod)
+	uid, err := k.field("default", pod, "{.metadata.uid}")
+	if err != nil {
+		return "", err
+	}
+	k.ip[key+"/uid"] = uid
+	_, id, err := podCgroup(uid)
 	if err != nil {
 		return "", err
 	}
@@ -407,21 +420,49 @@ func (k *checker) describeSluicePod(pod, key string, took time.Duration) (string
 	return fmt.Sprintf("%s %s cgroup %d pinned, Ready in %.1fs", pod, ip, id, took.Seconds()), nil
 }
 
+// agentPort is where the agent serves /metrics and /flows.
+const agentPort = 9102
+
+// get fetches http://ip:port/path from the node and fails unless it answers
+// 200.
+func get(ip string, port int, path string) ([]byte, error) {
+	cl := http.Client{Timeout: 5 * time.Second}
+	resp, err := cl.Get(fmt.Sprintf("http://%s:%d%s", ip, port, path))
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("%s:%d%s: %s: %s", ip, port, path, resp.Status, b)
+	}
+	return b, nil
+}
+
+// flowMetric sums the agent's samples of name for the pod of key (its
+// series carry the pod's uid as pod_uid) whose labels include every one of
+// want. The agent is the only reader of the node's flow ring: every pod's
+// flows, and its kernel counters, are on the agent's /metrics.
+func (k *checker) flowMetric(key, name string, want ...string) (float64, error) {
+	uid := k.ip[key+"/uid"]
+	if uid == "" || k.ip["agent"] == "" {
+		return 0, fmt.Errorf("no uid of %s or no agent IP recorded", key)
+	}
+	return metric(k.ip["agent"], agentPort, name, append([]string{`pod_uid="` + uid + `"`}, want...)...)
+}
+
 // metric sums the samples of name whose labels include every one of want,
 // scraped from http://ip:port/metrics on the node.
 func metric(ip string, port int, name string, want ...string) (float64, error) {
-	cl := http.Client{Timeout: 5 * time.Second}
-	resp, err := cl.Get(fmt.Sprintf("http://%s:%d/metrics", ip, port))
+	body, err := get(ip, port, "/metrics")
 	if err != nil {
 		return 0, err
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		b, _ := io.ReadAll(resp.Body)
-		return 0, fmt.Errorf("metrics %s:%d: %s: %s", ip, port, resp.Status, b)
-	}
 	var sum float64
-	sc := bufio.NewScanner(resp.Body)
+	sc := bufio.NewScanner(bytes.NewReader(body))
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 next:
 	for sc.Scan() {
@@ -446,12 +487,23 @@ next:
 
 const opened = "sluice_tcp_connections_opened_total"
 
+// dropInNote says, for a drop-in pod, that its flow series are new: the
+// mesh's proxy stands in for Sluice's sidecar, and before the agent read
+// the node's flow ring nothing exported a drop-in pod's flows.
+func dropInNote(key string) string {
+	if strings.HasPrefix(key, "app-istio") || strings.HasPrefix(key, "app-linkerd") {
+		return " (new: a drop-in pod's flows, which no sidecar of ours exported, now come from the agent)"
+	}
+	return ""
+}
+
 // outbound: the pod's app fetches server1's file intact; server1 sees the
-// pod's IP; the sidecar's metrics count a new connection to server1:8080.
-func (k *checker) outbound(key string, port int) (string, error) {
+// pod's IP; the agent counts a new connection to server1:8080 for the pod
+// (pod_uid), with the workload its init container recorded.
+func (k *checker) outbound(key string) (string, error) {
 	pod, ip := k.ip[key+"/pod"], k.ip[key]
-	dest := fmt.Sprintf(`destination_service="%s:8080"`, k.ip["server1"])
-	before, err := metric(ip, port, opened, `reporter="source"`, dest)
+	want := []string{`reporter="source"`, fmt.Sprintf(`destination_service="%s:8080"`, k.ip["server1"]), fmt.Sprintf(`source_workload="%s"`, key)}
+	before, err := k.flowMetric(key, opened, want...)
 	if err != nil {
 		return "", err
 	}
@@ -466,25 +518,28 @@ func (k *checker) outbound(key string, port int) (string, error) {
 		return "", err
 	}
 	var after float64
-	err = k.c.poll(k.ctx, 5*time.Second, "the sidecar's count", func() error {
-		after, err = metric(ip, port, opened, `reporter="source"`, dest)
+	err = k.c.poll(k.ctx, 5*time.Second, "the agent's count", func() error {
+		after, err = k.flowMetric(key, opened, want...)
 		if err == nil && after <= before {
-			err = fmt.Errorf("%s{reporter=\"source\",%s} %v, was %v: the connection was not captured", opened, dest, after, before)
+			err = fmt.Errorf("agent %s: %s{pod_uid=%q,%s} %v, was %v: the connection was not captured (or not counted)",
+				k.ip["agent/pod"], opened, k.ip[key+"/uid"], strings.Join(want, ","), after, before)
 		}
 		return err
 	})
 	if err != nil {
 		return "", err
 	}
-	return fmt.Sprintf("256 KiB intact; server1 saw %s; %s{reporter=source,%s} %v -> %v", ip, opened, dest, before, after), nil
+	return fmt.Sprintf("256 KiB intact; server1 saw %s; agent's %s{pod_uid=<uid of %s>,%s} %v -> %v%s",
+		ip, opened, pod, strings.Join(want, ","), before, after, dropInNote(key)), nil
 }
 
 // inbound: server1 fetches the app's file intact; the app sees the
-// connection from 127.0.0.6 (the sidecar's inbound source); the sidecar
-// counts it with reporter="destination".
-func (k *checker) inbound(key string, port int) (string, error) {
+// connection from 127.0.0.6 (the sidecar's inbound source); the agent counts
+// it for the pod with reporter="destination" and its workload.
+func (k *checker) inbound(key string) (string, error) {
 	pod, ip := k.ip[key+"/pod"], k.ip[key]
-	before, err := metric(ip, port, opened, `reporter="destination"`)
+	want := []string{`reporter="destination"`, fmt.Sprintf(`destination_workload="%s"`, key)}
+	before, err := k.flowMetric(key, opened, want...)
 	if err != nil {
 		return "", err
 	}
@@ -499,24 +554,124 @@ func (k *checker) inbound(key string, port int) (string, error) {
 		return "", err
 	}
 	var after float64
-	err = k.c.poll(k.ctx, 5*time.Second, "the sidecar's count", func() error {
-		after, err = metric(ip, port, opened, `reporter="destination"`)
+	err = k.c.poll(k.ctx, 5*time.Second, "the agent's count", func() error {
+		after, err = k.flowMetric(key, opened, want...)
 		if err == nil && after <= before {
-			err = fmt.Errorf("%s{reporter=\"destination\"} %v, was %v: the connection was not captured", opened, after, before)
+			err = fmt.Errorf("agent %s: %s{pod_uid=%q,%s} %v, was %v: the connection was not captured (or not counted)",
+				k.ip["agent/pod"], opened, k.ip[key+"/uid"], strings.Join(want, ","), after, before)
 		}
 		return err
 	})
 	if err != nil {
 		return "", err
 	}
-	return fmt.Sprintf("256 KiB intact; the app saw 127.0.0.6; %s{reporter=destination} %v -> %v", opened, before, after), nil
+	return fmt.Sprintf("256 KiB intact; the app saw 127.0.0.6; agent's %s{pod_uid=<uid of %s>,%s} %v -> %v%s",
+		opened, pod, strings.Join(want, ","), before, after, dropInNote(key)), nil
+}
+
+// sidecarMetrics: the sidecar's own /metrics (:15090, what the pod's
+// prometheus.io annotations name) still answers, with the proxy's figures
+// and none of the pod's flow series or kernel counters: those are the
+// agent's alone, so a Prometheus scraping both counts each flow once.
+func (k *checker) sidecarMetrics(key string) (string, error) {
+	body, err := get(k.ip[key], 15090, "/metrics")
+	if err != nil {
+		return "", err
+	}
+	var names []string
+	for _, l := range strings.Split(string(body), "\n") {
+		if strings.HasPrefix(l, "# TYPE ") {
+			names = append(names, strings.Fields(l)[2])
+		}
+		if strings.HasPrefix(l, "sluice_tcp_") || strings.HasPrefix(l, "istio_tcp_") || strings.HasPrefix(l, "sluice_kernel_events_total") {
+			return "", fmt.Errorf("the sidecar of %s exports a flow series or kernel counter, which is the agent's: %s", k.ip[key+"/pod"], l)
+		}
+	}
+	if !slices.Contains(names, "sluice_metrics_listen_failures_total") {
+		return "", fmt.Errorf("the sidecar of %s serves no sluice_metrics_listen_failures_total; its families: %v", k.ip[key+"/pod"], names)
+	}
+	return fmt.Sprintf("%s:15090 serves %d Sluice families, none of them flows: %v", k.ip[key], len(names), sluiceOnly(names)), nil
+}
+
+func sluiceOnly(names []string) []string {
+	var out []string
+	for _, n := range names {
+		if strings.HasPrefix(n, "sluice_") {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// liveFlow holds a connection from the template pod's app to server1 open
+// (a partial HTTP request, then nothing for 6 s) and reads the pod's open
+// flows from the agent's /flows?pod=<uid>: the flow is there with the
+// bytes the pod sent and its smoothed RTT, which only the pod's socket has
+// (the open event carries neither). So the agent found a process of the
+// pod's cgroup (hostPID), opened its network namespace (SYS_PTRACE) and
+// entered it (SYS_ADMIN) to read the socket with sock_diag.
+func (k *checker) liveFlow() (string, error) {
+	const key = "app"
+	pod, dest := k.ip[key+"/pod"], k.ip["server1"]+":8080"
+	script := fmt.Sprintf(`{ printf 'GET /file HTTP/1.1\r\nHost: server1\r\n'; sleep 6; } | timeout 7 nc %s 8080 >/dev/null`, k.ip["server1"])
+	held := make(chan error, 1)
+	go func() {
+		_, err := k.exec(pod, "app", script)
+		held <- err
+	}()
+	// The connection ends by itself (timeout kills nc): wait for it, so
+	// no check after this one sees it.
+	defer func() { <-held }()
+	type flow struct {
+		Direction   string  `json:"direction"`
+		Destination string  `json:"destination"`
+		State       string  `json:"state"`
+		SRTT        float64 `json:"srtt_seconds"`
+		BytesSent   uint64  `json:"bytes_sent"`
+		ViaSidecar  bool    `json:"via_sidecar"`
+	}
+	var got flow
+	err := k.c.poll(k.ctx, 5*time.Second, "the open flow in the agent's /flows", func() error {
+		select {
+		case err := <-held:
+			held <- err
+			return fmt.Errorf("the held connection ended early (%v)", err)
+		default:
+		}
+		body, err := get(k.ip["agent"], agentPort, "/flows?pod="+k.ip[key+"/uid"])
+		if err != nil {
+			return err
+		}
+		var flows []flow
+		if err := json.Unmarshal(body, &flows); err != nil {
+			return fmt.Errorf("/flows: %w: %s", err, body)
+		}
+		for _, f := range flows {
+			if f.Direction == "outbound" && f.Destination == dest && f.State == "open" {
+				got = f
+				if f.SRTT > 0 && f.BytesSent > 0 {
+					return nil
+				}
+				return fmt.Errorf("the open flow to %s has srtt %v s and %d bytes sent: not read from the pod's socket (the agent could not enter the pod's network namespace?): %s",
+					dest, f.SRTT, f.BytesSent, body)
+			}
+		}
+		return fmt.Errorf("no open outbound flow to %s among %d: %s", dest, len(flows), body)
+	})
+	if err != nil {
+		logs, _ := k.c.kubectl(k.ctx, "logs", "-n", "sluice-system", k.ip["agent/pod"], "--tail", "20")
+		return "", fmt.Errorf("%w\nthe agent's log ends:\n%s", err, logs)
+	}
+	return fmt.Sprintf("open flow %s -> %s via sidecar %t: %d bytes sent, srtt %.0fµs, read in the pod's netns",
+		pod, dest, got.ViaSidecar, got.BytesSent, got.SRTT*1e6), nil
 }
 
 // dropIn applies deploy/pod/<mesh>-drop-in.yaml. The drop-ins replace only
 // the mesh's init container (the mesh injects its own proxy), so the test's
 // copy adds the sidecar the mesh's proxy stands for: `sluice run` on the
-// mesh's ports as the mesh's proxy uid, mounted as pod-template.yaml mounts
-// sluice-proxy.
+// mesh's ports as the mesh's proxy uid, with no volume and no capability,
+// as pod-template.yaml's sluice-proxy (it asks the pod's hooks, and the
+// pod's flows are the agent's).
 func (k *checker) dropIn(t *timings, mesh string) (string, error) {
 	args, uid, port := `"-p", "15001", "-z", "15006", "-u", "1337", "-g", "1337"`, 1337, 15090
 	if mesh == "linkerd" {
@@ -530,9 +685,9 @@ func (k *checker) dropIn(t *timings, mesh string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	const containers, volumes = "      containers:\n", "      volumes:\n"
-	if strings.Count(manifest, containers) != 1 || strings.Count(manifest, volumes) != 1 {
-		return "", fmt.Errorf("%s-drop-in.yaml: want one %q and one %q", mesh, containers, volumes)
+	const containers = "      containers:\n"
+	if strings.Count(manifest, containers) != 1 {
+		return "", fmt.Errorf("%s-drop-in.yaml: want one %q", mesh, containers)
 	}
 	sidecar := fmt.Sprintf(`        - name: test-proxy
           image: sluice:dev
@@ -551,13 +706,8 @@ func (k *checker) dropIn(t *timings, mesh string) (string, error) {
             allowPrivilegeEscalation: false
             readOnlyRootFilesystem: true
             capabilities: {drop: ["ALL"]}
-          volumeMounts:
-            - {name: sidecar-bpf, mountPath: /sys/fs/bpf}
-            - {name: bpffs, mountPath: /sys/fs/bpf/sluice, subPath: sluice, readOnly: true}
-            - {name: cgroup, mountPath: /sys/fs/cgroup, readOnly: true}
 `, args, port, port, uid, uid)
 	manifest = strings.Replace(manifest, containers, sidecar+containers, 1)
-	manifest = strings.Replace(manifest, volumes, volumes+"        - {name: sidecar-bpf, emptyDir: {medium: Memory, sizeLimit: 1Mi}}\n", 1)
 	start := time.Now()
 	if err := k.apply("sluice-"+mesh, manifest); err != nil {
 		return "", err
@@ -573,19 +723,40 @@ func (k *checker) dropIn(t *timings, mesh string) (string, error) {
 	return k.describeSluicePod(pod, key, took)
 }
 
-// agent applies deploy/agent/daemonset.yaml as it is.
+// agent applies deploy/agent/daemonset.yaml as it is, before any Sluice
+// pod: it is the only reader of the node's flow ring, so every pod's flow
+// series the later checks read are its. Its /metrics answers.
 func (k *checker) agent(t *timings) (string, error) {
 	start := time.Now()
 	if _, err := k.c.kubectl(k.ctx, "apply", "-f", filepath.Join(k.c.repo, "deploy", "agent", "daemonset.yaml")); err != nil {
 		return "", err
 	}
-	pod, err := k.podOf("sluice-system", "app.kubernetes.io/name=sluice-agent")
+	pod, err := k.agentPod()
 	if err != nil {
 		return "", err
 	}
 	t.agent = time.Since(start)
-	k.ip["agent/pod"] = pod
-	return fmt.Sprintf("%s Ready in %.1fs", pod, t.agent.Seconds()), nil
+	return fmt.Sprintf("%s %s Ready in %.1fs, /metrics on :%d answers", pod, k.ip["agent"], t.agent.Seconds(), agentPort), nil
+}
+
+// agentPod waits for the agent's Ready pod, records its name and IP (a new
+// pod, after a restart, counts from zero: flow counts are compared within
+// one agent pod) and waits for its /metrics to answer.
+func (k *checker) agentPod() (string, error) {
+	pod, err := k.podOf("sluice-system", "app.kubernetes.io/name=sluice-agent")
+	if err != nil {
+		return "", err
+	}
+	ip, err := k.field("sluice-system", pod, "{.status.podIP}")
+	if err != nil {
+		return "", err
+	}
+	k.ip["agent/pod"], k.ip["agent"] = pod, ip
+	err = k.c.poll(k.ctx, 10*time.Second, "the agent's /metrics", func() error {
+		_, err := metric(ip, agentPort, "sluice_agent_pods")
+		return err
+	})
+	return pod, err
 }
 
 // collect deletes the template's Sluice pod and waits 30 s for its pins to
@@ -677,11 +848,12 @@ func (k *checker) offloadPod(t *timings) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	const name, label, scrape = "  name: app\n", "app: app\n", "        prometheus.io/path: /metrics\n"
-	if strings.Count(manifest, name) != 1 || strings.Count(manifest, label) != 3 || strings.Count(manifest, scrape) != 1 {
-		return "", fmt.Errorf("%s: want one %q, three %q and one %q", k.c.template, name, label, scrape)
+	const name, label, scrape, workload = "  name: app\n", "app: app\n", "        prometheus.io/path: /metrics\n", "              value: app\n"
+	if strings.Count(manifest, name) != 1 || strings.Count(manifest, label) != 3 || strings.Count(manifest, scrape) != 1 || strings.Count(manifest, workload) != 1 {
+		return "", fmt.Errorf("%s: want one %q, three %q, one %q and one %q (SLUICE_WORKLOAD)", k.c.template, name, label, scrape, workload)
 	}
 	manifest = strings.Replace(manifest, name, "  name: app-offload\n", 1)
+	manifest = strings.Replace(manifest, workload, "              value: app-offload\n", 1)
 	manifest = strings.ReplaceAll(manifest, label, "app: app-offload\n")
 	manifest = strings.Replace(manifest, scrape, scrape+`        sluice.dev/splice: "true"
         sluice.dev/offload-ports: "8080"
@@ -702,25 +874,42 @@ func (k *checker) offloadPod(t *timings) (string, error) {
 
 // offloadedInbound: server1 fetches the offloaded pod's file intact through
 // the sidecar, and the kernel counts the app's reply bytes as sent straight
-// out on the sidecar's socket to server1 (offload_bytes), by the sidecar
-// that runs with no capability at all.
+// out on the sidecar's socket to server1 (offload_bytes, on the agent's
+// /metrics for the pod), handed over by the sidecar, which runs with no
+// capability and no volume, and counts the handoff on its own /metrics.
 func (k *checker) offloadedInbound() (string, error) {
-	ip := k.ip["app-offload"]
-	const offloaded = "sluice_kernel_events_total"
-	before, err := metric(ip, 15090, offloaded, `event="offload_bytes"`)
+	const key = "app-offload"
+	const offloaded, handed = "sluice_kernel_events_total", "sluice_sidecar_offloaded_connections_total"
+	before, err := k.flowMetric(key, offloaded, `event="offload_bytes"`)
 	if err != nil {
 		return "", err
 	}
-	res, err := k.inbound("app-offload", 15090)
+	handedBefore, err := metric(k.ip[key], 15090, handed)
 	if err != nil {
 		return "", err
 	}
-	after, err := metric(ip, 15090, offloaded, `event="offload_bytes"`)
+	res, err := k.inbound(key)
 	if err != nil {
 		return "", err
 	}
-	if after <= before {
-		return "", fmt.Errorf("%s{event=\"offload_bytes\"} %v, was %v: the app's bytes were not offloaded", offloaded, after, before)
+	var after, handedAfter float64
+	err = k.c.poll(k.ctx, 5*time.Second, "the offload counts", func() error {
+		if after, err = k.flowMetric(key, offloaded, `event="offload_bytes"`); err != nil {
+			return err
+		}
+		if after <= before {
+			return fmt.Errorf("agent's %s{pod_uid=%q,event=\"offload_bytes\"} %v, was %v: the app's bytes were not offloaded", offloaded, k.ip[key+"/uid"], after, before)
+		}
+		if handedAfter, err = metric(k.ip[key], 15090, handed); err != nil {
+			return err
+		}
+		if handedAfter <= handedBefore {
+			return fmt.Errorf("the sidecar's %s %v, was %v", handed, handedAfter, handedBefore)
+		}
+		return nil
+	})
+	if err != nil {
+		return "", err
 	}
-	return fmt.Sprintf("%s; offload_bytes %v -> %v", res, before, after), nil
+	return fmt.Sprintf("%s; agent's offload_bytes %v -> %v; sidecar's %s %v -> %v", res, before, after, handed, handedBefore, handedAfter), nil
 }

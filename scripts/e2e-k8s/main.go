@@ -19,11 +19,13 @@
 // recorded before and removed or restored after.
 //
 // With -sluice-image it also imports the Sluice image and runs the Sluice
-// checks (checks.go): pods without Sluice untouched, deploy/pod/pod-template.yaml
-// (app: busybox httpd) capturing outbound and inbound connections, the Istio
-// and Linkerd drop-ins capturing outbound, the agent DaemonSet collecting a
-// deleted pod's pins, and a canary route set through the agent. Any failed
-// check fails the run (after teardown).
+// checks (checks.go): pods without Sluice untouched, the agent DaemonSet
+// (every pod's flow series are its), deploy/pod/pod-template.yaml (app:
+// busybox httpd) capturing outbound and inbound connections, the Istio and
+// Linkerd drop-ins capturing both ways, the agent collecting a deleted
+// pod's pins, a canary route set through the agent, restarts, a real
+// Prometheus with deploy/'s scrape jobs, and offload by annotation. Any
+// failed check fails the run (after teardown).
 //
 // It needs root. Versions 1.35 and later refuse hosts with cgroup v1
 // controllers; 1.34 runs on hybrid hosts with failCgroupV1: false.
@@ -226,6 +228,9 @@ func (t timings) print() {
 	if t.servers > 0 {
 		fmt.Printf("server pods Ready    %8.1fs  (two, no Sluice)\n", t.servers.Seconds())
 	}
+	if t.agent > 0 {
+		fmt.Printf("agent Ready          %8.1fs\n", t.agent.Seconds())
+	}
 	if t.sluicePod > 0 {
 		fmt.Printf("sluice pod Ready     %8.1fs  (pod-template.yaml)\n", t.sluicePod.Seconds())
 	}
@@ -234,9 +239,6 @@ func (t timings) print() {
 	}
 	if t.offloadPod > 0 {
 		fmt.Printf("offload pod Ready    %8.1fs  (pod-template.yaml + sluice.dev/ annotations)\n", t.offloadPod.Seconds())
-	}
-	if t.agent > 0 {
-		fmt.Printf("agent Ready          %8.1fs\n", t.agent.Seconds())
 	}
 	if t.collect > 0 {
 		fmt.Printf("agent collected pins %8.1fs  after the pod's deletion\n", t.collect.Seconds())

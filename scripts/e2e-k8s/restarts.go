@@ -104,31 +104,111 @@ func (k *checker) sidecarCrash() (string, error) {
 	if err := k.appNeverRestarted(pod); err != nil {
 		return "", err
 	}
-	out, err := k.outbound("app", 15090)
+	out, err := k.outbound("app")
 	if err != nil {
 		return "", err
 	}
 	return fmt.Sprintf("sidecar back in %.1fs; %s", took.Seconds(), out), nil
 }
 
-// agentRestart deletes the agent's pod; its DaemonSet starts another, and
-// capture is untouched meanwhile.
+// agentRestart deletes the agent's pod, as a crash or an eviction would:
+// capture is untouched (the pins hold it), its DaemonSet starts another,
+// and the new agent, whose counts start from zero, counts a connection
+// made with it.
 func (k *checker) agentRestart() (string, error) {
-	if _, err := k.c.kubectl(k.ctx, "delete", "pod", "-n", "sluice-system", "-l", "app.kubernetes.io/name=sluice-agent", "--wait", "--timeout", "60s", "--grace-period", "1"); err != nil {
+	const key = "app"
+	old := k.ip["agent/pod"]
+	if _, err := k.c.kubectl(k.ctx, "delete", "pod", "-n", "sluice-system", old, "--wait", "--timeout", "60s", "--grace-period", "1"); err != nil {
 		return "", err
 	}
-	if _, err := k.outbound("app", 15090); err != nil {
-		return "", fmt.Errorf("with the agent gone: %w", err)
+	if err := k.fetchOutbound(key); err != nil {
+		return "", fmt.Errorf("with the agent's pod deleted: %w", err)
 	}
-	agent, err := k.podOf("sluice-system", "app.kubernetes.io/name=sluice-agent")
+	agent, err := k.agentPod()
 	if err != nil {
 		return "", err
 	}
-	out, err := k.outbound("app", 15090)
+	if agent == old {
+		return "", fmt.Errorf("the agent's pod is still %s", old)
+	}
+	out, err := k.outbound(key)
 	if err != nil {
 		return "", err
 	}
-	return fmt.Sprintf("captured while no agent ran, and after %s started; %s", agent, out), nil
+	return fmt.Sprintf("captured with %s deleted (256 KiB intact), then by the DaemonSet's %s: %s", old, agent, out), nil
+}
+
+// agentAbsent takes the agent off the node (a nodeSelector no node has,
+// so the DaemonSet deletes its pod and starts none), makes a connection
+// while no agent runs, and puts the DaemonSet back as deploy/ has it.
+// Capture is untouched; nothing reads the node's flow ring meanwhile, so
+// the connection's events wait there, and the next agent, whose counts
+// start from zero, counts it as soon as it is up.
+func (k *checker) agentAbsent() (string, error) {
+	const key = "app"
+	old := k.ip["agent/pod"]
+	if _, err := k.c.kubectl(k.ctx, "patch", "daemonset", "-n", "sluice-system", "sluice-agent",
+		"-p", `{"spec":{"template":{"spec":{"nodeSelector":{"sluice-e2e/no-such-node":"true"}}}}}`); err != nil {
+		return "", err
+	}
+	start := time.Now()
+	none := func() error {
+		out, err := k.c.kubectl(k.ctx, "get", "pod", "-n", "sluice-system", "-l", "app.kubernetes.io/name=sluice-agent", "-o", "name")
+		if err == nil && len(strings.TrimSpace(string(out))) > 0 {
+			err = fmt.Errorf("agent pods: %s", strings.Join(strings.Fields(string(out)), " "))
+		}
+		return err
+	}
+	if err := k.c.poll(k.ctx, 60*time.Second, "no agent pod", none); err != nil {
+		return "", err
+	}
+	gone := time.Since(start)
+	if err := k.fetchOutbound(key); err != nil {
+		return "", fmt.Errorf("with no agent: %w", err)
+	}
+	if err := none(); err != nil {
+		return "", fmt.Errorf("an agent came back during the fetch: %w", err)
+	}
+	if _, err := k.c.kubectl(k.ctx, "patch", "daemonset", "-n", "sluice-system", "sluice-agent", "--type", "json",
+		"-p", `[{"op":"remove","path":"/spec/template/spec/nodeSelector"}]`); err != nil {
+		return "", err
+	}
+	agent, err := k.agentPod()
+	if err != nil {
+		return "", err
+	}
+	want := []string{`reporter="source"`, fmt.Sprintf(`destination_service="%s:8080"`, k.ip["server1"]), fmt.Sprintf(`source_workload="%s"`, key)}
+	var meanwhile float64
+	err = k.c.poll(k.ctx, 10*time.Second, "the new agent to count the flow left in the ring", func() error {
+		meanwhile, err = k.flowMetric(key, opened, want...)
+		if err == nil && meanwhile < 1 {
+			err = fmt.Errorf("new agent %s: %s{pod_uid=%q,%s} %v: the connection made while no agent ran is not counted", agent, opened, k.ip[key+"/uid"], strings.Join(want, ","), meanwhile)
+		}
+		return err
+	})
+	if err != nil {
+		return "", err
+	}
+	out, err := k.outbound(key)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%s gone %.1fs after the patch; captured with no agent pod before or after the fetch (256 KiB intact); the next agent %s counted it from the node's ring (%v); then %s",
+		old, gone.Seconds(), agent, meanwhile, out), nil
+}
+
+// fetchOutbound: the pod's app fetches server1's file intact, and server1
+// logs the pod's IP: what capture does with no agent.
+func (k *checker) fetchOutbound(key string) error {
+	pod := k.ip[key+"/pod"]
+	sum, n, err := k.fetch(pod, "app", "http://"+k.ip["server1"]+":8080/file")
+	if err != nil {
+		return err
+	}
+	if sum != k.sum["server1"] || n != 262144 {
+		return fmt.Errorf("%s got %d bytes sha256 %s, want 262144 bytes %s", pod, n, sum, k.sum["server1"])
+	}
+	return k.logged("default", "server1", "httpd", peer(k.ip[key]))
 }
 
 // sandboxRestart kills the Sluice pod's sandbox (its pause process): the
@@ -156,11 +236,15 @@ func (k *checker) sandboxRestart() (string, error) {
 	if _, err := k.describeSluicePod(pod, "app", took); err != nil {
 		return "", err
 	}
-	out, err := k.outbound("app", 15090)
+	// The agent takes up the pod's new network namespace (which the rerun
+	// of install recorded) at its next look, every 2 s: the pod's flow
+	// counts start again there, from zero.
+	time.Sleep(3 * time.Second)
+	out, err := k.outbound("app")
 	if err != nil {
 		return "", err
 	}
-	in, err := k.inbound("app", 15090)
+	in, err := k.inbound("app")
 	if err != nil {
 		return "", errors.Join(errors.New("inbound after the new sandbox"), err)
 	}

@@ -20,8 +20,9 @@ import (
 // ds is the dashboard's Prometheus, picked with the datasource variable.
 var ds = common.DataSourceRef{Type: cog.ToPtr("prometheus"), Uid: cog.ToPtr("${datasource}")}
 
-// sel narrows every query to the pods picked with the instance variable.
-const sel = `instance=~"$instance"`
+// sel narrows every query to the pods picked with the pod variable: the
+// node's agent exports every pod's series, each with its pod's uid.
+const sel = `pod_uid=~"$pod"`
 
 type query struct{ expr, legend string }
 
@@ -58,9 +59,9 @@ func Build() (dashboard.Dashboard, error) {
 		Time("now-1h", "now").
 		Timezone(common.TimeZoneBrowser).
 		WithVariable(dashboard.NewDatasourceVariableBuilder("datasource").Label("Prometheus").Type("prometheus")).
-		WithVariable(dashboard.NewQueryVariableBuilder("instance").Label("Pod").
+		WithVariable(dashboard.NewQueryVariableBuilder("pod").Label("Pod (uid)").
 			Datasource(ds).
-			Query(dashboard.StringOrMap{String: cog.ToPtr("label_values(sluice_up, instance)")}).
+			Query(dashboard.StringOrMap{String: cog.ToPtr("label_values(sluice_up, pod_uid)")}).
 			Multi(true).IncludeAll(true).AllValue(".*").Refresh(dashboard.VariableRefreshOnTimeRangeChanged)).
 		WithRow(dashboard.NewRowBuilder("Traffic")).
 		WithPanel(series("Connections opened", "cps", "New flows per second, outbound (reporter=source) and inbound (reporter=destination).",
