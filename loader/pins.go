@@ -325,14 +325,14 @@ type Installed struct {
 	PinDir   string `json:"pin_dir"`
 	Cgroup   string `json:"cgroup"`
 	CgroupID uint64 `json:"cgroup_id"`
-	// Object is the build it runs and Index its place in that build's
-	// node maps (what flow events name it by); 0 for an install from
-	// before programs were the node's.
+	// Object is the build it runs; empty for an install that did not
+	// finish.
 	Object string `json:"object,omitempty"`
-	Index  uint32 `json:"index,omitempty"`
 	// Identity is who the pod is, for its metrics, as install recorded it.
 	Identity map[string]string `json:"identity,omitempty"`
-	// NetnsCookie is the pod's network namespace, as its hooks know it.
+	// NetnsCookie is the pod's network namespace, as its hooks know it
+	// and its flow events name it; 0 for an install from before
+	// programs were the node's.
 	NetnsCookie uint64 `json:"netns_cookie,omitempty"`
 }
 
@@ -356,7 +356,7 @@ func List(root string) ([]Installed, error) {
 		if err != nil {
 			continue
 		}
-		out = append(out, Installed{PinDir: dir, Cgroup: rec.Cgroup, CgroupID: rec.CgroupID, Object: rec.Object, Index: rec.Index, Identity: rec.Identity, NetnsCookie: rec.NetnsCookie})
+		out = append(out, Installed{PinDir: dir, Cgroup: rec.Cgroup, CgroupID: rec.CgroupID, Object: rec.Object, Identity: rec.Identity, NetnsCookie: rec.NetnsCookie})
 	}
 	return out, nil
 }
