@@ -17,8 +17,8 @@ import (
 type Access int
 
 const (
-	// ReadOnly opens maps for lookups only: what status and the sidecar's
-	// readers need, and all the proxy group may do with most pins.
+	// ReadOnly opens maps for lookups only: what status and the agent's
+	// readers need.
 	ReadOnly Access = iota
 	// ReadWrite opens maps for updates too.
 	ReadWrite

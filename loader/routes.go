@@ -77,8 +77,8 @@ func (m routeMaps) read() (map[netip.AddrPort]bpf.SluiceRoute, uint8, error) {
 	return out, slot, nil
 }
 
-// Routes returns t's routes in force. It needs read access to the pins
-// (the proxy group has it).
+// Routes returns t's routes in force. It needs read access to the pins:
+// root's.
 func Routes(t Target) ([]RouteState, error) {
 	p, err := Open(t, ReadOnly)
 	if err != nil {

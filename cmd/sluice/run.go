@@ -22,7 +22,7 @@ In a pod with Sluice installed it asks the pod's hooks for the ports and
 proxy uid/gid not given as flags (a socket option the kernel answers: no
 pin, no BPF access); an older install's it reads from that pod's pins
 (--cgroup; inside a pod with none given, the pod it runs in, found as
-install finds it), which only root and the proxy group may read. Run it as
+install finds it), which that install gave the proxy group. Run it as
 the proxy uid/gid (1337 by default); it needs no capability. Started as
 root, it switches to them before it listens, since only the proxy may bind
 the capture ports and its own connections must not be captured.
