@@ -30,6 +30,10 @@ type flowExport struct {
 
 	mu   sync.Mutex
 	pods map[uint64]*podFlows // by network namespace cookie
+	// missSynced is when an event of no known pod last made the agent
+	// look for new pods: a gone pod's last events (thousands, maybe)
+	// look once per pollEvery, not each.
+	missSynced time.Time
 
 	unmatched prometheus.Counter
 }
@@ -112,12 +116,14 @@ func (f *flowExport) consume(ctx context.Context, flows *loader.NodeFlows) {
 // since the last sync first.
 func (f *flowExport) dispatch(ctx context.Context, netns uint64, ev podstate.FlowEvent) {
 	p := f.pod(netns)
-	if p == nil {
+	if p == nil && time.Since(f.missSynced) >= pollEvery {
+		f.missSynced = time.Now()
 		f.sync()
-		if p = f.pod(netns); p == nil {
-			f.unmatched.Inc()
-			return
-		}
+		p = f.pod(netns)
+	}
+	if p == nil {
+		f.unmatched.Inc()
+		return
 	}
 	select {
 	case p.src.events <- ev:
@@ -213,16 +219,15 @@ func (f *flowExport) stopAll() {
 	}
 }
 
-// exports reports whether the pod in cgroup has an exporter here.
-func (f *flowExport) exports(cgroup string) bool {
+// exported is the cgroups of the pods with an exporter here.
+func (f *flowExport) exported() map[string]bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	out := make(map[string]bool, len(f.pods))
 	for _, p := range f.pods {
-		if p.in.Cgroup == cgroup {
-			return true
-		}
+		out[p.in.Cgroup] = true
 	}
-	return false
+	return out
 }
 
 // gather is every pod's flow metrics, each series labelled with its pod.
@@ -280,6 +285,11 @@ type podSource struct {
 }
 
 func (s *podSource) Next(timeout time.Duration) (podstate.FlowEvent, error) {
+	select { // no timer while events wait
+	case ev := <-s.events:
+		return ev, nil
+	default:
+	}
 	t := time.NewTimer(timeout)
 	defer t.Stop()
 	select {

@@ -48,11 +48,12 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		return
 	}
 	states := map[string]int{"complete": 0, "incomplete": 0, "gone": 0}
+	exported := c.a.flows.exported()
 	for _, p := range pods {
 		states[p.State()]++
 		// A pod whose flows the agent exports has its counters and
 		// routes there, with the flows.
-		if p.Gone || c.a.flows.exports(p.Cgroup) {
+		if p.Gone || exported[p.Cgroup] {
 			continue
 		}
 		for event, n := range p.Counters {

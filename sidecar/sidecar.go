@@ -50,8 +50,10 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	s := &sidecar{cfg: cfg, log: cfg.Logger}
 	defer s.close()
+	// An install whose hooks do not answer (an older Sluice's) is read
+	// from the pins of the pod this runs in, or of --cgroup's.
 	plan := s.askPlan()
-	if s.cfg.Cgroup == "" {
+	if plan == nil && s.cfg.Cgroup == "" {
 		s.findPod()
 	}
 	if plan == nil && s.cfg.Cgroup != "" {
