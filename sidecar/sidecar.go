@@ -53,7 +53,7 @@ func Run(ctx context.Context, cfg Config) error {
 	// An install whose hooks do not answer (an older Sluice's) is read
 	// from the pins of the pod this runs in, or of --cgroup's.
 	plan := s.askPlan()
-	if plan == nil && s.cfg.Cgroup == "" {
+	if s.cfg.Cgroup == "" {
 		s.findPod()
 	}
 	if plan == nil && s.cfg.Cgroup != "" {
