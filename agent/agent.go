@@ -54,13 +54,15 @@ type Pod struct {
 	CgroupID uint64 `json:"cgroup_id"`
 	PinDir   string `json:"pin_dir"`
 	// UID is the Kubernetes pod uid when the cgroup is a kubelet's.
-	UID      string              `json:"uid,omitempty"`
-	Gone     bool                `json:"gone,omitempty"`
-	Complete bool                `json:"complete"`
-	Missing  []string            `json:"missing,omitempty"`
-	Counters map[string]uint64   `json:"counters,omitempty"`
-	Routes   []loader.RouteState `json:"routes,omitempty"`
-	Error    string              `json:"error,omitempty"`
+	UID      string   `json:"uid,omitempty"`
+	Gone     bool     `json:"gone,omitempty"`
+	Complete bool     `json:"complete"`
+	Missing  []string `json:"missing,omitempty"`
+	// KernelMemory is what the pod's own maps hold (memlock).
+	KernelMemory uint64              `json:"kernel_memory_bytes,omitempty"`
+	Counters     map[string]uint64   `json:"counters,omitempty"`
+	Routes       []loader.RouteState `json:"routes,omitempty"`
+	Error        string              `json:"error,omitempty"`
 }
 
 // State is complete, incomplete, or gone (cgroup deleted, pins not yet
@@ -89,7 +91,7 @@ func (a *Agent) Pods() ([]Pod, error) {
 			if err != nil {
 				p.Error = err.Error()
 			}
-			p.Complete, p.Missing, p.Counters = s.Complete, s.Missing, s.Counters
+			p.Complete, p.Missing, p.Counters, p.KernelMemory = s.Complete, s.Missing, s.Counters, s.Memory.Total()
 			if p.Routes, err = loader.Routes(in.Target()); err != nil && p.Error == "" {
 				p.Error = err.Error()
 			}

@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -109,18 +110,26 @@ func TestCollectRemovesOnlyGonePods(t *testing.T) {
 	if _, err := os.Stat(n.tgts["deleted"].PinDir); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("the gone pod's pins are still at %s (%v)", n.tgts["deleted"].PinDir, err)
 	}
-	if s, err := loader.Status(n.tgts["live"]); err != nil || !s.Complete {
+	s, err := loader.Status(n.tgts["live"])
+	if err != nil || !s.Complete {
 		t.Errorf("the live pod after collection: complete %v, missing %v, %v", s.Complete, s.Missing, err)
 	}
 	if again, err := a.Collect(); err != nil || len(again) != 0 {
 		t.Errorf("a second collection took %v (%v), want nothing", again, err)
 	}
 	body := get(t, a.Handler(), "/metrics")
+	node, err := loader.NodeMemory(n.root)
+	if err != nil || node.Programs == 0 || node.Maps == 0 {
+		t.Errorf("node memory %+v, %v: want the programs and node maps the live pod runs", node, err)
+	}
 	for _, want := range []string{
 		"sluice_agent_collected_pods_total 1",
 		`sluice_agent_pods{state="complete"} 1`,
 		`sluice_agent_pods{state="gone"} 0`,
 		fmt.Sprintf(`sluice_kernel_events_total{event="inbound_steered",pod_cgroup=%q,pod_uid=""} 0`, n.pods["live"].Cgroup),
+		// What the one pod left holds, and the programs it shares.
+		fmt.Sprintf(`sluice_agent_kernel_memory_bytes{owner="pods"} %s`, strconv.FormatFloat(float64(s.Memory.Total()), 'g', -1, 64)),
+		fmt.Sprintf(`sluice_agent_kernel_memory_bytes{owner="node"} %s`, strconv.FormatFloat(float64(node.Total()), 'g', -1, 64)),
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("/metrics lacks %s:\n%s", want, body)

@@ -19,6 +19,8 @@ var (
 	descEvents     = prometheus.NewDesc("sluice_kernel_events_total", telemetry.KernelEventsHelp, append(podLabels, "event"), nil)
 	descNodeEvents = prometheus.NewDesc("sluice_node_kernel_events_total",
 		"What the kernel hooks counted for no pod they could name (by event), every build on the node summed.", []string{"event"}, nil)
+	descMemory = prometheus.NewDesc("sluice_agent_kernel_memory_bytes",
+		"Kernel memory (memlock) of Sluice's maps and programs on this node: owner=\"node\" is what every pod shares (programs, node maps), owner=\"pods\" the pods' own maps.", []string{"owner"}, nil)
 	descWeight = prometheus.NewDesc("sluice_route_weight",
 		"A canary route's programmed weight for each backend.", append(podLabels, "service", "backend"), nil)
 	descPicks = prometheus.NewDesc("sluice_route_picks_total",
@@ -28,7 +30,7 @@ var (
 type collector struct{ a *Agent }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPods, descCollected, descEvents, descNodeEvents, descWeight, descPicks} {
+	for _, d := range []*prometheus.Desc{descPods, descCollected, descEvents, descNodeEvents, descMemory, descWeight, descPicks} {
 		ch <- d
 	}
 }
@@ -42,6 +44,11 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descNodeEvents, prometheus.CounterValue, float64(n), event)
 		}
 	}
+	if mem, err := loader.NodeMemory(c.a.opts.PinRoot); err != nil {
+		c.a.opts.Logger.Warn("read node memory", "err", err)
+	} else {
+		ch <- prometheus.MustNewConstMetric(descMemory, prometheus.GaugeValue, float64(mem.Total()), "node")
+	}
 	pods, err := c.a.Pods()
 	if err != nil {
 		c.a.opts.Logger.Warn("list pods", "err", err)
@@ -49,8 +56,10 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	states := map[string]int{"complete": 0, "incomplete": 0, "gone": 0}
 	exported := c.a.flows.exported()
+	var podMemory uint64
 	for _, p := range pods {
 		states[p.State()]++
+		podMemory += p.KernelMemory
 		// A pod whose flows the agent exports has its counters and
 		// routes there, with the flows.
 		if p.Gone || exported[p.Cgroup] {
@@ -70,4 +79,5 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	for state, n := range states {
 		ch <- prometheus.MustNewConstMetric(descPods, prometheus.GaugeValue, float64(n), state)
 	}
+	ch <- prometheus.MustNewConstMetric(descMemory, prometheus.GaugeValue, float64(podMemory), "pods")
 }

@@ -457,10 +457,16 @@ POD_MAP(sock_states);
  * leaves the destination for the proxy; the sidecar's dial into the pod
  * (splice on) leaves family 0, for the passive end to join the splice
  * table. Entries are deleted when taken, or when the active end closes
- * first. */
+ * first. On loopback the passive end is established within the active end's
+ * connect, so an entry lives for microseconds: only connections whose final
+ * ACK a full accept queue dropped wait longer. 256 entries (4 KiB of
+ * buckets, a third of an idle pod) leave room for those; one that finds
+ * the table full is counted (handshake_table_full) and fails at the proxy.
+ * The table is the pod's own, so only the pod's own connections can fill
+ * it. */
 struct handshakes_map {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 2048);
+	__uint(max_entries, 256);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct tuple_key);
 	__type(value, struct orig_dst);
@@ -516,8 +522,8 @@ enum counter {
 	COUNT_OFFLOAD_VIA_PROXY,       /* offloaded connections' messages the sidecar forwarded itself */
 	COUNT_INBOUND_LISTENER_FAILED, /* the sidecar's inbound listener could not be registered for sk_lookup */
 	/* A round-robin route's pick made at random: no room for its state
-	 * in rr_states (its entries are freed with their routes, so this
-	 * stays 0 unless something else fills the table). */
+	 * in rr_states (the node's round-robin routes in use outnumber its
+	 * entries). */
 	COUNT_RR_FALLBACK,
 	COUNT_OFFLOAD_FULL,   /* the sidecar's far sockets offload_socks had no room for */
 	COUNT_OFFLOAD_HANDED, /* connections the sidecar handed to the kernel */
@@ -537,7 +543,9 @@ struct counters_map {
 };
 POD_MAP(counters);
 
-/* 256 entries: 128 routes, in two slots. */
+/* 256 entries: 128 routes, in two slots. The loader makes both route maps
+ * with the pod's first route: a pod with none holds neither, and its
+ * connects find no map and no route. */
 struct routes_map {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 256);
@@ -555,9 +563,13 @@ struct routes_active_map {
 };
 POD_MAP(routes_active);
 
+/* Round-robin state, one entry per round-robin route a connect used, freed
+ * with its route. Sized for the node's routes in use, not for every pod at
+ * its most (128 * MAX_PODS would be 4 MiB of buckets): when it is full a
+ * pick is made at random, in proportion, and counted (rr_fallback). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 128 * MAX_PODS);
+	__uint(max_entries, 32768);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct rr_key);
 	__type(value, struct rr_state);

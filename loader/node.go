@@ -169,12 +169,11 @@ func (n *node) podIndex(cookie uint64, cgroup string, others func(idx uint32) st
 		return 0, fmt.Errorf("read pods: %w", err)
 	}
 	used := map[uint32]bool{}
-	var c uint64
-	it := n.maps[bpf.SluiceMapPods].Iterate()
-	for it.Next(&c, &idx) {
+	_, err := keysWhere(n.maps[bpf.SluiceMapPods], func(_ uint64, idx uint32) bool {
 		used[idx] = true
-	}
-	if err := it.Err(); err != nil {
+		return false
+	})
+	if err != nil {
 		return 0, fmt.Errorf("read pods: %w", err)
 	}
 	for i := uint32(1); i < maxPods; i++ {
@@ -225,7 +224,7 @@ func unregister(m map[string]*ebpf.Map, idx uint32) error {
 	errs := []error{
 		deleteWhere(m[bpf.SluiceMapPods], func(_ uint64, v uint32) bool { return v == idx }),
 		deleteWhere(m[bpf.SluiceMapPodIps], func(_ bpf.SluiceAddr6, v uint32) bool { return v == idx }),
-		deleteWhere(m[bpf.SluiceMapRrStates], func(k bpf.SluiceRrKey, _ []byte) bool { return k.Pod == idx }),
+		deleteWhere(m[bpf.SluiceMapRrStates], func(k bpf.SluiceRrKey, _ bpf.SluiceRrState) bool { return k.Pod == idx }),
 	}
 	if m[bpf.SluiceMapPorts] != nil {
 		errs = append(errs, policyMapsOf(m, idx).forget())
@@ -468,6 +467,48 @@ func NodeCounters(root string) (map[string]uint64, error) {
 		m.Close()
 	}
 	return out, nil
+}
+
+// NodeMemory is the kernel memory (memlock) of the node's state under root,
+// every build's programs and node maps, which all pods share; a pod's own
+// maps are its Status's. The node's hash maps are charged for the entries
+// they hold, so this grows a little with each pod (its policy, ports,
+// addresses).
+func NodeMemory(root string) (Memory, error) {
+	var mem Memory
+	builds, err := os.ReadDir(filepath.Join(root, "node"))
+	if errors.Is(err, os.ErrNotExist) {
+		return mem, nil
+	}
+	if err != nil {
+		return mem, fmt.Errorf("read node state: %w", err)
+	}
+	for _, b := range builds {
+		dir := filepath.Join(root, "node", b.Name())
+		pins, err := os.ReadDir(dir)
+		if err != nil {
+			return mem, fmt.Errorf("read node state: %w", err)
+		}
+		for _, pin := range pins {
+			path := filepath.Join(dir, pin.Name())
+			if m, err := ebpf.LoadPinnedMap(path, &ebpf.LoadPinOptions{ReadOnly: true}); err == nil {
+				if info, err := m.Info(); err == nil {
+					n, _ := info.Memlock()
+					mem.Maps += n
+				}
+				m.Close()
+			} else if p, err := ebpf.LoadPinnedProgram(path, nil); err == nil {
+				if info, err := p.Info(); err == nil {
+					n, _ := info.Memlock()
+					mem.Programs += n
+				}
+				p.Close()
+			} else if !errors.Is(err, os.ErrNotExist) {
+				return mem, fmt.Errorf("open node pin %s: %w", path, err)
+			}
+		}
+	}
+	return mem, nil
 }
 
 // unregisteredAddrs returns those of addrs that the build object's node

@@ -142,15 +142,20 @@ func (p *Pins) policy() (policyMaps, error) {
 	return policyMapsOf(maps, p.rec.Index), nil
 }
 
-// routeMaps returns the maps the routes live in; the round-robin state only
-// for a writable handle, the one that needs it.
+// routeMaps returns the maps the routes live in, or errNoRouteMaps for a
+// pod that had no route yet; the round-robin state only for a writable
+// handle, the one that needs it.
 func (p *Pins) routeMaps() (routeMaps, error) {
 	var m routeMaps
 	var err error
-	if m.routes, err = p.Map(bpf.SluiceMapRoutes); err != nil {
+	// routes_active first: pinned, it says routes is too (makeRouteMaps).
+	if m.active, err = p.Map(bpf.SluiceMapRoutesActive); err != nil {
+		if errors.Is(err, ErrMissingMap) {
+			err = errNoRouteMaps
+		}
 		return m, err
 	}
-	if m.active, err = p.Map(bpf.SluiceMapRoutesActive); err != nil {
+	if m.routes, err = p.Map(bpf.SluiceMapRoutes); err != nil {
 		return m, err
 	}
 	if p.access == ReadWrite {
@@ -183,6 +188,9 @@ func (p *Pins) Counters() (map[string]uint64, error) {
 // Routes reads the routes in force.
 func (p *Pins) Routes() ([]RouteState, error) {
 	m, err := p.routeMaps()
+	if errors.Is(err, errNoRouteMaps) {
+		return nil, nil
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -202,9 +210,13 @@ func (p *Pins) count(name string) (int, error) {
 	return n, nil
 }
 
-// RoutesVersion changes whenever the routes do, and costs one map lookup.
+// RoutesVersion changes whenever the routes do, and costs one map lookup
+// (a pin lookup until the pod's first route).
 func (p *Pins) RoutesVersion() (uint32, error) {
 	m, err := p.Map(bpf.SluiceMapRoutesActive)
+	if errors.Is(err, ErrMissingMap) {
+		return 0, nil
+	}
 	if err != nil {
 		return 0, err
 	}

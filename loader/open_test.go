@@ -68,31 +68,28 @@ func TestOpen(t *testing.T) {
 		t.Errorf("another pod opened the pins: %v, want a refusal", err)
 	}
 
-	ro, err := Open(target, ReadOnly, bpf.SluiceMapRoutesActive)
+	ro, err := Open(target, ReadOnly, bpf.SluiceMapPodAddrs)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ro.Close()
-	m, err := ro.Map(bpf.SluiceMapRoutesActive)
+	m, err := ro.Map(bpf.SluiceMapPodAddrs)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := m.Put(uint32(0), uint32(1)); err == nil {
-		t.Error("a read-only handle wrote routes_active")
+	if err := m.Put(uint32(0), bpf.SluiceAddr6{}); err == nil {
+		t.Error("a read-only handle wrote pod_addrs")
 	}
 	if _, err := ro.Plan(); err != nil {
 		t.Errorf("read the plan: %v", err)
 	}
 
-	if err := os.Remove(filepath.Join(target.PinDir, bpf.SluiceMapRoutesActive)); err != nil {
+	if err := os.Remove(filepath.Join(target.PinDir, bpf.SluiceMapHandshakes)); err != nil {
 		t.Fatal(err)
 	}
-	_, err = Open(target, ReadWrite, bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive)
-	if !errors.Is(err, ErrMissingMap) || !strings.Contains(err.Error(), bpf.SluiceMapRoutesActive) {
-		t.Errorf("open with %s unpinned: %v, want ErrMissingMap naming it", bpf.SluiceMapRoutesActive, err)
-	}
-	if err := ChangeRoutes(target, RouteChange{}); !errors.Is(err, ErrMissingMap) {
-		t.Errorf("change routes with %s unpinned: %v, want ErrMissingMap", bpf.SluiceMapRoutesActive, err)
+	_, err = Open(target, ReadWrite, bpf.SluiceMapCounters, bpf.SluiceMapHandshakes)
+	if !errors.Is(err, ErrMissingMap) || !strings.Contains(err.Error(), bpf.SluiceMapHandshakes) {
+		t.Errorf("open with %s unpinned: %v, want ErrMissingMap naming it", bpf.SluiceMapHandshakes, err)
 	}
 }
 
@@ -106,8 +103,40 @@ func TestChangeRoutes(t *testing.T) {
 	route := redirect.Route{Service: svc, Backends: []redirect.Backend{
 		{Address: netip.MustParseAddr("198.18.2.2"), Port: 8080, Weight: 90},
 		{Address: netip.MustParseAddr("198.18.3.2"), Port: 8080, Weight: 10}}}
+	// A pod with no route holds no route map: reads find no route, a
+	// delete names none and makes none.
+	routeMapsPinned := func() (n int) {
+		for _, name := range routeMapNames {
+			if fi, err := os.Stat(filepath.Join(target.PinDir, name)); err == nil && fi.Mode().Perm() == ownerMode {
+				n++
+			}
+		}
+		return n
+	}
+	if routes, err := Routes(target); err != nil || len(routes) != 0 {
+		t.Fatalf("routes of a pod with none: %v, %v", routes, err)
+	}
+	if err := ChangeRoutes(target, RouteChange{Delete: []netip.AddrPort{svc}}); !errors.Is(err, ErrNoRoute) || routeMapsPinned() != 0 {
+		t.Fatalf("delete on a pod with no route: %v, %d route maps pinned", err, routeMapsPinned())
+	}
+	// A crash between the first route's two pins leaves routes alone:
+	// the next change makes both anew.
+	half, err := makePodMaps(routeMapNames[:1], false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := half[routeMapNames[0]].Pin(filepath.Join(target.PinDir, routeMapNames[0])); err != nil {
+		t.Fatal(err)
+	}
+	half[routeMapNames[0]].Close()
 	if err := ChangeRoutes(target, RouteChange{Set: []redirect.Route{route}}); err != nil {
 		t.Fatal(err)
+	}
+	if n := routeMapsPinned(); n != 2 {
+		t.Fatalf("%d route maps pinned, root's alone, after the first route, want 2", n)
+	}
+	if s, err := Status(target); err != nil || !s.Complete {
+		t.Fatalf("status with routes: %v, missing %v", err, s.Missing)
 	}
 	reader, err := Open(target, ReadOnly)
 	if err != nil {

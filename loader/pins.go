@@ -28,14 +28,20 @@ var pinnedMaps = []string{
 	bpf.SluiceMapSockStates,
 	bpf.SluiceMapHandshakes,
 	bpf.SluiceMapCounters,
-	bpf.SluiceMapRoutes,
-	bpf.SluiceMapRoutesActive,
 	bpf.SluiceMapSpliceSocks,
 	bpf.SluiceMapOffloadSocks,
 	bpf.SluiceMapOffloadPeers,
 	bpf.SluiceMapInboundListeners,
 	bpf.SluiceMapPodAddrs,
 }
+
+// routeMapNames are the pod's maps made by its first route change, not by
+// install (makeRouteMaps): a pod with no route holds neither. routes first:
+// pinned routes_active says routes is pinned too.
+var routeMapNames = []string{bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive}
+
+// podMapNames are the names of every map a pod's pins may hold.
+func podMapNames() []string { return append(slices.Clone(pinnedMaps), routeMapNames...) }
 
 // Every pin is root's alone: the sidecar asks the pod's hooks for what it
 // needs (AskPlan, HandOffload), and the node's agent reads the flows.
@@ -219,7 +225,7 @@ func readRecord(dir string) (record, error) {
 func (s pinState) unknown() []string {
 	var out []string
 	for _, n := range s.names {
-		if !slices.Contains(pinnedMaps, n) && !slices.Contains(legacyPins, n) && !slices.ContainsFunc(allHooks, func(h hook) bool { return h.pin == n }) {
+		if !slices.Contains(podMapNames(), n) && !slices.Contains(legacyPins, n) && !slices.ContainsFunc(allHooks, func(h hook) bool { return h.pin == n }) {
 			out = append(out, n)
 		}
 	}
@@ -262,8 +268,9 @@ func setModes(dir string) error {
 	if err := chownMod(dir, 0, pinDirMode); err != nil {
 		return err
 	}
-	for _, name := range pinnedMaps {
-		if err := chownMod(filepath.Join(dir, name), 0, ownerMode); err != nil {
+	for _, name := range podMapNames() {
+		err := chownMod(filepath.Join(dir, name), 0, ownerMode)
+		if err != nil && !(slices.Contains(routeMapNames, name) && errors.Is(err, os.ErrNotExist)) {
 			return err
 		}
 	}

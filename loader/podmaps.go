@@ -26,7 +26,7 @@ func podMapSpecs() map[string]*ebpf.MapSpec {
 	return map[string]*ebpf.MapSpec{
 		bpf.SluiceMapMeta:       {Type: ebpf.Array, KeySize: 4, ValueSize: size(bpf.SluiceInstallMeta{}), MaxEntries: 1},
 		bpf.SluiceMapCounters:   {Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: 64},
-		bpf.SluiceMapHandshakes: {Type: ebpf.Hash, KeySize: tuple, ValueSize: orig, MaxEntries: 2048, Flags: noPrealloc},
+		bpf.SluiceMapHandshakes: {Type: ebpf.Hash, KeySize: tuple, ValueSize: orig, MaxEntries: 256, Flags: noPrealloc},
 		bpf.SluiceMapRoutes: {Type: ebpf.Hash, KeySize: size(bpf.SluiceRouteKey{}), ValueSize: size(bpf.SluiceRoute{}),
 			MaxEntries: 256, Flags: noPrealloc},
 		bpf.SluiceMapRoutesActive:     {Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1},

@@ -38,6 +38,15 @@ func policyMapsOf(maps map[string]*ebpf.Map, pod uint32) policyMaps {
 
 // read returns the plan in force and its slot.
 func (m policyMaps) read() (redirect.Plan, uint8, error) {
+	keys, err := m.keys()
+	if err != nil {
+		return redirect.Plan{}, 0, err
+	}
+	return m.readWith(keys)
+}
+
+// readWith is read with the pod's keys already found.
+func (m policyMaps) readWith(keys podKeys) (redirect.Plan, uint8, error) {
 	slot, err := m.slot()
 	if err != nil {
 		return redirect.Plan{}, 0, err
@@ -46,8 +55,40 @@ func (m policyMaps) read() (redirect.Plan, uint8, error) {
 	if err := m.policies.Lookup(2*m.pod+uint32(slot), &pol); err != nil {
 		return redirect.Plan{}, 0, fmt.Errorf("read policy: %w", err)
 	}
-	p, err := m.planOf(slot, pol)
+	p, err := m.planOf(slot, pol, keys)
 	return p, slot, err
+}
+
+// podKeys are the pod's entries in the node's port and CIDR maps, by slot.
+type podKeys struct {
+	ports                        [2][]bpf.SluicePortKey
+	include, exclude, kernelOnly [2][]bpf.SluiceCidrKey
+}
+
+// keys finds the pod's entries, one pass over each node map for both
+// slots.
+func (m policyMaps) keys() (podKeys, error) {
+	var k podKeys
+	ports, err := keysWhere(m.ports, func(key bpf.SluicePortKey, _ uint64) bool { return key.Pod == m.pod })
+	if err != nil {
+		return k, fmt.Errorf("read ports: %w", err)
+	}
+	for _, key := range ports {
+		k.ports[key.Slot&1] = append(k.ports[key.Slot&1], key)
+	}
+	for _, trie := range []struct {
+		m   *ebpf.Map
+		dst *[2][]bpf.SluiceCidrKey
+	}{{m.include, &k.include}, {m.exclude, &k.exclude}, {m.kernelOnly, &k.kernelOnly}} {
+		cidrs, err := keysWhere(trie.m, func(key bpf.SluiceCidrKey, _ uint8) bool { return key.Pod == m.pod })
+		if err != nil {
+			return k, fmt.Errorf("read CIDRs: %w", err)
+		}
+		for _, key := range cidrs {
+			trie.dst[key.Slot&1] = append(trie.dst[key.Slot&1], key)
+		}
+	}
+	return k, nil
 }
 
 func (m policyMaps) slot() (uint8, error) {
@@ -59,24 +100,10 @@ func (m policyMaps) slot() (uint8, error) {
 }
 
 // planOf is the plan of pol and slot's port sets and CIDRs.
-func (m policyMaps) planOf(slot uint8, pol bpf.SluicePolicy) (redirect.Plan, error) {
-	e := slotEntries{policy: pol}
-	for _, trie := range []struct {
-		m   *ebpf.Map
-		dst *[]bpf.SluiceCidrKey
-	}{{m.include, &e.include}, {m.exclude, &e.exclude}, {m.kernelOnly, &e.kernelOnly}} {
-		keys, err := cidrKeys(trie.m, m.pod, slot)
-		if err != nil {
-			return redirect.Plan{}, err
-		}
-		*trie.dst = keys
-	}
-	words, err := portWords(m.ports, m.pod, slot)
-	if err != nil {
-		return redirect.Plan{}, err
-	}
+func (m policyMaps) planOf(slot uint8, pol bpf.SluicePolicy, keys podKeys) (redirect.Plan, error) {
+	e := slotEntries{policy: pol, include: keys.include[slot], exclude: keys.exclude[slot], kernelOnly: keys.kernelOnly[slot]}
 	e.ports = map[bpf.SluicePortKey]uint64{}
-	for _, k := range words {
+	for _, k := range keys.ports[slot] {
 		var w uint64
 		if err := m.ports.Lookup(k, &w); err != nil {
 			return redirect.Plan{}, fmt.Errorf("read ports: %w", err)
@@ -93,7 +120,11 @@ func (m policyMaps) planOf(slot uint8, pol bpf.SluicePolicy) (redirect.Plan, err
 // complete plan. It reports whether anything changed. A pod never written
 // reads as slot 0 with nothing in it, and gets slot 1.
 func (m policyMaps) write(p redirect.Plan) (bool, error) {
-	cur, slot, err := m.read()
+	keys, err := m.keys()
+	if err != nil {
+		return false, err
+	}
+	cur, slot, err := m.readWith(keys)
 	if err != nil {
 		return false, err
 	}
@@ -102,7 +133,7 @@ func (m policyMaps) write(p redirect.Plan) (bool, error) {
 		return false, nil
 	}
 	next := slot ^ 1
-	if err := m.clear(next); err != nil {
+	if err := m.clear(next, keys); err != nil {
 		return false, err
 	}
 	e := entriesOf(p, m.pod, next)
@@ -133,23 +164,18 @@ func (m policyMaps) write(p redirect.Plan) (bool, error) {
 }
 
 // clear empties the pod's slot: its CIDRs and its port words.
-func (m policyMaps) clear(slot uint8) error {
-	for _, trie := range []*ebpf.Map{m.include, m.exclude, m.kernelOnly} {
-		stale, err := cidrKeys(trie, m.pod, slot)
-		if err != nil {
-			return err
-		}
-		for _, k := range stale {
-			if err := trie.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+func (m policyMaps) clear(slot uint8, keys podKeys) error {
+	for _, trie := range []struct {
+		m     *ebpf.Map
+		stale []bpf.SluiceCidrKey
+	}{{m.include, keys.include[slot]}, {m.exclude, keys.exclude[slot]}, {m.kernelOnly, keys.kernelOnly[slot]}} {
+		for _, k := range trie.stale {
+			if err := trie.m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 				return fmt.Errorf("clear CIDR %s: %w", prefixFromKey(k), err)
 			}
 		}
 	}
-	stale, err := portWords(m.ports, m.pod, slot)
-	if err != nil {
-		return err
-	}
-	for _, k := range stale {
+	for _, k := range keys.ports[slot] {
 		if err := m.ports.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("clear ports: %w", err)
 		}
@@ -160,9 +186,13 @@ func (m policyMaps) clear(slot uint8) error {
 // forget removes the pod's policy from the node maps: both slots, and its
 // index back to 0.
 func (m policyMaps) forget() error {
+	keys, err := m.keys()
+	if err != nil {
+		return err
+	}
 	var errs []error
 	for slot := range uint8(2) {
-		errs = append(errs, m.clear(slot))
+		errs = append(errs, m.clear(slot, keys))
 		if err := m.policies.Put(2*m.pod+uint32(slot), &bpf.SluicePolicy{}); err != nil {
 			errs = append(errs, fmt.Errorf("clear policy: %w", err))
 		}
@@ -173,25 +203,32 @@ func (m policyMaps) forget() error {
 	return errors.Join(errs...)
 }
 
-func cidrKeys(trie *ebpf.Map, pod uint32, slot uint8) ([]bpf.SluiceCidrKey, error) {
-	keys, err := keysWhere(trie, func(k bpf.SluiceCidrKey, _ uint8) bool { return k.Pod == pod && k.Slot == slot })
-	if err != nil {
-		return nil, fmt.Errorf("read CIDRs: %w", err)
-	}
-	return keys, nil
-}
-
-func portWords(m *ebpf.Map, pod uint32, slot uint8) ([]bpf.SluicePortKey, error) {
-	keys, err := keysWhere(m, func(k bpf.SluicePortKey, _ uint64) bool { return k.Pod == pod && k.Slot == slot })
-	if err != nil {
-		return nil, fmt.Errorf("read ports: %w", err)
-	}
-	return keys, nil
-}
-
-// keysWhere returns the keys of m's entries that match.
+// keysWhere returns the keys of m's entries that match. The node's maps
+// hold every pod's entries, and install and uninstall look for one pod's:
+// a hash map is read in batches, a few system calls for all of them
+// instead of two an entry, so a pod's install does not slow down with the
+// pods already on the node. (An LPM trie has no batch reads: its entries
+// are CIDRs, which a default install has none of.)
 func keysWhere[K, V any](m *ebpf.Map, match func(K, V) bool) ([]K, error) {
 	var keys []K
+	if m.Type() == ebpf.Hash {
+		ks, vs := make([]K, batchSize), make([]V, batchSize)
+		var cursor ebpf.MapBatchCursor
+		for {
+			n, err := m.BatchLookup(&cursor, ks, vs, nil)
+			for i := range n {
+				if match(ks[i], vs[i]) {
+					keys = append(keys, ks[i])
+				}
+			}
+			if errors.Is(err, ebpf.ErrKeyNotExist) {
+				return keys, nil
+			}
+			if err != nil {
+				return nil, err
+			}
+		}
+	}
 	var k K
 	var v V
 	it := m.Iterate()
@@ -202,6 +239,11 @@ func keysWhere[K, V any](m *ebpf.Map, match func(K, V) bool) ([]K, error) {
 	}
 	return keys, it.Err()
 }
+
+// batchSize is how many entries one batch read returns at most: more than
+// a hash bucket ever holds (the kernel refuses a batch smaller than a
+// bucket).
+const batchSize = 4096
 
 // slotEntries is a Plan as one policy slot holds it.
 type slotEntries struct {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 
@@ -20,6 +21,10 @@ type RouteState = podstate.RouteState
 
 // ErrNoRoute marks a change naming a service that has no route.
 var ErrNoRoute = errors.New("no route")
+
+// errNoRouteMaps marks a pod that had no route yet: its route maps are made
+// by the first (makeRouteMaps).
+var errNoRouteMaps = errors.New("no route maps")
 
 // Rollback reasons as the route records them.
 const (
@@ -156,6 +161,16 @@ func ChangeRoutes(t Target, change RouteChange) error {
 	}
 	defer p.Close()
 	m, err := p.routeMaps()
+	if errors.Is(err, errNoRouteMaps) {
+		if len(change.Set) == 0 {
+			// No route yet: a delete or rollout names none.
+			_, _, _, err := change.apply(nil)
+			return err
+		}
+		if err = p.makeRouteMaps(); err == nil {
+			m, err = p.routeMaps()
+		}
+	}
 	if err != nil {
 		return err
 	}
@@ -181,6 +196,50 @@ func ChangeRoutes(t Target, change RouteChange) error {
 	}
 	// ...a deleted route's after it, once no new connect can pick it.
 	return m.forgetRoundRobin(deleted)
+}
+
+// makeRouteMaps makes the pod's route maps, with its first route: an idle
+// pod's kernel memory holds neither (5 KiB). They are put where the node's
+// programs find the pod's maps before they are pinned, routes before
+// routes_active: a crash leaves routes_active unpinned, and the next change
+// makes both anew (nothing was written to them yet). The caller holds the
+// pin root's lock.
+func (p *Pins) makeRouteMaps() error {
+	if p.rec.Index == 0 {
+		// An install from before programs were the node's made them.
+		return fmt.Errorf("%w %s in the pins at %s: rerun 'sluice install' on the pod", ErrMissingMap, bpf.SluiceMapRoutesActive, p.target.PinDir)
+	}
+	made, err := makePodMaps(routeMapNames, false)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		for _, m := range made {
+			m.Close()
+		}
+	}()
+	for _, name := range routeMapNames {
+		outer, err := p.nodeMap(name)
+		if err != nil {
+			return err
+		}
+		if err := outer.Put(p.rec.Index, made[name]); err != nil {
+			return fmt.Errorf("register the pod's %s: %w", name, err)
+		}
+	}
+	for _, name := range routeMapNames {
+		pin := filepath.Join(p.target.PinDir, name)
+		if err := os.Remove(pin); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("replace map %s: %w", name, err)
+		}
+		if err := made[name].Pin(pin); err != nil {
+			return fmt.Errorf("pin map %s: %w", name, err)
+		}
+		if err := chownMod(pin, 0, ownerMode); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // apply returns the routes after the change, and the services it adds and

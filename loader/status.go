@@ -117,13 +117,15 @@ func Status(t Target) (State, error) {
 	return s, nil
 }
 
-// readMaps notes the maps missing from the pins and adds up the memory of
-// the others.
+// readMaps notes the maps missing from the pins (route maps are made by the
+// first route) and adds up the memory of the others.
 func (s *State) readMaps(p *Pins) {
-	for _, name := range pinnedMaps {
+	for _, name := range podMapNames() {
 		m, err := p.Map(name)
 		if err != nil {
-			s.Missing = append(s.Missing, "map "+name)
+			if !slices.Contains(routeMapNames, name) {
+				s.Missing = append(s.Missing, "map "+name)
+			}
 			continue
 		}
 		if info, err := m.Info(); err == nil {

@@ -56,8 +56,9 @@ func Uninstall(t Target, log *slog.Logger) error {
 		errs = append(errs, leaveNode(root, rec.Object, rec.Index, t.PinDir))
 	}
 	unpin := slices.Clone(legacyPins[1:])
-	for i := len(pinnedMaps) - 1; i >= 0; i-- {
-		unpin = append(unpin, pinnedMaps[i])
+	names := podMapNames()
+	for i := len(names) - 1; i >= 0; i-- {
+		unpin = append(unpin, names[i])
 	}
 	for _, name := range unpin {
 		if err := os.Remove(filepath.Join(t.PinDir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {

@@ -13,9 +13,9 @@ import (
 
 func (s *Series) print(w io.Writer) {
 	if len(s.Pods) > 0 {
-		fmt.Fprintf(w, "\n| pods on the node | sluice install p50 / p90 ms | iptables-restore p50 / p90 ms | ratio p50 | sluice KiB per idle pod | iptables KiB per netns |\n| --- | --- | --- | --- | --- | --- |\n")
+		fmt.Fprintf(w, "\n| pods on the node | sluice install p50 / p90 ms | iptables-restore p50 / p90 ms | ratio p50 | sluice KiB per idle pod | sluice node state MiB (shared) | iptables KiB per netns |\n| --- | --- | --- | --- | --- | --- | --- |\n")
 		for _, p := range s.Pods {
-			fmt.Fprintf(w, "| %d | %.1f / %.1f | %.1f / %.1f | %.2f | %.0f | %.0f |\n", p.Pods, p.InstallMedianMs, p.InstallP90Ms, p.IPTablesMedianMs, p.IPTablesP90Ms, p.Ratio, p.IdlePodKiB, p.IPTablesNetnsKiB)
+			fmt.Fprintf(w, "| %d | %.1f / %.1f | %.1f / %.1f | %.2f | %.0f | %.1f | %.0f |\n", p.Pods, p.InstallMedianMs, p.InstallP90Ms, p.IPTablesMedianMs, p.IPTablesP90Ms, p.Ratio, p.IdlePodKiB, p.NodeStateMiB, p.IPTablesNetnsKiB)
 		}
 	}
 	if len(s.CIDRs) > 0 {

@@ -9,20 +9,21 @@ import (
 // The guard names each figure over its limit, with where the limit is set,
 // and nothing when both are within (or no limit is given).
 func TestOverLimits(t *testing.T) {
-	r := report{Pods: 40, InstallMedianMs: 130, IPTablesMs: 20, IdlePodKiB: 283}
-	if msgs := r.overLimits(10, 300, "the Makefile"); len(msgs) != 0 {
-		t.Errorf("within both limits: %q", msgs)
+	r := report{Pods: 40, InstallMedianMs: 130, IPTablesMs: 20, ResidentMedianMs: 6, IdlePodKiB: 283}
+	if msgs := r.overLimits(limits{10, 0.5, 300}, "the Makefile"); len(msgs) != 0 {
+		t.Errorf("within every limit: %q", msgs)
 	}
-	if msgs := r.overLimits(0, 0, ""); len(msgs) != 0 {
+	if msgs := r.overLimits(limits{}, ""); len(msgs) != 0 {
 		t.Errorf("no limits: %q", msgs)
 	}
-	msgs := r.overLimits(6, 200, "the Makefile")
-	if len(msgs) != 2 ||
+	msgs := r.overLimits(limits{6, 0.25, 200}, "the Makefile")
+	if len(msgs) != 3 ||
 		!strings.Contains(msgs[0], "6.50x") || !strings.Contains(msgs[0], "MAX_INSTALL_RATIO=6, set in the Makefile") ||
-		!strings.Contains(msgs[1], "283 KiB") || !strings.Contains(msgs[1], "MAX_IDLE_KIB=200, set in the Makefile") {
-		t.Errorf("over both limits: %q", msgs)
+		!strings.Contains(msgs[1], "0.30x") || !strings.Contains(msgs[1], "MAX_RESIDENT_RATIO=0.25, set in the Makefile") ||
+		!strings.Contains(msgs[2], "283 KiB") || !strings.Contains(msgs[2], "MAX_IDLE_KIB=200, set in the Makefile") {
+		t.Errorf("over every limit: %q", msgs)
 	}
-	if msgs := r.overLimits(6, 0, ""); len(msgs) != 1 || !strings.Contains(msgs[0], "-max-install-ratio 6") {
+	if msgs := r.overLimits(limits{installRatio: 6}, ""); len(msgs) != 1 || !strings.Contains(msgs[0], "-max-install-ratio 6") {
 		t.Errorf("a flag's limit: %q", msgs)
 	}
 }

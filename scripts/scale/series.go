@@ -47,7 +47,8 @@ type PodsPoint struct {
 	IPTablesMedianMs float64 `json:"iptables_restore_median_ms"`
 	IPTablesP90Ms    float64 `json:"iptables_restore_p90_ms"`
 	Ratio            float64 `json:"ratio_median"`
-	IdlePodKiB       float64 `json:"idle_pod_kib"`
+	IdlePodKiB       float64 `json:"idle_pod_kib"` // its own maps and its node map entries
+	NodeStateMiB     float64 `json:"node_state_mib"`
 	// Kernel memory the restores charged to a memory cgroup of their own
 	// (memory.kmem.usage_in_bytes), per network namespace; 0: not measurable.
 	IPTablesNetnsKiB float64 `json:"iptables_netns_kib"`
@@ -250,7 +251,7 @@ func podsSeries(c *seriesConfig, s *Series) (err error) {
 		if point == 0 {
 			continue
 		}
-		total, _, err := n.memory()
+		m, err := n.memory()
 		if err != nil {
 			return err
 		}
@@ -260,7 +261,8 @@ func podsSeries(c *seriesConfig, s *Series) (err error) {
 			InstallP90Ms:     ms(percentile(installs, 90)),
 			IPTablesMedianMs: ms(percentile(restores, 50)),
 			IPTablesP90Ms:    ms(percentile(restores, 90)),
-			IdlePodKiB:       float64(total) / 1024 / float64(point),
+			IdlePodKiB:       float64(m.perPod) / 1024,
+			NodeStateMiB:     float64(m.node) / (1 << 20),
 		}
 		p.Ratio = p.InstallMedianMs / p.IPTablesMedianMs
 		if memcg != "" {
