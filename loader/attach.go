@@ -3,7 +3,6 @@ package loader
 import (
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,7 +12,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sluicemesh/sluice/bpf"
-	"github.com/sluicemesh/sluice/internal/nsenter"
 )
 
 // hook is one program and where it attaches: the pod's cgroup, or
@@ -203,6 +201,9 @@ func netnsPath(t Target) string {
 func netnsInode(t Target) (uint64, error) {
 	var st unix.Stat_t
 	if err := unix.Stat(netnsPath(t), &st); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return 0, fmt.Errorf("netns %s does not exist: pass the pod's network namespace, e.g. /run/netns/NAME or /proc/PID/ns/net", netnsPath(t))
+		}
 		return 0, fmt.Errorf("netns %s: %w", netnsPath(t), err)
 	}
 	return st.Ino, nil
@@ -228,24 +229,6 @@ func removeLink(pin string) error {
 		errs = append(errs, fmt.Errorf("unpin %s: %w", pin, err))
 	}
 	return errors.Join(errs...)
-}
-
-// interfaceIndex resolves t.Interface inside t.Netns.
-func interfaceIndex(t Target) (int, error) {
-	var index int
-	err := nsenter.Do(t.Netns, func() error {
-		iface, err := net.InterfaceByName(t.Interface)
-		if err != nil {
-			where := "this network namespace"
-			if t.Netns != "" {
-				where = "netns " + t.Netns
-			}
-			return fmt.Errorf("no interface %s in %s: pass --interface with the pod's interface (see 'ip link')", t.Interface, where)
-		}
-		index = iface.Index
-		return nil
-	})
-	return index, err
 }
 
 // otherSluice refuses to stack a second Sluice on t: any Sluice program

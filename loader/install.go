@@ -110,7 +110,7 @@ type installer struct {
 	replace map[string]bool      // those it replaces
 	made    map[string]*ebpf.Map // the pod maps made anew
 	node    *node                // this build's programs and node maps
-	cookie  uint64               // the pod's network namespace
+	net     podNet               // what the pod's network namespace holds
 	keepTC  bool                 // the older install's tcx program stays for a running sidecar
 }
 
@@ -185,23 +185,20 @@ func (in *installer) prepare() error {
 }
 
 // inspect reads what the pins hold and refuses pins that are not this
-// pod's Sluice's, or a pod another Sluice captures; for inbound capture it
+// pod's Sluice's, or a pod another Sluice captures; then it visits the
+// pod's network namespace (readPodNet), where for inbound capture it
 // reserves the sidecar's ports.
 func (in *installer) inspect(args []string) error {
 	t := in.t
 	in.inbound = t.Interface != ""
-	ifindex := 0
 	if in.inbound {
 		var err error
-		if ifindex, err = interfaceIndex(t); err != nil {
-			return err
-		}
 		if in.netnsIno, err = netnsInode(t); err != nil {
 			return err
 		}
 	}
 	in.want = record{Format: recordFormat, Cgroup: t.Cgroup, CgroupID: t.CgroupID, Netns: t.Netns, NetnsInode: in.netnsIno,
-		Interface: t.Interface, Ifindex: ifindex, Args: args, Sidecar: sidecarOf(in.plan.Normalize()), Identity: t.Identity}
+		Interface: t.Interface, Args: args, Sidecar: sidecarOf(in.plan.Normalize()), Identity: t.Identity}
 	cur, err := readPins(t.PinDir)
 	if err != nil {
 		return err
@@ -225,26 +222,28 @@ func (in *installer) inspect(args []string) error {
 	if err := otherSluice(t, in.inbound, ours); err != nil {
 		return err
 	}
-	if in.inbound {
-		in.reservePorts()
+	if in.net, err = readPodNet(t, in.inbound, in.plan); err != nil {
+		return err
 	}
+	in.want.Ifindex = in.net.ifindex
+	in.reportReserved()
 	return nil
 }
 
-// reservePorts keeps the sidecar's ports out of the pod's local port range.
-// Not being able to tell (no /proc/sys) does not stop the install: the bind
-// hook and sockops' owner check still guard the ports.
-func (in *installer) reservePorts() {
-	reserved, unreserved, err := reserveSidecarPorts(in.t, in.plan)
-	if err != nil {
-		in.log.Warn("cannot reserve the sidecar's ports in the pod's local port range", "err", err)
+// reportReserved says which sidecar ports readPodNet kept out of the pod's
+// local port range. Not being able to (no /proc/sys, or read-only) does not
+// stop the install: the bind hook and sockops' owner check still guard the
+// ports.
+func (in *installer) reportReserved() {
+	if in.net.reserveErr != nil {
+		in.log.Warn("cannot reserve the sidecar's ports in the pod's local port range", "err", in.net.reserveErr)
 	}
-	if len(reserved) > 0 {
-		in.res.Changes = append(in.res.Changes, fmt.Sprintf("sidecar ports %v reserved in the pod's local port range", reserved))
+	if len(in.net.reserved) > 0 {
+		in.res.Changes = append(in.res.Changes, fmt.Sprintf("sidecar ports %v reserved in the pod's local port range", in.net.reserved))
 	}
-	if len(unreserved) > 0 {
+	if len(in.net.unreserved) > 0 {
 		in.log.Warn("the pod's local port range holds sidecar ports, which the kernel may hand to any process of the pod (a listen or connect with no bind meets no bind hook), and its sysctls are read-only here",
-			"ports", unreserved, "fix", "add them to net.ipv4.ip_local_reserved_ports in the pod's securityContext.sysctls, or move net.ipv4.ip_local_port_range")
+			"ports", in.net.unreserved, "fix", "add them to net.ipv4.ip_local_reserved_ports in the pod's securityContext.sysctls, or move net.ipv4.ip_local_port_range")
 	}
 }
 
@@ -280,11 +279,7 @@ func (in *installer) decide() (installPath, error) {
 	if rec.Interface != "" {
 		// An address the pod got since: inbound to it is refused until
 		// it is registered, which the full path does.
-		addrs, err := podAddrs(in.t)
-		if err != nil {
-			return 0, err
-		}
-		missing, err := unregisteredAddrs(filepath.Dir(in.t.PinDir), rec.Object, rec.Index, addrs)
+		missing, err := unregisteredAddrs(filepath.Dir(in.t.PinDir), rec.Object, rec.Index, in.net.addrs)
 		if err != nil || len(missing) > 0 {
 			in.change("addresses %v registered for inbound capture", missing)
 			return pathFull, nil
@@ -355,9 +350,6 @@ func (in *installer) load() error {
 	}
 	// Undone last: a failed install leaves no node state that no pod runs.
 	in.steps.push(func() error { return leaveNode(filepath.Dir(in.t.PinDir), bpf.ObjectHash(), 0, in.t.PinDir) })
-	if in.cookie, err = netnsCookie(in.t); err != nil {
-		return err
-	}
 	var missing []string
 	for _, name := range pinnedMaps {
 		if in.reuse[name] == nil {
@@ -480,10 +472,7 @@ func (in *installer) attach() error {
 		if err := in.prepareInbound(); err != nil {
 			return err
 		}
-		var err error
-		if addrs, err = podAddrs(in.t); err != nil {
-			return err
-		}
+		addrs = in.net.addrs
 		hooks = append(hooks[:len(hooks):len(hooks)], inboundHook)
 	}
 	if err := in.register(addrs); err != nil {
@@ -514,7 +503,7 @@ func (in *installer) allocate() error {
 	if err := fault("register"); err != nil {
 		return err
 	}
-	idx, err := in.node.podIndex(in.cookie, in.t.Cgroup, func(idx uint32) string {
+	idx, err := in.node.podIndex(in.net.cookie, in.t.Cgroup, func(idx uint32) string {
 		if in.cur.rec != nil && in.cur.rec.Index == idx && in.cur.rec.Object == bpf.ObjectHash() {
 			return ""
 		}
@@ -527,14 +516,14 @@ func (in *installer) allocate() error {
 		in.steps.push(func() error { return unregister(in.node.maps, idx) })
 		in.change("pod registered with the node's programs (index %d)", idx)
 	}
-	in.want.Index, in.want.NetnsCookie = idx, in.cookie
+	in.want.Index, in.want.NetnsCookie = idx, in.net.cookie
 	return nil
 }
 
 // register makes the node's programs find the pod at its index: by its
 // network namespace, and by addrs (inbound capture).
 func (in *installer) register(addrs []netip.Addr) error {
-	return in.node.register(in.want.Index, in.cookie, in.podMaps(), addrs, in.livePodOf)
+	return in.node.register(in.want.Index, in.net.cookie, in.podMaps(), addrs, in.livePodOf)
 }
 
 // podOf names the other pod (its cgroup) at idx in this build's node
@@ -561,7 +550,7 @@ func (in *installer) claims(idx uint32, liveOnly bool) string {
 // listener already open, before inbound capture can need it (an upgrade
 // under a running sidecar, or a reinstall).
 func (in *installer) prepareInbound() error {
-	if err := writePodAddrs(in.t, in.podMap(bpf.SluiceMapPodAddrs)); err != nil {
+	if err := in.net.writePodAddrs(in.podMap(bpf.SluiceMapPodAddrs)); err != nil {
 		return err
 	}
 	missed, err := registerListeners(in.t, in.plan, in.podMap(bpf.SluiceMapInboundListeners))

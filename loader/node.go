@@ -3,17 +3,15 @@ package loader
 import (
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
 
 	"github.com/sluicemesh/sluice/bpf"
-	"github.com/sluicemesh/sluice/internal/nsenter"
+	"github.com/sluicemesh/sluice/redirect"
 )
 
 // A node runs one copy of each build's programs, loaded and verified once
@@ -318,65 +316,6 @@ func runsOn(root, object, self string) bool {
 	return false
 }
 
-// soNetnsCookie is SO_NETNS_COOKIE (Linux 5.14).
-const soNetnsCookie = 71
-
-// netnsCookie returns the cookie of the pod's network namespace, the key
-// the hooks find the pod by: t.Netns, or with none given the namespace of
-// a process in the pod's cgroup (the init container itself, or the pod's
-// processes for an install from the host). A cgroup with no process to
-// ask is refused: the caller's own namespace would be a guess, and a wrong
-// one captures nothing.
-func netnsCookie(t Target) (uint64, error) {
-	ns := t.Netns
-	if ns == "" {
-		if ns = netnsOfCgroup(t.Cgroup); ns == "" {
-			return 0, fmt.Errorf("cannot tell the network namespace of the pod in %s: its cgroup holds no process yet; pass --netns with the pod's (e.g. /run/netns/NAME or /proc/PID/ns/net)", t.Cgroup)
-		}
-	}
-	var cookie uint64
-	err := nsenter.Do(ns, func() error {
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, soNetnsCookie)
-		return err
-	})
-	if err != nil {
-		return 0, fmt.Errorf("network namespace cookie of the pod: %w", err)
-	}
-	return cookie, nil
-}
-
-// podAddrs returns every unicast address of the pod's interfaces but
-// loopback's: where inbound capture expects the pod's connections.
-func podAddrs(t Target) ([]netip.Addr, error) {
-	var out []netip.Addr
-	err := nsenter.Do(t.Netns, func() error {
-		ifaces, err := net.Interfaces()
-		if err != nil {
-			return err
-		}
-		for _, iface := range ifaces {
-			if iface.Flags&net.FlagLoopback != 0 {
-				continue
-			}
-			addrs, err := unicastAddrs(iface)
-			if err != nil {
-				return err
-			}
-			out = append(out, addrs...)
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("addresses of the pod: %w", err)
-	}
-	return out, nil
-}
-
 // netnsOfCgroup returns the network namespace of the first process in
 // cgroup or below it that this one can see, or "" when there is none. An
 // init container sees only itself (the pod's other processes are listed as
@@ -536,11 +475,11 @@ func PodNetns(in Installed) (string, error) {
 	if ns == "" {
 		return "", fmt.Errorf("no process in %s: its network namespace is out of reach", in.Cgroup)
 	}
-	cookie, err := netnsCookie(Target{Netns: ns})
+	n, err := readPodNet(Target{Netns: ns}, false, redirect.Plan{})
 	if err != nil {
 		return "", err
 	}
-	if in.NetnsCookie != 0 && cookie != in.NetnsCookie {
+	if in.NetnsCookie != 0 && n.cookie != in.NetnsCookie {
 		return "", fmt.Errorf("the processes of %s are in another network namespace than the pod's install", in.Cgroup)
 	}
 	return ns, nil

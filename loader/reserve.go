@@ -11,7 +11,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/sluicemesh/sluice/internal/nsenter"
 	"github.com/sluicemesh/sluice/redirect"
 )
 
@@ -21,54 +20,50 @@ const (
 	localReservedPort = "/proc/sys/net/ipv4/ip_local_reserved_ports"
 )
 
-// reserveSidecarPorts keeps the kernel from handing the sidecar's ports to
+// reserveHere keeps the kernel from handing the sidecar's ports to
 // anyone: the bind hook guards only explicit binds, and a listen() or
 // connect() with no bind takes a port from ip_local_port_range with no hook
 // to see it. Sidecar ports inside the pod's range are added to its
 // ip_local_reserved_ports (both per network namespace, IPv6 included). The
 // default range (32768-60999) holds none of them, and then nothing is
-// written. It returns the ports it reserved, or the ones it could not
-// (where /proc/sys is read-only, as in a container), for the caller to name.
-func reserveSidecarPorts(t Target, plan redirect.Plan) (reserved, unreserved []uint16, err error) {
-	err = nsenter.Do(t.Netns, func() error {
-		data, err := os.ReadFile(localPortRange)
-		if err != nil {
-			return fmt.Errorf("read the pod's local port range: %w", err)
+// written. It runs in the pod's network namespace (readPodNet) and returns
+// the ports it reserved, or the ones it could not (where /proc/sys is
+// read-only, as in a container), for the caller to name.
+func reserveHere(plan redirect.Plan) (reserved, unreserved []uint16, err error) {
+	data, err := os.ReadFile(localPortRange)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read the pod's local port range: %w", err)
+	}
+	var lo, hi uint16
+	if _, err := fmt.Sscan(string(data), &lo, &hi); err != nil {
+		return nil, nil, fmt.Errorf("parse %s %q: %w", localPortRange, data, err)
+	}
+	listed, err := os.ReadFile(localReservedPort)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read the pod's reserved ports: %w", err)
+	}
+	have := strings.TrimSpace(string(listed))
+	var want []uint16
+	for _, p := range slices.Concat([]uint16{plan.OutboundPort, plan.InboundPort}, plan.SidecarPorts) {
+		if p >= lo && p <= hi && !portListed(have, p) && !slices.Contains(want, p) {
+			want = append(want, p)
 		}
-		var lo, hi uint16
-		if _, err := fmt.Sscan(string(data), &lo, &hi); err != nil {
-			return fmt.Errorf("parse %s %q: %w", localPortRange, data, err)
-		}
-		listed, err := os.ReadFile(localReservedPort)
-		if err != nil {
-			return fmt.Errorf("read the pod's reserved ports: %w", err)
-		}
-		have := strings.TrimSpace(string(listed))
-		var want []uint16
-		for _, p := range slices.Concat([]uint16{plan.OutboundPort, plan.InboundPort}, plan.SidecarPorts) {
-			if p >= lo && p <= hi && !portListed(have, p) && !slices.Contains(want, p) {
-				want = append(want, p)
-			}
-		}
-		if len(want) == 0 {
-			return nil
-		}
-		list := have
-		for _, p := range want {
-			list += "," + strconv.Itoa(int(p))
-		}
-		err = os.WriteFile(localReservedPort, []byte(strings.TrimPrefix(list, ",")), 0o644)
-		switch {
-		case errors.Is(err, fs.ErrPermission) || errors.Is(err, unix.EROFS):
-			unreserved = want
-		case err != nil:
-			return fmt.Errorf("reserve the sidecar's ports in the pod: %w", err)
-		default:
-			reserved = want
-		}
-		return nil
-	})
-	return reserved, unreserved, err
+	}
+	if len(want) == 0 {
+		return nil, nil, nil
+	}
+	list := have
+	for _, p := range want {
+		list += "," + strconv.Itoa(int(p))
+	}
+	err = os.WriteFile(localReservedPort, []byte(strings.TrimPrefix(list, ",")), 0o644)
+	switch {
+	case errors.Is(err, fs.ErrPermission) || errors.Is(err, unix.EROFS):
+		return nil, want, nil
+	case err != nil:
+		return nil, nil, fmt.Errorf("reserve the sidecar's ports in the pod: %w", err)
+	}
+	return want, nil, nil
 }
 
 // portListed reports whether port is in an ip_local_reserved_ports list

@@ -49,16 +49,6 @@ func ResolveTarget(cgroup, pinDir string) (Target, error) {
 	if err != nil {
 		return Target{}, err
 	}
-	var fs unix.Statfs_t
-	if err := unix.Statfs(path, &fs); err != nil {
-		if errors.Is(err, unix.ENOENT) {
-			return Target{}, noCgroupError(path)
-		}
-		return Target{}, fmt.Errorf("cgroup %s: %w", path, err)
-	}
-	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
-		return Target{}, fmt.Errorf("%s is not a cgroup v2 directory: pass a directory on the cgroup2 mount (see 'findmnt -t cgroup2')", path)
-	}
 	id, err := cgroupID(path)
 	if err != nil {
 		return Target{}, err
@@ -100,9 +90,12 @@ func (e noCgroupError) Error() string {
 	return fmt.Sprintf("cgroup %s does not exist: pass the pod's cgroup v2 directory (create it first, e.g. mkdir %s)", string(e), string(e))
 }
 
-// cgroupPath makes cgroup absolute and checks that it lies below a cgroup2
-// mount without being its root: attaching at the root would capture every
-// process on the machine.
+// cgroupPath makes cgroup absolute and checks that it is a cgroup v2
+// directory that is not the hierarchy's root: attaching at the root would
+// capture every process on the machine. For a directory that does not exist
+// below a cgroup2 mount it returns the path and a noCgroupError. It asks
+// the file system, not the mount table, which on a node has a line per
+// pod's network namespace: reading it cost install more with every pod.
 func cgroupPath(cgroup string) (string, error) {
 	if cgroup == "" {
 		return "", errors.New("no cgroup given: pass --cgroup with the pod's cgroup v2 directory, e.g. /sys/fs/cgroup/unified/mypod")
@@ -111,21 +104,36 @@ func cgroupPath(cgroup string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("cgroup path %s: %w", cgroup, err)
 	}
-	mounts, err := mountinfo.Cgroup2()
-	if err != nil {
-		return "", err
-	}
-	for _, m := range mounts {
-		rel, err := filepath.Rel(m, path)
-		if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
-			continue
+	// The nearest directory that exists tells which file system the path
+	// is on.
+	existing := path
+	var fs unix.Statfs_t
+	for {
+		err := unix.Statfs(existing, &fs)
+		if err == nil {
+			break
 		}
-		if rel == "." {
-			return "", fmt.Errorf("%s is the root of the cgroup v2 hierarchy: pass the pod's own cgroup below it", path)
+		if !errors.Is(err, unix.ENOENT) || existing == filepath.Dir(existing) {
+			return "", fmt.Errorf("cgroup %s: %w", path, err)
 		}
-		return path, nil
+		existing = filepath.Dir(existing)
 	}
-	return "", fmt.Errorf("%s is not a cgroup v2 directory: pass a directory below the cgroup2 mount %s", path, mounts[0])
+	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
+		where := "the cgroup2 mount (see 'findmnt -t cgroup2')"
+		if mounts, err := mountinfo.Cgroup2(); err == nil {
+			where = "the cgroup2 mount " + mounts[0]
+		}
+		return "", fmt.Errorf("%s is not a cgroup v2 directory: pass a directory below %s", path, where)
+	}
+	if existing != path {
+		return path, noCgroupError(path)
+	}
+	// A cgroup2 directory whose parent is not on cgroup2 is the mount's
+	// root.
+	if err := unix.Statfs(filepath.Dir(path), &fs); err != nil || fs.Type != unix.CGROUP2_SUPER_MAGIC {
+		return "", fmt.Errorf("%s is the root of the cgroup v2 hierarchy: pass the pod's own cgroup below it", path)
+	}
+	return path, nil
 }
 
 // cgroupID is the kernel's id of the cgroup at path: on cgroup v2 the inode
