@@ -23,22 +23,7 @@ import (
 func podTarget(t *testing.T) Target {
 	t.Helper()
 	testbed.RequirePrivileged(t)
-	pod, err := testbed.Must(t).AddPod("app")
-	if err != nil {
-		t.Fatal(err)
-	}
-	target, err := ResolveTarget(pod.Cgroup, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	target.Netns, target.Interface = pod.Netns, "eth0"
-	// Registered after the bed: runs before the bed removes the pod.
-	t.Cleanup(func() {
-		if err := Uninstall(target, quiet); err != nil && !errors.Is(err, ErrNotInstalled) {
-			t.Error(err)
-		}
-	})
-	return target
+	return podIn(t, testbed.Must(t), "", "app")
 }
 
 func splicePlan(t *testing.T) redirect.Plan {

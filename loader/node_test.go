@@ -2,6 +2,7 @@ package loader
 
 import (
 	"errors"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/internal/testbed"
+	"github.com/sluicemesh/sluice/redirect"
 )
 
 // linkPrograms returns the program each pinned link of t runs, by pin.
@@ -53,17 +55,7 @@ func TestPodsShareTheNodesPrograms(t *testing.T) {
 	var said []string
 	bed := testbed.Must(t) // one bed: the pods' addresses differ
 	for _, name := range []string{"one", "two"} {
-		pod, err := bed.AddPod(name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		target, err := ResolveTarget(pod.Cgroup, "")
-		if err != nil {
-			t.Fatal(err)
-		}
-		target.Netns, target.Interface = pod.Netns, "eth0"
-		target.PinDir = filepath.Join(root, filepath.Base(target.PinDir))
-		t.Cleanup(func() { Uninstall(target, quiet) })
+		target := podIn(t, bed, root, name)
 		res, err := Install(target, testPlan(), nil, quiet)
 		if err != nil {
 			t.Fatal(err)
@@ -187,4 +179,84 @@ func TestInstallNeedsTheNetworkNamespace(t *testing.T) {
 	if _, err := os.Stat(target.PinDir); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("the refused install left %s: %v", target.PinDir, err)
 	}
+}
+
+// A pod's index, freed by its uninstall, goes to the next pod with nothing
+// of the first's policy left in it (install looks for a new index's entries
+// in the node's maps only when its policy slots are not empty), and reruns
+// with other plans replace the ports and CIDRs whole.
+func TestPolicyOfAReusedIndex(t *testing.T) {
+	privileged(t)
+	root, err := os.MkdirTemp("/sys/fs/bpf", "sluice-node-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(root) })
+	bed := testbed.Must(t)
+	holder, first, second := podIn(t, bed, root, "holder"), podIn(t, bed, root, "first"), podIn(t, bed, root, "second")
+	wide := testPlan()
+	wide.ExcludeOutboundPorts = []uint16{22, 3306, 9090}
+	wide.ExcludeCIDRs = []netip.Prefix{netip.MustParsePrefix("198.18.9.0/24")}
+	// The holder keeps the node's state, and so the index, between pods.
+	for _, in := range []struct {
+		t    Target
+		plan redirect.Plan
+	}{{holder, testPlan()}, {first, wide}} {
+		if _, err := Install(in.t, in.plan, nil, quiet); err != nil {
+			t.Fatal(err)
+		}
+	}
+	index := func(tg Target) uint32 {
+		rec, err := readRecord(tg.PinDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rec.Index
+	}
+	freed := index(first)
+	if err := Uninstall(first, quiet); err != nil {
+		t.Fatal(err)
+	}
+	for i, plan := range []redirect.Plan{testPlan(), wide, testPlan()} {
+		if _, err := Install(second, plan, nil, quiet); err != nil {
+			t.Fatal(err)
+		}
+		if got := index(second); got != freed {
+			t.Fatalf("the second pod has index %d, want the freed %d", got, freed)
+		}
+		p, err := Open(second, ReadOnly)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := p.Plan()
+		p.Close()
+		if err != nil || !got.Equal(plan.Normalize()) {
+			t.Fatalf("install %d: plan in force %+v (%v), want %+v", i, got, err, plan.Normalize())
+		}
+	}
+}
+
+// podIn is a new pod of bed with inbound capture on its eth0, not
+// installed, its pins under root ("": the default root); it is uninstalled
+// at cleanup (registered after the bed: before the bed removes the pod).
+func podIn(t *testing.T, bed *testbed.Bed, root, name string) Target {
+	t.Helper()
+	pod, err := bed.AddPod(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	target, err := ResolveTarget(pod.Cgroup, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	target.Netns, target.Interface = pod.Netns, "eth0"
+	if root != "" {
+		target.PinDir = filepath.Join(root, filepath.Base(target.PinDir))
+	}
+	t.Cleanup(func() {
+		if err := Uninstall(target, quiet); err != nil && !errors.Is(err, ErrNotInstalled) {
+			t.Error(err)
+		}
+	})
+	return target
 }

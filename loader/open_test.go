@@ -26,23 +26,11 @@ import (
 // uninstalled at cleanup.
 func installedPod(t *testing.T, bed *testbed.Bed, name string, plan redirect.Plan) Target {
 	t.Helper()
-	pod, err := bed.AddPod(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	target, err := ResolveTarget(pod.Cgroup, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	target.Netns = pod.Netns
+	target := podIn(t, bed, "", name)
+	target.Interface = ""
 	if _, err := Install(target, plan, nil, quiet); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if err := Uninstall(target, quiet); err != nil && !errors.Is(err, ErrNotInstalled) {
-			t.Error(err)
-		}
-	})
 	return target
 }
 

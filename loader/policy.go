@@ -66,9 +66,22 @@ type podKeys struct {
 }
 
 // keys finds the pod's entries, one pass over each node map for both
-// slots.
+// slots; none, without a pass, when both of its policy slots are empty.
+// write fills a slot's policy before its ports and CIDRs and forget empties
+// it after them, so two empty slots hold no entries: a new pod's index,
+// whose install then reads no node-wide map (in a 65,536-bucket hash a
+// pass costs more than the rest of the install).
 func (m policyMaps) keys() (podKeys, error) {
 	var k podKeys
+	var pols [2]bpf.SluicePolicy
+	for slot := range pols {
+		if err := m.policies.Lookup(2*m.pod+uint32(slot), &pols[slot]); err != nil {
+			return k, fmt.Errorf("read policy: %w", err)
+		}
+	}
+	if pols == [2]bpf.SluicePolicy{} {
+		return k, nil
+	}
 	ports, err := keysWhere(m.ports, func(key bpf.SluicePortKey, _ uint64) bool { return key.Pod == m.pod })
 	if err != nil {
 		return k, fmt.Errorf("read ports: %w", err)
@@ -133,10 +146,15 @@ func (m policyMaps) write(p redirect.Plan) (bool, error) {
 		return false, nil
 	}
 	next := slot ^ 1
+	e := entriesOf(p, m.pod, next)
+	// The slot's policy first: keys looks for entries only where a
+	// policy is (and no hook reads the slot before the flip).
+	if err := m.policies.Put(2*m.pod+uint32(next), &e.policy); err != nil {
+		return false, fmt.Errorf("write policy: %w", err)
+	}
 	if err := m.clear(next, keys); err != nil {
 		return false, err
 	}
-	e := entriesOf(p, m.pod, next)
 	one := uint8(1)
 	for _, list := range []struct {
 		trie *ebpf.Map
@@ -153,9 +171,6 @@ func (m policyMaps) write(p redirect.Plan) (bool, error) {
 		if err := m.ports.Put(k, w); err != nil {
 			return false, fmt.Errorf("write ports: %w", err)
 		}
-	}
-	if err := m.policies.Put(2*m.pod+uint32(next), &e.policy); err != nil {
-		return false, fmt.Errorf("write policy: %w", err)
 	}
 	if err := m.active.Put(m.pod, uint32(next)); err != nil {
 		return false, fmt.Errorf("switch to the new policy: %w", err)
@@ -192,7 +207,12 @@ func (m policyMaps) forget() error {
 	}
 	var errs []error
 	for slot := range uint8(2) {
-		errs = append(errs, m.clear(slot, keys))
+		// A slot's policy goes after its entries, and only once they
+		// are gone (keys).
+		if err := m.clear(slot, keys); err != nil {
+			errs = append(errs, err)
+			continue
+		}
 		if err := m.policies.Put(2*m.pod+uint32(slot), &bpf.SluicePolicy{}); err != nil {
 			errs = append(errs, fmt.Errorf("clear policy: %w", err))
 		}
