@@ -514,6 +514,9 @@ func (in *installer) allocate() error {
 	}
 	if in.cur.rec == nil || in.cur.rec.Index != idx || in.cur.rec.Object != bpf.ObjectHash() {
 		in.steps.push(func() error { return unregister(in.node.maps, idx) })
+		if err := in.node.take(idx); err != nil {
+			return err
+		}
 		in.change("pod registered with the node's programs (index %d)", idx)
 	}
 	in.want.Index, in.want.NetnsCookie = idx, in.net.cookie

@@ -166,12 +166,22 @@ func (n *node) podIndex(cookie uint64, cgroup string, others func(idx uint32) st
 	} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return 0, fmt.Errorf("read pods: %w", err)
 	}
+	active, err := readArray(n.maps[bpf.SluiceMapPolicyActive], maxPods)
+	if err != nil {
+		return 0, fmt.Errorf("read policy_active: %w", err)
+	}
+	for i := uint32(1); i < maxPods; i++ {
+		if active[i]&activeTaken == 0 {
+			return i, nil
+		}
+	}
+	// An install that died between taking an index and registering the
+	// pod left it taken by no pod: the first index no pod holds is free.
 	used := map[uint32]bool{}
-	_, err := keysWhere(n.maps[bpf.SluiceMapPods], func(_ uint64, idx uint32) bool {
+	if _, err := keysWhere(n.maps[bpf.SluiceMapPods], func(_ uint64, idx uint32) bool {
 		used[idx] = true
 		return false
-	})
-	if err != nil {
+	}); err != nil {
 		return 0, fmt.Errorf("read pods: %w", err)
 	}
 	for i := uint32(1); i < maxPods; i++ {
@@ -180,6 +190,48 @@ func (n *node) podIndex(cookie uint64, cgroup string, others func(idx uint32) st
 		}
 	}
 	return 0, fmt.Errorf("this node already has %d Sluice pods, the most one build holds", maxPods-1)
+}
+
+// The bits of a pod's policy_active entry. The hooks read the slot in force
+// (the low bit); the next one marks the index as a pod's, from install's
+// allocation until unregister's end, so install finds a free index in one
+// read of the array instead of a walk of the pods map.
+const (
+	activeSlot  = 1
+	activeTaken = 2
+)
+
+// take marks idx as a pod's (slot 0 in force, both slots empty until the
+// policy is written).
+func (n *node) take(idx uint32) error {
+	if err := n.maps[bpf.SluiceMapPolicyActive].Put(idx, uint32(activeTaken)); err != nil {
+		return fmt.Errorf("take index %d: %w", idx, err)
+	}
+	return nil
+}
+
+// readArray reads the n uint32 values of an array map in one batch.
+func readArray(m *ebpf.Map, n int) ([]uint32, error) {
+	keys, vals := make([]uint32, n), make([]uint32, n)
+	var cursor ebpf.MapBatchCursor
+	got := 0
+	for got < n {
+		c, err := m.BatchLookup(&cursor, keys[got:], vals[got:], nil)
+		got += c
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	out := make([]uint32, n)
+	for i := range got {
+		if keys[i] < uint32(n) {
+			out[keys[i]] = vals[i]
+		}
+	}
+	return out, nil
 }
 
 // register makes the node's programs find the pod: its maps at idx in every
@@ -235,7 +287,18 @@ func unregister(m map[string]*ebpf.Map, idx uint32) error {
 			errs = append(errs, fmt.Errorf("unregister from %s: %w", name, err))
 		}
 	}
-	return errors.Join(errs...)
+	// The index is free once nothing of the pod is left in the maps; one
+	// that could not be emptied stays taken (podIndex reclaims it when
+	// no index is left).
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	if active := m[bpf.SluiceMapPolicyActive]; active != nil {
+		if err := active.Put(idx, uint32(0)); err != nil {
+			return fmt.Errorf("free index %d: %w", idx, err)
+		}
+	}
+	return nil
 }
 
 // deleteWhere deletes the entries of m that match; a nil m has none.

@@ -109,7 +109,7 @@ func (m policyMaps) slot() (uint8, error) {
 	if err := m.active.Lookup(m.pod, &active); err != nil {
 		return 0, fmt.Errorf("read active policy slot: %w", err)
 	}
-	return uint8(active & 1), nil
+	return uint8(active & activeSlot), nil
 }
 
 // planOf is the plan of pol and slot's port sets and CIDRs.
@@ -172,7 +172,7 @@ func (m policyMaps) write(p redirect.Plan) (bool, error) {
 			return false, fmt.Errorf("write ports: %w", err)
 		}
 	}
-	if err := m.active.Put(m.pod, uint32(next)); err != nil {
+	if err := m.active.Put(m.pod, uint32(next)|activeTaken); err != nil {
 		return false, fmt.Errorf("switch to the new policy: %w", err)
 	}
 	return true, nil
@@ -199,7 +199,8 @@ func (m policyMaps) clear(slot uint8, keys podKeys) error {
 }
 
 // forget removes the pod's policy from the node maps: both slots, and its
-// index back to 0.
+// slot in force back to 0. The index stays taken: unregister frees it
+// last.
 func (m policyMaps) forget() error {
 	keys, err := m.keys()
 	if err != nil {
@@ -217,7 +218,7 @@ func (m policyMaps) forget() error {
 			errs = append(errs, fmt.Errorf("clear policy: %w", err))
 		}
 	}
-	if err := m.active.Put(m.pod, uint32(0)); err != nil {
+	if err := m.active.Put(m.pod, uint32(activeTaken)); err != nil {
 		errs = append(errs, fmt.Errorf("clear policy index: %w", err))
 	}
 	return errors.Join(errs...)
