@@ -18,9 +18,7 @@ import (
 var ObjectHash = sync.OnceValue(func() string {
 	h := sha256.New()
 	h.Write(_SluiceBytes)
-	if NodeLayout > 1 {
-		fmt.Fprintf(h, "node layout %d", NodeLayout)
-	}
+	fmt.Fprintf(h, "node layout %d", NodeLayout)
 	return hex.EncodeToString(h.Sum(nil)[:8])
 })
 

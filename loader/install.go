@@ -125,7 +125,7 @@ func (in *installer) podMap(name string) *ebpf.Map {
 // podMaps are the pod's maps, kept or made anew.
 func (in *installer) podMaps() map[string]*ebpf.Map {
 	out := map[string]*ebpf.Map{}
-	for _, name := range podMapNames() {
+	for _, name := range podMapNames {
 		if m := in.podMap(name); m != nil {
 			out[name] = m
 		}
@@ -326,7 +326,7 @@ func (in *installer) rewritePolicy() error {
 func (in *installer) load() error {
 	in.old = pinsOf(in.t, record{}, ReadWrite)
 	in.reuse, in.replace, in.made = map[string]*ebpf.Map{}, map[string]bool{}, map[string]*ebpf.Map{}
-	for _, name := range podMapNames() {
+	for _, name := range podMapNames {
 		m, err := in.old.Map(name)
 		if errors.Is(err, ErrMissingMap) {
 			continue
@@ -378,7 +378,7 @@ func (in *installer) chooseReplaced() (oldCounters *ebpf.Map, err error) {
 			in.replace[name] = true
 		}
 	}
-	for _, name := range podMapNames() {
+	for _, name := range podMapNames {
 		m := in.reuse[name]
 		if m == nil {
 			continue

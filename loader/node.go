@@ -11,7 +11,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/sluicemesh/sluice/bpf"
-	"github.com/sluicemesh/sluice/redirect"
+	"github.com/sluicemesh/sluice/internal/nsenter"
 )
 
 // A node runs one copy of each build's programs, loaded and verified once
@@ -28,6 +28,23 @@ const nodeDirMode = 0o700
 
 // nodeDir is where the build object pins its node state under root.
 func nodeDir(root, object string) string { return filepath.Join(root, "node", object) }
+
+// nodeBuilds names the builds with node state under root: none when there
+// is no node directory.
+func nodeBuilds(root string) ([]string, error) {
+	entries, err := os.ReadDir(filepath.Join(root, "node"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read node state: %w", err)
+	}
+	var out []string
+	for _, e := range entries {
+		out = append(out, e.Name())
+	}
+	return out, nil
+}
 
 // node is a build's node state, open.
 type node struct {
@@ -408,12 +425,12 @@ func UninstallNode(root string) error {
 		return err
 	}
 	defer unlock()
-	builds, err := os.ReadDir(filepath.Join(root, "node"))
-	if errors.Is(err, os.ErrNotExist) || err == nil && len(builds) == 0 {
-		return fmt.Errorf("%w: no node state at %s", ErrNotInstalled, filepath.Join(root, "node"))
-	}
+	builds, err := nodeBuilds(root)
 	if err != nil {
-		return fmt.Errorf("read node state: %w", err)
+		return err
+	}
+	if len(builds) == 0 {
+		return fmt.Errorf("%w: no node state at %s", ErrNotInstalled, filepath.Join(root, "node"))
 	}
 	pods, err := List(root)
 	if err != nil {
@@ -426,7 +443,7 @@ func UninstallNode(root string) error {
 	}
 	var errs []error
 	for _, b := range builds {
-		errs = append(errs, os.RemoveAll(filepath.Join(root, "node", b.Name())))
+		errs = append(errs, os.RemoveAll(nodeDir(root, b)))
 	}
 	errs = append(errs, os.Remove(filepath.Join(root, "node")))
 	return errors.Join(errs...)
@@ -441,20 +458,17 @@ var nodeCounterNames = map[bpf.SluiceNodeCounter]string{
 // summed over every build on the node under root: none when there is none.
 func NodeCounters(root string) (map[string]uint64, error) {
 	out := map[string]uint64{}
-	builds, err := os.ReadDir(filepath.Join(root, "node"))
-	if errors.Is(err, os.ErrNotExist) {
-		return out, nil
-	}
+	builds, err := nodeBuilds(root)
 	if err != nil {
-		return nil, fmt.Errorf("read node state: %w", err)
+		return nil, err
 	}
 	for _, b := range builds {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(root, "node", b.Name(), bpf.SluiceMapNodeCounters), &ebpf.LoadPinOptions{ReadOnly: true})
+		m, err := ebpf.LoadPinnedMap(filepath.Join(nodeDir(root, b), bpf.SluiceMapNodeCounters), &ebpf.LoadPinOptions{ReadOnly: true})
 		if errors.Is(err, os.ErrNotExist) {
 			continue // a build from before node counters, or half made
 		}
 		if err != nil {
-			return nil, fmt.Errorf("open node counters of build %s: %w", b.Name(), err)
+			return nil, fmt.Errorf("open node counters of build %s: %w", b, err)
 		}
 		for c, name := range nodeCounterNames {
 			var perCPU []uint64
@@ -478,15 +492,12 @@ func NodeCounters(root string) (map[string]uint64, error) {
 // addresses).
 func NodeMemory(root string) (Memory, error) {
 	var mem Memory
-	builds, err := os.ReadDir(filepath.Join(root, "node"))
-	if errors.Is(err, os.ErrNotExist) {
-		return mem, nil
-	}
+	builds, err := nodeBuilds(root)
 	if err != nil {
-		return mem, fmt.Errorf("read node state: %w", err)
+		return mem, err
 	}
 	for _, b := range builds {
-		dir := filepath.Join(root, "node", b.Name())
+		dir := nodeDir(root, b)
 		pins, err := os.ReadDir(dir)
 		if err != nil {
 			return mem, fmt.Errorf("read node state: %w", err)
@@ -538,11 +549,15 @@ func PodNetns(in Installed) (string, error) {
 	if ns == "" {
 		return "", fmt.Errorf("no process in %s: its network namespace is out of reach", in.Cgroup)
 	}
-	n, err := readPodNet(Target{Netns: ns}, false, redirect.Plan{})
+	var cookie uint64
+	err := nsenter.Do(ns, func() (err error) {
+		cookie, err = cookieHere()
+		return err
+	})
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("network namespace cookie of the pod: %w", err)
 	}
-	if in.NetnsCookie != 0 && n.cookie != in.NetnsCookie {
+	if in.NetnsCookie != 0 && cookie != in.NetnsCookie {
 		return "", fmt.Errorf("the processes of %s are in another network namespace than the pod's install", in.Cgroup)
 	}
 	return ns, nil

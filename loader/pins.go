@@ -41,7 +41,7 @@ var pinnedMaps = []string{
 var routeMapNames = []string{bpf.SluiceMapRoutes, bpf.SluiceMapRoutesActive}
 
 // podMapNames are the names of every map a pod's pins may hold.
-func podMapNames() []string { return append(slices.Clone(pinnedMaps), routeMapNames...) }
+var podMapNames = append(slices.Clone(pinnedMaps), routeMapNames...)
 
 // Every pin is root's alone: the sidecar asks the pod's hooks for what it
 // needs (AskPlan, HandOffload), and the node's agent reads the flows.
@@ -225,7 +225,7 @@ func readRecord(dir string) (record, error) {
 func (s pinState) unknown() []string {
 	var out []string
 	for _, n := range s.names {
-		if !slices.Contains(podMapNames(), n) && !slices.Contains(legacyPins, n) && !slices.ContainsFunc(allHooks, func(h hook) bool { return h.pin == n }) {
+		if !slices.Contains(podMapNames, n) && !slices.Contains(legacyPins, n) && !slices.ContainsFunc(allHooks, func(h hook) bool { return h.pin == n }) {
 			out = append(out, n)
 		}
 	}
@@ -268,7 +268,7 @@ func setModes(dir string) error {
 	if err := chownMod(dir, 0, pinDirMode); err != nil {
 		return err
 	}
-	for _, name := range podMapNames() {
+	for _, name := range podMapNames {
 		err := chownMod(filepath.Join(dir, name), 0, ownerMode)
 		if err != nil && !(slices.Contains(routeMapNames, name) && errors.Is(err, os.ErrNotExist)) {
 			return err

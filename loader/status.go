@@ -120,7 +120,7 @@ func Status(t Target) (State, error) {
 // readMaps notes the maps missing from the pins (route maps are made by the
 // first route) and adds up the memory of the others.
 func (s *State) readMaps(p *Pins) {
-	for _, name := range podMapNames() {
+	for _, name := range podMapNames {
 		m, err := p.Map(name)
 		if err != nil {
 			if !slices.Contains(routeMapNames, name) {

@@ -101,7 +101,7 @@ func TestPodMapSpecs(t *testing.T) {
 		t.Fatal(err)
 	}
 	specs := podMapSpecs()
-	for _, name := range podMapNames() {
+	for _, name := range podMapNames {
 		want := spec.Maps[name].InnerMap
 		got := specs[name]
 		if want == nil || got == nil {
@@ -113,8 +113,8 @@ func TestPodMapSpecs(t *testing.T) {
 			t.Errorf("%s: loader makes %+v, the object declares %+v", name, got, want)
 		}
 	}
-	if len(specs) != len(podMapNames()) {
-		t.Errorf("the loader knows %d pod maps, pins %d", len(specs), len(podMapNames()))
+	if len(specs) != len(podMapNames) {
+		t.Errorf("the loader knows %d pod maps, pins %d", len(specs), len(podMapNames))
 	}
 	progs, maps := objectNames()
 	for _, name := range progs {

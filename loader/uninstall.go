@@ -56,7 +56,7 @@ func Uninstall(t Target, log *slog.Logger) error {
 		errs = append(errs, leaveNode(root, rec.Object, rec.Index, t.PinDir))
 	}
 	unpin := slices.Clone(legacyPins[1:])
-	names := podMapNames()
+	names := podMapNames
 	for i := len(names) - 1; i >= 0; i-- {
 		unpin = append(unpin, names[i])
 	}
