@@ -11,5 +11,6 @@
 #include "splice.c"
 #include "sockops.c"
 #include "sk_lookup.c"
+#include "portrange.c"
 
 char __license[] SEC("license") = "Dual BSD/GPL";

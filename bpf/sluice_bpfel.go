@@ -338,6 +338,7 @@ const (
 	SluiceProgSluiceGetpeername4  = "sluice_getpeername4"
 	SluiceProgSluiceGetpeername6  = "sluice_getpeername6"
 	SluiceProgSluiceGetsockopt    = "sluice_getsockopt"
+	SluiceProgSluicePortRange     = "sluice_port_range"
 	SluiceProgSluiceSetsockopt    = "sluice_setsockopt"
 	SluiceProgSluiceSkLookup      = "sluice_sk_lookup"
 	SluiceProgSluiceSockops       = "sluice_sockops"
@@ -415,6 +416,7 @@ type SluiceProgramSpecs struct {
 	SluiceGetpeername4 *ebpf.ProgramSpec `ebpf:"sluice_getpeername4"`
 	SluiceGetpeername6 *ebpf.ProgramSpec `ebpf:"sluice_getpeername6"`
 	SluiceGetsockopt   *ebpf.ProgramSpec `ebpf:"sluice_getsockopt"`
+	SluicePortRange    *ebpf.ProgramSpec `ebpf:"sluice_port_range"`
 	SluiceSetsockopt   *ebpf.ProgramSpec `ebpf:"sluice_setsockopt"`
 	SluiceSkLookup     *ebpf.ProgramSpec `ebpf:"sluice_sk_lookup"`
 	SluiceSockops      *ebpf.ProgramSpec `ebpf:"sluice_sockops"`
@@ -587,6 +589,7 @@ type SluicePrograms struct {
 	SluiceGetpeername4 *ebpf.Program `ebpf:"sluice_getpeername4"`
 	SluiceGetpeername6 *ebpf.Program `ebpf:"sluice_getpeername6"`
 	SluiceGetsockopt   *ebpf.Program `ebpf:"sluice_getsockopt"`
+	SluicePortRange    *ebpf.Program `ebpf:"sluice_port_range"`
 	SluiceSetsockopt   *ebpf.Program `ebpf:"sluice_setsockopt"`
 	SluiceSkLookup     *ebpf.Program `ebpf:"sluice_sk_lookup"`
 	SluiceSockops      *ebpf.Program `ebpf:"sluice_sockops"`
@@ -602,6 +605,7 @@ func (p *SluicePrograms) Close() error {
 		p.SluiceGetpeername4,
 		p.SluiceGetpeername6,
 		p.SluiceGetsockopt,
+		p.SluicePortRange,
 		p.SluiceSetsockopt,
 		p.SluiceSkLookup,
 		p.SluiceSockops,

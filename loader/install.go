@@ -222,7 +222,14 @@ func (in *installer) inspect(args []string) error {
 	if err := otherSluice(t, in.inbound, ours); err != nil {
 		return err
 	}
-	if in.net, err = readPodNet(t, in.inbound, in.plan); err != nil {
+	var rangeProg *ebpf.Program
+	if in.inbound {
+		if rangeProg, err = openNodeProgram(filepath.Dir(t.PinDir), bpf.SluiceProgSluicePortRange); err != nil {
+			return err
+		}
+		defer rangeProg.Close()
+	}
+	if in.net, err = readPodNet(t, in.inbound, in.plan, rangeProg); err != nil {
 		return err
 	}
 	in.want.Ifindex = in.net.ifindex

@@ -154,6 +154,20 @@ func loadNode(dir string, progs, maps []string) (*node, error) {
 	return n, nil
 }
 
+// openNodeProgram opens this build's program name on the node under root;
+// nil when no pod has loaded the build yet.
+func openNodeProgram(root, name string) (*ebpf.Program, error) {
+	path := filepath.Join(nodeDir(root, bpf.ObjectHash()), name)
+	p, err := ebpf.LoadPinnedProgram(path, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open program %s: %w", path, err)
+	}
+	return p, nil
+}
+
 // openNodeMaps opens the node maps of the build object under root.
 func openNodeMaps(root, object string, names ...string) (map[string]*ebpf.Map, error) {
 	out := map[string]*ebpf.Map{}

@@ -37,7 +37,8 @@ type podNet struct {
 // the interface and addresses and reserves the sidecar's ports there. A
 // cgroup with no process to ask and no t.Netns is refused: the caller's own
 // namespace would be a guess, and a wrong one captures nothing.
-func readPodNet(t Target, inbound bool, plan redirect.Plan) (podNet, error) {
+// rangeProg, the node's sluice_port_range, may be nil (reserveHere).
+func readPodNet(t Target, inbound bool, plan redirect.Plan, rangeProg *ebpf.Program) (podNet, error) {
 	var n podNet
 	ns := t.Netns
 	if ns == "" {
@@ -56,7 +57,7 @@ func readPodNet(t Target, inbound bool, plan redirect.Plan) (podNet, error) {
 		if err := n.addrsHere(t); err != nil {
 			return err
 		}
-		n.reserved, n.unreserved, n.reserveErr = reserveHere(plan)
+		n.reserved, n.unreserved, n.reserveErr = reserveHere(plan, rangeProg)
 		return nil
 	})
 	return n, err

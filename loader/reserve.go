@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/sluicemesh/sluice/redirect"
@@ -28,15 +29,16 @@ const (
 // default range (32768-60999) holds none of them, and then nothing is
 // written. It runs in the pod's network namespace (readPodNet) and returns
 // the ports it reserved, or the ones it could not (where /proc/sys is
-// read-only, as in a container), for the caller to name.
-func reserveHere(plan redirect.Plan) (reserved, unreserved []uint16, err error) {
-	data, err := os.ReadFile(localPortRange)
+// read-only, as in a container), for the caller to name. rangeProg is the
+// node's sluice_port_range, nil before the node has programs.
+func reserveHere(plan redirect.Plan, rangeProg *ebpf.Program) (reserved, unreserved []uint16, err error) {
+	lo, hi, err := portRangeHere(rangeProg)
 	if err != nil {
-		return nil, nil, fmt.Errorf("read the pod's local port range: %w", err)
+		return nil, nil, err
 	}
-	var lo, hi uint16
-	if _, err := fmt.Sscan(string(data), &lo, &hi); err != nil {
-		return nil, nil, fmt.Errorf("parse %s %q: %w", localPortRange, data, err)
+	ports := slices.Concat([]uint16{plan.OutboundPort, plan.InboundPort}, plan.SidecarPorts)
+	if !slices.ContainsFunc(ports, func(p uint16) bool { return p >= lo && p <= hi }) {
+		return nil, nil, nil
 	}
 	listed, err := os.ReadFile(localReservedPort)
 	if err != nil {
@@ -44,7 +46,7 @@ func reserveHere(plan redirect.Plan) (reserved, unreserved []uint16, err error) 
 	}
 	have := strings.TrimSpace(string(listed))
 	var want []uint16
-	for _, p := range slices.Concat([]uint16{plan.OutboundPort, plan.InboundPort}, plan.SidecarPorts) {
+	for _, p := range ports {
 		if p >= lo && p <= hi && !portListed(have, p) && !slices.Contains(want, p) {
 			want = append(want, p)
 		}
@@ -64,6 +66,27 @@ func reserveHere(plan redirect.Plan) (reserved, unreserved []uint16, err error) 
 		return nil, nil, fmt.Errorf("reserve the sidecar's ports in the pod: %w", err)
 	}
 	return want, nil, nil
+}
+
+// portRangeHere is the calling thread's network namespace's local port
+// range. The node's program reads it from the kernel's struct net: the
+// /proc/sys path costs a dcache walk as long as the node has network
+// namespaces (bpf/portrange.c). Without the program, or where it cannot
+// run, the file says the same.
+func portRangeHere(prog *ebpf.Program) (lo, hi uint16, err error) {
+	if prog != nil {
+		if r, err := prog.Run(&ebpf.RunOptions{}); err == nil && r != 0 {
+			return uint16(r), uint16(r >> 16), nil
+		}
+	}
+	data, err := os.ReadFile(localPortRange)
+	if err != nil {
+		return 0, 0, fmt.Errorf("read the pod's local port range: %w", err)
+	}
+	if _, err := fmt.Sscan(string(data), &lo, &hi); err != nil {
+		return 0, 0, fmt.Errorf("parse %s %q: %w", localPortRange, data, err)
+	}
+	return lo, hi, nil
 }
 
 // portListed reports whether port is in an ip_local_reserved_ports list
