@@ -96,6 +96,7 @@ type Exporter struct {
 	routed        map[netip.AddrPort]bool
 	routesVersion uint32
 	followers     map[*Follower]struct{}
+	stopped       bool // Run returned: no event will come
 
 	connect, rtt, duration *prometheus.HistogramVec
 	ended, failed, retrans *prometheus.CounterVec
@@ -215,6 +216,7 @@ func (e *Exporter) Registry() *prometheus.Registry { return e.reg }
 // also looks for flows whose socket is gone without a close event, so a
 // full ring buffer can never leave flows open forever.
 func (e *Exporter) Run(ctx context.Context) error {
+	defer e.stop()
 	lastReap := time.Now()
 	for ctx.Err() == nil {
 		if time.Since(lastReap) > reapEvery {
@@ -406,7 +408,7 @@ type Follower struct {
 // Events are the follower's flow events.
 func (f *Follower) Events() <-chan Flow { return f.events }
 
-// Evicted is closed when the exporter dropped the follower.
+// Evicted is closed when the exporter dropped the follower, or stopped.
 func (f *Follower) Evicted() <-chan struct{} { return f.evicted }
 
 // Stop ends the following.
@@ -427,11 +429,31 @@ func (f *Follower) Evict() {
 // ErrTooManyFollowers refuses a follower beyond Options.MaxFollowers.
 var ErrTooManyFollowers = errors.New("too many followers")
 
+// ErrStopped refuses a follower once Run returned: the pod went, or its
+// exporter stops.
+var ErrStopped = errors.New("the flows are no longer exported")
+
+// stop ends every follower's stream when Run returns (the pod's events
+// ended: it went, or the agent stops), as an eviction would: a client
+// following a pod that went would otherwise wait for ever.
+func (e *Exporter) stop() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.stopped = true
+	for f := range e.followers {
+		delete(e.followers, f)
+		close(f.evicted)
+	}
+}
+
 // Follow starts a Follower, unless MaxFollowers already follow: each holds
 // memory, and clients that never read must not add up to an OOM kill.
 func (e *Exporter) Follow() (*Follower, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if e.stopped {
+		return nil, ErrStopped
+	}
 	if len(e.followers) >= e.opts.MaxFollowers {
 		return nil, fmt.Errorf("%w: %d clients already follow the pod's flows", ErrTooManyFollowers, len(e.followers))
 	}

@@ -57,3 +57,26 @@ func TestFollowersAreBounded(t *testing.T) {
 		e.handle(Flow{Cookie: uint64(sent), State: StateFailed, Direction: Outbound})
 	}
 }
+
+// A follower's stream ends when its exporter stops (the agent stops
+// exporting a pod that went): it is not left waiting for events that will
+// never come, and a new follower is refused.
+func TestFollowersEndWithTheExporter(t *testing.T) {
+	e := NewExporter(&events{}, Options{})
+	f, err := e.Follow()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Run(t.Context()); err != nil { // no events: the pod went
+		t.Fatal(err)
+	}
+	select {
+	case <-f.Evicted():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the follower still waits after its exporter stopped")
+	}
+	if _, err := e.Follow(); !errors.Is(err, ErrStopped) {
+		t.Errorf("a follower after the exporter stopped: %v, want ErrStopped", err)
+	}
+	f.Stop() // after the end too
+}

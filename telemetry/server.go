@@ -33,6 +33,10 @@ func (e *Exporter) serveFlows(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	f, err := e.Follow()
+	if errors.Is(err, ErrStopped) {
+		http.Error(w, err.Error()+": the pod went", http.StatusGone)
+		return
+	}
 	if err != nil {
 		w.Header().Set("Retry-After", "10")
 		http.Error(w, err.Error()+": try again later", http.StatusServiceUnavailable)
