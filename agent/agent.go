@@ -10,15 +10,19 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/loader"
 )
 
@@ -31,14 +35,21 @@ type Options struct {
 	// values (telemetry.Options).
 	IstioNames      bool
 	MaxDestinations int
-	Logger          *slog.Logger
+	// Upgrade moves every pod that runs another build onto this one
+	// (loader.Upgrade), each time the agent collects.
+	Upgrade bool
+	Logger  *slog.Logger
 }
 
 // Agent is one node's agent.
 type Agent struct {
 	opts      Options
 	collected atomic.Uint64
+	upgraded  atomic.Uint64
 	flows     *flowExport
+	// stuck are the pin directories of pods Upgrade cannot move (no plan
+	// recorded), said once each.
+	stuck sync.Map
 }
 
 // New returns an agent for the pods pinned under opts.PinRoot.
@@ -104,32 +115,73 @@ func (a *Agent) Pods() ([]Pod, error) {
 // Collect uninstalls every pod whose cgroup is gone and returns the cgroups
 // it collected. A failure on one pod does not stop the others.
 func (a *Agent) Collect() ([]string, error) {
+	return a.each("collected", loader.Installed.Gone, func(in loader.Installed) error {
+		if err := loader.Uninstall(in.Target(), a.opts.Logger); err != nil {
+			return err
+		}
+		a.collected.Add(1)
+		a.opts.Logger.Info("collected the pins and links of a pod whose cgroup is gone", "cgroup", in.Cgroup, "pin_dir", in.PinDir)
+		return nil
+	})
+}
+
+// UpgradePods moves every live, finished install that runs another build
+// onto this one and returns the cgroups it moved. A pod whose record holds
+// no plan is said once and left on its build. A failure on one pod does not
+// stop the others.
+func (a *Agent) UpgradePods() ([]string, error) {
+	other := func(in loader.Installed) bool { return in.Object != "" && !in.RunsThisBuild() && !in.Gone() }
+	return a.each("upgraded", other, func(in loader.Installed) error {
+		res, err := loader.Upgrade(in, a.opts.Logger)
+		if errors.Is(err, loader.ErrNoPlan) {
+			if _, said := a.stuck.LoadOrStore(in.PinDir, true); !said {
+				a.opts.Logger.Warn("cannot move a pod onto this build", "cgroup", in.Cgroup, "err", err)
+			}
+			return errSkipped
+		}
+		if err != nil {
+			return err
+		}
+		a.upgraded.Add(1)
+		a.opts.Logger.Info("moved a pod onto this build", "cgroup", in.Cgroup, "from", in.Object, "to", bpf.ObjectHash(), "changes", strings.Join(res.Changes, ", "))
+		return nil
+	})
+}
+
+// errSkipped is each's do for a pod it leaves, with no error to report.
+var errSkipped = errors.New("skipped")
+
+// each runs do on every install under the pin root that match picks and
+// returns the cgroups it was done to; a failure on one pod does not stop
+// the others.
+func (a *Agent) each(done string, match func(loader.Installed) bool, do func(loader.Installed) error) ([]string, error) {
 	installs, err := loader.List(a.opts.PinRoot)
 	if err != nil {
 		return nil, err
 	}
-	var done []string
+	var out []string
 	var errs []error
 	for _, in := range installs {
-		if !in.Gone() {
+		if !match(in) {
 			continue
 		}
-		if err := loader.Uninstall(in.Target(), a.opts.Logger); err != nil {
-			errs = append(errs, fmt.Errorf("collect %s: %w", in.Cgroup, err))
-			continue
+		switch err := do(in); {
+		case errors.Is(err, errSkipped):
+		case err != nil:
+			errs = append(errs, fmt.Errorf("%s: %w", in.Cgroup, err))
+		default:
+			out = append(out, in.Cgroup)
 		}
-		a.collected.Add(1)
-		a.opts.Logger.Info("collected the pins and links of a pod whose cgroup is gone", "cgroup", in.Cgroup, "pin_dir", in.PinDir)
-		done = append(done, in.Cgroup)
 	}
 	if len(errs) > 0 {
-		return done, fmt.Errorf("%d pods not collected, first: %w", len(errs), errs[0])
+		return out, fmt.Errorf("%d pods not %s, first: %w", len(errs), done, errs[0])
 	}
-	return done, nil
+	return out, nil
 }
 
-// Run exports every pod's flows, and collects gone pods every interval,
-// until ctx ends.
+// Run exports every pod's flows, and collects gone pods (and with
+// Options.Upgrade moves pods onto this build) every interval, until ctx
+// ends.
 func (a *Agent) Run(ctx context.Context, interval time.Duration) {
 	done := make(chan struct{})
 	go func() {
@@ -140,15 +192,30 @@ func (a *Agent) Run(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		if _, err := a.Collect(); err != nil {
-			a.opts.Logger.Warn("garbage collection", "err", err)
-		}
+		a.Maintain()
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
 	}
+}
+
+// Maintain is one pass of Run's: collect gone pods, then (with
+// Options.Upgrade) move pods onto this build.
+func (a *Agent) Maintain() error {
+	_, err := a.Collect()
+	if err != nil {
+		a.opts.Logger.Warn("garbage collection", "err", err)
+	}
+	if !a.opts.Upgrade {
+		return err
+	}
+	_, uerr := a.UpgradePods()
+	if uerr != nil {
+		a.opts.Logger.Warn("upgrade", "err", uerr)
+	}
+	return errors.Join(err, uerr)
 }
 
 // Handler serves /metrics (every pod's flows, kernel counters and routes,

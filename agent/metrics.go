@@ -16,6 +16,8 @@ var (
 		"Pods with Sluice installed on this node, by state: complete, incomplete, or gone (cgroup deleted, pins not yet collected).", []string{"state"}, nil)
 	descCollected = prometheus.NewDesc("sluice_agent_collected_pods_total",
 		"Pods whose pins and links the agent removed after their cgroup was gone.", nil, nil)
+	descUpgraded = prometheus.NewDesc("sluice_agent_upgraded_pods_total",
+		"Pods the agent moved onto its own build from another (their links updated in place).", nil, nil)
 	descEvents     = prometheus.NewDesc("sluice_kernel_events_total", telemetry.KernelEventsHelp, append(podLabels, "event"), nil)
 	descNodeEvents = prometheus.NewDesc("sluice_node_kernel_events_total",
 		"What the kernel hooks counted for no pod they could name (by event), every build on the node summed.", []string{"event"}, nil)
@@ -30,13 +32,14 @@ var (
 type collector struct{ a *Agent }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPods, descCollected, descEvents, descNodeEvents, descMemory, descWeight, descPicks} {
+	for _, d := range []*prometheus.Desc{descPods, descCollected, descUpgraded, descEvents, descNodeEvents, descMemory, descWeight, descPicks} {
 		ch <- d
 	}
 }
 
 func (c collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descCollected, prometheus.CounterValue, float64(c.a.collected.Load()))
+	ch <- prometheus.MustNewConstMetric(descUpgraded, prometheus.CounterValue, float64(c.a.upgraded.Load()))
 	if node, err := loader.NodeCounters(c.a.opts.PinRoot); err != nil {
 		c.a.opts.Logger.Warn("read node counters", "err", err)
 	} else {

@@ -232,14 +232,7 @@ func TestAgentRestartKeepsCapture(t *testing.T) {
 	if err := agent.Start(); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan churnResult, 1)
-	go func() {
-		var res churnResult
-		if err := runHelper(t, c.pod, helper(t, "load-captured", "2s", "4", netip.AddrPortFrom(c.host.Addr4, 8080).String()), -1, &res); err != nil {
-			t.Error(err)
-		}
-		done <- res
-	}()
+	done := c.churn(t, "load-captured", "2s", netip.AddrPortFrom(c.host.Addr4, 8080).String())
 	time.Sleep(500 * time.Millisecond)
 	agent.Process.Kill()
 	agent.Wait()

@@ -57,18 +57,26 @@ func refused(msg string) bool {
 	return strings.Contains(msg, "connection refused") || strings.Contains(msg, "connection reset")
 }
 
-// loadDuring runs 4 workers of short connections to addr from the app for
-// 3 s, killing the sidecar after 1 s and restarting it after 2 s.
-func (c *capturedPod) loadDuring(t *testing.T, addr string) churnResult {
+// churn runs mode's 4 workers of short connections to addr from the app
+// for d (a helper: load, load-captured), and gives their result when done.
+func (c *capturedPod) churn(t *testing.T, mode, d, addr string) <-chan churnResult {
 	t.Helper()
 	done := make(chan churnResult, 1)
 	go func() {
 		var res churnResult
-		if err := runHelper(t, c.pod, helper(t, "load", "3s", "4", addr), -1, &res); err != nil {
+		if err := runHelper(t, c.pod, helper(t, mode, d, "4", addr), -1, &res); err != nil {
 			t.Error(err)
 		}
 		done <- res
 	}()
+	return done
+}
+
+// loadDuring runs 4 workers of short connections to addr from the app for
+// 3 s, killing the sidecar after 1 s and restarting it after 2 s.
+func (c *capturedPod) loadDuring(t *testing.T, addr string) churnResult {
+	t.Helper()
+	done := c.churn(t, "load", "3s", addr)
 	time.Sleep(time.Second)
 	c.killSidecar(t)
 	time.Sleep(time.Second)

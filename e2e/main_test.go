@@ -41,8 +41,8 @@ func TestMain(m *testing.M) {
 }
 
 // buildSluice builds cmd/sluice of the module in src (this module if src is
-// empty) into out, with the build tags given.
-func buildSluice(out, src, tags string) error {
+// empty) into out, with the build tags and other go build flags given.
+func buildSluice(out, src, tags string, flags ...string) error {
 	goBin, err := exec.LookPath("go")
 	if err != nil {
 		return fmt.Errorf("go not on PATH: the end-to-end tests build cmd/sluice with it: %w", err)
@@ -58,6 +58,7 @@ func buildSluice(out, src, tags string) error {
 	if tags != "" {
 		args = append(args, "-tags", tags)
 	}
+	args = append(args, flags...)
 	build := exec.Command(goBin, append(args, "./cmd/sluice")...)
 	build.Dir = src
 	if msg, err := build.CombinedOutput(); err != nil {

@@ -1,7 +1,10 @@
 package e2e
 
 import (
+	"errors"
+	"log/slog"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -10,6 +13,7 @@ import (
 
 	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/internal/testbed"
+	"github.com/sluicemesh/sluice/loader"
 )
 
 // upgradeFrom is the release an install is upgraded from: the last one
@@ -54,6 +58,14 @@ func TestUpgradeUnderTraffic(t *testing.T) {
 		t.Fatalf("install by %s: %v\n%s", upgradeFrom[:7], err, out)
 	}
 	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", c.cgroup) })
+	// Its record holds no plan: a node agent cannot move it, and says why.
+	installs, err := loader.Match(loader.DefaultPinRoot, c.cgroup)
+	if err != nil || len(installs) != 1 {
+		t.Fatalf("the older release's install: %v, %v", installs, err)
+	}
+	if _, err := loader.Upgrade(installs[0], slog.New(slog.DiscardHandler)); !errors.Is(err, loader.ErrNoPlan) || !strings.Contains(err.Error(), "rerun its install (sluice install --cgroup") {
+		t.Errorf("upgrade by the agent: %v; want loader.ErrNoPlan and the command to rerun", err)
+	}
 	// The sidecar of the older release keeps running through the upgrade.
 	l, err := c.pod.StartLogged(exec.Command(old, "run", "--cgroup", c.cgroup, "--log-format", "json", "--log-level", "debug"))
 	if err != nil {
@@ -73,14 +85,7 @@ func TestUpgradeUnderTraffic(t *testing.T) {
 		t.Fatalf("status of the older install does not offer an upgrade: %+v", before)
 	}
 
-	done := make(chan churnResult, 1)
-	go func() {
-		var res churnResult
-		if err := runHelper(t, c.pod, helper(t, "load-captured", "3s", "4", out), -1, &res); err != nil {
-			t.Error(err)
-		}
-		done <- res
-	}()
+	done := c.churn(t, "load-captured", "3s", out)
 	time.Sleep(time.Second)
 	upgraded := mustCLI(t, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns)
 	res := <-done
@@ -132,4 +137,61 @@ func expectViaSidecar(t *testing.T, res testbed.ClientResult, what string) {
 	if res.ServerSaw == res.Local {
 		t.Errorf("%s: the server saw the client's own socket %s: not captured", what, res.Local)
 	}
+}
+
+// A node agent of one build moves a pod installed by another onto its own
+// while the app's connections flow: every link updated in place, none
+// failed and none escaped, the install's plan kept, and the other build's
+// node state gone with its last pod. (The other build is this tree labelled
+// at link time: a build of its own, with node state of its own.)
+func TestAgentMovesPodsOntoItsBuild(t *testing.T) {
+	privileged(t)
+	other := filepath.Join(t.TempDir(), "sluice-other")
+	if err := buildSluice(other, "", "", "-ldflags=-X github.com/sluicemesh/sluice/bpf.buildLabel=e2e-other"); err != nil {
+		t.Fatal(err)
+	}
+	c := newUncapturedPod(t, nil)
+	install := exec.Command(other, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "-o", "5555", "-b", "8080,8443")
+	if out, err := install.CombinedOutput(); err != nil {
+		t.Fatalf("install by the other build: %v\n%s", err, out)
+	}
+	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", c.cgroup) })
+	c.startSidecar(t)
+	before := statusJSON(t, c.cgroup)
+	if !before.Upgrade || before.Object == bpf.ObjectHash() {
+		t.Fatalf("status of the other build's install: object %s, upgrade %v; want another build than %s", before.Object, before.Upgrade, bpf.ObjectHash())
+	}
+	otherNode := filepath.Join(loader.DefaultPinRoot, "node", before.Object)
+	if _, err := os.Stat(otherNode); err != nil {
+		t.Fatalf("the other build's node state: %v", err)
+	}
+	out := netip.AddrPortFrom(c.host.Addr4, 8080).String()
+	in := netip.AddrPortFrom(c.pod.Addr4, 8080).String()
+	if err := c.pod.StartEcho(self(t), in); err != nil {
+		t.Fatal(err)
+	}
+
+	done := c.churn(t, "load-captured", "3s", out)
+	time.Sleep(time.Second)
+	url := startAgent(t)
+	res := <-done
+	if res.Failed != 0 || res.OK == 0 {
+		t.Errorf("connections across the agent's upgrade: %+v; want none failed or escaped", res)
+	}
+	after := statusJSON(t, c.cgroup)
+	if !after.Complete || after.Upgrade || after.Object != bpf.ObjectHash() {
+		t.Fatalf("after the agent ran: complete %v, upgrade %v, object %q (want %q), missing %v",
+			after.Complete, after.Upgrade, after.Object, bpf.ObjectHash(), after.Missing)
+	}
+	if !after.Plan.Equal(before.Plan) {
+		t.Errorf("the plan moved from %+v to %+v", before.Plan, after.Plan)
+	}
+	if _, err := os.Stat(otherNode); !os.IsNotExist(err) {
+		t.Errorf("the other build's node state %s outlived its last pod: %v", otherNode, err)
+	}
+	if body := httpBody(t, url+"/metrics"); !strings.Contains(body, "sluice_agent_upgraded_pods_total 1") {
+		t.Errorf("the agent's metrics lack sluice_agent_upgraded_pods_total 1")
+	}
+	expectViaSidecar(t, c.client(t, out), "outbound, after the upgrade")
+	expectViaSidecar(t, c.inbound(t, in), "inbound, after the upgrade")
 }

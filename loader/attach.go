@@ -149,23 +149,21 @@ func attachedAt(info *link.Info, cgroupID, netnsIno uint64) bool {
 	return false
 }
 
-// sameProgram compares a running program with a loaded one by tag, the hash
-// of its instructions: a rerun of the same build keeps its links.
+// sameProgram reports whether a link runs prog itself. Not the same
+// instructions (the tag): programs are the node's, one instance a build,
+// and two instances of one object (another build of the same programs, or
+// a copy loaded again after the node's went) hold different maps: a link
+// left on the other would find the pod in maps no install writes.
 func sameProgram(id ebpf.ProgramID, prog *ebpf.Program) (bool, error) {
-	running, err := ebpf.NewProgramFromID(id)
-	if err != nil {
-		return false, fmt.Errorf("open program %d: %w", id, err)
-	}
-	defer running.Close()
-	a, err := running.Info()
-	if err != nil {
-		return false, fmt.Errorf("program %d info: %w", id, err)
-	}
-	b, err := prog.Info()
+	info, err := prog.Info()
 	if err != nil {
 		return false, fmt.Errorf("program info: %w", err)
 	}
-	return a.Tag == b.Tag && a.Type == b.Type, nil
+	own, ok := info.ID()
+	if !ok {
+		return false, errors.New("program info: the kernel gives no program ID (Linux 4.13 or later)")
+	}
+	return own == id, nil
 }
 
 func attachNew(h hook, t Target, prog *ebpf.Program) (link.Link, error) {

@@ -67,6 +67,11 @@ type Result struct {
 // in reverse, what a fresh install did.
 func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res Result, err error) {
 	in := &installer{t: t, plan: plan, log: log, unlock: func() {}}
+	return in.run(args)
+}
+
+// run is Install's steps.
+func (in *installer) run(args []string) (res Result, err error) {
 	defer func() { err = in.end(err) }()
 	if err := in.prepare(); err != nil {
 		return in.res, err
@@ -95,6 +100,9 @@ type installer struct {
 	t      Target
 	plan   redirect.Plan
 	log    *slog.Logger
+	// argsSHA256 is the digest of flags too long to record, for Upgrade
+	// to keep that of the install it repeats.
+	argsSHA256 string
 	res    Result
 	steps  undo   // what a failure undoes
 	unlock func() // the pin root's lock
@@ -197,8 +205,9 @@ func (in *installer) inspect(args []string) error {
 			return err
 		}
 	}
+	plan := in.plan.Normalize()
 	in.want = record{Format: recordFormat, Cgroup: t.Cgroup, CgroupID: t.CgroupID, Netns: t.Netns, NetnsInode: in.netnsIno,
-		Interface: t.Interface, Args: args, Sidecar: sidecarOf(in.plan.Normalize()), Identity: t.Identity}
+		Interface: t.Interface, Args: args, ArgsSHA256: in.argsSHA256, Sidecar: sidecarOf(plan), Identity: t.Identity, Plan: &plan}
 	cur, err := readPins(t.PinDir)
 	if err != nil {
 		return err

@@ -90,6 +90,11 @@ type record struct {
 	// Identity is who the pod is, for the metrics the node's agent
 	// exports of its flows: what install was given (Target.Identity).
 	Identity map[string]string `json:"identity,omitempty"`
+	// Plan is the whole plan, for Upgrade to install it again with
+	// another build, whose node maps this build cannot read. Left out
+	// when the record would not fit (thousands of CIDRs): such a pod
+	// moves to a new build only when its install reruns.
+	Plan *redirect.Plan `json:"plan,omitempty"`
 }
 
 // sidecarRecord is the sidecar's part of a plan.
@@ -116,6 +121,10 @@ func (r record) encode() (bpf.SluiceInstallMeta, error) {
 	data, err := json.Marshal(r)
 	if err == nil && len(data) >= len(m.Json) && len(r.Args) > 0 {
 		r.ArgsSHA256, r.Args = r.argsDigest(), nil
+		data, err = json.Marshal(r)
+	}
+	if err == nil && len(data) >= len(m.Json) && r.Plan != nil {
+		r.Plan = nil
 		data, err = json.Marshal(r)
 	}
 	if err != nil {

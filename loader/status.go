@@ -198,8 +198,15 @@ func (s *State) readContents(p *Pins, names []string) error {
 	}
 	if p.rec.Index != 0 || slices.Contains(names, legacyPolicyPins[0]) {
 		// An older build's policy layout is unreadable here: the install
-		// still runs, and status offers the upgrade.
-		if s.Plan, err = p.Plan(); err != nil && !(s.Upgrade && errors.Is(err, errOlderLayout)) {
+		// still runs, status offers the upgrade and shows the plan the
+		// install recorded, if it did.
+		s.Plan, err = p.Plan()
+		switch {
+		case err != nil && s.Upgrade && errors.Is(err, errOlderLayout):
+			if p.rec.Plan != nil {
+				s.Plan = *p.rec.Plan
+			}
+		case err != nil:
 			return err
 		}
 	}

@@ -31,9 +31,15 @@ counters stay exact.
 Treat --metrics-addr as sensitive: /flows lists every peer of every pod.
 Every --gc-interval it uninstalls the pods whose cgroup is gone: a pod
 deleted without its capture being uninstalled leaves pins and links that
-only an uninstall removes. Capture runs from the pins, never through the
-agent: restarting it interrupts nothing. --once collects, prints the pods as
-JSON and exits.
+only an uninstall removes. Then it moves every pod that runs another
+Sluice build onto its own (--upgrade, on by default): each of the pod's
+links is updated in place under traffic, with the plan its install
+recorded, and the old build's programs go with its last pod. So rolling
+out a new agent upgrades the node's pods without restarting them. A pod
+installed by a build that did not record its plan stays until its install
+reruns (said once in the log). Capture runs from the pins, never through
+the agent: restarting it interrupts nothing. --once collects, upgrades,
+prints the pods as JSON and exits.
 
 Routes for many pods at once: 'sluice route apply --pods PATTERN -f FILE'
 in the agent's container (PATTERN matches cgroup paths, * for any text).
@@ -45,7 +51,7 @@ Examples:
 func agentCommand() command {
 	c := command{
 		name:    "agent",
-		summary: "node agent: every pod's metrics on one endpoint, collect pods whose cgroup is gone",
+		summary: "node agent: every pod's metrics on one endpoint, collect gone pods, upgrade pods of other builds in place",
 		help:    agentHelp,
 	}
 	c.run = func(ctx context.Context, args []string, stdout io.Writer) error {
@@ -55,7 +61,8 @@ func agentCommand() command {
 		istioMetrics := fs.Bool("istio-metrics", false, "name the pods' layer-4 counters istio_tcp_* instead of sluice_tcp_* (for pods with no other Istio proxy)")
 		maxDestinations := fs.Int("max-destinations", 100, "distinct destination_service label values of a pod before the rest count as \"other\"")
 		interval := fs.Duration("gc-interval", 30*time.Second, "how often to collect pods whose cgroup is gone")
-		once := fs.Bool("once", false, "collect once, print the pods as JSON, exit")
+		once := fs.Bool("once", false, "collect (and upgrade) once, print the pods as JSON, exit")
+		upgrade := fs.Bool("upgrade", true, "move pods that run another Sluice build onto this one, in place")
 		logFormat := fs.String("log-format", "text", "text or json")
 		logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 		if err := parseFlags(fs, c, args, stdout); err != nil {
@@ -74,9 +81,9 @@ func agentCommand() command {
 		if err := requireRoot(); err != nil {
 			return err
 		}
-		a := agent.New(agent.Options{PinRoot: *pinRoot, IstioNames: *istioMetrics, MaxDestinations: *maxDestinations, Logger: log})
+		a := agent.New(agent.Options{PinRoot: *pinRoot, IstioNames: *istioMetrics, MaxDestinations: *maxDestinations, Upgrade: *upgrade, Logger: log})
 		if *once {
-			_, cerr := a.Collect()
+			cerr := a.Maintain()
 			pods, err := a.Pods()
 			if err != nil {
 				return errors.Join(cerr, err)

@@ -92,7 +92,7 @@ func printStatus(w io.Writer, s loader.State) {
 	case !s.Complete:
 		fmt.Fprintf(w, "state    INCOMPLETE: %s\n         repair: %s\n", strings.Join(s.Missing, "; "), s.Repair)
 	case s.Upgrade:
-		fmt.Fprintf(w, "state    complete, built from another Sluice (object %s): rerun install to upgrade in place\n", s.Object)
+		fmt.Fprintf(w, "state    complete, built from another Sluice (object %s): rerun install to upgrade in place (a node agent of another build moves it onto its own)\n", s.Object)
 	default:
 		fmt.Fprintf(w, "state    complete\n")
 	}
