@@ -41,6 +41,7 @@ vmlinux:
 
 # Under CI the committed objects must already be current; locally they are rebuilt.
 test: deps check-bpf $(if $(filter true,$(CI)),check-generate,generate)
+	@unformatted=$$(gofmt -l .); [ -z "$$unformatted" ] || { echo "not gofmt'd: $$unformatted (run gofmt -w on them)"; exit 1; }
 	$(GO) vet ./...
 	$(GO) vet -tags demo ./...
 	# One package at a time: test beds of different packages reuse the same

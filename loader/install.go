@@ -100,12 +100,12 @@ type installer struct {
 	t      Target
 	plan   redirect.Plan
 	log    *slog.Logger
-	// argsSHA256 is the digest of flags too long to record, for Upgrade
-	// to keep that of the install it repeats.
-	argsSHA256 string
 	res    Result
 	steps  undo   // what a failure undoes
 	unlock func() // the pin root's lock
+	// argsSHA256 is the digest of flags too long to record, for Upgrade
+	// to keep that of the install it repeats.
+	argsSHA256 string
 
 	inbound  bool
 	netnsIno uint64
