@@ -651,12 +651,15 @@ POD_MAP(pod_addrs);
 
 /* Flow events of every pod of the node, each with its pod's index, for the
  * node's agent, which drains it: one ring, so an idle pod holds none, and
- * no sidecar reads (or drains) another pod's flows. */
+ * no sidecar reads (or drains) another pod's flows. The loader sizes it for
+ * the node (loader/load.go: 256 KiB a CPU, at least this) and sets
+ * flow_wake_bytes to a quarter of that. */
 #define FLOW_RING_SIZE (1024 * 1024)
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, FLOW_RING_SIZE);
 } flow_events SEC(".maps");
+volatile const __u64 flow_wake_bytes = FLOW_RING_SIZE / 4;
 
 /* Referenced so their BTF is emitted and bpf2go can generate Go types. The
  * key and value types of inner maps need it too: clang emits only a forward

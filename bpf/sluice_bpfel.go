@@ -343,6 +343,7 @@ const (
 	SluiceProgSluiceSkLookup      = "sluice_sk_lookup"
 	SluiceProgSluiceSockops       = "sluice_sockops"
 	SluiceProgSluiceSplice        = "sluice_splice"
+	SluiceVarFlowWakeBytes        = "flow_wake_bytes"
 	SluiceVarPageSize             = "page_size"
 	SluiceVarUnusedConfigFlag     = "unused_config_flag"
 	SluiceVarUnusedCounter        = "unused_counter"
@@ -455,6 +456,7 @@ type SluiceMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SluiceVariableSpecs struct {
+	FlowWakeBytes        *ebpf.VariableSpec `ebpf:"flow_wake_bytes"`
 	PageSize             *ebpf.VariableSpec `ebpf:"page_size"`
 	UnusedConfigFlag     *ebpf.VariableSpec `ebpf:"unused_config_flag"`
 	UnusedCounter        *ebpf.VariableSpec `ebpf:"unused_counter"`
@@ -554,6 +556,7 @@ func (m *SluiceMaps) Close() error {
 //
 // It can be passed to LoadSluiceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SluiceVariables struct {
+	FlowWakeBytes        *ebpf.Variable `ebpf:"flow_wake_bytes"`
 	PageSize             *ebpf.Variable `ebpf:"page_size"`
 	UnusedConfigFlag     *ebpf.Variable `ebpf:"unused_config_flag"`
 	UnusedCounter        *ebpf.Variable `ebpf:"unused_counter"`

@@ -69,8 +69,8 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, __u32 pod, str
 	/* The agent is woken only once a quarter of the ring is used, and
 	 * otherwise drains it on its own every 100 ms: a wake-up per event
 	 * would cost every connection two context switches. */
-	__u64 wake = bpf_ringbuf_query(&flow_events, BPF_RB_AVAIL_DATA) > FLOW_RING_SIZE / 4 ? BPF_RB_FORCE_WAKEUP
-											     : BPF_RB_NO_WAKEUP;
+	__u64 wake = bpf_ringbuf_query(&flow_events, BPF_RB_AVAIL_DATA) > flow_wake_bytes ? BPF_RB_FORCE_WAKEUP
+											  : BPF_RB_NO_WAKEUP;
 	if (!bpf_ringbuf_output(&flow_events, &ev, sizeof(ev), wake))
 		return;
 	count(pod, COUNT_FLOW_EVENT_LOST);

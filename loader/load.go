@@ -27,10 +27,36 @@ func spliceTableSize(splice bool) uint32 {
 	return 1
 }
 
+// flowRingPerCPU is the node's flow ring for each of its CPUs: a node's
+// rate of short connections grows with its CPUs, and so the ring keeps
+// holding the same time of events (about 0.7 s at the highest rate this
+// 2-CPU VM makes, docs/ARCHITECTURE.md "Flow events"): 1 MiB on up to 4
+// CPUs, 16 MiB on 64. A ring is a power of two.
+const (
+	flowRingPerCPU = 256 << 10
+	flowRingMin    = 1 << 20
+	flowRingMax    = 64 << 20
+)
+
+// flowRingSize is the node's flow ring for cpus possible CPUs.
+func flowRingSize(cpus int) uint32 {
+	size := uint32(flowRingMin)
+	for size < flowRingMax && size < uint32(cpus)*flowRingPerCPU {
+		size *= 2
+	}
+	return size
+}
+
 // load loads the node's programs and maps from spec (bpf.LoadSluice's,
 // which it changes).
 func load(spec *ebpf.CollectionSpec) (*ebpf.Collection, error) {
-	if err := setConstants(spec, map[string]any{bpf.SluiceVarPageSize: uint32(os.Getpagesize())}); err != nil {
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, fmt.Errorf("count the node's CPUs: %w", err)
+	}
+	ring := flowRingSize(cpus)
+	spec.Maps[bpf.SluiceMapFlowEvents].MaxEntries = ring
+	if err := setConstants(spec, map[string]any{bpf.SluiceVarPageSize: uint32(os.Getpagesize()), bpf.SluiceVarFlowWakeBytes: uint64(ring / 4)}); err != nil {
 		return nil, err
 	}
 	coll, err := ebpf.NewCollection(spec)

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+
 	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/internal/testbed"
 	"github.com/sluicemesh/sluice/podstate"
@@ -229,6 +231,13 @@ func TestNodeFlowsNameThePod(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer flows.Close()
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := flows.events.BufferSize(), int(flowRingSize(cpus)); got != want {
+		t.Errorf("the node's flow ring is %d bytes, want %d for %d CPUs", got, want, cpus)
+	}
 	for {
 		if _, _, err := flows.Next(time.Millisecond); err != nil {
 			break // what earlier tests left
