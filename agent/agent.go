@@ -50,6 +50,44 @@ type Agent struct {
 	// stuck are the pin directories of pods Upgrade cannot move (no plan
 	// recorded), said once each.
 	stuck sync.Map
+
+	// podsMu guards the last Pods the metrics were made from: the state
+	// of every pod (its pins and links) is read at most every
+	// podStateEvery, not at each scrape.
+	podsMu   sync.Mutex
+	pods     []Pod
+	podsRead time.Time
+}
+
+// podStateEvery is how old the pods' state in /metrics may be (the
+// complete/incomplete counts, their kernel memory, and the counters and
+// routes of pods whose flows another build's agent exports). Reading it
+// opens every pin and link of every pod: at each scrape of a node with 50
+// pods that was half the agent's CPU. A pod's flows and counters are read
+// at each scrape all the same.
+const podStateEvery = 10 * time.Second
+
+// forgetPods makes the next recentPods read the pods again.
+func (a *Agent) forgetPods() {
+	a.podsMu.Lock()
+	defer a.podsMu.Unlock()
+	a.pods = nil
+}
+
+// recentPods is Pods, read again only when the last read is older than
+// podStateEvery.
+func (a *Agent) recentPods() ([]Pod, error) {
+	a.podsMu.Lock()
+	defer a.podsMu.Unlock()
+	if a.pods != nil && time.Since(a.podsRead) < podStateEvery {
+		return a.pods, nil
+	}
+	pods, err := a.Pods()
+	if err != nil {
+		return nil, err
+	}
+	a.pods, a.podsRead = pods, time.Now()
+	return pods, nil
 }
 
 // New returns an agent for the pods pinned under opts.PinRoot.
@@ -173,6 +211,9 @@ func (a *Agent) each(done string, match func(loader.Installed) bool, do func(loa
 			out = append(out, in.Cgroup)
 		}
 	}
+	if len(out) > 0 {
+		a.forgetPods() // what changed shows in the next scrape
+	}
 	if len(errs) > 0 {
 		return out, fmt.Errorf("%d pods not %s, first: %w", len(errs), done, errs[0])
 	}
@@ -208,12 +249,11 @@ func (a *Agent) Maintain() error {
 	if err != nil {
 		a.opts.Logger.Warn("garbage collection", "err", err)
 	}
-	if !a.opts.Upgrade {
-		return err
-	}
-	_, uerr := a.UpgradePods()
-	if uerr != nil {
-		a.opts.Logger.Warn("upgrade", "err", uerr)
+	var uerr error
+	if a.opts.Upgrade {
+		if _, uerr = a.UpgradePods(); uerr != nil {
+			a.opts.Logger.Warn("upgrade", "err", uerr)
+		}
 	}
 	return errors.Join(err, uerr)
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"os"
 	"slices"
@@ -38,19 +39,12 @@ type flowExport struct {
 	unmatched prometheus.Counter
 }
 
-// podFlows is one pod's exporter and what feeds it.
+// podFlows is one pod's exporter, and its pins (its kernel counters).
 type podFlows struct {
 	in   loader.Installed
 	exp  *telemetry.Exporter
-	src  *podSource
 	pins *loader.Pins
-	stop context.CancelFunc
 }
-
-// podBuffer is how many of a pod's events wait for its exporter. A full
-// one holds the reader back rather than lose an event uncounted: the ring
-// then fills, and the kernel counts what it cannot take.
-const podBuffer = 4096
 
 // How often the agent reads the ring when the kernel has not woken it, and
 // how often it looks for pods that came or went.
@@ -70,6 +64,12 @@ func newFlowExport(a *Agent) *flowExport {
 // node state is replaced (its last pod left, a later one made it again).
 func (f *flowExport) run(ctx context.Context) {
 	defer f.stopAll()
+	reaped := make(chan struct{})
+	go func() {
+		defer close(reaped)
+		f.reap(ctx)
+	}()
+	defer func() { <-reaped }()
 	for ctx.Err() == nil {
 		flows, err := loader.OpenNodeFlows(f.a.opts.PinRoot)
 		if err != nil {
@@ -108,13 +108,38 @@ func (f *flowExport) consume(ctx context.Context, flows *loader.NodeFlows) {
 			f.a.opts.Logger.Warn("read the node's flows", "err", err)
 			return
 		}
-		f.dispatch(ctx, netns, ev)
+		f.dispatch(netns, ev)
+	}
+}
+
+// reap has every pod's exporter drop, every telemetry.ReapEvery, its open
+// flows whose socket went without a close event (the ring was full). Apart
+// from the reader: it visits each pod's network namespace.
+func (f *flowExport) reap(ctx context.Context) {
+	t := time.NewTicker(telemetry.ReapEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		f.mu.Lock()
+		pods := slices.Collect(maps.Values(f.pods))
+		f.mu.Unlock()
+		for _, p := range pods {
+			if _, err := p.exp.Live(); err != nil {
+				f.a.opts.Logger.Warn("read a pod's open flows", "cgroup", p.in.Cgroup, "err", err)
+			}
+		}
 	}
 }
 
 // dispatch hands ev to its pod's exporter, looking for a pod installed
-// since the last sync first.
-func (f *flowExport) dispatch(ctx context.Context, netns uint64, ev podstate.FlowEvent) {
+// since the last sync first. The reader counts the event itself: handing
+// it to a goroutine per pod cost a wake-up per event, which with 50 pods
+// was most of the agent's CPU per flow.
+func (f *flowExport) dispatch(netns uint64, ev podstate.FlowEvent) {
 	p := f.pod(netns)
 	if p == nil && time.Since(f.missSynced) >= pollEvery {
 		f.missSynced = time.Now()
@@ -125,11 +150,7 @@ func (f *flowExport) dispatch(ctx context.Context, netns uint64, ev podstate.Flo
 		f.unmatched.Inc()
 		return
 	}
-	select {
-	case p.src.events <- ev:
-	case <-p.src.done: // the pod left meanwhile
-	case <-ctx.Done():
-	}
+	p.exp.Handle(ev)
 }
 
 func (f *flowExport) pod(netns uint64) *podFlows {
@@ -178,8 +199,7 @@ func (f *flowExport) newPod(in loader.Installed) (*podFlows, error) {
 	if err != nil {
 		return nil, err
 	}
-	src := &podSource{events: make(chan podstate.FlowEvent, podBuffer), pins: pins, done: make(chan struct{})}
-	exp := telemetry.NewExporter(src, telemetry.Options{
+	exp := telemetry.NewExporter(pins, telemetry.Options{
 		Identity:        telemetry.IdentityFromMap(in.Identity),
 		IstioNames:      f.a.opts.IstioNames,
 		MaxDestinations: f.a.opts.MaxDestinations,
@@ -195,18 +215,11 @@ func (f *flowExport) newPod(in loader.Installed) (*podFlows, error) {
 		ConstLabels: prometheus.Labels{telemetry.LabelPodCgroup: in.Cgroup, "pod_uid": loader.PodUID(in.Cgroup)},
 		Logger:      f.a.opts.Logger.With("cgroup", in.Cgroup),
 	})
-	ctx, cancel := context.WithCancel(context.Background())
-	go func() {
-		if err := exp.Run(ctx); err != nil {
-			f.a.opts.Logger.Warn("export a pod's flows", "cgroup", in.Cgroup, "err", err)
-		}
-	}()
-	return &podFlows{in: in, exp: exp, src: src, pins: pins, stop: cancel}, nil
+	return &podFlows{in: in, exp: exp, pins: pins}, nil
 }
 
 func (p *podFlows) close() {
-	p.stop()
-	close(p.src.done)
+	p.exp.Stop()
 	p.pins.Close()
 }
 
@@ -275,34 +288,6 @@ func (f *flowExport) serveFlows(w http.ResponseWriter, r *http.Request) {
 	}
 	match[0].exp.Handler().ServeHTTP(w, r)
 }
-
-// podSource is one pod's events as its exporter takes them, and its
-// kernel counters from its pins.
-type podSource struct {
-	events chan podstate.FlowEvent
-	pins   *loader.Pins
-	done   chan struct{}
-}
-
-func (s *podSource) Next(timeout time.Duration) (podstate.FlowEvent, error) {
-	select { // no timer while events wait
-	case ev := <-s.events:
-		return ev, nil
-	default:
-	}
-	t := time.NewTimer(timeout)
-	defer t.Stop()
-	select {
-	case ev := <-s.events:
-		return ev, nil
-	case <-s.done:
-		return podstate.FlowEvent{}, io.EOF
-	case <-t.C:
-		return podstate.FlowEvent{}, os.ErrDeadlineExceeded
-	}
-}
-
-func (s *podSource) Counters() (map[string]uint64, error) { return s.pins.Counters() }
 
 func sleep(ctx context.Context, d time.Duration) {
 	select {

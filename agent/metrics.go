@@ -52,7 +52,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	} else {
 		ch <- prometheus.MustNewConstMetric(descMemory, prometheus.GaugeValue, float64(mem.Total()), "node")
 	}
-	pods, err := c.a.Pods()
+	pods, err := c.a.recentPods()
 	if err != nil {
 		c.a.opts.Logger.Warn("list pods", "err", err)
 		return

@@ -1,8 +1,6 @@
 package loader
 
 import (
-	"bytes"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +9,7 @@ import (
 	"path/filepath"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
@@ -26,6 +25,7 @@ type NodeFlows struct {
 	root     string
 	id       ebpf.MapID
 	events   *ringbuf.Reader
+	rec      ringbuf.Record // reused: Next allocates nothing
 	close    sync.Once
 	closeErr error
 }
@@ -83,14 +83,14 @@ func mapID(m *ebpf.Map) (ebpf.MapID, error) {
 // os.ErrDeadlineExceeded when none came, and io.EOF once closed.
 func (s *NodeFlows) Next(timeout time.Duration) (uint64, podstate.FlowEvent, error) {
 	s.events.SetDeadline(time.Now().Add(timeout))
-	rec, err := s.events.Read()
+	err := s.events.ReadInto(&s.rec)
 	if errors.Is(err, ringbuf.ErrClosed) {
 		return 0, podstate.FlowEvent{}, io.EOF
 	}
 	if err != nil {
 		return 0, podstate.FlowEvent{}, err
 	}
-	return decodeFlowEvent(rec.RawSample)
+	return decodeFlowEvent(s.rec.RawSample)
 }
 
 // Close makes a waiting Next return io.EOF; closing again does nothing.
@@ -102,10 +102,15 @@ func (s *NodeFlows) Close() error {
 // decodeFlowEvent turns the kernel's struct flow_event into its Go value:
 // the one place that knows its layout and enums.
 func decodeFlowEvent(raw []byte) (uint64, podstate.FlowEvent, error) {
+	// A copy of the kernel's bytes over bpf2go's mirror of the struct
+	// (same layout, padding spelled out): binary.Read took 1.2 µs and two
+	// allocations an event, by reflection.
 	var ev bpf.SluiceFlowEvent
-	if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &ev); err != nil {
-		return 0, podstate.FlowEvent{}, fmt.Errorf("decode flow event of %d bytes: %w", len(raw), err)
+	size := int(unsafe.Sizeof(ev))
+	if len(raw) < size {
+		return 0, podstate.FlowEvent{}, fmt.Errorf("decode flow event of %d bytes: want %d", len(raw), size)
 	}
+	copy(unsafe.Slice((*byte)(unsafe.Pointer(&ev)), size), raw)
 	us := func(n uint32) time.Duration { return time.Duration(n) * time.Microsecond }
 	flag := func(f bpf.SluiceFlowFlag) bool { return ev.Flow&uint32(f) != 0 }
 	return ev.NetnsCookie, podstate.FlowEvent{

@@ -1,20 +1,15 @@
 package telemetry
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/netip"
-	"os"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/sluicemesh/sluice/podstate"
 )
@@ -30,13 +25,9 @@ const (
 	LabelPodCgroup = "pod_cgroup"
 )
 
-// Source is where one pod's flow events come from: the node's agent, which
-// reads every pod's from the node's ring, or, in tests, anything that
-// yields them. Next returns
-// os.ErrDeadlineExceeded when no event came in time, and io.EOF once the
-// source is closed.
+// Source gives the kernel's counters of the pod (its pins'): the flows
+// whose events the ring lost are counted from them.
 type Source interface {
-	Next(timeout time.Duration) (podstate.FlowEvent, error)
 	Counters() (map[string]uint64, error)
 }
 
@@ -55,6 +46,12 @@ type Options struct {
 	// MaxFollowers bounds the clients following the flows at once; more
 	// are refused. Default 16.
 	MaxFollowers int
+	// MaxLiveFlows bounds the open flows kept (about 300 bytes each) for
+	// the flow table and open flows' bytes. A flow opened while the table
+	// is full is counted (sluice_flow_live_table_full_total) and left out
+	// of both; its close still counts it, opened and closed. Default
+	// 32,768.
+	MaxLiveFlows int
 	// FollowerTimeout is how long a follower's buffer may stay full, or a
 	// write to it block, before it is dropped. Default 5 s.
 	FollowerTimeout time.Duration
@@ -96,11 +93,12 @@ type Exporter struct {
 	routed        map[netip.AddrPort]bool
 	routesVersion uint32
 	followers     map[*Follower]struct{}
-	stopped       bool // Run returned: no event will come
+	stopped       bool // Stop was called: no event will come
 
 	connect, rtt, duration *prometheus.HistogramVec
 	ended, failed, retrans *prometheus.CounterVec
 	followLost, evicted    prometheus.Counter
+	liveFull               prometheus.Counter
 	// Per destination dialed (the same folding as the layer-4 counters):
 	// what a rollout compares between a canary and its stable backend.
 	destConnect *prometheus.SummaryVec
@@ -124,7 +122,8 @@ var (
 	durationBuckets = []float64{.001, .01, .1, .5, 1, 5, 10, 30, 60, 300, 900, 3600}
 )
 
-// NewExporter makes an Exporter for source; Run feeds it.
+// NewExporter makes an Exporter of a pod whose kernel counters source
+// reads; Handle feeds it.
 func NewExporter(source Source, opts Options) *Exporter {
 	e := &Exporter{
 		opts:         opts.withDefaults(),
@@ -140,7 +139,7 @@ func NewExporter(source Source, opts Options) *Exporter {
 	}
 	e.newMetrics()
 	prometheus.WrapRegistererWith(opts.ConstLabels, e.reg).MustRegister(e.connect, e.rtt, e.duration, e.ended, e.failed, e.retrans,
-		e.followLost, e.evicted, e.destConnect, e.destFailed, collector{e}, routeCollector{e})
+		e.followLost, e.evicted, e.liveFull, e.destConnect, e.destFailed, collector{e}, routeCollector{e})
 	return e
 }
 
@@ -151,6 +150,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.MaxFollowers == 0 {
 		o.MaxFollowers = 16
+	}
+	if o.MaxLiveFlows == 0 {
+		o.MaxLiveFlows = 32768
 	}
 	if o.FollowerTimeout == 0 {
 		o.FollowerTimeout = 5 * time.Second
@@ -203,6 +205,10 @@ func (e *Exporter) newMetrics() {
 		Name: "sluice_flow_follow_dropped_total",
 		Help: "Closed flows not sent to a `sluice flows --follow` client that was too slow to take them.",
 	})
+	e.liveFull = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "sluice_flow_live_table_full_total",
+		Help: "Flows opened while the table of open flows was full (MaxLiveFlows): left out of the flow table and of open flows' bytes, counted when they close.",
+	})
 	e.evicted = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "sluice_flow_followers_evicted_total",
 		Help: "`sluice flows --follow` clients disconnected for taking no flows for the follower timeout.",
@@ -212,34 +218,9 @@ func (e *Exporter) newMetrics() {
 // Registry is what /metrics serves.
 func (e *Exporter) Registry() *prometheus.Registry { return e.reg }
 
-// Run handles events until ctx ends or the source fails. Every reapEvery it
-// also looks for flows whose socket is gone without a close event, so a
-// full ring buffer can never leave flows open forever.
-func (e *Exporter) Run(ctx context.Context) error {
-	defer e.stop()
-	lastReap := time.Now()
-	for ctx.Err() == nil {
-		if time.Since(lastReap) > reapEvery {
-			lastReap = time.Now()
-			if _, err := e.Live(); err != nil {
-				e.opts.Logger.Warn("read live sockets", "err", err)
-			}
-		}
-		// The kernel wakes the reader only when the ring fills up; at
-		// other times events wait for this timeout.
-		ev, err := e.source.Next(pollEvery)
-		switch {
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			continue
-		case errors.Is(err, io.EOF):
-			return nil
-		case err != nil:
-			return err
-		}
-		e.handle(flowOf(ev, e.clock))
-	}
-	return nil
-}
+// Handle counts one of the pod's flow events. The node's agent calls it as
+// it reads the node's ring: no goroutine per pod, no hand-off per event.
+func (e *Exporter) Handle(ev podstate.FlowEvent) { e.handle(flowOf(ev, e.clock)) }
 
 func (e *Exporter) handle(f Flow) {
 	e.mu.Lock()
@@ -253,12 +234,18 @@ func (e *Exporter) handle(f Flow) {
 	}
 	switch f.State {
 	case StateOpen:
-		e.live[f.Cookie] = &f
-		t.opened++
 		e.connect.WithLabelValues(f.Direction).Observe(f.ConnectLatency)
 		if f.Direction == Outbound {
 			e.destConnect.WithLabelValues(e.fold(f.Destination)).Observe(f.ConnectLatency)
 		}
+		if len(e.live) >= e.opts.MaxLiveFlows {
+			// Its close counts it opened, as one opened before the
+			// exporter started.
+			e.liveFull.Inc()
+			return
+		}
+		e.live[f.Cookie] = &f
+		t.opened++
 		return
 	case StateFailed:
 		e.failed.WithLabelValues(f.Direction, f.End).Inc()
@@ -339,13 +326,13 @@ func (e *Exporter) readRoutes(version uint32) {
 	}
 }
 
-// How long a live flow may go without its socket before it is dropped (its
-// close event was lost, or is about to be read), how often Run looks, and
-// how often it reads events the kernel did not wake it for.
+// ReapEvery is how often the exporter's owner calls Live to drop the flows
+// whose socket is gone without a close event, so a full ring can never
+// leave flows open forever; reapAfter is how long such a flow's socket
+// must have been missing (its close event may just not be read yet).
 const (
-	pollEvery = 100 * time.Millisecond
+	ReapEvery = 10 * time.Second
 	reapAfter = 5 * time.Second
-	reapEvery = 10 * time.Second
 )
 
 // Live returns the open flows, with their bytes, RTT and retransmits as the
@@ -354,8 +341,17 @@ const (
 // it is dropped, its close counted through the kernel's lost-close
 // counters and its bytes as last seen.
 func (e *Exporter) Live() ([]Flow, error) {
+	e.mu.Lock()
+	keys := make([]sockKey, 0, len(e.live))
+	for _, f := range e.live {
+		keys = append(keys, f.key())
+	}
+	e.mu.Unlock()
 	var stats map[uint64]sockStat
-	err := e.opts.InNetns(func() (err error) { stats, err = socketStats(); return err })
+	var err error
+	if len(keys) > 0 { // no visit to the pod's namespace for nothing
+		err = e.opts.InNetns(func() (err error) { stats, err = socketStats(keys); return err })
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	now := time.Now()
@@ -429,14 +425,14 @@ func (f *Follower) Evict() {
 // ErrTooManyFollowers refuses a follower beyond Options.MaxFollowers.
 var ErrTooManyFollowers = errors.New("too many followers")
 
-// ErrStopped refuses a follower once Run returned: the pod went, or its
-// exporter stops.
+// ErrStopped refuses a follower once the exporter stopped: the pod went,
+// or the agent stops.
 var ErrStopped = errors.New("the flows are no longer exported")
 
-// stop ends every follower's stream when Run returns (the pod's events
-// ended: it went, or the agent stops), as an eviction would: a client
-// following a pod that went would otherwise wait for ever.
-func (e *Exporter) stop() {
+// Stop ends every follower's stream: the pod's events ended (it went, or
+// the agent stops), and a client following it would otherwise wait for
+// ever. A follower then is refused.
+func (e *Exporter) Stop() {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.stopped = true
@@ -490,51 +486,4 @@ func (e *Exporter) evict(f *Follower) {
 	close(f.evicted)
 	e.evicted.Inc()
 	e.opts.Logger.Warn("dropped a flows follower that took no flows", "for", e.opts.FollowerTimeout)
-}
-
-type sockStat struct {
-	sent, received uint64
-	srtt, minRTT   float64
-	retrans        uint32
-}
-
-// socketStats reads every TCP socket of the caller's network namespace, by
-// cookie.
-func socketStats() (map[uint64]sockStat, error) {
-	out := map[uint64]sockStat{}
-	var errs []error
-	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
-		resps, err := netlink.SocketDiagTCPInfo(family)
-		if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-			errs = append(errs, err)
-			continue
-		}
-		for _, r := range resps {
-			if r.InetDiagMsg == nil || r.TCPInfo == nil {
-				continue
-			}
-			id := r.InetDiagMsg.ID
-			cookie := uint64(id.Cookie[0]) | uint64(id.Cookie[1])<<32
-			ti := r.TCPInfo
-			// Data bytes only, as the kernel's close-time event counts
-			// them: bytes_received includes the peer's FIN once it came.
-			received := ti.Bytes_received
-			if finReceived(r.InetDiagMsg.State) && received > 0 {
-				received--
-			}
-			out[cookie] = sockStat{sent: ti.Bytes_sent - ti.Bytes_retrans, received: received,
-				srtt: micros(ti.Rtt), minRTT: micros(ti.Min_rtt), retrans: ti.Total_retrans}
-		}
-	}
-	return out, errors.Join(errs...)
-}
-
-// finReceived reports whether a socket in TCP state st has had the peer's
-// FIN: CLOSE_WAIT, LAST_ACK, CLOSING or TIME_WAIT.
-func finReceived(st uint8) bool {
-	switch st {
-	case 8, 9, 11, 6:
-		return true
-	}
-	return false
 }

@@ -2,10 +2,8 @@ package telemetry
 
 import (
 	"fmt"
-	"io"
 	"net/netip"
 	"testing"
-	"time"
 
 	dto "github.com/prometheus/client_model/go"
 
@@ -13,19 +11,10 @@ import (
 	"github.com/sluicemesh/sluice/redirect"
 )
 
-// events is a Source of hand-made events and kernel counters.
+// events is a Source of kernel counters, with hand-made events for run.
 type events struct {
 	queue []podstate.FlowEvent
 	lost  map[string]uint64
-}
-
-func (e *events) Next(time.Duration) (podstate.FlowEvent, error) {
-	if len(e.queue) == 0 {
-		return podstate.FlowEvent{}, io.EOF
-	}
-	ev := e.queue[0]
-	e.queue = e.queue[1:]
-	return ev, nil
 }
 
 func (e *events) Counters() (map[string]uint64, error) { return e.lost, nil }
@@ -70,10 +59,24 @@ func labelOf(m *dto.Metric, name string) string {
 	return ""
 }
 
+// run hands e the events its source holds, as the agent does from the
+// node's ring.
 func run(t *testing.T, e *Exporter) {
 	t.Helper()
-	if err := e.Run(t.Context()); err != nil {
-		t.Fatal(err)
+	src := e.source.(*events)
+	for _, ev := range src.queue {
+		e.Handle(ev)
+	}
+	src.queue = nil
+}
+
+// expectCounters checks layer-4 counters of the series for service.
+func expectCounters(t *testing.T, e *Exporter, service string, want map[string]float64) {
+	t.Helper()
+	for name, w := range want {
+		if got := counter(t, e, name, service); got != w {
+			t.Errorf("%s = %v, want %v", name, got, w)
+		}
 	}
 }
 
@@ -89,18 +92,46 @@ func TestExporterCountsFlows(t *testing.T) {
 	}}
 	e := NewExporter(src, Options{})
 	run(t, e)
-	for name, want := range map[string]float64{
+	expectCounters(t, e, a, map[string]float64{
 		"sluice_tcp_connections_opened_total": 2,
 		"sluice_tcp_connections_closed_total": 2,
 		"sluice_tcp_sent_bytes_total":         110,
 		"sluice_tcp_received_bytes_total":     220,
-	} {
-		if got := counter(t, e, name, a); got != want {
-			t.Errorf("%s = %v, want %v", name, got, want)
-		}
-	}
+	})
 	if live, _ := e.Live(); len(live) != 0 {
 		t.Errorf("%d live flows left, want 0", len(live))
+	}
+}
+
+// The table of open flows is bounded: a flow opened while it is full is
+// counted as such and left out, and its close still counts it, opened and
+// closed, so the layer-4 counters stay exact.
+func TestLiveFlowsAreBounded(t *testing.T) {
+	const a = "198.18.2.2:8080"
+	src := &events{queue: []podstate.FlowEvent{
+		event(1, podstate.FlowOpened, a, 0, 0),
+		event(2, podstate.FlowOpened, a, 0, 0),
+		event(3, podstate.FlowOpened, a, 0, 0),
+	}}
+	e := NewExporter(src, Options{MaxLiveFlows: 2})
+	run(t, e)
+	var m dto.Metric
+	if e.liveFull.Write(&m); len(e.live) != 2 || m.GetCounter().GetValue() != 1 {
+		t.Fatalf("%d flows kept open, %v counted as a full table; want 2 and 1", len(e.live), m.GetCounter().GetValue())
+	}
+	src.queue = []podstate.FlowEvent{
+		event(1, podstate.FlowClosed, a, 1, 1),
+		event(2, podstate.FlowClosed, a, 1, 1),
+		event(3, podstate.FlowClosed, a, 1, 1),
+	}
+	run(t, e)
+	expectCounters(t, e, a, map[string]float64{
+		"sluice_tcp_connections_opened_total": 3,
+		"sluice_tcp_connections_closed_total": 3,
+		"sluice_tcp_sent_bytes_total":         3,
+	})
+	if len(e.live) != 0 {
+		t.Errorf("%d flows still open, want 0", len(e.live))
 	}
 }
 

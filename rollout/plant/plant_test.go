@@ -1,8 +1,6 @@
 package plant
 
 import (
-	"context"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -19,17 +17,8 @@ import (
 	"github.com/sluicemesh/sluice/telemetry"
 )
 
-// events is a Source of hand-made flow events.
+// events are hand-made flow events of a pod with no kernel counters.
 type events []podstate.FlowEvent
-
-func (e *events) Next(time.Duration) (podstate.FlowEvent, error) {
-	if len(*e) == 0 {
-		return podstate.FlowEvent{}, io.EOF
-	}
-	ev := (*e)[0]
-	*e = (*e)[1:]
-	return ev, nil
-}
 
 func (e *events) Counters() (map[string]uint64, error) { return nil, nil }
 
@@ -61,9 +50,9 @@ func TestMeasureReadsThePodsMetrics(t *testing.T) {
 	pod := telemetry.NewExporter(&src, telemetry.Options{MaxDestinations: 2, ConstLabels: prometheus.Labels{telemetry.LabelPodCgroup: "/pod-a"}})
 	other := events{outbound(1, podstate.FlowOpened, canary, 9000), outbound(2, podstate.FlowConnectFailed, stable, 0)}
 	otherPod := telemetry.NewExporter(&other, telemetry.Options{ConstLabels: prometheus.Labels{telemetry.LabelPodCgroup: "/pod-b"}})
-	for _, e := range []*telemetry.Exporter{pod, otherPod} {
-		if err := e.Run(context.Background()); err != nil {
-			t.Fatal(err)
+	for e, evs := range map[*telemetry.Exporter]events{pod: src, otherPod: other} {
+		for _, ev := range evs {
+			e.Handle(ev)
 		}
 	}
 	mux := http.NewServeMux()
