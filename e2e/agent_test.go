@@ -31,6 +31,18 @@ func startAgent(t *testing.T, args ...string) string {
 // network namespace, say).
 func startAgentWith(t *testing.T, start func(*exec.Cmd) error, args ...string) string {
 	t.Helper()
+	url, _ := startAgentCmdWith(t, start, args...)
+	return url
+}
+
+// startAgentCmd is startAgent that also gives the agent's process.
+func startAgentCmd(t *testing.T, args ...string) (string, *exec.Cmd) {
+	t.Helper()
+	return startAgentCmdWith(t, func(cmd *exec.Cmd) error { return cmd.Start() }, args...)
+}
+
+func startAgentCmdWith(t *testing.T, start func(*exec.Cmd) error, args ...string) (string, *exec.Cmd) {
+	t.Helper()
 	cmd := sluice(t, append([]string{"agent", "--metrics-addr", "127.0.0.1:0", "--log-format", "json", "--gc-interval", "100ms"}, args...)...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -51,11 +63,11 @@ func startAgentWith(t *testing.T, start func(*exec.Cmd) error, args ...string) s
 		}
 		if json.Unmarshal(sc.Bytes(), &e) == nil && e.Msg == "agent running" {
 			go io.Copy(io.Discard, stderr)
-			return "http://" + e.Addr
+			return "http://" + e.Addr, cmd
 		}
 	}
 	t.Fatalf("agent exited before it ran: %v", sc.Err())
-	return ""
+	return "", nil
 }
 
 func getJSON(t *testing.T, url string, v any) {

@@ -35,6 +35,7 @@ var helperRoles = map[string]func(args []string) (any, error){
 	"churn":          churn,
 	"load":           load,
 	"load-captured":  loadCaptured,
+	"paced":          paced,
 	"hold":           hold,
 	"bind":           tryBind,
 	"openpin":        openPin,
@@ -165,6 +166,36 @@ func loadCaptured(args []string) (any, error) {
 	return shortConnectionsWith(workers, func() (string, bool) { return args[2], time.Now().Before(end) }, func(addr string) error {
 		return oneShortVia(addr, true)
 	}), nil
+}
+
+// paced makes captured short connections to ADDR at RATE a second for
+// DURATION (each started on schedule, as many at once as that takes, up to
+// 64), as a client population would, not as fast as it can: args: rate
+// duration addr.
+func paced(args []string) (any, error) {
+	if len(args) != 3 {
+		return nil, errors.New("usage: paced RATE DURATION ADDR")
+	}
+	rate, err := strconv.Atoi(args[0])
+	if err != nil || rate <= 0 {
+		return nil, fmt.Errorf("rate %q: want connections a second", args[0])
+	}
+	d, err := time.ParseDuration(args[1])
+	if err != nil {
+		return nil, err
+	}
+	every := time.Second / time.Duration(rate)
+	total := int64(d / every)
+	start := time.Now()
+	var next atomic.Int64
+	return shortConnectionsWith(64, func() (string, bool) {
+		i := next.Add(1) - 1
+		if i >= total {
+			return "", false
+		}
+		time.Sleep(time.Until(start.Add(time.Duration(i) * every)))
+		return args[2], true
+	}, func(addr string) error { return oneShortVia(addr, true) }), nil
 }
 
 // shortConnections runs oneShort with workers at a time to the addresses

@@ -25,9 +25,9 @@ series labelled with the pod's cgroup and Kubernetes pod uid; and the
 agent's own figures), /flows?pod=UID (a pod's open flows, or with
 follow=true each as it opens and closes: what 'sluice flows' shows) and
 /pods (every install and its state, JSON). It is the only reader of the
-node's flow ring (1 MiB): flow events of a time it is down wait there for
-the next agent, and those that do not fit are counted by the kernel, so the
-counters stay exact.
+node's flow ring (256 KiB a CPU, at least 1 MiB): flow events of a time it
+is down wait there for the next agent, and those that do not fit are
+counted by the kernel, per pod, so the counters stay exact.
 Treat --metrics-addr as sensitive: /flows lists every peer of every pod.
 Every --gc-interval it uninstalls the pods whose cgroup is gone: a pod
 deleted without its capture being uninstalled leaves pins and links that

@@ -132,6 +132,10 @@ func printPolicy(w io.Writer, s loader.State, inbound bool) {
 	fmt.Fprintf(tw, "  inbound listener\t%d\n", c.InboundPort)
 	fmt.Fprintf(tw, "  proxy uid/gid (never captured)\t%d/%d\n", c.ProxyUID, c.ProxyGID)
 	fmt.Fprintf(tw, "  flows measured in the kernel\t%s\n", map[bool]string{false: "yes", true: "no (--flows=false)"}[c.NoFlows])
+	if !c.NoFlows {
+		fmt.Fprintf(tw, "  flow events lost\t%d (the node's ring was full), %d flows untracked (no socket storage)\n",
+			s.Counters["flow_event_lost_ring_full"], s.Counters["flow_untracked_no_state"])
+	}
 	if c.Splice {
 		fmt.Fprintf(tw, "  splice app<->sidecar\ton: %d sockets spliced now, room for %d\n", s.SpliceSockets, s.SpliceCapacity)
 	} else if s.SpliceSockets > 0 {

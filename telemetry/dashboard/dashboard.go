@@ -92,7 +92,11 @@ func Build() (dashboard.Dashboard, error) {
 		WithPanel(stat.NewPanelBuilder().Title("Open flows").Datasource(ds).Height(4).Span(6).
 			WithTarget(prometheus.NewDataqueryBuilder().Expr(fmt.Sprintf(`sum(sluice_live_flows{%s})`, sel)).Datasource(ds))).
 		WithPanel(series("Kernel events", "cps", "Inbound steering, and every connection or flow event the hooks could not serve (ring buffer full, no socket storage, handshake table full): all should stay at 0 but inbound_steered.",
-			query{rate("sluice_kernel_events_total", "event"), "{{event}}"}))
+			query{rate("sluice_kernel_events_total", "event"), "{{event}}"})).
+		WithPanel(series("Telemetry loss, by pod and reason", "cps", "Flow events that did not make it into the pod's series, and why: the node's ring was full (flow_event_lost_ring_full; the flows are still counted, under destination \"unknown\"), no socket storage for the flow (flow_untracked_no_state), the agent's table of open flows was full (live_table_full: counted at close, missing from /flows), or events of a pod gone before the agent read them (no pod). All should stay at 0.",
+			query{fmt.Sprintf(`sum by (pod_uid, event) (rate(sluice_kernel_events_total{event=~"flow_event_lost_ring_full|flow_untracked_no_state", %s}[$__rate_interval]))`, sel), "{{pod_uid}} {{event}}"},
+			query{fmt.Sprintf(`sum by (pod_uid) (rate(sluice_flow_live_table_full_total{%s}[$__rate_interval]))`, sel), "{{pod_uid}} live_table_full"},
+			query{`sum(rate(sluice_agent_flow_events_unmatched_total[$__rate_interval]))`, "no pod"}))
 	return b.Build()
 }
 
