@@ -146,10 +146,7 @@ func expectViaSidecar(t *testing.T, res testbed.ClientResult, what string) {
 // at link time: a build of its own, with node state of its own.)
 func TestAgentMovesPodsOntoItsBuild(t *testing.T) {
 	privileged(t)
-	other := filepath.Join(t.TempDir(), "sluice-other")
-	if err := buildSluice(other, "", "", "-ldflags=-X github.com/sluicemesh/sluice/bpf.buildLabel=e2e-other"); err != nil {
-		t.Fatal(err)
-	}
+	other := otherBuild(t)
 	c := newUncapturedPod(t, nil)
 	install := exec.Command(other, "install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "-o", "5555", "-b", "8080,8443")
 	if out, err := install.CombinedOutput(); err != nil {
@@ -194,4 +191,43 @@ func TestAgentMovesPodsOntoItsBuild(t *testing.T) {
 	}
 	expectViaSidecar(t, c.client(t, out), "outbound, after the upgrade")
 	expectViaSidecar(t, c.inbound(t, in), "inbound, after the upgrade")
+}
+
+// otherBuild is this tree built as another build: labelled at link time,
+// with node state of its own.
+func otherBuild(t *testing.T) string {
+	t.Helper()
+	other := filepath.Join(t.TempDir(), "sluice-other")
+	if err := buildSluice(other, "", "", "-ldflags=-X github.com/sluicemesh/sluice/bpf.buildLabel=e2e-other"); err != nil {
+		t.Fatal(err)
+	}
+	return other
+}
+
+// A pod whose init container installed capture from inside it (no
+// arguments: the record names no network namespace), in a cgroup path of
+// the systemd driver's, dots and all, is moved by the agent too: it finds
+// the pod's namespace through a process of the pod.
+func TestAgentMovesAnInPodInstall(t *testing.T) {
+	other := otherBuild(t)
+	p := newInitPod(t)
+	if res := p.runCmd(t, exec.Command(other, "install")); res.Code != 0 {
+		t.Fatalf("in the pod, the other build's install: exit %d\n%s%s", res.Code, res.Stdout, res.Stderr)
+	}
+	if s := statusJSON(t, p.cgroup); !s.Upgrade || s.Target.Netns != "" {
+		t.Fatalf("the in-pod install by the other build: upgrade %v, netns %q; want another build and no namespace recorded", s.Upgrade, s.Target.Netns)
+	}
+	c := &capturedPod{pod: p.pod, host: p.host, cgroup: p.cgroup, echoes: map[string]*testbed.EchoListener{}}
+	out := netip.AddrPortFrom(p.host.Addr4, 8080).String()
+	var err error
+	if c.echoes[out], err = p.host.ListenEcho(out); err != nil {
+		t.Fatal(err)
+	}
+	c.startSidecar(t) // a process of the pod
+	mustCLI(t, "agent", "--once", "--metrics-addr", "127.0.0.1:0")
+	s := statusJSON(t, p.cgroup)
+	if !s.Complete || s.Upgrade || s.Object != bpf.ObjectHash() {
+		t.Fatalf("after the agent ran: complete %v, upgrade %v, object %q (want %q), missing %v", s.Complete, s.Upgrade, s.Object, bpf.ObjectHash(), s.Missing)
+	}
+	c.expectProxied(t, c.client(t, out), out)
 }
