@@ -45,6 +45,11 @@ static __always_inline __u32 peer_backlog(__u64 peer)
 	if (!(ud & SK_USER_DATA_PSOCK))
 		return 0;
 	struct sk_psock *psock = (struct sk_psock *)(ud & ~SK_USER_DATA_FLAGS);
+	/* A kernel without the field (before the 2026 patch that added it)
+	 * still loads this program; install refuses splice and offload there
+	 * (loader: hasSpliceBacklog), so this 0 is never relied on. */
+	if (!bpf_core_field_exists(psock->msg_tot_len))
+		return 0;
 	return BPF_CORE_READ(psock, msg_tot_len);
 }
 

@@ -18,7 +18,10 @@ import (
 // Probe is one kernel capability Sluice needs and whether this kernel has it.
 type Probe struct {
 	Name string `json:"name"`
-	Err  error  `json:"-"`
+	// Optional is a capability only some features need: without it the
+	// rest works, and install refuses those features by name.
+	Optional bool  `json:"optional,omitempty"`
+	Err      error `json:"-"`
 	// Error is Err as text, for --json.
 	Error string `json:"error,omitempty"`
 }
@@ -71,6 +74,8 @@ func Check() []Probe {
 		}
 		add("sk_lookup links on a network namespace", probeSkLookup(coll.Programs[bpf.SluiceProgSluiceSkLookup]))
 	}
+	add("splice and offload: spliced bytes counted (sk_psock.msg_tot_len)", spliceBacklog())
+	probes[len(probes)-1].Optional = true
 	return probes
 }
 

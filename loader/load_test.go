@@ -1,6 +1,14 @@
 package loader
 
-import "testing"
+import (
+	"errors"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/sluicemesh/sluice/internal/testbed"
+	"github.com/sluicemesh/sluice/redirect"
+)
 
 // The node's flow ring grows with its CPUs, a power of two from 1 MiB to
 // 64 MiB.
@@ -9,5 +17,31 @@ func TestFlowRingSize(t *testing.T) {
 		if got := flowRingSize(cpus); got != want {
 			t.Errorf("flowRingSize(%d) = %d, want %d", cpus, got, want)
 		}
+	}
+}
+
+// On a kernel that does not count spliced bytes (Debian's 6.1), install
+// refuses splice and offload by name, before it changes anything; the
+// rest installs.
+func TestSpliceRefusedWhereTheKernelCannotCountIt(t *testing.T) {
+	privileged(t)
+	real := spliceBacklog
+	spliceBacklog = func() error { return errors.New("this kernel's struct sk_psock has no msg_tot_len") }
+	t.Cleanup(func() { spliceBacklog = real })
+	target := podIn(t, testbed.Must(t), "", "old-kernel")
+	for _, plan := range []redirect.Plan{
+		func() redirect.Plan { p := testPlan(); p.Splice = true; return p }(),
+		func() redirect.Plan { p := testPlan(); p.OffloadPorts = []uint16{8080}; return p }(),
+	} {
+		_, err := Install(target, plan, nil, quiet)
+		if err == nil || !strings.Contains(err.Error(), "--splice and --offload-ports need the kernel to count a socket's spliced bytes") || !strings.Contains(err.Error(), "msg_tot_len") {
+			t.Errorf("install with splice %v, offload %v: %v; want it refused, naming the kernel feature", plan.Splice, plan.OffloadPorts, err)
+		}
+		if _, err := os.Stat(target.PinDir); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("a refused install left %s (%v)", target.PinDir, err)
+		}
+	}
+	if _, err := Install(target, testPlan(), nil, quiet); err != nil {
+		t.Errorf("install without splice on that kernel: %v", err)
 	}
 }

@@ -17,8 +17,10 @@ func checkCommand() command {
 		help: `Usage: sluice check [--json]
 
 Probes program types, map types, helpers, cgroup v2, a real load of the
-programs through the verifier and a real attach to a throwaway cgroup.
-Exits 1 and names what is missing when anything is.
+programs through the verifier and a real attach to a throwaway cgroup,
+then what optional features need (splice and offload: a kernel that counts
+spliced bytes). Exits 1 and names what is missing when anything the core
+needs is; an optional feature missing is said, and install refuses it.
 
 Example:
   sluice check`,
@@ -35,7 +37,7 @@ Example:
 		probes := loader.Check()
 		var missing []string
 		for _, p := range probes {
-			if p.Err != nil {
+			if p.Err != nil && !p.Optional {
 				missing = append(missing, p.Name)
 			}
 		}
@@ -48,7 +50,10 @@ Example:
 			fmt.Fprintln(tw, "CAPABILITY\tRESULT")
 			for _, p := range probes {
 				result := "ok"
-				if p.Err != nil {
+				switch {
+				case p.Err != nil && p.Optional:
+					result = "not available (the rest works): " + p.Error
+				case p.Err != nil:
 					result = "MISSING: " + p.Error
 				}
 				fmt.Fprintf(tw, "%s\t%s\n", p.Name, result)

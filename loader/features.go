@@ -1,0 +1,46 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/cilium/ebpf/btf"
+
+	"github.com/sluicemesh/sluice/redirect"
+)
+
+// spliceBacklog reports whether the kernel counts the bytes spliced to a
+// socket and not read yet (struct sk_psock's msg_tot_len, a 2026 addition:
+// Debian's 6.1 lacks it). Splice's and offload's flow control read it
+// (bpf/splice.c: peer_backlog); without it a spliced socket's queue could
+// grow without bound, so install refuses both there. Read once a process
+// from the kernel's BTF. A variable, for tests to stand in another kernel.
+var spliceBacklog = sync.OnceValue(func() error {
+	spec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return fmt.Errorf("read the kernel's BTF: %w", err)
+	}
+	var psock *btf.Struct
+	if err := spec.TypeByName("sk_psock", &psock); err != nil {
+		return fmt.Errorf("the kernel's BTF has no struct sk_psock: %w", err)
+	}
+	for _, m := range psock.Members {
+		if m.Name == "msg_tot_len" {
+			return nil
+		}
+	}
+	return errors.New("this kernel's struct sk_psock has no msg_tot_len (the count of spliced bytes not read yet, added to Linux in 2026)")
+})
+
+// kernelCanDo refuses a plan that asks for what this kernel cannot do
+// safely, naming the feature; nothing is changed before it.
+func kernelCanDo(plan redirect.Plan) error {
+	if !plan.Splice && len(plan.OffloadPorts) == 0 && len(plan.OffloadInboundPorts) == 0 {
+		return nil
+	}
+	if err := spliceBacklog(); err != nil {
+		return fmt.Errorf("--splice and --offload-ports need the kernel to count a socket's spliced bytes, for flow control: %w; install without them (capture, telemetry, routes and kernel-only work without)", err)
+	}
+	return nil
+}
