@@ -8,10 +8,15 @@ import (
 
 // TestCheck loads every program through the verifier and attaches one to a
 // throwaway cgroup: a kernel or BPF change that breaks loading fails here.
+// An optional capability may be missing (on Debian's 6.1, splice's), as
+// long as check says why.
 func TestCheck(t *testing.T) {
 	privileged(t)
 	for _, p := range Check() {
-		if p.Err != nil {
+		switch {
+		case p.Err != nil && p.Optional:
+			t.Logf("optional, not on this kernel: %s: %v", p.Name, p.Err)
+		case p.Err != nil:
 			t.Errorf("%s: %v", p.Name, p.Err)
 		}
 	}

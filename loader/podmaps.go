@@ -23,7 +23,7 @@ func podMapSpecs() map[string]*ebpf.MapSpec {
 	size := func(v any) uint32 { return uint32(binary.Size(v)) }
 	tuple, orig := size(bpf.SluiceTupleKey{}), size(bpf.SluiceOrigDst{})
 	sockState := size(bpf.SluiceSockState{})
-	return map[string]*ebpf.MapSpec{
+	specs := map[string]*ebpf.MapSpec{
 		bpf.SluiceMapMeta:       {Type: ebpf.Array, KeySize: 4, ValueSize: size(bpf.SluiceInstallMeta{}), MaxEntries: 1},
 		bpf.SluiceMapCounters:   {Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: 64},
 		bpf.SluiceMapHandshakes: {Type: ebpf.Hash, KeySize: tuple, ValueSize: orig, MaxEntries: 256, Flags: noPrealloc},
@@ -35,14 +35,41 @@ func podMapSpecs() map[string]*ebpf.MapSpec {
 		bpf.SluiceMapOffloadPeers:     {Type: ebpf.Hash, KeySize: tuple, ValueSize: 8, MaxEntries: 1, Flags: noPrealloc},
 		bpf.SluiceMapInboundListeners: {Type: ebpf.SockMap, KeySize: 4, ValueSize: 8, MaxEntries: 2},
 		bpf.SluiceMapPodAddrs:         {Type: ebpf.Array, KeySize: 4, ValueSize: size(bpf.SluiceAddr6{}), MaxEntries: 2},
-		// Socket storage needs BTF for its key (an int) and value; the
-		// value's is bytes of its size, enough for a map no program
-		// inspects field by field from user space.
+		// Socket storage needs BTF for its key (an int) and value.
 		bpf.SluiceMapSockStates: {Type: ebpf.SkStorage, KeySize: 4, ValueSize: sockState, Flags: noPrealloc,
-			Key: &btf.Int{Name: "int", Size: 4, Encoding: btf.Signed},
-			Value: &btf.Array{Index: &btf.Int{Name: "unsigned int", Size: 4}, Type: &btf.Int{Name: "unsigned char", Size: 1},
-				Nelems: sockState}},
+			Key:   &btf.Int{Name: "int", Size: 4, Encoding: btf.Signed},
+			Value: bytesType(sockState)},
 	}
+	// Arrays and hashes get BTF too, a struct value as the node's
+	// templates have from the object: Linux 6.1 takes an inner map only if
+	// its timer offset matches the template's, and that is -ENOENT for a
+	// struct value with no timer but -EINVAL with no BTF or another type
+	// (the update fails with EINVAL; later kernels compare BTF records,
+	// where all of these are empty).
+	for name, ms := range specs {
+		value := bytesType(ms.ValueSize)
+		if scalarValues[name] {
+			value = &btf.Int{Name: "unsigned long", Size: ms.ValueSize}
+		}
+		switch ms.Type {
+		case ebpf.Array:
+			ms.Key, ms.Value = &btf.Int{Name: "unsigned int", Size: 4}, value
+		case ebpf.Hash:
+			ms.Key, ms.Value = bytesType(ms.KeySize), value
+		}
+	}
+	return specs
+}
+
+// scalarValues are the pod maps whose value bpf/sluice.h declares as an
+// integer, not a struct (TestPodMapSpecs holds them to the object).
+var scalarValues = map[string]bool{bpf.SluiceMapRoutesActive: true, bpf.SluiceMapOffloadPeers: true}
+
+// bytesType is the BTF of a struct of n bytes: enough for a map no program
+// inspects field by field from user space.
+func bytesType(n uint32) btf.Type {
+	bytes := &btf.Array{Index: &btf.Int{Name: "unsigned int", Size: 4}, Type: &btf.Int{Name: "unsigned char", Size: 1}, Nelems: n}
+	return &btf.Struct{Name: "sluice_bytes", Size: n, Members: []btf.Member{{Name: "bytes", Type: bytes}}}
 }
 
 // podMapSpec is the layout of the pod's map name, sized for the plan.

@@ -7,6 +7,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+
 	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/redirect"
 )
@@ -95,6 +98,12 @@ func TestCIDRTriesHoldTwoSlots(t *testing.T) {
 // The pod maps install makes without parsing the object are laid out as
 // the object's programs expect (the kernel checks every inner map against
 // the first), and the names it opens on the node are the object's.
+// isStruct reports whether a map's value type is a struct.
+func isStruct(typ btf.Type) bool {
+	_, ok := btf.UnderlyingType(typ).(*btf.Struct)
+	return ok
+}
+
 func TestPodMapSpecs(t *testing.T) {
 	spec, err := bpf.LoadSluice()
 	if err != nil {
@@ -111,6 +120,11 @@ func TestPodMapSpecs(t *testing.T) {
 		if got.Type != want.Type || got.KeySize != want.KeySize || got.ValueSize != want.ValueSize ||
 			got.MaxEntries != want.MaxEntries || got.Flags != want.Flags {
 			t.Errorf("%s: loader makes %+v, the object declares %+v", name, got, want)
+		}
+		// Linux 6.1 takes an inner map only with the template's kind of
+		// value: a struct, or not (podMapSpecs).
+		if (got.Type == ebpf.Array || got.Type == ebpf.Hash) && isStruct(got.Value) != isStruct(want.Value) {
+			t.Errorf("%s: the loader's value is %T, the object's %T: one a struct, the other not", name, got.Value, want.Value)
 		}
 	}
 	if len(specs) != len(podMapNames) {

@@ -68,7 +68,7 @@ func (b *Bed) wireDelayed(nsName string, sub subnet, delay time.Duration) error 
 		return fmt.Errorf("open netns %s: %w", nsName, err)
 	}
 	defer ns.Close()
-	inside, err := netlink.NewHandleAt(ns)
+	inside, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("netlink in netns %s: %w", nsName, err)
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/sluicemesh/sluice/internal/nsenter"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // Bed is one set of pods and hosts behind a node namespace. Its methods are
@@ -98,7 +99,10 @@ func (b *Bed) setup(cgroupRoot string) error {
 		return fmt.Errorf("open netns %s: %w", b.nodeNetns, err)
 	}
 	defer ns.Close()
-	if b.node, err = netlink.NewHandleAt(ns); err != nil {
+	// Route netlink only (here and for pods and hosts): by default a
+	// handle opens XFRM and netfilter sockets too, whose modules a small
+	// kernel lacks (Debian's 6.1 cloud kernel, make test-kernel).
+	if b.node, err = netlink.NewHandleAt(ns, unix.NETLINK_ROUTE); err != nil {
 		return fmt.Errorf("netlink in netns %s: %w", b.nodeNetns, err)
 	}
 	if err := linkUp(b.node, "lo"); err != nil {
