@@ -1,7 +1,10 @@
 package loader
 
 import (
+	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/sluicemesh/sluice/internal/testbed"
 )
@@ -36,7 +39,13 @@ func TestVerifierBudget(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer coll.Close()
-	const budget = 100_000
+	budget := 100_000
+	var uts unix.Utsname
+	if unix.Uname(&uts) == nil && strings.HasPrefix(unix.ByteSliceToString(uts.Release[:]), "6.1.") {
+		// Debian's 6.1 walks 185,000 (make test-kernel): an older
+		// verifier prunes fewer paths.
+		budget = 200_000
+	}
 	total := 0
 	for name, p := range coll.Programs {
 		info, err := p.Info()

@@ -26,8 +26,13 @@ func podTarget(t *testing.T) Target {
 	return podIn(t, testbed.Must(t), "", "app")
 }
 
+// splicePlan is the default plan with splice, on a kernel that counts
+// spliced bytes (elsewhere install refuses it: TestSpliceRefusedWhereTheKernelCannotCountIt).
 func splicePlan(t *testing.T) redirect.Plan {
 	t.Helper()
+	if err := spliceBacklog(); err != nil {
+		t.Skipf("splice is refused on this kernel: %v", err)
+	}
 	p := redirect.DefaultPolicy()
 	p.Splice = true
 	plan, err := p.Plan()
