@@ -72,11 +72,11 @@ demo: deps
 	$(GO) build -tags demo -o bin/sluice-demo ./cmd/sluice
 	./bin/sluice-demo demo
 
-# Boots Debian's kernel KERNEL (6.1: Debian 12's own) under QEMU with a
-# static sluice and runs 'sluice check' there: the whole BPF object loads
-# and attaches on it, and the optional features are reported (CI runs it
-# after make test; about 15 s). The capture suite inside is issue 29's next
-# step.
+# Boots Debian's kernel KERNEL (6.1: Debian 12's own) under QEMU and runs
+# 'sluice check' and the loader package's tests there: the whole BPF object
+# loads and attaches, pods install, capture steers and refuses as on the
+# host (CI runs it after make test; about 80 s, software emulation). The
+# e2e suite inside is issue 29's next step.
 KERNEL ?= 6.1
 test-kernel: deps
 	scripts/test-kernel/run.sh $(KERNEL)
