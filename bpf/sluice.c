@@ -12,5 +12,6 @@
 #include "sockops.c"
 #include "sk_lookup.c"
 #include "portrange.c"
+#include "features.c"
 
 char __license[] SEC("license") = "Dual BSD/GPL";

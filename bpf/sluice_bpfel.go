@@ -335,6 +335,7 @@ const (
 	SluiceProgSluiceBind6         = "sluice_bind6"
 	SluiceProgSluiceConnect4      = "sluice_connect4"
 	SluiceProgSluiceConnect6      = "sluice_connect6"
+	SluiceProgSluiceFeatures      = "sluice_features"
 	SluiceProgSluiceGetpeername4  = "sluice_getpeername4"
 	SluiceProgSluiceGetpeername6  = "sluice_getpeername6"
 	SluiceProgSluiceGetsockopt    = "sluice_getsockopt"
@@ -414,6 +415,7 @@ type SluiceProgramSpecs struct {
 	SluiceBind6        *ebpf.ProgramSpec `ebpf:"sluice_bind6"`
 	SluiceConnect4     *ebpf.ProgramSpec `ebpf:"sluice_connect4"`
 	SluiceConnect6     *ebpf.ProgramSpec `ebpf:"sluice_connect6"`
+	SluiceFeatures     *ebpf.ProgramSpec `ebpf:"sluice_features"`
 	SluiceGetpeername4 *ebpf.ProgramSpec `ebpf:"sluice_getpeername4"`
 	SluiceGetpeername6 *ebpf.ProgramSpec `ebpf:"sluice_getpeername6"`
 	SluiceGetsockopt   *ebpf.ProgramSpec `ebpf:"sluice_getsockopt"`
@@ -589,6 +591,7 @@ type SluicePrograms struct {
 	SluiceBind6        *ebpf.Program `ebpf:"sluice_bind6"`
 	SluiceConnect4     *ebpf.Program `ebpf:"sluice_connect4"`
 	SluiceConnect6     *ebpf.Program `ebpf:"sluice_connect6"`
+	SluiceFeatures     *ebpf.Program `ebpf:"sluice_features"`
 	SluiceGetpeername4 *ebpf.Program `ebpf:"sluice_getpeername4"`
 	SluiceGetpeername6 *ebpf.Program `ebpf:"sluice_getpeername6"`
 	SluiceGetsockopt   *ebpf.Program `ebpf:"sluice_getsockopt"`
@@ -605,6 +608,7 @@ func (p *SluicePrograms) Close() error {
 		p.SluiceBind6,
 		p.SluiceConnect4,
 		p.SluiceConnect6,
+		p.SluiceFeatures,
 		p.SluiceGetpeername4,
 		p.SluiceGetpeername6,
 		p.SluiceGetsockopt,

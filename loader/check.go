@@ -74,7 +74,7 @@ func Check() []Probe {
 		}
 		add("sk_lookup links on a network namespace", probeSkLookup(coll.Programs[bpf.SluiceProgSluiceSkLookup]))
 	}
-	add("splice and offload: spliced bytes counted (sk_psock.msg_tot_len)", spliceBacklog())
+	add("splice and offload: spliced bytes counted (sk_psock.msg_tot_len)", spliceBacklogBTF())
 	probes[len(probes)-1].Optional = true
 	return probes
 }

@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"sync"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
 
+	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/redirect"
 )
 
@@ -14,9 +16,31 @@ import (
 // socket and not read yet (struct sk_psock's msg_tot_len, a 2026 addition:
 // Debian's 6.1 lacks it). Splice's and offload's flow control read it
 // (bpf/splice.c: peer_backlog); without it a spliced socket's queue could
-// grow without bound, so install refuses both there. Read once a process
-// from the kernel's BTF. A variable, for tests to stand in another kernel.
-var spliceBacklog = sync.OnceValue(func() error {
+// grow without bound, so install refuses both there. root is the pin root:
+// the node's sluice_features answers in microseconds; before this build
+// has programs on the node the kernel's BTF is read (38 ms, once a
+// process). A variable, for tests to stand in another kernel.
+var spliceBacklog = func(root string) error {
+	if p, err := openNodeProgram(root, bpf.SluiceProgSluiceFeatures); err == nil && p != nil {
+		defer p.Close()
+		if features, err := p.Run(&ebpf.RunOptions{}); err == nil {
+			if features&featureSpliceBacklog == 0 {
+				return errNoSpliceBacklog
+			}
+			return nil
+		}
+	}
+	return spliceBacklogBTF()
+}
+
+// featureSpliceBacklog is sluice_features' bit for msg_tot_len
+// (bpf/features.c).
+const featureSpliceBacklog = 1
+
+var errNoSpliceBacklog = errors.New("this kernel's struct sk_psock has no msg_tot_len (the count of spliced bytes not read yet, added to Linux in 2026)")
+
+// spliceBacklogBTF is spliceBacklog from the kernel's BTF.
+var spliceBacklogBTF = sync.OnceValue(func() error {
 	spec, err := btf.LoadKernelSpec()
 	if err != nil {
 		return fmt.Errorf("read the kernel's BTF: %w", err)
@@ -30,16 +54,16 @@ var spliceBacklog = sync.OnceValue(func() error {
 			return nil
 		}
 	}
-	return errors.New("this kernel's struct sk_psock has no msg_tot_len (the count of spliced bytes not read yet, added to Linux in 2026)")
+	return errNoSpliceBacklog
 })
 
 // kernelCanDo refuses a plan that asks for what this kernel cannot do
 // safely, naming the feature; nothing is changed before it.
-func kernelCanDo(plan redirect.Plan) error {
+func kernelCanDo(root string, plan redirect.Plan) error {
 	if !plan.Splice && len(plan.OffloadPorts) == 0 && len(plan.OffloadInboundPorts) == 0 {
 		return nil
 	}
-	if err := spliceBacklog(); err != nil {
+	if err := spliceBacklog(root); err != nil {
 		return fmt.Errorf("--splice and --offload-ports need the kernel to count a socket's spliced bytes, for flow control: %w; install without them (capture, telemetry, routes and kernel-only work without)", err)
 	}
 	return nil

@@ -72,7 +72,7 @@ func Install(t Target, plan redirect.Plan, args []string, log *slog.Logger) (res
 
 // run is Install's steps.
 func (in *installer) run(args []string) (res Result, err error) {
-	if err := kernelCanDo(in.plan); err != nil {
+	if err := kernelCanDo(filepath.Dir(in.t.PinDir), in.plan); err != nil {
 		return Result{}, err
 	}
 	defer func() { err = in.end(err) }()

@@ -30,7 +30,7 @@ func podTarget(t *testing.T) Target {
 // spliced bytes (elsewhere install refuses it: TestSpliceRefusedWhereTheKernelCannotCountIt).
 func splicePlan(t *testing.T) redirect.Plan {
 	t.Helper()
-	if err := spliceBacklog(); err != nil {
+	if err := spliceBacklogBTF(); err != nil {
 		t.Skipf("splice is refused on this kernel: %v", err)
 	}
 	p := redirect.DefaultPolicy()

@@ -3,9 +3,13 @@ package loader
 import (
 	"errors"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/cilium/ebpf"
+
+	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/internal/testbed"
 	"github.com/sluicemesh/sluice/redirect"
 )
@@ -26,7 +30,7 @@ func TestFlowRingSize(t *testing.T) {
 func TestSpliceRefusedWhereTheKernelCannotCountIt(t *testing.T) {
 	privileged(t)
 	real := spliceBacklog
-	spliceBacklog = func() error { return errors.New("this kernel's struct sk_psock has no msg_tot_len") }
+	spliceBacklog = func(string) error { return errors.New("this kernel's struct sk_psock has no msg_tot_len") }
 	t.Cleanup(func() { spliceBacklog = real })
 	target := podIn(t, testbed.Must(t), "", "old-kernel")
 	for _, plan := range []redirect.Plan{
@@ -43,5 +47,32 @@ func TestSpliceRefusedWhereTheKernelCannotCountIt(t *testing.T) {
 	}
 	if _, err := Install(target, testPlan(), nil, quiet); err != nil {
 		t.Errorf("install without splice on that kernel: %v", err)
+	}
+}
+
+// The node's sluice_features answers as the kernel's BTF does, so install
+// can ask it instead of parsing the BTF (38 ms a process).
+func TestFeaturesFromTheNode(t *testing.T) {
+	privileged(t)
+	target := podIn(t, testbed.Must(t), "", "features")
+	if _, err := Install(target, testPlan(), nil, quiet); err != nil {
+		t.Fatal(err)
+	}
+	root := filepath.Dir(target.PinDir)
+	prog, err := openNodeProgram(root, bpf.SluiceProgSluiceFeatures)
+	if err != nil || prog == nil {
+		t.Fatalf("the node's %s: %v, %v", bpf.SluiceProgSluiceFeatures, prog, err)
+	}
+	defer prog.Close()
+	features, err := prog.Run(&ebpf.RunOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fromBTF := spliceBacklogBTF()
+	if has := features&featureSpliceBacklog != 0; has != (fromBTF == nil) {
+		t.Errorf("the node's program says msg_tot_len %v, the kernel's BTF %v", has, fromBTF)
+	}
+	if got := spliceBacklog(root); (got == nil) != (fromBTF == nil) {
+		t.Errorf("spliceBacklog = %v, the kernel's BTF %v", got, fromBTF)
 	}
 }
