@@ -161,10 +161,15 @@ func TestFailOpen(t *testing.T) {
 	c.startSidecar(t)
 	c.expectProxied(t, c.client(t, out), out)
 	// Only connections the dying sidecar held (in flight or in its accept
-	// queue) can fail; the rest go direct while it is down.
+	// queue) can fail; the rest go direct while it is down. That is a few
+	// a worker (4 workers, one connection at a time each, more while the
+	// killed process's sockets close): 2-7 of 9,000 here, 4 of 400 under
+	// make test-kernel's emulation. So a bound in connections, not a share
+	// of a rate that differs 20-fold between the two.
 	res := c.loadDuring(t, out)
-	if res.OK == 0 || res.Timeouts != 0 || res.Failed*100 > res.OK {
-		t.Errorf("load across a sidecar restart, fail open: %+v; want under 1%% failed, none hung", res)
+	t.Logf("load across a sidecar restart, fail open: %+v", res)
+	if res.OK == 0 || res.Timeouts != 0 || res.Failed > 16 {
+		t.Errorf("load across a sidecar restart, fail open: %+v; want at most 16 failed (4 a worker), none hung", res)
 	}
 	if n := statusJSON(t, c.cgroup).Counters["fail_open_outbound"]; n < 100 {
 		t.Errorf("fail_open_outbound = %d: no connection went direct while the sidecar was down", n)

@@ -7,8 +7,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sluicemesh/sluice/internal/testbed"
 	"github.com/sluicemesh/sluice/loader"
@@ -30,7 +32,10 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	sluiceBin = filepath.Join(dir, "sluice")
-	if err := buildSluice(sluiceBin, "", buildTags()); err != nil {
+	if prebuilt := os.Getenv("SLUICE_E2E_BIN"); prebuilt != "" {
+		// make test-kernel's VM has no Go: it brings the binaries built.
+		sluiceBin = prebuilt
+	} else if err := buildSluice(sluiceBin, "", buildTags()); err != nil {
 		os.RemoveAll(dir)
 		fmt.Fprintf(os.Stderr, "e2e: %v\n", err)
 		os.Exit(1)
@@ -100,6 +105,16 @@ func sluice(t testing.TB, args ...string) *exec.Cmd {
 func mustCLI(t testing.TB, args ...string) string {
 	t.Helper()
 	return testbed.MustRun(t, sluice(t, args...))
+}
+
+// scaled is d stretched by SLUICE_E2E_TIME_SCALE (make test-kernel's VM,
+// in software emulation, sets it): for traffic that has to last across an
+// event the test waits for, where a slower machine needs more of it.
+func scaled(d time.Duration) time.Duration {
+	if n, err := strconv.Atoi(os.Getenv("SLUICE_E2E_TIME_SCALE")); err == nil && n > 1 {
+		return d * time.Duration(n)
+	}
+	return d
 }
 
 func privileged(t *testing.T) { testbed.RequirePrivileged(t) }

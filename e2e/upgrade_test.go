@@ -168,9 +168,23 @@ func TestAgentMovesPodsOntoItsBuild(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	done := c.churn(t, "load-captured", "3s", out)
-	time.Sleep(time.Second)
+	done := c.churn(t, "load-captured", scaled(3*time.Second).String(), out)
+	time.Sleep(scaled(time.Second))
 	url := startAgent(t)
+	// The agent moves the pod on its first pass, which under emulation
+	// (make test-kernel) can come later than on the host: wait for it, and
+	// fail rather than pass with no traffic across the move.
+	for deadline := time.Now().Add(scaled(10 * time.Second)); !strings.Contains(httpBody(t, url+"/metrics"), "sluice_agent_upgraded_pods_total 1"); {
+		if time.Now().After(deadline) {
+			t.Fatal("the agent has not moved the pod")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	select {
+	case <-done:
+		t.Fatalf("the agent moved the pod only after the traffic ended, so none crossed the move (a slow machine: raise SLUICE_E2E_TIME_SCALE)")
+	default:
+	}
 	res := <-done
 	if res.Failed != 0 || res.OK == 0 {
 		t.Errorf("connections across the agent's upgrade: %+v; want none failed or escaped", res)
@@ -197,6 +211,9 @@ func TestAgentMovesPodsOntoItsBuild(t *testing.T) {
 // with node state of its own.
 func otherBuild(t *testing.T) string {
 	t.Helper()
+	if prebuilt := os.Getenv("SLUICE_E2E_OTHER_BIN"); prebuilt != "" {
+		return prebuilt // built so by make test-kernel, whose VM has no Go
+	}
 	other := filepath.Join(t.TempDir(), "sluice-other")
 	if err := buildSluice(other, "", "", "-ldflags=-X github.com/sluicemesh/sluice/bpf.buildLabel=e2e-other"); err != nil {
 		t.Fatal(err)

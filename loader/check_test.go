@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"slices"
 	"strings"
 	"testing"
 
@@ -11,16 +12,75 @@ import (
 
 // TestCheck loads every program through the verifier and attaches one to a
 // throwaway cgroup: a kernel or BPF change that breaks loading fails here.
-// An optional capability may be missing (on Debian's 6.1, splice's), as
-// long as check says why.
+// An optional capability may be missing (on Debian's 6.1, splice), as long
+// as check says why; every probe a capability names is one Check makes.
 func TestCheck(t *testing.T) {
 	privileged(t)
-	for _, p := range Check() {
+	r := Check(NewProbe(ProbeSockDiag, nil))
+	for _, p := range r.Probes {
+		if p.Err != nil {
+			t.Logf("probe failed: %s: %v", p.Name, p.Err)
+		}
+	}
+	for _, c := range r.Capabilities {
 		switch {
-		case p.Err != nil && p.Optional:
-			t.Logf("optional, not on this kernel: %s: %v", p.Name, p.Err)
-		case p.Err != nil:
-			t.Errorf("%s: %v", p.Name, p.Err)
+		case c.Available:
+		case c.Core:
+			t.Errorf("core capability %s: %s", c.Name, c.Why)
+		case strings.Contains(c.Why, "not probed"):
+			t.Errorf("%s rests on a probe Check does not make: %s", c.Name, c.Why)
+		default:
+			t.Logf("optional, not on this kernel (%s): %s: %s", r.Kernel, c.Name, c.Why)
+		}
+	}
+	if missing := r.CoreMissing(); len(missing) > 0 {
+		t.Errorf("CoreMissing = %v", missing)
+	}
+}
+
+// A capability is available only when every probe it rests on passed, and
+// says which failed first; the core is what check's exit status follows.
+func TestCapabilitiesFollowTheirProbes(t *testing.T) {
+	var probes []Probe
+	for _, c := range capabilities {
+		for _, name := range c.probes {
+			probes = append(probes, NewProbe(name, nil))
+		}
+	}
+	for i := range probes {
+		if probes[i].Name == probeSpliceCount {
+			probes[i] = NewProbe(probeSpliceCount, errNoSpliceBacklog)
+		}
+	}
+	r := Report{Capabilities: capabilitiesOf(probes)}
+	got := map[string]Capability{}
+	for _, c := range r.Capabilities {
+		got[c.Name] = c
+	}
+	for _, name := range []string{"splice", "offload"} {
+		if c := got[name]; c.Available || !strings.Contains(c.Why, "msg_tot_len") {
+			t.Errorf("%s with msg_tot_len missing: available %v, why %q", name, c.Available, c.Why)
+		}
+	}
+	if missing := r.CoreMissing(); len(missing) != 0 {
+		t.Errorf("an optional capability missing took the core: %v", missing)
+	}
+
+	withoutSkLookup := slices.DeleteFunc(slices.Clone(probes), func(p Probe) bool { return p.Name == probeNetnsLink })
+	r = Report{Capabilities: capabilitiesOf(withoutSkLookup)}
+	if missing := r.CoreMissing(); len(missing) != 1 || !strings.Contains(missing[0], "inbound") {
+		t.Errorf("without sk_lookup links, CoreMissing = %v, want inbound", missing)
+	}
+}
+
+func TestOlderThanMinimum(t *testing.T) {
+	for release, want := range map[string]bool{
+		"5.15.0-91-generic": true, "5.19.17": true, "4.19.0": true,
+		"6.1.0-57-cloud-amd64": false, "6.12.118+deb12-cloud-amd64": false, "6.18.44-fc-v1272": false, "7.0.0": false,
+		"": false, "unknown": false,
+	} {
+		if got := olderThanMinimum(release); got != want {
+			t.Errorf("olderThanMinimum(%q) = %v, want %v", release, got, want)
 		}
 	}
 }

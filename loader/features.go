@@ -14,7 +14,7 @@ import (
 
 // spliceBacklog reports whether the kernel counts the bytes spliced to a
 // socket and not read yet (struct sk_psock's msg_tot_len, a 2026 addition:
-// Debian's 6.1 lacks it). Splice's and offload's flow control read it
+// Debian's 6.1 lacks it, its 6.12 has it). Splice's and offload's flow control read it
 // (bpf/splice.c: peer_backlog); without it a spliced socket's queue could
 // grow without bound, so install refuses both there. root is the pin root:
 // the node's sluice_features answers in microseconds; before this build
@@ -33,15 +33,23 @@ var spliceBacklog = func(root string) error {
 	return spliceBacklogBTF()
 }
 
+// SpliceSupported is nil where install takes --splice and --offload-ports
+// (the kernel counts spliced bytes), else why not; root is the pin root.
+func SpliceSupported(root string) error { return spliceBacklog(root) }
+
 // featureSpliceBacklog is sluice_features' bit for msg_tot_len
 // (bpf/features.c).
 const featureSpliceBacklog = 1
 
-var errNoSpliceBacklog = errors.New("this kernel's struct sk_psock has no msg_tot_len (the count of spliced bytes not read yet, added to Linux in 2026)")
+var errNoSpliceBacklog = errors.New("this kernel's struct sk_psock has no msg_tot_len (a 2026 addition: Debian's 6.12.118 and Linux 6.18 have it, 6.1 does not)")
 
 // spliceBacklogBTF is spliceBacklog from the kernel's BTF.
 var spliceBacklogBTF = sync.OnceValue(func() error {
-	spec, err := btf.LoadKernelSpec()
+	spec := kernelTypes
+	var err error
+	if spec == nil {
+		spec, err = btf.LoadKernelSpec()
+	}
 	if err != nil {
 		return fmt.Errorf("read the kernel's BTF: %w", err)
 	}

@@ -7,6 +7,7 @@ import (
 	"slices"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 
 	"github.com/sluicemesh/sluice/bpf"
 )
@@ -47,6 +48,12 @@ func flowRingSize(cpus int) uint32 {
 	return size
 }
 
+// kernelTypes, when set, stands in for the kernel's BTF in CO-RE and in
+// what Sluice asks of it: loader's tests set one with fields removed to run
+// an older kernel's paths on this one (SLUICE_TEST_KERNEL_WITHOUT, in
+// loader's TestMain).
+var kernelTypes *btf.Spec
+
 // load loads the node's programs and maps from spec (bpf.LoadSluice's,
 // which it changes).
 func load(spec *ebpf.CollectionSpec) (*ebpf.Collection, error) {
@@ -59,8 +66,13 @@ func load(spec *ebpf.CollectionSpec) (*ebpf.Collection, error) {
 	if err := setConstants(spec, map[string]any{bpf.SluiceVarPageSize: uint32(os.Getpagesize()), bpf.SluiceVarFlowWakeBytes: uint64(ring / 4)}); err != nil {
 		return nil, err
 	}
-	coll, err := ebpf.NewCollection(spec)
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{Programs: ebpf.ProgramOptions{KernelTypes: kernelTypes}})
 	if err != nil {
+		if rel := kernelRelease(); olderThanMinimum(rel) {
+			// What fails first on an old kernel is some helper or field
+			// deep in the object: say what the user can act on.
+			return nil, fmt.Errorf("load BPF programs: this is Linux %s, and Sluice needs %s or later ('sluice check' lists what is missing): %w", rel, MinimumKernel, err)
+		}
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			// The full log is what a kernel developer needs to see.

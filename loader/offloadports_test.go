@@ -11,6 +11,9 @@ import (
 // status shows them, and a rerun that changes only them writes the policy.
 func TestOffloadPortsInPolicy(t *testing.T) {
 	privileged(t)
+	if err := spliceBacklogBTF(); err != nil {
+		t.Skipf("install refuses offload ports on this kernel: %v", err)
+	}
 	plan := splicePlan(t)
 	plan.OffloadPorts, plan.OffloadInboundPorts = []uint16{8080, 8081, 9000}, []uint16{443}
 	target := installedPod(t, testbed.Must(t), "app", plan)

@@ -127,7 +127,8 @@ func (p *Policy) RegisterFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&p.Flows, "flows", true, "measure the pod's flows in the kernel for the sidecar's metrics (--flows=false: capture only)")
 	fs.BoolVar(&p.Splice, "splice", false, "pass bytes between the app and the sidecar socket to socket, skipping loopback TCP.\n"+
 		"Off by default: a process in the pod that reads its sockets with splice(2), as Go's io.Copy\n"+
-		"between two TCP connections does, would not see the bytes")
+		"between two TCP connections does, would not see the bytes. Needs a kernel that counts spliced\n"+
+		"bytes (sk_psock.msg_tot_len: Debian's 6.12.118, Linux 6.18; not 6.1): 'sluice check' says")
 	fs.Var(negated{&p.Splice}, "no-splice", "same as --splice=false")
 	fs.BoolVar(&p.FailOpen, "fail-open", false, "while no sidecar listens, let captured connections go direct (counted as fail_open_*)")
 	fs.Var(&p.KernelOnlyPorts, "kernel-only-ports", "outbound destination ports whose captured connections go straight on, with no sidecar\n"+

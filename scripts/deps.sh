@@ -10,7 +10,8 @@
 #   prometheus               a real server scrapes the sidecar in the tests; promtool checks
 #   etcd-server, containerd, runc, containernetworking-plugins, busybox-static
 #                            make e2e-k8s: the single-node cluster and its test image
-#   qemu-system-x86          make test-kernel boots Debian's 6.1 kernel (with busybox-static)
+#   qemu-system-x86, xz-utils make test-kernel boots Debian's 6.1 and 6.12 kernels (with
+#                            busybox-static; 6.12's modules are xz'd)
 # and the Go modules. Idempotent: apt runs only for missing packages.
 set -euo pipefail
 
@@ -20,7 +21,7 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 pkgs=(clang clang-format llvm libbpf-dev bpftool haproxy iptables nftables iproute2 util-linux prometheus make
-	etcd-server containerd runc containernetworking-plugins busybox-static qemu-system-x86)
+	etcd-server containerd runc containernetworking-plugins busybox-static qemu-system-x86 xz-utils)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

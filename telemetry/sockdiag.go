@@ -253,3 +253,20 @@ func parseDiagMsg(data []byte) (sockStat, bool, error) {
 	}
 	return sockStat{}, false, nil // TIME_WAIT: no TCP info
 }
+
+// CheckSockDiag asks the kernel for a dump of no TCP sockets: it fails
+// where sock_diag cannot read TCP sockets (inet_diag or tcp_diag not built,
+// or their modules not loadable), and flows' live byte counts with it.
+func CheckSockDiag() error {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	if err != nil {
+		return fmt.Errorf("sock_diag socket: %w", err)
+	}
+	defer unix.Close(fd)
+	req := diagRequest(1, unix.NLM_F_REQUEST|unix.NLM_F_DUMP, unix.AF_INET)
+	binary.NativeEndian.PutUint32(req[sizeofNlMsghdr+4:], 0) // no state: an empty answer
+	if err := unix.Sendto(fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return fmt.Errorf("sock_diag dump: %w", err)
+	}
+	return readDump(fd, 1, make([]byte, 8192), nil, map[uint64]sockStat{})
+}

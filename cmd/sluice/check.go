@@ -5,9 +5,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/telemetry"
 )
 
 func checkCommand() command {
@@ -16,11 +18,17 @@ func checkCommand() command {
 		summary: "probe the kernel for everything Sluice needs",
 		help: `Usage: sluice check [--json]
 
-Probes program types, map types, helpers, cgroup v2, a real load of the
-programs through the verifier and a real attach to a throwaway cgroup,
-then what optional features need (splice and offload: a kernel that counts
-spliced bytes). Exits 1 and names what is missing when anything the core
-needs is; an optional feature missing is said, and install refuses it.
+Prints what this kernel can do, a line a capability: outbound capture with
+SO_ORIGINAL_DST, inbound capture (sk_lookup), fail-closed inbound, IPv6,
+flows, routes, kernel-only, splice, offload, MPTCP; each available or not,
+the Linux version that brought what it needs, and what it needs or why it
+is not available. Under them, how many of the probes passed: program types,
+map types and helpers, cgroup v2, a real load of the programs through the
+verifier, a real attach to a throwaway cgroup and network namespace, and
+sockets of each kind; --json lists every probe. Exits 1 only when the core
+(outbound, SO_ORIGINAL_DST, inbound) cannot work; install refuses a flag
+asking for an optional capability the kernel lacks, naming it. Sluice
+needs Linux 6.1 or later.
 
 Example:
   sluice check`,
@@ -34,36 +42,49 @@ Example:
 		if err := requireRoot(); err != nil {
 			return err
 		}
-		probes := loader.Check()
-		var missing []string
-		for _, p := range probes {
-			if p.Err != nil && !p.Optional {
-				missing = append(missing, p.Name)
-			}
-		}
+		report := loader.Check(loader.NewProbe(loader.ProbeSockDiag, telemetry.CheckSockDiag()))
 		if *asJSON {
-			if err := writeJSON(stdout, probes); err != nil {
+			if err := writeJSON(stdout, report); err != nil {
 				return err
 			}
 		} else {
-			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "CAPABILITY\tRESULT")
-			for _, p := range probes {
-				result := "ok"
-				switch {
-				case p.Err != nil && p.Optional:
-					result = "not available (the rest works): " + p.Error
-				case p.Err != nil:
-					result = "MISSING: " + p.Error
-				}
-				fmt.Fprintf(tw, "%s\t%s\n", p.Name, result)
-			}
-			tw.Flush()
+			printReport(stdout, report)
 		}
-		if len(missing) > 0 {
-			return fmt.Errorf("this kernel lacks %d of %d capabilities: %v", len(missing), len(probes), missing)
+		if missing := report.CoreMissing(); len(missing) > 0 {
+			return fmt.Errorf("Sluice cannot work on this kernel (%s): it lacks %s; Sluice needs Linux %s or later", report.Kernel, strings.Join(missing, ", "), loader.MinimumKernel)
 		}
 		return nil
 	}
 	return c
+}
+
+// printReport writes the capability table, then the probes behind it.
+func printReport(w io.Writer, r loader.Report) {
+	fmt.Fprintf(w, "Linux %s (Sluice needs %s or later)\n\n", r.Kernel, loader.MinimumKernel)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "CAPABILITY\tAVAILABLE\tLINUX\tWHAT IT NEEDS, OR WHY NOT")
+	for _, c := range r.Capabilities {
+		avail, detail := "yes", c.Needs
+		switch {
+		case !c.Available && c.Core:
+			avail, detail = "NO (core)", c.Why
+		case !c.Available:
+			avail, detail = "no", c.Why
+			if c.Flag != "" {
+				detail += "; install refuses " + c.Flag + ", the rest works"
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", c.Name, avail, c.Since, detail)
+	}
+	tw.Flush()
+	var failed []loader.Probe
+	for _, p := range r.Probes {
+		if p.Err != nil {
+			failed = append(failed, p)
+		}
+	}
+	fmt.Fprintf(w, "\n%d of %d probes passed (--json lists each)\n", len(r.Probes)-len(failed), len(r.Probes))
+	for _, p := range failed {
+		fmt.Fprintf(w, "  failed: %s: %s\n", p.Name, p.Error)
+	}
 }

@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"time"
 	"unicode"
+
+	"github.com/sluicemesh/sluice/loader"
 )
 
 // command is one subcommand: its help text and what it runs.
@@ -120,6 +122,9 @@ func printOverview(w io.Writer, cmds []command) {
 	for _, c := range cmds {
 		fmt.Fprintf(w, "  %-14s %s\n", c.name, c.summary)
 	}
+	fmt.Fprintf(w, "\nKernel: Linux %s or later (tested on Debian's 6.1 and 6.12, and 6.18), with BTF and\n"+
+		"cgroup v2. Splice and offload also need sk_psock.msg_tot_len (2026): install refuses\n"+
+		"them by name where the kernel lacks it. 'sluice check' prints what this kernel can do.\n", loader.MinimumKernel)
 }
 
 // parseFlags parses args into fs, printing help on -h and turning every
