@@ -7,8 +7,12 @@ export PATH := $(PATH):/usr/local/go/bin
 
 all: build
 
+# sluice version names the commit (go's own VCS stamp may be off: -buildvcs).
+COMMIT := $(shell git rev-parse HEAD 2>/dev/null)$(shell git status --porcelain 2>/dev/null | grep -q . && echo -modified)
+LDFLAGS := -X main.commit=$(COMMIT)
+
 build:
-	$(GO) build -o bin/sluice ./cmd/sluice
+	$(GO) build -ldflags '$(LDFLAGS)' -o bin/sluice ./cmd/sluice
 
 # Installs Debian packages and Go modules; fast when they are there.
 deps:
@@ -73,7 +77,7 @@ fuzz:
 
 # The demo's test bed (throwaway pods and hosts) is never in bin/sluice.
 demo: deps
-	$(GO) build -tags demo -o bin/sluice-demo ./cmd/sluice
+	$(GO) build -tags demo -ldflags '$(LDFLAGS)' -o bin/sluice-demo ./cmd/sluice
 	./bin/sluice-demo demo
 
 # Boots each of Debian's kernels in KERNEL (6.1: Debian 12's own; 6.12: the
@@ -145,7 +149,7 @@ scale: deps build
 IMAGE_TAG ?= sluice:dev
 IMAGE_ARCH ?= $(shell $(GO) env GOARCH)
 image:
-	CGO_ENABLED=0 GOARCH=$(IMAGE_ARCH) $(GO) build -trimpath -ldflags '-s -w' -o bin/sluice-static ./cmd/sluice
+	CGO_ENABLED=0 GOARCH=$(IMAGE_ARCH) $(GO) build -trimpath -ldflags '-s -w $(LDFLAGS)' -o bin/sluice-static ./cmd/sluice
 	$(GO) run ./scripts/image -binary bin/sluice-static -tag $(IMAGE_TAG) -arch $(IMAGE_ARCH) \
 		-version "$$(git describe --always --dirty)" -out results/sluice-image.tar $(IMAGE_FLAGS)
 

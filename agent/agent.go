@@ -38,7 +38,10 @@ type Options struct {
 	// Upgrade moves every pod that runs another build onto this one
 	// (loader.Upgrade), each time the agent collects.
 	Upgrade bool
-	Logger  *slog.Logger
+	// CNI, when set, has the agent install the sluice-cni plugin on the
+	// node and keep it chained (ensureCNI), each pass.
+	CNI    *CNI
+	Logger *slog.Logger
 }
 
 // Agent is one node's agent.
@@ -243,7 +246,8 @@ func (a *Agent) Run(ctx context.Context, interval time.Duration) {
 }
 
 // Maintain is one pass of Run's: collect gone pods, then (with
-// Options.Upgrade) move pods onto this build.
+// Options.Upgrade) move pods onto this build, then (with Options.CNI) put
+// the CNI plugin back where it belongs.
 func (a *Agent) Maintain() error {
 	_, err := a.Collect()
 	if err != nil {
@@ -255,7 +259,11 @@ func (a *Agent) Maintain() error {
 			a.opts.Logger.Warn("upgrade", "err", uerr)
 		}
 	}
-	return errors.Join(err, uerr)
+	cerr := a.ensureCNI()
+	if cerr != nil {
+		a.opts.Logger.Error("CNI plugin: new pods asking for capture get none, and their sidecar holds them unready, until it is fixed", "err", cerr)
+	}
+	return errors.Join(err, uerr, cerr)
 }
 
 // Handler serves /metrics (every pod's flows, kernel counters and routes,

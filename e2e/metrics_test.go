@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -236,5 +237,45 @@ func sampleWithin(t *testing.T, c *capturedPod, name string, want float64, d tim
 		if time.Now().After(deadline) {
 			return false
 		}
+	}
+}
+
+// The kubelet's probes on the sidecar's metrics port: /healthz while it
+// serves, /ready while the pod's capture answers too, not once capture is
+// uninstalled under it. The sidecar runs 2 event loops with no CPU limit
+// and no --concurrency (never one a node CPU), --concurrency's otherwise.
+func TestSidecarProbesAndLoops(t *testing.T) {
+	c := newCapturedPod(t)
+	c.startSidecar(t, "--metrics-addr", ":15090")
+	get := func(path string) int {
+		t.Helper()
+		status, body, err := nsGet(c.host.Do, fmt.Sprintf("http://%s%s", netip.AddrPortFrom(c.pod.Addr4, 15090), path))
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		t.Logf("GET %s: %d %s", path, status, strings.TrimSpace(string(body)))
+		return status
+	}
+	if s := get("/healthz"); s != http.StatusOK {
+		t.Errorf("/healthz = %d, want 200", s)
+	}
+	if s := get("/ready"); s != http.StatusOK {
+		t.Errorf("/ready with capture installed = %d, want 200", s)
+	}
+	if n := sample(c.scrapeSidecar(t, 15090), "sluice_sidecar_event_loops", nil); n != 2 {
+		t.Errorf("sluice_sidecar_event_loops = %v with no limit and no --concurrency, want 2", n)
+	}
+	mustCLI(t, "uninstall", "--cgroup", c.cgroup)
+	if s := get("/ready"); s != http.StatusServiceUnavailable {
+		t.Errorf("/ready with capture uninstalled = %d, want 503", s)
+	}
+	if s := get("/healthz"); s != http.StatusOK {
+		t.Errorf("/healthz with capture uninstalled = %d, want 200 (a restart mends nothing)", s)
+	}
+
+	d := newCapturedPod(t)
+	d.startSidecar(t, "--metrics-addr", ":15090", "--concurrency", "3")
+	if n := sample(d.scrapeSidecar(t, 15090), "sluice_sidecar_event_loops", nil); n != 3 {
+		t.Errorf("sluice_sidecar_event_loops = %v with --concurrency 3", n)
 	}
 }

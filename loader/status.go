@@ -94,7 +94,7 @@ func Status(t Target) (State, error) {
 	if s.Target.CgroupID == 0 {
 		s.Target.CgroupID = rec.CgroupID
 	}
-	s.Target.Netns, s.Target.Interface = rec.Netns, rec.Interface
+	s.Target.Netns, s.Target.Interface, s.Target.Identity = rec.Netns, rec.Interface, rec.Identity
 	s.Object = rec.Object
 	s.Upgrade = rec.Object != "" && rec.Object != bpf.ObjectHash()
 	if rec.Object == "" {

@@ -205,6 +205,49 @@ func PodUID(path string) string {
 	return strings.ReplaceAll(m[1], "_", "-")
 }
 
+// PodCgroup finds the cgroup v2 directory of the pod with uid, as the
+// kubelet names it (PodUID), for the CNI plugin, which the runtime gives the
+// pod's uid and network namespace but not its cgroup. The kubelet makes the
+// pod's cgroup before it asks for the pod's sandbox, so it is there at ADD.
+// root is the kubelet's --cgroup-root ("" or "/": the top). Only the
+// kubelet's part of the tree is walked: directories named for kubepods or
+// the kubelet, at most four levels below root.
+func PodCgroup(root, uid string) (string, error) {
+	mounts, err := mountinfo.Cgroup2()
+	if err != nil {
+		return "", err
+	}
+	for _, m := range mounts {
+		if dir := findPod(filepath.Join(m, root), uid, 4); dir != "" {
+			return dir, nil
+		}
+	}
+	return "", fmt.Errorf("no cgroup v2 directory of pod %s under %s (cgroup root %q): is the kubelet on cgroup v2, with this --cgroup-root?", uid, strings.Join(mounts, ", "), root)
+}
+
+func findPod(dir, uid string, depth int) string {
+	entries, err := os.ReadDir(dir)
+	if err != nil || depth == 0 {
+		return ""
+	}
+	for _, e := range entries {
+		if !e.IsDir() {
+			continue
+		}
+		name := e.Name()
+		if PodUID(name) == uid {
+			return filepath.Join(dir, name)
+		}
+		if strings.Contains(name, "kubepods") || strings.Contains(name, "kubelet") ||
+			name == "besteffort" || name == "burstable" || name == "guaranteed" {
+			if found := findPod(filepath.Join(dir, name), uid, depth-1); found != "" {
+				return found
+			}
+		}
+	}
+	return ""
+}
+
 // ownCgroupDir is the cgroup v2 directory holding this process, found
 // through a cgroup2 mount that shows it: /proc/self/cgroup gives the path
 // relative to the cgroup namespace's root, so in a container with its own

@@ -170,3 +170,27 @@ func TestNetnsOfCgroupSkipsInvisibleProcesses(t *testing.T) {
 		t.Error("othersIn: invisible processes are others, this one is not")
 	}
 }
+
+// The CNI plugin finds a pod's cgroup by its uid, with either of the
+// kubelet's drivers, without walking the rest of the tree.
+func TestFindPodByUID(t *testing.T) {
+	root := t.TempDir()
+	const uid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+	systemd := filepath.Join(root, "kubepods.slice", "kubepods-burstable.slice", "kubepods-burstable-pod1b4e28ba_2fa1_11d2_883f_0016d3cca427.slice")
+	cgroupfs := filepath.Join(root, "kubepods", "besteffort", "pod2b4e28ba-2fa1-11d2-883f-0016d3cca427")
+	decoy := filepath.Join(root, "system.slice", "kubepods-burstable-pod3b4e28ba_2fa1_11d2_883f_0016d3cca427.slice")
+	for _, d := range []string{systemd, cgroupfs, decoy} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for want, uid := range map[string]string{
+		systemd:  uid,
+		cgroupfs: "2b4e28ba-2fa1-11d2-883f-0016d3cca427",
+		"":       "3b4e28ba-2fa1-11d2-883f-0016d3cca427", // outside the kubelet's part
+	} {
+		if got := findPod(root, uid, 4); got != want {
+			t.Errorf("findPod(%s) = %q, want %q", uid, got, want)
+		}
+	}
+}

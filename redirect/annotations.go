@@ -18,6 +18,18 @@ const AnnotationPrefix = "sluice.dev/"
 // AnnotatedFlags are the flags a pod annotation may set.
 var AnnotatedFlags = []string{"splice", "kernel-only-ports", "kernel-only-cidrs", "kernel-only-inbound-ports", "offload-ports", "offload-inbound-ports"}
 
+// Annotations that say what to do with a pod rather than set a flag:
+// install reads past them.
+const (
+	// InjectAnnotation "false" keeps sluice inject from a pod.
+	InjectAnnotation = AnnotationPrefix + "inject"
+	// CaptureAnnotation "true" has the CNI plugin capture the pod.
+	CaptureAnnotation = AnnotationPrefix + "capture"
+	// WorkloadAnnotation names the pod's workload for the CNI plugin,
+	// which the runtime gives the pod's name but not its owner's.
+	WorkloadAnnotation = AnnotationPrefix + "workload"
+)
+
 // ParseAnnotations reads a Kubernetes downward API annotations file: one
 // key="value" line per annotation, the value quoted as Go quotes strings.
 func ParseAnnotations(r io.Reader) (map[string]string, error) {
@@ -52,7 +64,7 @@ func ParseAnnotations(r io.Reader) (map[string]string, error) {
 func AnnotationSettings(ann map[string]string) ([][2]string, error) {
 	for key := range ann {
 		name, ok := strings.CutPrefix(key, AnnotationPrefix)
-		if ok && !slices.Contains(AnnotatedFlags, name) {
+		if ok && !slices.Contains(AnnotatedFlags, name) && !slices.Contains([]string{InjectAnnotation, CaptureAnnotation, WorkloadAnnotation}, key) {
 			return nil, fmt.Errorf("unknown annotation %s: the known ones are %s%s", key, AnnotationPrefix, strings.Join(AnnotatedFlags, ", "+AnnotationPrefix))
 		}
 	}

@@ -9,6 +9,7 @@ func TestParseAnnotations(t *testing.T) {
 	file := `kubectl.kubernetes.io/restartedAt="2026-11-26T02:00:00Z"
 sluice.dev/offload-ports="8080,9000"
 sluice.dev/kernel-only-cidrs="198.19.64.0/18"
+sluice.dev/inject="true"
 note="a \"quoted\" value\nwith a newline"
 `
 	ann, err := ParseAnnotations(strings.NewReader(file))

@@ -52,7 +52,7 @@ func warnIfUnreserved(log *slog.Logger, port uint16, reserved []uint16) {
 		"metrics_port", port, "reserved", reserved, "fix", fmt.Sprintf("rerun install with --metrics-port %d", port))
 }
 
-// metricsServer serves reg's metrics on addr. A port it cannot bind must
+// metricsServer serves reg's metrics on addr, and the kubelet's probes. A port it cannot bind must
 // not take the proxy down with it: the sidecar keeps serving connections
 // while it logs why and tries again, counting each failure.
 type metricsServer struct {
@@ -62,7 +62,7 @@ type metricsServer struct {
 	log      *slog.Logger
 }
 
-func newMetricsServer(addr string, reg *prometheus.Registry, log *slog.Logger) *metricsServer {
+func newMetricsServer(addr string, reg *prometheus.Registry, h health, log *slog.Logger) *metricsServer {
 	failures := prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "sluice_metrics_listen_failures_total",
 		Help: "Times the sidecar could not listen on --metrics-addr (the port held by another process); it serves connections meanwhile and retries.",
@@ -70,6 +70,7 @@ func newMetricsServer(addr string, reg *prometheus.Registry, log *slog.Logger) *
 	reg.MustRegister(failures)
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	h.register(mux)
 	return &metricsServer{addr: addr, handler: mux, failures: failures, log: log}
 }
 

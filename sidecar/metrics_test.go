@@ -66,7 +66,7 @@ func TestMetricsServerRetriesAHeldPort(t *testing.T) {
 	}
 	addr := held.Addr().String()
 	reg := prometheus.NewRegistry()
-	m := newMetricsServer(addr, reg, log)
+	m := newMetricsServer(addr, reg, health{}, log)
 	if ln := m.listen(); ln != nil {
 		ln.Close()
 		t.Fatal("listened on a held port")

@@ -32,10 +32,15 @@ type Config struct {
 	// pod's install when there is one.
 	OutboundPortSet, InboundPortSet, ProxyUIDSet, ProxyGIDSet bool
 
+	Concurrency int           // event loops; 0: the container's CPU limit rounded up, else DefaultConcurrency
 	IdleTimeout time.Duration // close a connection with no bytes either way for this long
 	Drain       time.Duration // on ctx's end, how long open connections may take to finish
 	MetricsAddr string        // where to serve the sidecar's /metrics; empty: nowhere
-	Logger      *slog.Logger  // nil: slog.Default()
+	// RequireCapture keeps /ready failing while the pod's capture does not
+	// answer, even if it did not at start: a pod the CNI plugin was to
+	// capture must not run without it.
+	RequireCapture bool
+	Logger         *slog.Logger // nil: slog.Default()
 }
 
 // Run serves until ctx ends (then it drains for cfg.Drain and returns nil)
@@ -77,7 +82,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	served := addrs(listeners)
 	if s.cfg.MetricsAddr != "" {
-		metrics := newMetricsServer(s.cfg.MetricsAddr, s.registry(), s.log)
+		metrics := newMetricsServer(s.cfg.MetricsAddr, s.registry(), health{hooks: s.hooks || s.cfg.RequireCapture, ask: loader.AskPlan}, s.log)
 		// The first attempt before "listening", so a scraper may come
 		// at once; later ones in the background.
 		s.runners = append(s.runners, metrics.run(metrics.listen()))
@@ -93,6 +98,8 @@ func Run(ctx context.Context, cfg Config) error {
 // sidecar is one Run's parts, gathered step by step before they start.
 type sidecar struct {
 	cfg     Config
+	loops   int  // the proxy's event loops
+	hooks   bool // the pod's hooks answered the plan
 	log     *slog.Logger
 	runners []runner
 	offload *offloader
@@ -103,6 +110,28 @@ func (s *sidecar) close() {
 	for i := len(s.undo) - 1; i >= 0; i-- {
 		s.undo[i]()
 	}
+}
+
+// ownCPULimit is the CPU limit of the container this runs in (0: none, or
+// not readable: the sidecar then runs DefaultConcurrency loops).
+func (s *sidecar) ownCPULimit() float64 {
+	if s.cfg.Concurrency > 0 {
+		return 0
+	}
+	mount, err := loader.Cgroup2Mount()
+	if err != nil {
+		s.log.Debug("no cgroup v2: no CPU limit read", "reason", err)
+		return 0
+	}
+	dir, err := loader.OwnCgroup()
+	if err == nil {
+		var limit float64
+		if limit, err = cpuLimit(mount, dir); err == nil {
+			return limit
+		}
+	}
+	s.log.Warn("cannot read the container's CPU limit: running the default event loops", "err", err, "loops", DefaultConcurrency)
+	return 0
 }
 
 // findPod finds the pod this sidecar runs in, as the init container did.
@@ -127,6 +156,7 @@ func (s *sidecar) askPlan() *loader.SidecarPlan {
 	}
 	s.log.Debug("plan from the pod's hooks", "outbound_port", plan.OutboundPort, "inbound_port", plan.InboundPort,
 		"proxy_uid", plan.ProxyUID, "offload", plan.Offload)
+	s.hooks = true
 	s.cfg.fillFrom(plan)
 	s.offload = newOffloader(plan.Offload, s.log)
 	s.runners = append(s.runners, s.offload.follow(loader.AskPlan))
@@ -154,6 +184,8 @@ func (s *sidecar) readInstall() (*loader.SidecarPlan, error) {
 // The pod's flows are the node agent's.
 func (s *sidecar) registry() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sluice_sidecar_event_loops",
+		Help: "The proxy's event loops: --concurrency, else the container's CPU limit rounded up, else 2."}, func() float64 { return float64(s.loops) }))
 	if o := s.offload; o != nil {
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "sluice_sidecar_offloaded_connections_total",
 			Help: "Connections the sidecar handed to the kernel (offload)."}, func() float64 { return float64(o.handed.Load()) }))
@@ -178,10 +210,12 @@ func (c *Config) fillFrom(installed loader.SidecarPlan) {
 	}
 }
 
-// newProxy sizes the proxy to the machine: one event loop per CPU, each
+// newProxy sizes the proxy to its pod (concurrency): its event loops, each
 // holding a P, and one P more for the rest (listeners' setup, /metrics).
 func (s *sidecar) newProxy() *proxy.Proxy {
-	loops := runtime.GOMAXPROCS(0)
+	loops, from := concurrency(s.cfg.Concurrency, s.ownCPULimit())
+	s.loops = loops
+	s.log.Info("event loops", "loops", loops, "from", from)
 	runtime.GOMAXPROCS(loops + 1)
 	opts := proxy.Options{IdleTimeout: s.cfg.IdleTimeout, Logger: s.log, Loops: loops}
 	if s.offload != nil {

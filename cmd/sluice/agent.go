@@ -15,7 +15,7 @@ import (
 	"github.com/sluicemesh/sluice/loader"
 )
 
-const agentHelp = `Usage: sluice agent [--pin-root DIR] [--metrics-addr :9102] [--gc-interval 30s] [--once]
+const agentHelp = `Usage: sluice agent [--pin-root DIR] [--metrics-addr :9102] [--gc-interval 30s] [--once] [--cni-bin-dir DIR --cni-conf-dir DIR]
 
 Runs once per node (a DaemonSet). It follows every pod installed under
 --pin-root and serves, on --metrics-addr, /metrics (each pod's flows as the
@@ -41,6 +41,16 @@ reruns (said once in the log). Capture runs from the pins, never through
 the agent: restarting it interrupts nothing. --once collects, upgrades,
 prints the pods as JSON and exits.
 
+With --cni-bin-dir and --cni-conf-dir (the host's, mounted in) it installs
+the sluice-cni plugin on the node: copies itself there as sluice-cni and
+chains it last into the primary network configuration, and on every pass
+puts either back if something removed or rewrote it. The plugin then
+installs capture, as the init container would, on each pod annotated
+sluice.dev/capture: "true" when its sandbox is made (sluice inject --cni
+writes such pods), and removes it when the sandbox goes: the pods need no
+privilege. --cni-uninstall takes the plugin out again (pods it captured
+stay so until they go).
+
 Routes for many pods at once: 'sluice route apply --pods PATTERN -f FILE'
 in the agent's container (PATTERN matches cgroup paths, * for any text).
 
@@ -63,6 +73,10 @@ func agentCommand() command {
 		interval := fs.Duration("gc-interval", 30*time.Second, "how often to collect pods whose cgroup is gone")
 		once := fs.Bool("once", false, "collect (and upgrade) once, print the pods as JSON, exit")
 		upgrade := fs.Bool("upgrade", true, "move pods that run another Sluice build onto this one, in place")
+		cniBin := fs.String("cni-bin-dir", "", "install the sluice-cni plugin: the node's CNI bin directory (e.g. /host/opt/cni/bin); with --cni-conf-dir")
+		cniConf := fs.String("cni-conf-dir", "", "the node's CNI network configuration directory (e.g. /host/etc/cni/net.d), whose primary\nconflist gets sluice-cni chained last and kept so")
+		cniCgroupRoot := fs.String("cni-cgroup-root", "", "the kubelet's --cgroup-root, below the cgroup2 mount, where the plugin finds pods (default: the top)")
+		cniUninstall := fs.Bool("cni-uninstall", false, "take sluice-cni out of --cni-conf-dir and --cni-bin-dir, then exit")
 		logFormat := fs.String("log-format", "text", "text or json")
 		logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 		if err := parseFlags(fs, c, args, stdout); err != nil {
@@ -81,7 +95,24 @@ func agentCommand() command {
 		if err := requireRoot(); err != nil {
 			return err
 		}
-		a := agent.New(agent.Options{PinRoot: *pinRoot, IstioNames: *istioMetrics, MaxDestinations: *maxDestinations, Upgrade: *upgrade, Logger: log})
+		if (*cniBin == "") != (*cniConf == "") {
+			return usageError{"--cni-bin-dir and --cni-conf-dir go together: the plugin's binary and its entry in the network configuration"}
+		}
+		var cniOpts *agent.CNI
+		if *cniBin != "" {
+			self, err := os.Executable()
+			if err != nil {
+				return err
+			}
+			cniOpts = &agent.CNI{BinDir: *cniBin, ConfDir: *cniConf, Self: self, PinRoot: *pinRoot, CgroupRoot: *cniCgroupRoot}
+		}
+		if *cniUninstall {
+			if cniOpts == nil {
+				return usageError{"--cni-uninstall needs --cni-bin-dir and --cni-conf-dir"}
+			}
+			return agent.RemoveCNI(*cniOpts)
+		}
+		a := agent.New(agent.Options{PinRoot: *pinRoot, IstioNames: *istioMetrics, MaxDestinations: *maxDestinations, Upgrade: *upgrade, CNI: cniOpts, Logger: log})
 		if *once {
 			cerr := a.Maintain()
 			pods, err := a.Pods()

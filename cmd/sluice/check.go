@@ -51,7 +51,7 @@ Example:
 			printReport(stdout, report)
 		}
 		if missing := report.CoreMissing(); len(missing) > 0 {
-			return fmt.Errorf("Sluice cannot work on this kernel (%s): it lacks %s; Sluice needs Linux %s or later", report.Kernel, strings.Join(missing, ", "), loader.MinimumKernel)
+			return fmt.Errorf("this kernel (%s) cannot run Sluice: it lacks %s; Sluice needs Linux %s or later", report.Kernel, strings.Join(missing, ", "), loader.MinimumKernel)
 		}
 		return nil
 	}

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -41,6 +42,8 @@ func commands() []command {
 		routeCommand(),
 		agentCommand(),
 		checkCommand(),
+		injectCommand(),
+		versionCommand(),
 		demoCommand(),
 	}
 }
@@ -52,11 +55,18 @@ func (e usageError) Error() string { return e.msg }
 
 func main() {
 	runDemoHelper()
+	if filepath.Base(os.Args[0]) == cniName {
+		os.Exit(runCNI(os.Getenv, os.Stdin, os.Stdout, os.Stderr))
+	}
 	os.Exit(run(personality(os.Args[0], os.Args[1:]), os.Stdout, os.Stderr))
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
 	cmds := commands()
+	if len(args) > 0 && wantsVersion(args[:1]) {
+		fmt.Fprintln(stdout, thisBuild())
+		return 0
+	}
 	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
 		printOverview(stdout, cmds)
 		if len(args) == 0 {
@@ -67,6 +77,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	for _, c := range cmds {
 		if c.name != args[0] {
 			continue
+		}
+		if wantsVersion(args[1:]) {
+			fmt.Fprintln(stdout, thisBuild())
+			return 0
 		}
 		ctx, stop := signalContext()
 		defer stop()

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"flag"
+	"fmt"
 	"io"
 	"os"
 	"time"
@@ -11,7 +12,7 @@ import (
 	"github.com/sluicemesh/sluice/sidecar"
 )
 
-const runHelp = `Usage: sluice run [--cgroup PATH] [-p PORT] [-z PORT] [-u UID -g GID] [--drain 5s] [--log-format json]
+const runHelp = `Usage: sluice run [--cgroup PATH] [-p PORT] [-z PORT] [-u UID -g GID] [--concurrency N] [--drain 5s] [--log-format json]
 
 Serves captured outbound connections on 127.0.0.1:PORT and [::1]:PORT and
 captured inbound ones on port -z (all addresses, plain TCP: the kernel hands
@@ -28,6 +29,10 @@ root, it switches to them before it listens, since only the proxy may bind
 the capture ports and its own connections must not be captured.
 It needs no Sluice programs: behind iptables REDIRECT it works the same.
 
+It runs --concurrency event loops, each a thread: by default the
+container's CPU limit rounded up (cpu.max of its cgroup v2), else 2 (as
+Istio's Envoy); never one a node CPU, since a sidecar is in every pod.
+
 It also offloads the connections the install names (--offload-ports,
 --offload-inbound-ports, or their sluice.dev/ annotations): once it has
 dialed, the kernel sends the app's bytes straight out on its socket, and
@@ -36,7 +41,11 @@ a second.
 
 On --metrics-addr (default :15090, the port Istio's Envoy uses for its own
 stats; change it where both run) it serves /metrics of its own figures:
-connections offloaded, and sluice_metrics_listen_failures_total. The pod's
+connections offloaded, its event loops, and
+sluice_metrics_listen_failures_total; and the kubelet's probes: /healthz
+while it serves, /ready while its listeners are up and the pod's capture
+answers (or, with no capture at start and no --require-capture, on its
+listeners alone). The pod's
 flows, measured in the kernel, are the node's: 'sluice agent' exports every
 pod's, labelled with the identity install recorded. In the pod only the
 proxy may bind the port install reserved for metrics (install
@@ -67,6 +76,9 @@ func runCommand() command {
 		}
 		if _, err := sidecar.MetricsPort(cfg.MetricsAddr); err != nil {
 			return usageError{err.Error()}
+		}
+		if cfg.Concurrency < 0 {
+			return usageError{fmt.Sprintf("--concurrency %d: want a number of event loops above 0 (unset: the container's CPU limit, else %d)", cfg.Concurrency, sidecar.DefaultConcurrency)}
 		}
 		fs.Visit(func(f *flag.Flag) {
 			switch f.Name {
@@ -104,8 +116,10 @@ func runFlags(fs *flag.FlagSet) (cfg *sidecar.Config, logFormat, logLevel *strin
 	fs.Var(redirect.IDFlag(&cfg.ProxyGID, "gid"), "g", "gid to run as when started as root")
 	logFormat = fs.String("log-format", "text", "text or json")
 	logLevel = fs.String("log-level", "info", "debug, info, warn or error")
+	fs.IntVar(&cfg.Concurrency, "concurrency", 0, fmt.Sprintf("event loops (threads) of the proxy (default: the container's CPU limit rounded up, else %d; never the node's CPU count)", sidecar.DefaultConcurrency))
 	fs.DurationVar(&cfg.IdleTimeout, "idle-timeout", time.Hour, "close a connection after this long with no bytes either way")
 	fs.DurationVar(&cfg.Drain, "drain", 5*time.Second, "on SIGTERM, how long open connections may take to finish")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", ":15090", "where to serve the sidecar's /metrics; empty: nowhere")
+	fs.BoolVar(&cfg.RequireCapture, "require-capture", false, "/ready fails while the pod's capture does not answer (CNI mode: a pod the plugin did not capture never\nbecomes ready, and its app never starts)")
 	return cfg, logFormat, logLevel
 }

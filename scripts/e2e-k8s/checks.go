@@ -696,7 +696,7 @@ func (k *checker) dropIn(t *timings, mesh string) (string, error) {
           command: ["/sluice"]
           args: ["run", %s, "--metrics-addr", ":%d", "--log-format", "json"]
           startupProbe:
-            httpGet: {path: /metrics, port: %d}
+            httpGet: {path: /ready, port: %d}
             periodSeconds: 1
             failureThreshold: 30
           securityContext:
