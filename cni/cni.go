@@ -54,6 +54,9 @@ type Config struct {
 	// "io.kubernetes.cri.pod-annotations").
 	RuntimeConfig struct {
 		PodAnnotations map[string]string `json:"io.kubernetes.cri.pod-annotations,omitempty"`
+		// CgroupPath is the sandbox's cgroup parent, the pod's cgroup
+		// (containerd passes it for the "cgroupPath" capability).
+		CgroupPath string `json:"cgroupPath,omitempty"`
 	} `json:"runtimeConfig"`
 	// PinRoot is where pods' pins go (default /sys/fs/bpf/sluice).
 	PinRoot string `json:"pinRoot,omitempty"`

@@ -17,12 +17,12 @@ import (
 const PluginType = "sluice-cni"
 
 // Entry is sluice-cni's entry in the node's conflist: it asks the runtime
-// for the pod's annotations (the capability), and says where pins and
-// pods' cgroups are.
+// for the pod's annotations and cgroup (the capabilities), and says where
+// pins and pods' cgroups are.
 func Entry(pinRoot, cgroupRoot string) map[string]any {
 	e := map[string]any{
 		"type":         PluginType,
-		"capabilities": map[string]any{"io.kubernetes.cri.pod-annotations": true},
+		"capabilities": map[string]any{"io.kubernetes.cri.pod-annotations": true, "cgroupPath": true},
 	}
 	if pinRoot != "" {
 		e["pinRoot"] = pinRoot

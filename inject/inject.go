@@ -145,8 +145,9 @@ func injectObject(obj *yaml.Node, p parts) ([]Report, error) {
 // injectPod adds Sluice to a pod template (or a Pod): its metadata and
 // spec. It returns why it did not, when it did not.
 func injectPod(pod *yaml.Node, workload string, p parts) (string, error) {
-	meta := ensureMap(pod, "metadata")
-	if scalar(get(get(meta, "annotations"), OptOut)) == "false" {
+	// Nothing is changed until the pod is known to be injected: one left
+	// alone comes out as it went in.
+	if scalar(get(get(get(pod, "metadata"), "annotations"), OptOut)) == "false" {
 		return OptOut + ": \"false\"", nil
 	}
 	spec := get(pod, "spec")
@@ -158,21 +159,20 @@ func injectPod(pod *yaml.Node, workload string, p parts) (string, error) {
 		// take every host process's connections.
 		return "hostNetwork: true (capture works on a pod's own network namespace)", nil
 	}
-	inits := ensureSeq(spec, "initContainers")
-	for _, c := range append(slices.Clone(inits.Content), items(get(spec, "containers"))...) {
+	for _, c := range append(slices.Clone(items(get(spec, "initContainers"))), items(get(spec, "containers"))...) {
 		if n := scalar(get(c, "name")); n == InitContainer || n == SidecarContainer {
 			return "already injected (it has " + n + ")", nil
 		}
 	}
-	volumes := ensureSeq(spec, "volumes")
 	for _, v := range p.volumes {
 		name := scalar(get(v, "name"))
-		for _, have := range volumes.Content {
+		for _, have := range items(get(spec, "volumes")) {
 			if scalar(get(have, "name")) == name {
 				return "", fmt.Errorf("the pod already has a volume named %s, which Sluice's init container mounts: rename it", name)
 			}
 		}
 	}
+	meta, inits, volumes := ensureMap(pod, "metadata"), ensureSeq(spec, "initContainers"), ensureSeq(spec, "volumes")
 	// Sluice's first: capture is fail-closed, so the app's own init
 	// containers need the sidecar up to reach the network.
 	var mine []*yaml.Node

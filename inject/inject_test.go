@@ -273,3 +273,16 @@ func TestInjectForCNI(t *testing.T) {
 		t.Errorf("a second inject changed it:\n%s", again)
 	}
 }
+
+// A pod left alone comes out as it went in, not with empty fields added.
+func TestInjectLeavesSkippedPodsAsTheyAre(t *testing.T) {
+	for _, in := range []string{
+		"kind: Pod\nmetadata:\n  name: p\n  annotations: {sluice.dev/inject: \"false\"}\nspec:\n  containers: [{name: a, image: a}]\n",
+		"kind: Pod\nmetadata: {name: p}\nspec:\n  hostNetwork: true\n  containers: [{name: a, image: a}]\n",
+		"kind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: sluice-proxy, image: sluice}]\n",
+	} {
+		if out, reports := run(t, in, Options{}); out != in || reports[0].Injected {
+			t.Errorf("left alone (%s), but changed:\n%s\nwas\n%s", reports[0].Skipped, out, in)
+		}
+	}
+}

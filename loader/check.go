@@ -104,7 +104,7 @@ type Capability struct {
 	Why       string `json:"why,omitempty"`  // what is missing, when not available
 	Needs     string `json:"needs"`          // what of the kernel it uses
 	Since     string `json:"since"`          // the Linux version that has it
-	Flag      string `json:"flag,omitempty"` // the install flag that turns it on
+	Flag      string `json:"flag,omitempty"` // the install flag install refuses where it is not available
 }
 
 // MinimumKernel is the oldest Linux Sluice supports: the oldest it is
@@ -182,10 +182,10 @@ var capabilities = []struct {
 		[]string{probeLoad, mapTypeProbe(ebpf.RingBuf), helper{ebpf.SockOps, asm.FnSockOpsCbFlagsSet}.probe(),
 			helper{ebpf.SockOps, asm.FnRingbufOutput}.probe(), ProbeSockDiag}},
 	{Capability{Name: "routes (canary weights)", Since: "5.7",
-		Needs: "LPM tries and arrays of maps read by connect4/6", Flag: "sluice route"},
+		Needs: "LPM tries and arrays of maps read by connect4/6"},
 		[]string{probeLoad, mapTypeProbe(ebpf.LPMTrie), mapTypeProbe(ebpf.ArrayOfMaps)}},
 	{Capability{Name: "kernel-only", Since: "5.8",
-		Needs: "connect4/6 leave the destination as it is; sockops measure the flow", Flag: "--kernel-only-ports, --kernel-only-cidrs"},
+		Needs: "connect4/6 leave the destination as it is; sockops measure the flow"},
 		[]string{probeLoad, probeCgroupLink}},
 	{Capability{Name: "splice", Since: "2026",
 		Needs: "sockhash and sk_msg redirect between the app's and the sidecar's sockets, flow control by sk_psock.msg_tot_len", Flag: "--splice"},

@@ -14,8 +14,8 @@ import (
 
 // spliceBacklog reports whether the kernel counts the bytes spliced to a
 // socket and not read yet (struct sk_psock's msg_tot_len, a 2026 addition:
-// Debian's 6.1 lacks it, its 6.12 has it). Splice's and offload's flow control read it
-// (bpf/splice.c: peer_backlog); without it a spliced socket's queue could
+// Debian's 6.1 lacks it, its 6.12 has it). Splice's and offload's flow
+// control read it (bpf/splice.c: peer_backlog); without it a spliced socket's queue could
 // grow without bound, so install refuses both there. root is the pin root:
 // the node's sluice_features answers in microseconds; before this build
 // has programs on the node the kernel's BTF is read (38 ms, once a

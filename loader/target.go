@@ -207,15 +207,28 @@ func PodUID(path string) string {
 
 // PodCgroup finds the cgroup v2 directory of the pod with uid, as the
 // kubelet names it (PodUID), for the CNI plugin, which the runtime gives the
-// pod's uid and network namespace but not its cgroup. The kubelet makes the
-// pod's cgroup before it asks for the pod's sandbox, so it is there at ADD.
-// root is the kubelet's --cgroup-root ("" or "/": the top). Only the
-// kubelet's part of the tree is walked: directories named for kubepods or
-// the kubelet, at most four levels below root.
-func PodCgroup(root, uid string) (string, error) {
+// pod's uid and network namespace. The kubelet makes the pod's cgroup
+// before it asks for the pod's sandbox, so it is there at ADD. hint is the
+// pod's cgroup path when the runtime gives it (containerd's cgroupPath
+// capability: the sandbox's cgroup parent), taken when it names the pod's
+// directory; else root, the kubelet's --cgroup-root ("" or "/": the top),
+// is searched: only the kubelet's part of the tree, directories named for
+// kubepods or the kubelet, at most four levels below root.
+func PodCgroup(root, uid, hint string) (string, error) {
 	mounts, err := mountinfo.Cgroup2()
 	if err != nil {
 		return "", err
+	}
+	return podCgroupIn(mounts, root, uid, hint)
+}
+
+func podCgroupIn(mounts []string, root, uid, hint string) (string, error) {
+	for _, m := range mounts {
+		if dir := filepath.Join(m, hint); hint != "" && PodUID(dir) == uid {
+			if st, err := os.Stat(dir); err == nil && st.IsDir() {
+				return dir, nil
+			}
+		}
 	}
 	for _, m := range mounts {
 		if dir := findPod(filepath.Join(m, root), uid, 4); dir != "" {

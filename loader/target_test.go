@@ -193,4 +193,13 @@ func TestFindPodByUID(t *testing.T) {
 			t.Errorf("findPod(%s) = %q, want %q", uid, got, want)
 		}
 	}
+	// The runtime's cgroupPath, when it names the pod, is taken as it is;
+	// one that names another pod is not.
+	hint, _ := filepath.Rel(root, decoy)
+	if got, err := podCgroupIn([]string{root}, "", "3b4e28ba-2fa1-11d2-883f-0016d3cca427", hint); err != nil || got != decoy {
+		t.Errorf("with the runtime's path: %q, %v", got, err)
+	}
+	if got, err := podCgroupIn([]string{root}, "", uid, hint); err != nil || got != systemd {
+		t.Errorf("with another pod's path as the hint: %q, %v; want the search's %q", got, err, systemd)
+	}
 }

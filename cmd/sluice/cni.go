@@ -15,10 +15,6 @@ import (
 	"github.com/sluicemesh/sluice/telemetry"
 )
 
-// cniName is the name the binary answers the container runtime under: the
-// agent copies it into the node's CNI bin directory as this.
-const cniName = "sluice-cni"
-
 // runCNI is sluice-cni: a chained CNI plugin that installs capture on a pod
 // annotated sluice.dev/capture: "true" when its sandbox is made (ADD),
 // removes it when the sandbox goes (DEL) and says whether it is whole
@@ -36,7 +32,7 @@ func runCNI(getenv func(string) string, stdin io.Reader, stdout, stderr io.Write
 	if lerr != nil {
 		log = slog.New(slog.NewTextHandler(stderr, nil))
 	}
-	log = log.With("plugin", cniName, "command", req.Command, "container", req.ContainerID,
+	log = log.With("plugin", cni.PluginType, "command", req.Command, "container", req.ContainerID,
 		"pod", req.Args["K8S_POD_NAMESPACE"]+"/"+req.Args["K8S_POD_NAME"])
 	switch req.Command {
 	case cni.Version:
@@ -70,7 +66,7 @@ func cniTarget(req cni.Request) (loader.Target, error) {
 	if uid == "" {
 		return loader.Target{}, &cni.Error{Code: cni.CodeInvalidEnv, Msg: "CNI_ARGS has no K8S_POD_UID", Details: "the runtime passes it for Kubernetes pods"}
 	}
-	cgroup, err := loader.PodCgroup(req.Config.CgroupRoot, uid)
+	cgroup, err := loader.PodCgroup(req.Config.CgroupRoot, uid, req.Config.RuntimeConfig.CgroupPath)
 	if err != nil {
 		return loader.Target{}, err
 	}
@@ -95,7 +91,7 @@ func cniPlan(ann map[string]string) (redirect.Plan, error) {
 	if err != nil {
 		return redirect.Plan{}, err
 	}
-	fs := flag.NewFlagSet(cniName, flag.ContinueOnError)
+	fs := flag.NewFlagSet(cni.PluginType, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	policy := redirect.DefaultPolicy()
 	policy.RegisterFlags(fs)

@@ -19,6 +19,7 @@ import (
 	"time"
 	"unicode"
 
+	"github.com/sluicemesh/sluice/cni"
 	"github.com/sluicemesh/sluice/loader"
 )
 
@@ -55,7 +56,9 @@ func (e usageError) Error() string { return e.msg }
 
 func main() {
 	runDemoHelper()
-	if filepath.Base(os.Args[0]) == cniName {
+	// The agent copies this binary into the node's CNI bin directory
+	// under the plugin's name, for the container runtime to run.
+	if filepath.Base(os.Args[0]) == cni.PluginType {
 		os.Exit(runCNI(os.Getenv, os.Stdin, os.Stdout, os.Stderr))
 	}
 	os.Exit(run(personality(os.Args[0], os.Args[1:]), os.Stdout, os.Stderr))
