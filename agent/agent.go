@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/cni"
 	"github.com/sluicemesh/sluice/loader"
 )
 
@@ -53,6 +54,8 @@ type Agent struct {
 	// stuck are the pin directories of pods Upgrade cannot move (no plan
 	// recorded), said once each.
 	stuck sync.Map
+	// cniBin is sluice-cni's copy on the node, kept by ensureCNI.
+	cniBin *cni.Binary
 
 	// podsMu guards the last Pods the metrics were made from: the state
 	// of every pod (its pins and links) is read at most every
@@ -97,6 +100,9 @@ func (a *Agent) recentPods() ([]Pod, error) {
 func New(opts Options) *Agent {
 	a := &Agent{opts: opts}
 	a.flows = newFlowExport(a)
+	if c := opts.CNI; c != nil {
+		a.cniBin = &cni.Binary{Self: c.Self, BinDir: c.BinDir}
+	}
 	return a
 }
 

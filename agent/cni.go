@@ -25,7 +25,7 @@ func (a *Agent) ensureCNI() error {
 	if c == nil {
 		return nil
 	}
-	copied, berr := cni.InstallBinary(c.Self, c.BinDir)
+	copied, berr := a.cniBin.Ensure()
 	if berr != nil {
 		berr = fmt.Errorf("install %s in %s: %w", cni.PluginType, c.BinDir, berr)
 	} else if copied {

@@ -167,19 +167,36 @@ func writeAtomic(file string, data []byte, mode os.FileMode) error {
 	return nil
 }
 
-// InstallBinary copies the executable self into binDir as sluice-cni,
-// atomically, unless it is there with the same bytes; it returns whether
-// it wrote it.
-func InstallBinary(self, binDir string) (bool, error) {
-	want, err := os.ReadFile(self)
+// Binary keeps sluice-cni in a CNI bin directory: a copy of the running
+// executable. The agent calls Ensure every pass; it reads the 20 MB files
+// only when the copy changed since it last checked it (another file in its
+// place, another size or mtime), not every pass.
+type Binary struct {
+	Self, BinDir string
+	checked      os.FileInfo // the copy when it was last known good
+}
+
+// Ensure copies Self into BinDir as sluice-cni, atomically, unless it is
+// there with the same bytes; it returns whether it wrote it.
+func (b *Binary) Ensure() (bool, error) {
+	target := filepath.Join(b.BinDir, PluginType)
+	st, err := os.Stat(target)
+	if err == nil && b.checked != nil && os.SameFile(st, b.checked) && st.Size() == b.checked.Size() && st.ModTime().Equal(b.checked.ModTime()) {
+		return false, nil
+	}
+	want, err := os.ReadFile(b.Self)
 	if err != nil {
 		return false, err
 	}
-	target := filepath.Join(binDir, PluginType)
-	if have, err := os.ReadFile(target); err == nil && bytes.Equal(have, want) {
-		return false, nil
+	wrote := false
+	if have, err := os.ReadFile(target); err != nil || !bytes.Equal(have, want) {
+		if err := writeAtomic(target, want, 0o755); err != nil {
+			return false, err
+		}
+		wrote = true
 	}
-	return true, writeAtomic(target, want, 0o755)
+	b.checked, err = os.Stat(target)
+	return wrote, err
 }
 
 // RemoveBinary removes sluice-cni from binDir.

@@ -100,22 +100,37 @@ func TestInstallConfNeedsANetwork(t *testing.T) {
 	}
 }
 
-func TestInstallBinary(t *testing.T) {
+// Binary copies the executable once, then leaves the copy while it is the
+// same file; another written in its place (or the copy removed) is put back.
+func TestBinary(t *testing.T) {
 	self := filepath.Join(t.TempDir(), "sluice")
 	os.WriteFile(self, []byte("binary v1"), 0o755)
 	bin := t.TempDir()
-	if changed, err := InstallBinary(self, bin); err != nil || !changed {
-		t.Fatalf("InstallBinary: %v, %v", changed, err)
+	b := &Binary{Self: self, BinDir: bin}
+	if changed, err := b.Ensure(); err != nil || !changed {
+		t.Fatalf("Ensure: %v, %v", changed, err)
 	}
-	if st, err := os.Stat(filepath.Join(bin, PluginType)); err != nil || st.Mode().Perm() != 0o755 {
+	target := filepath.Join(bin, PluginType)
+	if st, err := os.Stat(target); err != nil || st.Mode().Perm() != 0o755 {
 		t.Fatalf("installed binary: %v, %v", st, err)
 	}
-	if changed, _ := InstallBinary(self, bin); changed {
-		t.Error("a second InstallBinary wrote it again")
+	if changed, _ := b.Ensure(); changed {
+		t.Error("a second Ensure wrote it again")
 	}
-	os.WriteFile(self, []byte("binary v2"), 0o755)
-	if changed, _ := InstallBinary(self, bin); !changed {
-		t.Error("a new build was not copied")
+	if changed, _ := (&Binary{Self: self, BinDir: bin}).Ensure(); changed {
+		t.Error("a new agent rewrote a copy with the same bytes")
+	}
+	os.WriteFile(target+".new", []byte("another plugin"), 0o755)
+	os.Rename(target+".new", target)
+	if changed, _ := b.Ensure(); !changed {
+		t.Error("a file put in its place was left there")
+	}
+	if have, _ := os.ReadFile(target); string(have) != "binary v1" {
+		t.Errorf("the copy holds %q", have)
+	}
+	os.Remove(target)
+	if changed, _ := b.Ensure(); !changed {
+		t.Error("a removed copy was not put back")
 	}
 	if err := RemoveBinary(bin); err != nil || RemoveBinary(bin) != nil {
 		t.Errorf("RemoveBinary: %v", err)

@@ -8,3 +8,9 @@ import _ "embed"
 //
 //go:embed pod/pod-template.yaml
 var PodTemplate []byte
+
+// WebhookConfiguration is webhook/mutatingwebhookconfiguration.yaml, which
+// sluice webhook certs prints with its CA filled in.
+//
+//go:embed webhook/mutatingwebhookconfiguration.yaml
+var WebhookConfiguration []byte

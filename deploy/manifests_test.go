@@ -14,6 +14,7 @@ import (
 	"strings"
 	"testing"
 
+	admissionv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -34,7 +35,12 @@ var wantCaps = map[string][]string{
 	"linkerd-init": {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "CHOWN", "FOWNER", "DAC_OVERRIDE"},
 	"sluice-proxy": nil,
 	"agent":        {"BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"},
+	"webhook":      nil,
 }
+
+// nonRootContainers run as a uid other than root: the sidecar as the proxy
+// uid, the injector as nobody's.
+var nonRootContainers = []string{"sluice-proxy", "webhook"}
 
 // identityEnv are the variables an init container records as who the pod
 // is (install's --workload, --namespace, --app, --version default to
@@ -59,7 +65,12 @@ var wantCommands = map[string][]string{
 	"linkerd-init": {"/sluice", "proxy-init", "--incoming-proxy-port", "4143", "--outgoing-proxy-port", "4140", "--proxy-uid", "2102", "--inbound-ports-to-ignore", "4190,4191,4567,4568", "--outbound-ports-to-ignore", "4567,4568"},
 	"sluice-proxy": {"/sluice", "run", "--metrics-addr", ":15090", "--log-format", "json"},
 	"agent":        {"/sluice", "agent", "--metrics-addr", ":9102", "--pin-root", "/sys/fs/bpf/sluice", "--gc-interval", "30s"},
+	"webhook":      {"/sluice", "webhook", "--addr", ":9443", "--tls-dir", "/tls", "--cni"},
 }
+
+// cniFlags are what deploy/cni/ adds to the agent's command line: the
+// host's CNI directories, mounted at these paths.
+var cniFlags = []string{"--cni-bin-dir", "/host/opt/cni/bin", "--cni-conf-dir", "/host/etc/cni/net.d"}
 
 // hostPaths are the only host directories a pod may mount.
 var hostPaths = []string{"/sys/fs/bpf", "/sys/fs/cgroup"}
@@ -81,7 +92,8 @@ type manifests struct {
 	configMaps      []*corev1.ConfigMap
 	serviceMonitors []*serviceMonitor
 	podMonitors     []*podMonitor
-	kustomization   *kustomization
+	kustomizations  map[string]*kustomization // by directory
+	webhookConfigs  []*admissionv1.MutatingWebhookConfiguration
 	scrape          *scrapeConfig
 	rules           *ruleFile
 }
@@ -92,10 +104,10 @@ type manifests struct {
 // files that are no Kubernetes objects, into their own shape.
 func TestManifestsDecodeStrictly(t *testing.T) {
 	m := load(t, ".")
-	if len(m.deployments) != 3 || len(m.daemonSets) != 1 || m.kustomization == nil || m.scrape == nil || m.rules == nil ||
-		len(m.serviceMonitors) != 1 || len(m.podMonitors) != 1 || len(m.services) != 1 {
-		t.Errorf("decoded %d Deployments, %d DaemonSets, %d Services, %d ServiceMonitors, %d PodMonitors; kustomization %t, scrape config %t, rules %t: a manifest went missing",
-			len(m.deployments), len(m.daemonSets), len(m.services), len(m.serviceMonitors), len(m.podMonitors), m.kustomization != nil, m.scrape != nil, m.rules != nil)
+	if len(m.deployments) != 4 || len(m.daemonSets) != 1 || len(m.kustomizations) != 6 || m.scrape == nil || m.rules == nil ||
+		len(m.serviceMonitors) != 1 || len(m.podMonitors) != 1 || len(m.services) != 2 || len(m.webhookConfigs) != 1 {
+		t.Errorf("decoded %d Deployments, %d DaemonSets, %d Services, %d ServiceMonitors, %d PodMonitors, %d kustomizations, %d MutatingWebhookConfigurations; scrape config %t, rules %t: a manifest went missing",
+			len(m.deployments), len(m.daemonSets), len(m.services), len(m.serviceMonitors), len(m.podMonitors), len(m.kustomizations), len(m.webhookConfigs), m.scrape != nil, m.rules != nil)
 	}
 }
 
@@ -105,7 +117,7 @@ func load(t *testing.T, root string) manifests {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := manifests{deployments: map[string]*appsv1.Deployment{}}
+	m := manifests{deployments: map[string]*appsv1.Deployment{}, kustomizations: map[string]*kustomization{}}
 	for _, d := range docs {
 		if err := m.add(d); err != nil {
 			t.Errorf("%s: %v", d, err)
@@ -197,8 +209,11 @@ func (m *manifests) add(d doc) error {
 	case "monitoring.coreos.com/v1 PodMonitor":
 		return decodeAppend(d, &m.podMonitors)
 	case "kustomize.config.k8s.io/v1beta1 Kustomization":
-		m.kustomization = new(kustomization)
-		return decodeStrict(d.body, m.kustomization)
+		k := new(kustomization)
+		m.kustomizations[filepath.Dir(d.file)] = k
+		return decodeStrict(d.body, k)
+	case "admissionregistration.k8s.io/v1 MutatingWebhookConfiguration":
+		return decodeAppend(d, &m.webhookConfigs)
 	case " ":
 		// No Kubernetes objects: known by where they are.
 		switch d.file {
@@ -261,10 +276,17 @@ type (
 	}]
 	kustomization struct {
 		metav1.TypeMeta  `json:",inline"`
-		Resources        []string `json:"resources"`
+		Resources        []string `json:"resources,omitempty"`
 		GeneratorOptions struct {
 			DisableNameSuffixHash bool `json:"disableNameSuffixHash"`
 		} `json:"generatorOptions"`
+		Patches []struct {
+			Target struct {
+				Kind string `json:"kind"`
+				Name string `json:"name"`
+			} `json:"target"`
+			Patch string `json:"patch"`
+		} `json:"patches,omitempty"`
 		ConfigMapGenerator []struct {
 			Name      string   `json:"name"`
 			Namespace string   `json:"namespace"`
@@ -500,7 +522,7 @@ func TestRootContainersSayRoot(t *testing.T) {
 	m := load(t, ".")
 	for name, tmpl := range m.podSpecs() {
 		for _, c := range slices.Concat(tmpl.Spec.InitContainers, tmpl.Spec.Containers) {
-			if c.Image != sluiceImage || c.Name == "sluice-proxy" || c.SecurityContext == nil {
+			if c.Image != sluiceImage || slices.Contains(nonRootContainers, c.Name) || c.SecurityContext == nil {
 				continue
 			}
 			if ptr(c.SecurityContext.RunAsUser) != 0 || c.SecurityContext.RunAsUser == nil || ptr(c.SecurityContext.RunAsNonRoot) {
@@ -550,10 +572,11 @@ func TestPodTemplateOrder(t *testing.T) {
 // job (no agent scraped twice).
 func TestMonitoringWiring(t *testing.T) {
 	m := load(t, ".")
-	if len(m.daemonSets) != 1 || len(m.services) != 1 || len(m.serviceMonitors) != 1 || len(m.podMonitors) != 1 || m.scrape == nil {
+	i := slices.IndexFunc(m.services, func(s *corev1.Service) bool { return s.Name == "sluice-agent" })
+	if len(m.daemonSets) != 1 || i < 0 || len(m.serviceMonitors) != 1 || len(m.podMonitors) != 1 || m.scrape == nil {
 		t.Fatal("manifests missing: see TestManifestsDecodeStrictly")
 	}
-	ds, svc := m.daemonSets[0], m.services[0]
+	ds, svc := m.daemonSets[0], m.services[i]
 	if !labels.SelectorFromSet(svc.Spec.Selector).Matches(labels.Set(ds.Spec.Template.Labels)) {
 		t.Errorf("Service %s selects %v, not the agent's pods %v", svc.Name, svc.Spec.Selector, ds.Spec.Template.Labels)
 	}
@@ -700,25 +723,26 @@ func hasPort(cs []corev1.Container, name string, number int32) bool {
 	return false
 }
 
-// The kustomization applies files that exist and generates its ConfigMaps
-// from the real dashboard and rules, so nothing is copied by hand.
+// Every kustomization's resources and generated files exist, and the
+// ConfigMaps are generated from the real dashboard and rules, so nothing is
+// copied by hand.
 func TestKustomization(t *testing.T) {
-	k := load(t, ".").kustomization
-	if k == nil {
-		t.Fatal("no kustomization.yaml")
-	}
-	for _, r := range k.Resources {
-		if _, err := os.Stat(r); err != nil {
-			t.Errorf("resource %s: %v", r, err)
-		}
-	}
+	ks := load(t, ".").kustomizations
 	files := map[string]map[string]string{} // file → labels of its ConfigMap
-	for _, g := range k.ConfigMapGenerator {
-		for _, f := range g.Files {
-			if _, err := os.Stat(f); err != nil {
-				t.Errorf("ConfigMap %s: file %s: %v", g.Name, f, err)
+	for dir, k := range ks {
+		for _, r := range k.Resources {
+			if _, err := os.Stat(filepath.Join(dir, r)); err != nil {
+				t.Errorf("%s/kustomization.yaml: resource %s: %v", dir, r, err)
 			}
-			files[f] = g.Options.Labels
+		}
+		for _, g := range k.ConfigMapGenerator {
+			for _, f := range g.Files {
+				path := filepath.Join(dir, f)
+				if _, err := os.Stat(path); err != nil {
+					t.Errorf("%s/kustomization.yaml: ConfigMap %s: file %s: %v", dir, g.Name, f, err)
+				}
+				files[path] = g.Options.Labels
+			}
 		}
 	}
 	if l, ok := files["grafana/sluice.json"]; !ok || l["grafana_dashboard"] != "1" {
@@ -727,24 +751,41 @@ func TestKustomization(t *testing.T) {
 	if _, ok := files["prometheus/recording-rules.yaml"]; !ok {
 		t.Error("want a ConfigMap of prometheus/recording-rules.yaml")
 	}
+	// deploy/ and deploy/cni/ each install all of Sluice, in their mode.
+	for _, dir := range []string{".", "cni"} {
+		for _, want := range []string{"agent", "grafana", "prometheus"} {
+			if !slices.ContainsFunc(ks[dir].Resources, func(r string) bool { return filepath.Base(r) == want }) {
+				t.Errorf("%s/kustomization.yaml: resources %v, want %s", dir, ks[dir].Resources, want)
+			}
+		}
+	}
 }
 
-// kubectl's kustomize builds the same objects the test reads, and every one
-// decodes strictly; the dashboard ConfigMap holds the generated file as is.
-func TestKustomizeBuild(t *testing.T) {
+// kustomize builds the objects kubectl apply -k deploy/ (or deploy/cni/)
+// would apply, each decoding strictly.
+func kustomize(t *testing.T, dir string) manifests {
+	t.Helper()
 	kubectl, err := exec.LookPath("kubectl")
 	if err != nil {
+		// Debian has no kubectl package; scripts/e2e-k8s applies both
+		// kustomizations with the kubectl it builds.
 		t.Skip("kubectl not installed: kustomize build not checked")
 	}
-	out, err := exec.Command(kubectl, "kustomize", ".").CombinedOutput()
+	out, err := exec.Command(kubectl, "kustomize", dir).CombinedOutput()
 	if err != nil {
-		t.Fatalf("kubectl kustomize deploy/: %v\n%s", err, out)
+		t.Fatalf("kubectl kustomize deploy/%s: %v\n%s", dir, err, out)
 	}
-	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, "built.yaml"), out, 0o644); err != nil {
+	tmp := t.TempDir()
+	if err := os.WriteFile(filepath.Join(tmp, "built.yaml"), out, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	m := load(t, dir)
+	return load(t, tmp)
+}
+
+// kubectl's kustomize builds the objects the test reads, and every one
+// decodes strictly; the dashboard ConfigMap holds the generated file as is.
+func TestKustomizeBuild(t *testing.T) {
+	m := kustomize(t, ".")
 	dashboard, err := os.ReadFile("grafana/sluice.json")
 	if err != nil {
 		t.Fatal(err)
@@ -760,6 +801,47 @@ func TestKustomizeBuild(t *testing.T) {
 	}
 	if !found {
 		t.Error("kustomize built no ConfigMap holding sluice.json")
+	}
+	if len(m.daemonSets) != 1 || len(m.deployments) != 0 {
+		t.Errorf("deploy/ builds %d DaemonSets and %d Deployments, want the agent alone", len(m.daemonSets), len(m.deployments))
+	}
+}
+
+// deploy/cni/ is deploy/ with the agent installing sluice-cni (its command
+// line plus the CNI flags, the host's two CNI directories mounted where the
+// flags say, nothing else changed) and the injector.
+func TestCNIKustomization(t *testing.T) {
+	base, m := kustomize(t, "."), kustomize(t, "cni")
+	if len(m.daemonSets) != 1 || len(m.deployments) != 1 || len(m.configMaps) != len(base.configMaps) {
+		t.Fatalf("deploy/cni/ builds %d DaemonSets, %d Deployments, %d ConfigMaps; want the agent, the injector and deploy/'s %d ConfigMaps",
+			len(m.daemonSets), len(m.deployments), len(m.configMaps), len(base.configMaps))
+	}
+	agent := m.daemonSets[0].Spec.Template.Spec
+	c := agent.Containers[0]
+	if got, want := slices.Concat(c.Command, c.Args), slices.Concat(wantCommands["agent"], cniFlags); !slices.Equal(got, want) {
+		t.Errorf("agent command %q, want %q", got, want)
+	}
+	mounts := map[string]string{}
+	for _, vm := range c.VolumeMounts {
+		mounts[vm.MountPath] = vm.Name
+	}
+	volumes := map[string]corev1.Volume{}
+	for _, v := range agent.Volumes {
+		volumes[v.Name] = v
+	}
+	for host, in := range map[string]string{"/opt/cni/bin": cniFlags[1], "/etc/cni/net.d": cniFlags[3]} {
+		v, ok := volumes[mounts[in]]
+		if !ok || v.HostPath == nil || v.HostPath.Path != host || ptr(v.HostPath.Type) != corev1.HostPathDirectory {
+			t.Errorf("agent: %s is not the host's %s (a Directory hostPath): volume %+v", in, host, v)
+		}
+	}
+	baseAgent := base.daemonSets[0].Spec.Template.Spec
+	if len(agent.Volumes) != len(baseAgent.Volumes)+2 || len(c.VolumeMounts) != len(baseAgent.Containers[0].VolumeMounts)+2 {
+		t.Errorf("agent: %d volumes, %d mounts; want deploy/'s %d and %d and the two CNI directories",
+			len(agent.Volumes), len(c.VolumeMounts), len(baseAgent.Volumes), len(baseAgent.Containers[0].VolumeMounts))
+	}
+	for _, d := range m.deployments {
+		restricted(t, "deploy/cni/: "+d.Name, d.Spec.Template.Spec)
 	}
 }
 

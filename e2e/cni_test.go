@@ -118,7 +118,7 @@ func (p *cniPod) call(t *testing.T, command string, annotations map[string]strin
 // made, exactly as the init container would (status cannot tell them
 // apart), passes the previous plugin's result on, answers CHECK, and
 // removes everything on DEL, twice over; a pod not annotated is left as it
-// is.
+// is, on ADD and on DEL.
 func TestCNIPluginCapturesAnnotatedPod(t *testing.T) {
 	p := newCNIPod(t)
 	t.Cleanup(func() { sluice(t, "uninstall", "--cgroup", p.cgroup).Run() })
@@ -154,6 +154,11 @@ func TestCNIPluginCapturesAnnotatedPod(t *testing.T) {
 	}
 	p.expectProxiedDir(t, p.inbound(t, in), in, "inbound")
 
+	// A pod not annotated keeps what its init container installed: DEL
+	// of its sandbox leaves it (a new sandbox reruns the init container).
+	if _, code := p.call(t, "DEL", map[string]string{"other": "x"}); code != 0 || !installedOn(t, p.cgroup) {
+		t.Fatalf("DEL of a pod not annotated: exit %d, installed %t; want exit 0 and its capture kept", code, installedOn(t, p.cgroup))
+	}
 	for i := range 2 { // the runtime may repeat DEL
 		if _, code := p.call(t, "DEL", ann); code != 0 {
 			t.Fatalf("DEL %d: exit %d", i+1, code)

@@ -3,7 +3,8 @@
 // deploy/pod/pod-template.yaml, merged into every pod template of a YAML
 // stream (Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs,
 // CronJobs, and Lists of them). Pure: manifests in, manifests out; it keeps
-// the user's comments and the order of their fields.
+// the user's comments and the order of their fields. Pod does the same to
+// one Pod in JSON, answering with a JSON patch, for the webhook.
 package inject
 
 import (

@@ -160,6 +160,13 @@ func TestCLIBadInput(t *testing.T) {
 		{"route rollout ratio not a number", with("route", "rollout", vip, "--to", "198.18.3.2:8080", "--max-connect-failure-ratio", "5%"), 2, []string{`invalid value "5%" for flag -max-connect-failure-ratio`, "want a number"}},
 		{"route rollout no cgroup", []string{"route", "rollout", vip, "--to", "198.18.3.2:8080"}, 2, []string{"--cgroup is required", "pass the pod's cgroup v2 directory"}},
 
+		{"webhook no certificate", []string{"webhook", "--tls-dir", "/nonexistent"}, 2, []string{"--tls-dir /nonexistent has no tls.crt", "create the Secret with 'sluice webhook certs | kubectl apply -f -'"}},
+		{"webhook unknown subcommand", []string{"webhook", "cert"}, 2, []string{`unknown webhook subcommand "cert"`, "want certs"}},
+		{"webhook log format", []string{"webhook", "--log-format", "xml"}, 2, []string{`log format "xml"`, "want text or json"}},
+		{"webhook certs bad namespace", []string{"webhook", "certs", "--namespace", "Sluice_System"}, 2, []string{`--namespace "Sluice_System"`, "want a DNS label"}},
+		{"webhook certs valid for 0", []string{"webhook", "certs", "--valid-for", "0s"}, 2, []string{"--valid-for 0s", "want a positive duration"}},
+		{"webhook certs extra argument", []string{"webhook", "certs", "now"}, 2, []string{`unexpected argument "now"`, "every option is a flag"}},
+
 		{"check unknown flag", []string{"check", "--cgroup", "/sys/fs/cgroup"}, 2, []string{"unknown flag -cgroup", "run 'sluice check --help'"}},
 		{"check bad bool", []string{"check", "--json=2"}, 2, []string{`invalid boolean value "2" for -json`, "want true or false"}},
 		{"check extra argument", []string{"check", "all"}, 2, []string{`unexpected argument "all"`, "every option is a flag"}},

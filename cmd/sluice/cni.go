@@ -124,11 +124,14 @@ func cniAdd(req cni.Request, log *slog.Logger) error {
 	return nil
 }
 
-// cniDel removes the pod's capture. It succeeds when there is none (the
-// runtime may call DEL more than once, or for a pod ADD failed), and when
-// the pod's cgroup is already gone (the agent's GC removes what is left).
+// cniDel removes the capture of a pod annotated for it. It succeeds when
+// there is none (the runtime may call DEL more than once, or for a pod ADD
+// failed), and when the pod's cgroup is already gone (the agent's GC
+// removes what is left). A pod not annotated keeps what its init container
+// installed: a sandbox made again reruns the init container, which finds
+// its capture in place.
 func cniDel(req cni.Request, log *slog.Logger) error {
-	if req.PodUID() == "" {
+	if req.PodUID() == "" || !captured(req) {
 		return nil
 	}
 	t, err := cniTarget(req)

@@ -44,6 +44,7 @@ func commands() []command {
 		agentCommand(),
 		checkCommand(),
 		injectCommand(),
+		webhookCommand(),
 		versionCommand(),
 		demoCommand(),
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -92,7 +93,7 @@ func (c *cluster) sluiceChecks(ctx context.Context, imgs images, t *timings) (*c
 		{"1. two server pods without Sluice Ready", func() (string, error) { return k.servers(t) }},
 		{"1. server pods untouched: no pins, no install", k.untouched},
 		{"1. server1 <-> server2 traffic intact", k.plainTraffic},
-		{"2. agent DaemonSet Ready (the pods' flows are its)", func() (string, error) { return k.agent(t) }},
+		{"2. deploy/cni/: agent (flows, sluice-cni), injector Ready", func() (string, error) { return k.agent(t) }},
 		{"2. Sluice pod (pod-template.yaml) Ready", func() (string, error) { return k.templatePod(t) }},
 		{"2. outbound app -> server1 through the sidecar", func() (string, error) { return k.outbound("app") }},
 		{"2. inbound server1 -> app through the sidecar", func() (string, error) { return k.inbound("app") }},
@@ -114,6 +115,13 @@ func (c *cluster) sluiceChecks(ctx context.Context, imgs images, t *timings) (*c
 		{"8. offload by annotation: pod-template + sluice.dev/* Ready", func() (string, error) { return k.offloadPod(t) }},
 		{"8. offloaded outbound app -> server1", func() (string, error) { return k.outbound("app-offload") }},
 		{"8. offloaded inbound server1 -> app, app's bytes by kernel", k.offloadedInbound},
+		{"9. plain Deployment, unlabelled namespace: untouched", func() (string, error) { return k.plainWeb(t) }},
+		{"9. labelled restricted namespace: injected, admitted, Ready", func() (string, error) { return k.cniWeb(t) }},
+		{"9. CNI pod outbound web -> server1 through the sidecar", func() (string, error) { return k.outbound("web") }},
+		{"9. CNI pod inbound server1 -> web through the sidecar", func() (string, error) { return k.inbound("web") }},
+		{"9. CNI pod deleted: no pin, no link left (sluice-cni DEL)", k.cniDelete},
+		{"9. sluice inject output applied: init mode Ready, captured", func() (string, error) { return k.injectedWeb(t) }},
+		{"9. injected (init mode) outbound web -> server1", func() (string, error) { return k.outbound("web-init") }},
 	}
 	for _, s := range steps {
 		if err := k.check(s.name, s.f); err != nil {
@@ -173,10 +181,25 @@ func (k *checker) field(ns, pod, jsonpath string) (string, error) {
 }
 
 // exec runs a shell script in the pod's container and returns its stdout.
+// pod is a name in default, or NAMESPACE/NAME.
 func (k *checker) exec(pod, container, script string) (string, error) {
-	out, err := k.c.kubectl(k.ctx, "exec", pod, "-c", container, "--", "/bin/sh", "-c", script)
+	ns, name := splitPod(pod)
+	out, err := k.c.kubectl(k.ctx, "exec", "-n", ns, name, "-c", container, "--", "/bin/sh", "-c", script)
 	return strings.TrimSpace(string(out)), err
 }
+
+// splitPod is the namespace and name of a pod recorded as NAME (in
+// default) or NAMESPACE/NAME.
+func splitPod(pod string) (ns, name string) {
+	if ns, name, ok := strings.Cut(pod, "/"); ok {
+		return ns, name
+	}
+	return "default", pod
+}
+
+// workload is the workload name the pod of key records (its flows' source
+// and destination_workload): the key, unless one was recorded.
+func (k *checker) workload(key string) string { return cmp.Or(k.ip[key+"/workload"], key) }
 
 func (k *checker) sha(pod, container string) (string, error) {
 	out, err := k.exec(pod, container, "sha256sum /www/file")
@@ -395,8 +418,10 @@ func (k *checker) templatePod(t *timings) (string, error) {
 }
 
 // describeSluicePod records the pod's IP and file sum and checks its pins.
+// pod is a name in default, or NAMESPACE/NAME.
 func (k *checker) describeSluicePod(pod, key string, took time.Duration) (string, error) {
-	ip, err := k.field("default", pod, "{.status.podIP}")
+	ns, name := splitPod(pod)
+	ip, err := k.field(ns, name, "{.status.podIP}")
 	if err != nil {
 		return "", err
 	}
@@ -405,7 +430,7 @@ func (k *checker) describeSluicePod(pod, key string, took time.Duration) (string
 	if k.sum[key], err = k.sha(pod, "app"); err != nil {
 		return "", err
 	}
-	uid, err := k.field("default", pod, "{.metadata.uid}")
+	uid, err := k.field(ns, name, "{.metadata.uid}")
 	if err != nil {
 		return "", err
 	}
@@ -502,7 +527,7 @@ func dropInNote(key string) string {
 // (pod_uid), with the workload its init container recorded.
 func (k *checker) outbound(key string) (string, error) {
 	pod, ip := k.ip[key+"/pod"], k.ip[key]
-	want := []string{`reporter="source"`, fmt.Sprintf(`destination_service="%s:8080"`, k.ip["server1"]), fmt.Sprintf(`source_workload="%s"`, key)}
+	want := []string{`reporter="source"`, fmt.Sprintf(`destination_service="%s:8080"`, k.ip["server1"]), fmt.Sprintf(`source_workload="%s"`, k.workload(key))}
 	before, err := k.flowMetric(key, opened, want...)
 	if err != nil {
 		return "", err
@@ -538,7 +563,7 @@ func (k *checker) outbound(key string) (string, error) {
 // it for the pod with reporter="destination" and its workload.
 func (k *checker) inbound(key string) (string, error) {
 	pod, ip := k.ip[key+"/pod"], k.ip[key]
-	want := []string{`reporter="destination"`, fmt.Sprintf(`destination_workload="%s"`, key)}
+	want := []string{`reporter="destination"`, fmt.Sprintf(`destination_workload="%s"`, k.workload(key))}
 	before, err := k.flowMetric(key, opened, want...)
 	if err != nil {
 		return "", err
@@ -550,7 +575,8 @@ func (k *checker) inbound(key string) (string, error) {
 	if sum != k.sum[key] || n != 262144 {
 		return "", fmt.Errorf("server1 got %d bytes sha256 %s from %s, want 262144 bytes %s", n, sum, pod, k.sum[key])
 	}
-	if err := k.logged("default", pod, "app", peer("127.0.0.6")); err != nil {
+	ns, name := splitPod(pod)
+	if err := k.logged(ns, name, "app", peer("127.0.0.6")); err != nil {
 		return "", err
 	}
 	var after float64
@@ -723,12 +749,36 @@ func (k *checker) dropIn(t *timings, mesh string) (string, error) {
 	return k.describeSluicePod(pod, key, took)
 }
 
-// agent applies deploy/agent/daemonset.yaml as it is, before any Sluice
-// pod: it is the only reader of the node's flow ring, so every pod's flow
-// series the later checks read are its. Its /metrics answers.
+// agent installs Sluice as `kubectl apply -k deploy/cni/` does, before
+// any Sluice pod, with the node's CNI directories the run's: the agent
+// DaemonSet, which is the only reader of the node's flow ring (so every
+// pod's flow series the later checks read are its) and installs the
+// sluice-cni plugin, and the injector with the Secret and
+// MutatingWebhookConfiguration `sluice webhook certs` prints. The agent's
+// /metrics answers, the plugin is chained into the node's network
+// configuration, and the injector is Ready. Pods of the init-container path
+// (every check before 9) run beside the plugin, which leaves them alone.
 func (k *checker) agent(t *timings) (string, error) {
 	start := time.Now()
-	if _, err := k.c.kubectl(k.ctx, "apply", "-f", filepath.Join(k.c.repo, "deploy", "agent", "daemonset.yaml")); err != nil {
+	built, err := k.c.kubectl(k.ctx, "kustomize", filepath.Join(k.c.repo, "deploy", "cni"))
+	if err != nil {
+		return "", err
+	}
+	manifest := string(built)
+	for host, run := range map[string]string{"/opt/cni/bin": k.c.path("cni", "bin"), "/etc/cni/net.d": k.c.path("cni", "net.d")} {
+		if strings.Count(manifest, "path: "+host+"\n") != 1 {
+			return "", fmt.Errorf("deploy/cni/ builds no single hostPath %s to point at the run's %s", host, run)
+		}
+		manifest = strings.Replace(manifest, "path: "+host+"\n", "path: "+run+"\n", 1)
+	}
+	if err := k.apply("sluice-cni", manifest); err != nil {
+		return "", err
+	}
+	certs, err := exec.Command(k.sluiceBin(), "webhook", "certs").Output()
+	if err != nil {
+		return "", fmt.Errorf("sluice webhook certs: %w", err)
+	}
+	if err := k.apply("sluice-webhook-certs", string(certs)); err != nil {
 		return "", err
 	}
 	pod, err := k.agentPod()
@@ -736,7 +786,26 @@ func (k *checker) agent(t *timings) (string, error) {
 		return "", err
 	}
 	t.agent = time.Since(start)
-	return fmt.Sprintf("%s %s Ready in %.1fs, /metrics on :%d answers", pod, k.ip["agent"], t.agent.Seconds(), agentPort), nil
+	conf := filepath.Join(k.c.path("cni", "net.d"), "10-e2e.conflist")
+	err = k.c.poll(k.ctx, 10*time.Second, "sluice-cni chained and copied", func() error {
+		data, err := os.ReadFile(conf)
+		if err == nil && !strings.Contains(string(data), `"sluice-cni"`) {
+			err = fmt.Errorf("%s has no sluice-cni entry:\n%s", conf, data)
+		}
+		if err == nil {
+			_, err = os.Stat(k.c.path("cni", "bin", "sluice-cni"))
+		}
+		return err
+	})
+	if err != nil {
+		return "", err
+	}
+	webhook, err := k.podOf("sluice-system", "app.kubernetes.io/name=sluice-webhook")
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%s %s Ready in %.1fs, /metrics on :%d answers; sluice-cni in the run's CNI bin dir and chained last in %s; injector %s Ready",
+		pod, k.ip["agent"], t.agent.Seconds(), agentPort, filepath.Base(conf), webhook), nil
 }
 
 // agentPod waits for the agent's Ready pod, records its name and IP (a new

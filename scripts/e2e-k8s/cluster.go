@@ -150,10 +150,13 @@ func (c *cluster) up(ctx context.Context, imgs images) error {
 	if _, err := os.Stat(filepath.Dir(c.run)); errors.Is(err, os.ErrNotExist) {
 		c.parentMade = true
 	}
-	for _, d := range []string{"logs", "etcd", "containerd", "kubelet", "pod-logs", "cni/net.d", "cni/ipam", "apiserver", "kcm"} {
+	for _, d := range []string{"logs", "etcd", "containerd", "kubelet", "pod-logs", "cni/net.d", "cni/ipam", "cni/bin", "apiserver", "kcm"} {
 		if err := os.MkdirAll(c.path(d), 0o700); err != nil {
 			return err
 		}
+	}
+	if err := c.linkCNIPlugins(); err != nil {
+		return err
 	}
 	if err := writePKI(c.path("pki"), c.plan); err != nil {
 		return fmt.Errorf("certificates: %w", err)
@@ -210,6 +213,9 @@ func (c *cluster) up(ctx context.Context, imgs images) error {
 		"--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file", pki("sa.pub"), "--service-account-signing-key-file", pki("sa.key"),
 		"--kubelet-preferred-address-types", "InternalIP", // no DNS lookup of the node name
+		// No kube-proxy here: a Service's cluster IP leads nowhere, so the
+		// API server calls the injector's Service at its endpoints.
+		"--enable-aggregator-routing",
 		"--allow-privileged", "--profiling=false"); err != nil {
 		return err
 	}
@@ -289,10 +295,10 @@ state = %q
         SystemdCgroup = false
         Root = %q
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+    bin_dir = %q
     conf_dir = %q
 `, cd("root"), cd("state"), cd("containerd.sock"), cd("containerd.sock.ttrpc"), cd("opt"),
-		imgs.pauseRef, cd("runc"), c.path("cni", "net.d"))
+		imgs.pauseRef, cd("runc"), c.path("cni", "bin"), c.path("cni", "net.d"))
 	kubelet := fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 containerRuntimeEndpoint: unix://%s
@@ -338,6 +344,22 @@ serializeImagePulls: false
 		c.path("cni", "net.d", "10-e2e.conflist"): cni,
 	} {
 		if err := os.WriteFile(path, []byte(data), 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// linkCNIPlugins gives containerd a CNI bin directory of the run's own,
+// holding links to Debian's plugins: deploy/cni/'s agent copies sluice-cni
+// there (the hostPath it mounts is this directory), not into the host's.
+func (c *cluster) linkCNIPlugins() error {
+	plugins, err := filepath.Glob("/usr/lib/cni/*")
+	if err != nil || len(plugins) == 0 {
+		return fmt.Errorf("no CNI plugins in /usr/lib/cni (make deps installs containernetworking-plugins): %v", err)
+	}
+	for _, p := range plugins {
+		if err := os.Symlink(p, c.path("cni", "bin", filepath.Base(p))); err != nil {
 			return err
 		}
 	}

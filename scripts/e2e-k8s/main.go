@@ -135,6 +135,7 @@ type timings struct {
 	servers, agent, collect                      time.Duration
 	dropIns                                      [][2]string // mesh, apply to Ready
 	offloadPod                                   time.Duration
+	podStart                                     [][2]string // how web was started, apply to Ready
 	buildCached                                  bool
 }
 
@@ -239,6 +240,9 @@ func (t timings) print() {
 	}
 	if t.offloadPod > 0 {
 		fmt.Printf("offload pod Ready    %8.1fs  (pod-template.yaml + sluice.dev/ annotations)\n", t.offloadPod.Seconds())
+	}
+	for _, d := range t.podStart {
+		fmt.Printf("web Ready %-30s %6s  (create -> Ready)\n", d[0], d[1])
 	}
 	if t.collect > 0 {
 		fmt.Printf("agent collected pins %8.1fs  after the pod's deletion\n", t.collect.Seconds())
