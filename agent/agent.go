@@ -54,7 +54,9 @@ type Agent struct {
 	// stuck are the pin directories of pods Upgrade cannot move (no plan
 	// recorded), said once each.
 	stuck sync.Map
-	// cniBin is sluice-cni's copy on the node, kept by ensureCNI.
+	// cniBin is sluice-cni's copy on the node, kept by ensureCNI under
+	// cniMu.
+	cniMu  sync.Mutex
 	cniBin *cni.Binary
 
 	// podsMu guards the last Pods the metrics were made from: the state
@@ -230,8 +232,9 @@ func (a *Agent) each(done string, match func(loader.Installed) bool, do func(loa
 }
 
 // Run exports every pod's flows, and collects gone pods (and with
-// Options.Upgrade moves pods onto this build) every interval, until ctx
-// ends.
+// Options.Upgrade moves pods onto this build, with Options.CNI puts the CNI
+// plugin back) every interval, until ctx ends; with Options.CNI it also
+// puts the plugin back as soon as its directories change.
 func (a *Agent) Run(ctx context.Context, interval time.Duration) {
 	done := make(chan struct{})
 	go func() {
@@ -239,6 +242,14 @@ func (a *Agent) Run(ctx context.Context, interval time.Duration) {
 		a.flows.run(ctx)
 	}()
 	defer func() { <-done }()
+	if a.opts.CNI != nil {
+		watched := make(chan struct{})
+		go func() {
+			defer close(watched)
+			a.watchCNI(ctx)
+		}()
+		defer func() { <-watched }()
+	}
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {

@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sluicemesh/sluice/internal/testbed"
 	"github.com/sluicemesh/sluice/loader"
@@ -157,4 +160,58 @@ func get(t *testing.T, h http.Handler, path string) string {
 		t.Fatalf("GET %s: %d %s", path, rec.Code, rec.Body.String())
 	}
 	return rec.Body.String()
+}
+
+// The agent puts sluice-cni back within a moment of the network plugin
+// rewriting its configuration without it, or of its binary being removed:
+// not at the next pass (an hour away here).
+func TestCNIRestoredAtOnce(t *testing.T) {
+	conf, bin := t.TempDir(), t.TempDir()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain := []byte(`{"cniVersion": "1.0.0", "name": "pods", "plugins": [{"type": "bridge"}]}`)
+	file := filepath.Join(conf, "10-pods.conflist")
+	if err := os.WriteFile(file, plain, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	a := New(Options{PinRoot: t.TempDir(), Logger: quiet, CNI: &CNI{BinDir: bin, ConfDir: conf, Self: self}})
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan struct{})
+	go func() { defer close(ran); a.Run(ctx, time.Hour) }()
+	defer func() { cancel(); <-ran }()
+	chained := func() error {
+		data, err := os.ReadFile(file)
+		if err == nil && !bytes.Contains(data, []byte(`"sluice-cni"`)) {
+			err = fmt.Errorf("%s has no sluice-cni: %s", file, data)
+		}
+		if err == nil {
+			_, err = os.Stat(filepath.Join(bin, "sluice-cni"))
+		}
+		return err
+	}
+	within := func(what string, d time.Duration) {
+		t.Helper()
+		deadline := time.Now().Add(d)
+		for err := chained(); err != nil; err = chained() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: not restored after %v: %v", what, d, err)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	within("the first pass", 5*time.Second)
+	// As a network plugin does on start: its own file, written anew.
+	if err := os.WriteFile(file+".tmp", plain, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(file+".tmp", file); err != nil {
+		t.Fatal(err)
+	}
+	within("the configuration rewritten", 2*time.Second)
+	if err := os.Remove(filepath.Join(bin, "sluice-cni")); err != nil {
+		t.Fatal(err)
+	}
+	within("the binary removed", 2*time.Second)
 }

@@ -1,8 +1,13 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/sluicemesh/sluice/cni"
 )
@@ -25,6 +30,9 @@ func (a *Agent) ensureCNI() error {
 	if c == nil {
 		return nil
 	}
+	// Run's passes and the watch both call it.
+	a.cniMu.Lock()
+	defer a.cniMu.Unlock()
 	copied, berr := a.cniBin.Ensure()
 	if berr != nil {
 		berr = fmt.Errorf("install %s in %s: %w", cni.PluginType, c.BinDir, berr)
@@ -46,4 +54,56 @@ func (a *Agent) ensureCNI() error {
 func RemoveCNI(c CNI) error {
 	_, _, cerr := cni.RemoveConf(c.ConfDir)
 	return errors.Join(cerr, cni.RemoveBinary(c.BinDir))
+}
+
+// watchCNI puts sluice-cni back as soon as something changes the node's
+// CNI configuration or bin directory, rather than at the next pass: a pod
+// whose sandbox is made while the entry is missing gets no capture, and
+// its sidecar holds it unready until the pod is made again. It returns
+// when ctx ends, or at once when the directories cannot be watched (the
+// passes still restore the plugin).
+func (a *Agent) watchCNI(ctx context.Context) {
+	c := a.opts.CNI
+	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
+	if err != nil {
+		a.opts.Logger.Warn("CNI directories not watched: the plugin is restored every pass only", "err", err)
+		return
+	}
+	// Non-blocking, the file's reads go through Go's poller, so Close
+	// ends a Read in progress.
+	f := os.NewFile(uintptr(fd), "inotify")
+	defer f.Close()
+	const events = unix.IN_CLOSE_WRITE | unix.IN_MOVED_TO | unix.IN_MOVED_FROM | unix.IN_CREATE | unix.IN_DELETE | unix.IN_DELETE_SELF | unix.IN_MOVE_SELF
+	for _, dir := range []string{c.ConfDir, c.BinDir} {
+		if _, err := unix.InotifyAddWatch(fd, dir, events); err != nil {
+			a.opts.Logger.Warn("CNI directory not watched: the plugin is restored every pass only", "dir", dir, "err", err)
+			return
+		}
+	}
+	stop := context.AfterFunc(ctx, func() { f.Close() })
+	defer stop()
+	buf := make([]byte, 64<<10)
+	for {
+		if _, err := f.Read(buf); err != nil {
+			if ctx.Err() == nil {
+				a.opts.Logger.Warn("CNI directories no longer watched: the plugin is restored every pass only", "err", err)
+			}
+			return
+		}
+		// A network plugin writes its files in a burst: take what
+		// comes within 100 ms of the last event, then look once.
+		for {
+			f.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+			if _, err := f.Read(buf); err != nil {
+				break // quiet for 100 ms, or closed
+			}
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		f.SetReadDeadline(time.Time{})
+		if err := a.ensureCNI(); err != nil {
+			a.opts.Logger.Error("CNI plugin: new pods asking for capture get none, and their sidecar holds them unready, until it is fixed", "err", err)
+		}
+	}
 }

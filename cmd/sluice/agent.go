@@ -43,8 +43,9 @@ prints the pods as JSON and exits.
 
 With --cni-bin-dir and --cni-conf-dir (the host's, mounted in) it installs
 the sluice-cni plugin on the node: copies itself there as sluice-cni and
-chains it last into the primary network configuration, and on every pass
-puts either back if something removed or rewrote it. The plugin then
+chains it last into the primary network configuration, and puts either
+back as soon as something removes or rewrites it (it watches both
+directories), and on every pass. The plugin then
 installs capture, as the init container would, on each pod annotated
 sluice.dev/capture: "true" when its sandbox is made (sluice inject --cni
 writes such pods), and removes it when the sandbox goes: the pods need no

@@ -3,7 +3,9 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
 	"encoding/base64"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
@@ -22,7 +24,7 @@ import (
 )
 
 const webhookHelp = `Usage: sluice webhook [--addr :9443] [--tls-dir /tls] [--cni] [--image IMAGE]
-       sluice webhook certs [--namespace sluice-system] [--service sluice-webhook] [--valid-for 8760h]
+       sluice webhook certs [--namespace sluice-system] [--service sluice-webhook] [--valid-for 8760h] [--also-trust FILE]
 
 The injector: a mutating admission webhook that adds Sluice to every pod
 created in a namespace labelled sluice.dev/inject=enabled, as 'sluice
@@ -38,15 +40,21 @@ certs prints what the webhook needs for kubectl apply: the Secret
 sluice-webhook-tls (a new serving key pair for the Service --service in
 --namespace, signed by a new CA) and the MutatingWebhookConfiguration
 sluice-inject of deploy/webhook/, which trusts that CA. Run it again to
-renew both; until the kubelet updates the Secret in the webhook's pods (a
-minute or so), the API server already trusts the new CA only, and pods
-created in labelled namespaces are refused.
+renew both, with --also-trust naming the CA in force: the API server then
+trusts the old CA and the new one, so the webhook's pods serve on with
+the old key pair until the kubelet updates their Secret (a minute or so).
+Without it, pods created in labelled namespaces meanwhile are refused.
 
 Examples:
   kubectl apply -k deploy/cni/
   sluice webhook certs | kubectl apply -f -
   kubectl label namespace shop sluice.dev/inject=enabled
-  sluice webhook --addr :9443 --tls-dir /tls --cni`
+  sluice webhook --addr :9443 --tls-dir /tls --cni
+
+Renewal:
+  kubectl get mutatingwebhookconfiguration sluice-inject \
+    -o jsonpath='{.webhooks[0].clientConfig.caBundle}' | base64 -d > ca-in-force.pem
+  sluice webhook certs --also-trust ca-in-force.pem | kubectl apply -f -`
 
 func webhookCommand() command {
 	c := command{
@@ -92,8 +100,16 @@ func webhookCerts(c command, args []string, stdout io.Writer) error {
 	namespace := fs.String("namespace", "sluice-system", "the webhook's namespace: where the Secret goes and its Service is")
 	service := fs.String("service", "sluice-webhook", "the webhook's Service, which the certificate names and the API server calls")
 	validFor := fs.Duration("valid-for", 365*24*time.Hour, "how long the certificate is valid")
+	alsoTrust := fs.String("also-trust", "", "a PEM file of CA certificates the configuration trusts too: the one in force, when renewing")
 	if err := parseFlags(fs, c, args, stdout); err != nil {
 		return err
+	}
+	var trusted []byte
+	if *alsoTrust != "" {
+		var err error
+		if trusted, err = readCAs(*alsoTrust); err != nil {
+			return usageError{fmt.Sprintf("--also-trust %s: %v", *alsoTrust, err)}
+		}
 	}
 	for _, f := range [][2]string{{"--namespace", *namespace}, {"--service", *service}} {
 		if !dnsLabel.MatchString(f[1]) {
@@ -103,7 +119,7 @@ func webhookCerts(c command, args []string, stdout io.Writer) error {
 	if *validFor <= 0 {
 		return usageError{fmt.Sprintf("--valid-for %v: want a positive duration, e.g. 8760h", *validFor)}
 	}
-	out, err := webhookManifests(*namespace, *service, *validFor)
+	out, err := webhookManifests(*namespace, *service, *validFor, trusted)
 	if err != nil {
 		return err
 	}
@@ -115,13 +131,37 @@ func webhookCerts(c command, args []string, stdout io.Writer) error {
 // go into YAML and certificates as they are.
 var dnsLabel = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$`)
 
+// readCAs reads a PEM file of CA certificates, each of which must parse.
+func readCAs(path string) ([]byte, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	n := 0
+	for rest := data; ; n++ {
+		var block *pem.Block
+		if block, rest = pem.Decode(rest); block == nil {
+			break
+		}
+		if _, err := x509.ParseCertificate(block.Bytes); block.Type != "CERTIFICATE" || err != nil {
+			return nil, fmt.Errorf("PEM block %d is no certificate (%s): give the caBundle in force, base64-decoded", n+1, block.Type)
+		}
+	}
+	if n == 0 {
+		return nil, errors.New("no PEM certificate in it: give the caBundle in force, base64-decoded")
+	}
+	return data, nil
+}
+
 // webhookManifests is the Secret with a new serving key pair and the
-// webhook configuration trusting its CA, as one YAML stream.
-func webhookManifests(namespace, service string, validFor time.Duration) ([]byte, error) {
+// webhook configuration trusting its CA (and the CAs of trusted, PEM), as
+// one YAML stream.
+func webhookManifests(namespace, service string, validFor time.Duration, trusted []byte) ([]byte, error) {
 	caPEM, certPEM, keyPEM, err := webhook.GenerateCerts(service, namespace, validFor)
 	if err != nil {
 		return nil, err
 	}
+	caPEM = append(caPEM, trusted...)
 	var out bytes.Buffer
 	fmt.Fprintf(&out, `# The webhook's serving key pair, for %s.%s.svc, made by sluice webhook certs.
 apiVersion: v1
