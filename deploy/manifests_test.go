@@ -104,7 +104,7 @@ type manifests struct {
 // files that are no Kubernetes objects, into their own shape.
 func TestManifestsDecodeStrictly(t *testing.T) {
 	m := load(t, ".")
-	if len(m.deployments) != 4 || len(m.daemonSets) != 1 || len(m.kustomizations) != 6 || m.scrape == nil || m.rules == nil ||
+	if len(m.deployments) != 5 || len(m.daemonSets) != 1 || len(m.kustomizations) != 6 || m.scrape == nil || m.rules == nil ||
 		len(m.serviceMonitors) != 1 || len(m.podMonitors) != 1 || len(m.services) != 2 || len(m.webhookConfigs) != 1 {
 		t.Errorf("decoded %d Deployments, %d DaemonSets, %d Services, %d ServiceMonitors, %d PodMonitors, %d kustomizations, %d MutatingWebhookConfigurations; scrape config %t, rules %t: a manifest went missing",
 			len(m.deployments), len(m.daemonSets), len(m.services), len(m.serviceMonitors), len(m.podMonitors), len(m.kustomizations), len(m.webhookConfigs), m.scrape != nil, m.rules != nil)

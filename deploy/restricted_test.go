@@ -3,8 +3,8 @@ package deploy
 import (
 	"bytes"
 	"fmt"
+	"os"
 	"slices"
-	"strings"
 	"testing"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -101,37 +101,33 @@ func volumeKind(v corev1.Volume) string {
 	return "other"
 }
 
-// restrictedApp is a workload that passes "restricted" on its own.
-const restrictedApp = `apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: web
-spec:
-  selector:
-    matchLabels: {app: web}
-  template:
-    metadata:
-      labels: {app: web}
-    spec:
-      securityContext:
-        runAsNonRoot: true
-        runAsUser: 10001
-        seccompProfile: {type: RuntimeDefault}
-      containers:
-        - name: app
-          image: registry.example/app:1
-          securityContext:
-            allowPrivilegeEscalation: false
-            capabilities: {drop: ["ALL"]}
-`
-
-// A restricted workload stays restricted once `sluice inject --cni` (and
-// the injector, which runs the same code) added Sluice; in init-container
-// mode it does not, and the check says so (the check can fail).
+// The example of a restricted namespace (pod/restricted-namespace.yaml)
+// enforces "restricted" and asks for injection, and its Deployment passes
+// "restricted" as it is, and still once `sluice inject --cni` (and the
+// injector, which runs the same code) added Sluice; in init-container mode
+// it does not, and the check says so (the check can fail).
 func TestInjectedCNIPodIsRestricted(t *testing.T) {
+	const file = "pod/restricted-namespace.yaml"
+	data, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	docs := bytes.Split(data, []byte("\n---\n"))
+	var ns corev1.Namespace
+	if err := decodeStrict(docs[0], &ns); err != nil {
+		t.Fatal(err)
+	}
+	if ns.Labels["pod-security.kubernetes.io/enforce"] != "restricted" || ns.Labels["sluice.dev/inject"] != "enabled" {
+		t.Errorf("%s: namespace labels %v, want restricted enforced and injection enabled", file, ns.Labels)
+	}
+	app := load(t, ".").deployments[file]
+	if app == nil {
+		t.Fatalf("no Deployment in %s", file)
+	}
+	restricted(t, file, app.Spec.Template.Spec)
 	for _, cni := range []bool{true, false} {
 		var out bytes.Buffer
-		if _, err := inject.Inject(strings.NewReader(restrictedApp), &out, PodTemplate, inject.Options{CNI: cni}); err != nil {
+		if _, err := inject.Inject(bytes.NewReader(docs[len(docs)-1]), &out, PodTemplate, inject.Options{CNI: cni}); err != nil {
 			t.Fatal(err)
 		}
 		var d appsv1.Deployment

@@ -173,6 +173,15 @@ func injectPod(pod *yaml.Node, workload string, p parts) (string, error) {
 			}
 		}
 	}
+	// What the install will read: wrong, it would fail the pod's init
+	// container or sandbox, again and again.
+	ann := map[string]string{}
+	for _, kv := range pairs(get(get(pod, "metadata"), "annotations"), func(string) bool { return true }) {
+		ann[kv[0].Value] = kv[1].Value
+	}
+	if _, err := redirect.AnnotationPlan(ann); err != nil {
+		return "", fmt.Errorf("%v: fix the pod's annotation", err)
+	}
 	meta, inits, volumes := ensureMap(pod, "metadata"), ensureSeq(spec, "initContainers"), ensureSeq(spec, "volumes")
 	// Sluice's first: capture is fail-closed, so the app's own init
 	// containers need the sidecar up to reach the network.

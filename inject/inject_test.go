@@ -224,13 +224,18 @@ func envOf(c corev1.Container, name string) string {
 }
 
 // A pod with a volume of one of Sluice's names is refused, naming it,
-// rather than given two; what is not YAML of objects is refused too.
+// rather than given two; so is one whose sluice.dev/ annotations the
+// install would refuse (a name misspelt, a value wrong), which would fail
+// its init container or sandbox on every try; what is not YAML of objects
+// is refused too.
 func TestInjectRefuses(t *testing.T) {
 	for in, want := range map[string]string{
 		"kind: Pod\nmetadata: {name: p}\nspec:\n  containers: [{name: a, image: a}]\n  volumes: [{name: bpffs, emptyDir: {}}]\n": "already has a volume named bpffs",
 		"- just\n- a list\n":                      "not a Kubernetes object",
 		"kind: Deployment\nmetadata: {name: d}\n": "Deployment d has no spec.template",
 		"kind: Pod\n  bad: indent\n":              "document 1",
+		"kind: Pod\nmetadata:\n  name: p\n  annotations: {sluice.dev/offload-port: \"8080\"}\nspec:\n  containers: [{name: a, image: a}]\n":      "unknown annotation sluice.dev/offload-port",
+		"kind: Pod\nmetadata:\n  name: p\n  annotations: {sluice.dev/kernel-only-ports: \"http\"}\nspec:\n  containers: [{name: a, image: a}]\n": "annotation sluice.dev/kernel-only-ports=\"http\"",
 	} {
 		var out bytes.Buffer
 		if _, err := Inject(strings.NewReader(in), &out, deploy.PodTemplate, Options{}); err == nil || !strings.Contains(err.Error(), want) {

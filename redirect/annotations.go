@@ -2,6 +2,7 @@ package redirect
 
 import (
 	"bufio"
+	"flag"
 	"fmt"
 	"io"
 	"slices"
@@ -75,4 +76,25 @@ func AnnotationSettings(ann map[string]string) ([][2]string, error) {
 		}
 	}
 	return set, nil
+}
+
+// AnnotationPlan is the plan a pod's sluice.dev/ annotations ask for, the
+// rest as by default: what the CNI plugin installs, and what sluice inject
+// and the injector check before a pod is made (an annotation wrong there
+// would fail the pod's sandbox, again and again).
+func AnnotationPlan(ann map[string]string) (Plan, error) {
+	settings, err := AnnotationSettings(ann)
+	if err != nil {
+		return Plan{}, err
+	}
+	fs := flag.NewFlagSet("annotations", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	policy := DefaultPolicy()
+	policy.RegisterFlags(fs)
+	for _, kv := range settings {
+		if err := fs.Set(kv[0], kv[1]); err != nil {
+			return Plan{}, fmt.Errorf("annotation %s%s=%q: %v", AnnotationPrefix, kv[0], kv[1], err)
+		}
+	}
+	return policy.Plan()
 }

@@ -105,6 +105,11 @@ func TestRefusesPodInjectRefuses(t *testing.T) {
 			t.Errorf("message %q does not say %q", resp.Status.Message, want)
 		}
 	}
+	misspelt := `{"metadata": {"generateName": "db-", "annotations": {"sluice.dev/offload-port": "5432"}}, "spec": {"containers": [{"name": "a", "image": "a"}]}}`
+	if resp, raw := call(t, h, "CREATE", "Pod", misspelt); resp.Allowed || resp.Status == nil ||
+		!strings.Contains(resp.Status.Message, "unknown annotation sluice.dev/offload-port") || !strings.Contains(resp.Status.Message, "fix the pod's annotation") {
+		t.Errorf("a misspelt annotation: answer %s; want refused, naming it", raw)
+	}
 }
 
 // What is no v1 AdmissionReview gets 400 and one line saying so; /healthz

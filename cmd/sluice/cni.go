@@ -3,7 +3,6 @@ package main
 import (
 	"cmp"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -84,31 +83,12 @@ func cniTarget(req cni.Request) (loader.Target, error) {
 	return t, nil
 }
 
-// cniPlan is the plan the pod's sluice.dev/ annotations ask for, as
-// install --annotations would read it.
-func cniPlan(ann map[string]string) (redirect.Plan, error) {
-	settings, err := redirect.AnnotationSettings(ann)
-	if err != nil {
-		return redirect.Plan{}, err
-	}
-	fs := flag.NewFlagSet(cni.PluginType, flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	policy := redirect.DefaultPolicy()
-	policy.RegisterFlags(fs)
-	for _, kv := range settings {
-		if err := fs.Set(kv[0], kv[1]); err != nil {
-			return redirect.Plan{}, fmt.Errorf("annotation %s%s=%q: %v", redirect.AnnotationPrefix, kv[0], kv[1], err)
-		}
-	}
-	return policy.Plan()
-}
-
 func cniAdd(req cni.Request, log *slog.Logger) error {
 	if !captured(req) {
 		log.Debug("pod not annotated for capture: left as it is", "annotation", redirect.CaptureAnnotation)
 		return nil
 	}
-	plan, err := cniPlan(req.Config.RuntimeConfig.PodAnnotations)
+	plan, err := redirect.AnnotationPlan(req.Config.RuntimeConfig.PodAnnotations)
 	if err != nil {
 		return &cni.Error{Code: cni.CodeInvalidConfig, Msg: "the pod's annotations", Details: err.Error() + ": fix the pod's annotation"}
 	}

@@ -37,7 +37,9 @@ the pod passes Pod Security "restricted".
 Left alone, each said on standard error: a pod already injected (so
 running it twice changes nothing), one annotated sluice.dev/inject:
 "false", one on the host's network (capture works on a pod's own network
-namespace). A pod with a volume of one of Sluice's names is refused.
+namespace). A pod with a volume of one of Sluice's names, or a sluice.dev/
+annotation the install would refuse (misspelt, or a wrong value), is
+refused, naming it.
 
 Examples:
   sluice inject -f deploy.yaml | kubectl apply -f -

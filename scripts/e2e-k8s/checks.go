@@ -120,6 +120,7 @@ func (c *cluster) sluiceChecks(ctx context.Context, imgs images, t *timings) (*c
 		{"9. CNI pod outbound web -> server1 through the sidecar", func() (string, error) { return k.outbound("web") }},
 		{"9. CNI pod inbound server1 -> web through the sidecar", func() (string, error) { return k.inbound("web") }},
 		{"9. CNI pod deleted: no pin, no link left (sluice-cni DEL)", k.cniDelete},
+		{"9. misspelt annotation: injector refuses, sandbox fails", k.misspelt},
 		{"9. sluice inject output applied: init mode Ready, captured", func() (string, error) { return k.injectedWeb(t) }},
 		{"9. injected (init mode) outbound web -> server1", func() (string, error) { return k.outbound("web-init") }},
 	}

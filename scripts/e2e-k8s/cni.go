@@ -1,7 +1,6 @@
 package main
 
 import (
-	"cmp"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -65,15 +64,6 @@ spec:
 `, ns, k.imgs.busyboxRef, www("web"))
 }
 
-// namespace creates ns with labels.
-func (k *checker) namespace(ns string, labels map[string]string) error {
-	var b strings.Builder
-	for l, v := range labels {
-		fmt.Fprintf(&b, "\n    %s: %q", l, v)
-	}
-	return k.apply("ns-"+ns, fmt.Sprintf("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: %s\n  labels:%s\n", ns, cmp.Or(b.String(), " {}")))
-}
-
 // startWeb applies manifest and waits for the web pod in ns; it returns
 // the pod and the time from apply to Ready.
 func (k *checker) startWeb(name, ns, manifest string, extra ...string) (string, time.Duration, error) {
@@ -97,7 +87,7 @@ func (k *checker) containerNames(ns, pod string) (string, error) {
 // plainWeb: in a namespace not labelled for injection the Deployment runs
 // as it was written: no Sluice container, annotation or pin.
 func (k *checker) plainWeb(t *timings) (string, error) {
-	if err := k.namespace(plainNS, nil); err != nil {
+	if _, err := k.c.kubectl(k.ctx, "create", "namespace", plainNS); err != nil {
 		return "", err
 	}
 	pod, took, err := k.startWeb("web-plain", plainNS, k.webManifest(plainNS))
@@ -129,17 +119,23 @@ func (k *checker) plainWeb(t *timings) (string, error) {
 	return fmt.Sprintf("%s/%s Ready in %.1fs: containers %q, no sluice.dev/ annotation, no pins", plainNS, pod, took.Seconds(), names), nil
 }
 
-// cniWeb: in a namespace labelled sluice.dev/inject=enabled that enforces
-// Pod Security "restricted", the same Deployment's pod is injected (the
+// cniWeb: in deploy/pod/restricted-namespace.yaml's namespace, labelled
+// sluice.dev/inject=enabled and enforcing Pod Security "restricted", the same Deployment's pod is injected (the
 // sidecar alone, asking sluice-cni for capture), admitted, captured (its
 // pins) and Ready. That the namespace really enforces "restricted" is shown
 // by a server-side dry run of an init-container pod there, which must be
 // refused.
 func (k *checker) cniWeb(t *timings) (string, error) {
-	if err := k.namespace(cniNS, map[string]string{
-		"sluice.dev/inject":                  "enabled",
-		"pod-security.kubernetes.io/enforce": "restricted",
-	}); err != nil {
+	// The namespace of deploy/pod/restricted-namespace.yaml, as it is.
+	example, err := os.ReadFile(filepath.Join(k.c.repo, "deploy", "pod", "restricted-namespace.yaml"))
+	if err != nil {
+		return "", err
+	}
+	nsDoc, _, _ := strings.Cut(string(example), "\n---\n")
+	if !strings.Contains(nsDoc, "kind: Namespace") || !strings.Contains(nsDoc, "name: "+cniNS+"\n") {
+		return "", fmt.Errorf("restricted-namespace.yaml's first document is no Namespace %s", cniNS)
+	}
+	if err := k.apply("ns-"+cniNS, nsDoc); err != nil {
 		return "", err
 	}
 	privileged, err := k.injected(fmt.Sprintf("apiVersion: v1\nkind: Pod\nmetadata:\n  name: privileged\n  namespace: %s\nspec:\n  containers:\n    - {name: app, image: %s}\n", cniNS, k.imgs.busyboxRef))
@@ -269,4 +265,77 @@ func (k *checker) injectedWeb(t *timings) (string, error) {
 		return "", err
 	}
 	return fmt.Sprintf("containers %q; %s", names, detail), nil
+}
+
+// misspelt: a pod with a misspelt sluice.dev/ annotation is refused by the
+// injector in the labelled namespace, naming the annotation; one that
+// asks sluice-cni for capture directly (the annotation sluice inject --cni
+// writes, no injector in an unlabelled namespace) has its sandbox failed
+// by the plugin, and the kubelet's event for the pod names the
+// annotation. Nothing is installed for it.
+func (k *checker) misspelt() (string, error) {
+	pod := func(ns, name, annotations string) string {
+		return fmt.Sprintf(`apiVersion: v1
+kind: Pod
+metadata:
+  name: %s
+  namespace: %s
+  annotations: {%s}
+spec:
+  terminationGracePeriodSeconds: 1
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: 10001
+    seccompProfile: {type: RuntimeDefault}
+  containers:
+    - name: app
+      image: %s
+      imagePullPolicy: Never
+      command: ["sleep", "3600"]
+      securityContext:
+        allowPrivilegeEscalation: false
+        capabilities: {drop: ["ALL"]}
+`, name, ns, annotations, k.imgs.busyboxRef)
+	}
+	const want = "unknown annotation sluice.dev/offload-port"
+	err := k.apply("misspelt-injected", pod(cniNS, "misspelt", `sluice.dev/offload-port: "8080"`))
+	if err == nil || !strings.Contains(err.Error(), want) {
+		return "", fmt.Errorf("the injector admitted a pod with a misspelt annotation, or refused it for another reason: %v", err)
+	}
+	refused := err.Error()
+	if i := strings.Index(refused, "admission webhook"); i >= 0 {
+		refused = refused[i:]
+	}
+	if err := k.apply("misspelt-cni", pod(plainNS, "misspelt", `sluice.dev/capture: "true", sluice.dev/offload-port: "8080"`)); err != nil {
+		return "", err
+	}
+	var event string
+	err = k.c.poll(k.ctx, 30*time.Second, "the pod's sandbox failure event", func() error {
+		out, err := k.c.kubectl(k.ctx, "get", "events", "-n", plainNS, "--field-selector", "involvedObject.name=misspelt,reason=FailedCreatePodSandBox",
+			"-o", "jsonpath={.items[*].message}")
+		if event = string(out); err == nil && !strings.Contains(event, want) {
+			err = fmt.Errorf("no FailedCreatePodSandBox event naming the annotation yet: %q", event)
+		}
+		return err
+	})
+	if err != nil {
+		return "", err
+	}
+	uid, err := k.field(plainNS, "misspelt", "{.metadata.uid}")
+	if err != nil {
+		return "", err
+	}
+	_, id, cerr := podCgroup(uid)
+	if _, err := k.c.kubectl(k.ctx, "delete", "pod", "-n", plainNS, "misspelt", "--wait", "--timeout", "60s", "--grace-period", "1"); err != nil {
+		return "", err
+	}
+	if cerr == nil {
+		if _, err := os.Stat(filepath.Join(bpffs, "sluice", strconv.FormatUint(id, 10))); err == nil {
+			return "", fmt.Errorf("the refused pod (cgroup %d) has pins", id)
+		}
+	}
+	if i := strings.Index(event, "sluice-cni"); i >= 0 {
+		event = event[i:]
+	}
+	return fmt.Sprintf("injector: %s; kubelet: %s", tail(refused, 1), tail(event, 1)), nil
 }
