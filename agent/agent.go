@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -25,6 +26,7 @@ import (
 	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/cni"
 	"github.com/sluicemesh/sluice/loader"
+	"github.com/sluicemesh/sluice/telemetry"
 )
 
 // Options configure an Agent.
@@ -41,7 +43,10 @@ type Options struct {
 	Upgrade bool
 	// CNI, when set, has the agent install the sluice-cni plugin on the
 	// node and keep it chained (ensureCNI), each pass.
-	CNI    *CNI
+	CNI *CNI
+	// Peers, when set, names the workload at a pod's address: the other
+	// end of the flows (kube.Watcher.Peer, with --kubernetes).
+	Peers  func(netip.Addr) (telemetry.Identity, bool)
 	Logger *slog.Logger
 }
 

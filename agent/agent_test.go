@@ -35,9 +35,16 @@ type node struct {
 func newNode(t *testing.T, names ...string) *node {
 	t.Helper()
 	testbed.RequirePrivileged(t)
-	bed := testbed.Must(t)
 	n := &node{root: filepath.Join(loader.DefaultPinRoot+"-agent-test", fmt.Sprint(os.Getpid())), pods: map[string]*testbed.Pod{}, tgts: map[string]loader.Target{}}
 	t.Cleanup(func() { os.RemoveAll(filepath.Dir(n.root)) })
+	n.add(t, names...)
+	return n
+}
+
+// add installs more pods on the node.
+func (n *node) add(t *testing.T, names ...string) {
+	t.Helper()
+	bed := testbed.Must(t)
 	plan, err := redirect.DefaultPolicy().Plan()
 	if err != nil {
 		t.Fatal(err)
@@ -64,7 +71,6 @@ func newNode(t *testing.T, names ...string) *node {
 		})
 		n.pods[name], n.tgts[name] = pod, tgt
 	}
-	return n
 }
 
 func (n *node) agent() *Agent { return New(Options{PinRoot: n.root, Logger: quiet}) }

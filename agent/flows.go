@@ -203,6 +203,7 @@ func (f *flowExport) newPod(in loader.Installed) (*podFlows, error) {
 		Identity:        telemetry.IdentityFromMap(in.Identity),
 		IstioNames:      f.a.opts.IstioNames,
 		MaxDestinations: f.a.opts.MaxDestinations,
+		Peers:           f.a.opts.Peers,
 		Routes:          pins.Routes,
 		RoutesVersion:   pins.RoutesVersion,
 		InNetns: func(fn func() error) error {

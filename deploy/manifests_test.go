@@ -64,7 +64,7 @@ var wantCommands = map[string][]string{
 	"istio-init":   {"/sluice", "istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"},
 	"linkerd-init": {"/sluice", "proxy-init", "--incoming-proxy-port", "4143", "--outgoing-proxy-port", "4140", "--proxy-uid", "2102", "--inbound-ports-to-ignore", "4190,4191,4567,4568", "--outbound-ports-to-ignore", "4567,4568"},
 	"sluice-proxy": {"/sluice", "run", "--metrics-addr", ":15090", "--log-format", "json"},
-	"agent":        {"/sluice", "agent", "--metrics-addr", ":9102", "--pin-root", "/sys/fs/bpf/sluice", "--gc-interval", "30s"},
+	"agent":        {"/sluice", "agent", "--metrics-addr", ":9102", "--pin-root", "/sys/fs/bpf/sluice", "--gc-interval", "30s", "--kubernetes"},
 	"webhook":      {"/sluice", "webhook", "--addr", ":9443", "--tls-dir", "/tls", "--cni"},
 }
 
@@ -94,6 +94,7 @@ type manifests struct {
 	podMonitors     []*podMonitor
 	kustomizations  map[string]*kustomization // by directory
 	webhookConfigs  []*admissionv1.MutatingWebhookConfiguration
+	clusterRoles    []*rbacv1.ClusterRole
 	scrape          *scrapeConfig
 	rules           *ruleFile
 }
@@ -201,7 +202,7 @@ func (m *manifests) add(d doc) error {
 	case "v1 ServiceAccount":
 		return decodeStrict(d.body, new(corev1.ServiceAccount))
 	case "rbac.authorization.k8s.io/v1 ClusterRole":
-		return decodeStrict(d.body, new(rbacv1.ClusterRole))
+		return decodeAppend(d, &m.clusterRoles)
 	case "rbac.authorization.k8s.io/v1 ClusterRoleBinding":
 		return decodeStrict(d.body, new(rbacv1.ClusterRoleBinding))
 	case "monitoring.coreos.com/v1 ServiceMonitor":
@@ -889,6 +890,25 @@ func TestReadmeCapabilityTable(t *testing.T) {
 	for name := range documented {
 		if _, ok := wantCaps[name]; !ok {
 			t.Errorf("README.md documents container %s, which no manifest has", name)
+		}
+	}
+}
+
+// The agent's ClusterRole reads and creates events, nothing else: no
+// write of any object, no Secret, no wildcard.
+func TestAgentRBACOnlyReads(t *testing.T) {
+	roles := load(t, ".").clusterRoles
+	if len(roles) != 1 || roles[0].Name != "sluice-agent" {
+		t.Fatalf("%d ClusterRoles, want the agent's", len(roles))
+	}
+	for _, r := range roles[0].Rules {
+		for _, res := range r.Resources {
+			for _, v := range r.Verbs {
+				ok := slices.Contains([]string{"list", "watch"}, v) || res == "events" && v == "create"
+				if !ok || res == "*" || res == "secrets" || slices.Contains(r.APIGroups, "*") {
+					t.Errorf("the agent may %s %v %s: it reads Services, EndpointSlices and routes, and creates events", v, r.APIGroups, res)
+				}
+			}
 		}
 	}
 }

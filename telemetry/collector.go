@@ -57,7 +57,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	perDirection := map[string]int{Outbound: 0, Inbound: 0}
 	for _, f := range flows {
 		perDirection[f.Direction]++
-		k := labelKey{f.Direction, f.service}
+		k := f.series()
 		t := totals[k]
 		t.sent += f.BytesSent
 		t.received += f.BytesReceived
@@ -72,7 +72,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	// their open was lost too (an open alone lost is counted at its close).
 	for _, dir := range []string{Outbound, Inbound} {
 		if lost := counts["flow_close_lost_"+dir]; lost > 0 {
-			k := labelKey{dir, unknown}
+			k := labelKey{direction: dir, service: unknown}
 			t := totals[k]
 			t.closed += lost
 			t.opened += counts["flow_open_and_close_lost_"+dir]
@@ -80,7 +80,11 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	for k, t := range totals {
-		labels := c.e.opts.Identity.labelValues(k.direction, k.service)
+		var peer Identity
+		if k.peer != nil {
+			peer = *k.peer
+		}
+		labels := c.e.opts.Identity.labelValues(k.direction, k.service, peer)
 		ch <- prometheus.MustNewConstMetric(opened, prometheus.CounterValue, float64(t.opened), labels...)
 		ch <- prometheus.MustNewConstMetric(closed, prometheus.CounterValue, float64(t.closed), labels...)
 		ch <- prometheus.MustNewConstMetric(sent, prometheus.CounterValue, float64(t.sent), labels...)

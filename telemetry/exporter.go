@@ -55,6 +55,11 @@ type Options struct {
 	// FollowerTimeout is how long a follower's buffer may stay full, or a
 	// write to it block, before it is dropped. Default 5 s.
 	FollowerTimeout time.Duration
+	// Peers, when set, names the workload at an address of the cluster
+	// (a pod's IP): a flow's other end, in its destination_* (outbound)
+	// or source_* (inbound) labels. Without it, or for an address it does
+	// not know (the outside world), they are "unknown".
+	Peers func(netip.Addr) (Identity, bool)
 	// RoutesVersion, when set, changes whenever the routes do: the
 	// exporter then rereads Routes only when it changed (without it, at
 	// every destination beyond MaxDestinations).
@@ -87,6 +92,7 @@ type Exporter struct {
 	reapAfter    time.Duration
 	totals       map[labelKey]*tcpTotals
 	destinations map[string]bool
+	peers        map[Identity]*Identity // the peers seen, up to MaxDestinations
 	// routed are the services and backends of the pod's routes, as of
 	// routesVersion: their series are never folded into "other", so a
 	// rollout always finds its backends' measurements.
@@ -107,7 +113,10 @@ type Exporter struct {
 
 // labelKey is what tells the layer-4 counters' series apart: the rest of
 // Istio's labels follow from the pod's identity.
-type labelKey struct{ direction, service string }
+type labelKey struct {
+	direction, service string
+	peer               *Identity // the other end's workload, interned; nil: unknown
+}
 
 // tcpTotals are the layer-4 counters of one series, from closed flows; open
 // flows' bytes are added at scrape time.
@@ -135,6 +144,7 @@ func NewExporter(source Source, opts Options) *Exporter {
 		reapAfter:    reapAfter,
 		totals:       map[labelKey]*tcpTotals{},
 		destinations: map[string]bool{},
+		peers:        map[Identity]*Identity{},
 		followers:    map[*Follower]struct{}{},
 	}
 	e.newMetrics()
@@ -226,7 +236,8 @@ func (e *Exporter) handle(f Flow) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	f.service = e.service(f)
-	key := labelKey{f.Direction, f.service}
+	f.peer = e.peerOf(f)
+	key := f.series()
 	t := e.totals[key]
 	if t == nil {
 		t = &tcpTotals{}
@@ -273,6 +284,33 @@ func (e *Exporter) handle(f Flow) {
 	for fl := range e.followers {
 		e.send(fl, f)
 	}
+}
+
+// peerOf is the workload at the flow's other end (the backend dialed,
+// outbound; the client, inbound), as Options.Peers knows it, interned: nil
+// (unknown) for the outside world, and once MaxDestinations distinct peers
+// were seen, so the series stay bounded.
+func (e *Exporter) peerOf(f Flow) *Identity {
+	if e.opts.Peers == nil {
+		return nil
+	}
+	addr := f.Destination.Addr()
+	if f.Direction == Inbound {
+		addr = f.Source.Addr()
+	}
+	id, ok := e.opts.Peers(addr.Unmap())
+	if !ok {
+		return nil
+	}
+	p := e.peers[id]
+	if p == nil {
+		if len(e.peers) >= e.opts.MaxDestinations {
+			return nil
+		}
+		p = &id
+		e.peers[id] = p
+	}
+	return p
 }
 
 // service is the flow's destination_service: its original destination,
@@ -370,7 +408,7 @@ func (e *Exporter) Live() ([]Flow, error) {
 		case now.Sub(e.missing[cookie]) >= e.reapAfter:
 			// Its bytes so far stay counted: the byte counters must
 			// never go down.
-			t := e.totals[labelKey{f.Direction, f.service}]
+			t := e.totals[f.series()]
 			t.sent += f.BytesSent
 			t.received += f.BytesReceived
 			delete(e.live, cookie)

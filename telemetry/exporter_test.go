@@ -258,3 +258,50 @@ func TestRouteBackendsKeepTheirSeries(t *testing.T) {
 		t.Errorf("layer-4 opened for the service %s: %v, want 1 (kernel-only flows count under the service asked for)", svc, got)
 	}
 }
+
+// With Options.Peers, a flow's other end is named: outbound, the backend
+// dialed is the destination workload; inbound, the client is the source
+// workload; the outside world stays "unknown". Peers beyond MaxDestinations
+// count as unknown, so the series stay bounded.
+func TestPeersNameTheOtherEnd(t *testing.T) {
+	cluster := map[netip.Addr]Identity{
+		netip.MustParseAddr("198.18.5.2"): {Workload: "web-v2", Namespace: "shop", App: "web", Version: "v2"},
+		netip.MustParseAddr("198.18.6.1"): {Workload: "client", Namespace: "shop"},
+		netip.MustParseAddr("198.18.6.2"): {Workload: "other", Namespace: "shop"},
+	}
+	inbound := event(3, podstate.FlowClosed, "198.18.1.2:8080", 5, 5)
+	inbound.Inbound, inbound.Remote = true, netip.MustParseAddrPort("198.18.6.1:41000")
+	late := inbound
+	late.Cookie, late.Remote = 4, netip.MustParseAddrPort("198.18.6.2:41000")
+	src := &events{queue: []podstate.FlowEvent{
+		event(1, podstate.FlowClosed, "198.18.5.2:8080", 7, 7),
+		event(2, podstate.FlowClosed, "203.0.113.9:443", 1, 1),
+		inbound, late,
+	}}
+	e := NewExporter(src, Options{Identity: Identity{Workload: "me", Namespace: "shop"}, MaxDestinations: 2,
+		Peers: func(a netip.Addr) (Identity, bool) { id, ok := cluster[a]; return id, ok }})
+	run(t, e)
+	fams, err := e.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, f := range fams {
+		if f.GetName() != "sluice_tcp_sent_bytes_total" {
+			continue
+		}
+		for _, m := range f.Metric {
+			got[fmt.Sprintf("%s %s/%s -> %s/%s %s", labelOf(m, "reporter"), labelOf(m, "source_workload_namespace"), labelOf(m, "source_workload"),
+				labelOf(m, "destination_workload_namespace"), labelOf(m, "destination_workload"), labelOf(m, "destination_version"))] += m.GetCounter().GetValue()
+		}
+	}
+	want := map[string]float64{
+		"source shop/me -> shop/web-v2 v2":               7,
+		"source shop/me -> unknown/unknown unknown":      1,
+		"destination shop/client -> shop/me unknown":     5,
+		"destination unknown/unknown -> shop/me unknown": 5, // the third peer, past the bound
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("series %v, want %v", got, want)
+	}
+}

@@ -17,13 +17,9 @@ import (
 // socket that carries it on the wire (the sidecar's upstream or accepted
 // socket, or the app's own when it was not captured).
 type Flow struct {
-	Cookie     uint64 `json:"cookie"`
-	Direction  string `json:"direction"` // outbound or inbound
-	ViaSidecar bool   `json:"via_sidecar"`
-	// KernelOnly is a captured flow that policy carries with no sidecar
-	// (--kernel-only-*): measured, and routed, in the kernel alone.
-	KernelOnly  bool           `json:"kernel_only,omitempty"`
-	Source      netip.AddrPort `json:"source"` // the end that opened it
+	Cookie      uint64         `json:"cookie"`
+	Direction   string         `json:"direction"` // outbound or inbound
+	Source      netip.AddrPort `json:"source"`    // the end that opened it
 	Destination netip.AddrPort `json:"destination"`
 	// OriginalDst is where the connection was going before capture: for
 	// inbound flows the pod's own address and port.
@@ -40,10 +36,21 @@ type Flow struct {
 	BytesSent      uint64  `json:"bytes_sent"` // by the pod, acknowledged
 	BytesReceived  uint64  `json:"bytes_received"`
 	Retransmits    uint32  `json:"retransmits"`
+	// The flags sit beside Retransmits, where the padding was: a follower
+	// buffers 256 flows in 64 KiB.
+	ViaSidecar bool `json:"via_sidecar"`
+	// KernelOnly is a captured flow that policy carries with no sidecar
+	// (--kernel-only-*): measured, and routed, in the kernel alone.
+	KernelOnly bool `json:"kernel_only,omitempty"`
 
-	// service is the destination_service label the flow counts under.
+	// service is the destination_service label the flow counts under,
+	// peer the workload at its other end.
 	service string
+	peer    *Identity
 }
+
+// series is the layer-4 counters' series the flow counts in.
+func (f Flow) series() labelKey { return labelKey{f.Direction, f.service, f.peer} }
 
 // Flow states.
 const (

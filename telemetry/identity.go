@@ -84,14 +84,14 @@ func (id Identity) side() []string {
 
 // labelValues gives a flow's Istio labels. Outbound flows are reported by
 // the source (this pod); inbound ones by the destination (this pod); the
-// other side is unknown, since Sluice sees addresses, not workloads.
+// other side is peer, the workload at the other end when the agent knows
+// it from the cluster, else unknown (the outside world).
 // service is the destination as Sluice knows it: the original destination's
 // address and port, or "other" beyond the cardinality limit.
-func (id Identity) labelValues(direction, service string) []string {
-	none := Identity{}.side()
-	src, dst, reporter := id.side(), none, "source"
+func (id Identity) labelValues(direction, service string, peer Identity) []string {
+	src, dst, reporter := id.side(), peer.side(), "source"
 	if direction == Inbound {
-		src, dst, reporter = none, id.side(), "destination"
+		src, dst, reporter = peer.side(), id.side(), "destination"
 	}
 	v := make([]string, 0, len(istioLabels))
 	v = append(v, reporter)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -12,10 +13,11 @@ import (
 	"time"
 
 	"github.com/sluicemesh/sluice/agent"
+	"github.com/sluicemesh/sluice/kube"
 	"github.com/sluicemesh/sluice/loader"
 )
 
-const agentHelp = `Usage: sluice agent [--pin-root DIR] [--metrics-addr :9102] [--gc-interval 30s] [--once] [--cni-bin-dir DIR --cni-conf-dir DIR]
+const agentHelp = `Usage: sluice agent [--pin-root DIR] [--metrics-addr :9102] [--gc-interval 30s] [--once] [--cni-bin-dir DIR --cni-conf-dir DIR] [--kubernetes [--kubeconfig FILE]]
 
 Runs once per node (a DaemonSet). It follows every pod installed under
 --pin-root and serves, on --metrics-addr, /metrics (each pod's flows as the
@@ -52,6 +54,20 @@ writes such pods), and removes it when the sandbox goes: the pods need no
 privilege. --cni-uninstall takes the plugin out again (pods it captured
 stay so until they go).
 
+With --kubernetes it routes from the cluster's own objects (its service
+account, or --kubeconfig, reads Services, EndpointSlices, and Gateway
+API's HTTPRoutes and TCPRoutes once their CRDs are installed; RBAC in
+deploy/agent/): an HTTPRoute or TCPRoute whose parentRef is a Service
+splits every captured pod's connections to that Service's cluster IP and
+port over the ready endpoints of its backendRefs' Services, by weight, in
+round-robin: patching the weights, or an endpoint becoming ready or not,
+changes every pod's route at once, and open connections stay where they
+are. A route the kernel cannot carry out (several rules, matches on
+requests, filters, more than 16 endpoints, a cross-namespace backend) is
+left out whole and gets a Warning event (reason NotInKernel). Routes set by
+hand on other services are left alone. When the API server is
+unreachable, the routes in force stay.
+
 Routes for many pods at once: 'sluice route apply --pods PATTERN -f FILE'
 in the agent's container (PATTERN matches cgroup paths, * for any text).
 
@@ -78,6 +94,8 @@ func agentCommand() command {
 		cniConf := fs.String("cni-conf-dir", "", "the node's CNI network configuration directory (e.g. /host/etc/cni/net.d), whose primary\nconflist gets sluice-cni chained last and kept so")
 		cniCgroupRoot := fs.String("cni-cgroup-root", "", "the kubelet's --cgroup-root, below the cgroup2 mount, where the plugin finds pods (default: the top)")
 		cniUninstall := fs.Bool("cni-uninstall", false, "take sluice-cni out of --cni-conf-dir and --cni-bin-dir, then exit")
+		kubernetes := fs.Bool("kubernetes", false, "route every captured pod from the cluster's Gateway API routes whose parent is a Service (read with the\nagent's service account, or --kubeconfig)")
+		kubeconfig := fs.String("kubeconfig", "", "with --kubernetes: the cluster's kubeconfig, instead of the pod's service account")
 		logFormat := fs.String("log-format", "text", "text or json")
 		logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 		if err := parseFlags(fs, c, args, stdout); err != nil {
@@ -113,7 +131,26 @@ func agentCommand() command {
 			}
 			return agent.RemoveCNI(*cniOpts)
 		}
-		a := agent.New(agent.Options{PinRoot: *pinRoot, IstioNames: *istioMetrics, MaxDestinations: *maxDestinations, Upgrade: *upgrade, CNI: cniOpts, Logger: log})
+		if *kubeconfig != "" && !*kubernetes {
+			return usageError{"--kubeconfig is for --kubernetes: add --kubernetes to route from the cluster"}
+		}
+		var watcher *kube.Watcher
+		if *kubernetes {
+			api, err := kube.InCluster()
+			if *kubeconfig != "" {
+				api, err = kube.FromKubeconfig(*kubeconfig)
+			}
+			if err != nil {
+				return usageError{fmt.Sprintf("--kubernetes: %v (give --kubeconfig outside a pod)", err)}
+			}
+			node, _ := os.Hostname()
+			watcher = kube.New(api, cmp.Or(os.Getenv("NODE_NAME"), node), log)
+		}
+		opts := agent.Options{PinRoot: *pinRoot, IstioNames: *istioMetrics, MaxDestinations: *maxDestinations, Upgrade: *upgrade, CNI: cniOpts, Logger: log}
+		if watcher != nil {
+			opts.Peers = watcher.Peer
+		}
+		a := agent.New(opts)
 		if *once {
 			cerr := a.Maintain()
 			pods, err := a.Pods()
@@ -129,6 +166,10 @@ func agentCommand() command {
 		srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 10 * time.Second}
 		go srv.Serve(ln)
 		log.Info("agent running", "pin_root", *pinRoot, "metrics_addr", ln.Addr().String(), "gc_interval", interval.String())
+		if watcher != nil {
+			go watcher.Run(ctx, 30*time.Second)
+			go a.FollowCluster(ctx, watcher, time.Second)
+		}
 		a.Run(ctx, *interval)
 		shutdown, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()

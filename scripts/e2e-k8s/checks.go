@@ -123,6 +123,12 @@ func (c *cluster) sluiceChecks(ctx context.Context, imgs images, t *timings) (*c
 		{"9. misspelt annotation: injector refuses, sandbox fails", k.misspelt},
 		{"9. sluice inject output applied: init mode Ready, captured", func() (string, error) { return k.injectedWeb(t) }},
 		{"9. injected (init mode) outbound web -> server1", func() (string, error) { return k.outbound("web-init") }},
+		{"10. Gateway API CRDs installed", k.gatewayCRDs},
+		{"10. v1, v2, parent Service, HTTPRoute 100/0: all to v1", k.routedSetup},
+		{"10. weights patched: the kernel follows in 2 s, exact split", func() (string, error) { return k.weightsFollow(t) }},
+		{"10. flows name both workloads; Prometheus has the edge", k.peerEdge},
+		{"10. a path match: NotInKernel event, no route at all", k.notInKernel},
+		{"10. v2 scaled to 0 ready endpoints: new connections to v1", k.scaledAway},
 	}
 	for _, s := range steps {
 		if err := k.check(s.name, s.f); err != nil {
@@ -765,7 +771,13 @@ func (k *checker) agent(t *timings) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	manifest := string(built)
+	// No kube-proxy here: the agent reaches the API server at the node's
+	// address, not the kubernetes Service's cluster IP.
+	const nodeEnv = "        - name: NODE_NAME\n"
+	if strings.Count(string(built), nodeEnv) != 1 {
+		return "", fmt.Errorf("deploy/cni/ builds no single agent env NODE_NAME to put the API server's address beside")
+	}
+	manifest := strings.Replace(string(built), nodeEnv, fmt.Sprintf("        - {name: KUBERNETES_SERVICE_HOST, value: %q}\n        - {name: KUBERNETES_SERVICE_PORT, value: \"%d\"}\n", k.c.nodeIP, k.c.apiPort)+nodeEnv, 1)
 	for host, run := range map[string]string{"/opt/cni/bin": k.c.path("cni", "bin"), "/etc/cni/net.d": k.c.path("cni", "net.d")} {
 		if strings.Count(manifest, "path: "+host+"\n") != 1 {
 			return "", fmt.Errorf("deploy/cni/ builds no single hostPath %s to point at the run's %s", host, run)

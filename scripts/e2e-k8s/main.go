@@ -60,7 +60,7 @@ func main() {
 	flag.StringVar(&o.version, "version", "v1.34.4", "the Kubernetes version to build and run (1.34.x: later ones refuse cgroup v1 hosts)")
 	flag.StringVar(&o.cache, "cache", "/var/cache/sluice-e2e", "where the Kubernetes binaries and images are built once, per version")
 	flag.StringVar(&o.run, "run", "/var/lib/sluice-e2e/run", "the run directory holding all cluster state; removed at the end")
-	flag.BoolVar(&o.keep, "keep", false, "leave the cluster running (Ctrl-C tears it down)")
+	flag.BoolVar(&o.keep, "keep", false, "leave the cluster running, even after a failed check, to look at it (Ctrl-C tears it down)")
 	flag.StringVar(&o.sluiceImage, "sluice-image", "", "also import this Sluice image archive (make image) and run the Sluice checks (deploy/ on the cluster)")
 	flag.StringVar(&o.template, "template", "deploy/pod/pod-template.yaml", "the pod template checked with -sluice-image")
 	flag.DurationVar(&o.timeout, "timeout", 3*time.Minute, "how long the cluster and each pod may take to be ready")
@@ -135,7 +135,8 @@ type timings struct {
 	servers, agent, collect                      time.Duration
 	dropIns                                      [][2]string // mesh, apply to Ready
 	offloadPod                                   time.Duration
-	podStart                                     [][2]string // how web was started, apply to Ready
+	podStart                                     [][2]string      // how web was started, apply to Ready
+	routePatch                                   [2]time.Duration // HTTPRoute patch to the client's kernel route: p50, p90
 	buildCached                                  bool
 }
 
@@ -174,7 +175,7 @@ func run(o options) error {
 	if err != nil && errors.Is(ctx.Err(), context.Canceled) {
 		err = fmt.Errorf("interrupted: %w", err)
 	}
-	if err == nil && p.keep {
+	if p.keep && ctx.Err() == nil {
 		slog.Info("cluster kept running: Ctrl-C tears it down", "kubeconfig", p.path("pki", "admin.kubeconfig"),
 			"kubectl", filepath.Join(p.binDir, "kubectl"))
 		<-ctx.Done()
@@ -243,6 +244,9 @@ func (t timings) print() {
 	}
 	for _, d := range t.podStart {
 		fmt.Printf("web Ready %-30s %6s  (create -> Ready)\n", d[0], d[1])
+	}
+	if t.routePatch[0] > 0 {
+		fmt.Printf("HTTPRoute patch -> kernel route  p50 %v, p90 %v\n", t.routePatch[0].Round(time.Millisecond), t.routePatch[1].Round(time.Millisecond))
 	}
 	if t.collect > 0 {
 		fmt.Printf("agent collected pins %8.1fs  after the pod's deletion\n", t.collect.Seconds())

@@ -39,36 +39,11 @@ const promAddr = "127.0.0.1:19091"
 // role endpoints), read from the cluster with kubectl (discover below);
 // Prometheus relabels and scrapes them itself.
 func (k *checker) prometheusScrapes() (string, error) {
-	bin, err := exec.LookPath("prometheus")
-	if err != nil {
-		return "", fmt.Errorf("prometheus not installed (scripts/deps.sh installs Debian's): %w", err)
-	}
-	dir := k.c.path("prometheus")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", err
-	}
-	cfg, err := k.promConfig(dir)
+	ctx, out, stop, err := k.startPrometheus("prometheus")
 	if err != nil {
 		return "", err
 	}
-	cmd := exec.Command(bin, "--config.file="+cfg, "--storage.tsdb.path="+filepath.Join(dir, "data"),
-		"--web.listen-address="+promAddr, "--log.level=warn")
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		return "", err
-	}
-	ctx, exited := context.WithCancelCause(k.ctx)
-	done := make(chan struct{})
-	go func() {
-		err := cmd.Wait()
-		exited(fmt.Errorf("prometheus exited: %v", err))
-		close(done)
-	}()
-	defer func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		<-done
-	}()
+	defer stop()
 
 	uid, pod := k.ip["app/uid"], k.ip["app/pod"]
 	queries := []string{
@@ -115,6 +90,42 @@ func (k *checker) prometheusScrapes() (string, error) {
 	return fmt.Sprintf("job sluice-agent: the app's flows {pod_uid=<uid of %s>,source_workload=app,source_workload_namespace=default,source_app=app,source_version=v1} %v, sluice_agent_pods{state=complete} %v; "+
 		"job sluice-sidecars: the app's sidecar up, no flow series, the agent not scraped twice",
 		pod, got[queries[0]], got[queries[1]]), nil
+}
+
+// startPrometheus runs Prometheus with deploy/'s scrape jobs and recording
+// rules on what the cluster holds now, its data in the run directory's
+// dir. ctx ends if it exits; out is what it said; stop ends it.
+func (k *checker) startPrometheus(dir string) (ctx context.Context, out *bytes.Buffer, stop func(), err error) {
+	bin, err := exec.LookPath("prometheus")
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("prometheus not installed (scripts/deps.sh installs Debian's): %w", err)
+	}
+	dir = k.c.path(dir)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, nil, nil, err
+	}
+	cfg, err := k.promConfig(dir)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	cmd := exec.Command(bin, "--config.file="+cfg, "--storage.tsdb.path="+filepath.Join(dir, "data"),
+		"--web.listen-address="+promAddr, "--log.level=warn")
+	out = &bytes.Buffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, exited := context.WithCancelCause(k.ctx)
+	done := make(chan struct{})
+	go func() {
+		err := cmd.Wait()
+		exited(fmt.Errorf("prometheus exited: %v", err))
+		close(done)
+	}()
+	return ctx, out, func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		<-done
+	}, nil
 }
 
 // promConfig writes prometheus.yml: the scrape jobs of
@@ -165,7 +176,11 @@ func (k *checker) promConfig(dir string) (string, error) {
 		job["file_sd_configs"] = []any{map[string]any{"files": []string{file}}}
 		job["scrape_interval"] = "1s"
 	}
-	cfg, err := yaml.Marshal(map[string]any{"global": map[string]any{"scrape_interval": "1s"}, "scrape_configs": doc.ScrapeConfigs})
+	cfg, err := yaml.Marshal(map[string]any{
+		"global":         map[string]any{"scrape_interval": "1s", "evaluation_interval": "1s"},
+		"rule_files":     []string{filepath.Join(k.c.repo, "deploy", "prometheus", "recording-rules.yaml")},
+		"scrape_configs": doc.ScrapeConfigs,
+	})
 	if err != nil {
 		return "", err
 	}
