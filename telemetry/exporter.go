@@ -237,6 +237,11 @@ func (e *Exporter) handle(f Flow) {
 	defer e.mu.Unlock()
 	f.service = e.service(f)
 	f.peer = e.peerOf(f)
+	if _, seen := e.totals[f.series()]; !seen && f.peer != nil && len(e.totals) >= 2*(e.opts.MaxDestinations+2) {
+		// As many (destination, peer) series as destinations alone
+		// could make: past that, a new pair counts its peer unknown.
+		f.peer = nil
+	}
 	key := f.series()
 	t := e.totals[key]
 	if t == nil {

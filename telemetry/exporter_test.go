@@ -305,3 +305,38 @@ func TestPeersNameTheOtherEnd(t *testing.T) {
 		t.Errorf("series %v, want %v", got, want)
 	}
 }
+
+// Named peers do not lift the bound on the layer-4 series: past
+// 2·(MaxDestinations+2) series in all, a new (destination, peer) pair
+// counts with the peer unknown.
+func TestPeerSeriesAreBounded(t *testing.T) {
+	var queue []podstate.FlowEvent
+	for port := range 5 { // 3 destinations and "other"
+		for peer := range 3 { // 3 named peers
+			ev := event(uint64(10*port+peer+1), podstate.FlowClosed, fmt.Sprintf("198.18.1.2:%d", 8080+port), 1, 1)
+			ev.Inbound, ev.Remote = true, netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, 7, byte(peer + 1)}), 40000)
+			queue = append(queue, ev)
+		}
+	}
+	e := NewExporter(&events{queue: queue}, Options{MaxDestinations: 3,
+		Peers: func(a netip.Addr) (Identity, bool) { return Identity{Workload: a.String(), Namespace: "shop"}, true }})
+	run(t, e)
+	// 4 destinations × 3 peers would be 12 series with a peer named: the
+	// cap is 2·(3+2); the rest count with the peer unknown.
+	named := 0
+	for k := range e.totals {
+		if k.peer != nil {
+			named++
+		}
+	}
+	if named != 10 || len(e.totals) > 2*10 {
+		t.Errorf("%d layer-4 series, %d with a peer named; want 10 named, at most 20 in all", len(e.totals), named)
+	}
+	var closed float64
+	for _, s := range []string{"198.18.1.2:8080", "198.18.1.2:8081", "198.18.1.2:8082", "other"} {
+		closed += counter(t, e, "sluice_tcp_connections_closed_total", s)
+	}
+	if closed != 15 {
+		t.Errorf("closed %v, want all 15 counted", closed)
+	}
+}
