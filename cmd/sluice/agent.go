@@ -136,11 +136,12 @@ func agentCommand() command {
 		}
 		var watcher *kube.Watcher
 		if *kubernetes {
-			api, err := kube.InCluster()
+			var api *kube.Client
 			if *kubeconfig != "" {
-				api, err = kube.FromKubeconfig(*kubeconfig)
-			}
-			if err != nil {
+				if api, err = kube.FromKubeconfig(*kubeconfig); err != nil {
+					return usageError{fmt.Sprintf("--kubeconfig: %v", err)}
+				}
+			} else if api, err = kube.InCluster(); err != nil {
 				return usageError{fmt.Sprintf("--kubernetes: %v (give --kubeconfig outside a pod)", err)}
 			}
 			node, _ := os.Hostname()

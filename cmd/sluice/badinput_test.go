@@ -85,6 +85,8 @@ func TestCLIBadInput(t *testing.T) {
 		{"agent gc interval 0", []string{"agent", "--gc-interval", "0s"}, 2, []string{"--gc-interval 0s", "want a positive duration"}},
 		{"agent log level", []string{"agent", "--log-level", "loud"}, 2, []string{`log level "loud"`, "want debug, info, warn or error"}},
 		{"agent extra argument", []string{"agent", "now"}, 2, []string{`unexpected argument "now"`, "every option is a flag"}},
+		{"agent kubeconfig alone", []string{"agent", "--kubeconfig", "/etc/kubeconfig"}, 2, []string{"--kubeconfig is for --kubernetes", "add --kubernetes"}},
+		{"agent kubeconfig missing", []string{"agent", "--kubernetes", "--kubeconfig", "/nonexistent/kubeconfig"}, 2, []string{"--kubeconfig: open /nonexistent/kubeconfig"}},
 
 		{"status all and cgroup", with("status", "--all"), 2, []string{"--all and --cgroup both given", "pick one"}},
 		{"route set pods and cgroup", with("route", "set", "--pods", "*x*", vip, be), 2, []string{"--cgroup and --pods both given", "pick one pod"}},
