@@ -30,7 +30,9 @@ func as[T any](obj any) *T {
 	return out
 }
 
-func service(name, ip string, ports ...int32) *Service { return as[Service](k8sService(name, ip, ports...)) }
+func service(name, ip string, ports ...int32) *Service {
+	return as[Service](k8sService(name, ip, ports...))
+}
 
 func k8sService(name, ip string, ports ...int32) *corev1.Service {
 	s := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: name}, Spec: corev1.ServiceSpec{ClusterIP: ip, ClusterIPs: []string{ip}}}
