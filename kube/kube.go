@@ -114,7 +114,8 @@ func (w *Watcher) notify() {
 }
 
 // Run lists and watches until ctx ends. A kind the API server does not
-// serve (Gateway API without its CRDs) is listed again every retry.
+// serve (Gateway API without its CRDs) is listed again as soon as the
+// HTTPRoute CRD is installed, or after retry.
 func (w *Watcher) Run(ctx context.Context, retry time.Duration) {
 	var wg sync.WaitGroup
 	run := func(f func()) { wg.Add(1); go func() { defer wg.Done(); f() }() }
@@ -152,14 +153,18 @@ var errGone = errors.New("resource version too old")
 func reflect[T any](ctx context.Context, w *Watcher, path, kind string, st *store[T], meta func(*T) *gamma.Meta, retry time.Duration) {
 	backoff := time.Second
 	for ctx.Err() == nil {
+		w.mu.Lock()
+		arrived := w.crdArrived // before the list: a CRD arriving during it counts
+		w.mu.Unlock()
 		items, version, err := list(ctx, w.api, path, meta)
 		switch {
 		case errors.Is(err, errNotServed):
 			w.mu.Lock()
-			// Nothing of the kind exists: that is a complete view.
+			// Nothing of the kind exists: that is a complete view (and
+			// if its CRD was removed, its objects are gone).
 			st.set(map[string]*T{})
-			arrived := w.crdArrived
 			w.mu.Unlock()
+			w.notify()
 			select { // until its CRD may have come
 			case <-ctx.Done():
 			case <-arrived:
