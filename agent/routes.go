@@ -44,8 +44,8 @@ func (a *Agent) FollowCluster(ctx context.Context, w *kube.Watcher, poll time.Du
 			synced = a.recompute(ctx, w, cr) || synced
 		case <-t.C:
 			if !synced {
-				// Until every informer synced, no route is touched:
-				// a partial view would delete routes in force.
+				// Until every kind was listed once, no route is
+				// touched: a partial view would delete routes in force.
 				synced = a.recompute(ctx, w, cr)
 			}
 		}
@@ -65,11 +65,18 @@ func (a *Agent) recompute(ctx context.Context, w *kube.Watcher, cr *clusterRoute
 	res := gamma.Translate(in)
 	w.Report(ctx, res.Problems)
 	if !slices.EqualFunc(res.Routes, cr.want, sameRoute) || cr.gen == 0 {
-		cr.want, cr.gen = res.Routes, cr.gen+1
 		for _, r := range res.Routes {
 			cr.owned[r.Service] = true
-			a.opts.Logger.Info("route from the cluster", "service", r.Service, "from", res.From[r.Service].String(), "backends", gamma.Describe(r))
+			if !slices.ContainsFunc(cr.want, func(w redirect.Route) bool { return sameRoute(w, r) }) {
+				a.opts.Logger.Info("route from the cluster", "service", r.Service, "from", res.From[r.Service].String(), "backends", gamma.Describe(r))
+			}
 		}
+		for _, w := range cr.want {
+			if !slices.ContainsFunc(res.Routes, func(r redirect.Route) bool { return r.Service == w.Service }) {
+				a.opts.Logger.Info("route from the cluster removed", "service", w.Service)
+			}
+		}
+		cr.want, cr.gen = res.Routes, cr.gen+1
 	}
 	return true
 }
