@@ -33,9 +33,10 @@ annotated sluice.dev/inject: "false", on the host's network or already
 injected as it is (with a warning to whoever creates it), and refuses one
 it cannot inject (a volume of one of Sluice's names, a sluice.dev/
 annotation the install would refuse), naming the problem, rather than let
-it run uncaptured or fail its sandbox on every try. It serves HTTPS on --addr with tls.crt and tls.key from
---tls-dir (a kubernetes.io/tls Secret mounted there), read again when the
-Secret changes; GET /healthz answers ok. deploy/webhook/ runs it.
+it run uncaptured or fail its sandbox on every try. It serves HTTPS on
+--addr with tls.crt and tls.key from --tls-dir (a kubernetes.io/tls Secret
+mounted there), read again when the Secret changes; GET /healthz answers
+ok. deploy/webhook/ runs it.
 
 certs prints what the webhook needs for kubectl apply: the Secret
 sluice-webhook-tls (a new serving key pair for the Service --service in
