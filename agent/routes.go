@@ -101,7 +101,7 @@ func (a *Agent) applyClusterRoutes(cr *clusterRoutes) {
 	for _, gen := range cr.applied {
 		behind = behind || gen != cr.gen
 	}
-	if !behind && len(cr.applied) > 0 {
+	if !behind {
 		return
 	}
 	cr.pinDirs, cr.failed = names, false

@@ -1,10 +1,12 @@
 package kube
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -13,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -228,4 +231,67 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, body
 	}
 	req.Header.Set("User-Agent", "sluice-agent")
 	return c.http.Do(req)
+}
+
+// errNotServed is a 404 on a list: the API server does not serve the kind.
+var errNotServed = errors.New("not served")
+
+func (c *Client) get(ctx context.Context, path string, q url.Values, into any) error {
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	resp, err := c.do(ctx, http.MethodGet, path, q, nil)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if err := status(resp, path); err != nil {
+		return err
+	}
+	return json.NewDecoder(resp.Body).Decode(into)
+}
+
+func (c *Client) stream(ctx context.Context, path string, q url.Values) (io.ReadCloser, error) {
+	resp, err := c.do(ctx, http.MethodGet, path, q, nil)
+	if err != nil {
+		return nil, err
+	}
+	if err := status(resp, path); err != nil {
+		resp.Body.Close()
+		return nil, err
+	}
+	return resp.Body, nil
+}
+
+func (c *Client) post(ctx context.Context, path string, obj any) error {
+	data, err := json.Marshal(obj)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	resp, err := c.do(ctx, http.MethodPost, path, nil, bytes.NewReader(data))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	return status(resp, path)
+}
+
+// status is nil for a 2xx answer, errNotServed for a 404, else the
+// API server's message.
+func status(resp *http.Response, path string) error {
+	if resp.StatusCode/100 == 2 {
+		return nil
+	}
+	if resp.StatusCode == http.StatusNotFound {
+		return fmt.Errorf("%s: %w", path, errNotServed)
+	}
+	var s struct {
+		Message string `json:"message"`
+	}
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	if json.Unmarshal(body, &s) != nil || s.Message == "" {
+		s.Message = string(bytes.TrimSpace(body))
+	}
+	return fmt.Errorf("%s: %s: %s", path, strconv.Itoa(resp.StatusCode)+" "+http.StatusText(resp.StatusCode), s.Message)
 }

@@ -13,7 +13,6 @@
 package kube
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -23,7 +22,6 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -44,7 +42,7 @@ type Watcher struct {
 	httpRoute store[gamma.Route]
 	tcpRoute  store[gamma.Route]
 	pods      store[Pod]
-	peers     map[netip.Addr]*Pod // the pods by IP, kept by indexPod
+	peers     map[netip.Addr]peer // the pods by IP, kept by indexPod
 	// crds are Gateway API's HTTPRoute CRD when installed: its arrival
 	// closes crdArrived, which the routes' lists wait on (rather than
 	// polling every node's API server for kinds not served).
@@ -92,7 +90,7 @@ func (st *store[T]) put(k string, obj *T) {
 
 // New makes a Watcher of api's cluster; node names this node in events.
 func New(api *Client, node string, log *slog.Logger) *Watcher {
-	w := &Watcher{api: api, log: log, node: node, changed: make(chan struct{}, 1), reported: map[gamma.Ref]string{}, peers: map[netip.Addr]*Pod{}}
+	w := &Watcher{api: api, log: log, node: node, changed: make(chan struct{}, 1), reported: map[gamma.Ref]string{}, peers: map[netip.Addr]peer{}}
 	w.pods.changed, w.pods.quiet = w.indexPod, true
 	w.crdArrived = make(chan struct{})
 	w.crds.changed, w.crds.quiet = func(_, _ *struct{ Metadata gamma.Meta }) {
@@ -354,67 +352,4 @@ func (w *Watcher) event(ctx context.Context, p gamma.Problem) error {
 		"count":              1,
 	}
 	return w.api.post(ctx, "/api/v1/namespaces/"+url.PathEscape(p.Route.Namespace)+"/events", ev)
-}
-
-// errNotServed is a 404 on a list: the API server does not serve the kind.
-var errNotServed = errors.New("not served")
-
-func (c *Client) get(ctx context.Context, path string, q url.Values, into any) error {
-	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
-	defer cancel()
-	resp, err := c.do(ctx, http.MethodGet, path, q, nil)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if err := status(resp, path); err != nil {
-		return err
-	}
-	return json.NewDecoder(resp.Body).Decode(into)
-}
-
-func (c *Client) stream(ctx context.Context, path string, q url.Values) (io.ReadCloser, error) {
-	resp, err := c.do(ctx, http.MethodGet, path, q, nil)
-	if err != nil {
-		return nil, err
-	}
-	if err := status(resp, path); err != nil {
-		resp.Body.Close()
-		return nil, err
-	}
-	return resp.Body, nil
-}
-
-func (c *Client) post(ctx context.Context, path string, obj any) error {
-	data, err := json.Marshal(obj)
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	resp, err := c.do(ctx, http.MethodPost, path, nil, bytes.NewReader(data))
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	return status(resp, path)
-}
-
-// status is nil for a 2xx answer, errNotServed for a 404, else the
-// API server's message.
-func status(resp *http.Response, path string) error {
-	if resp.StatusCode/100 == 2 {
-		return nil
-	}
-	if resp.StatusCode == http.StatusNotFound {
-		return fmt.Errorf("%s: %w", path, errNotServed)
-	}
-	var s struct {
-		Message string `json:"message"`
-	}
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-	if json.Unmarshal(body, &s) != nil || s.Message == "" {
-		s.Message = string(bytes.TrimSpace(body))
-	}
-	return fmt.Errorf("%s: %s: %s", path, strconv.Itoa(resp.StatusCode)+" "+http.StatusText(resp.StatusCode), s.Message)
 }

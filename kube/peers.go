@@ -80,14 +80,15 @@ func (p *Pod) addrs() []netip.Addr {
 func (w *Watcher) indexPod(old, new *Pod) {
 	if old != nil {
 		for _, a := range old.addrs() {
-			if w.peers[a] == old {
+			if w.peers[a].pod == old {
 				delete(w.peers, a)
 			}
 		}
 	}
 	if new != nil {
+		id := new.Identity() // once here, not at every flow event
 		for _, a := range new.addrs() {
-			w.peers[a] = new
+			w.peers[a] = peer{new, id}
 		}
 	}
 }
@@ -95,10 +96,13 @@ func (w *Watcher) indexPod(old, new *Pod) {
 // Peer is the workload of the pod at addr, for the flow exporters.
 func (w *Watcher) Peer(addr netip.Addr) (telemetry.Identity, bool) {
 	w.mu.Lock()
-	p := w.peers[addr.Unmap()]
+	p, ok := w.peers[addr.Unmap()]
 	w.mu.Unlock()
-	if p == nil {
-		return telemetry.Identity{}, false
-	}
-	return p.Identity(), true
+	return p.id, ok
+}
+
+// peer is a pod at an address, and who it is.
+type peer struct {
+	pod *Pod
+	id  telemetry.Identity
 }
