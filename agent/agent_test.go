@@ -41,14 +41,20 @@ func newNode(t *testing.T, names ...string) *node {
 	return n
 }
 
-// add installs more pods on the node.
+// add installs more pods on the node, with the default plan.
 func (n *node) add(t *testing.T, names ...string) {
 	t.Helper()
-	bed := testbed.Must(t)
 	plan, err := redirect.DefaultPolicy().Plan()
 	if err != nil {
 		t.Fatal(err)
 	}
+	n.addWith(t, plan, names...)
+}
+
+// addWith installs more pods on the node, with plan.
+func (n *node) addWith(t *testing.T, plan redirect.Plan, names ...string) {
+	t.Helper()
+	bed := testbed.Must(t)
 	for _, name := range names {
 		pod, err := bed.AddPod(name)
 		if err != nil {

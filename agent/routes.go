@@ -14,25 +14,39 @@ import (
 )
 
 // clusterRoutes is what the cluster's Gateway API routes ask of every
-// captured pod's kernel, and how far each pod is.
+// captured pod's kernel, and of those that resolve Services the Services'
+// routes too, and how far each pod is.
 type clusterRoutes struct {
-	want []redirect.Route
-	gen  uint64 // bumped when want changes
+	want     []redirect.Route
+	services []gamma.ServiceRoute // for pods installed with --resolve-services
+	gen      uint64               // bumped when want or services change
 	// owned are the services this agent ever routed from the cluster: a
 	// route of one the cluster no longer asks for is deleted; routes set
 	// by hand (sluice route set) on other services are left alone.
-	owned   map[netip.AddrPort]bool
-	applied map[string]uint64 // pin directory -> gen in force there
-	pinDirs []string          // the pin root's entries when last looked at
-	failed  bool              // a pod was left behind: try again next poll
-	said    map[string]uint64 // pin directory -> gen whose failure was logged
+	owned map[netip.AddrPort]bool
+	// resolved are the Services it ever resolved: owned in the pods
+	// that resolve Services only (a route set by hand on a cluster IP
+	// in another pod stays).
+	resolved map[netip.AddrPort]bool
+	applied  map[podKey]uint64 // gen in force in each pod
+	pinDirs  []string          // the pin root's entries when last looked at
+	failed   bool              // a pod was left behind: try again next poll
+	said     map[podKey]uint64 // gen whose failure, or lack of room, was logged
+}
+
+// podKey is a pod's pin directory and whether it resolves Services: an
+// install rerun in place with the other choice is a pod to bring up to
+// date.
+type podKey struct {
+	dir     string
+	resolve bool
 }
 
 // FollowCluster keeps every captured pod's routes as w's cluster asks:
 // when a watched object changes, at once, and for a pod installed since,
 // within poll. It returns when ctx ends.
 func (a *Agent) FollowCluster(ctx context.Context, w *kube.Watcher, poll time.Duration) {
-	cr := &clusterRoutes{owned: map[netip.AddrPort]bool{}, applied: map[string]uint64{}, said: map[string]uint64{}}
+	cr := &clusterRoutes{owned: map[netip.AddrPort]bool{}, resolved: map[netip.AddrPort]bool{}, applied: map[podKey]uint64{}, said: map[podKey]uint64{}}
 	t := time.NewTicker(poll)
 	defer t.Stop()
 	synced := false
@@ -64,6 +78,17 @@ func (a *Agent) recompute(ctx context.Context, w *kube.Watcher, cr *clusterRoute
 	}
 	res := gamma.Translate(in)
 	w.Report(ctx, res.Problems)
+	services, un := gamma.Services(in, res.From)
+	if !slices.EqualFunc(services, cr.services, func(a, b gamma.ServiceRoute) bool { return sameRoute(a.Route, b.Route) }) {
+		for _, s := range services {
+			cr.resolved[s.Service] = true
+		}
+		if len(services) != len(cr.services) {
+			a.opts.Logger.Info("services to resolve for the pods that ask", "ports", len(services),
+				"without_ready_endpoint", un.NoEndpoint, "over_16_endpoints", un.TooManyEndpts)
+		}
+		cr.services, cr.gen = services, cr.gen+1
+	}
 	if !slices.EqualFunc(res.Routes, cr.want, sameRoute) || cr.gen == 0 {
 		for _, r := range res.Routes {
 			cr.owned[r.Service] = true
@@ -110,7 +135,7 @@ func (a *Agent) applyClusterRoutes(cr *clusterRoutes) {
 		a.opts.Logger.Warn("cluster routes: list the pods", "err", err)
 		return
 	}
-	live := map[string]bool{}
+	live := map[podKey]bool{}
 	for _, in := range installs {
 		if in.Gone() {
 			continue
@@ -121,43 +146,88 @@ func (a *Agent) applyClusterRoutes(cr *clusterRoutes) {
 			cr.failed = true
 			continue
 		}
-		live[in.PinDir] = true
-		if cr.applied[in.PinDir] == cr.gen {
+		k := podKey{in.PinDir, in.ResolveServices}
+		live[k] = true
+		if cr.applied[k] == cr.gen {
 			continue
 		}
-		if err := applyPod(in.Target(), cr); err != nil {
-			if cr.said[in.PinDir] != cr.gen { // once a generation, though retried every poll
+		left, err := applyPod(in, cr)
+		if err != nil {
+			if cr.said[k] != cr.gen { // once a generation, though retried every poll
 				a.opts.Logger.Warn("cluster routes not applied to a pod: retrying", "cgroup", in.Cgroup, "err", err)
-				cr.said[in.PinDir] = cr.gen
+				cr.said[k] = cr.gen
 			}
 			cr.failed = true
 			continue
 		}
-		cr.applied[in.PinDir] = cr.gen
+		if left > 0 && cr.said[k] != cr.gen {
+			a.opts.Logger.Warn("services not resolved in a pod: no room for their routes, kube-proxy carries them",
+				"cgroup", in.Cgroup, "service_ports", left, "room", redirect.MaxRoutes)
+			cr.said[k] = cr.gen
+		}
+		cr.applied[k] = cr.gen
 	}
-	for dir := range cr.applied {
-		if !live[dir] {
-			delete(cr.applied, dir)
-			delete(cr.said, dir)
+	for k := range cr.applied {
+		if !live[k] {
+			delete(cr.applied, k)
+			delete(cr.said, k)
 		}
 	}
 }
 
-// applyPod sets the wanted routes in one pod and deletes those of the
-// cluster's it no longer asks for, in one step.
-func applyPod(t loader.Target, cr *clusterRoutes) error {
+// applyPod sets the routes one pod should hold from the cluster and
+// deletes those of the cluster's it no longer asks for, in one step. It
+// returns how many Service ports found no room in the pod.
+func applyPod(in loader.Installed, cr *clusterRoutes) (int, error) {
+	t := in.Target()
 	cur, err := loader.Routes(t)
 	if err != nil {
-		return err
+		return 0, err
 	}
-	change := loader.RouteChange{Set: cr.want}
+	ours := func(svc netip.AddrPort) bool { return cr.owned[svc] || in.ResolveServices && cr.resolved[svc] }
+	want, left := cr.want, 0
+	if in.ResolveServices {
+		manual := 0
+		for _, r := range cur {
+			if !ours(r.Service) {
+				manual++
+			}
+		}
+		var services []redirect.Route
+		services, left = podServices(cr.services, in.Identity["namespace"], redirect.MaxRoutes-len(cr.want)-manual)
+		want = slices.Concat(cr.want, services)
+	}
+	// Only what differs is set: a route set again would start its
+	// round-robin over, and an endpoint of one Service changing would
+	// restart every route of every pod.
+	var change loader.RouteChange
+	for _, w := range want {
+		if !slices.ContainsFunc(cur, func(r loader.RouteState) bool { return sameRoute(r.Route, w) }) {
+			change.Set = append(change.Set, w)
+		}
+	}
 	for _, r := range cur {
-		if cr.owned[r.Service] && !slices.ContainsFunc(cr.want, func(w redirect.Route) bool { return w.Service == r.Service }) {
+		if ours(r.Service) && !slices.ContainsFunc(want, func(w redirect.Route) bool { return w.Service == r.Service }) {
 			change.Delete = append(change.Delete, r.Service)
 		}
 	}
 	if len(change.Set) == 0 && len(change.Delete) == 0 {
-		return nil
+		return left, nil
 	}
-	return loader.ChangeRoutes(t, change)
+	return left, loader.ChangeRoutes(t, change)
+}
+
+// podServices are the Service routes a pod of namespace ns gets within
+// room: its own namespace's first (what its app most likely calls), then
+// the others' in order. It returns how many were left out.
+func podServices(all []gamma.ServiceRoute, ns string, room int) ([]redirect.Route, int) {
+	var out []redirect.Route
+	for _, own := range []bool{true, false} {
+		for _, s := range all {
+			if (s.Namespace == ns) == own && len(out) < room {
+				out = append(out, s.Route)
+			}
+		}
+	}
+	return out, len(all) - len(out)
 }

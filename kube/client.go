@@ -210,6 +210,11 @@ func (c *Client) bearer() (string, error) {
 }
 
 func (c *Client) do(ctx context.Context, method, path string, q url.Values, body io.Reader) (*http.Response, error) {
+	return c.doAs(ctx, method, path, q, body, "application/json")
+}
+
+// doAs is do with the body's content type: a patch's says how to apply it.
+func (c *Client) doAs(ctx context.Context, method, path string, q url.Values, body io.Reader, contentType string) (*http.Response, error) {
 	u := c.server + path
 	if len(q) > 0 {
 		u += "?" + q.Encode()
@@ -227,14 +232,40 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, body
 	}
 	req.Header.Set("Accept", "application/json")
 	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Content-Type", contentType)
 	}
-	req.Header.Set("User-Agent", "sluice-agent")
+	req.Header.Set("User-Agent", "sluice")
 	return c.http.Do(req)
 }
 
-// errNotServed is a 404 on a list: the API server does not serve the kind.
-var errNotServed = errors.New("not served")
+// ErrNotFound is a 404: on a list, the API server does not serve the
+// kind; on an object, it does not exist.
+var ErrNotFound = errors.New("not found")
+
+// ErrConflict is a 409: the object changed since it was read (a patch that
+// names the resourceVersion it was made from).
+var ErrConflict = errors.New("changed since read")
+
+// Get reads the object or list at path into into.
+func (c *Client) Get(ctx context.Context, path string, q url.Values, into any) error {
+	return c.get(ctx, path, q, into)
+}
+
+// MergePatch applies a JSON merge patch (RFC 7386) to the object at path.
+func (c *Client) MergePatch(ctx context.Context, path string, patch any) error {
+	data, err := json.Marshal(patch)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	resp, err := c.doAs(ctx, http.MethodPatch, path, nil, bytes.NewReader(data), "application/merge-patch+json")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	return status(resp, path)
+}
 
 func (c *Client) get(ctx context.Context, path string, q url.Values, into any) error {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
@@ -277,14 +308,14 @@ func (c *Client) post(ctx context.Context, path string, obj any) error {
 	return status(resp, path)
 }
 
-// status is nil for a 2xx answer, errNotServed for a 404, else the
-// API server's message.
+// status is nil for a 2xx answer, ErrNotFound for a 404, ErrConflict for
+// a 409, else the API server's message.
 func status(resp *http.Response, path string) error {
 	if resp.StatusCode/100 == 2 {
 		return nil
 	}
 	if resp.StatusCode == http.StatusNotFound {
-		return fmt.Errorf("%s: %w", path, errNotServed)
+		return fmt.Errorf("%s: %w", path, ErrNotFound)
 	}
 	var s struct {
 		Message string `json:"message"`
@@ -292,6 +323,9 @@ func status(resp *http.Response, path string) error {
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 	if json.Unmarshal(body, &s) != nil || s.Message == "" {
 		s.Message = string(bytes.TrimSpace(body))
+	}
+	if resp.StatusCode == http.StatusConflict {
+		return fmt.Errorf("%s: %w: %s", path, ErrConflict, s.Message)
 	}
 	return fmt.Errorf("%s: %s: %s", path, strconv.Itoa(resp.StatusCode)+" "+http.StatusText(resp.StatusCode), s.Message)
 }

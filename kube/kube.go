@@ -156,7 +156,7 @@ func reflect[T any](ctx context.Context, w *Watcher, path, kind string, st *stor
 		w.mu.Unlock()
 		items, version, err := list(ctx, w.api, path, meta)
 		switch {
-		case errors.Is(err, errNotServed):
+		case errors.Is(err, ErrNotFound):
 			w.mu.Lock()
 			// Nothing of the kind exists: that is a complete view (and
 			// if its CRD was removed, its objects are gone).

@@ -3,7 +3,6 @@ package kube
 import (
 	"context"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -17,6 +16,7 @@ import (
 	"time"
 
 	"github.com/sluicemesh/sluice/gamma"
+	"github.com/sluicemesh/sluice/internal/kubetest"
 )
 
 // apiServer is a fake API server: lists and watches of Services and
@@ -33,7 +33,7 @@ type apiServer struct {
 }
 
 func (s *apiServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.Header.Get("Authorization") != "Bearer sesame" {
+	if r.Header.Get("Authorization") != "Bearer "+kubetest.Token {
 		http.Error(w, `{"message":"Unauthorized"}`, http.StatusUnauthorized)
 		return
 	}
@@ -102,28 +102,6 @@ func (s *apiServer) send(path, ev string) {
 const webV2Pod = `{"metadata":{"namespace":"shop","name":"web-v2-5d9f-x1","resourceVersion":"6","labels":{"app":"web","version":"v2","pod-template-hash":"5d9f"},` +
 	`"ownerReferences":[{"kind":"ReplicaSet","name":"web-v2-5d9f","controller":true}]},"spec":{"serviceAccountName":"web"},"status":{"podIPs":[{"ip":"198.18.5.2"}]}}`
 
-// kubeconfig writes a kubeconfig for the server with a token and the CA.
-func kubeconfig(t testing.TB, srv *httptest.Server) string {
-	ca := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw})
-	dir := t.TempDir()
-	os.WriteFile(filepath.Join(dir, "ca.crt"), ca, 0o600)
-	path := filepath.Join(dir, "config")
-	os.WriteFile(path, []byte(fmt.Sprintf(`apiVersion: v1
-kind: Config
-current-context: test
-contexts:
-- name: test
-  context: {cluster: c, user: u}
-clusters:
-- name: c
-  cluster: {server: %q, certificate-authority: ca.crt}
-users:
-- name: u
-  user: {token: sesame}
-`, srv.URL)), 0o600)
-	return path
-}
-
 func waitFor(t *testing.T, what string, f func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
@@ -143,7 +121,7 @@ func TestWatcherFollowsTheAPI(t *testing.T) {
 	s := &apiServer{t: t, watches: map[string]chan string{}, lists: map[string]int{}}
 	srv := httptest.NewTLSServer(s)
 	defer srv.Close()
-	api, err := FromKubeconfig(kubeconfig(t, srv))
+	api, err := FromKubeconfig(kubetest.Kubeconfig(t, srv))
 	if err != nil {
 		t.Fatal(err)
 	}

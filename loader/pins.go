@@ -350,6 +350,9 @@ type Installed struct {
 	// and its flow events name it; 0 for an install from before
 	// programs were the node's.
 	NetnsCookie uint64 `json:"netns_cookie,omitempty"`
+	// ResolveServices: the install asked the agent to keep its routes of
+	// every Service (install --resolve-services).
+	ResolveServices bool `json:"resolve_services,omitempty"`
 }
 
 // List returns the installs under root, one per directory holding a Sluice
@@ -372,7 +375,9 @@ func List(root string) ([]Installed, error) {
 		if err != nil {
 			continue
 		}
-		out = append(out, Installed{PinDir: dir, Cgroup: rec.Cgroup, CgroupID: rec.CgroupID, Object: rec.Object, Identity: rec.Identity, NetnsCookie: rec.NetnsCookie})
+		in := Installed{PinDir: dir, Cgroup: rec.Cgroup, CgroupID: rec.CgroupID, Object: rec.Object, Identity: rec.Identity, NetnsCookie: rec.NetnsCookie}
+		in.ResolveServices = rec.Plan != nil && rec.Plan.ResolveServices
+		out = append(out, in)
 	}
 	return out, nil
 }

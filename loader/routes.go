@@ -183,7 +183,7 @@ func ChangeRoutes(t Target, change RouteChange) error {
 		return err
 	}
 	if len(next) > int(m.routes.MaxEntries()/2) {
-		return fmt.Errorf("%d routes: a pod holds at most %d", len(next), m.routes.MaxEntries()/2)
+		return fmt.Errorf("%d routes: a pod holds at most %d", len(next), redirect.MaxRoutes)
 	}
 
 	// A new route's state goes before the flip (no route in force uses it

@@ -17,7 +17,7 @@ import (
 const AnnotationPrefix = "sluice.dev/"
 
 // AnnotatedFlags are the flags a pod annotation may set.
-var AnnotatedFlags = []string{"splice", "kernel-only-ports", "kernel-only-cidrs", "kernel-only-inbound-ports", "offload-ports", "offload-inbound-ports"}
+var AnnotatedFlags = []string{"splice", "kernel-only-ports", "kernel-only-cidrs", "kernel-only-inbound-ports", "offload-ports", "offload-inbound-ports", "resolve-services"}
 
 // Annotations that say what to do with a pod rather than set a flag:
 // install reads past them.

@@ -53,6 +53,12 @@ type Plan struct {
 	// app's messages straight onto the sidecar's far socket. Needs Splice.
 	OffloadPorts        []uint16 `json:"offload_ports,omitempty"`
 	OffloadInboundPorts []uint16 `json:"offload_inbound_ports,omitempty"`
+
+	// ResolveServices: the node's agent keeps the pod's routes of every
+	// Service (cluster IP and port to its ready endpoints), so a connect
+	// to a Service is sent to an endpoint in the kernel. The hooks need
+	// nothing for it: the routes do the work.
+	ResolveServices bool `json:"resolve_services,omitempty"`
 }
 
 // MaxSidecarPorts is how many sidecar ports the BPF policy holds.
@@ -86,6 +92,7 @@ func (p Plan) Equal(o Plan) bool {
 	return a.OutboundPort == b.OutboundPort && a.InboundPort == b.InboundPort &&
 		a.ProxyUID == b.ProxyUID && a.ProxyGID == b.ProxyGID &&
 		a.IncludeAllCIDRs == b.IncludeAllCIDRs && a.InboundAllPorts == b.InboundAllPorts && a.NoFlows == b.NoFlows && a.Splice == b.Splice && a.FailOpen == b.FailOpen &&
+		a.ResolveServices == b.ResolveServices &&
 		slices.Equal(a.IncludeCIDRs, b.IncludeCIDRs) && slices.Equal(a.ExcludeCIDRs, b.ExcludeCIDRs) &&
 		slices.Equal(a.IncludeOutboundPorts, b.IncludeOutboundPorts) &&
 		slices.Equal(a.ExcludeOutboundPorts, b.ExcludeOutboundPorts) &&

@@ -66,6 +66,10 @@ type Policy struct {
 	// Offload ports: proxied, then handed to the kernel (needs Splice).
 	OffloadPorts        Ports
 	OffloadInboundPorts Ports
+
+	// ResolveServices asks the node's agent to keep the pod's routes of
+	// every Service.
+	ResolveServices bool
 }
 
 // Sidecar ports that are never captured inbound, besides -p and -z: Istio's
@@ -139,6 +143,9 @@ func (p *Policy) RegisterFlags(fs *flag.FlagSet) {
 		"the app's bytes go straight out on the sidecar's upstream socket, not through it (needs --splice)")
 	fs.Var(&p.OffloadInboundPorts, "offload-inbound-ports", "inbound app ports handed to the kernel the same way: the app's replies go straight\n"+
 		"out on the sidecar's accepted socket (needs --splice)")
+	fs.BoolVar(&p.ResolveServices, "resolve-services", false, "have the node's agent (agent --kubernetes) resolve every Service in this pod's kernel: a captured connect\n"+
+		"to a cluster IP goes to one of the Service's ready endpoints, picked at connect time, with no kube-proxy hop\n"+
+		"(the sidecar still learns the cluster IP; at most 128 Service ports a pod, the pod's namespace first)")
 	fs.Var(negated{&p.FailOpen}, "fail-closed", "while no sidecar listens, refuse captured connections at once, both ways (the default)")
 }
 
@@ -251,6 +258,7 @@ func (p Policy) Plan() (Plan, error) {
 		KernelOnlyInboundPorts: p.KernelOnlyInboundPorts.List,
 		OffloadPorts:           p.OffloadPorts.List,
 		OffloadInboundPorts:    p.OffloadInboundPorts.List,
+		ResolveServices:        p.ResolveServices,
 	}.Normalize(), nil
 }
 

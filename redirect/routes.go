@@ -17,6 +17,10 @@ import (
 // them inline, so a whole set is replaced in one map update).
 const MaxBackends = 16
 
+// MaxRoutes is how many routes one pod holds (the BPF routes map holds two
+// slots of them).
+const MaxRoutes = 128
+
 // MaxWeight bounds one backend's weight, so any sum of them fits the BPF
 // side's 32-bit arithmetic.
 const MaxWeight = 1_000_000

@@ -11,14 +11,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/netip"
 	"time"
 )
 
-// Config is one rollout.
+// Config is one rollout. Backends are named as the plant names them (a
+// pod's route: ADDRESS:PORT; a Gateway API route: the backend Service).
 type Config struct {
-	Service netip.AddrPort
-	Canary  netip.AddrPort
+	Service string // the route, for logs and errors
+	Canary  string
 	// Step is how many percent of new connections move to the canary at
 	// each step (1-100).
 	Step uint32
@@ -63,8 +63,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("--max-connect-latency %s: want 0 or more", c.MaxLatency)
 	case c.MaxWait != 0 && c.MaxWait < c.Interval:
 		return fmt.Errorf("--max-wait %s: want at least --interval (%s), or 0 for 5 intervals", c.MaxWait, c.Interval)
-	case !c.Canary.IsValid():
-		return errors.New("--to is required: the canary backend's ADDRESS:PORT")
+	case c.Canary == "":
+		return errors.New("--to is required: the canary backend (a pod's route: ADDRESS:PORT; an HTTPRoute's: the Service's name)")
 	}
 	return nil
 }
@@ -79,13 +79,13 @@ type Sample struct {
 // Plant is the route being rolled out and the measurements of its backends.
 type Plant interface {
 	// Backends returns the route's backends and weights now.
-	Backends() (map[netip.AddrPort]uint32, error)
+	Backends() (map[string]uint32, error)
 	// SetWeights gives the stable and canary backends these weights, and
 	// records the rollout's step (canary percent) and, when rolling back,
 	// the reason.
-	SetWeights(stable, canary netip.AddrPort, stableWeight, canaryWeight, step uint32, rollback string) error
+	SetWeights(stable, canary string, stableWeight, canaryWeight, step uint32, rollback string) error
 	// Measure returns the cumulative samples of the backends.
-	Measure() (map[netip.AddrPort]Sample, error)
+	Measure() (map[string]Sample, error)
 }
 
 // Reasons for a rollback, as recorded on the route and exported.
@@ -110,17 +110,17 @@ func Run(ctx context.Context, cfg Config, p Plant, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	var stable netip.AddrPort
+	var stable string
 	for b := range weights {
 		switch {
 		case b == cfg.Canary:
-		case stable.IsValid():
+		case stable != "":
 			return fmt.Errorf("route %s has more than the stable backend and the canary: a rollout moves traffic between two", cfg.Service)
 		default:
 			stable = b
 		}
 	}
-	if !stable.IsValid() {
+	if stable == "" {
 		return fmt.Errorf("route %s has no backend besides the canary %s to roll out from", cfg.Service, cfg.Canary)
 	}
 	percent := uint32(0)
@@ -165,7 +165,7 @@ func Run(ctx context.Context, cfg Config, p Plant, log *slog.Logger) error {
 // observe runs one step: Interval, then on by Interval until the canary
 // got MinConnects connects or MaxWait has passed. It returns what the
 // canary and the stable backend did in the whole step.
-func observe(ctx context.Context, cfg Config, stable netip.AddrPort, p Plant) (canary, st delta, err error) {
+func observe(ctx context.Context, cfg Config, stable string, p Plant) (canary, st delta, err error) {
 	before, err := p.Measure()
 	if err != nil {
 		return delta{}, delta{}, err

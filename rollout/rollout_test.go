@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"log/slog"
-	"net/netip"
 	"testing"
 	"time"
 )
@@ -14,21 +13,21 @@ import (
 // each Measure, every backend gets its weight's worth of connects, with the
 // failure ratio and latency set for it.
 type plant struct {
-	weights  map[netip.AddrPort]uint32
-	fail     map[netip.AddrPort]float64
-	latency  map[netip.AddrPort]float64
-	samples  map[netip.AddrPort]Sample
+	weights  map[string]uint32
+	fail     map[string]float64
+	latency  map[string]float64
+	samples  map[string]Sample
 	steps    []uint32
 	rollback string
 	// silent backends get no connects measured before the Measure call
 	// numbered silent[b] (counted from 1); -1: never.
-	silent   map[netip.AddrPort]int
+	silent   map[string]int
 	measured int
 }
 
-func (p *plant) Backends() (map[netip.AddrPort]uint32, error) { return p.weights, nil }
+func (p *plant) Backends() (map[string]uint32, error) { return p.weights, nil }
 
-func (p *plant) SetWeights(stable, canary netip.AddrPort, sw, cw, step uint32, rollback string) error {
+func (p *plant) SetWeights(stable, canary string, sw, cw, step uint32, rollback string) error {
 	p.weights[stable], p.weights[canary] = sw, cw
 	p.steps = append(p.steps, step)
 	if rollback != "" {
@@ -37,7 +36,7 @@ func (p *plant) SetWeights(stable, canary netip.AddrPort, sw, cw, step uint32, r
 	return nil
 }
 
-func (p *plant) Measure() (map[netip.AddrPort]Sample, error) {
+func (p *plant) Measure() (map[string]Sample, error) {
 	p.measured++
 	for b, w := range p.weights {
 		if n, ok := p.silent[b]; ok && (n < 0 || p.measured < n) {
@@ -50,7 +49,7 @@ func (p *plant) Measure() (map[netip.AddrPort]Sample, error) {
 		s.LatencySum += float64(uint64(w)-failed) * p.latency[b]
 		p.samples[b] = s
 	}
-	out := map[netip.AddrPort]Sample{}
+	out := map[string]Sample{}
 	for b, s := range p.samples {
 		out[b] = s
 	}
@@ -58,23 +57,23 @@ func (p *plant) Measure() (map[netip.AddrPort]Sample, error) {
 }
 
 var (
-	stable = netip.MustParseAddrPort("198.18.2.2:8080")
-	canary = netip.MustParseAddrPort("198.18.3.2:8080")
+	stable = "198.18.2.2:8080"
+	canary = "198.18.3.2:8080"
 	quiet  = slog.New(slog.NewTextHandler(io.Discard, nil))
 )
 
 func newPlant() *plant {
 	return &plant{
-		weights: map[netip.AddrPort]uint32{stable: 100, canary: 0},
-		fail:    map[netip.AddrPort]float64{},
-		latency: map[netip.AddrPort]float64{stable: 0.001, canary: 0.001},
-		samples: map[netip.AddrPort]Sample{},
-		silent:  map[netip.AddrPort]int{},
+		weights: map[string]uint32{stable: 100, canary: 0},
+		fail:    map[string]float64{},
+		latency: map[string]float64{stable: 0.001, canary: 0.001},
+		samples: map[string]Sample{},
+		silent:  map[string]int{},
 	}
 }
 
 func config() Config {
-	return Config{Service: netip.MustParseAddrPort("198.19.0.10:80"), Canary: canary, Step: 25, Interval: time.Millisecond,
+	return Config{Service: "198.19.0.10:80", Canary: canary, Step: 25, Interval: time.Millisecond,
 		MaxFailureRatio: 0.05, MaxLatency: 10 * time.Millisecond}
 }
 

@@ -22,6 +22,8 @@ const routeHelp = `Usage: sluice route set     --cgroup PATH [--mode random|roun
        sluice route rollout --cgroup PATH VIP:PORT --to BACKEND [--step 10] [--interval 30s]
                             [--max-connect-failure-ratio 0.05] [--max-connect-latency 50ms]
                             [--min-connects 1] [--max-wait 5×interval]
+       sluice route rollout --httproute|--tcproute NAMESPACE/NAME --to SERVICE --prometheus URL
+                            [--kubeconfig FILE] [the same --step ... --max-wait]
        (set, delete, apply: --pods PATTERN instead of --cgroup changes every installed pod
         whose cgroup path matches, * for any text, e.g. --pods '*pod3f2a8c1e*')
 
@@ -54,12 +56,26 @@ connects to the canary were measured is never passed: it runs on, judged
 every --interval, and after --max-wait the rollout rolls back ("no traffic
 to the canary"): a canary nobody reached has proved nothing.
 
+With --httproute or --tcproute, rollout moves a Gateway API route in the
+cluster instead (a team without Argo Rollouts gets the same gated canary):
+it patches the weights of the route's backend Services (the stable one and
+--to, both in its one rule's backendRefs), which every node's agent
+(--kubernetes) carries into its captured pods' kernels, and judges each
+step by the connects of every captured pod to the Services' endpoints, as
+the agents export them, summed by the Prometheus at --prometheus. Each
+patch is made on the route as read (a concurrent change is read again, not
+overwritten) and leaves the annotations rollout.sluice.dev/step and, on a
+rollback, rollout.sluice.dev/rollback. It reads with --kubeconfig (default
+$KUBECONFIG), else the pod's service account: it needs get and patch on the
+route, get on the Services' EndpointSlices.
+
 Examples:
   sluice route set --cgroup /sys/fs/cgroup/unified/mypod 198.19.0.10:80 198.18.2.2:8080=90 198.18.3.2:8080=10
   sluice route list --cgroup /sys/fs/cgroup/unified/mypod
   sluice route apply --cgroup /sys/fs/cgroup/unified/mypod -f routes.yaml
   sluice route apply --pods '*kubepods*' -f routes.yaml       # every pod on the node
-  sluice route rollout --cgroup /sys/fs/cgroup/unified/mypod 198.19.0.10:80 --to 198.18.3.2:8080 --step 10 --interval 30s`
+  sluice route rollout --cgroup /sys/fs/cgroup/unified/mypod 198.19.0.10:80 --to 198.18.3.2:8080 --step 10 --interval 30s
+  sluice route rollout --httproute shop/web --to web-v2 --prometheus http://prometheus:9090 --step 25 --interval 1m`
 
 func routeCommand() command {
 	c := command{

@@ -40,7 +40,7 @@ func New(target loader.Target, service, canary netip.AddrPort, metrics string) *
 
 // Backends is the route's backends and their weights, the canary's 0 when
 // it is not one yet.
-func (p *Route) Backends() (map[netip.AddrPort]uint32, error) {
+func (p *Route) Backends() (map[string]uint32, error) {
 	routes, err := loader.Routes(p.target)
 	if err != nil {
 		return nil, err
@@ -50,9 +50,9 @@ func (p *Route) Backends() (map[netip.AddrPort]uint32, error) {
 			continue
 		}
 		p.mode = r.Mode
-		out := map[netip.AddrPort]uint32{p.canary: 0}
+		out := map[string]uint32{p.canary.String(): 0}
 		for _, b := range r.Backends {
-			out[b.AddrPort()] = b.Weight
+			out[b.AddrPort().String()] = b.Weight
 		}
 		return out, nil
 	}
@@ -61,7 +61,15 @@ func (p *Route) Backends() (map[netip.AddrPort]uint32, error) {
 
 // SetWeights sets the two backends' weights and records the rollout's step
 // in the same change.
-func (p *Route) SetWeights(stable, canary netip.AddrPort, sw, cw, step uint32, rollback string) error {
+func (p *Route) SetWeights(stableName, canaryName string, sw, cw, step uint32, rollback string) error {
+	stable, err := netip.ParseAddrPort(stableName)
+	if err != nil {
+		return err
+	}
+	canary, err := netip.ParseAddrPort(canaryName)
+	if err != nil {
+		return err
+	}
 	r := redirect.Route{Service: p.service, Mode: p.mode, Backends: []redirect.Backend{
 		{Address: stable.Addr(), Port: stable.Port(), Weight: sw},
 		{Address: canary.Addr(), Port: canary.Port(), Weight: cw},
@@ -72,7 +80,7 @@ func (p *Route) SetWeights(stable, canary netip.AddrPort, sw, cw, step uint32, r
 
 // Measure reads the pod's per-destination connect metrics from the node's
 // agent.
-func (p *Route) Measure() (map[netip.AddrPort]rollout.Sample, error) {
+func (p *Route) Measure() (map[string]rollout.Sample, error) {
 	resp, err := http.Get(p.metrics + "/metrics")
 	if err != nil {
 		return nil, fmt.Errorf("read the node agent's metrics at %s (is 'sluice agent' running there? see --metrics): %w", p.metrics, err)
@@ -84,13 +92,13 @@ func (p *Route) Measure() (map[netip.AddrPort]rollout.Sample, error) {
 // parseSamples reads the per-destination connect series of the pod in
 // cgroup from a /metrics page of the agent. Destinations that are no
 // address ("other", "unknown") are left out.
-func parseSamples(r io.Reader, cgroup string) (map[netip.AddrPort]rollout.Sample, error) {
+func parseSamples(r io.Reader, cgroup string) (map[string]rollout.Sample, error) {
 	parser := expfmt.NewTextParser(model.UTF8Validation)
 	fams, err := parser.TextToMetricFamilies(r)
 	if err != nil {
 		return nil, fmt.Errorf("parse the node agent's metrics: %w", err)
 	}
-	out := map[netip.AddrPort]rollout.Sample{}
+	out := map[string]rollout.Sample{}
 	each := func(name string, fn func(s *rollout.Sample, v float64, count uint64)) {
 		for _, m := range fams[name].GetMetric() {
 			if !slices.ContainsFunc(m.Label, func(l *dto.LabelPair) bool {
@@ -102,8 +110,8 @@ func parseSamples(r io.Reader, cgroup string) (map[netip.AddrPort]rollout.Sample
 				if l.GetName() != telemetry.LabelDestinationService {
 					continue
 				}
-				ap, err := netip.ParseAddrPort(l.GetValue())
-				if err != nil {
+				ap := l.GetValue()
+				if _, err := netip.ParseAddrPort(ap); err != nil {
 					continue // "other", "unknown"
 				}
 				s := out[ap]

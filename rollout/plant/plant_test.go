@@ -64,9 +64,9 @@ func TestMeasureReadsThePodsMetrics(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[netip.AddrPort]rollout.Sample{
-		netip.MustParseAddrPort(stable): {Established: 2, LatencySum: 0.004},
-		netip.MustParseAddrPort(canary): {Established: 1, LatencySum: 0.005, Failed: 2},
+	want := map[string]rollout.Sample{
+		stable: {Established: 2, LatencySum: 0.004},
+		canary: {Established: 1, LatencySum: 0.005, Failed: 2},
 	}
 	if len(got) != len(want) {
 		t.Fatalf("Measure = %v, want %v", got, want)

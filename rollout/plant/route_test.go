@@ -67,10 +67,10 @@ func TestBackendsAndSetWeightsUseThePodsRoute(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(got) != 2 || got[stable] != 100 || got[canary] != 0 {
+	if len(got) != 2 || got[stable.String()] != 100 || got[canary.String()] != 0 {
 		t.Fatalf("Backends = %v, want stable 100, canary 0", got)
 	}
-	if err := p.SetWeights(stable, canary, 90, 10, 10, ""); err != nil {
+	if err := p.SetWeights(stable.String(), canary.String(), 90, 10, 10, ""); err != nil {
 		t.Fatal(err)
 	}
 	routes, err := loader.Routes(tgt)

@@ -129,6 +129,8 @@ func (c *cluster) sluiceChecks(ctx context.Context, imgs images, t *timings) (*c
 		{"10. flows name both workloads; Prometheus has the edge", k.peerEdge},
 		{"10. a path match: NotInKernel event, no route at all", k.notInKernel},
 		{"10. v2 scaled to 0 ready endpoints: new connections to v1", k.scaledAway},
+		{"10. sluice.dev/resolve-services: Services resolved in the pod's kernel", k.servicesResolved},
+		{"10. sluice route rollout --httproute: gated steps, a failing canary rolled back", k.clusterRollout},
 	}
 	for _, s := range steps {
 		if err := k.check(s.name, s.f); err != nil {

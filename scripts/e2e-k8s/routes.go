@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os/exec"
 	"path/filepath"
@@ -68,6 +70,33 @@ spec:
 `, v, cniNS, k.imgs.busyboxRef, "mkdir -p /www && echo "+v+" > /www/id && exec httpd -f -p 8080 -h /www")
 }
 
+// sleeperManifest is a Deployment name in shop whose pod (app=name, with
+// annotations, a YAML flow map, unless "") sleeps: a client to exec in.
+func (k *checker) sleeperManifest(name, annotations string) string {
+	if annotations != "" {
+		annotations = "\n      annotations: " + annotations
+	}
+	return fmt.Sprintf(`apiVersion: apps/v1
+kind: Deployment
+metadata: {name: %[1]s, namespace: %[2]s}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: %[1]s}}
+  template:
+    metadata:
+      labels: {app: %[1]s}%[4]s
+    spec:
+      terminationGracePeriodSeconds: 1
+      securityContext: {runAsNonRoot: true, runAsUser: 10001, seccompProfile: {type: RuntimeDefault}}
+      containers:
+        - name: app
+          image: %[3]s
+          imagePullPolicy: Never
+          command: ["sleep", "3600"]
+          securityContext: {allowPrivilegeEscalation: false, capabilities: {drop: ["ALL"]}}
+`, name, cniNS, k.imgs.busyboxRef, annotations)
+}
+
 // routeManifest is the HTTPRoute on the parent Service web at v1/v2.
 func routeManifest(v1, v2 int) string {
 	return fmt.Sprintf(`apiVersion: gateway.networking.k8s.io/v1
@@ -93,25 +122,7 @@ spec:
   selector: {app: web}
   ports: [{name: http, port: 80, targetPort: 8080}]
 ---
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: client, namespace: %[1]s}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: client}}
-  template:
-    metadata: {labels: {app: client}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      securityContext: {runAsNonRoot: true, runAsUser: 10001, seccompProfile: {type: RuntimeDefault}}
-      containers:
-        - name: app
-          image: %[2]s
-          imagePullPolicy: Never
-          command: ["sleep", "3600"]
-          securityContext: {allowPrivilegeEscalation: false, capabilities: {drop: ["ALL"]}}
----
-`, cniNS, k.imgs.busyboxRef) + routeManifest(100, 0)
+`, cniNS) + k.sleeperManifest("client", "") + "---\n" + routeManifest(100, 0)
 	if err := k.apply("routed", manifest); err != nil {
 		return "", err
 	}
@@ -143,12 +154,19 @@ spec:
 	return fmt.Sprintf("client %s's kernel route of %s:80 at 100/0 %.1fs after the client was Ready; 20 connections: %v", k.ip["client/pod"], vip, took.Seconds(), got), nil
 }
 
-// clientRoute is the client pod's kernel route of the parent Service's
-// address, as `sluice route list` on the node shows it: the weights of
-// v1's and v2's endpoints (a version without a ready endpoint is absent).
-func (k *checker) clientRoute() (map[string]uint32, error) {
-	ns, pod := splitPod(k.ip["client/pod"])
-	dir, _, err := k.cgroupOf(ns, pod)
+// kernelRoute is a pod's kernel route as `sluice route list --json` shows it.
+type kernelRoute struct {
+	Service  string `json:"service"`
+	Backends []struct {
+		Address string `json:"address"`
+		Weight  uint32 `json:"weight"`
+	} `json:"backendRefs"`
+}
+
+// routesOf is the kernel routes of pod (namespace/name), by service, as
+// `sluice route list` on the node shows them.
+func (k *checker) routesOf(pod string) (map[string]kernelRoute, error) {
+	dir, _, err := k.cgroupOf(splitPod(pod))
 	if err != nil {
 		return nil, err
 	}
@@ -156,26 +174,34 @@ func (k *checker) clientRoute() (map[string]uint32, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sluice route list: %w", err)
 	}
-	var routes []struct {
-		Service  string `json:"service"`
-		Backends []struct {
-			Address string `json:"address"`
-			Weight  uint32 `json:"weight"`
-		} `json:"backendRefs"`
-	}
+	var routes []kernelRoute
 	if err := json.Unmarshal(out, &routes); err != nil {
 		return nil, err
 	}
+	by := map[string]kernelRoute{}
 	for _, r := range routes {
-		if r.Service == k.ip["web-vip"]+":80" {
-			w := map[string]uint32{}
-			for _, b := range r.Backends {
-				w[k.versionOf(b.Address)] += b.Weight
-			}
-			return w, nil
-		}
+		by[r.Service] = r
 	}
-	return nil, nil
+	return by, nil
+}
+
+// clientRoute is the client pod's kernel route of the parent Service's
+// address: the weights of v1's and v2's endpoints (a version without a
+// ready endpoint is absent).
+func (k *checker) clientRoute() (map[string]uint32, error) {
+	routes, err := k.routesOf(k.ip["client/pod"])
+	if err != nil {
+		return nil, err
+	}
+	r, ok := routes[k.ip["web-vip"]+":80"]
+	if !ok {
+		return nil, nil
+	}
+	w := map[string]uint32{}
+	for _, b := range r.Backends {
+		w[k.versionOf(b.Address)] += b.Weight
+	}
+	return w, nil
 }
 
 // versionOf is v1 or v2 for the address of its pod.
@@ -436,4 +462,183 @@ spec:
 		return "", err
 	}
 	return "event: " + tail(msg, 1), nil
+}
+
+// servicesResolved: a pod annotated sluice.dev/resolve-services (and
+// kernel-only to the Services' range, so no sidecar either) reaches web-v1
+// by its cluster IP in a cluster with no kube-proxy: the agent gave its
+// kernel a route of every Service. The client pod, which did not ask,
+// cannot (its sidecar dials the cluster IP, which nothing here answers).
+// v2 scaled back up: its Service's route appears and v2 answers.
+func (k *checker) servicesResolved() (string, error) {
+	manifest := k.sleeperManifest("resolver", fmt.Sprintf(`{sluice.dev/resolve-services: "true", sluice.dev/kernel-only-cidrs: %q}`, k.c.svcCIDR))
+	if err := k.apply("resolver", manifest); err != nil {
+		return "", err
+	}
+	name, err := k.podOf(cniNS, "app=resolver")
+	if err != nil {
+		return "", err
+	}
+	pod := cniNS + "/" + name
+	ready := time.Now()
+	vip := map[string]string{}
+	for _, v := range []string{"v1", "v2"} {
+		out, err := k.c.kubectl(k.ctx, "get", "service", "-n", cniNS, "web-"+v, "-o", "jsonpath={.spec.clusterIP}")
+		if err != nil {
+			return "", err
+		}
+		vip[v] = string(out) + ":80"
+	}
+	// has waits for pod's kernel route of the Service at svc to name the
+	// pods of version v alone.
+	has := func(svc, v string, limit time.Duration) error {
+		return k.c.poll(k.ctx, limit, "the resolver's route of "+svc, func() error {
+			routes, err := k.routesOf(pod)
+			if err != nil {
+				return err
+			}
+			r, ok := routes[svc]
+			if !ok || len(r.Backends) == 0 {
+				return fmt.Errorf("no route of %s", svc)
+			}
+			for _, b := range r.Backends {
+				k.ip[v] = "" // the version's pods may have changed
+				if got := k.versionOf(b.Address); got != v {
+					return fmt.Errorf("route of %s names %s, want %s's pods", svc, got, v)
+				}
+			}
+			return nil
+		})
+	}
+	if err := has(vip["v1"], "v1", 10*time.Second); err != nil {
+		return "", err
+	}
+	took := time.Since(ready)
+	out, err := k.exec(pod, "app", fmt.Sprintf("for i in $(seq 20); do timeout 5 wget -qO- http://%s/id || echo failed; done", vip["v1"]))
+	if err != nil {
+		return "", err
+	}
+	if n := strings.Count(out, "v1"); n != 20 {
+		return "", fmt.Errorf("20 connections from the resolving pod to web-v1's cluster IP %s: %d answered by v1: %q", vip["v1"], n, out)
+	}
+	if routes, err := k.routesOf(k.ip["client/pod"]); err != nil || routes[vip["v1"]].Service != "" {
+		return "", fmt.Errorf("the client, which did not ask, resolves web-v1 (%v, %v)", routes[vip["v1"]], err)
+	}
+	if out, _ := k.exec(k.ip["client/pod"], "app", fmt.Sprintf("timeout 5 wget -qO- http://%s/id || echo failed", vip["v1"])); out != "failed" {
+		return "", fmt.Errorf("the client, which did not ask, reached web-v1's cluster IP (%q): this cluster has no kube-proxy, so the check proves nothing", out)
+	}
+	scaled := time.Now()
+	if _, err := k.c.kubectl(k.ctx, "scale", "deployment", "-n", cniNS, "v2", "--replicas", "1"); err != nil {
+		return "", err
+	}
+	if err := has(vip["v2"], "v2", 60*time.Second); err != nil {
+		return "", err
+	}
+	up := time.Since(scaled)
+	if out, err := k.exec(pod, "app", fmt.Sprintf("timeout 5 wget -qO- http://%s/id || echo failed", vip["v2"])); err != nil || out != "v2" {
+		return "", fmt.Errorf("web-v2's cluster IP %s once v2 was back answered %q (%v)", vip["v2"], out, err)
+	}
+	return fmt.Sprintf("the resolving pod's route of web-v1 %s %.1fs after it was Ready; 20 of 20 connections to it answered by v1 with no kube-proxy and no sidecar; the client (not asking) has no such route and fails; v2 scaled up: its route %.1fs after the scale (its pod's start included), v2 answers",
+		vip["v1"], took.Seconds(), up.Seconds()), nil
+}
+
+// clusterRollout: `sluice route rollout --httproute` moves the HTTPRoute
+// from v1 to v2 by steps while the client keeps connecting, judged by
+// Prometheus over the agents' series, and ends at 0/100 in the route and
+// in the client's kernel; a canary whose every connect is refused
+// (web-bad: an endpoint with no sidecar, on a port nothing listens on) is
+// rolled back with the reason on the route. (A pod with a sidecar would
+// not do: its sidecar accepts the connect, so the connect gate passes, as
+// it would in front of Envoy.)
+func (k *checker) clusterRollout() (string, error) {
+	if err := k.patch(100, 0); err != nil {
+		return "", err
+	}
+	if _, err := k.routeIs(100, 0, 10*time.Second); err != nil {
+		return "", err
+	}
+	ctx, promOut, stop, err := k.startPrometheus("prometheus-rollout")
+	if err != nil {
+		return "", err
+	}
+	defer stop()
+	// The client connects on through both rollouts (bounded: 1,200
+	// connects, a 50 ms pause each).
+	traffic, cancel := context.WithCancel(ctx)
+	defer cancel()
+	ns, pod := splitPod(k.ip["client/pod"])
+	go k.c.kubectl(traffic, "exec", "-n", ns, pod, "-c", "app", "--", "/bin/sh", "-c",
+		fmt.Sprintf("for i in $(seq 1200); do timeout 5 wget -qO- http://%s/id >/dev/null 2>&1; sleep 0.05; done", k.ip["web-vip"]))
+	// Prometheus up and scraping the agent's connect series.
+	const scraped = `sum(sluice_tcp_destination_connect_duration_seconds_count)`
+	err = k.c.poll(ctx, 60*time.Second, "Prometheus to scrape the connects", func() error {
+		v, err := promValue(scraped)
+		if err == nil && v == 0 {
+			err = fmt.Errorf("%s = 0", scraped)
+		}
+		return err
+	})
+	if err != nil {
+		return "", fmt.Errorf("%w\nPrometheus said:\n%s", err, promOut.String())
+	}
+	rollout := func(to string) (string, error) {
+		cmd := exec.CommandContext(ctx, k.sluiceBin(), "route", "rollout", "--httproute", cniNS+"/web", "--to", to, "--step", "50", "--interval", "4s",
+			"--max-wait", "20s", "--prometheus", "http://"+promAddr, "--kubeconfig", k.c.path("pki", "admin.kubeconfig"))
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	annotation := func(name string) string {
+		out, _ := k.c.kubectl(k.ctx, "get", "httproute", "-n", cniNS, "web", "-o", "jsonpath={.metadata.annotations.rollout\\.sluice\\.dev/"+name+"}")
+		return string(out)
+	}
+	start := time.Now()
+	out, err := rollout("web-v2")
+	if err != nil {
+		return "", fmt.Errorf("rollout to web-v2: %v:\n%s\nPrometheus said:\n%s", err, out, promOut.String())
+	}
+	took := time.Since(start)
+	if !strings.Contains(out, "percent=50") || annotation("step") != "0" {
+		return "", fmt.Errorf("rollout to web-v2 did not step through 50%% or left step %q:\n%s", annotation("step"), out)
+	}
+	if _, err := k.routeIs(0, 100, 2*time.Second); err != nil {
+		return "", err
+	}
+
+	// web-bad: the canary that fails, an endpoint refusing every connect
+	// (server1, which has no sidecar to accept for it, on a port nothing
+	// listens on). The route is v2 100, web-bad 0.
+	manifest := fmt.Sprintf(`apiVersion: v1
+kind: Service
+metadata: {name: web-bad, namespace: %[1]s}
+spec:
+  ports: [{name: http, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-bad-1, namespace: %[1]s, labels: {kubernetes.io/service-name: web-bad}}
+addressType: IPv4
+ports: [{name: http, port: 8081, protocol: TCP}]
+endpoints: [{addresses: [%[2]q], conditions: {ready: true}}]
+`, cniNS, k.ip["server1"])
+	if err := k.apply("web-bad", manifest); err != nil {
+		return "", err
+	}
+	if _, err := k.c.kubectl(k.ctx, "patch", "httproute", "-n", cniNS, "web", "--type", "json", "-p",
+		`[{"op":"replace","path":"/spec/rules/0/backendRefs/0/name","value":"web-bad"},{"op":"replace","path":"/spec/rules/0/backendRefs/0/weight","value":0}]`); err != nil {
+		return "", err
+	}
+	out, err = rollout("web-bad")
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.Contains(out, "rolled back") {
+		return "", fmt.Errorf("rollout to web-bad: %v, want exit 1 rolled back:\n%s", err, out)
+	}
+	if got := annotation("rollback"); got != "connect_failures" {
+		return "", fmt.Errorf("after the rollback the route's rollout.sluice.dev/rollback is %q, want connect_failures:\n%s", got, out)
+	}
+	weights, err := k.c.kubectl(k.ctx, "get", "httproute", "-n", cniNS, "web", "-o", "jsonpath={.spec.rules[0].backendRefs[*].weight}")
+	if err != nil || string(weights) != "0 100" {
+		return "", fmt.Errorf("after the rollback the route's weights are %q (%v), want web-bad 0, web-v2 100", weights, err)
+	}
+	return fmt.Sprintf("v1 -> v2 in two steps of 50%% judged by Prometheus, %.1fs, the client's kernel at 0/100; to web-bad (refused connects): rolled back to 0/100, rollout.sluice.dev/rollback=connect_failures",
+		took.Seconds()), nil
 }
