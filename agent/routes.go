@@ -19,7 +19,7 @@ import (
 type clusterRoutes struct {
 	want     []redirect.Route
 	services []gamma.ServiceRoute // for pods installed with --resolve-services
-	gen      uint64               // bumped when want or services change
+	gen      gens                 // bumped as want and services change
 	// owned are the services this agent ever routed from the cluster: a
 	// route of one the cluster no longer asks for is deleted; routes set
 	// by hand (sluice route set) on other services are left alone.
@@ -28,10 +28,24 @@ type clusterRoutes struct {
 	// that resolve Services only (a route set by hand on a cluster IP
 	// in another pod stays).
 	resolved map[netip.AddrPort]bool
-	applied  map[podKey]uint64 // gen in force in each pod
-	pinDirs  []string          // the pin root's entries when last looked at
-	failed   bool              // a pod was left behind: try again next poll
-	said     map[podKey]uint64 // gen whose failure, or lack of room, was logged
+	applied  map[podKey]gens // the generations in force in each pod
+	pinDirs  []string        // the pin root's entries when last looked at
+	failed   bool            // a pod was left behind: try again next poll
+	failSaid map[podKey]gens // the generations whose failure was logged
+	leftSaid map[podKey]int  // the Service ports without room, as last logged
+}
+
+// gens are the generations of the routes (every pod's) and of the
+// Services' (the resolving pods'): an endpoint changing brings up to date
+// only the pods that resolve Services.
+type gens struct{ routes, services uint64 }
+
+// of is the generations pod k should be at.
+func (g gens) of(k podKey) gens {
+	if !k.resolve {
+		g.services = 0
+	}
+	return g
 }
 
 // podKey is a pod's pin directory and whether it resolves Services: an
@@ -46,7 +60,8 @@ type podKey struct {
 // when a watched object changes, at once, and for a pod installed since,
 // within poll. It returns when ctx ends.
 func (a *Agent) FollowCluster(ctx context.Context, w *kube.Watcher, poll time.Duration) {
-	cr := &clusterRoutes{owned: map[netip.AddrPort]bool{}, resolved: map[netip.AddrPort]bool{}, applied: map[podKey]uint64{}, said: map[podKey]uint64{}}
+	cr := &clusterRoutes{owned: map[netip.AddrPort]bool{}, resolved: map[netip.AddrPort]bool{}, applied: map[podKey]gens{},
+		failSaid: map[podKey]gens{}, leftSaid: map[podKey]int{}}
 	t := time.NewTicker(poll)
 	defer t.Stop()
 	synced := false
@@ -85,11 +100,12 @@ func (a *Agent) recompute(ctx context.Context, w *kube.Watcher, cr *clusterRoute
 		}
 		if len(services) != len(cr.services) {
 			a.opts.Logger.Info("services to resolve for the pods that ask", "ports", len(services),
-				"without_ready_endpoint", un.NoEndpoint, "over_16_endpoints", un.TooManyEndpts)
+				"without_ready_endpoint", un.NoEndpoint, "over_16_endpoints", un.TooManyEndpts, "affinity_or_local", un.KubeProxyOnly)
 		}
-		cr.services, cr.gen = services, cr.gen+1
+		cr.services = services
+		cr.gen.services++
 	}
-	if !slices.EqualFunc(res.Routes, cr.want, sameRoute) || cr.gen == 0 {
+	if !slices.EqualFunc(res.Routes, cr.want, sameRoute) || cr.gen.routes == 0 {
 		for _, r := range res.Routes {
 			cr.owned[r.Service] = true
 			if !slices.ContainsFunc(cr.want, func(w redirect.Route) bool { return sameRoute(w, r) }) {
@@ -101,7 +117,8 @@ func (a *Agent) recompute(ctx context.Context, w *kube.Watcher, cr *clusterRoute
 				a.opts.Logger.Info("route from the cluster removed", "service", w.Service)
 			}
 		}
-		cr.want, cr.gen = res.Routes, cr.gen+1
+		cr.want = res.Routes
+		cr.gen.routes++
 	}
 	return true
 }
@@ -123,8 +140,8 @@ func (a *Agent) applyClusterRoutes(cr *clusterRoutes) {
 		names = append(names, e.Name())
 	}
 	behind := cr.failed || !slices.Equal(names, cr.pinDirs)
-	for _, gen := range cr.applied {
-		behind = behind || gen != cr.gen
+	for k, gen := range cr.applied {
+		behind = behind || gen != cr.gen.of(k)
 	}
 	if !behind {
 		return
@@ -148,44 +165,49 @@ func (a *Agent) applyClusterRoutes(cr *clusterRoutes) {
 		}
 		k := podKey{in.PinDir, in.ResolveServices}
 		live[k] = true
-		if cr.applied[k] == cr.gen {
+		gen := cr.gen.of(k)
+		if cr.applied[k] == gen {
 			continue
 		}
-		left, err := applyPod(in, cr)
+		room, left, err := applyPod(in, cr)
 		if err != nil {
-			if cr.said[k] != cr.gen { // once a generation, though retried every poll
+			if cr.failSaid[k] != gen { // once a generation, though retried every poll
 				a.opts.Logger.Warn("cluster routes not applied to a pod: retrying", "cgroup", in.Cgroup, "err", err)
-				cr.said[k] = cr.gen
+				cr.failSaid[k] = gen
 			}
 			cr.failed = true
 			continue
 		}
-		if left > 0 && cr.said[k] != cr.gen {
-			a.opts.Logger.Warn("services not resolved in a pod: no room for their routes, kube-proxy carries them",
-				"cgroup", in.Cgroup, "service_ports", left, "room", redirect.MaxRoutes)
-			cr.said[k] = cr.gen
+		if left != cr.leftSaid[k] {
+			if left > 0 {
+				a.opts.Logger.Warn("services not resolved in a pod: no room for their routes, kube-proxy carries them",
+					"cgroup", in.Cgroup, "service_ports", left, "room", room)
+			}
+			cr.leftSaid[k] = left
 		}
-		cr.applied[k] = cr.gen
+		cr.applied[k] = gen
 	}
 	for k := range cr.applied {
 		if !live[k] {
 			delete(cr.applied, k)
-			delete(cr.said, k)
+			delete(cr.failSaid, k)
+			delete(cr.leftSaid, k)
 		}
 	}
 }
 
 // applyPod sets the routes one pod should hold from the cluster and
 // deletes those of the cluster's it no longer asks for, in one step. It
-// returns how many Service ports found no room in the pod.
-func applyPod(in loader.Installed, cr *clusterRoutes) (int, error) {
+// returns the room the pod had for Services' routes and how many Service
+// ports found none.
+func applyPod(in loader.Installed, cr *clusterRoutes) (room, left int, err error) {
 	t := in.Target()
 	cur, err := loader.Routes(t)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	ours := func(svc netip.AddrPort) bool { return cr.owned[svc] || in.ResolveServices && cr.resolved[svc] }
-	want, left := cr.want, 0
+	want := cr.want
 	if in.ResolveServices {
 		manual := 0
 		for _, r := range cur {
@@ -193,8 +215,9 @@ func applyPod(in loader.Installed, cr *clusterRoutes) (int, error) {
 				manual++
 			}
 		}
+		room = max(0, redirect.MaxRoutes-len(cr.want)-manual)
 		var services []redirect.Route
-		services, left = podServices(cr.services, in.Identity["namespace"], redirect.MaxRoutes-len(cr.want)-manual)
+		services, left = podServices(cr.services, in.Identity["namespace"], room)
 		want = slices.Concat(cr.want, services)
 	}
 	// Only what differs is set: a route set again would start its
@@ -212,9 +235,9 @@ func applyPod(in loader.Installed, cr *clusterRoutes) (int, error) {
 		}
 	}
 	if len(change.Set) == 0 && len(change.Delete) == 0 {
-		return left, nil
+		return room, left, nil
 	}
-	return left, loader.ChangeRoutes(t, change)
+	return room, left, loader.ChangeRoutes(t, change)
 }
 
 // podServices are the Service routes a pod of namespace ns gets within

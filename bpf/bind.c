@@ -10,15 +10,19 @@
 
 static __always_inline int bind_allowed(struct bpf_sock_addr *ctx)
 {
-	if (ctx->type != SOCK_STREAM)
-		return 1;
 	__u32 slot;
 	const struct policy *pol = active_policy(pod_of(bpf_get_netns_cookie(ctx)), &slot);
 	if (!pol)
 		return 1;
 	__u16 port = bpf_ntohs(ctx->user_port);
-	if (port != pol->outbound_port && port != pol->inbound_port && !is_sidecar_port(pol, port))
+	/* UDP: the DNS port alone, which would receive the pod's queries. */
+	if (ctx->type == SOCK_DGRAM) {
+		if (!(pol->flags & CONFIG_REDIRECT_DNS) || port != pol->dns_port)
+			return 1;
+	} else if (ctx->type != SOCK_STREAM ||
+		   (port != pol->outbound_port && port != pol->inbound_port && !is_sidecar_port(pol, port))) {
 		return 1;
+	}
 	/* 0 makes bind(2) fail with EPERM. */
 	return is_proxy(pol) ? 1 : 0;
 }

@@ -4,6 +4,7 @@
  * to the sidecar's outbound listener and remember, on the app's socket, where
  * they were going. */
 #include "sluice.h"
+#include "dns.h"
 
 /* cidr_match looks dst up in one of the CIDR tries, in the policy's slot and
  * the destination's own family. */
@@ -289,6 +290,15 @@ __attribute__((noinline)) int bind_pod_addr(struct bpf_sock_addr *ctx, __u32 pod
 SEC("cgroup/connect4")
 int sluice_connect4(struct bpf_sock_addr *ctx)
 {
+	/* DNS first (dns.c): UDP, and TCP to port 53, whatever -i, -x and
+	 * the ports say, as Istio's DNS rules come before its capture's. */
+	if (ctx->type == SOCK_DGRAM)
+		return dns_udp4(ctx) ? 1 : 0;
+	if (ctx->user_port == bpf_htons(53)) {
+		int dns = dns_tcp4(ctx);
+		if (dns != DNS_NOT_TAKEN)
+			return dns == DNS_TAKEN ? 1 : 0;
+	}
 	__u32 pod = pod_of(bpf_get_netns_cookie(ctx)), slot;
 	const struct policy *pol = active_policy(pod, &slot);
 	if (!pol)
@@ -316,6 +326,13 @@ int sluice_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int sluice_connect6(struct bpf_sock_addr *ctx)
 {
+	if (ctx->type == SOCK_DGRAM)
+		return dns_udp6(ctx) ? 1 : 0;
+	if (ctx->user_port == bpf_htons(53)) {
+		int dns = dns_tcp6(ctx);
+		if (dns != DNS_NOT_TAKEN)
+			return dns == DNS_TAKEN ? 1 : 0;
+	}
 	__u32 pod = pod_of(bpf_get_netns_cookie(ctx)), slot;
 	const struct policy *pol = active_policy(pod, &slot);
 	if (!pol)

@@ -3,9 +3,15 @@
 /* cgroup/getpeername4 and cgroup/getpeername6: a captured app sees the
  * destination it asked for as its peer, as it would behind iptables. */
 #include "sluice.h"
+#include "dns.h"
 
 static __always_inline const struct orig_dst *app_orig(struct bpf_sock_addr *ctx)
 {
+	if (ctx->type == SOCK_DGRAM) {
+		/* A connected UDP socket whose queries go to the DNS port. */
+		struct dns_state *dst = bpf_sk_storage_get(&dns_states, ctx->sk, 0, 0);
+		return dst ? &dst->orig : NULL;
+	}
 	struct sock_state *st = held_state(pod_of(bpf_get_netns_cookie(ctx)), ctx->sk);
 	if (!st || (st->role != ROLE_APP && st->role != ROLE_KERNEL_ONLY))
 		return NULL;

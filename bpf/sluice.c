@@ -4,6 +4,7 @@
  * replacement at load time, and the loader deletes the programs a given
  * install does not need from the spec. */
 #include "bind.c"
+#include "dns.c"
 #include "connect.c"
 #include "getpeername.c"
 #include "getsockopt.c"

@@ -54,7 +54,17 @@ enum config_flag {
 	 * connections to the kernel (setsockopt.c), which takes those on the
 	 * port sets' ports. */
 	CONFIG_OFFLOAD = 1 << 5,
+	/* --redirect-dns: the app's DNS (UDP and TCP port 53 to the policy's
+	 * nameservers) goes to the sidecar's DNS port (dns.c). */
+	CONFIG_REDIRECT_DNS = 1 << 6,
+	/* --capture-all-dns: port 53 of any address, not only the
+	 * nameservers. */
+	CONFIG_CAPTURE_ALL_DNS = 1 << 7,
 };
+
+/* resolv.conf holds at most 3 nameservers (glibc's MAXNS); one more for a
+ * pod with an IPv4 and an IPv6 server named twice. */
+#define MAX_DNS_SERVERS 4
 
 /* Port sets, one bit per port each. */
 enum port_set {
@@ -93,6 +103,11 @@ struct policy {
 	 * identity may bind them (bind.c). All 8 are in use with Linkerd's
 	 * flags: a further port needs the array grown. */
 	__u16 sidecar_ports[8];
+	/* DNS capture: the sidecar's DNS port and the nameservers whose port
+	 * 53 it takes the queries of (IPv4 v4-mapped). */
+	__u16 dns_port; /* host order */
+	__u16 dns_count;
+	struct addr6 dns_servers[MAX_DNS_SERVERS];
 };
 
 /* A CIDR of a pod's policy slot. The pod, the slot and the family lead the
@@ -527,6 +542,12 @@ enum counter {
 	COUNT_RR_FALLBACK,
 	COUNT_OFFLOAD_FULL,   /* the sidecar's far sockets offload_socks had no room for */
 	COUNT_OFFLOAD_HANDED, /* connections the sidecar handed to the kernel */
+	COUNT_DNS_REDIRECTED, /* DNS queries (UDP sends, TCP and UDP connects) sent to the sidecar's DNS port */
+	/* No DNS listener in the sidecar: queries refused at once (fail
+	 * closed: connect or send fails with ECONNREFUSED, no resolver
+	 * timeout), or sent to the nameserver asked (fail open). */
+	COUNT_DNS_FAIL_CLOSED,
+	COUNT_DNS_FAIL_OPEN,
 	COUNTERS,
 };
 

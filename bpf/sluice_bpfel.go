@@ -46,6 +46,8 @@ const (
 	SluiceConfigFlagCONFIG_SPLICE            SluiceConfigFlag = 8
 	SluiceConfigFlagCONFIG_FAIL_OPEN         SluiceConfigFlag = 16
 	SluiceConfigFlagCONFIG_OFFLOAD           SluiceConfigFlag = 32
+	SluiceConfigFlagCONFIG_REDIRECT_DNS      SluiceConfigFlag = 64
+	SluiceConfigFlagCONFIG_CAPTURE_ALL_DNS   SluiceConfigFlag = 128
 )
 
 type SluiceCounter uint32
@@ -82,8 +84,18 @@ const (
 	SluiceCounterCOUNT_RR_FALLBACK             SluiceCounter = 28
 	SluiceCounterCOUNT_OFFLOAD_FULL            SluiceCounter = 29
 	SluiceCounterCOUNT_OFFLOAD_HANDED          SluiceCounter = 30
-	SluiceCounterCOUNTERS                      SluiceCounter = 31
+	SluiceCounterCOUNT_DNS_REDIRECTED          SluiceCounter = 31
+	SluiceCounterCOUNT_DNS_FAIL_CLOSED         SluiceCounter = 32
+	SluiceCounterCOUNT_DNS_FAIL_OPEN           SluiceCounter = 33
+	SluiceCounterCOUNTERS                      SluiceCounter = 34
 )
+
+type SluiceDnsState struct {
+	_       structs.HostLayout
+	Orig    SluiceOrigDst
+	ViaPort uint16
+	Pad     uint16
+}
 
 type SluiceFlowEnd uint32
 
@@ -180,6 +192,9 @@ type SluicePolicy struct {
 	InboundPort  uint16
 	Flags        uint32
 	SidecarPorts [8]uint16
+	DnsPort      uint16
+	DnsCount     uint16
+	DnsServers   [4]SluiceAddr6
 }
 
 type SluicePortKey struct {
@@ -310,6 +325,7 @@ type SluiceTupleKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	SluiceMapCounters             = "counters"
+	SluiceMapDnsStates            = "dns_states"
 	SluiceMapExcludeCidrs         = "exclude_cidrs"
 	SluiceMapFlowEvents           = "flow_events"
 	SluiceMapHandshakes           = "handshakes"
@@ -340,6 +356,10 @@ const (
 	SluiceProgSluiceGetpeername6  = "sluice_getpeername6"
 	SluiceProgSluiceGetsockopt    = "sluice_getsockopt"
 	SluiceProgSluicePortRange     = "sluice_port_range"
+	SluiceProgSluiceRecvmsg4      = "sluice_recvmsg4"
+	SluiceProgSluiceRecvmsg6      = "sluice_recvmsg6"
+	SluiceProgSluiceSendmsg4      = "sluice_sendmsg4"
+	SluiceProgSluiceSendmsg6      = "sluice_sendmsg6"
 	SluiceProgSluiceSetsockopt    = "sluice_setsockopt"
 	SluiceProgSluiceSkLookup      = "sluice_sk_lookup"
 	SluiceProgSluiceSockops       = "sluice_sockops"
@@ -420,6 +440,10 @@ type SluiceProgramSpecs struct {
 	SluiceGetpeername6 *ebpf.ProgramSpec `ebpf:"sluice_getpeername6"`
 	SluiceGetsockopt   *ebpf.ProgramSpec `ebpf:"sluice_getsockopt"`
 	SluicePortRange    *ebpf.ProgramSpec `ebpf:"sluice_port_range"`
+	SluiceRecvmsg4     *ebpf.ProgramSpec `ebpf:"sluice_recvmsg4"`
+	SluiceRecvmsg6     *ebpf.ProgramSpec `ebpf:"sluice_recvmsg6"`
+	SluiceSendmsg4     *ebpf.ProgramSpec `ebpf:"sluice_sendmsg4"`
+	SluiceSendmsg6     *ebpf.ProgramSpec `ebpf:"sluice_sendmsg6"`
 	SluiceSetsockopt   *ebpf.ProgramSpec `ebpf:"sluice_setsockopt"`
 	SluiceSkLookup     *ebpf.ProgramSpec `ebpf:"sluice_sk_lookup"`
 	SluiceSockops      *ebpf.ProgramSpec `ebpf:"sluice_sockops"`
@@ -431,6 +455,7 @@ type SluiceProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SluiceMapSpecs struct {
 	Counters         *ebpf.MapSpec `ebpf:"counters"`
+	DnsStates        *ebpf.MapSpec `ebpf:"dns_states"`
 	ExcludeCidrs     *ebpf.MapSpec `ebpf:"exclude_cidrs"`
 	FlowEvents       *ebpf.MapSpec `ebpf:"flow_events"`
 	Handshakes       *ebpf.MapSpec `ebpf:"handshakes"`
@@ -504,6 +529,7 @@ func (o *SluiceObjects) Close() error {
 // It can be passed to LoadSluiceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SluiceMaps struct {
 	Counters         *ebpf.Map `ebpf:"counters"`
+	DnsStates        *ebpf.Map `ebpf:"dns_states"`
 	ExcludeCidrs     *ebpf.Map `ebpf:"exclude_cidrs"`
 	FlowEvents       *ebpf.Map `ebpf:"flow_events"`
 	Handshakes       *ebpf.Map `ebpf:"handshakes"`
@@ -530,6 +556,7 @@ type SluiceMaps struct {
 func (m *SluiceMaps) Close() error {
 	return _SluiceClose(
 		m.Counters,
+		m.DnsStates,
 		m.ExcludeCidrs,
 		m.FlowEvents,
 		m.Handshakes,
@@ -596,6 +623,10 @@ type SluicePrograms struct {
 	SluiceGetpeername6 *ebpf.Program `ebpf:"sluice_getpeername6"`
 	SluiceGetsockopt   *ebpf.Program `ebpf:"sluice_getsockopt"`
 	SluicePortRange    *ebpf.Program `ebpf:"sluice_port_range"`
+	SluiceRecvmsg4     *ebpf.Program `ebpf:"sluice_recvmsg4"`
+	SluiceRecvmsg6     *ebpf.Program `ebpf:"sluice_recvmsg6"`
+	SluiceSendmsg4     *ebpf.Program `ebpf:"sluice_sendmsg4"`
+	SluiceSendmsg6     *ebpf.Program `ebpf:"sluice_sendmsg6"`
 	SluiceSetsockopt   *ebpf.Program `ebpf:"sluice_setsockopt"`
 	SluiceSkLookup     *ebpf.Program `ebpf:"sluice_sk_lookup"`
 	SluiceSockops      *ebpf.Program `ebpf:"sluice_sockops"`
@@ -613,6 +644,10 @@ func (p *SluicePrograms) Close() error {
 		p.SluiceGetpeername6,
 		p.SluiceGetsockopt,
 		p.SluicePortRange,
+		p.SluiceRecvmsg4,
+		p.SluiceRecvmsg6,
+		p.SluiceSendmsg4,
+		p.SluiceSendmsg6,
 		p.SluiceSetsockopt,
 		p.SluiceSkLookup,
 		p.SluiceSockops,

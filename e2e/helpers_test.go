@@ -46,6 +46,7 @@ var helperRoles = map[string]func(args []string) (any, error){
 	"reconnect":      reconnect,
 	"abort":          abort,
 	"autolisten":     autoListen,
+	"resolve":        resolve,
 }
 
 // runTestHelper runs the role named in the environment, if any, and exits.
@@ -396,18 +397,24 @@ func getpeername(c *net.TCPConn) (string, error) {
 	return "", fmt.Errorf("getpeername: %v", serr)
 }
 
-// tryBind binds and listens on each ADDR and reports the error of each ("" for
-// success). args: addr...
+// tryBind binds and listens on each ADDR (TCP; UDP with "udp:" in front)
+// and reports the error of each ("" for success). args: addr...
 func tryBind(args []string) (any, error) {
 	out := map[string]string{}
-	for _, addr := range args {
-		ln, err := net.Listen("tcp", addr)
+	for _, arg := range args {
+		var c io.Closer
+		var err error
+		if addr, udp := strings.CutPrefix(arg, "udp:"); udp {
+			c, err = net.ListenPacket("udp", addr)
+		} else {
+			c, err = net.Listen("tcp", arg)
+		}
 		if err != nil {
-			out[addr] = err.Error()
+			out[arg] = err.Error()
 			continue
 		}
-		ln.Close()
-		out[addr] = ""
+		c.Close()
+		out[arg] = ""
 	}
 	return out, nil
 }

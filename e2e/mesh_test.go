@@ -195,7 +195,7 @@ func TestMeshRefusalsInstallNothing(t *testing.T) {
 	p := newInitPod(t)
 	for _, args := range [][]string{
 		{"istio-iptables", "-m", "TPROXY", "-i", "*"},
-		{"istio-iptables", "--redirect-dns", "-i", "*"},
+		{"istio-iptables", "-k", "eth1", "-i", "*"},
 		{"proxy-init", "-p", "4143", "-o", "4140", "-u", "2102", "--subnets-to-ignore", "198.18.0.0/16"},
 	} {
 		res := p.run(t, args...)

@@ -27,6 +27,10 @@ type (
 			ClusterIP  string        `json:"clusterIP,omitempty"`
 			ClusterIPs []string      `json:"clusterIPs,omitempty"`
 			Ports      []ServicePort `json:"ports,omitempty"`
+			// What kube-proxy does beyond spreading connections,
+			// which resolving a Service in the kernel does not.
+			SessionAffinity       string `json:"sessionAffinity,omitempty"`
+			InternalTrafficPolicy string `json:"internalTrafficPolicy,omitempty"`
 		} `json:"spec"`
 	}
 	ServicePort struct {

@@ -20,18 +20,27 @@ type ServiceRoute struct {
 type Unresolved struct {
 	NoEndpoint    int // no ready endpoint: kube-proxy refuses them as it would
 	TooManyEndpts int // more than redirect.MaxBackends ready endpoints
+	// Session affinity (ClientIP) or internalTrafficPolicy Local: what
+	// kube-proxy does for them, the kernel's routes do not.
+	KubeProxyOnly int
 }
 
 // Services resolves every Service with a cluster IP: each TCP port of each
 // of its cluster IPs becomes a round-robin route over the port's ready,
 // not terminating, endpoints in that IP's family, equally weighted. Ports
 // that routed already names (a Gateway API route's parents) are left out:
-// the route's weights win. Sorted by namespace, then address.
+// the route's weights win; so are Services with session affinity or a
+// Local internal traffic policy, which kube-proxy keeps. Sorted by
+// namespace, then address.
 func Services(in Input, routed map[netip.AddrPort]Ref) ([]ServiceRoute, Unresolved) {
 	c := newCluster(in)
 	var out []ServiceRoute
 	var un Unresolved
 	for _, svc := range in.Services {
+		if svc.Spec.SessionAffinity == "ClientIP" || svc.Spec.InternalTrafficPolicy == "Local" {
+			un.KubeProxyOnly++
+			continue
+		}
 		for _, a := range clusterIPs(svc) {
 			for _, sp := range svc.Spec.Ports {
 				at := netip.AddrPortFrom(a, uint16(sp.Port))

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -43,6 +44,31 @@ var cgroupHooks = []hook{
 	{bpf.SluiceProgSluiceConnect6, ebpf.AttachCGroupInet6Connect, "link_connect6"},
 }
 
+// dnsHooks are DNS capture's (install --redirect-dns), attached only for
+// a plan with it, before connect (which takes connected UDP queries): a
+// reply's source is given back before any query is sent to the DNS port.
+var dnsHooks = []hook{
+	{bpf.SluiceProgSluiceRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg, "link_recvmsg4"},
+	{bpf.SluiceProgSluiceRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg, "link_recvmsg6"},
+	{bpf.SluiceProgSluiceSendmsg4, ebpf.AttachCGroupUDP4Sendmsg, "link_sendmsg4"},
+	{bpf.SluiceProgSluiceSendmsg6, ebpf.AttachCGroupUDP6Sendmsg, "link_sendmsg6"},
+}
+
+// hooksFor are the hooks of an install, in attach order: the cgroup's,
+// DNS capture's before connect, and the inbound hook.
+func hooksFor(dns, inbound bool) []hook {
+	connect := len(cgroupHooks) - 2 // connect4 and connect6 come last
+	out := slices.Clone(cgroupHooks[:connect])
+	if dns {
+		out = append(out, dnsHooks...)
+	}
+	out = append(out, cgroupHooks[connect:]...)
+	if inbound {
+		out = append(out, inboundHook)
+	}
+	return out
+}
+
 // inboundHook is inbound capture: the kernel asks it which listener takes a
 // connection arriving in the pod's network namespace.
 var inboundHook = hook{bpf.SluiceProgSluiceSkLookup, ebpf.AttachSkLookup, "link_sk_lookup"}
@@ -68,7 +94,7 @@ const legacyFlowsPin = "flow_events"
 // legacyPins are what older installs pinned and this one does not.
 var legacyPins = append([]string{legacyTCPin, legacyRRPin, legacyFlowsPin}, legacyPolicyPins...)
 
-var allHooks = append(cgroupHooks[:len(cgroupHooks):len(cgroupHooks)], inboundHook)
+var allHooks = hooksFor(true, true)
 
 // linkAction says what ensureLink did.
 type linkAction string

@@ -91,7 +91,10 @@ func TestOlderThanMinimum(t *testing.T) {
 // multiplies the paths through a hook fails here instead of slowing every
 // node's first pod unnoticed. An inlined helper in connect6 once doubled
 // them (40,000 to 76,000) and install time rose from 122 to 147 ms. Finding
-// each pod's maps in the node's arrays added 5,000.
+// each pod's maps in the node's arrays added 5,000; DNS capture 8,000
+// (97,300 to 105,300: its four programs, and connect's UDP and port-53
+// paths, global functions so they are walked once), so the budget went
+// from 100,000 to 110,000 (6.1's from 200,000 to 215,000).
 func TestVerifierBudget(t *testing.T) {
 	testbed.RequirePrivileged(t)
 	coll, err := loadFresh()
@@ -99,12 +102,12 @@ func TestVerifierBudget(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer coll.Close()
-	budget := 100_000
+	budget := 110_000
 	var uts unix.Utsname
 	if unix.Uname(&uts) == nil && strings.HasPrefix(unix.ByteSliceToString(uts.Release[:]), "6.1.") {
-		// Debian's 6.1 walks 185,000 (make test-kernel): an older
-		// verifier prunes fewer paths.
-		budget = 200_000
+		// Debian's 6.1 walked 185,000 before DNS capture (make
+		// test-kernel): an older verifier prunes fewer paths.
+		budget = 215_000
 	}
 	total := 0
 	for name, p := range coll.Programs {

@@ -295,6 +295,11 @@ func (in *installer) decide() (installPath, error) {
 	if s.SpliceCapacity < int(spliceTableSize(in.plan.Splice)) {
 		return pathFull, nil
 	}
+	if s.Plan.RedirectDNS != in.plan.RedirectDNS {
+		// DNS capture's hooks come or go: only the full path attaches
+		// and removes hooks.
+		return pathFull, nil
+	}
 	if rec.Interface != "" {
 		// An address the pod got since: inbound to it is refused until
 		// it is registered, which the full path does.
@@ -485,15 +490,14 @@ func (in *installer) attach() error {
 	} else if changed {
 		in.change("policy written")
 	}
-	hooks := cgroupHooks
 	var addrs []netip.Addr
 	if in.inbound {
 		if err := in.prepareInbound(); err != nil {
 			return err
 		}
 		addrs = in.net.addrs
-		hooks = append(hooks[:len(hooks):len(hooks)], inboundHook)
 	}
+	hooks := hooksFor(in.plan.RedirectDNS, in.inbound)
 	if err := in.register(addrs); err != nil {
 		return err
 	}
@@ -602,6 +606,11 @@ func (in *installer) removeStale() error {
 	}
 	if !in.inbound {
 		stale = append(stale, inboundHook.pin)
+	}
+	if !in.plan.RedirectDNS {
+		for _, h := range dnsHooks {
+			stale = append(stale, h.pin)
+		}
 	}
 	for _, pin := range legacyPins[1:] {
 		if !slices.Contains(in.cur.names, pin) {

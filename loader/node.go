@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 
 	"github.com/cilium/ebpf"
 
@@ -272,14 +273,14 @@ func readArray(m *ebpf.Map, n int) ([]uint32, error) {
 // is gone (Kubernetes hands a deleted pod's address to the next one before
 // the agent collects what the deleted one left).
 func (n *node) register(idx uint32, cookie uint64, podMaps map[string]*ebpf.Map, addrs []netip.Addr, live func(idx uint32) string) error {
+	var slots []outerSlot
 	for name, m := range podMaps {
-		outer := n.maps[name]
-		if outer == nil || outer.Type() != ebpf.ArrayOfMaps {
-			continue
+		if outer := n.maps[name]; outer != nil && outer.Type() == ebpf.ArrayOfMaps {
+			slots = append(slots, outerSlot{name, outer, m})
 		}
-		if err := outer.Put(idx, m); err != nil {
-			return fmt.Errorf("register the pod's %s: %w", name, err)
-		}
+	}
+	if err := setOuter(idx, slots); err != nil {
+		return err
 	}
 	for _, a := range addrs {
 		var owner uint32
@@ -310,14 +311,13 @@ func unregister(m map[string]*ebpf.Map, idx uint32) error {
 	if m[bpf.SluiceMapPorts] != nil {
 		errs = append(errs, policyMapsOf(m, idx).forget())
 	}
+	var slots []outerSlot
 	for name, outer := range m {
-		if outer.Type() != ebpf.ArrayOfMaps {
-			continue
-		}
-		if err := outer.Delete(idx); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			errs = append(errs, fmt.Errorf("unregister from %s: %w", name, err))
+		if outer.Type() == ebpf.ArrayOfMaps {
+			slots = append(slots, outerSlot{name, outer, nil})
 		}
 	}
+	errs = append(errs, setOuter(idx, slots))
 	// The index is free once nothing of the pod is left in the maps; one
 	// that could not be emptied stays taken (podIndex reclaims it when
 	// no index is left).
@@ -575,4 +575,35 @@ func PodNetns(in Installed) (string, error) {
 		return "", fmt.Errorf("the processes of %s are in another network namespace than the pod's install", in.Cgroup)
 	}
 	return ns, nil
+}
+
+// outerSlot is one of the node's maps of pod maps and what its slot of a
+// pod is to hold: the pod's map, or nil to empty it.
+type outerSlot struct {
+	name  string
+	outer *ebpf.Map
+	inner *ebpf.Map
+}
+
+// setOuter writes the pod's slot idx of every outer map at once. Each
+// write to a map of maps returns only after an RCU grace period (so no
+// program still runs with the old inner map), 8-16 ms on a 2-core VM:
+// made one after the other, a pod's nine took 100 ms of every install and
+// uninstall; made together, their waits overlap.
+func setOuter(idx uint32, slots []outerSlot) error {
+	errs := make([]error, len(slots))
+	var wg sync.WaitGroup
+	for i, s := range slots {
+		wg.Go(func() {
+			if s.inner == nil {
+				if err := s.outer.Delete(idx); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+					errs[i] = fmt.Errorf("unregister from %s: %w", s.name, err)
+				}
+			} else if err := s.outer.Put(idx, s.inner); err != nil {
+				errs[i] = fmt.Errorf("register the pod's %s: %w", s.name, err)
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }

@@ -70,7 +70,7 @@ func TestPodsShareTheNodesPrograms(t *testing.T) {
 		t.Errorf("the second pod's install loaded programs again: %q", said[1])
 	}
 	one, two := linkPrograms(t, targets[0]), linkPrograms(t, targets[1])
-	if len(one) != len(allHooks) {
+	if len(one) != len(hooksFor(false, true)) {
 		t.Fatalf("first pod's links: %v, want one per hook", one)
 	}
 	for pin, id := range one {
@@ -259,4 +259,40 @@ func podIn(t *testing.T, bed *testbed.Bed, root, name string) Target {
 		}
 	})
 	return target
+}
+
+// DNS capture's hooks are attached with it and only with it: a rerun that
+// turns it on attaches them (before connect, so a query is never sent to
+// the DNS port with its answer's source left as loopback), one that turns
+// it off removes them, and status finds nothing missing either way.
+func TestDNSHooksFollowThePlan(t *testing.T) {
+	privileged(t)
+	target := podIn(t, testbed.Must(t), "", "dns")
+	dns := testPlan()
+	dns.RedirectDNS, dns.CaptureAllDNS, dns.DNSPort = true, true, 15053
+	for _, step := range []struct {
+		plan redirect.Plan
+		want int
+	}{{testPlan(), 0}, {dns, len(dnsHooks)}, {testPlan(), 0}} {
+		if _, err := Install(target, step.plan, nil, quiet); err != nil {
+			t.Fatal(err)
+		}
+		links := linkPrograms(t, target)
+		got := 0
+		for _, h := range dnsHooks {
+			if _, ok := links[h.pin]; ok {
+				got++
+			}
+		}
+		if got != step.want || len(links) != len(hooksFor(false, true))+step.want {
+			t.Errorf("redirect DNS %v: links %v, want %d of DNS capture's", step.plan.RedirectDNS, links, step.want)
+		}
+		st, err := Status(target)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(st.Missing) != 0 || st.Plan.RedirectDNS != step.plan.RedirectDNS || st.Plan.DNSPort != step.plan.DNSPort {
+			t.Errorf("redirect DNS %v: status missing %v, plan DNS %v port %d", step.plan.RedirectDNS, st.Missing, st.Plan.RedirectDNS, st.Plan.DNSPort)
+		}
+	}
 }

@@ -321,6 +321,17 @@ func entriesOf(p redirect.Plan, pod uint32, slot uint8) slotEntries {
 		e.policy.Flags |= uint32(bpf.SluiceConfigFlagCONFIG_OFFLOAD)
 	}
 	copy(e.policy.SidecarPorts[:], p.SidecarPorts)
+	if p.RedirectDNS {
+		e.policy.Flags |= uint32(bpf.SluiceConfigFlagCONFIG_REDIRECT_DNS)
+		if p.CaptureAllDNS {
+			e.policy.Flags |= uint32(bpf.SluiceConfigFlagCONFIG_CAPTURE_ALL_DNS)
+		}
+		e.policy.DnsPort = p.DNSPort
+		for i, a := range p.DNSServers[:min(len(p.DNSServers), len(e.policy.DnsServers))] {
+			e.policy.DnsServers[i] = Addr6(a)
+			e.policy.DnsCount++
+		}
+	}
 	for _, ps := range portSets(&p) {
 		for _, port := range *ps.ports {
 			e.ports[bpf.SluicePortKey{Pod: pod, Slot: slot, Set: uint8(ps.set), Word: port >> 6}] |= 1 << (port & 63)
@@ -352,6 +363,12 @@ func (e slotEntries) plan() redirect.Plan {
 		NoFlows:         pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_NO_FLOWS) != 0,
 		Splice:          pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_SPLICE) != 0,
 		FailOpen:        pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_FAIL_OPEN) != 0,
+		RedirectDNS:     pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_REDIRECT_DNS) != 0,
+		CaptureAllDNS:   pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_CAPTURE_ALL_DNS) != 0,
+		DNSPort:         pol.DnsPort,
+	}
+	for _, a := range pol.DnsServers[:min(int(pol.DnsCount), len(pol.DnsServers))] {
+		p.DNSServers = append(p.DNSServers, AddrFrom6(a))
 	}
 	for _, port := range pol.SidecarPorts {
 		if port != 0 {

@@ -218,14 +218,16 @@ func (p *Pins) makeRouteMaps() error {
 			m.Close()
 		}
 	}()
+	var slots []outerSlot
 	for _, name := range routeMapNames {
 		outer, err := p.nodeMap(name)
 		if err != nil {
 			return err
 		}
-		if err := outer.Put(p.rec.Index, made[name]); err != nil {
-			return fmt.Errorf("register the pod's %s: %w", name, err)
-		}
+		slots = append(slots, outerSlot{name, outer, made[name]})
+	}
+	if err := setOuter(p.rec.Index, slots); err != nil {
+		return err
 	}
 	for _, name := range routeMapNames {
 		pin := filepath.Join(p.target.PinDir, name)

@@ -38,6 +38,9 @@ type SidecarPlan struct {
 	// Offload: the install has offload ports, so the sidecar offers its
 	// connections to the kernel, which takes those on them.
 	Offload bool
+	// DNSPort is where DNS capture sends the pod's queries, for the
+	// sidecar's DNS forwarder; 0 without DNS capture.
+	DNSPort uint16
 }
 
 // AskPlan asks the hooks of the pod the caller runs in for its plan in
@@ -65,6 +68,9 @@ func AskPlan() (SidecarPlan, error) {
 	}
 	plan := SidecarPlan{OutboundPort: pol.OutboundPort, InboundPort: pol.InboundPort, ProxyUID: pol.ProxyUid, ProxyGID: pol.ProxyGid,
 		Offload: pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_OFFLOAD) != 0}
+	if pol.Flags&uint32(bpf.SluiceConfigFlagCONFIG_REDIRECT_DNS) != 0 {
+		plan.DNSPort = pol.DnsPort
+	}
 	for _, port := range pol.SidecarPorts {
 		if port != 0 {
 			plan.SidecarPorts = append(plan.SidecarPorts, port)

@@ -156,10 +156,7 @@ func (s *State) readNode(t Target, rec record) {
 // readLinks reads every hook's link, noting those missing or detached from
 // t's cgroup (or, with no id given, any) and the recorded namespace.
 func (s *State) readLinks(t Target, rec record) error {
-	hooks := cgroupHooks
-	if rec.Interface != "" {
-		hooks = append(hooks[:len(hooks):len(hooks)], inboundHook)
-	}
+	hooks := hooksFor(rec.Plan != nil && rec.Plan.RedirectDNS, rec.Interface != "")
 	for _, h := range hooks {
 		ls, memlock, err := linkState(filepath.Join(t.PinDir, h.pin), t.CgroupID, rec.NetnsInode)
 		switch {
@@ -316,6 +313,9 @@ var counterNames = map[bpf.SluiceCounter]string{
 	bpf.SluiceCounterCOUNT_RR_FALLBACK:             "route_round_robin_fallback",
 	bpf.SluiceCounterCOUNT_OFFLOAD_FULL:            "offload_table_full",
 	bpf.SluiceCounterCOUNT_OFFLOAD_HANDED:          "offload_handed",
+	bpf.SluiceCounterCOUNT_DNS_REDIRECTED:          "dns_redirected",
+	bpf.SluiceCounterCOUNT_DNS_FAIL_CLOSED:         "dns_fail_closed",
+	bpf.SluiceCounterCOUNT_DNS_FAIL_OPEN:           "dns_fail_open",
 }
 
 // sumCounters adds up the per-CPU values of every counter.

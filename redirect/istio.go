@@ -23,7 +23,6 @@ func ParseIstio(args []string, getenv func(string) (string, bool)) (Invocation, 
 		tunnelPort     uint16 = 15008
 		excludeIfaces  string
 		virtIfaces     string
-		redirectDNS    bool
 		tproxyMark     string
 		tproxyTable    string
 		logOutputLevel = "default:info"
@@ -55,10 +54,10 @@ func ParseIstio(args []string, getenv func(string) (string, bool)) (Invocation, 
 	fs.DurationVar(&inv.ProbeTimeout, "probe-timeout", inv.ProbeTimeout, "validation timeout")
 	fs.BoolVar(&inv.SkipApply, "skip-rule-apply", false, "install nothing (capture was installed by a CNI); with --run-validation, validate only")
 	fs.BoolVar(&inv.Validate, "run-validation", false, "prove capture end to end")
-	fs.BoolVar(&redirectDNS, "redirect-dns", false, "capture DNS (not supported)")
+	fs.BoolVar(&p.RedirectDNS, "redirect-dns", false, "send the pod's DNS (UDP and TCP port 53 to the nameservers of /etc/resolv.conf) to 127.0.0.1:15053")
 	fs.BoolVar(&ignoredBool, "drop-invalid", false, "no meaning: there is no conntrack state to drop")
 	fs.BoolVar(&ignoredBool, "dual-stack", false, "no meaning: IPv4 and IPv6 are always captured alike")
-	fs.BoolVar(&ignoredBool, "capture-all-dns", false, "no meaning without DNS capture")
+	fs.BoolVar(&p.CaptureAllDNS, "capture-all-dns", false, "with --redirect-dns: port 53 of any address, not only the nameservers")
 	fs.StringVar(&inv.Netns, "network-namespace", "", "the pod's network namespace (default: this one)")
 	fs.BoolVar(&ignoredBool, "cni-mode", false, "no meaning: Sluice works from the pod's cgroup")
 	fs.BoolVar(&ignoredBool, "reconcile", false, "no meaning: install always reconciles what is there")
@@ -91,14 +90,15 @@ func ParseIstio(args []string, getenv func(string) (string, bool)) (Invocation, 
 		return inv, unsupported("-m TPROXY", "inbound capture keeps the original destination without TPROXY; use -m REDIRECT")
 	case p.Mode != "REDIRECT" && p.Mode != "":
 		return inv, fmt.Errorf("-m %q: want REDIRECT", p.Mode)
-	case redirectDNS:
-		return inv, unsupported("--redirect-dns (ISTIO_META_DNS_CAPTURE)", "DNS capture is not built yet; leave it off")
 	case virtIfaces != "":
 		return inv, unsupported("-k (kube-virt-interfaces)", "capture follows the pod's cgroup, not its interfaces; leave it empty")
 	case excludeIfaces != "":
 		return inv, unsupported("-c (istio-exclude-interfaces)", "outbound capture follows the pod's cgroup, not its interfaces; leave it empty")
 	}
 	p.Mode = "REDIRECT"
+	// As in istio-iptables, --capture-all-dns says nothing without
+	// --redirect-dns.
+	p.CaptureAllDNS = p.CaptureAllDNS && p.RedirectDNS
 	// Istio never redirects its tunnel port inbound.
 	p.ExcludeInboundPorts.List = append(p.ExcludeInboundPorts.List, tunnelPort)
 	lvl, err := istioLevel(logOutputLevel)
@@ -108,7 +108,7 @@ func ParseIstio(args []string, getenv func(string) (string, bool)) (Invocation, 
 	inv.LogLevel = lvl
 	inv.Policy = p
 	inv.Ignored = noted(fs, "istio-inbound-tproxy-mark", "istio-inbound-tproxy-route-table", "drop-invalid", "dual-stack",
-		"capture-all-dns", "cni-mode", "reconcile", "force-apply", "native-nftables", "force-iptables-binary",
+		"cni-mode", "reconcile", "force-apply", "native-nftables", "force-iptables-binary",
 		"log_caller", "log_stacktrace_level", "log_target", "log_rotate", "log_rotate_max_age", "log_rotate_max_size", "log_rotate_max_backups")
 	return inv, nil
 }

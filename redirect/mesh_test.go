@@ -139,6 +139,35 @@ func TestLinkerdPersonality(t *testing.T) {
 	}
 }
 
+// DNS capture as istio-iptables takes it: --redirect-dns, or its
+// variables REDIRECT_DNS and ISTIO_META_DNS_CAPTURE (what the sidecar
+// injector sets), and --capture-all-dns (CAPTURE_ALL_DNS), which means
+// nothing without it, as there.
+func TestIstioDNSCapture(t *testing.T) {
+	for _, tc := range []struct {
+		args          []string
+		env           func(string) (string, bool)
+		redirect, all bool
+	}{
+		{[]string{"--redirect-dns"}, noEnv, true, false},
+		{nil, envOf("ISTIO_META_DNS_CAPTURE", "true"), true, false},
+		{nil, envOf("REDIRECT_DNS", "true"), true, false},
+		{[]string{"--redirect-dns=false"}, envOf("ISTIO_META_DNS_CAPTURE", "true"), false, false},
+		{[]string{"--redirect-dns", "--capture-all-dns"}, noEnv, true, true},
+		{[]string{"--redirect-dns"}, envOf("CAPTURE_ALL_DNS", "true"), true, true},
+		{[]string{"--capture-all-dns"}, noEnv, false, false},
+	} {
+		inv, err := ParseIstio(tc.args, tc.env)
+		if err != nil {
+			t.Fatalf("%v: %v", tc.args, err)
+		}
+		if inv.Policy.RedirectDNS != tc.redirect || inv.Policy.CaptureAllDNS != tc.all || inv.Policy.DNSPort != DefaultDNSPort {
+			t.Errorf("%v: redirect %v, all %v, port %d; want %v, %v, %d", tc.args, inv.Policy.RedirectDNS, inv.Policy.CaptureAllDNS,
+				inv.Policy.DNSPort, tc.redirect, tc.all, DefaultDNSPort)
+		}
+	}
+}
+
 func TestMeshPersonalityBadInput(t *testing.T) {
 	for _, tc := range []struct {
 		tool string
@@ -149,8 +178,6 @@ func TestMeshPersonalityBadInput(t *testing.T) {
 		{"istio", []string{"-m", "TPROXY"}, noEnv, "-m TPROXY is not supported"},
 		{"istio", []string{"-m", "tproxy"}, noEnv, "-m TPROXY is not supported"},
 		{"istio", []string{"-m", "NAT"}, noEnv, `-m "NAT": want REDIRECT`},
-		{"istio", nil, envOf("ISTIO_META_DNS_CAPTURE", "true"), "--redirect-dns (ISTIO_META_DNS_CAPTURE) is not supported"},
-		{"istio", []string{"--redirect-dns"}, noEnv, "--redirect-dns (ISTIO_META_DNS_CAPTURE) is not supported"},
 		{"istio", []string{"-k", "eth1"}, noEnv, "-k (kube-virt-interfaces) is not supported"},
 		{"istio", []string{"-c", "eth1"}, noEnv, "-c (istio-exclude-interfaces) is not supported"},
 		{"istio", []string{"-p", "0"}, noEnv, "port 0 is out of range"},

@@ -59,7 +59,19 @@ type Plan struct {
 	// to a Service is sent to an endpoint in the kernel. The hooks need
 	// nothing for it: the routes do the work.
 	ResolveServices bool `json:"resolve_services,omitempty"`
+
+	// DNS capture: UDP and TCP port 53 to DNSServers (to any address with
+	// CaptureAllDNS) go to the sidecar's DNSPort on loopback, the reply's
+	// source given back as the server asked; never the proxy identity's.
+	RedirectDNS   bool         `json:"redirect_dns,omitempty"`
+	CaptureAllDNS bool         `json:"capture_all_dns,omitempty"`
+	DNSPort       uint16       `json:"dns_port,omitempty"`
+	DNSServers    []netip.Addr `json:"dns_servers,omitempty"`
 }
+
+// MaxDNSServers is how many nameservers the BPF policy holds: resolv.conf
+// takes 3 (glibc's MAXNS).
+const MaxDNSServers = 4
 
 // MaxSidecarPorts is how many sidecar ports the BPF policy holds.
 const MaxSidecarPorts = 8
@@ -83,16 +95,19 @@ func (p Plan) Normalize() Plan {
 	p.KernelOnlyInboundPorts = dedup(p.KernelOnlyInboundPorts)
 	p.OffloadPorts = dedup(p.OffloadPorts)
 	p.OffloadInboundPorts = dedup(p.OffloadInboundPorts)
+	p.DNSServers = dedupAddrs(p.DNSServers)
 	return p
 }
 
-// Equal reports whether two plans enforce the same policy.
+// Equal reports whether two plans enforce the same policy: ResolveServices,
+// which the node's agent carries out, not the pod's hooks, is no part of it.
 func (p Plan) Equal(o Plan) bool {
 	a, b := p.Normalize(), o.Normalize()
 	return a.OutboundPort == b.OutboundPort && a.InboundPort == b.InboundPort &&
 		a.ProxyUID == b.ProxyUID && a.ProxyGID == b.ProxyGID &&
 		a.IncludeAllCIDRs == b.IncludeAllCIDRs && a.InboundAllPorts == b.InboundAllPorts && a.NoFlows == b.NoFlows && a.Splice == b.Splice && a.FailOpen == b.FailOpen &&
-		a.ResolveServices == b.ResolveServices &&
+		a.RedirectDNS == b.RedirectDNS && a.CaptureAllDNS == b.CaptureAllDNS && a.DNSPort == b.DNSPort &&
+		slices.Equal(a.DNSServers, b.DNSServers) &&
 		slices.Equal(a.IncludeCIDRs, b.IncludeCIDRs) && slices.Equal(a.ExcludeCIDRs, b.ExcludeCIDRs) &&
 		slices.Equal(a.IncludeOutboundPorts, b.IncludeOutboundPorts) &&
 		slices.Equal(a.ExcludeOutboundPorts, b.ExcludeOutboundPorts) &&
@@ -122,4 +137,17 @@ func dedup(ports []uint16) []uint16 {
 	ports = slices.Clone(ports)
 	slices.Sort(ports)
 	return slices.Compact(ports)
+}
+
+// dedupAddrs sorts and deduplicates addresses, IPv4 v4-mapped ones as IPv4.
+func dedupAddrs(as []netip.Addr) []netip.Addr {
+	if len(as) == 0 {
+		return nil
+	}
+	out := make([]netip.Addr, len(as))
+	for i, a := range as {
+		out[i] = a.Unmap()
+	}
+	slices.SortFunc(out, func(a, b netip.Addr) int { return a.Compare(b) })
+	return slices.Compact(out)
 }

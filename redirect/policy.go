@@ -70,7 +70,18 @@ type Policy struct {
 	// ResolveServices asks the node's agent to keep the pod's routes of
 	// every Service.
 	ResolveServices bool
+
+	// DNS capture (Istio's --redirect-dns, --capture-all-dns).
+	RedirectDNS   bool
+	CaptureAllDNS bool
+	DNSPort       uint16
+	// DNSServers are the nameservers whose queries are taken: the
+	// command reads them from resolv.conf when none are given.
+	DNSServers Addrs
 }
+
+// DefaultDNSPort is the sidecar's DNS port, Istio's.
+const DefaultDNSPort = 15053
 
 // Sidecar ports that are never captured inbound, besides -p and -z: Istio's
 // merged metrics, health and Envoy stats ports, and Linkerd's proxy admin
@@ -89,6 +100,7 @@ func DefaultPolicy() Policy {
 		ProxyUID:     DefaultProxyID,
 		ProxyGID:     DefaultProxyID,
 		MetricsPort:  DefaultMetricsPort,
+		DNSPort:      DefaultDNSPort,
 		Mode:         "REDIRECT",
 		IncludeCIDRs: CIDRs{All: true},
 		InboundPorts: Ports{All: true},
@@ -145,7 +157,13 @@ func (p *Policy) RegisterFlags(fs *flag.FlagSet) {
 		"out on the sidecar's accepted socket (needs --splice)")
 	fs.BoolVar(&p.ResolveServices, "resolve-services", false, "have the node's agent (agent --kubernetes) resolve every Service in this pod's kernel: a captured connect\n"+
 		"to a cluster IP goes to one of the Service's ready endpoints, picked at connect time, with no kube-proxy hop\n"+
-		"(the sidecar still learns the cluster IP; at most 128 Service ports a pod, the pod's namespace first)")
+		"(the app still sees the cluster IP as its peer; at most 128 Service ports a pod, the pod's namespace first)")
+	fs.BoolVar(&p.RedirectDNS, "redirect-dns", false, "send the pod's DNS (UDP and TCP port 53 to its nameservers) to the sidecar's --dns-port on loopback;\n"+
+		"the reply's source is given back as the nameserver asked, and the proxy's own queries go out untouched")
+	fs.BoolVar(&p.CaptureAllDNS, "capture-all-dns", false, "with --redirect-dns: port 53 of any address, not only the nameservers")
+	fs.Var(portValue{&p.DNSPort}, "dns-port", "with --redirect-dns: the sidecar's DNS port (127.0.0.1 and ::1, UDP and TCP), reserved for the proxy")
+	fs.Var(&p.DNSServers, "dns-servers", "with --redirect-dns: the nameservers whose queries are taken, comma-separated (default: those of\n"+
+		"--resolv-conf)")
 	fs.Var(negated{&p.FailOpen}, "fail-closed", "while no sidecar listens, refuse captured connections at once, both ways (the default)")
 }
 
@@ -233,6 +251,26 @@ func (p Policy) Plan() (Plan, error) {
 	if p.MetricsPort != 0 {
 		own = append(own, p.MetricsPort)
 	}
+	var dnsServers []netip.Addr
+	if p.RedirectDNS {
+		switch {
+		case p.DNSPort == 0:
+			return Plan{}, errors.New("--dns-port 0: give the sidecar's DNS port (Istio's is 15053)")
+		case p.DNSPort == p.OutboundPort || p.DNSPort == p.InboundPort:
+			return Plan{}, fmt.Errorf("--dns-port %d is also a proxy listener's port (-p %d, -z %d): give the DNS forwarder a port of its own", p.DNSPort, p.OutboundPort, p.InboundPort)
+		case !p.CaptureAllDNS && len(p.DNSServers) == 0:
+			return Plan{}, errors.New("--redirect-dns without nameservers: give --dns-servers, a --resolv-conf naming some, or --capture-all-dns")
+		case len(dedupAddrs(p.DNSServers)) > MaxDNSServers:
+			return Plan{}, fmt.Errorf("--dns-servers names %d nameservers: at most %d", len(dedupAddrs(p.DNSServers)), MaxDNSServers)
+		}
+		own = append(own, p.DNSPort)
+		dnsServers = p.DNSServers
+	} else if p.CaptureAllDNS {
+		return Plan{}, errors.New("--capture-all-dns needs --redirect-dns: it says which DNS is captured")
+	}
+	if n := len(dedup(own)); n > MaxSidecarPorts {
+		return Plan{}, fmt.Errorf("the sidecar's ports %v are %d: the kernel's policy holds %d", dedup(own), n, MaxSidecarPorts)
+	}
 	if p.Linkerd {
 		own = append(own, linkerdSidecarPorts...)
 	}
@@ -259,6 +297,10 @@ func (p Policy) Plan() (Plan, error) {
 		OffloadPorts:           p.OffloadPorts.List,
 		OffloadInboundPorts:    p.OffloadInboundPorts.List,
 		ResolveServices:        p.ResolveServices,
+		RedirectDNS:            p.RedirectDNS,
+		CaptureAllDNS:          p.RedirectDNS && p.CaptureAllDNS,
+		DNSPort:                dnsPort(p),
+		DNSServers:             dnsServers,
 	}.Normalize(), nil
 }
 
@@ -459,5 +501,42 @@ func (v modeValue) String() string {
 
 func (v modeValue) Set(s string) error {
 	*v.p = strings.ToUpper(strings.TrimSpace(s))
+	return nil
+}
+
+// dnsPort is the plan's DNS port: none without DNS capture.
+func dnsPort(p Policy) uint16 {
+	if !p.RedirectDNS {
+		return 0
+	}
+	return p.DNSPort
+}
+
+// Addrs is a comma-separated list of IP addresses; each Set replaces it.
+type Addrs []netip.Addr
+
+func (a *Addrs) String() string {
+	if a == nil {
+		return ""
+	}
+	words := make([]string, len(*a))
+	for i, x := range *a {
+		words[i] = x.String()
+	}
+	return strings.Join(words, ",")
+}
+
+func (a *Addrs) Set(s string) error {
+	*a = nil
+	for _, w := range strings.Split(s, ",") {
+		if w = strings.TrimSpace(w); w == "" {
+			continue
+		}
+		x, err := netip.ParseAddr(w)
+		if err != nil || x.Zone() != "" {
+			return fmt.Errorf("%q is not an IP address", w)
+		}
+		*a = append(*a, x.Unmap())
+	}
 	return nil
 }

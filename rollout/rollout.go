@@ -195,7 +195,12 @@ type delta struct {
 	latencySum          float64
 }
 
+// diff is what happened from a to b. A measure that went back (its
+// counters started over: the node's agent restarted) counts from 0.
 func diff(a, b Sample) delta {
+	if b.Established < a.Established || b.Failed < a.Failed || b.LatencySum < a.LatencySum {
+		a = Sample{}
+	}
 	return delta{established: b.Established - a.Established, failed: b.Failed - a.Failed, latencySum: b.LatencySum - a.LatencySum}
 }
 

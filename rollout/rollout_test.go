@@ -156,3 +156,12 @@ func TestBadConfig(t *testing.T) {
 		}
 	}
 }
+
+// Counters that went back (an agent restarted) count from 0: never a
+// wrapped, huge delta that would hide the canary's failures.
+func TestDiffAfterCountersStartedOver(t *testing.T) {
+	d := diff(Sample{Established: 100, Failed: 5, LatencySum: 1}, Sample{Established: 3, Failed: 2, LatencySum: 0.01})
+	if d.established != 3 || d.failed != 2 || d.failureRatio() != 0.4 {
+		t.Errorf("diff after a restart = %+v, want 3 established and 2 failed", d)
+	}
+}

@@ -21,7 +21,7 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 pkgs=(clang clang-format llvm libbpf-dev bpftool haproxy iptables nftables iproute2 util-linux prometheus make
-	etcd-server containerd runc containernetworking-plugins busybox-static qemu-system-x86 xz-utils)
+	etcd-server containerd runc containernetworking-plugins busybox-static qemu-system-x86 xz-utils python3)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -9,12 +9,14 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net/netip"
 	"os"
 	"runtime"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sluicemesh/sluice/dnsfwd"
 	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/proxy"
 )
@@ -36,6 +38,14 @@ type Config struct {
 	IdleTimeout time.Duration // close a connection with no bytes either way for this long
 	Drain       time.Duration // on ctx's end, how long open connections may take to finish
 	MetricsAddr string        // where to serve the sidecar's /metrics; empty: nowhere
+	// DNSPort is where the DNS forwarder listens (UDP and TCP, 127.0.0.1
+	// and ::1); unless DNSPortSet, the install's DNS port, none without
+	// DNS capture. DNSUpstreams are where it forwards, by default the
+	// nameservers of ResolvConf.
+	DNSPort      uint16
+	DNSPortSet   bool
+	DNSUpstreams []netip.AddrPort
+	ResolvConf   string
 	// RequireCapture keeps /ready failing while the pod's capture does not
 	// answer, even if it did not at start: a pod the CNI plugin was to
 	// capture must not run without it.
@@ -81,6 +91,14 @@ func Run(ctx context.Context, cfg Config) error {
 		s.runners = append(s.runners, func(ctx context.Context) error { return p.Serve(ctx, ln.Listener, ln.dir) })
 	}
 	served := addrs(listeners)
+	dns, err := s.startDNS(plan)
+	if err != nil {
+		for _, ln := range listeners {
+			ln.Close()
+		}
+		return err
+	}
+	served += dns
 	if s.cfg.MetricsAddr != "" {
 		metrics := newMetricsServer(s.cfg.MetricsAddr, s.registry(), health{hooks: s.hooks || s.cfg.RequireCapture, ask: loader.AskPlan}, s.log)
 		// The first attempt before "listening", so a scraper may come
@@ -103,6 +121,7 @@ type sidecar struct {
 	log     *slog.Logger
 	runners []runner
 	offload *offloader
+	dns     *dnsfwd.Forwarder
 	undo    []func() // run in reverse when Run returns
 }
 
@@ -189,6 +208,9 @@ func (s *sidecar) registry() *prometheus.Registry {
 	if o := s.offload; o != nil {
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "sluice_sidecar_offloaded_connections_total",
 			Help: "Connections the sidecar handed to the kernel (offload)."}, func() float64 { return float64(o.handed.Load()) }))
+	}
+	if s.dns != nil {
+		reg.MustRegister(s.dns.Collectors()...)
 	}
 	return reg
 }

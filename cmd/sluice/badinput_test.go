@@ -69,10 +69,13 @@ func TestCLIBadInput(t *testing.T) {
 		{"install extra argument", with("install", "extra"), 2, []string{`unexpected argument "extra"`, "every option is a flag"}},
 		{"install no cgroup outside a pod", []string{"install"}, 2, []string{"no --cgroup given", "use 'sluice install --cgroup' with the pod's cgroup v2 directory"}},
 		{"install probe port 0", with("install", "--probe-port", "0"), 2, []string{"port 0 is out of range", "want 1-65535"}},
+		{"install DNS without nameservers", with("install", "--redirect-dns", "--resolv-conf", "/nonexistent"), 2, []string{"--redirect-dns: the pod's nameservers: open /nonexistent", "give --dns-servers, or --capture-all-dns"}},
+		{"install capture-all-dns alone", with("install", "--capture-all-dns"), 2, []string{"--capture-all-dns needs --redirect-dns"}},
+		{"install DNS port a listener's", with("install", "--redirect-dns", "--capture-all-dns", "--dns-port", "15001"), 2, []string{"--dns-port 15001 is also a proxy listener's port"}},
+		{"install DNS server not an address", with("install", "--redirect-dns", "--dns-servers", "ns1"), 2, []string{`"ns1" is not an IP address`}},
 		{"install fail-open not a bool", with("install", "--fail-open=sometimes"), 2, []string{`invalid boolean value "sometimes" for -fail-open`, "want true or false"}},
 
 		{"istio-iptables TPROXY", []string{"istio-iptables", "-m", "TPROXY"}, 2, []string{"-m TPROXY is not supported", "use -m REDIRECT"}},
-		{"istio-iptables DNS capture", []string{"istio-iptables", "--redirect-dns"}, 2, []string{"--redirect-dns (ISTIO_META_DNS_CAPTURE) is not supported", "leave it off"}},
 		{"istio-iptables CIDR /33", []string{"istio-iptables", "-x", "10.0.0.0/33"}, 2, []string{`"10.0.0.0/33" is not a CIDR`, "run 'sluice istio-iptables --help'"}},
 		{"istio-iptables unknown flag", []string{"istio-iptables", "--bogus"}, 2, []string{"unknown flag: --bogus", "run 'sluice istio-iptables --help'"}},
 		{"istio-iptables extra argument", []string{"istio-iptables", "eth0"}, 2, []string{`unexpected argument "eth0"`, "takes flags only"}},
@@ -165,6 +168,7 @@ func TestCLIBadInput(t *testing.T) {
 		{"route rollout httproute address canary", []string{"route", "rollout", "--httproute", "shop/web", "--to", "198.18.3.2:8080", "--prometheus", "x"}, 2, []string{"the canary is a backend Service's name"}},
 		{"route rollout two routes", []string{"route", "rollout", "--httproute", "shop/web", "--tcproute", "shop/web", "--to", "web-v2", "--prometheus", "x"}, 2, []string{"give one route"}},
 		{"route rollout httproute and vip", []string{"route", "rollout", "--httproute", "shop/web", vip, "--to", "web-v2", "--prometheus", "x"}, 2, []string{"--httproute names the route", "drop"}},
+		{"route rollout httproute with cgroup", []string{"route", "rollout", "--httproute", "shop/web", "--to", "web-v2", "--prometheus", "x", "--cgroup", "/x"}, 2, []string{"--cgroup is for a pod's route"}},
 		{"route rollout pod with prometheus", with("route", "rollout", vip, "--to", "198.18.3.2:8080", "--prometheus", "x"), 2, []string{"--prometheus is for --httproute/--tcproute"}},
 		{"route rollout no cgroup", []string{"route", "rollout", vip, "--to", "198.18.3.2:8080"}, 2, []string{"--cgroup is required", "pass the pod's cgroup v2 directory"}},
 

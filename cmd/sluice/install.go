@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/sluicemesh/sluice/dnsfwd"
 	"github.com/sluicemesh/sluice/loader"
 	"github.com/sluicemesh/sluice/probe"
 	"github.com/sluicemesh/sluice/redirect"
@@ -73,6 +75,7 @@ func installCommand() command {
 		fs.Var(redirect.PortFlag(&req.probePort), "probe-port", "port of the validation probe's destination")
 		fs.DurationVar(&req.probeTimeout, "probe-timeout", redirect.DefaultProbeTimeout, "how long the validation probe may take")
 		logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+		fs.StringVar(&req.resolvConf, "resolv-conf", "/etc/resolv.conf", "with --redirect-dns and no --dns-servers: the resolv.conf naming the pod's nameservers")
 		annotations := fs.String("annotations", "", "a downward API file of the pod's annotations: "+redirect.AnnotationPrefix+"<flag> sets --<flag> for\n"+
 			strings.Join(redirect.AnnotatedFlags, ", ")+" (flags given here win)")
 		req.policy = redirect.DefaultPolicy()
@@ -141,12 +144,25 @@ type installRequest struct {
 	// cmdline is what the install records for its repair command: install's
 	// flags, or a personality's whole command line.
 	cmdline []string
+	// resolvConf names the pod's nameservers for DNS capture (default
+	// /etc/resolv.conf, the pod's own inside it).
+	resolvConf string
 }
 
 // installPod installs capture as req asks: into the pod's cgroup (found from
 // the process's own when none is given) and, with a netns or inside the pod,
 // its interface; then validates it if asked.
 func installPod(ctx context.Context, req installRequest, stdout io.Writer) error {
+	if p := &req.policy; p.RedirectDNS && !p.CaptureAllDNS && len(p.DNSServers) == 0 {
+		file := cmp.Or(req.resolvConf, "/etc/resolv.conf")
+		servers, err := dnsfwd.Nameservers(file)
+		if err != nil {
+			return usageError{fmt.Sprintf("--redirect-dns: the pod's nameservers: %v (give --dns-servers, or --capture-all-dns)", err)}
+		}
+		for _, s := range servers {
+			p.DNSServers = append(p.DNSServers, s.Addr())
+		}
+	}
 	plan, err := req.policy.Plan()
 	if err != nil {
 		return usageError{err.Error()}

@@ -109,6 +109,11 @@ func gatewayPlant(ctx context.Context, fs *flag.FlagSet, httpRoute, tcpRoute, pr
 	case strings.Contains(canary, ":"):
 		return nil, "", usageError{fmt.Sprintf("--to %q: with --%s, the canary is a backend Service's name", canary, kind)}
 	}
+	for _, pod := range []string{"cgroup", "pin-dir", "metrics"} {
+		if f := fs.Lookup(pod); f != nil && f.Value.String() != f.DefValue {
+			return nil, "", usageError{fmt.Sprintf("--%s is for a pod's route: --%s is measured by Prometheus across the cluster", pod, kind)}
+		}
+	}
 	var api *kube.Client
 	var err error
 	if kubeconfig != "" {

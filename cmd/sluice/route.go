@@ -67,7 +67,7 @@ patch is made on the route as read (a concurrent change is read again, not
 overwritten) and leaves the annotations rollout.sluice.dev/step and, on a
 rollback, rollout.sluice.dev/rollback. It reads with --kubeconfig (default
 $KUBECONFIG), else the pod's service account: it needs get and patch on the
-route, get on the Services' EndpointSlices.
+route, and list on EndpointSlices in its namespace.
 
 Examples:
   sluice route set --cgroup /sys/fs/cgroup/unified/mypod 198.19.0.10:80 198.18.2.2:8080=90 198.18.3.2:8080=10

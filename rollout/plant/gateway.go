@@ -6,10 +6,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/netip"
 	"net/url"
+	"regexp"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/sluicemesh/sluice/gamma"
@@ -39,14 +43,15 @@ type Gateway struct {
 	path     string // the route's API path
 	ns       string
 	canary   string
-	// owner is which backend Service each endpoint (ADDRESS:PORT) was
-	// last seen in; endpoints that left their Service keep it, so what
-	// they measured stays counted.
+	// owner is which backend Service each endpoint (ADDRESS:PORT) is in,
+	// or was last seen in.
 	owner map[string]string
-	// seen is each endpoint's highest cumulative sample: an agent that
-	// restarted, or a pod that left, must not make a backend's count go
-	// back.
-	seen map[string]rollout.Sample
+	// last is each series' value when last read, by query and labels;
+	// total what every series added since, by backend Service: a series
+	// that went (a client pod gone) keeps what it added, one that went
+	// back (its agent restarted) adds from 0 again.
+	last  map[string]float64
+	total map[string]rollout.Sample
 }
 
 var _ rollout.Plant = (*Gateway)(nil)
@@ -64,7 +69,7 @@ func NewGateway(ctx context.Context, api *kube.Client, prometheus, kind, namespa
 	}
 	return &Gateway{ctx: ctx, api: api, prom: prometheus, promHTTP: http.DefaultClient, ns: namespace, canary: canary,
 		path:  fmt.Sprintf("/apis/gateway.networking.k8s.io/v1/namespaces/%s/%s/%s", url.PathEscape(namespace), res, url.PathEscape(name)),
-		owner: map[string]string{}, seen: map[string]rollout.Sample{}}, nil
+		owner: map[string]string{}, last: map[string]float64{}, total: map[string]rollout.Sample{}}, nil
 }
 
 // rule reads the route and checks it is one a rollout can move: one rule,
@@ -162,22 +167,22 @@ func (g *Gateway) SetWeights(stable, canary string, sw, cw, step uint32, rollbac
 }
 
 // Measure is every backend Service's connects so far, from every captured
-// pod: the agents' per-destination series summed in Prometheus, each
-// endpoint's counted for the Service it is (or was last) in.
+// pod: the agents' per-destination series in Prometheus, each endpoint's
+// counted for the Service it is (or was last) in.
 func (g *Gateway) Measure() (map[string]rollout.Sample, error) {
 	r, err := g.rule()
 	if err != nil {
 		return nil, err
 	}
 	for _, b := range r.Spec.Rules[0].BackendRefs {
-		var slices struct {
+		var list struct {
 			Items []gamma.EndpointSlice `json:"items"`
 		}
 		q := url.Values{"labelSelector": {gamma.LabelServiceName + "=" + b.Name}}
-		if err := g.api.Get(g.ctx, fmt.Sprintf("/apis/discovery.k8s.io/v1/namespaces/%s/endpointslices", url.PathEscape(g.ns)), q, &slices); err != nil {
+		if err := g.api.Get(g.ctx, fmt.Sprintf("/apis/discovery.k8s.io/v1/namespaces/%s/endpointslices", url.PathEscape(g.ns)), q, &list); err != nil {
 			return nil, err
 		}
-		for _, s := range slices.Items {
+		for _, s := range list.Items {
 			for _, p := range s.Ports {
 				for _, ep := range s.Endpoints {
 					for _, a := range ep.Addresses {
@@ -189,48 +194,54 @@ func (g *Gateway) Measure() (map[string]rollout.Sample, error) {
 			}
 		}
 	}
-	now := map[string]rollout.Sample{}
-	for _, s := range []struct {
-		query string
-		set   func(*rollout.Sample, float64)
+	eps := make([]string, 0, len(g.owner))
+	for ep := range g.owner {
+		eps = append(eps, regexp.QuoteMeta(ep))
+	}
+	slices.Sort(eps)
+	selector := fmt.Sprintf(`{%s=~%q}`, telemetry.LabelDestinationService, strings.Join(eps, "|"))
+	for _, m := range []struct {
+		metric string
+		add    func(*rollout.Sample, float64)
 	}{
-		{telemetry.MetricDestinationConnectDuration + "_count", func(s *rollout.Sample, v float64) { s.Established = uint64(v) }},
-		{telemetry.MetricDestinationConnectDuration + "_sum", func(s *rollout.Sample, v float64) { s.LatencySum = v }},
-		{telemetry.MetricDestinationConnectFailures, func(s *rollout.Sample, v float64) { s.Failed = uint64(v) }},
+		{telemetry.MetricDestinationConnectDuration + "_count", func(s *rollout.Sample, v float64) { s.Established += uint64(v) }},
+		{telemetry.MetricDestinationConnectDuration + "_sum", func(s *rollout.Sample, v float64) { s.LatencySum += v }},
+		{telemetry.MetricDestinationConnectFailures, func(s *rollout.Sample, v float64) { s.Failed += uint64(v) }},
 	} {
-		values, err := g.query(fmt.Sprintf("sum by (%s) (%s)", telemetry.LabelDestinationService, s.query))
+		series, err := g.query(m.metric + selector)
 		if err != nil {
 			return nil, err
 		}
-		for ep, v := range values {
-			if _, ours := g.owner[ep]; ours {
-				sample := now[ep]
-				s.set(&sample, v)
-				now[ep] = sample
+		for _, se := range series {
+			svc, ours := g.owner[se.endpoint]
+			if !ours {
+				continue
 			}
+			key := m.metric + se.labels
+			added := se.value - g.last[key]
+			if se.value < g.last[key] {
+				added = se.value // a counter started over
+			}
+			g.last[key] = se.value
+			t := g.total[svc]
+			m.add(&t, added)
+			g.total[svc] = t
 		}
 	}
-	for ep, s := range now {
-		old := g.seen[ep]
-		g.seen[ep] = rollout.Sample{Established: max(old.Established, s.Established), LatencySum: max(old.LatencySum, s.LatencySum), Failed: max(old.Failed, s.Failed)}
-	}
-	out := map[string]rollout.Sample{}
-	for ep, s := range g.seen {
-		svc := g.owner[ep]
-		sum := out[svc]
-		sum.Established += s.Established
-		sum.LatencySum += s.LatencySum
-		sum.Failed += s.Failed
-		out[svc] = sum
-	}
-	return out, nil
+	return maps.Clone(g.total), nil
 }
 
-// query runs an instant query whose answer is a vector by
-// destination_service and returns its values. A Prometheus that does not
-// answer is asked again, three times a second apart: an error here ends
-// the rollout with the weights where they are, mid-way.
-func (g *Gateway) query(q string) (out map[string]float64, err error) {
+// series is one series of an instant query's answer.
+type series struct {
+	labels   string // every label, sorted: the series' identity
+	endpoint string // its destination_service
+	value    float64
+}
+
+// query runs an instant query and returns its series. A Prometheus that
+// does not answer is asked again, three times a second apart: an error
+// here ends the rollout with the weights where they are, mid-way.
+func (g *Gateway) query(q string) (out []series, err error) {
 	for try := 0; try < 3; try++ {
 		if try > 0 {
 			select {
@@ -246,7 +257,7 @@ func (g *Gateway) query(q string) (out map[string]float64, err error) {
 	return nil, err
 }
 
-func (g *Gateway) queryOnce(q string) (map[string]float64, error) {
+func (g *Gateway) queryOnce(q string) ([]series, error) {
 	ctx, cancel := context.WithTimeout(g.ctx, 30*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, g.prom+"/api/v1/query?"+url.Values{"query": {q}}.Encode(), nil)
@@ -274,14 +285,19 @@ func (g *Gateway) queryOnce(q string) (map[string]float64, error) {
 	if answer.Status != "success" {
 		return nil, fmt.Errorf("Prometheus at %s: %s: %s", g.prom, q, cmp.Or(answer.Error, resp.Status))
 	}
-	out := map[string]float64{}
+	var out []series
 	for _, r := range answer.Data.Result {
 		s, _ := r.Value[1].(string)
 		v, err := strconv.ParseFloat(s, 64)
 		if err != nil {
 			return nil, fmt.Errorf("Prometheus at %s: %s: value %v", g.prom, q, r.Value[1])
 		}
-		out[r.Metric[telemetry.LabelDestinationService]] = v
+		names := slices.Sorted(maps.Keys(r.Metric))
+		var id strings.Builder
+		for _, n := range names {
+			fmt.Fprintf(&id, "%s=%q,", n, r.Metric[n])
+		}
+		out = append(out, series{labels: id.String(), endpoint: r.Metric[telemetry.LabelDestinationService], value: v})
 	}
 	return out, nil
 }

@@ -501,8 +501,8 @@ func (k *checker) servicesResolved() (string, error) {
 			if !ok || len(r.Backends) == 0 {
 				return fmt.Errorf("no route of %s", svc)
 			}
+			k.ip[v] = "" // the version's pods may have changed
 			for _, b := range r.Backends {
-				k.ip[v] = "" // the version's pods may have changed
 				if got := k.versionOf(b.Address); got != v {
 					return fmt.Errorf("route of %s names %s, want %s's pods", svc, got, v)
 				}

@@ -1,0 +1,232 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* DNS capture's state and decisions, shared by dns.c (sendmsg, recvmsg),
+ * connect.c (UDP connects, and TCP to port 53) and getpeername.c. */
+#ifndef SLUICE_DNS_H
+#define SLUICE_DNS_H
+
+#include "sluice.h"
+
+int forget_earlier_connect(struct bpf_sock_addr *ctx, __u32 pod); /* connect.c */
+
+/* The nameserver a UDP socket's query was sent to, and the DNS port it went
+ * to instead: replies from that port are given the nameserver's address. */
+struct dns_state {
+	struct orig_dst orig;
+	__u16 via_port; /* host order */
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct dns_state);
+} dns_states SEC(".maps");
+
+/* dns_query_to reports whether a send to dst:port is a DNS query to take. */
+static __always_inline bool dns_query_to(const struct policy *pol, const struct addr6 *dst, __u16 port)
+{
+	if (!(pol->flags & CONFIG_REDIRECT_DNS) || port != 53)
+		return false;
+	if (pol->flags & CONFIG_CAPTURE_ALL_DNS)
+		return true;
+	for (int i = 0; i < MAX_DNS_SERVERS; i++) {
+		if (i >= pol->dns_count)
+			break;
+		if (addr_equal(&pol->dns_servers[i], dst))
+			return true;
+	}
+	return false;
+}
+
+/* dns_listening reports whether the sidecar listens on its DNS port, on
+ * 127.0.0.1 (v6 false: IPv4 and v4-mapped queries) or ::1, for UDP or TCP. */
+static __always_inline bool dns_listening(struct bpf_sock_addr *ctx, __u16 dns_port, bool v6, bool tcp)
+{
+	struct bpf_sock_tuple tuple = {};
+	struct bpf_sock *sk;
+	__u32 size = sizeof(tuple.ipv4);
+	if (!v6) {
+		tuple.ipv4.saddr = tuple.ipv4.daddr = bpf_htonl(0x7f000001);
+		tuple.ipv4.dport = bpf_htons(dns_port);
+	} else {
+		tuple.ipv6.saddr[3] = tuple.ipv6.daddr[3] = bpf_htonl(1);
+		tuple.ipv6.dport = bpf_htons(dns_port);
+		size = sizeof(tuple.ipv6);
+	}
+	if (tcp)
+		sk = bpf_sk_lookup_tcp(ctx, &tuple, size, BPF_F_CURRENT_NETNS, 0);
+	else
+		sk = bpf_sk_lookup_udp(ctx, &tuple, size, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return false;
+	bpf_sk_release(sk);
+	return true;
+}
+
+/* dns_fail applies the fail policy to a query with no DNS listener to take
+ * it: 0 sends it on to the nameserver (fail open), -1 refuses it at once
+ * with ECONNREFUSED, so the resolver moves on rather than waiting out its
+ * timeout (fail closed). Both are counted. */
+static __always_inline int dns_fail(__u32 pod, const struct policy *pol)
+{
+	if (pol->flags & CONFIG_FAIL_OPEN) {
+		count(pod, COUNT_DNS_FAIL_OPEN);
+		return 0;
+	}
+	count(pod, COUNT_DNS_FAIL_CLOSED);
+	bpf_set_retval(-ECONNREFUSED);
+	return -1;
+}
+
+/* dns_udp decides a UDP connect or sendmsg to dst:port: 1 to send it to
+ * the DNS port (the nameserver recorded on the socket), 0 to leave it, -1
+ * to refuse it. */
+static __always_inline int dns_udp(struct bpf_sock_addr *ctx, const struct addr6 *dst, __u16 port, bool v6)
+{
+	__u32 pod = pod_of(bpf_get_netns_cookie(ctx)), slot;
+	const struct policy *pol = active_policy(pod, &slot);
+	if (!pol || !dns_query_to(pol, dst, port) || is_proxy(pol))
+		return 0;
+	if (!dns_listening(ctx, pol->dns_port, v6, false))
+		return dns_fail(pod, pol);
+	struct dns_state *st = bpf_sk_storage_get(&dns_states, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		/* The answer would come from loopback, which the resolver
+		 * drops: refuse at once rather than have it wait. */
+		count(pod, COUNT_CONNECT_NO_STATE);
+		bpf_set_retval(-ECONNREFUSED);
+		return -1;
+	}
+	st->orig.addr = *dst;
+	st->orig.port = port;
+	st->orig.family = v6 ? AF_INET6 : AF_INET;
+	st->via_port = pol->dns_port;
+	count(pod, COUNT_DNS_REDIRECTED);
+	return 1;
+}
+
+/* Global functions, verified once each, not in every path of connect's. */
+
+/* dns_udp4 takes an IPv4 socket's UDP connect or sendmsg: it returns the
+ * hook's verdict (1 go on, 0 refuse). */
+__attribute__((noinline)) int dns_udp4(struct bpf_sock_addr *ctx)
+{
+	if (!ctx)
+		return 1;
+	struct addr6 dst;
+	addr_from_v4(&dst, ctx->user_ip4);
+	int v = dns_udp(ctx, &dst, bpf_ntohs(ctx->user_port), false);
+	if (v < 0)
+		return 0;
+	if (v > 0) {
+		struct dns_state *st = bpf_sk_storage_get(&dns_states, ctx->sk, 0, 0);
+		if (!st)
+			return 0;
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+		ctx->user_port = bpf_htons(st->via_port);
+	}
+	return 1;
+}
+
+/* dns_udp6 is dns_udp4 for an IPv6 socket: a v4-mapped nameserver's
+ * queries go to ::ffff:127.0.0.1, an IPv6 one's to ::1. */
+__attribute__((noinline)) int dns_udp6(struct bpf_sock_addr *ctx)
+{
+	if (!ctx)
+		return 1;
+	struct addr6 dst = { .w = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] } };
+	bool mapped = addr_is_v4mapped(&dst);
+	int v = dns_udp(ctx, &dst, bpf_ntohs(ctx->user_port), !mapped);
+	if (v < 0)
+		return 0;
+	if (v > 0) {
+		struct dns_state *st = bpf_sk_storage_get(&dns_states, ctx->sk, 0, 0);
+		if (!st)
+			return 0;
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = mapped ? bpf_htonl(0xffff) : 0;
+		ctx->user_ip6[3] = mapped ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+		ctx->user_port = bpf_htons(st->via_port);
+	}
+	return 1;
+}
+
+/* What dns_tcp4 and dns_tcp6 did with a TCP connect to port 53. */
+enum dns_tcp_verdict {
+	DNS_NOT_TAKEN = 0, /* no query to take (or fail open): capture decides */
+	DNS_TAKEN = 1,     /* sent to the DNS port */
+	DNS_REFUSED = 2,   /* refused (fail closed, or no socket storage) */
+};
+
+/* dns_tcp decides a TCP connect of the app's to dst:port: taken to the DNS
+ * port, with the nameserver recorded as the app's destination
+ * (getpeername answers it), refused, or left to capture. */
+static __always_inline int dns_tcp(struct bpf_sock_addr *ctx, const struct addr6 *dst, __u16 port, __u16 family)
+{
+	__u32 pod = pod_of(bpf_get_netns_cookie(ctx)), slot;
+	const struct policy *pol = active_policy(pod, &slot);
+	if (!pol || ctx->type != SOCK_STREAM || (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_MPTCP) ||
+	    !dns_query_to(pol, dst, port) || is_proxy(pol))
+		return DNS_NOT_TAKEN;
+	if (!dns_listening(ctx, pol->dns_port, family == AF_INET6, true))
+		return dns_fail(pod, pol) < 0 ? DNS_REFUSED : DNS_NOT_TAKEN;
+	forget_earlier_connect(ctx, pod);
+	struct sock_state *st = subflow_state(pod, ctx->sk, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		count(pod, COUNT_CONNECT_NO_STATE);
+		return DNS_REFUSED;
+	}
+	st->orig.addr = *dst;
+	st->orig.port = port;
+	st->orig.family = family;
+	st->dial = st->orig;
+	st->role = ROLE_APP;
+	count(pod, COUNT_DNS_REDIRECTED);
+	return DNS_TAKEN;
+}
+
+/* dns_tcp4 and dns_tcp6 are dns_tcp for connect4 and connect6, rewriting
+ * the destination of a connect they take; global functions, verified once
+ * each rather than in every path of connect's. */
+__attribute__((noinline)) int dns_tcp4(struct bpf_sock_addr *ctx)
+{
+	if (!ctx)
+		return DNS_NOT_TAKEN;
+	struct addr6 dst;
+	addr_from_v4(&dst, ctx->user_ip4);
+	int v = dns_tcp(ctx, &dst, bpf_ntohs(ctx->user_port), AF_INET);
+	if (v == DNS_TAKEN) {
+		__u32 slot;
+		const struct policy *pol = active_policy(pod_of(bpf_get_netns_cookie(ctx)), &slot);
+		if (!pol)
+			return DNS_REFUSED;
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+		ctx->user_port = bpf_htons(pol->dns_port);
+	}
+	return v;
+}
+
+__attribute__((noinline)) int dns_tcp6(struct bpf_sock_addr *ctx)
+{
+	if (!ctx)
+		return DNS_NOT_TAKEN;
+	struct addr6 dst = { .w = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] } };
+	bool mapped = addr_is_v4mapped(&dst);
+	int v = dns_tcp(ctx, &dst, bpf_ntohs(ctx->user_port), mapped ? AF_INET : AF_INET6);
+	if (v == DNS_TAKEN) {
+		__u32 slot;
+		const struct policy *pol = active_policy(pod_of(bpf_get_netns_cookie(ctx)), &slot);
+		if (!pol)
+			return DNS_REFUSED;
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = mapped ? bpf_htonl(0xffff) : 0;
+		ctx->user_ip6[3] = mapped ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+		ctx->user_port = bpf_htons(pol->dns_port);
+	}
+	return v;
+}
+
+#endif /* SLUICE_DNS_H */

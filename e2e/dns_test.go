@@ -1,0 +1,502 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sluicemesh/sluice/internal/testbed"
+)
+
+// DNS capture's end-to-end tests: a nameserver on the remote host, the
+// pod's queries taken to the sidecar's forwarder on 15053, which asks it.
+
+// The names the test nameserver knows: web.test. has one A and one AAAA;
+// big.test. has 40 A records, too many for a 512-byte UDP answer: over UDP
+// it answers truncated (TC), over TCP whole.
+var (
+	webA    = netip.MustParseAddr("198.18.77.7")
+	webAAAA = netip.MustParseAddr("2001:2::77")
+)
+
+const bigRecords = 40
+
+// nameserver is the test's DNS server on the remote host, UDP and TCP on
+// port 53 of both its addresses, counting the queries it answers and
+// remembering the source of the last.
+type nameserver struct {
+	queries atomic.Int64
+	mu      sync.Mutex
+	last    netip.AddrPort
+}
+
+func startNameserver(t *testing.T, host *testbed.Host) *nameserver {
+	t.Helper()
+	ns := &nameserver{}
+	for _, a := range []netip.Addr{host.Addr4, host.Addr6} {
+		addr := netip.AddrPortFrom(a, 53)
+		var udp *net.UDPConn
+		var tcp net.Listener
+		err := host.Do(func() (err error) {
+			if udp, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(addr)); err != nil {
+				return err
+			}
+			tcp, err = net.Listen("tcp", addr.String())
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { udp.Close(); tcp.Close() })
+		go ns.serveUDP(udp)
+		go ns.serveTCP(tcp)
+	}
+	return ns
+}
+
+func (ns *nameserver) saw(from netip.AddrPort) {
+	ns.queries.Add(1)
+	ns.mu.Lock()
+	ns.last = from
+	ns.mu.Unlock()
+}
+
+func (ns *nameserver) lastSource() netip.AddrPort {
+	ns.mu.Lock()
+	defer ns.mu.Unlock()
+	return ns.last
+}
+
+func (ns *nameserver) serveUDP(c *net.UDPConn) {
+	buf := make([]byte, 65535)
+	for {
+		n, from, err := c.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			return
+		}
+		ns.saw(from)
+		if a := dnsAnswer(buf[:n], true); a != nil {
+			c.WriteToUDPAddrPort(a, from)
+		}
+	}
+}
+
+func (ns *nameserver) serveTCP(l net.Listener) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			r := bufio.NewReader(c)
+			for {
+				q, err := readDNSTCP(r)
+				if err != nil {
+					return
+				}
+				ns.saw(netip.MustParseAddrPort(c.RemoteAddr().String()))
+				if a := dnsAnswer(q, false); a != nil {
+					writeDNSTCP(c, a)
+				}
+			}
+		}()
+	}
+}
+
+// dnsQuery is a query for name (type A or AAAA), RD set.
+func dnsQuery(id uint16, name string, qtype uint16) []byte {
+	msg := binary.BigEndian.AppendUint16(nil, id)
+	msg = append(msg, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0)
+	for _, label := range strings.Split(strings.TrimSuffix(name, "."), ".") {
+		msg = append(msg, byte(len(label)))
+		msg = append(msg, label...)
+	}
+	msg = append(msg, 0)
+	msg = binary.BigEndian.AppendUint16(msg, qtype)
+	return binary.BigEndian.AppendUint16(msg, 1)
+}
+
+// dnsAnswer answers a query the test nameserver knows (nil for no DNS
+// message): the question echoed, then the records by pointer to it.
+func dnsAnswer(q []byte, udp bool) []byte {
+	name, qtype, end, ok := dnsQuestion(q)
+	if !ok {
+		return nil
+	}
+	a := append([]byte(nil), q[:end]...)
+	a[2] |= 0x84 // QR, AA
+	a[3] = 0x80  // RA, NOERROR
+	var rdata [][]byte
+	switch {
+	case name == "web.test" && qtype == 1:
+		rdata = append(rdata, webA.AsSlice())
+	case name == "web.test" && qtype == 28:
+		rdata = append(rdata, webAAAA.AsSlice())
+	case name == "big.test" && qtype == 1 && udp:
+		a[2] |= 0x02 // TC: ask again over TCP
+	case name == "big.test" && qtype == 1:
+		for i := range bigRecords {
+			rdata = append(rdata, []byte{198, 18, 78, byte(i + 1)})
+		}
+	default:
+		a[3] |= 3 // NXDOMAIN
+	}
+	binary.BigEndian.PutUint16(a[6:], uint16(len(rdata)))
+	for _, rd := range rdata {
+		a = append(a, 0xc0, 12) // the question's name
+		a = binary.BigEndian.AppendUint16(a, qtype)
+		a = append(a, 0, 1, 0, 0, 0, 30)
+		a = binary.BigEndian.AppendUint16(a, uint16(len(rd)))
+		a = append(a, rd...)
+	}
+	return a
+}
+
+// dnsQuestion reads a message's one question: its name, type and where it
+// ends.
+func dnsQuestion(m []byte) (name string, qtype uint16, end int, ok bool) {
+	if len(m) < 12 || binary.BigEndian.Uint16(m[4:]) != 1 {
+		return "", 0, 0, false
+	}
+	var labels []string
+	i := 12
+	for i < len(m) && m[i] != 0 {
+		n := int(m[i])
+		if n > 63 || i+1+n > len(m) {
+			return "", 0, 0, false
+		}
+		labels = append(labels, string(m[i+1:i+1+n]))
+		i += 1 + n
+	}
+	if i+5 > len(m) {
+		return "", 0, 0, false
+	}
+	return strings.Join(labels, "."), binary.BigEndian.Uint16(m[i+1:]), i + 5, true
+}
+
+// dnsRecords are the addresses in an answer's records, and whether it was
+// truncated.
+func dnsRecords(m []byte) (addrs []netip.Addr, truncated bool, err error) {
+	_, _, i, ok := dnsQuestion(m)
+	if !ok {
+		return nil, false, fmt.Errorf("no DNS answer: %x", m)
+	}
+	if m[3]&0x0f != 0 {
+		return nil, false, fmt.Errorf("answer code %d", m[3]&0x0f)
+	}
+	for range binary.BigEndian.Uint16(m[6:]) {
+		if i+12 > len(m) || m[i] != 0xc0 {
+			return nil, false, fmt.Errorf("a record this test does not write: %x", m[i:])
+		}
+		n := int(binary.BigEndian.Uint16(m[i+10:]))
+		if a, ok := netip.AddrFromSlice(m[i+12 : i+12+n]); ok {
+			addrs = append(addrs, a)
+		}
+		i += 12 + n
+	}
+	return addrs, m[2]&0x02 != 0, nil
+}
+
+func readDNSTCP(r io.Reader) ([]byte, error) {
+	var n uint16
+	if err := binary.Read(r, binary.BigEndian, &n); err != nil {
+		return nil, err
+	}
+	m := make([]byte, n)
+	_, err := io.ReadFull(r, m)
+	return m, err
+}
+
+func writeDNSTCP(w io.Writer, m []byte) error {
+	_, err := w.Write(append(binary.BigEndian.AppendUint16(nil, uint16(len(m))), m...))
+	return err
+}
+
+// dnsResult is what the resolve helper saw.
+type dnsResult struct {
+	Addrs []string
+	From  string // the answer's source (sendto), or the TCP peer (getpeername)
+	Took  time.Duration
+}
+
+// resolve is a helper role: it asks nameserver (ADDRESS:53) for name
+// (type A, or AAAA with a name ending in "/6") the way mode says:
+//   - go: Go's own resolver, over a connected UDP socket (TCP on
+//     truncation), dialing the nameserver;
+//   - sendto: an unconnected UDP socket, sendto and recvfrom, as musl does;
+//     the answer's source is reported;
+//   - tcp: over TCP; the connection's peer is reported;
+//   - udp-then-tcp: UDP first, and over TCP if the answer is truncated.
+//
+// args: mode nameserver name
+func resolve(args []string) (any, error) {
+	mode, server, name := args[0], netip.MustParseAddrPort(args[1]), args[2]
+	qtype := uint16(1)
+	if n, ok := strings.CutSuffix(name, "/6"); ok {
+		name, qtype = n, 28
+	}
+	start := time.Now()
+	var res dnsResult
+	defer func() { res.Took = time.Since(start) }()
+	switch mode {
+	case "go":
+		r := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, server.String())
+		}}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		network := "ip4"
+		if qtype == 28 {
+			network = "ip6"
+		}
+		ips, err := r.LookupNetIP(ctx, network, name)
+		for _, ip := range ips {
+			res.Addrs = append(res.Addrs, ip.Unmap().String())
+		}
+		res.Took = time.Since(start)
+		return res, err
+	case "sendto", "udp-then-tcp":
+		network := "udp4"
+		if server.Addr().Is6() {
+			network = "udp6"
+		}
+		c, err := net.ListenUDP(network, nil)
+		if err != nil {
+			return res, err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.WriteToUDPAddrPort(dnsQuery(0x5151, name, qtype), server); err != nil {
+			res.Took = time.Since(start)
+			return res, err
+		}
+		buf := make([]byte, 65535)
+		n, from, err := c.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			return res, err
+		}
+		res.From = netip.AddrPortFrom(from.Addr().Unmap(), from.Port()).String()
+		addrs, truncated, err := dnsRecords(buf[:n])
+		if err != nil || !truncated || mode == "sendto" {
+			for _, a := range addrs {
+				res.Addrs = append(res.Addrs, a.String())
+			}
+			return res, err
+		}
+		fallthrough
+	case "tcp":
+		c, err := net.DialTimeout("tcp", server.String(), 10*time.Second)
+		if err != nil {
+			return res, err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		res.From = c.RemoteAddr().String()
+		if err := writeDNSTCP(c, dnsQuery(0x5152, name, qtype)); err != nil {
+			return res, err
+		}
+		m, err := readDNSTCP(c)
+		if err != nil {
+			return res, err
+		}
+		addrs, _, err := dnsRecords(m)
+		for _, a := range addrs {
+			res.Addrs = append(res.Addrs, a.String())
+		}
+		return res, err
+	}
+	return res, fmt.Errorf("mode %q: want go, sendto, tcp or udp-then-tcp", mode)
+}
+
+// dnsPod is a captured pod with DNS capture on for the remote host's
+// nameserver (both its addresses), its sidecar's forwarder asking that
+// nameserver.
+type dnsPod struct {
+	*capturedPod
+	ns      *nameserver
+	servers []netip.AddrPort
+}
+
+func newDNSPod(t *testing.T, installArgs ...string) *dnsPod {
+	t.Helper()
+	c := newUncapturedPod(t, nil)
+	p := &dnsPod{capturedPod: c, servers: []netip.AddrPort{netip.AddrPortFrom(c.host.Addr4, 53), netip.AddrPortFrom(c.host.Addr6, 53)}}
+	p.ns = startNameserver(t, c.host)
+	args := append([]string{"install", "--cgroup", c.cgroup, "--netns", c.pod.Netns, "--redirect-dns",
+		"--dns-servers", c.host.Addr4.String() + "," + c.host.Addr6.String()}, installArgs...)
+	mustCLI(t, args...)
+	t.Cleanup(func() { mustCLI(t, "uninstall", "--cgroup", c.cgroup) })
+	return p
+}
+
+func (p *dnsPod) startForwarder(t *testing.T) {
+	t.Helper()
+	p.startSidecar(t, "--dns-upstreams", p.servers[0].String()+","+p.servers[1].String())
+	if _, err := p.sidecar.WaitFor("DNS forwarder", nil, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// ask runs the resolve helper in the pod as uid.
+func (p *dnsPod) ask(t *testing.T, uid int, mode string, server netip.AddrPort, name string) (dnsResult, error) {
+	t.Helper()
+	var res dnsResult
+	err := runHelper(t, p.pod, helper(t, "resolve", mode, server.String(), name), uid, &res)
+	return res, err
+}
+
+func (p *dnsPod) counters(t *testing.T) map[string]uint64 {
+	return statusJSON(t, p.cgroup).Counters
+}
+
+// Every way an app asks, over IPv4 and IPv6, is answered through the
+// sidecar's forwarder (counted there and in the kernel), with the answer's
+// source the nameserver the app asked (sendto, TCP's peer); the nameserver
+// sees the queries come from the pod. A truncated answer's TCP retry goes
+// the same way and gets all 40 records.
+func TestDNSCapturedEveryWay(t *testing.T) {
+	p := newDNSPod(t)
+	p.startForwarder(t)
+	for _, server := range p.servers {
+		for _, c := range []struct{ mode, name, want string }{
+			{"go", "web.test", webA.String()},
+			{"go", "web.test/6", webAAAA.String()},
+			{"sendto", "web.test", webA.String()},
+			{"tcp", "web.test", webA.String()},
+		} {
+			before := p.counters(t)["dns_redirected"]
+			res, err := p.ask(t, 1000, c.mode, server, c.name)
+			if err != nil {
+				t.Fatalf("%s %s via %s: %v", c.mode, c.name, server, err)
+			}
+			if len(res.Addrs) != 1 || res.Addrs[0] != c.want {
+				t.Errorf("%s %s via %s: %v, want %s", c.mode, c.name, server, res.Addrs, c.want)
+			}
+			if (c.mode == "sendto" || c.mode == "tcp") && res.From != server.String() {
+				t.Errorf("%s via %s: the answer came from %s, want the nameserver asked", c.mode, server, res.From)
+			}
+			if d := p.counters(t)["dns_redirected"] - before; d == 0 {
+				t.Errorf("%s %s via %s: not redirected (dns_redirected unchanged)", c.mode, c.name, server)
+			}
+		}
+	}
+	res, err := p.ask(t, 1000, "udp-then-tcp", p.servers[0], "big.test")
+	if err != nil || len(res.Addrs) != bigRecords {
+		t.Errorf("a truncated answer's TCP retry: %d records (%v), want %d", len(res.Addrs), err, bigRecords)
+	}
+	if from := p.ns.lastSource().Addr(); from != p.pod.Addr4 {
+		t.Errorf("the nameserver saw the last query from %s, want the pod's %s", from, p.pod.Addr4)
+	}
+	m := p.scrapeSidecar(t, 15090)
+	if n := sample(m, "sluice_dns_queries_total", map[string]string{"protocol": "udp"}); n < 6 {
+		t.Errorf("the forwarder counted %v UDP queries, want at least 6", n)
+	}
+	if n := sample(m, "sluice_dns_queries_total", map[string]string{"protocol": "tcp"}); n < 3 {
+		t.Errorf("the forwarder counted %v TCP queries, want at least 3", n)
+	}
+}
+
+// glibc's resolver (getaddrinfo, from Python) checks an answer's source
+// against the nameserver it asked: with /etc/resolv.conf naming the remote
+// nameserver, it resolves through the forwarder.
+func TestDNSCapturedGlibc(t *testing.T) {
+	p := newDNSPod(t)
+	p.startForwarder(t)
+	dir := worldReadableDir(t)
+	conf := filepath.Join(dir, "resolv.conf")
+	if err := os.WriteFile(conf, []byte("nameserver "+p.host.Addr4.String()+"\noptions attempts:1 timeout:2\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	script := fmt.Sprintf(`mount --bind %s /etc/resolv.conf && exec setpriv --reuid 1000 --regid 1000 --clear-groups /usr/bin/python3 -c 'import socket; print(" ".join(sorted({a[4][0] for a in socket.getaddrinfo("web.test", 80, socket.AF_INET)})))'`, conf)
+	cmd := exec.Command("sh", "-c", script)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
+	var out, errOut strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	before := p.ns.queries.Load()
+	redirected := p.counters(t)["dns_redirected"]
+	if err := p.pod.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("getaddrinfo: %v: %s", err, errOut.String())
+	}
+	if got := strings.TrimSpace(out.String()); got != webA.String() {
+		t.Errorf("getaddrinfo(web.test) = %q, want %s", got, webA)
+	}
+	if p.ns.queries.Load() == before || p.counters(t)["dns_redirected"] == redirected {
+		t.Error("getaddrinfo's query did not go through the forwarder")
+	}
+}
+
+// The proxy identity's own queries go to the nameserver untouched; another
+// process of the pod cannot bind the DNS port, UDP or TCP.
+func TestDNSProxyUncapturedAndPortReserved(t *testing.T) {
+	p := newDNSPod(t)
+	p.startForwarder(t)
+	before := p.counters(t)["dns_redirected"]
+	res, err := p.ask(t, 1337, "sendto", p.servers[0], "web.test")
+	if err != nil || len(res.Addrs) != 1 {
+		t.Fatalf("the proxy's own query: %v, %v", res, err)
+	}
+	if d := p.counters(t)["dns_redirected"] - before; d != 0 {
+		t.Errorf("the proxy's own query was redirected (%d)", d)
+	}
+	var bound map[string]string
+	if err := runHelper(t, p.pod, helper(t, "bind", "udp:127.0.0.1:15053", "udp:[::1]:15053", "127.0.0.1:15053"), 1000, &bound); err != nil {
+		t.Fatal(err)
+	}
+	for addr, err := range bound {
+		// The sidecar holds them, so even an unguarded bind would fail:
+		// the hook's refusal is EPERM, not EADDRINUSE.
+		if !strings.Contains(err, "operation not permitted") {
+			t.Errorf("uid 1000 binding %s: %q, want operation not permitted", addr, err)
+		}
+	}
+}
+
+// With no forwarder listening, fail-closed refuses a query at once (no
+// resolver timeout), counted; fail-open sends it to the nameserver asked,
+// counted.
+func TestDNSFailPolicy(t *testing.T) {
+	p := newDNSPod(t)
+	for _, mode := range []string{"go", "sendto"} {
+		before := p.counters(t)["dns_fail_closed"]
+		res, err := p.ask(t, 1000, mode, p.servers[0], "web.test")
+		if err == nil || !strings.Contains(err.Error(), "connection refused") {
+			t.Errorf("fail-closed, %s: %v (%v), want connection refused", mode, err, res)
+		}
+		if res.Took > 2*time.Second {
+			t.Errorf("fail-closed, %s: refused after %v, want at once", mode, res.Took)
+		}
+		if p.counters(t)["dns_fail_closed"] == before {
+			t.Errorf("fail-closed, %s: not counted", mode)
+		}
+	}
+	mustCLI(t, "install", "--cgroup", p.cgroup, "--netns", p.pod.Netns, "--redirect-dns",
+		"--dns-servers", p.host.Addr4.String()+","+p.host.Addr6.String(), "--fail-open")
+	for _, server := range p.servers {
+		before := p.counters(t)["dns_fail_open"]
+		res, err := p.ask(t, 1000, "sendto", server, "web.test")
+		if err != nil || len(res.Addrs) != 1 || res.From != server.String() {
+			t.Errorf("fail-open via %s: %v, %v: want the nameserver's answer", server, res, err)
+		}
+		if p.counters(t)["dns_fail_open"] == before {
+			t.Errorf("fail-open via %s: not counted", server)
+		}
+	}
+}
