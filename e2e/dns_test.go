@@ -239,6 +239,8 @@ type dnsResult struct {
 //     truncation), dialing the nameserver;
 //   - sendto: an unconnected UDP socket, sendto and recvfrom, as musl does;
 //     the answer's source is reported;
+//   - sendto-dual: the same from a dual-stack IPv6 socket, an IPv4
+//     nameserver as a v4-mapped address;
 //   - tcp: over TCP; the connection's peer is reported;
 //   - udp-then-tcp: UDP first, and over TCP if the answer is truncated.
 //
@@ -270,10 +272,13 @@ func resolve(args []string) (any, error) {
 		}
 		res.Took = time.Since(start)
 		return res, err
-	case "sendto", "udp-then-tcp":
+	case "sendto", "sendto-dual", "udp-then-tcp":
 		network := "udp4"
 		if server.Addr().Is6() {
 			network = "udp6"
+		}
+		if mode == "sendto-dual" {
+			network = "udp" // AF_INET6, IPv4 as ::ffff:a.b.c.d
 		}
 		c, err := net.ListenUDP(network, nil)
 		if err != nil {
@@ -377,6 +382,7 @@ func TestDNSCapturedEveryWay(t *testing.T) {
 			{"go", "web.test", webA.String()},
 			{"go", "web.test/6", webAAAA.String()},
 			{"sendto", "web.test", webA.String()},
+			{"sendto-dual", "web.test", webA.String()},
 			{"tcp", "web.test", webA.String()},
 		} {
 			before := p.counters(t)["dns_redirected"]
@@ -387,7 +393,7 @@ func TestDNSCapturedEveryWay(t *testing.T) {
 			if len(res.Addrs) != 1 || res.Addrs[0] != c.want {
 				t.Errorf("%s %s via %s: %v, want %s", c.mode, c.name, server, res.Addrs, c.want)
 			}
-			if (c.mode == "sendto" || c.mode == "tcp") && res.From != server.String() {
+			if c.mode != "go" && res.From != server.String() {
 				t.Errorf("%s via %s: the answer came from %s, want the nameserver asked", c.mode, server, res.From)
 			}
 			if d := p.counters(t)["dns_redirected"] - before; d == 0 {

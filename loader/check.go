@@ -134,6 +134,8 @@ var (
 	helpers      = []helper{
 		{ebpf.CGroupSockAddr, asm.FnSkStorageGet},
 		{ebpf.CGroupSockAddr, asm.FnGetCurrentUidGid},
+		{ebpf.CGroupSockAddr, asm.FnSkLookupUdp},
+		{ebpf.CGroupSockAddr, asm.FnSetRetval},
 		{ebpf.CGroupSockopt, asm.FnGetCurrentUidGid},
 		{ebpf.SockOps, asm.FnSkStorageGet},
 		{ebpf.SockOps, asm.FnSockOpsCbFlagsSet},
@@ -193,6 +195,9 @@ var capabilities = []struct {
 	{Capability{Name: "offload", Since: "2026",
 		Needs: "splice's parts, and setsockopt from the sidecar to hand a connection to the kernel", Flag: "--offload-ports"},
 		[]string{probeLoad, mapTypeProbe(ebpf.SockHash), helper{ebpf.SkMsg, asm.FnMsgRedirectHash}.probe(), probeSpliceCount}},
+	{Capability{Name: "DNS capture", Since: "5.18",
+		Needs: "cgroup sendmsg4/6 and recvmsg4/6 programs; connect4/6 and sendmsg look up the sidecar's UDP listener and refuse a query at once", Flag: "--redirect-dns"},
+		[]string{probeLoad, probeCgroupLink, helper{ebpf.CGroupSockAddr, asm.FnSkLookupUdp}.probe(), helper{ebpf.CGroupSockAddr, asm.FnSetRetval}.probe()}},
 	{Capability{Name: "MPTCP", Since: "5.19",
 		Needs: "MPTCP sockets; bpf_skc_to_mptcp_sock finds a subflow's connection"},
 		[]string{probeLoad, probeMPTCP, helper{ebpf.SockOps, asm.FnSkcToMptcpSock}.probe()}},

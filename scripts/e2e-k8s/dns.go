@@ -1,0 +1,171 @@
+package main
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"time"
+)
+
+// dnsName is the Service name the e2e's nameserver answers, with web's
+// cluster IP.
+const dnsName = "web.shop.svc.cluster.local"
+
+// nameserver answers A queries for dnsName on the node's address, port 53
+// (UDP): the pods of the DNS check name it in their resolv.conf. It counts
+// the queries and remembers where the last came from.
+type nameserver struct {
+	conn    *net.UDPConn
+	answer  netip.Addr
+	queries atomic.Int64
+	last    atomic.Value // netip.Addr
+}
+
+func startNameserver(addr string, answer netip.Addr) (*nameserver, error) {
+	conn, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(addr), 53)))
+	if err != nil {
+		return nil, fmt.Errorf("the e2e's nameserver on %s:53: %w", addr, err)
+	}
+	ns := &nameserver{conn: conn, answer: answer}
+	go ns.serve()
+	return ns, nil
+}
+
+func (ns *nameserver) serve() {
+	buf := make([]byte, 4096)
+	for {
+		n, from, err := ns.conn.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			return
+		}
+		ns.queries.Add(1)
+		ns.last.Store(from.Addr().Unmap())
+		if a := ns.reply(buf[:n]); a != nil {
+			ns.conn.WriteToUDPAddrPort(a, from)
+		}
+	}
+}
+
+// reply answers one query: dnsName's A record, NXDOMAIN for other names,
+// no record for other types.
+func (ns *nameserver) reply(q []byte) []byte {
+	if len(q) < 12 || binary.BigEndian.Uint16(q[4:]) != 1 {
+		return nil
+	}
+	var labels []string
+	i := 12
+	for i < len(q) && q[i] != 0 {
+		n := int(q[i])
+		if n > 63 || i+1+n > len(q) {
+			return nil
+		}
+		labels = append(labels, string(q[i+1:i+1+n]))
+		i += 1 + n
+	}
+	if i+5 > len(q) {
+		return nil
+	}
+	qtype := binary.BigEndian.Uint16(q[i+1:])
+	a := append([]byte(nil), q[:i+5]...)
+	a[2] |= 0x84 // QR, AA
+	a[3] = 0x80  // RA
+	binary.BigEndian.PutUint16(a[6:], 0)
+	binary.BigEndian.PutUint16(a[10:], 0)
+	switch name := strings.ToLower(strings.Join(labels, ".")); {
+	case name != dnsName:
+		a[3] |= 3 // NXDOMAIN
+	case qtype == 1:
+		binary.BigEndian.PutUint16(a[6:], 1)
+		a = append(a, 0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4)
+		a = append(a, ns.answer.AsSlice()...)
+	}
+	return a
+}
+
+func (ns *nameserver) close() { ns.conn.Close() }
+
+// dnsDropIn: Istio's drop-in with DNS capture on, as Istio's injector
+// turns it on (ISTIO_META_DNS_CAPTURE=true on istio-init), in a pod whose
+// resolv.conf names the e2e's nameserver: the app's lookup of a Service
+// name is answered through the sidecar's DNS forwarder (its
+// sluice_dns_queries_total counts it) and the nameserver sees the query
+// come from the pod (the forwarder's, as the proxy, uncaptured).
+func (k *checker) dnsDropIn() (string, error) {
+	vip, err := netip.ParseAddr(k.ip["web-vip"])
+	if err != nil {
+		return "", fmt.Errorf("web's cluster IP %q (check 10 makes it): %v", k.ip["web-vip"], err)
+	}
+	ns, err := startNameserver(k.c.nodeIP, vip)
+	if err != nil {
+		return "", err
+	}
+	defer ns.close()
+	data, err := os.ReadFile(filepath.Join(k.c.repo, "deploy", "pod", "istio-drop-in.yaml"))
+	if err != nil {
+		return "", err
+	}
+	manifest := strings.ReplaceAll(string(data), "app-istio", "app-istio-dns")
+	if manifest, err = k.appCommand(manifest, "app-istio-dns"); err != nil {
+		return "", err
+	}
+	for _, edit := range []struct{ old, new string }{
+		// What Istio's injector sets for DNS proxying.
+		{"          env:\n", "          env:\n            - {name: ISTIO_META_DNS_CAPTURE, value: \"true\"}\n"},
+		{"      initContainers:\n", fmt.Sprintf("      dnsPolicy: None\n      dnsConfig: {nameservers: [%q], searches: [shop.svc.cluster.local]}\n      initContainers:\n", k.c.nodeIP)},
+		// The sidecar, a native one (an init container that keeps
+		// running), after the install, as dropIn adds it.
+		{"      containers:\n", `        - name: test-proxy
+          image: sluice:dev
+          imagePullPolicy: IfNotPresent
+          restartPolicy: Always
+          command: ["/sluice"]
+          args: ["run", "--metrics-addr", ":15090", "--log-format", "json"]
+          startupProbe:
+            httpGet: {path: /ready, port: 15090}
+            periodSeconds: 1
+            failureThreshold: 30
+          securityContext: {runAsUser: 1337, runAsGroup: 1337, runAsNonRoot: true, allowPrivilegeEscalation: false, readOnlyRootFilesystem: true, capabilities: {drop: ["ALL"]}}
+      containers:
+`},
+	} {
+		if strings.Count(manifest, edit.old) != 1 {
+			return "", fmt.Errorf("istio-drop-in.yaml: want one %q", edit.old)
+		}
+		manifest = strings.Replace(manifest, edit.old, edit.new, 1)
+	}
+	if err := k.apply("istio-dns", manifest); err != nil {
+		return "", err
+	}
+	pod, err := k.podOf("default", "app=app-istio-dns")
+	if err != nil {
+		k.c.sluiceReport(k.ctx, "app-istio-dns", []string{"istio-init", "test-proxy", "app"})
+		return "", err
+	}
+	ip, err := k.field("default", pod, "{.status.podIP}")
+	if err != nil {
+		return "", err
+	}
+	before := ns.queries.Load()
+	start := time.Now()
+	out, err := k.exec(pod, "app", "nslookup "+dnsName)
+	took := time.Since(start)
+	if err != nil || !strings.Contains(out, vip.String()) {
+		logs, _ := k.c.kubectl(k.ctx, "logs", pod, "-c", "test-proxy", "--tail", "20")
+		return "", fmt.Errorf("nslookup %s in the app: %v:\n%s\nthe sidecar's log ends:\n%s", dnsName, err, out, logs)
+	}
+	forwarded, err := metric(ip, 15090, "sluice_dns_queries_total")
+	if err != nil || forwarded == 0 {
+		return "", fmt.Errorf("the sidecar's forwarder counted %v queries (%v): the lookup did not go through it", forwarded, err)
+	}
+	last, _ := ns.last.Load().(netip.Addr)
+	if ns.queries.Load() == before || last.String() != ip {
+		return "", fmt.Errorf("the nameserver saw %d queries, the last from %v: want the pod's %s", ns.queries.Load()-before, last, ip)
+	}
+	return fmt.Sprintf("nslookup %s = %s in %v through the sidecar's forwarder (sluice_dns_queries_total %v); the nameserver saw the queries from the pod %s",
+		dnsName, vip, took.Round(time.Millisecond), forwarded, ip), nil
+}
