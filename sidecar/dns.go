@@ -1,6 +1,7 @@
 package sidecar
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -30,7 +31,7 @@ func (s *sidecar) startDNS(plan *loader.SidecarPlan) (string, error) {
 	upstreams := s.cfg.DNSUpstreams
 	if len(upstreams) == 0 {
 		var err error
-		if upstreams, err = dnsfwd.Nameservers(s.cfg.ResolvConf); err != nil {
+		if upstreams, err = dnsfwd.Nameservers(cmp.Or(s.cfg.ResolvConf, "/etc/resolv.conf")); err != nil {
 			return "", fmt.Errorf("the DNS forwarder's nameservers: %w (give --dns-upstreams)", err)
 		}
 	}

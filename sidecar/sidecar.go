@@ -41,7 +41,7 @@ type Config struct {
 	// DNSPort is where the DNS forwarder listens (UDP and TCP, 127.0.0.1
 	// and ::1); unless DNSPortSet, the install's DNS port, none without
 	// DNS capture. DNSUpstreams are where it forwards, by default the
-	// nameservers of ResolvConf.
+	// nameservers of ResolvConf (default /etc/resolv.conf).
 	DNSPort      uint16
 	DNSPortSet   bool
 	DNSUpstreams []netip.AddrPort
