@@ -135,8 +135,8 @@ bench-quick: build
 # (5 ms) while install read the pod's port range from /proc/sys, whose
 # lookup walks a dcache entry per network namespace on the node: it is read
 # from the kernel now (bpf/portrange.c). On 6.18.44-fc the resident install
-# takes 1.48 (34 ms, p90 55 ms) with 1,000-2,000 pods against 0.69-0.83 with
-# 40, the exec'd install staying at 0.68-0.79. Not the network
+# takes 1.46-1.70 (34 ms, p90 55 ms) with 1,000-2,000 pods against 0.59-0.83
+# with 40, the exec'd install staying at 0.68-0.88. Not the network
 # namespaces: a write to a map of maps takes 8 ms (median) with 0 or 1,000
 # of them on the host, 9 ms while 400 are torn down. The cause is not
 # found; MAX_NODE_RESIDENT_RATIO holds today's plus room until it is.

@@ -142,29 +142,6 @@ static __always_inline bool route_pick(__u32 pod, const struct addr6 *dst, __u16
 	return true;
 }
 
-/* sidecar_listening reports whether the sidecar's outbound listener exists
- * in the socket's network namespace (127.0.0.1 or ::1, or a wildcard). Only
- * fail-open asks: fail-closed needs no lookup, since a connect redirected to
- * a port nobody listens on is refused at once by loopback's reset. */
-static __always_inline bool sidecar_listening(struct bpf_sock_addr *ctx, const struct policy *pol, __u16 family)
-{
-	struct bpf_sock_tuple tuple = {};
-	struct bpf_sock *sk;
-	if (family == AF_INET) {
-		tuple.ipv4.saddr = tuple.ipv4.daddr = bpf_htonl(0x7f000001);
-		tuple.ipv4.dport = bpf_htons(pol->outbound_port);
-		sk = bpf_sk_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-	} else {
-		tuple.ipv6.saddr[3] = tuple.ipv6.daddr[3] = bpf_htonl(1);
-		tuple.ipv6.dport = bpf_htons(pol->outbound_port);
-		sk = bpf_sk_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
-	}
-	if (!sk)
-		return false;
-	bpf_sk_release(sk);
-	return true;
-}
-
 /* Global functions (not static, not inlined) are verified once, on their
  * own. Inlined, each would be verified again for every path the route pick
  * before or after it leaves open: forget_earlier_connect and bind_pod_addr
@@ -219,7 +196,11 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, __u32 pod, const s
 		return 0;
 	bool kernel_only = port_in(pod, slot, PORT_OUT_KERNEL_ONLY, port) ||
 			   cidr_match(&kernel_only_cidrs, pod, slot, dst, family);
-	if (!kernel_only && (pol->flags & CONFIG_FAIL_OPEN) && !sidecar_listening(ctx, pol, family)) {
+	/* Only fail-open asks whether the sidecar listens: a connect
+	 * redirected to a port nobody listens on is refused at once by
+	 * loopback's reset, which is fail-closed. */
+	if (!kernel_only && (pol->flags & CONFIG_FAIL_OPEN) &&
+	    !loopback_listening(ctx, pol->outbound_port, family == AF_INET6, true)) {
 		count(pod, COUNT_FAIL_OPEN_OUTBOUND);
 		return 0;
 	}

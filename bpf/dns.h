@@ -39,31 +39,6 @@ static __always_inline bool dns_query_to(const struct policy *pol, const struct 
 	return false;
 }
 
-/* dns_listening reports whether the sidecar listens on its DNS port, on
- * 127.0.0.1 (v6 false: IPv4 and v4-mapped queries) or ::1, for UDP or TCP. */
-static __always_inline bool dns_listening(struct bpf_sock_addr *ctx, __u16 dns_port, bool v6, bool tcp)
-{
-	struct bpf_sock_tuple tuple = {};
-	struct bpf_sock *sk;
-	__u32 size = sizeof(tuple.ipv4);
-	if (!v6) {
-		tuple.ipv4.saddr = tuple.ipv4.daddr = bpf_htonl(0x7f000001);
-		tuple.ipv4.dport = bpf_htons(dns_port);
-	} else {
-		tuple.ipv6.saddr[3] = tuple.ipv6.daddr[3] = bpf_htonl(1);
-		tuple.ipv6.dport = bpf_htons(dns_port);
-		size = sizeof(tuple.ipv6);
-	}
-	if (tcp)
-		sk = bpf_sk_lookup_tcp(ctx, &tuple, size, BPF_F_CURRENT_NETNS, 0);
-	else
-		sk = bpf_sk_lookup_udp(ctx, &tuple, size, BPF_F_CURRENT_NETNS, 0);
-	if (!sk)
-		return false;
-	bpf_sk_release(sk);
-	return true;
-}
-
 /* dns_fail applies the fail policy to a query with no DNS listener to take
  * it: 0 sends it on to the nameserver (fail open), -1 refuses it at once
  * with ECONNREFUSED, so the resolver moves on rather than waiting out its
@@ -88,7 +63,7 @@ static __always_inline int dns_udp(struct bpf_sock_addr *ctx, const struct addr6
 	const struct policy *pol = active_policy(pod, &slot);
 	if (!pol || !dns_query_to(pol, dst, port) || is_proxy(pol))
 		return 0;
-	if (!dns_listening(ctx, pol->dns_port, v6, false))
+	if (!loopback_listening(ctx, pol->dns_port, v6, false))
 		return dns_fail(pod, pol);
 	struct dns_state *st = bpf_sk_storage_get(&dns_states, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st) {
@@ -170,7 +145,7 @@ static __always_inline int dns_tcp(struct bpf_sock_addr *ctx, const struct addr6
 	if (!pol || ctx->type != SOCK_STREAM || (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_MPTCP) ||
 	    !dns_query_to(pol, dst, port) || is_proxy(pol))
 		return DNS_NOT_TAKEN;
-	if (!dns_listening(ctx, pol->dns_port, family == AF_INET6, true))
+	if (!loopback_listening(ctx, pol->dns_port, family == AF_INET6, true))
 		return dns_fail(pod, pol) < 0 ? DNS_REFUSED : DNS_NOT_TAKEN;
 	forget_earlier_connect(ctx, pod);
 	struct sock_state *st = subflow_state(pod, ctx->sk, BPF_SK_STORAGE_GET_F_CREATE);

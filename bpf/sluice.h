@@ -725,6 +725,33 @@ static __always_inline void count(__u32 pod, enum counter c)
 	count_n(pod, c, 1);
 }
 
+/* loopback_listening reports whether a socket of the caller's network
+ * namespace listens on port (TCP, or UDP) of 127.0.0.1 (v6 false: IPv4 and
+ * v4-mapped connects) or ::1, or of a wildcard: whether the sidecar is
+ * there to take what a hook would send it. */
+static __always_inline bool loopback_listening(struct bpf_sock_addr *ctx, __u16 port, bool v6, bool tcp)
+{
+	struct bpf_sock_tuple tuple = {};
+	struct bpf_sock *sk;
+	__u32 size = sizeof(tuple.ipv4);
+	if (!v6) {
+		tuple.ipv4.saddr = tuple.ipv4.daddr = bpf_htonl(0x7f000001);
+		tuple.ipv4.dport = bpf_htons(port);
+	} else {
+		tuple.ipv6.saddr[3] = tuple.ipv6.daddr[3] = bpf_htonl(1);
+		tuple.ipv6.dport = bpf_htons(port);
+		size = sizeof(tuple.ipv6);
+	}
+	if (tcp)
+		sk = bpf_sk_lookup_tcp(ctx, &tuple, size, BPF_F_CURRENT_NETNS, 0);
+	else
+		sk = bpf_sk_lookup_udp(ctx, &tuple, size, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return false;
+	bpf_sk_release(sk);
+	return true;
+}
+
 /* active_policy returns the pod's policy in force and its slot; NULL for
  * no pod (index 0, whose policy the loader never writes). */
 static __always_inline const struct policy *active_policy(__u32 pod, __u32 *slot)
