@@ -273,8 +273,10 @@ int sluice_connect4(struct bpf_sock_addr *ctx)
 {
 	/* DNS first (dns.c): UDP, and TCP to port 53, whatever -i, -x and
 	 * the ports say, as Istio's DNS rules come before its capture's. */
-	if (ctx->type == SOCK_DGRAM)
+	if (ctx->type == SOCK_DGRAM) {
+		dns_learn4(ctx);
 		return dns_udp4(ctx) ? 1 : 0;
+	}
 	if (ctx->user_port == bpf_htons(53)) {
 		int dns = dns_tcp4(ctx);
 		if (dns != DNS_NOT_TAKEN)
@@ -307,8 +309,10 @@ int sluice_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int sluice_connect6(struct bpf_sock_addr *ctx)
 {
-	if (ctx->type == SOCK_DGRAM)
+	if (ctx->type == SOCK_DGRAM) {
+		dns_learn6(ctx);
 		return dns_udp6(ctx) ? 1 : 0;
+	}
 	if (ctx->user_port == bpf_htons(53)) {
 		int dns = dns_tcp6(ctx);
 		if (dns != DNS_NOT_TAKEN)

@@ -128,6 +128,69 @@ __attribute__((noinline)) int dns_udp6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* dns_learn serves the DNS forwarder, which is to ask the nameserver the
+ * app asked: the forwarder (the proxy) connects a UDP socket to a query's
+ * source, the app's socket. That socket is found as a reply from the DNS
+ * port would find it, and the nameserver it asked is copied to the
+ * forwarder's socket, whose SO_ORIGINAL_DST then answers it (getsockopt.c).
+ * via_port 0: nothing comes from port 0, so no source is rewritten there. */
+static __always_inline void dns_learn(struct bpf_sock_addr *ctx, struct bpf_sock_tuple *tuple, __u32 size)
+{
+	__u32 pod = pod_of(bpf_get_netns_cookie(ctx)), slot;
+	const struct policy *pol = active_policy(pod, &slot);
+	if (!pol || !(pol->flags & CONFIG_REDIRECT_DNS) || !is_proxy(pol))
+		return;
+	if (size == sizeof(tuple->ipv4))
+		tuple->ipv4.sport = bpf_htons(pol->dns_port);
+	else
+		tuple->ipv6.sport = bpf_htons(pol->dns_port);
+	struct bpf_sock *app = bpf_sk_lookup_udp(ctx, tuple, size, BPF_F_CURRENT_NETNS, 0);
+	if (!app)
+		return;
+	struct dns_state *ast = bpf_sk_storage_get(&dns_states, app, 0, 0);
+	struct dns_state found = {};
+	if (ast && ast->via_port == pol->dns_port)
+		found = *ast;
+	bpf_sk_release(app);
+	if (!found.via_port)
+		return;
+	struct dns_state *own = bpf_sk_storage_get(&dns_states, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!own)
+		return;
+	own->orig = found.orig;
+	own->via_port = 0;
+}
+
+/* dns_learn4 and dns_learn6 are dns_learn for connect4 and connect6: the
+ * query came to the forwarder on 127.0.0.1 or ::1 from the address the
+ * forwarder connects to. */
+__attribute__((noinline)) int dns_learn4(struct bpf_sock_addr *ctx)
+{
+	if (!ctx)
+		return 0;
+	struct bpf_sock_tuple tuple = {};
+	tuple.ipv4.saddr = bpf_htonl(0x7f000001);
+	tuple.ipv4.daddr = ctx->user_ip4;
+	tuple.ipv4.dport = (__u16)ctx->user_port;
+	dns_learn(ctx, &tuple, sizeof(tuple.ipv4));
+	return 0;
+}
+
+__attribute__((noinline)) int dns_learn6(struct bpf_sock_addr *ctx)
+{
+	if (!ctx)
+		return 0;
+	struct bpf_sock_tuple tuple = {};
+	tuple.ipv6.saddr[3] = bpf_htonl(1);
+	tuple.ipv6.daddr[0] = ctx->user_ip6[0];
+	tuple.ipv6.daddr[1] = ctx->user_ip6[1];
+	tuple.ipv6.daddr[2] = ctx->user_ip6[2];
+	tuple.ipv6.daddr[3] = ctx->user_ip6[3];
+	tuple.ipv6.dport = (__u16)ctx->user_port;
+	dns_learn(ctx, &tuple, sizeof(tuple.ipv6));
+	return 0;
+}
+
 /* What dns_tcp4 and dns_tcp6 did with a TCP connect to port 53. */
 enum dns_tcp_verdict {
 	DNS_NOT_TAKEN = 0, /* no query to take (or fail open): capture decides */

@@ -8,9 +8,10 @@
 static __always_inline const struct orig_dst *app_orig(struct bpf_sock_addr *ctx)
 {
 	if (ctx->type == SOCK_DGRAM) {
-		/* A connected UDP socket whose queries go to the DNS port. */
+		/* A connected UDP socket whose queries go to the DNS port
+		 * (not the forwarder's, which learnt a nameserver: via_port 0). */
 		struct dns_state *dst = bpf_sk_storage_get(&dns_states, ctx->sk, 0, 0);
-		return dst ? &dst->orig : NULL;
+		return dst && dst->via_port ? &dst->orig : NULL;
 	}
 	struct sock_state *st = held_state(pod_of(bpf_get_netns_cookie(ctx)), ctx->sk);
 	if (!st || (st->role != ROLE_APP && st->role != ROLE_KERNEL_ONLY))

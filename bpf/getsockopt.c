@@ -2,9 +2,11 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* cgroup/getsockopt: answer SO_ORIGINAL_DST on the proxy's accepted socket
  * exactly as conntrack would, so Envoy, HAProxy and the built-in proxy need no
- * Sluice-specific API; and answer the built-in sidecar's SLUICE_PLAN. Every
- * other getsockopt passes through untouched. */
+ * Sluice-specific API; on the DNS forwarder's UDP socket connected to a
+ * query's source, the nameserver asked; and answer the built-in sidecar's
+ * SLUICE_PLAN. Every other getsockopt passes through untouched. */
 #include "sluice.h"
+#include "dns.h"
 
 /* inbound_orig is the original destination of a connection the inbound hook
  * steered: bpf_sk_assign keeps the SYN's destination, so it is the socket's
@@ -93,7 +95,7 @@ int sluice_getsockopt(struct bpf_sockopt *ctx)
 		goto pass;
 
 	struct bpf_sock *sk = ctx->sk;
-	if (!sk || (sk->protocol != IPPROTO_TCP && sk->protocol != IPPROTO_MPTCP))
+	if (!sk || (sk->protocol != IPPROTO_TCP && sk->protocol != IPPROTO_MPTCP && sk->protocol != IPPROTO_UDP))
 		goto pass;
 	__u32 pod = pod_of(bpf_get_netns_cookie(ctx)), slot;
 	const struct policy *pol = active_policy(pod, &slot);
@@ -102,11 +104,20 @@ int sluice_getsockopt(struct bpf_sockopt *ctx)
 
 	struct orig_dst inbound = {};
 	const struct orig_dst *orig = &inbound;
-	struct sock_state *st = held_state(pod, sk);
-	if (st && st->role == ROLE_ACCEPTED)
-		orig = &st->orig;
-	else if (!inbound_orig(pod, slot, pol, sk, &inbound))
-		goto pass;
+	if (sk->protocol == IPPROTO_UDP) {
+		/* The DNS forwarder's socket connected to a query's source
+		 * (dns_learn): the nameserver that query was sent to. */
+		struct dns_state *dst = bpf_sk_storage_get(&dns_states, sk, 0, 0);
+		if (!dst || dst->via_port)
+			goto pass;
+		orig = &dst->orig;
+	} else {
+		struct sock_state *st = held_state(pod, sk);
+		if (st && st->role == ROLE_ACCEPTED)
+			orig = &st->orig;
+		else if (!inbound_orig(pod, slot, pol, sk, &inbound))
+			goto pass;
+	}
 
 	/* Like conntrack, each level answers only for its own family. */
 	if (ctx->level == SOL_IP && orig->family == AF_INET && answer4(ctx, orig))

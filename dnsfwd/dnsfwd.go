@@ -1,8 +1,11 @@
 // Package dnsfwd is the sidecar's DNS forwarder: the port DNS capture sends
 // a pod's queries to (15053, Istio's). It passes each query, UDP or TCP, to
-// the pod's nameservers as it came and the answer back as it came, counting
-// queries and errors. It keeps no cache and reads no record: what it adds
-// is a place where a pod's DNS is seen, and one a mesh's DNS proxy can take.
+// the nameserver the app sent it to (the kernel keeps it: SO_ORIGINAL_DST)
+// as it came, and the answer back as it came, counting queries and errors;
+// a query the kernel has no record of (one sent to the forwarder itself)
+// goes to the pod's nameservers. It keeps no cache and reads no record:
+// what it adds is a place where a pod's DNS is seen, and one a mesh's DNS
+// proxy can take.
 package dnsfwd
 
 import (
@@ -34,11 +37,17 @@ const (
 // most an EDNS UDP answer may be.
 const maxMessage = 65535
 
-// Forwarder forwards queries to Upstreams, trying each in turn.
+// Forwarder forwards each query to the nameserver it was sent to, else to
+// Upstreams, trying each in turn.
 type Forwarder struct {
 	Upstreams []netip.AddrPort
 	Timeout   time.Duration // per nameserver tried; 0: 2 s
 	Logger    *slog.Logger
+	// UDPOrigin and TCPOrigin name the nameserver a UDP query from a
+	// source, or a TCP connection's queries, were sent to; an error when
+	// there is none to name. New sets the kernel's.
+	UDPOrigin func(source netip.AddrPort) (netip.AddrPort, error)
+	TCPOrigin func(c net.Conn) (netip.AddrPort, error)
 
 	queries  *prometheus.CounterVec
 	errors   *prometheus.CounterVec
@@ -47,7 +56,7 @@ type Forwarder struct {
 
 // New is a forwarder to upstreams; its metrics are Collectors'.
 func New(upstreams []netip.AddrPort, log *slog.Logger) *Forwarder {
-	f := &Forwarder{Upstreams: upstreams, Timeout: 2 * time.Second, Logger: log,
+	f := &Forwarder{Upstreams: upstreams, Timeout: 2 * time.Second, Logger: log, UDPOrigin: udpOrigin, TCPOrigin: tcpOrigin,
 		queries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sluice_dns_queries_total", Help: "DNS queries the sidecar's forwarder took, by protocol (udp, tcp).",
 		}, []string{"protocol"}),
@@ -115,7 +124,7 @@ func (f *Forwarder) ServeUDP(ctx context.Context, conn *net.UDPConn) error {
 		f.queries.WithLabelValues("udp").Inc()
 		query := append([]byte(nil), buf[:n]...)
 		go func() {
-			answer, reason := f.exchange(ctx, "udp", query)
+			answer, reason := f.exchange(ctx, "udp", query, origin(f.UDPOrigin, from))
 			if reason != "" {
 				f.errors.WithLabelValues("udp", reason).Inc()
 				if answer = servfail(query); answer == nil {
@@ -156,6 +165,7 @@ func (f *Forwarder) ServeTCP(ctx context.Context, ln net.Listener) error {
 }
 
 func (f *Forwarder) serveConn(ctx context.Context, c net.Conn) {
+	asked := origin(f.TCPOrigin, c)
 	r := bufio.NewReader(c)
 	for {
 		c.SetReadDeadline(time.Now().Add(30 * time.Second)) // an idle client's connection ends
@@ -168,7 +178,7 @@ func (f *Forwarder) serveConn(ctx context.Context, c net.Conn) {
 			f.errors.WithLabelValues("tcp", ReasonMalformed).Inc()
 			return
 		}
-		answer, reason := f.exchange(ctx, "tcp", query)
+		answer, reason := f.exchange(ctx, "tcp", query, asked)
 		if reason != "" {
 			f.errors.WithLabelValues("tcp", reason).Inc()
 			if answer = servfail(query); answer == nil {
@@ -181,14 +191,35 @@ func (f *Forwarder) serveConn(ctx context.Context, c net.Conn) {
 	}
 }
 
-// exchange asks the nameservers in turn, over proto, until one answers; the
-// answer, or why there is none.
-func (f *Forwarder) exchange(ctx context.Context, proto string, query []byte) ([]byte, string) {
+// origin is the nameserver lookup names for key: nil when it names none. DNS
+// capture takes port 53 only: another port named (a connection made to the
+// forwarder itself, which inbound capture may answer with the forwarder's
+// own address) is no nameserver asked.
+func origin[K any](lookup func(K) (netip.AddrPort, error), key K) []netip.AddrPort {
+	if lookup == nil {
+		return nil
+	}
+	asked, err := lookup(key)
+	if err != nil || asked.Port() != 53 {
+		return nil
+	}
+	return []netip.AddrPort{netip.AddrPortFrom(asked.Addr().Unmap(), asked.Port())}
+}
+
+// exchange asks the nameserver the query was sent to (asked) or, with none,
+// the upstreams in turn, over proto, until one answers; the answer, or why
+// there is none. Only the nameserver asked is asked: the app moves on to
+// its next one itself.
+func (f *Forwarder) exchange(ctx context.Context, proto string, query []byte, asked []netip.AddrPort) ([]byte, string) {
 	if len(query) < 12 {
 		return nil, ReasonMalformed
 	}
 	reason := ReasonUpstream
-	for _, up := range f.Upstreams {
+	upstreams := asked
+	if len(asked) == 0 {
+		upstreams = f.Upstreams
+	}
+	for _, up := range upstreams {
 		start := time.Now()
 		answer, err := f.ask(ctx, proto, up, query)
 		if err == nil {

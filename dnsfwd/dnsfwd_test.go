@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -236,4 +237,28 @@ func value(c prometheus.Counter) float64 {
 	var m dto.Metric
 	c.Write(&m)
 	return m.GetCounter().GetValue()
+}
+
+// The nameserver the kernel names is asked, not the upstreams; a port other
+// than 53, or no answer, leaves the upstreams.
+func TestOriginChoosesTheNameserverAsked(t *testing.T) {
+	ns := netip.MustParseAddrPort("198.18.0.53:53")
+	for _, c := range []struct {
+		named netip.AddrPort
+		err   error
+		want  []netip.AddrPort
+	}{
+		{ns, nil, []netip.AddrPort{ns}},
+		{netip.MustParseAddrPort("[::ffff:198.18.0.53]:53"), nil, []netip.AddrPort{ns}},
+		{netip.MustParseAddrPort("127.0.0.1:15053"), nil, nil},
+		{ns, os.ErrNotExist, nil},
+	} {
+		got := origin(func(string) (netip.AddrPort, error) { return c.named, c.err }, "query")
+		if !slices.Equal(got, c.want) {
+			t.Errorf("named %s (%v): ask %v, want %v", c.named, c.err, got, c.want)
+		}
+	}
+	if got := origin[string](nil, "query"); got != nil {
+		t.Errorf("no lookup: ask %v", got)
+	}
 }

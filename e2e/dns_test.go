@@ -34,6 +34,11 @@ var (
 
 const bigRecords = 40
 
+// where.test. is answered with the address the query came to: the
+// nameserver's IPv4 address, or whereV6 from its IPv6 one; which of the
+// nameserver's addresses a forwarder asked shows in the answer.
+var whereV6 = netip.MustParseAddr("198.18.77.66")
+
 // nameserver is the test's DNS server on the remote host, UDP and TCP on
 // port 53 of both its addresses, counting the queries it answers and
 // remembering the source of the last.
@@ -88,7 +93,7 @@ func (ns *nameserver) serveUDP(c *net.UDPConn) {
 			return
 		}
 		ns.saw(from)
-		if a := dnsAnswer(buf[:n], true); a != nil {
+		if a := dnsAnswer(buf[:n], true, c.LocalAddr().(*net.UDPAddr).AddrPort().Addr()); a != nil {
 			c.WriteToUDPAddrPort(a, from)
 		}
 	}
@@ -109,7 +114,7 @@ func (ns *nameserver) serveTCP(l net.Listener) {
 					return
 				}
 				ns.saw(netip.MustParseAddrPort(c.RemoteAddr().String()))
-				if a := dnsAnswer(q, false); a != nil {
+				if a := dnsAnswer(q, false, netip.MustParseAddrPort(l.Addr().String()).Addr()); a != nil {
 					writeDNSTCP(c, a)
 				}
 			}
@@ -130,9 +135,10 @@ func dnsQuery(id uint16, name string, qtype uint16) []byte {
 	return binary.BigEndian.AppendUint16(msg, 1)
 }
 
-// dnsAnswer answers a query the test nameserver knows (nil for no DNS
-// message): the question echoed, then the records by pointer to it.
-func dnsAnswer(q []byte, udp bool) []byte {
+// dnsAnswer answers a query the test nameserver knows, asked at its address
+// here (nil for no DNS message): the question echoed, then the records by
+// pointer to it.
+func dnsAnswer(q []byte, udp bool, here netip.Addr) []byte {
 	name, qtype, end, ok := dnsQuestion(q)
 	if !ok {
 		return nil
@@ -146,6 +152,10 @@ func dnsAnswer(q []byte, udp bool) []byte {
 		rdata = append(rdata, webA.AsSlice())
 	case name == "web.test" && qtype == 28:
 		rdata = append(rdata, webAAAA.AsSlice())
+	case name == "where.test" && qtype == 1 && here.Is4():
+		rdata = append(rdata, here.AsSlice())
+	case name == "where.test" && qtype == 1:
+		rdata = append(rdata, whereV6.AsSlice())
 	case name == "big.test" && qtype == 1 && udp:
 		a[2] |= 0x02 // TC: ask again over TCP
 	case name == "big.test" && qtype == 1:
@@ -349,9 +359,12 @@ func newDNSPod(t *testing.T, installArgs ...string) *dnsPod {
 	return p
 }
 
+// startForwarder starts the sidecar with its forwarder, whose upstream (for
+// a query the kernel has no nameserver of) is the nameserver's IPv4
+// address only.
 func (p *dnsPod) startForwarder(t *testing.T) {
 	t.Helper()
-	p.startSidecar(t, "--dns-upstreams", p.servers[0].String()+","+p.servers[1].String())
+	p.startSidecar(t, "--dns-upstreams", p.servers[0].String())
 	if _, err := p.sidecar.WaitFor("DNS forwarder", nil, 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
@@ -417,10 +430,44 @@ func TestDNSCapturedEveryWay(t *testing.T) {
 	}
 }
 
-// glibc's resolver (getaddrinfo, from Python) checks an answer's source
-// against the nameserver it asked: with /etc/resolv.conf naming the remote
-// nameserver, it resolves through the forwarder.
-func TestDNSCapturedGlibc(t *testing.T) {
+// The forwarder asks the nameserver the app asked, not its upstream: its
+// answer to where.test says which of the nameserver's addresses was asked.
+// With --capture-all-dns, a nameserver the install was not told of is
+// captured too.
+func TestDNSForwardsToTheNameserverAsked(t *testing.T) {
+	p := newDNSPod(t)
+	// The install now names the IPv4 address only: the IPv6 one is
+	// captured as any address is.
+	mustCLI(t, "install", "--cgroup", p.cgroup, "--netns", p.pod.Netns, "--redirect-dns", "--capture-all-dns",
+		"--dns-servers", p.host.Addr4.String())
+	p.startForwarder(t)
+	want := map[netip.AddrPort]string{p.servers[0]: p.host.Addr4.String(), p.servers[1]: whereV6.String()}
+	for _, server := range p.servers {
+		for _, mode := range []string{"go", "sendto", "sendto-dual", "tcp"} {
+			if mode == "sendto-dual" && server.Addr().Is6() {
+				continue
+			}
+			before := p.counters(t)["dns_redirected"]
+			res, err := p.ask(t, 1000, mode, server, "where.test")
+			if err != nil {
+				t.Fatalf("%s via %s: %v", mode, server, err)
+			}
+			if len(res.Addrs) != 1 || res.Addrs[0] != want[server] {
+				t.Errorf("%s via %s: answered %v, want %s (the nameserver asked answers)", mode, server, res.Addrs, want[server])
+			}
+			if p.counters(t)["dns_redirected"] == before {
+				t.Errorf("%s via %s: not redirected", mode, server)
+			}
+		}
+	}
+}
+
+// The C libraries' resolvers (getaddrinfo) check an answer's source against
+// the nameserver they asked: glibc's (from Python) over a connected UDP
+// socket, and musl's (a static binary built with musl-gcc), which sends to
+// its nameservers from one unconnected socket. With /etc/resolv.conf naming
+// the remote nameserver, both resolve through the forwarder.
+func TestDNSCapturedLibc(t *testing.T) {
 	p := newDNSPod(t)
 	p.startForwarder(t)
 	dir := worldReadableDir(t)
@@ -428,24 +475,34 @@ func TestDNSCapturedGlibc(t *testing.T) {
 	if err := os.WriteFile(conf, []byte("nameserver "+p.host.Addr4.String()+"\noptions attempts:1 timeout:2\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	script := fmt.Sprintf(`mount --bind %s /etc/resolv.conf && exec setpriv --reuid 1000 --regid 1000 --clear-groups /usr/bin/python3 -c 'import socket; print(" ".join(sorted({a[4][0] for a in socket.getaddrinfo("web.test", 80, socket.AF_INET)})))'`, conf)
-	cmd := exec.Command("sh", "-c", script)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
-	var out, errOut strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &errOut
-	before := p.ns.queries.Load()
-	redirected := p.counters(t)["dns_redirected"]
-	if err := p.pod.Start(cmd); err != nil {
-		t.Fatal(err)
+	musl := filepath.Join(dir, "musl-resolve")
+	if out, err := exec.Command("musl-gcc", "-static", "-O2", "-o", musl, "testdata/musl-resolve.c").CombinedOutput(); err != nil {
+		t.Fatalf("musl-gcc (musl-tools; scripts/deps.sh installs it): %v: %s", err, out)
 	}
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("getaddrinfo: %v: %s", err, errOut.String())
-	}
-	if got := strings.TrimSpace(out.String()); got != webA.String() {
-		t.Errorf("getaddrinfo(web.test) = %q, want %s", got, webA)
-	}
-	if p.ns.queries.Load() == before || p.counters(t)["dns_redirected"] == redirected {
-		t.Error("getaddrinfo's query did not go through the forwarder")
+	for _, c := range []struct{ libc, cmd string }{
+		{"glibc", `/usr/bin/python3 -c 'import socket; print(" ".join(sorted({a[4][0] for a in socket.getaddrinfo("web.test", 80, socket.AF_INET)})))'`},
+		{"musl", musl + " web.test"},
+	} {
+		script := fmt.Sprintf(`mount --bind %s /etc/resolv.conf && exec setpriv --reuid 1000 --regid 1000 --clear-groups %s`, conf, c.cmd)
+		cmd := exec.Command("sh", "-c", script)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
+		var out, errOut strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &errOut
+		before := p.ns.queries.Load()
+		redirected := p.counters(t)["dns_redirected"]
+		if err := p.pod.Start(cmd); err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Wait(); err != nil {
+			t.Errorf("%s's getaddrinfo: %v: %s", c.libc, err, errOut.String())
+			continue
+		}
+		if got := strings.TrimSpace(out.String()); got != webA.String() {
+			t.Errorf("%s's getaddrinfo(web.test) = %q, want %s", c.libc, got, webA)
+		}
+		if p.ns.queries.Load() == before || p.counters(t)["dns_redirected"] == redirected {
+			t.Errorf("%s's query did not go through the forwarder", c.libc)
+		}
 	}
 }
 

@@ -22,6 +22,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -238,15 +239,24 @@ func isLoop(dst, listen, local netip.AddrPort) bool {
 
 // OriginalDst returns where the client of a captured connection was going
 // before it was redirected, answered by conntrack (iptables REDIRECT) or by
-// Sluice's cgroup/getsockopt hook in exactly the same format.
-func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
+// Sluice's cgroup/getsockopt hook in exactly the same format. c is a TCP
+// connection, or the DNS forwarder's UDP socket connected to a query's
+// source (the nameserver that query was sent to).
+func OriginalDst(c interface {
+	syscall.Conn
+	LocalAddr() net.Addr
+}) (netip.AddrPort, error) {
+	local, err := netip.ParseAddrPort(c.LocalAddr().String())
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("the connection's local address: %w", err)
+	}
 	raw, err := c.SyscallConn()
 	if err != nil {
 		return netip.AddrPort{}, err
 	}
 	var dst netip.AddrPort
 	cerr := raw.Control(func(fd uintptr) {
-		dst, err = originalDst(int(fd), c.LocalAddr().(*net.TCPAddr).AddrPort())
+		dst, err = originalDst(int(fd), local)
 	})
 	return dst, errors.Join(cerr, err)
 }

@@ -17,7 +17,8 @@ import (
 const AnnotationPrefix = "sluice.dev/"
 
 // AnnotatedFlags are the flags a pod annotation may set.
-var AnnotatedFlags = []string{"splice", "kernel-only-ports", "kernel-only-cidrs", "kernel-only-inbound-ports", "offload-ports", "offload-inbound-ports", "resolve-services"}
+var AnnotatedFlags = []string{"splice", "kernel-only-ports", "kernel-only-cidrs", "kernel-only-inbound-ports", "offload-ports", "offload-inbound-ports", "resolve-services",
+	"redirect-dns", "capture-all-dns", "dns-servers", "dns-port"}
 
 // Annotations that say what to do with a pod rather than set a flag:
 // install reads past them.
@@ -95,6 +96,13 @@ func AnnotationPlan(ann map[string]string) (Plan, error) {
 		if err := fs.Set(kv[0], kv[1]); err != nil {
 			return Plan{}, fmt.Errorf("annotation %s%s=%q: %v", AnnotationPrefix, kv[0], kv[1], err)
 		}
+	}
+	if policy.RedirectDNS && !policy.CaptureAllDNS && len(policy.DNSServers) == 0 {
+		// The CNI plugin runs before the pod has a resolv.conf to read:
+		// with no nameservers named, every query to port 53 is the pod's,
+		// as Istio's CNI plugin has it. The forwarder still asks the
+		// nameserver each query was for.
+		policy.CaptureAllDNS = true
 	}
 	return policy.Plan()
 }

@@ -37,3 +37,39 @@ note="a \"quoted\" value\nwith a newline"
 		t.Errorf("a misspelt annotation: %v, want an error naming the known ones", err)
 	}
 }
+
+// DNS capture by annotation: with no nameservers named (the CNI plugin has
+// no resolv.conf to read), every query to port 53 is captured; named ones
+// keep capture to them.
+func TestAnnotationPlanDNS(t *testing.T) {
+	for _, c := range []struct {
+		ann        map[string]string
+		all        bool
+		servers    int
+		port       uint16
+		wantErrSub string
+	}{
+		{ann: map[string]string{"sluice.dev/redirect-dns": "true"}, all: true, port: DefaultDNSPort},
+		{ann: map[string]string{"sluice.dev/redirect-dns": "true", "sluice.dev/dns-servers": "198.18.0.10,2001:2::10"}, servers: 2, port: DefaultDNSPort},
+		{ann: map[string]string{"sluice.dev/redirect-dns": "true", "sluice.dev/dns-port": "15054"}, all: true, port: 15054},
+		{ann: map[string]string{"sluice.dev/dns-servers": "198.18.0.10"}},
+		{ann: map[string]string{"sluice.dev/capture-all-dns": "true"}, wantErrSub: "needs --redirect-dns"},
+		{ann: map[string]string{"sluice.dev/redirect-dns": "yes"}, wantErrSub: "sluice.dev/redirect-dns"},
+	} {
+		plan, err := AnnotationPlan(c.ann)
+		if c.wantErrSub != "" {
+			if err == nil || !strings.Contains(err.Error(), c.wantErrSub) {
+				t.Errorf("%v: %v, want an error naming %q", c.ann, err, c.wantErrSub)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%v: %v", c.ann, err)
+			continue
+		}
+		if plan.CaptureAllDNS != c.all || len(plan.DNSServers) != c.servers || plan.DNSPort != c.port {
+			t.Errorf("%v: capture all %v, servers %v, port %d; want %v, %d servers, port %d",
+				c.ann, plan.CaptureAllDNS, plan.DNSServers, plan.DNSPort, c.all, c.servers, c.port)
+		}
+	}
+}

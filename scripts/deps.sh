@@ -12,6 +12,8 @@
 #                            make e2e-k8s: the single-node cluster and its test image
 #   qemu-system-x86, xz-utils make test-kernel boots Debian's 6.1 and 6.12 kernels (with
 #                            busybox-static; 6.12's modules are xz'd)
+#   python3, musl-tools      DNS capture's tests resolve with glibc's getaddrinfo (from
+#                            Python) and musl's (a static binary musl-gcc builds)
 # and the Go modules. Idempotent: apt runs only for missing packages.
 set -euo pipefail
 
@@ -21,7 +23,7 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 pkgs=(clang clang-format llvm libbpf-dev bpftool haproxy iptables nftables iproute2 util-linux prometheus make
-	etcd-server containerd runc containernetworking-plugins busybox-static qemu-system-x86 xz-utils python3)
+	etcd-server containerd runc containernetworking-plugins busybox-static qemu-system-x86 xz-utils python3 musl-tools)
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -132,6 +132,7 @@ func (c *cluster) sluiceChecks(ctx context.Context, imgs images, t *timings) (*c
 		{"10. sluice.dev/resolve-services: Services resolved in the pod's kernel", k.servicesResolved},
 		{"10. sluice route rollout --httproute: gated steps, a failing canary rolled back", k.clusterRollout},
 		{"11. Istio drop-in with ISTIO_META_DNS_CAPTURE: a Service name resolved through the sidecar", k.dnsDropIn},
+		{"11. CNI pod annotated sluice.dev/redirect-dns: resolved through the injector's sidecar", k.dnsCNI},
 	}
 	for _, s := range steps {
 		if err := k.check(s.name, s.f); err != nil {

@@ -89,6 +89,81 @@ func (ns *nameserver) reply(q []byte) []byte {
 
 func (ns *nameserver) close() { ns.conn.Close() }
 
+// lookupThroughSidecar runs nslookup of dnsName in the pod's app container
+// and checks that the sidecar's forwarder answered it (vip) and that ns saw
+// the query come from the pod; it says what it saw.
+func (k *checker) lookupThroughSidecar(ns *nameserver, namespace, pod, sidecar string, vip netip.Addr) (string, error) {
+	ip, err := k.field(namespace, pod, "{.status.podIP}")
+	if err != nil {
+		return "", err
+	}
+	before := ns.queries.Load()
+	start := time.Now()
+	out, err := k.exec(namespace+"/"+pod, "app", "nslookup "+dnsName)
+	took := time.Since(start)
+	if err != nil || !strings.Contains(out, vip.String()) {
+		logs, _ := k.c.kubectl(k.ctx, "logs", "-n", namespace, pod, "-c", sidecar, "--tail", "20")
+		return "", fmt.Errorf("nslookup %s in %s/%s: %v:\n%s\nthe sidecar's log ends:\n%s", dnsName, namespace, pod, err, out, logs)
+	}
+	forwarded, err := metric(ip, 15090, "sluice_dns_queries_total")
+	if err != nil || forwarded == 0 {
+		return "", fmt.Errorf("the sidecar's forwarder counted %v queries (%v): the lookup did not go through it", forwarded, err)
+	}
+	last, _ := ns.last.Load().(netip.Addr)
+	if ns.queries.Load() == before || last.String() != ip {
+		return "", fmt.Errorf("the nameserver saw %d queries, the last from %v: want the pod's %s", ns.queries.Load()-before, last, ip)
+	}
+	return fmt.Sprintf("nslookup %s = %s in %v through the sidecar's forwarder (sluice_dns_queries_total %v); the nameserver saw the queries from the pod %s",
+		dnsName, vip, took.Round(time.Millisecond), forwarded, ip), nil
+}
+
+// dnsNameserver starts the e2e's nameserver, answering dnsName with web's
+// cluster IP.
+func (k *checker) dnsNameserver() (*nameserver, netip.Addr, error) {
+	vip, err := netip.ParseAddr(k.ip["web-vip"])
+	if err != nil {
+		return nil, vip, fmt.Errorf("web's cluster IP %q (check 10 makes it): %v", k.ip["web-vip"], err)
+	}
+	ns, err := startNameserver(k.c.nodeIP, vip)
+	return ns, vip, err
+}
+
+// dnsCNI: a pod in the injector's restricted namespace annotated
+// sluice.dev/redirect-dns (CNI mode: sluice-cni installs its capture, the
+// injector's sidecar serves the forwarder, no privilege in the pod), its
+// resolv.conf naming the e2e's nameserver, which the install was not told
+// of: the plugin captures every query to port 53, and the forwarder asks
+// the nameserver the app asked.
+func (k *checker) dnsCNI() (string, error) {
+	ns, vip, err := k.dnsNameserver()
+	if err != nil {
+		return "", err
+	}
+	defer ns.close()
+	manifest := k.sleeperManifest("dns-cni", `{sluice.dev/redirect-dns: "true"}`)
+	const spec = "      terminationGracePeriodSeconds: 1\n"
+	if strings.Count(manifest, spec) != 1 {
+		return "", fmt.Errorf("the sleeper's manifest: want one %q", spec)
+	}
+	manifest = strings.Replace(manifest, spec, spec+fmt.Sprintf("      dnsPolicy: None\n      dnsConfig: {nameservers: [%q]}\n", k.c.nodeIP), 1)
+	if err := k.apply("dns-cni", manifest); err != nil {
+		return "", err
+	}
+	pod, err := k.podOf(cniNS, "app=dns-cni")
+	if err != nil {
+		return "", err
+	}
+	names, err := k.containerNames(cniNS, pod)
+	if err != nil || names != "sluice-proxy / app" {
+		return "", fmt.Errorf("%s/%s has containers %q (%v), want the injector's sidecar and the app", cniNS, pod, names, err)
+	}
+	saw, err := k.lookupThroughSidecar(ns, cniNS, pod, "sluice-proxy", vip)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%s: containers %q; %s", pod, names, saw), nil
+}
+
 // dnsDropIn: Istio's drop-in with DNS capture on, as Istio's injector
 // turns it on (ISTIO_META_DNS_CAPTURE=true on istio-init), in a pod whose
 // resolv.conf names the e2e's nameserver: the app's lookup of a Service
@@ -96,11 +171,7 @@ func (ns *nameserver) close() { ns.conn.Close() }
 // sluice_dns_queries_total counts it) and the nameserver sees the query
 // come from the pod (the forwarder's, as the proxy, uncaptured).
 func (k *checker) dnsDropIn() (string, error) {
-	vip, err := netip.ParseAddr(k.ip["web-vip"])
-	if err != nil {
-		return "", fmt.Errorf("web's cluster IP %q (check 10 makes it): %v", k.ip["web-vip"], err)
-	}
-	ns, err := startNameserver(k.c.nodeIP, vip)
+	ns, vip, err := k.dnsNameserver()
 	if err != nil {
 		return "", err
 	}
@@ -146,26 +217,5 @@ func (k *checker) dnsDropIn() (string, error) {
 		k.c.sluiceReport(k.ctx, "app-istio-dns", []string{"istio-init", "test-proxy", "app"})
 		return "", err
 	}
-	ip, err := k.field("default", pod, "{.status.podIP}")
-	if err != nil {
-		return "", err
-	}
-	before := ns.queries.Load()
-	start := time.Now()
-	out, err := k.exec(pod, "app", "nslookup "+dnsName)
-	took := time.Since(start)
-	if err != nil || !strings.Contains(out, vip.String()) {
-		logs, _ := k.c.kubectl(k.ctx, "logs", pod, "-c", "test-proxy", "--tail", "20")
-		return "", fmt.Errorf("nslookup %s in the app: %v:\n%s\nthe sidecar's log ends:\n%s", dnsName, err, out, logs)
-	}
-	forwarded, err := metric(ip, 15090, "sluice_dns_queries_total")
-	if err != nil || forwarded == 0 {
-		return "", fmt.Errorf("the sidecar's forwarder counted %v queries (%v): the lookup did not go through it", forwarded, err)
-	}
-	last, _ := ns.last.Load().(netip.Addr)
-	if ns.queries.Load() == before || last.String() != ip {
-		return "", fmt.Errorf("the nameserver saw %d queries, the last from %v: want the pod's %s", ns.queries.Load()-before, last, ip)
-	}
-	return fmt.Sprintf("nslookup %s = %s in %v through the sidecar's forwarder (sluice_dns_queries_total %v); the nameserver saw the queries from the pod %s",
-		dnsName, vip, took.Round(time.Millisecond), forwarded, ip), nil
+	return k.lookupThroughSidecar(ns, "default", pod, "test-proxy", vip)
 }

@@ -37,7 +37,7 @@ trap 'rm -rf "$work"' EXIT
 # under emulation (glibc's DNS test needs Python, which the VM has not).
 # Splice's and offload's need sk_psock.msg_tot_len: 6.1 lacks it (install
 # refusing them there is a loader test), Debian's 6.12 has it.
-e2e='TestOutboundCaptureIPv4|TestOutboundCaptureIPv6|TestInboundCapture|TestFailClosed|TestFailOpen|TestFlowMetricsCountEveryFlow|TestCanarySplit|TestAgentCollectsGonePods|TestKilledInstallIsFinishedByRerun|TestAgentMovesPodsOntoItsBuild|TestKernelOnlyFlows|TestMPTCPIsCaptured|TestInboundNarrowLocalPortRange|TestForeignProxyIdentityOpensNoPin|TestDNSCapturedEveryWay|TestDNSFailPolicy'
+e2e='TestOutboundCaptureIPv4|TestOutboundCaptureIPv6|TestInboundCapture|TestFailClosed|TestFailOpen|TestFlowMetricsCountEveryFlow|TestCanarySplit|TestAgentCollectsGonePods|TestKilledInstallIsFinishedByRerun|TestAgentMovesPodsOntoItsBuild|TestKernelOnlyFlows|TestMPTCPIsCaptured|TestInboundNarrowLocalPortRange|TestForeignProxyIdentityOpensNoPin|TestDNSCapturedEveryWay|TestDNSFailPolicy|TestDNSForwardsToTheNameserverAsked'
 [[ "$kernel" == 6.1 ]] || e2e+='|TestSpliceIntact|TestSpliceSlowReaderBounded|TestOffloadIntact'
 e2e="^($e2e)\$"
 pkg=$(apt-cache depends "$meta" | awk '/Depends: linux-image-/ {print $2; exit}')
