@@ -15,17 +15,12 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/sluicemesh/sluice/internal/dnstest"
 )
 
-// query is a DNS query for name (type A, class IN) with id, RD set.
-func query(id uint16, name string) []byte {
-	msg := []byte{byte(id >> 8), byte(id), 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0}
-	for _, label := range strings.Split(name, ".") {
-		msg = append(msg, byte(len(label)))
-		msg = append(msg, label...)
-	}
-	return append(msg, 0, 0, 1, 0, 1)
-}
+// query is a DNS query for name (type A), RD set.
+func query(id uint16, name string) []byte { return dnstest.Query(id, name, dnstest.TypeA) }
 
 // nameserver is a fake upstream on loopback, UDP and TCP on one port: it
 // answers a query with the query, QR set and size bytes of padding after

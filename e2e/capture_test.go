@@ -68,7 +68,7 @@ func newCapturedPodIn(t *testing.T, containerPath []string, installArgs ...strin
 
 // newUncapturedPod is a pod and a server host with its echo servers, where
 // capture is yet to be installed on cgroup.
-func newUncapturedPod(t *testing.T, containerPath []string) *capturedPod {
+func newUncapturedPod(t testing.TB, containerPath []string) *capturedPod {
 	t.Helper()
 	privileged(t)
 	bed := testbed.Must(t)
@@ -98,7 +98,7 @@ func newUncapturedPod(t *testing.T, containerPath []string) *capturedPod {
 
 // startSidecar runs `sluice run` in the pod as root; it switches to uid
 // 1337 before it listens.
-func (c *capturedPod) startSidecar(t *testing.T, args ...string) {
+func (c *capturedPod) startSidecar(t testing.TB, args ...string) {
 	t.Helper()
 	l, err := c.pod.StartLogged(sluice(t, append([]string{"run", "--cgroup", c.cgroup, "--log-format", "json", "--log-level", "debug"}, args...)...))
 	if err != nil {

@@ -3,14 +3,13 @@ package e2e
 import (
 	"bufio"
 	"context"
-	"encoding/binary"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluicemesh/sluice/internal/dnstest"
 	"github.com/sluicemesh/sluice/internal/testbed"
 )
 
@@ -26,7 +26,8 @@ import (
 
 // The names the test nameserver knows: web.test. has one A and one AAAA;
 // big.test. has 40 A records, too many for a 512-byte UDP answer: over UDP
-// it answers truncated (TC), over TCP whole.
+// it answers truncated (TC) unless the query's EDNS takes more, over TCP
+// whole.
 var (
 	webA    = netip.MustParseAddr("198.18.77.7")
 	webAAAA = netip.MustParseAddr("2001:2::77")
@@ -48,7 +49,7 @@ type nameserver struct {
 	last    netip.AddrPort
 }
 
-func startNameserver(t *testing.T, host *testbed.Host) *nameserver {
+func startNameserver(t testing.TB, host *testbed.Host) *nameserver {
 	t.Helper()
 	ns := &nameserver{}
 	for _, a := range []netip.Addr{host.Addr4, host.Addr6} {
@@ -109,131 +110,47 @@ func (ns *nameserver) serveTCP(l net.Listener) {
 			defer c.Close()
 			r := bufio.NewReader(c)
 			for {
-				q, err := readDNSTCP(r)
+				q, err := dnstest.ReadTCP(r)
 				if err != nil {
 					return
 				}
 				ns.saw(netip.MustParseAddrPort(c.RemoteAddr().String()))
 				if a := dnsAnswer(q, false, netip.MustParseAddrPort(l.Addr().String()).Addr()); a != nil {
-					writeDNSTCP(c, a)
+					dnstest.WriteTCP(c, a)
 				}
 			}
 		}()
 	}
 }
 
-// dnsQuery is a query for name (type A or AAAA), RD set.
-func dnsQuery(id uint16, name string, qtype uint16) []byte {
-	msg := binary.BigEndian.AppendUint16(nil, id)
-	msg = append(msg, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0)
-	for _, label := range strings.Split(strings.TrimSuffix(name, "."), ".") {
-		msg = append(msg, byte(len(label)))
-		msg = append(msg, label...)
-	}
-	msg = append(msg, 0)
-	msg = binary.BigEndian.AppendUint16(msg, qtype)
-	return binary.BigEndian.AppendUint16(msg, 1)
-}
-
 // dnsAnswer answers a query the test nameserver knows, asked at its address
-// here (nil for no DNS message): the question echoed, then the records by
-// pointer to it.
+// here (nil for no DNS message).
 func dnsAnswer(q []byte, udp bool, here netip.Addr) []byte {
-	name, qtype, end, ok := dnsQuestion(q)
+	name, qtype, _, ok := dnstest.Question(q)
 	if !ok {
 		return nil
 	}
-	a := append([]byte(nil), q[:end]...)
-	a[2] |= 0x84 // QR, AA
-	a[3] = 0x80  // RA, NOERROR
-	var rdata [][]byte
 	switch {
-	case name == "web.test" && qtype == 1:
-		rdata = append(rdata, webA.AsSlice())
-	case name == "web.test" && qtype == 28:
-		rdata = append(rdata, webAAAA.AsSlice())
-	case name == "where.test" && qtype == 1 && here.Is4():
-		rdata = append(rdata, here.AsSlice())
-	case name == "where.test" && qtype == 1:
-		rdata = append(rdata, whereV6.AsSlice())
-	case name == "big.test" && qtype == 1 && udp:
-		a[2] |= 0x02 // TC: ask again over TCP
-	case name == "big.test" && qtype == 1:
+	case name == "web.test" && qtype == dnstest.TypeA:
+		return dnstest.Answer(q, dnstest.RcodeNoError, false, webA.AsSlice())
+	case name == "web.test" && qtype == dnstest.TypeAAAA:
+		return dnstest.Answer(q, dnstest.RcodeNoError, false, webAAAA.AsSlice())
+	case name == "where.test" && qtype == dnstest.TypeA && here.Is4():
+		return dnstest.Answer(q, dnstest.RcodeNoError, false, here.AsSlice())
+	case name == "where.test" && qtype == dnstest.TypeA:
+		return dnstest.Answer(q, dnstest.RcodeNoError, false, whereV6.AsSlice())
+	case name == "big.test" && qtype == dnstest.TypeA:
+		var rdata [][]byte
 		for i := range bigRecords {
 			rdata = append(rdata, []byte{198, 18, 78, byte(i + 1)})
 		}
-	default:
-		a[3] |= 3 // NXDOMAIN
-	}
-	binary.BigEndian.PutUint16(a[6:], uint16(len(rdata)))
-	for _, rd := range rdata {
-		a = append(a, 0xc0, 12) // the question's name
-		a = binary.BigEndian.AppendUint16(a, qtype)
-		a = append(a, 0, 1, 0, 0, 0, 30)
-		a = binary.BigEndian.AppendUint16(a, uint16(len(rd)))
-		a = append(a, rd...)
-	}
-	return a
-}
-
-// dnsQuestion reads a message's one question: its name, type and where it
-// ends.
-func dnsQuestion(m []byte) (name string, qtype uint16, end int, ok bool) {
-	if len(m) < 12 || binary.BigEndian.Uint16(m[4:]) != 1 {
-		return "", 0, 0, false
-	}
-	var labels []string
-	i := 12
-	for i < len(m) && m[i] != 0 {
-		n := int(m[i])
-		if n > 63 || i+1+n > len(m) {
-			return "", 0, 0, false
+		a := dnstest.Answer(q, dnstest.RcodeNoError, false, rdata...)
+		if udp && len(a) > int(dnstest.EDNSSize(q)) {
+			return dnstest.Answer(q, dnstest.RcodeNoError, true) // ask again over TCP
 		}
-		labels = append(labels, string(m[i+1:i+1+n]))
-		i += 1 + n
+		return a
 	}
-	if i+5 > len(m) {
-		return "", 0, 0, false
-	}
-	return strings.Join(labels, "."), binary.BigEndian.Uint16(m[i+1:]), i + 5, true
-}
-
-// dnsRecords are the addresses in an answer's records, and whether it was
-// truncated.
-func dnsRecords(m []byte) (addrs []netip.Addr, truncated bool, err error) {
-	_, _, i, ok := dnsQuestion(m)
-	if !ok {
-		return nil, false, fmt.Errorf("no DNS answer: %x", m)
-	}
-	if m[3]&0x0f != 0 {
-		return nil, false, fmt.Errorf("answer code %d", m[3]&0x0f)
-	}
-	for range binary.BigEndian.Uint16(m[6:]) {
-		if i+12 > len(m) || m[i] != 0xc0 {
-			return nil, false, fmt.Errorf("a record this test does not write: %x", m[i:])
-		}
-		n := int(binary.BigEndian.Uint16(m[i+10:]))
-		if a, ok := netip.AddrFromSlice(m[i+12 : i+12+n]); ok {
-			addrs = append(addrs, a)
-		}
-		i += 12 + n
-	}
-	return addrs, m[2]&0x02 != 0, nil
-}
-
-func readDNSTCP(r io.Reader) ([]byte, error) {
-	var n uint16
-	if err := binary.Read(r, binary.BigEndian, &n); err != nil {
-		return nil, err
-	}
-	m := make([]byte, n)
-	_, err := io.ReadFull(r, m)
-	return m, err
-}
-
-func writeDNSTCP(w io.Writer, m []byte) error {
-	_, err := w.Write(append(binary.BigEndian.AppendUint16(nil, uint16(len(m))), m...))
-	return err
+	return dnstest.Answer(q, dnstest.RcodeNXDomain, false)
 }
 
 // dnsResult is what the resolve helper saw.
@@ -252,14 +169,18 @@ type dnsResult struct {
 //   - sendto-dual: the same from a dual-stack IPv6 socket, an IPv4
 //     nameserver as a v4-mapped address;
 //   - tcp: over TCP; the connection's peer is reported;
-//   - udp-then-tcp: UDP first, and over TCP if the answer is truncated.
+//   - udp-then-tcp: UDP first, and over TCP if the answer is truncated;
+//   - edns: sendto as above, the query over 512 bytes (EDNS padding) and
+//     taking a 4096-byte answer;
+//   - repeat: COUNT queries in turn from one unconnected socket, each
+//     answered by the nameserver asked; Took is the loop's.
 //
-// args: mode nameserver name
+// args: mode nameserver name [COUNT]
 func resolve(args []string) (any, error) {
 	mode, server, name := args[0], netip.MustParseAddrPort(args[1]), args[2]
-	qtype := uint16(1)
+	qtype := uint16(dnstest.TypeA)
 	if n, ok := strings.CutSuffix(name, "/6"); ok {
-		name, qtype = n, 28
+		name, qtype = n, dnstest.TypeAAAA
 	}
 	start := time.Now()
 	var res dnsResult
@@ -273,7 +194,7 @@ func resolve(args []string) (any, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		network := "ip4"
-		if qtype == 28 {
+		if qtype == dnstest.TypeAAAA {
 			network = "ip6"
 		}
 		ips, err := r.LookupNetIP(ctx, network, name)
@@ -282,7 +203,34 @@ func resolve(args []string) (any, error) {
 		}
 		res.Took = time.Since(start)
 		return res, err
-	case "sendto", "sendto-dual", "udp-then-tcp":
+	case "repeat":
+		count, err := strconv.Atoi(args[3])
+		if err != nil {
+			return res, err
+		}
+		c, err := net.ListenUDP("udp", nil)
+		if err != nil {
+			return res, err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(time.Minute))
+		buf := make([]byte, 65535)
+		start := time.Now()
+		for i := range count {
+			if _, err := c.WriteToUDPAddrPort(dnstest.Query(uint16(i), name, qtype), server); err != nil {
+				return res, err
+			}
+			n, from, err := c.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return res, fmt.Errorf("query %d: %w", i, err)
+			}
+			if addrs, _, err := dnstest.Records(buf[:n]); err != nil || len(addrs) == 0 || netip.AddrPortFrom(from.Addr().Unmap(), from.Port()) != server {
+				return res, fmt.Errorf("query %d: answered %v from %s (%v)", i, addrs, from, err)
+			}
+		}
+		res.Took = time.Since(start)
+		return res, nil
+	case "sendto", "sendto-dual", "udp-then-tcp", "edns":
 		network := "udp4"
 		if server.Addr().Is6() {
 			network = "udp6"
@@ -296,7 +244,11 @@ func resolve(args []string) (any, error) {
 		}
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(10 * time.Second))
-		if _, err := c.WriteToUDPAddrPort(dnsQuery(0x5151, name, qtype), server); err != nil {
+		q := dnstest.Query(0x5151, name, qtype)
+		if mode == "edns" {
+			q = dnstest.QueryEDNS(0x5151, name, qtype, 4096, 600)
+		}
+		if _, err := c.WriteToUDPAddrPort(q, server); err != nil {
 			res.Took = time.Since(start)
 			return res, err
 		}
@@ -306,8 +258,8 @@ func resolve(args []string) (any, error) {
 			return res, err
 		}
 		res.From = netip.AddrPortFrom(from.Addr().Unmap(), from.Port()).String()
-		addrs, truncated, err := dnsRecords(buf[:n])
-		if err != nil || !truncated || mode == "sendto" {
+		addrs, truncated, err := dnstest.Records(buf[:n])
+		if err != nil || !truncated || mode == "sendto" || mode == "edns" {
 			for _, a := range addrs {
 				res.Addrs = append(res.Addrs, a.String())
 			}
@@ -322,20 +274,20 @@ func resolve(args []string) (any, error) {
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(10 * time.Second))
 		res.From = c.RemoteAddr().String()
-		if err := writeDNSTCP(c, dnsQuery(0x5152, name, qtype)); err != nil {
+		if err := dnstest.WriteTCP(c, dnstest.Query(0x5152, name, qtype)); err != nil {
 			return res, err
 		}
-		m, err := readDNSTCP(c)
+		m, err := dnstest.ReadTCP(c)
 		if err != nil {
 			return res, err
 		}
-		addrs, _, err := dnsRecords(m)
+		addrs, _, err := dnstest.Records(m)
 		for _, a := range addrs {
 			res.Addrs = append(res.Addrs, a.String())
 		}
 		return res, err
 	}
-	return res, fmt.Errorf("mode %q: want go, sendto, tcp or udp-then-tcp", mode)
+	return res, fmt.Errorf("mode %q: want go, sendto, sendto-dual, tcp, udp-then-tcp, edns or repeat", mode)
 }
 
 // dnsPod is a captured pod with DNS capture on for the remote host's
@@ -347,7 +299,7 @@ type dnsPod struct {
 	servers []netip.AddrPort
 }
 
-func newDNSPod(t *testing.T, installArgs ...string) *dnsPod {
+func newDNSPod(t testing.TB, installArgs ...string) *dnsPod {
 	t.Helper()
 	c := newUncapturedPod(t, nil)
 	p := &dnsPod{capturedPod: c, servers: []netip.AddrPort{netip.AddrPortFrom(c.host.Addr4, 53), netip.AddrPortFrom(c.host.Addr6, 53)}}
@@ -362,7 +314,7 @@ func newDNSPod(t *testing.T, installArgs ...string) *dnsPod {
 // startForwarder starts the sidecar with its forwarder, whose upstream (for
 // a query the kernel has no nameserver of) is the nameserver's IPv4
 // address only.
-func (p *dnsPod) startForwarder(t *testing.T) {
+func (p *dnsPod) startForwarder(t testing.TB) {
 	t.Helper()
 	p.startSidecar(t, "--dns-upstreams", p.servers[0].String())
 	if _, err := p.sidecar.WaitFor("DNS forwarder", nil, 5*time.Second); err != nil {
@@ -371,14 +323,14 @@ func (p *dnsPod) startForwarder(t *testing.T) {
 }
 
 // ask runs the resolve helper in the pod as uid.
-func (p *dnsPod) ask(t *testing.T, uid int, mode string, server netip.AddrPort, name string) (dnsResult, error) {
+func (p *dnsPod) ask(t testing.TB, uid int, mode string, server netip.AddrPort, name string, more ...string) (dnsResult, error) {
 	t.Helper()
 	var res dnsResult
-	err := runHelper(t, p.pod, helper(t, "resolve", mode, server.String(), name), uid, &res)
+	err := runHelper(t, p.pod, helper(t, "resolve", append([]string{mode, server.String(), name}, more...)...), uid, &res)
 	return res, err
 }
 
-func (p *dnsPod) counters(t *testing.T) map[string]uint64 {
+func (p *dnsPod) counters(t testing.TB) map[string]uint64 {
 	return statusJSON(t, p.cgroup).Counters
 }
 
@@ -420,6 +372,13 @@ func TestDNSCapturedEveryWay(t *testing.T) {
 	}
 	if from := p.ns.lastSource().Addr(); from != p.pod.Addr4 {
 		t.Errorf("the nameserver saw the last query from %s, want the pod's %s", from, p.pod.Addr4)
+	}
+	for _, server := range p.servers {
+		res, err = p.ask(t, 1000, "edns", server, "big.test")
+		if err != nil || len(res.Addrs) != bigRecords || res.From != server.String() {
+			t.Errorf("a query of over 512 bytes via %s (EDNS): %d records from %s (%v), want %d in one UDP answer from the nameserver",
+				server, len(res.Addrs), res.From, err, bigRecords)
+		}
 	}
 	m := p.scrapeSidecar(t, 15090)
 	if n := sample(m, "sluice_dns_queries_total", map[string]string{"protocol": "udp"}); n < 6 {
@@ -562,4 +521,34 @@ func TestDNSFailPolicy(t *testing.T) {
 			t.Errorf("fail-open via %s: not counted", server)
 		}
 	}
+}
+
+// BenchmarkDNSForwarder measures a UDP query's round trip through DNS
+// capture and the sidecar's forwarder (which learns the nameserver asked
+// from the kernel, and asks it) against the same queries sent straight to
+// the nameserver by the proxy identity, uncaptured, in one pod and one run:
+// forwarder/direct is the ratio of their times per query.
+//
+//	go test -tags demo -run '^$' -bench DNSForwarder -benchtime 2000x ./e2e
+func BenchmarkDNSForwarder(b *testing.B) {
+	p := newDNSPod(b)
+	p.startForwarder(b)
+	per := map[string]time.Duration{}
+	for _, c := range []struct {
+		name string
+		uid  int
+	}{{"direct", 1337}, {"forwarder", 1000}} {
+		before := p.counters(b)["dns_redirected"]
+		res, err := p.ask(b, c.uid, "repeat", p.servers[0], "web.test", strconv.Itoa(b.N))
+		if err != nil {
+			b.Fatalf("%s: %v", c.name, err)
+		}
+		if redirected := p.counters(b)["dns_redirected"] - before; (redirected > 0) != (c.name == "forwarder") {
+			b.Fatalf("%s: %d queries redirected", c.name, redirected)
+		}
+		per[c.name] = res.Took / time.Duration(b.N)
+	}
+	b.ReportMetric(float64(per["direct"].Nanoseconds())/1e3, "direct_us/query")
+	b.ReportMetric(float64(per["forwarder"].Nanoseconds())/1e3, "forwarder_us/query")
+	b.ReportMetric(float64(per["forwarder"])/float64(per["direct"]), "forwarder/direct")
 }

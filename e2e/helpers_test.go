@@ -81,7 +81,7 @@ func helper(t testing.TB, role string, args ...string) *exec.Cmd {
 
 // runHelper runs a helper command in the pod, as uid:gid unless uid is
 // negative, and decodes its result into v.
-func runHelper(t *testing.T, pod *testbed.Pod, cmd *exec.Cmd, uid int, v any) error {
+func runHelper(t testing.TB, pod *testbed.Pod, cmd *exec.Cmd, uid int, v any) error {
 	t.Helper()
 	if uid >= 0 {
 		cmd.Path = testbed.WorldExecutable(t)

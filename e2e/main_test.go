@@ -117,11 +117,11 @@ func scaled(d time.Duration) time.Duration {
 	return d
 }
 
-func privileged(t *testing.T) { testbed.RequirePrivileged(t) }
+func privileged(t testing.TB) { testbed.RequirePrivileged(t) }
 
 // statusJSON is the pod's install as status --json reports it; the exit
 // code must agree with what it says.
-func statusJSON(t *testing.T, cgroup string) loader.State {
+func statusJSON(t testing.TB, cgroup string) loader.State {
 	t.Helper()
 	res := testbed.Run(t, sluice(t, "status", "--cgroup", cgroup, "--json"))
 	var s loader.State

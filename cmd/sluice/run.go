@@ -37,11 +37,13 @@ Istio's Envoy); never one a node CPU, since a sidecar is in every pod.
 
 With DNS capture (install --redirect-dns) it also serves the DNS forwarder
 on the install's DNS port (15053 by default, Istio's), UDP and TCP on
-127.0.0.1 and ::1: each query goes as it came to the nameservers of
---resolv-conf in turn (the pod's own, which it shares) and the answer back,
-counted in sluice_dns_queries_total and sluice_dns_errors_total; a query no
-nameserver answers gets SERVFAIL at once. Any DNS server listening there as
-the proxy identity (Istio's agent) does the same job.
+127.0.0.1 and ::1: each query goes as it came to the nameserver the app
+sent it to (the kernel names it) and the answer back, counted in
+sluice_dns_queries_total and sluice_dns_errors_total; a query sent to the
+forwarder itself goes to the nameservers of --resolv-conf in turn (the
+pod's own, which it shares). A query its nameserver does not answer gets
+SERVFAIL at once. Any DNS server listening there as the proxy identity
+(Istio's agent) does the same job.
 
 It also offloads the connections the install names (--offload-ports,
 --offload-inbound-ports, or their sluice.dev/ annotations): once it has
@@ -134,7 +136,7 @@ func runFlags(fs *flag.FlagSet) (cfg *sidecar.Config, logFormat, logLevel *strin
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", ":15090", "where to serve the sidecar's /metrics; empty: nowhere")
 	fs.Var(redirect.PortFlag(&cfg.DNSPort), "dns-port", "serve the DNS forwarder here, UDP and TCP on 127.0.0.1 and ::1 (default: the port the install's\n"+
 		"--redirect-dns sends the pod's queries to; none without it)")
-	fs.Func("dns-upstreams", "where the DNS forwarder sends the queries, ADDRESS:PORT,... (default: the nameservers of --resolv-conf)", func(s string) error {
+	fs.Func("dns-upstreams", "where the DNS forwarder sends a query the kernel names no nameserver for, ADDRESS:PORT,... (default: the nameservers of --resolv-conf)", func(s string) error {
 		cfg.DNSUpstreams = nil
 		for _, w := range strings.Split(s, ",") {
 			ap, err := netip.ParseAddrPort(strings.TrimSpace(w))
@@ -145,7 +147,7 @@ func runFlags(fs *flag.FlagSet) (cfg *sidecar.Config, logFormat, logLevel *strin
 		}
 		return nil
 	})
-	fs.StringVar(&cfg.ResolvConf, "resolv-conf", "/etc/resolv.conf", "the resolv.conf whose nameservers the DNS forwarder asks")
+	fs.StringVar(&cfg.ResolvConf, "resolv-conf", "/etc/resolv.conf", "the resolv.conf whose nameservers the DNS forwarder asks when the kernel names none")
 	fs.BoolVar(&cfg.RequireCapture, "require-capture", false, "/ready fails while the pod's capture does not answer (CNI mode: a pod the plugin did not capture never\nbecomes ready, and its app never starts)")
 	return cfg, logFormat, logLevel
 }

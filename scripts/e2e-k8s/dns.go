@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
@@ -10,6 +9,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/sluicemesh/sluice/internal/dnstest"
 )
 
 // dnsName is the Service name the e2e's nameserver answers, with web's
@@ -54,37 +55,16 @@ func (ns *nameserver) serve() {
 // reply answers one query: dnsName's A record, NXDOMAIN for other names,
 // no record for other types.
 func (ns *nameserver) reply(q []byte) []byte {
-	if len(q) < 12 || binary.BigEndian.Uint16(q[4:]) != 1 {
+	name, qtype, _, ok := dnstest.Question(q)
+	switch {
+	case !ok:
 		return nil
-	}
-	var labels []string
-	i := 12
-	for i < len(q) && q[i] != 0 {
-		n := int(q[i])
-		if n > 63 || i+1+n > len(q) {
-			return nil
-		}
-		labels = append(labels, string(q[i+1:i+1+n]))
-		i += 1 + n
-	}
-	if i+5 > len(q) {
-		return nil
-	}
-	qtype := binary.BigEndian.Uint16(q[i+1:])
-	a := append([]byte(nil), q[:i+5]...)
-	a[2] |= 0x84 // QR, AA
-	a[3] = 0x80  // RA
-	binary.BigEndian.PutUint16(a[6:], 0)
-	binary.BigEndian.PutUint16(a[10:], 0)
-	switch name := strings.ToLower(strings.Join(labels, ".")); {
 	case name != dnsName:
-		a[3] |= 3 // NXDOMAIN
-	case qtype == 1:
-		binary.BigEndian.PutUint16(a[6:], 1)
-		a = append(a, 0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4)
-		a = append(a, ns.answer.AsSlice()...)
+		return dnstest.Answer(q, dnstest.RcodeNXDomain, false)
+	case qtype == dnstest.TypeA:
+		return dnstest.Answer(q, dnstest.RcodeNoError, false, ns.answer.AsSlice())
 	}
-	return a
+	return dnstest.Answer(q, dnstest.RcodeNoError, false)
 }
 
 func (ns *nameserver) close() { ns.conn.Close() }
