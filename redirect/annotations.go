@@ -93,8 +93,8 @@ func AnnotationPlan(ann map[string]string) (Plan, error) {
 	policy := DefaultPolicy()
 	policy.RegisterFlags(fs)
 	for _, kv := range settings {
-		if err := fs.Set(kv[0], kv[1]); err != nil {
-			return Plan{}, fmt.Errorf("annotation %s%s=%q: %v", AnnotationPrefix, kv[0], kv[1], err)
+		if err := SetAnnotated(fs, kv[0], kv[1]); err != nil {
+			return Plan{}, err
 		}
 	}
 	if policy.RedirectDNS && !policy.CaptureAllDNS && len(policy.DNSServers) == 0 {
@@ -105,4 +105,20 @@ func AnnotationPlan(ann map[string]string) (Plan, error) {
 		policy.CaptureAllDNS = true
 	}
 	return policy.Plan()
+}
+
+// SetAnnotated sets flag name of fs to the value of its sluice.dev/
+// annotation; the error names the annotation, and for a switch the values
+// it takes (the flag package says only "parse error").
+func SetAnnotated(fs *flag.FlagSet, name, value string) error {
+	err := fs.Set(name, value)
+	if err == nil {
+		return nil
+	}
+	if f := fs.Lookup(name); f != nil {
+		if b, ok := f.Value.(interface{ IsBoolFlag() bool }); ok && b.IsBoolFlag() {
+			return fmt.Errorf("annotation %s%s=%q: want \"true\" or \"false\"", AnnotationPrefix, name, value)
+		}
+	}
+	return fmt.Errorf("annotation %s%s=%q: %v", AnnotationPrefix, name, value, err)
 }

@@ -54,7 +54,7 @@ func TestAnnotationPlanDNS(t *testing.T) {
 		{ann: map[string]string{"sluice.dev/redirect-dns": "true", "sluice.dev/dns-port": "15054"}, all: true, port: 15054},
 		{ann: map[string]string{"sluice.dev/dns-servers": "198.18.0.10"}},
 		{ann: map[string]string{"sluice.dev/capture-all-dns": "true"}, wantErrSub: "needs --redirect-dns"},
-		{ann: map[string]string{"sluice.dev/redirect-dns": "yes"}, wantErrSub: "sluice.dev/redirect-dns"},
+		{ann: map[string]string{"sluice.dev/redirect-dns": "yes"}, wantErrSub: `sluice.dev/redirect-dns="yes": want "true" or "false"`},
 	} {
 		plan, err := AnnotationPlan(c.ann)
 		if c.wantErrSub != "" {

@@ -121,8 +121,8 @@ func applyAnnotations(fs *flag.FlagSet, file string) error {
 		if given[kv[0]] {
 			continue
 		}
-		if err := fs.Set(kv[0], kv[1]); err != nil {
-			return usageError{fmt.Sprintf("annotation %s%s=%q: %v: fix the pod's annotation", redirect.AnnotationPrefix, kv[0], kv[1], err)}
+		if err := redirect.SetAnnotated(fs, kv[0], kv[1]); err != nil {
+			return usageError{fmt.Sprintf("%v: fix the pod's annotation", err)}
 		}
 	}
 	return nil
