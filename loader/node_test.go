@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -294,5 +295,34 @@ func TestDNSHooksFollowThePlan(t *testing.T) {
 		if len(st.Missing) != 0 || st.Plan.RedirectDNS != step.plan.RedirectDNS || st.Plan.DNSPort != step.plan.DNSPort {
 			t.Errorf("redirect DNS %v: status missing %v, plan DNS %v port %d", step.plan.RedirectDNS, st.Missing, st.Plan.RedirectDNS, st.Plan.DNSPort)
 		}
+	}
+}
+
+// raiseProcs raises GOMAXPROCS for as long as any caller needs it, to the
+// most any of them asked, and puts it back when the last is done.
+func TestRaiseProcs(t *testing.T) {
+	prev := runtime.GOMAXPROCS(0)
+	t.Cleanup(func() { runtime.GOMAXPROCS(prev) })
+	done1 := raiseProcs(prev + 3)
+	if got := runtime.GOMAXPROCS(0); got != prev+3 {
+		t.Fatalf("raised to %d, want %d", got, prev+3)
+	}
+	done2 := raiseProcs(prev + 5)
+	done3 := raiseProcs(1)
+	if got := runtime.GOMAXPROCS(0); got != prev+5 {
+		t.Fatalf("raised to %d, want %d", got, prev+5)
+	}
+	done1()
+	done3()
+	if got := runtime.GOMAXPROCS(0); got != prev+5 {
+		t.Fatalf("%d while a caller still needs %d", got, prev+5)
+	}
+	done2()
+	if got := runtime.GOMAXPROCS(0); got != prev {
+		t.Fatalf("%d after the last caller, want %d back", got, prev)
+	}
+	raiseProcs(1)()
+	if got := runtime.GOMAXPROCS(0); got != prev {
+		t.Fatalf("%d after a caller that needed no more, want %d", got, prev)
 	}
 }

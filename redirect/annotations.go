@@ -98,7 +98,7 @@ func AnnotationPlan(ann map[string]string) (Plan, error) {
 		}
 	}
 	if policy.RedirectDNS && !policy.CaptureAllDNS && len(policy.DNSServers) == 0 {
-		// The CNI plugin runs before the pod has a resolv.conf to read:
+		// The CNI plugin is given no resolv.conf of the pod to read:
 		// with no nameservers named, every query to port 53 is the pod's,
 		// as Istio's CNI plugin has it. The forwarder still asks the
 		// nameserver each query was for.
